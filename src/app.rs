@@ -1,0 +1,235 @@
+//! Wiring: store, gate, upstream and REST router, one listener, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GatewayConfig;
+use crate::core::admin::{NewKey, NewUser};
+use crate::core::{GateSettings, Gateway, keys};
+use crate::rest::{self, AppState, RestSettings};
+use crate::sim::{RunningSimulator, Simulator, SimulatorConfig};
+use crate::store::{SledStore, Store, UsageWriter};
+use crate::upstream::{Upstream, UpstreamSettings};
+
+const ADMIN_TOKEN_META: &str = "admin_token_hash";
+const DEMO_KEY_META: &str = "demo_key_id";
+
+/// Secrets made at this start; they are shown once and never stored in plaintext.
+#[derive(Clone, Debug, Default)]
+pub struct FirstStartSecrets {
+    /// The admin token, when none was configured and none existed yet.
+    pub admin_token: Option<String>,
+    /// The demo key, on the first `--demo` start.
+    pub demo_key: Option<String>,
+}
+
+/// A gateway serving on `addr` until [`RunningGateway::shutdown`].
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub secrets: FirstStartSecrets,
+    /// The in-process simulator of `--demo`.
+    pub simulator: Option<RunningSimulator>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningGateway {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets calls in flight finish within the grace period, cuts the
+    /// rest (settling them), then writes all usage and flushes the store.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "gateway task failed");
+        }
+        if let Some(simulator) = self.simulator {
+            simulator.shutdown().await;
+        }
+    }
+
+    /// Waits until the server stops by itself (it does not, unless shut down).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// Opens the store, loads the gate, binds the listener and starts serving.
+pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> {
+    config.validate()?;
+    let simulator = if config.demo.enabled {
+        let simulator = Simulator::new(SimulatorConfig {
+            token_latency: Duration::from_millis(config.demo.token_latency_ms),
+            ..SimulatorConfig::default()
+        })
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("cannot start the demo simulator")?;
+        config.upstream.url = simulator.url();
+        Some(simulator)
+    } else {
+        None
+    };
+
+    std::fs::create_dir_all(&config.store.path).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            config.store.path.display()
+        )
+    })?;
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&config.store.path, config.store.flush_interval_ms)
+            .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
+    );
+    let mut secrets = FirstStartSecrets::default();
+    let admin_token_hash = admin_token_hash(&config, &*store, &mut secrets)?;
+
+    let (sink, writer) = UsageWriter::spawn(store.clone());
+    let gateway = Arc::new(Gateway::load(
+        store.clone(),
+        sink,
+        admin_token_hash,
+        GateSettings {
+            log_bodies: config.store.log_bodies,
+        },
+    )?);
+    if config.demo.enabled {
+        secrets.demo_key = ensure_demo_key(&gateway, &*store)?;
+    }
+
+    let upstream = Arc::new(Upstream::new(&UpstreamSettings {
+        url: config.upstream.url.clone(),
+        api_key: config.upstream.api_key.clone(),
+        connect_timeout: Duration::from_secs(config.upstream.connect_timeout_secs),
+        request_timeout: Duration::from_secs(config.upstream.request_timeout_secs),
+    })?);
+    let hard_stop = CancellationToken::new();
+    let router = rest::router(AppState {
+        gateway: gateway.clone(),
+        upstream,
+        settings: Arc::new(RestSettings {
+            max_body_bytes: config.server.max_body_bytes,
+            response_metadata: config.server.response_metadata,
+            continuous_usage_stats: config.upstream.continuous_usage_stats,
+            health_timeout: Duration::from_secs(2),
+        }),
+        hard_stop: hard_stop.clone(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    // Without TCP_NODELAY a response written in two pieces waits ~40 ms on Nagle.
+    let listener = listener.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    let shutdown = CancellationToken::new();
+    let grace = config.shutdown_grace();
+    let task = tokio::spawn(serve(
+        listener,
+        router,
+        shutdown.clone(),
+        hard_stop,
+        grace,
+        writer,
+    ));
+    tracing::info!(%addr, upstream = %config.upstream.url, data = %config.store.path.display(), "step3-gateway listening");
+    Ok(RunningGateway {
+        addr,
+        gateway,
+        secrets,
+        simulator,
+        shutdown,
+        task,
+    })
+}
+
+async fn serve<L>(
+    listener: L,
+    router: axum::Router,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+    grace: Duration,
+    writer: UsageWriter,
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    // After the grace period, calls still running are cut (and settled by their guards).
+    let cutter = {
+        let shutdown = shutdown.clone();
+        let hard_stop = hard_stop.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            tracing::warn!("shutdown grace period over; cutting the calls still in flight");
+            hard_stop.cancel();
+        })
+    };
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "server error");
+    }
+    cutter.abort();
+    writer.stop().await;
+    tracing::info!("step3-gateway stopped; usage flushed");
+}
+
+fn admin_token_hash(
+    config: &GatewayConfig,
+    store: &dyn Store,
+    secrets: &mut FirstStartSecrets,
+) -> anyhow::Result<keys::SecretHash> {
+    if let Some(token) = &config.admin.token {
+        return Ok(keys::hash_secret(token.trim()));
+    }
+    if let Some(stored) = store.meta(ADMIN_TOKEN_META)? {
+        return <[u8; 32]>::try_from(stored.as_slice())
+            .map_err(|_| anyhow::anyhow!("the stored admin token hash is malformed"));
+    }
+    let token = format!(
+        "adm-{}",
+        &keys::generate_secret()[keys::SECRET_PREFIX.len()..]
+    );
+    let hash = keys::hash_secret(&token);
+    store.put_meta(ADMIN_TOKEN_META, &hash)?;
+    store.flush()?;
+    secrets.admin_token = Some(token);
+    Ok(hash)
+}
+
+/// Creates the demo user and key on the first demo start; returns the new secret.
+fn ensure_demo_key(gateway: &Gateway, store: &dyn Store) -> anyhow::Result<Option<String>> {
+    if store.meta(DEMO_KEY_META)?.is_some() {
+        return Ok(None);
+    }
+    let user = gateway.create_user(NewUser {
+        name: "demo".into(),
+        email: None,
+    })?;
+    let created = gateway.create_key(NewKey {
+        user_id: user.id,
+        name: Some("demo".into()),
+        rpm_limit: Some(60),
+        request_quota: Some(1000),
+        token_quota: Some(1_000_000),
+        ..NewKey::default()
+    })?;
+    store.put_meta(DEMO_KEY_META, created.key.id.as_bytes())?;
+    store.flush()?;
+    Ok(Some(created.secret))
+}

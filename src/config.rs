@@ -1,0 +1,286 @@
+//! Configuration: defaults, then a TOML file, then `STEP3GW_*` environment variables, then
+//! command-line flags. Unknown keys are errors that name the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables that configure the gateway start with this, e.g.
+/// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
+pub const ENV_PREFIX: &str = "STEP3GW_";
+
+const SECTIONS: [&str; 6] = ["server", "upstream", "store", "admin", "demo", "log"];
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub store: StoreConfig,
+    pub admin: AdminConfig,
+    pub demo: DemoConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where REST is served.
+    pub listen: SocketAddr,
+    /// Largest accepted request body (images are sent inline, so this is generous).
+    pub max_body_bytes: usize,
+    /// Add a `metadata` object (processing time, remaining quota) to JSON completions.
+    pub response_metadata: bool,
+    /// On SIGTERM/SIGINT, how long calls in flight may take before they are cut.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_body_bytes: 20 * 1024 * 1024,
+            response_metadata: false,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// The OpenAI-compatible model server (with or without the `/v1` suffix).
+    pub url: String,
+    /// The model server's own key (vLLM `--api-key`); clients' keys never go upstream.
+    pub api_key: Option<String>,
+    pub connect_timeout_secs: u64,
+    /// For a whole JSON answer, and for the longest silence within a stream.
+    pub request_timeout_secs: u64,
+    /// Ask for usage on every stream chunk (vLLM's `continuous_usage_stats`), so a stream
+    /// cut short is billed exactly. Turn off for servers that reject the field.
+    pub continuous_usage_stats: bool,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "http://127.0.0.1:8000".into(),
+            api_key: None,
+            connect_timeout_secs: 5,
+            request_timeout_secs: 600,
+            continuous_usage_stats: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The sled data directory.
+    pub path: PathBuf,
+    /// How often writes reach the disk; a hard kill loses at most this much usage.
+    pub flush_interval_ms: u64,
+    /// Keep request and response bodies in the call log.
+    pub log_bodies: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("./data"),
+            flush_interval_ms: 500,
+            log_bodies: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The admin token. When unset, one is generated at first start, printed once, and
+    /// only its hash is kept.
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoConfig {
+    /// Start the built-in STEP3-VL simulator and use it as the upstream.
+    pub enabled: bool,
+    /// The simulator's delay per generated token.
+    pub token_latency_ms: u64,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            enabled: false,
+            token_latency_ms: 20,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `step3_gateway=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl GatewayConfig {
+    /// Defaults, then `file` (if given), then the `STEP3GW_*` environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(GatewayConfig::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let env = Env::prefixed(ENV_PREFIX)
+            .ignore(&["config"])
+            .map(|key| env_key_to_path(key.as_str()).into());
+        figment
+            .merge(env)
+            .extract::<GatewayConfig>()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = &self.upstream.url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "upstream.url must start with http:// or https://, got `{url}`"
+            )));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "server.max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.upstream.request_timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "upstream timeouts must be at least 1 second".into(),
+            ));
+        }
+        if self
+            .admin
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().len() < 16)
+        {
+            return Err(ConfigError::Invalid(
+                "admin.token must be at least 16 characters".into(),
+            ));
+        }
+        if self.store.flush_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "store.flush_interval_ms must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.server.shutdown_grace_secs)
+    }
+}
+
+/// `upstream_api_key` → `upstream.api_key`: the first word names the section.
+fn env_key_to_path(key: &str) -> String {
+    let key = key.to_ascii_lowercase();
+    for section in SECTIONS {
+        if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
+            return format!("{section}.{rest}");
+        }
+    }
+    key
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::result_large_err,
+    reason = "figment's Jail returns its own large error type"
+)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_then_validation() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.toml",
+                "[server]\nlisten = \"127.0.0.1:9000\"\n[upstream]\nurl = \"http://gpu:8000\"\n",
+            )?;
+            jail.set_env("STEP3GW_UPSTREAM_URL", "http://other:8000/v1");
+            jail.set_env("STEP3GW_STORE_FLUSH_INTERVAL_MS", "250");
+            let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
+            assert_eq!(config.server.listen, "127.0.0.1:9000".parse().unwrap());
+            assert_eq!(config.upstream.url, "http://other:8000/v1");
+            assert_eq!(config.store.flush_interval_ms, 250);
+            assert_eq!(config.server.max_body_bytes, 20 * 1024 * 1024);
+            config.validate().unwrap();
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named_in_the_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gw.toml", "[server]\nlisten_port = 9000\n")?;
+            let err = GatewayConfig::load(Some(Path::new("gw.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("listen_port"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("STEP3GW_UPSTREAM_URLL", "http://x");
+            let err = GatewayConfig::load(None).unwrap_err().to_string();
+            assert!(err.contains("urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_and_a_bad_url_are_refused() {
+        assert!(matches!(
+            GatewayConfig::load(Some(Path::new("/nonexistent/gw.toml"))),
+            Err(ConfigError::MissingFile(_))
+        ));
+        let mut config = GatewayConfig::default();
+        config.upstream.url = "localhost:8000".into();
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,456 @@
+//! Admin operations on users and keys, as core functions both doors call.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::GatewayError;
+use super::gateway::Gateway;
+use super::keys;
+use super::records::{
+    CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord, now_unix,
+};
+
+/// A time given either as seconds since the epoch or as an RFC 3339 string.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum TimeInput {
+    Unix(UnixTime),
+    Text(String),
+}
+
+impl TimeInput {
+    fn resolve(&self, field: &str) -> Result<UnixTime, GatewayError> {
+        match self {
+            TimeInput::Unix(t) => Ok(*t),
+            TimeInput::Text(text) => humantime::parse_rfc3339_weak(text)
+                .map_err(|e| {
+                    GatewayError::invalid_request(
+                        format!("`{field}`: {e} (use seconds since the epoch or RFC 3339)"),
+                        Some(field),
+                    )
+                })
+                .map(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                        .unwrap_or(0)
+                }),
+        }
+    }
+}
+
+fn parse_duration(text: &str, field: &str) -> Result<i64, GatewayError> {
+    humantime::parse_duration(text)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .map_err(|e| {
+            GatewayError::invalid_request(
+                format!("`{field}`: {e} (e.g. \"30d\", \"12h\")"),
+                Some(field),
+            )
+        })
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    pub name: String,
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserPatch {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `Some(None)` clears the email.
+    #[serde(default, with = "double_option")]
+    pub email: Option<Option<String>>,
+    #[serde(default)]
+    pub active: Option<bool>,
+}
+
+/// A new key's settings; absent limits are unlimited.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub user_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub rpm_limit: Option<u32>,
+    #[serde(default)]
+    pub request_quota: Option<u64>,
+    #[serde(default)]
+    pub token_quota: Option<u64>,
+    #[serde(default)]
+    pub expires_at: Option<TimeInput>,
+    /// A lifetime such as "30d", instead of `expires_at`.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+/// Changes to a key; a field set to `null` removes that limit.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPatch {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, with = "double_option")]
+    pub rpm_limit: Option<Option<u32>>,
+    #[serde(default, with = "double_option")]
+    pub request_quota: Option<Option<u64>>,
+    #[serde(default, with = "double_option")]
+    pub token_quota: Option<Option<u64>>,
+    #[serde(default, with = "double_option")]
+    pub expires_at: Option<Option<TimeInput>>,
+    #[serde(default)]
+    pub expires_in: Option<String>,
+    #[serde(default, with = "double_option")]
+    pub models: Option<Option<Vec<String>>>,
+    #[serde(default)]
+    pub active: Option<bool>,
+}
+
+/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
+    where
+        T: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Option::<T>::deserialize(de).map(Some)
+    }
+}
+
+/// A key as admin answers show it (never with its hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyView {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub rpm_limit: Option<u32>,
+    pub request_quota: Option<u64>,
+    pub token_quota: Option<u64>,
+    pub expires_at: Option<UnixTime>,
+    pub models: Option<Vec<String>>,
+    pub active: bool,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+    pub revoked_at: Option<UnixTime>,
+    pub used: KeyCounters,
+}
+
+/// A created key: the only answer that carries the secret.
+#[derive(Clone, Debug, Serialize)]
+pub struct CreatedKey {
+    #[serde(flatten)]
+    pub key: KeyView,
+    pub secret: String,
+}
+
+/// Which keys to list.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct KeyFilter {
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+/// A key's usage over a time range.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeyUsageReport {
+    pub key_id: String,
+    pub totals: KeyCounters,
+    pub from: UnixTime,
+    pub to: UnixTime,
+    pub hourly: Vec<UsageBucket>,
+}
+
+fn check_name(name: &str, field: &str) -> Result<String, GatewayError> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(GatewayError::invalid_request(
+            format!("`{field}` must be 1 to 200 characters"),
+            Some(field),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn resolve_expiry(
+    at: Option<&TimeInput>,
+    within: Option<&str>,
+    now: UnixTime,
+) -> Result<Option<UnixTime>, GatewayError> {
+    match (at, within) {
+        (Some(_), Some(_)) => Err(GatewayError::invalid_request(
+            "give `expires_at` or `expires_in`, not both",
+            Some("expires_in"),
+        )),
+        (Some(at), None) => at.resolve("expires_at").map(Some),
+        (None, Some(within)) => Ok(Some(
+            now.saturating_add(parse_duration(within, "expires_in")?),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+impl Gateway {
+    pub fn create_user(&self, new: NewUser) -> Result<UserRecord, GatewayError> {
+        let now = now_unix();
+        let user = UserRecord {
+            id: keys::generate_id("usr"),
+            name: check_name(&new.name, "name")?,
+            email: new.email.filter(|e| !e.trim().is_empty()),
+            active: true,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.put_user(&user)?;
+        self.users.insert(user.id.clone(), user.clone().into());
+        Ok(user)
+    }
+
+    pub fn get_user(&self, id: &str) -> Result<UserRecord, GatewayError> {
+        self.users
+            .get(id)
+            .map(|u| (**u).clone())
+            .ok_or_else(|| GatewayError::NotFound {
+                what: "user",
+                id: id.to_owned(),
+            })
+    }
+
+    /// Every user, oldest first.
+    pub fn list_users(&self) -> Vec<UserRecord> {
+        let mut users: Vec<UserRecord> = self.users.iter().map(|u| (**u).clone()).collect();
+        users.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        users
+    }
+
+    pub fn update_user(&self, id: &str, patch: UserPatch) -> Result<UserRecord, GatewayError> {
+        let mut user = self.get_user(id)?;
+        if let Some(name) = patch.name {
+            user.name = check_name(&name, "name")?;
+        }
+        if let Some(email) = patch.email {
+            user.email = email.filter(|e| !e.trim().is_empty());
+        }
+        if let Some(active) = patch.active {
+            user.active = active;
+        }
+        user.updated_at = now_unix();
+        self.store.put_user(&user)?;
+        self.users.insert(user.id.clone(), user.clone().into());
+        Ok(user)
+    }
+
+    /// Deactivates a user: all of the user's keys stop working at once.
+    pub fn deactivate_user(&self, id: &str) -> Result<UserRecord, GatewayError> {
+        self.update_user(
+            id,
+            UserPatch {
+                active: Some(false),
+                ..UserPatch::default()
+            },
+        )
+    }
+
+    pub fn create_key(&self, new: NewKey) -> Result<CreatedKey, GatewayError> {
+        let user = self.get_user(&new.user_id)?;
+        if !user.active {
+            return Err(GatewayError::invalid_request(
+                format!("user `{}` is deactivated", user.id),
+                Some("user_id"),
+            ));
+        }
+        let now = now_unix();
+        let secret = keys::generate_secret();
+        let record = KeyRecord {
+            id: keys::generate_id("key"),
+            user_id: user.id,
+            name: check_name(new.name.as_deref().unwrap_or("default"), "name")?,
+            prefix: keys::display_prefix(&secret),
+            hash: keys::to_hex(&keys::hash_secret(&secret)),
+            rpm_limit: check_rpm(new.rpm_limit)?,
+            request_quota: new.request_quota,
+            token_quota: new.token_quota,
+            expires_at: resolve_expiry(new.expires_at.as_ref(), new.expires_in.as_deref(), now)?,
+            models: check_models(new.models)?,
+            active: true,
+            created_at: now,
+            updated_at: now,
+            revoked_at: None,
+        };
+        self.store.put_key(&record)?;
+        let view = key_view(&record, KeyCounters::default());
+        self.index_key(record, KeyCounters::default())?;
+        Ok(CreatedKey { key: view, secret })
+    }
+
+    pub fn get_key(&self, id: &str) -> Result<KeyView, GatewayError> {
+        self.keys_by_id
+            .get(id)
+            .map(|state| key_view(&state.record(), state.counters()))
+            .ok_or_else(|| GatewayError::NotFound {
+                what: "key",
+                id: id.to_owned(),
+            })
+    }
+
+    /// Keys, oldest first, optionally of one user.
+    pub fn list_keys(&self, filter: &KeyFilter) -> Vec<KeyView> {
+        let mut keys: Vec<KeyView> = self
+            .keys_by_id
+            .iter()
+            .map(|state| (state.record(), state.counters()))
+            .filter(|(record, _)| {
+                filter
+                    .user_id
+                    .as_deref()
+                    .is_none_or(|u| record.user_id == u)
+            })
+            .map(|(record, counters)| key_view(&record, counters))
+            .collect();
+        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        keys
+    }
+
+    pub fn update_key(&self, id: &str, patch: KeyPatch) -> Result<KeyView, GatewayError> {
+        let state = self
+            .keys_by_id
+            .get(id)
+            .map(|s| s.value().clone())
+            .ok_or_else(|| GatewayError::NotFound {
+                what: "key",
+                id: id.to_owned(),
+            })?;
+        let mut record = (*state.record()).clone();
+        let now = now_unix();
+        if let Some(name) = patch.name {
+            record.name = check_name(&name, "name")?;
+        }
+        if let Some(rpm) = patch.rpm_limit {
+            record.rpm_limit = check_rpm(rpm)?;
+        }
+        if let Some(quota) = patch.request_quota {
+            record.request_quota = quota;
+        }
+        if let Some(quota) = patch.token_quota {
+            record.token_quota = quota;
+        }
+        if patch.expires_at.is_some() || patch.expires_in.is_some() {
+            let at = patch.expires_at.clone().flatten();
+            record.expires_at = resolve_expiry(at.as_ref(), patch.expires_in.as_deref(), now)?;
+        }
+        if let Some(models) = patch.models {
+            record.models = check_models(models)?;
+        }
+        if let Some(active) = patch.active {
+            if active && record.revoked_at.is_some() {
+                return Err(GatewayError::invalid_request(
+                    "a revoked key cannot be reactivated; create a new key",
+                    Some("active"),
+                ));
+            }
+            record.active = active;
+        }
+        record.updated_at = now;
+        self.store.put_key(&record)?;
+        let view = key_view(&record, state.counters());
+        self.update_indexed_key(record)?;
+        Ok(view)
+    }
+
+    /// Revokes a key for good; its usage history stays.
+    pub fn revoke_key(&self, id: &str) -> Result<KeyView, GatewayError> {
+        let state = self
+            .keys_by_id
+            .get(id)
+            .map(|s| s.value().clone())
+            .ok_or_else(|| GatewayError::NotFound {
+                what: "key",
+                id: id.to_owned(),
+            })?;
+        let mut record = (*state.record()).clone();
+        let now = now_unix();
+        record.active = false;
+        record.revoked_at.get_or_insert(now);
+        record.updated_at = now;
+        self.store.put_key(&record)?;
+        let view = key_view(&record, state.counters());
+        self.update_indexed_key(record)?;
+        Ok(view)
+    }
+
+    /// Totals and hourly buckets of a key with `from <= hour < to`.
+    pub fn key_usage(
+        &self,
+        id: &str,
+        from: Option<UnixTime>,
+        to: Option<UnixTime>,
+    ) -> Result<KeyUsageReport, GatewayError> {
+        let key = self.get_key(id)?;
+        let to = to.unwrap_or_else(|| now_unix() + 3600);
+        let from = from.unwrap_or(to - 30 * 24 * 3600);
+        Ok(KeyUsageReport {
+            key_id: key.id,
+            totals: key.used,
+            from,
+            to,
+            hourly: self.store.usage(id, from, to)?,
+        })
+    }
+
+    /// A key's most recent calls, newest first.
+    pub fn key_calls(
+        &self,
+        id: &str,
+        before_micros: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<CallRecord>, GatewayError> {
+        self.get_key(id)?;
+        Ok(self.store.calls(id, before_micros, limit.clamp(1, 1000))?)
+    }
+}
+
+fn check_rpm(rpm: Option<u32>) -> Result<Option<u32>, GatewayError> {
+    match rpm {
+        Some(0) => Err(GatewayError::invalid_request(
+            "`rpm_limit` must be at least 1 (or null for no limit)",
+            Some("rpm_limit"),
+        )),
+        other => Ok(other),
+    }
+}
+
+fn check_models(models: Option<Vec<String>>) -> Result<Option<Vec<String>>, GatewayError> {
+    match models {
+        Some(models) if models.iter().any(|m| m.trim().is_empty()) => Err(
+            GatewayError::invalid_request("`models` entries must be model names", Some("models")),
+        ),
+        other => Ok(other),
+    }
+}
+
+pub fn key_view(record: &KeyRecord, used: KeyCounters) -> KeyView {
+    KeyView {
+        id: record.id.clone(),
+        user_id: record.user_id.clone(),
+        name: record.name.clone(),
+        prefix: record.prefix.clone(),
+        rpm_limit: record.rpm_limit,
+        request_quota: record.request_quota,
+        token_quota: record.token_quota,
+        expires_at: record.expires_at,
+        models: record.models.clone(),
+        active: record.active,
+        created_at: record.created_at,
+        updated_at: record.updated_at,
+        revoked_at: record.revoked_at,
+        used,
+    }
+}

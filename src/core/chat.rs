@@ -1,0 +1,349 @@
+//! Reading a chat completion request: the few fields the gate needs, read without building
+//! a tree, and the body rewritten for the upstream only where a rewrite is required.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::error::GatewayError;
+
+/// Prompt tokens assumed per image when the upstream gives no usage.
+pub const IMAGE_TOKEN_ESTIMATE: u64 = 256;
+
+/// A chat request as the gate sees it, with the body to send upstream.
+#[derive(Debug)]
+pub struct ChatCall {
+    pub model: String,
+    pub stream: bool,
+    /// The client asked for the final usage chunk (`stream_options.include_usage`).
+    pub client_wants_usage: bool,
+    /// The client asked for usage on every chunk (`stream_options.continuous_usage_stats`).
+    pub client_wants_continuous_usage: bool,
+    pub images: u32,
+    /// Prompt tokens estimated from the text and images, used when the upstream gives none.
+    pub prompt_estimate: u64,
+    /// What goes upstream: the client's bytes, or a copy with `stream_options` set.
+    pub upstream_body: Bytes,
+}
+
+#[derive(Deserialize)]
+#[serde(expecting = "a chat completion request object")]
+struct RequestView<'a> {
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    #[serde(borrow)]
+    messages: Vec<MessageView<'a>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default, borrow)]
+    stream_options: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(expecting = "a message object")]
+struct MessageView<'a> {
+    #[serde(default, borrow)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct PartView<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptionsView {
+    #[serde(default)]
+    include_usage: Option<bool>,
+    #[serde(default)]
+    continuous_usage_stats: Option<bool>,
+}
+
+/// Reads a chat completion request body.
+///
+/// Unknown fields are not looked at and reach the upstream untouched. For streams,
+/// `stream_options.include_usage` (and, when `continuous_usage` is set, vLLM's
+/// `continuous_usage_stats`) is set so that usage is known however the stream ends.
+pub fn prepare_chat(body: Bytes, continuous_usage: bool) -> Result<ChatCall, GatewayError> {
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let view: RequestView<'_> = serde_path_to_error::deserialize(&mut de).map_err(body_error)?;
+    de.end().map_err(|e| {
+        GatewayError::invalid_request(
+            format!("We could not parse the JSON body of your request: {e}"),
+            None,
+        )
+    })?;
+    if view.model.trim().is_empty() {
+        return Err(GatewayError::invalid_request(
+            "`model` must name a model",
+            Some("model"),
+        ));
+    }
+    if view.messages.is_empty() {
+        return Err(GatewayError::invalid_request(
+            "`messages` must contain at least one message",
+            Some("messages"),
+        ));
+    }
+    let (text_chars, images) = measure_messages(&view.messages)?;
+    let prompt_estimate = text_chars.div_ceil(4)
+        + 4 * view.messages.len() as u64
+        + u64::from(images) * IMAGE_TOKEN_ESTIMATE;
+
+    let stream = view.stream.unwrap_or(false);
+    let client_options = match view.stream_options {
+        Some(raw) if raw.get() != "null" => serde_json::from_str::<StreamOptionsView>(raw.get())
+            .map_err(|e| {
+                GatewayError::invalid_request(
+                    format!("`stream_options` is invalid: {e}"),
+                    Some("stream_options"),
+                )
+            })?,
+        _ => StreamOptionsView::default(),
+    };
+    let client_wants_usage = client_options.include_usage.unwrap_or(false);
+    let client_wants_continuous_usage = client_options.continuous_usage_stats.unwrap_or(false);
+
+    let needs_rewrite =
+        stream && (!client_wants_usage || (continuous_usage && !client_wants_continuous_usage));
+    let model = view.model.into_owned();
+    let upstream_body = if needs_rewrite {
+        let options_span = view.stream_options.map(|raw| span_of(&body, raw.get()));
+        with_stream_options(&body, options_span, continuous_usage)?
+    } else {
+        body
+    };
+    Ok(ChatCall {
+        model,
+        stream,
+        client_wants_usage,
+        client_wants_continuous_usage,
+        images,
+        prompt_estimate,
+        upstream_body,
+    })
+}
+
+fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> GatewayError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return GatewayError::invalid_request(
+            format!("We could not parse the JSON body of your request: {inner}"),
+            None,
+        );
+    }
+    let text = inner.to_string();
+    // serde reports a missing field at its parent; name the field itself.
+    if let Some(rest) = text.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or_default();
+        let param = if path == "." {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        };
+        return GatewayError::invalid_request(
+            format!("Missing required parameter: '{param}'."),
+            Some(&param),
+        );
+    }
+    let message = text.split(" at line ").next().unwrap_or(&text);
+    if path == "." {
+        GatewayError::invalid_request(format!("Invalid request body: {message}"), None)
+    } else {
+        GatewayError::invalid_request(format!("Invalid type for '{path}': {message}"), Some(&path))
+    }
+}
+
+/// Counts the characters of text content and the image parts.
+fn measure_messages(messages: &[MessageView<'_>]) -> Result<(u64, u32), GatewayError> {
+    let mut chars = 0u64;
+    let mut images = 0u32;
+    for (i, message) in messages.iter().enumerate() {
+        let Some(content) = message.content else {
+            continue;
+        };
+        let raw = content.get();
+        match raw.as_bytes().first() {
+            Some(b'"') => {
+                let text: Cow<'_, str> = serde_json::from_str(raw).map_err(|e| {
+                    GatewayError::invalid_request(
+                        e.to_string(),
+                        Some(&format!("messages[{i}].content")),
+                    )
+                })?;
+                chars += text.chars().count() as u64;
+            }
+            Some(b'[') => {
+                let parts: Vec<PartView<'_>> = serde_json::from_str(raw).map_err(|e| {
+                    GatewayError::invalid_request(
+                        format!("Invalid content parts: {e}"),
+                        Some(&format!("messages[{i}].content")),
+                    )
+                })?;
+                for part in parts {
+                    match part.kind.as_deref() {
+                        Some("image_url" | "input_image" | "image") => images += 1,
+                        _ => chars += part.text.map_or(0, |t| t.chars().count() as u64),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((chars, images))
+}
+
+/// The byte range of `inner`, a slice borrowed from `outer`.
+fn span_of(outer: &[u8], inner: &str) -> std::ops::Range<usize> {
+    let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
+    start..start + inner.len()
+}
+
+/// The body with `stream_options` replaced (or added) so that usage is always streamed.
+fn with_stream_options(
+    body: &[u8],
+    options_span: Option<std::ops::Range<usize>>,
+    continuous_usage: bool,
+) -> Result<Bytes, GatewayError> {
+    let mut options = match &options_span {
+        Some(span) => serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(
+            &body[span.clone()],
+        )
+        .unwrap_or_default(),
+        None => serde_json::Map::new(),
+    };
+    options.insert("include_usage".into(), true.into());
+    if continuous_usage {
+        options.insert("continuous_usage_stats".into(), true.into());
+    }
+    let options = serde_json::to_vec(&options)
+        .map_err(|e| GatewayError::invalid_request(e.to_string(), Some("stream_options")))?;
+    let mut out = Vec::with_capacity(body.len() + options.len() + 20);
+    match options_span {
+        Some(span) => {
+            out.extend_from_slice(&body[..span.start]);
+            out.extend_from_slice(&options);
+            out.extend_from_slice(&body[span.end..]);
+        }
+        None => {
+            // The body is an object (it parsed as one): add the field right after its `{`.
+            let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(b"\"stream_options\":");
+            out.extend_from_slice(&options);
+            out.push(b',');
+            out.extend_from_slice(&body[open + 1..]);
+        }
+    }
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn prepare(body: Value, continuous: bool) -> Result<ChatCall, GatewayError> {
+        prepare_chat(Bytes::from(body.to_string()), continuous)
+    }
+
+    fn upstream_json(call: &ChatCall) -> Value {
+        serde_json::from_slice(&call.upstream_body).unwrap()
+    }
+
+    #[test]
+    fn non_stream_bodies_go_upstream_byte_for_byte() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_k":5,"repetition_penalty":1.1}"#;
+        let call = prepare_chat(Bytes::from(body), true).unwrap();
+        assert_eq!(call.upstream_body, body.as_bytes());
+        assert!(!call.stream);
+        assert_eq!(call.model, "m");
+    }
+
+    #[test]
+    fn streams_get_usage_options_and_keep_other_fields() {
+        let call = prepare(
+            json!({"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"chat_template_kwargs":{"x":1}}),
+            true,
+        )
+        .unwrap();
+        let sent = upstream_json(&call);
+        assert_eq!(
+            sent["stream_options"],
+            json!({"include_usage":true,"continuous_usage_stats":true})
+        );
+        assert_eq!(sent["chat_template_kwargs"], json!({"x":1}));
+        assert!(!call.client_wants_usage);
+
+        let call = prepare(
+            json!({"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":false,"other":2}}),
+            false,
+        )
+        .unwrap();
+        let sent = upstream_json(&call);
+        assert_eq!(
+            sent["stream_options"],
+            json!({"include_usage":true,"other":2})
+        );
+    }
+
+    #[test]
+    fn a_stream_that_already_asks_for_usage_is_not_rewritten() {
+        let body = json!({"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,
+            "stream_options":{"include_usage":true,"continuous_usage_stats":true}})
+        .to_string();
+        let call = prepare_chat(Bytes::from(body.clone()), true).unwrap();
+        assert_eq!(call.upstream_body, body.as_bytes());
+        assert!(call.client_wants_usage && call.client_wants_continuous_usage);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = |v: Value| match prepare(v, true).unwrap_err() {
+            GatewayError::InvalidRequest { message, param } => (message, param),
+            other => panic!("unexpected {other:?}"),
+        };
+        let (_, param) = err(json!({"messages":[{"role":"user","content":"x"}]}));
+        assert_eq!(param.as_deref(), Some("model"));
+        let (_, param) = err(json!({"model":"m"}));
+        assert_eq!(param.as_deref(), Some("messages"));
+        let (message, param) = err(json!({"model":7,"messages":[]}));
+        assert_eq!(param.as_deref(), Some("model"), "{message}");
+        let (_, param) = err(json!({"model":"m","messages":[]}));
+        assert_eq!(param.as_deref(), Some("messages"));
+        let (_, param) = err(json!({"model":"m","messages":[{"content":"x"}],"stream":"yes"}));
+        assert_eq!(param.as_deref(), Some("stream"));
+        let (message, param) = err(json!("hello"));
+        assert_eq!(param, None);
+        assert!(
+            message.contains("chat completion request object"),
+            "{message}"
+        );
+        assert!(matches!(
+            prepare_chat(Bytes::from_static(b"{\"model\":"), true),
+            Err(GatewayError::InvalidRequest { param: None, .. })
+        ));
+    }
+
+    #[test]
+    fn images_and_text_are_counted_for_the_estimate() {
+        let call = prepare(
+            json!({"model":"m","messages":[
+                {"role":"system","content":"abcdefgh"},
+                {"role":"user","content":[
+                    {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},
+                    {"type":"text","text":"abcd"}]},
+                {"role":"assistant","content":null,"tool_calls":[]}]}),
+            true,
+        )
+        .unwrap();
+        assert_eq!(call.images, 1);
+        assert_eq!(call.prompt_estimate, 3 + 12 + IMAGE_TOKEN_ESTIMATE);
+    }
+}

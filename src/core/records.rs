@@ -1,0 +1,181 @@
+//! The durable records of the gateway: users, keys, usage and the call log.
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the Unix epoch, the unit of every stored and shown time.
+pub type UnixTime = i64;
+
+/// Now, in seconds since the Unix epoch.
+pub fn now_unix() -> UnixTime {
+    now_micros() / 1_000_000
+}
+
+/// Now, in microseconds since the Unix epoch (call-log ordering).
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A person or service that owns keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    pub active: bool,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+}
+
+/// An API key. The secret itself is never stored: only its SHA-256 and a short prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    /// The first characters of the secret, enough to recognise it in a list.
+    pub prefix: String,
+    /// Hex SHA-256 of the secret.
+    pub hash: String,
+    /// Requests per minute; `None` is unlimited.
+    #[serde(default)]
+    pub rpm_limit: Option<u32>,
+    /// Total requests this key may make; `None` is unlimited.
+    #[serde(default)]
+    pub request_quota: Option<u64>,
+    /// Total tokens (prompt + completion) this key may use; `None` is unlimited.
+    #[serde(default)]
+    pub token_quota: Option<u64>,
+    #[serde(default)]
+    pub expires_at: Option<UnixTime>,
+    /// Models this key may use; `None` allows every model the upstream serves.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    pub active: bool,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+    #[serde(default)]
+    pub revoked_at: Option<UnixTime>,
+}
+
+impl KeyRecord {
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|models| models.iter().any(|m| m == model))
+    }
+}
+
+/// Tokens the upstream reported for one call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// What a key has consumed in total, as charged against its quotas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCounters {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl KeyCounters {
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+
+    pub fn add(&mut self, other: &KeyCounters) {
+        self.requests += other.requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
+/// How a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallOutcome {
+    /// The upstream answered and the answer reached the client.
+    Completed,
+    /// The upstream answered with an error status.
+    UpstreamError,
+    /// The upstream could not be reached or did not answer in time.
+    UpstreamFailed,
+    /// A stream ended without `[DONE]`, or with an error event.
+    StreamIncomplete,
+    /// The client went away before the answer was complete.
+    ClientDisconnected,
+    /// The gateway stopped the call while shutting down.
+    Cancelled,
+}
+
+impl CallOutcome {
+    /// Whether the call counts against the request quota: only calls the model served.
+    pub fn charges_request(self) -> bool {
+        matches!(
+            self,
+            CallOutcome::Completed
+                | CallOutcome::StreamIncomplete
+                | CallOutcome::ClientDisconnected
+                | CallOutcome::Cancelled
+        )
+    }
+}
+
+/// One entry of the call log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// Microseconds since the epoch; with `key_id`, the log's order.
+    pub at_micros: i64,
+    pub request_id: String,
+    pub key_id: String,
+    pub user_id: String,
+    pub model: String,
+    /// HTTP status given to the client (the upstream's when it answered).
+    pub status: u16,
+    pub outcome: CallOutcome,
+    pub stream: bool,
+    pub latency_ms: u64,
+    /// Whether the call counted as one request against the quota.
+    pub charged_request: bool,
+    pub usage: Usage,
+    /// True when the upstream gave no usage and the tokens are the gateway's estimate.
+    pub usage_estimated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
+}
+
+impl CallRecord {
+    pub fn counters(&self) -> KeyCounters {
+        KeyCounters {
+            requests: u64::from(self.charged_request),
+            prompt_tokens: self.usage.prompt_tokens,
+            completion_tokens: self.usage.completion_tokens,
+        }
+    }
+}
+
+/// Usage of one key for one model within one hour.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageBucket {
+    /// Start of the hour, seconds since the epoch.
+    pub hour: UnixTime,
+    pub model: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}

@@ -1,0 +1,11 @@
+//! step3-gateway: an authenticating, rate-limiting, metering gateway in front of a
+//! self-hosted STEP3-VL (OpenAI-compatible) model server.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod rest;
+pub mod sim;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,127 @@
+//! `GatewayError` as an HTTP answer: status, OpenAI error body, and retry headers.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::core::GatewayError;
+
+/// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
+pub fn error_body(
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> serde_json::Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        let (status, kind, code, param): (StatusCode, String, Option<String>, Option<String>) =
+            match &self {
+                GatewayError::InvalidApiKey(_) => (
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error".into(),
+                    Some("invalid_api_key".into()),
+                    None,
+                ),
+                GatewayError::InvalidAdminToken => (
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error".into(),
+                    Some("invalid_admin_token".into()),
+                    None,
+                ),
+                GatewayError::ModelNotAllowed { .. } => (
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error".into(),
+                    Some("model_not_found".into()),
+                    Some("model".into()),
+                ),
+                GatewayError::RateLimited { .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "requests".into(),
+                    Some("rate_limit_exceeded".into()),
+                    None,
+                ),
+                GatewayError::QuotaExceeded { .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "insufficient_quota".into(),
+                    Some("insufficient_quota".into()),
+                    None,
+                ),
+                GatewayError::InvalidRequest { param, .. } => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error".into(),
+                    None,
+                    param.clone(),
+                ),
+                GatewayError::BodyTooLarge { .. } => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error".into(),
+                    Some("request_too_large".into()),
+                    None,
+                ),
+                GatewayError::NotFound { .. } => (
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error".into(),
+                    Some("not_found".into()),
+                    None,
+                ),
+                GatewayError::Upstream {
+                    status,
+                    kind,
+                    param,
+                    code,
+                    ..
+                } => (
+                    StatusCode::from_u16(*status)
+                        .ok()
+                        .filter(|s| s.is_client_error() || s.is_server_error())
+                        .unwrap_or(StatusCode::BAD_GATEWAY),
+                    kind.clone().unwrap_or_else(|| "upstream_error".into()),
+                    code.clone(),
+                    param.clone(),
+                ),
+                GatewayError::UpstreamUnavailable(_) => (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error".into(),
+                    Some("upstream_unavailable".into()),
+                    None,
+                ),
+                GatewayError::UpstreamTimeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_error".into(),
+                    Some("upstream_timeout".into()),
+                    None,
+                ),
+                GatewayError::ShuttingDown => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error".into(),
+                    Some("shutting_down".into()),
+                    None,
+                ),
+                GatewayError::Store(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error".into(),
+                    Some("store_error".into()),
+                    None,
+                ),
+            };
+        let body = error_body(&message, &kind, param.as_deref(), code.as_deref());
+        let mut response = (status, Json(body)).into_response();
+        if let GatewayError::RateLimited { limit, retry_after } = &self {
+            let headers = response.headers_mut();
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            headers.insert("x-ratelimit-limit-requests", HeaderValue::from(*limit));
+            headers.insert("x-ratelimit-remaining-requests", HeaderValue::from(0u32));
+            if let Ok(value) = HeaderValue::from_str(&format!("{}ms", retry_after.as_millis())) {
+                headers.insert("x-ratelimit-reset-requests", value);
+            }
+        }
+        response
+    }
+}

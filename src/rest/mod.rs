@@ -1,0 +1,151 @@
+//! The OpenAI-compatible REST door (axum): routes, request ids, and error bodies.
+
+mod admin;
+mod chat;
+pub mod error;
+mod info;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use rand::RngExt;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::core::{Gateway, GatewayError, keys};
+use crate::upstream::{REQUEST_ID_HEADER, Upstream};
+
+/// Settings of the REST door.
+#[derive(Clone, Debug)]
+pub struct RestSettings {
+    pub max_body_bytes: usize,
+    /// Add the tutorial's `metadata` object to JSON completions.
+    pub response_metadata: bool,
+    /// Ask the upstream for usage on every stream chunk (vLLM `continuous_usage_stats`).
+    pub continuous_usage_stats: bool,
+    pub health_timeout: Duration,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub gateway: Arc<Gateway>,
+    pub upstream: Arc<Upstream>,
+    pub settings: Arc<RestSettings>,
+    /// Cancelled when the shutdown grace period is over: calls still running end now.
+    pub hard_stop: CancellationToken,
+}
+
+/// The request's id, as taken from `x-request-id` or generated.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(info::root))
+        .route("/health", get(info::health))
+        .route("/v1/models", get(info::models))
+        .route("/v1/usage", get(info::usage))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .nest("/admin/v1", admin::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn(request_id))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+}
+
+async fn not_found(request: Request) -> Response {
+    let message = format!(
+        "Unknown request URL: {} {}.",
+        request.method(),
+        request.uri().path()
+    );
+    let body = error::error_body(&message, "invalid_request_error", None, Some("unknown_url"));
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    let message = format!(
+        "Method {} is not allowed for {}.",
+        request.method(),
+        request.uri().path()
+    );
+    let body = error::error_body(
+        &message,
+        "invalid_request_error",
+        None,
+        Some("method_not_allowed"),
+    );
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let body = error::error_body(
+        "The gateway hit an internal error; the request was not completed.",
+        "server_error",
+        None,
+        Some("internal_error"),
+    );
+    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+}
+
+/// Takes `x-request-id` from the request when it is sane, else makes one, and echoes it.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_sane_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            let bytes: [u8; 12] = rand::rng().random();
+            format!("req_{}", keys::to_hex(&bytes))
+        });
+    let value = HeaderValue::from_str(&id).ok();
+    request.extensions_mut().insert(RequestId(id));
+    let mut response = next.run(request).await;
+    if let Some(value) = value {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+fn is_sane_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
+/// Reads a request body up to `limit` bytes.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            GatewayError::BodyTooLarge { limit }
+        } else {
+            GatewayError::invalid_request(format!("could not read the request body: {e}"), None)
+        }
+    })
+}

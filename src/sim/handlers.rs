@@ -1,0 +1,301 @@
+//! HTTP routes of the simulator: health, model list, chat completions and error replies.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use rand::RngExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::request::{ChatRequest, Reply};
+use super::stream::{StreamFault, StreamPlan};
+use super::{Fault, Inner, SimulatorConfig};
+
+/// vLLM has no body limit of its own and base64 images are large, so allow plenty.
+const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
+
+/// Per-router state: the shared simulator plus the shutdown signal of the server it runs in.
+#[derive(Clone)]
+pub(super) struct AppState {
+    pub sim: Arc<Inner>,
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// Sleeps for `duration`; `false` if the server began shutting down meanwhile.
+    pub async fn pause(&self, duration: Duration) -> bool {
+        if duration.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(duration) => true,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+}
+
+pub(super) fn router(sim: Arc<Inner>, shutdown: CancellationToken) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(list_models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(AppState { sim, shutdown })
+}
+
+async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let config = &state.sim.config;
+    if let Err(err) = authorize(config, &headers) {
+        return err.into_response();
+    }
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": config.model,
+            "object": "model",
+            "created": unix_now(),
+            "owned_by": "vllm",
+            "root": config.model,
+            "parent": null,
+            "max_model_len": config.max_model_len,
+        }],
+    }))
+    .into_response()
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    raw_body: Bytes,
+) -> Response {
+    let parsed = serde_json::from_slice::<Value>(&raw_body);
+    state.sim.record(&headers, parsed.as_ref().ok(), &raw_body);
+    // vLLM's API-key check is middleware, so it runs before anything else.
+    if let Err(err) = authorize(&state.sim.config, &headers) {
+        return err.into_response();
+    }
+
+    let mut no_usage = false;
+    let mut stream_fault = None;
+    let mut delay = Duration::ZERO;
+    match state.sim.pop_fault() {
+        None => {}
+        Some(Fault::Status { status, body }) => return status_response(status, body),
+        Some(Fault::DropConnection) => return drop_connection(),
+        Some(Fault::Delay(d)) => delay = d,
+        Some(Fault::NoUsage) => no_usage = true,
+        Some(Fault::StreamCutAfter(n)) => stream_fault = Some(StreamFault::Cut(n)),
+        Some(Fault::StreamErrorAfter(n)) => stream_fault = Some(StreamFault::Error(n)),
+        Some(Fault::StreamEndAfter(n)) => stream_fault = Some(StreamFault::End(n)),
+    }
+    if !state.pause(delay).await {
+        return drop_connection();
+    }
+
+    let body = match parsed {
+        Ok(body) => body,
+        Err(err) => {
+            return ApiError::bad_request(format!("Invalid JSON body: {err}"), None)
+                .into_response();
+        }
+    };
+    let request = match ChatRequest::parse(&body, &state.sim.config) {
+        Ok(request) => request,
+        Err(err) => return err.into_response(),
+    };
+
+    let id = completion_id();
+    let model = state.sim.config.model.clone();
+    if request.stream {
+        let plan = StreamPlan {
+            id,
+            created: unix_now(),
+            model,
+            reply: request.reply,
+            include_usage: request.include_usage && !no_usage,
+            continuous_usage: request.continuous_usage && !no_usage,
+            fault: stream_fault,
+            token_latency: state.sim.config.token_latency,
+        };
+        return plan.into_response(state);
+    }
+
+    let reply = request.reply;
+    let generation = state
+        .sim
+        .config
+        .token_latency
+        .saturating_mul(reply.completion_tokens);
+    if !state.pause(generation).await {
+        return drop_connection();
+    }
+    state.sim.add_tokens_sent(reply.completion_tokens);
+    Json(completion_json(&id, &model, &reply, !no_usage)).into_response()
+}
+
+/// The non-streaming `chat.completion` object.
+fn completion_json(id: &str, model: &str, reply: &Reply, with_usage: bool) -> Value {
+    let reasoning = reply.reasoning_text();
+    // vLLM's reasoning parser leaves content null when everything was reasoning.
+    let content = match (reply.content_text(), &reasoning) {
+        (Some(content), _) => Value::String(content),
+        (None, Some(_)) => Value::Null,
+        (None, None) => Value::String(String::new()),
+    };
+    let mut completion = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": content,
+                "reasoning_content": reasoning,
+                "tool_calls": [],
+            },
+            "logprobs": null,
+            "finish_reason": reply.finish_reason,
+            "stop_reason": null,
+        }],
+        "prompt_logprobs": null,
+    });
+    if with_usage {
+        completion["usage"] = usage_json(reply.prompt_tokens, reply.completion_tokens);
+    }
+    completion
+}
+
+/// vLLM's `UsageInfo`, shared by JSON replies and stream chunks.
+pub(super) fn usage_json(prompt_tokens: u32, completion_tokens: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": u64::from(prompt_tokens) + u64::from(completion_tokens),
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": null,
+    })
+}
+
+fn completion_id() -> String {
+    format!("chatcmpl-{:032x}", rand::rng().random::<u128>())
+}
+
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+fn authorize(config: &SimulatorConfig, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &config.api_key else {
+        return Ok(());
+    };
+    // vLLM compares the whole header value, so the scheme is case-sensitive too.
+    let presented = headers.get(AUTHORIZATION).map(HeaderValue::as_bytes);
+    let expected = format!("Bearer {key}");
+    if presented == Some(expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            None,
+        ))
+    }
+}
+
+fn status_response(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or_else(|_| {
+        tracing::warn!(status, "simulator: invalid fault status, using 500");
+        StatusCode::INTERNAL_SERVER_ERROR
+    });
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A response whose body fails before its first byte.
+///
+/// hyper buffers the status line and headers until the first body frame, so a body that
+/// errors immediately makes it close the connection with nothing written: the client sees
+/// a connection error rather than a status (see the `drop_connection_*` tests).
+pub(super) fn drop_connection() -> Response {
+    let body = futures_util::stream::once(async {
+        Err::<Bytes, _>(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "simulated dropped connection",
+        ))
+    });
+    Response::new(Body::from_stream(body))
+}
+
+/// An OpenAI-style error reply: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug)]
+pub(super) struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        message: impl Into<String>,
+        param: Option<&'static str>,
+    ) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message, param)
+    }
+}
+
+/// The error body vLLM uses, for JSON replies and in-stream error events alike.
+pub(super) fn error_json(status: StatusCode, message: &str, param: Option<&str>) -> Value {
+    // vLLM names the type after the HTTP status, mirroring OpenAI's SDK exception names.
+    let kind = match status {
+        StatusCode::BAD_REQUEST => "BadRequestError",
+        StatusCode::UNAUTHORIZED => "AuthenticationError",
+        StatusCode::NOT_FOUND => "NotFoundError",
+        _ => "InternalServerError",
+    };
+    json!({
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": status.as_u16(),
+        }
+    })
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(error_json(self.status, &self.message, self.param)),
+        )
+            .into_response()
+    }
+}

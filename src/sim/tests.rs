@@ -1,0 +1,695 @@
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use super::request::estimate_prompt_tokens;
+use super::*;
+
+async fn start(config: SimulatorConfig) -> RunningSimulator {
+    Simulator::new(config)
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap()
+}
+
+fn chat_url(sim: &RunningSimulator) -> String {
+    format!("{}/v1/chat/completions", sim.url())
+}
+
+fn hello(extra: Value) -> Value {
+    let mut body = json!({
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": "Describe this picture, please."}],
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        body[key] = value.clone();
+    }
+    body
+}
+
+async fn post(sim: &RunningSimulator, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(chat_url(sim))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Splits an SSE body into its `data:` payloads.
+fn events(body: &str) -> Vec<String> {
+    assert!(body.ends_with("\n\n"), "unterminated event in {body:?}");
+    body.split_terminator("\n\n")
+        .map(|event| event.strip_prefix("data: ").unwrap().to_owned())
+        .collect()
+}
+
+fn json_events(events: &[String]) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+async fn stream_events(sim: &RunningSimulator, body: &Value) -> Vec<String> {
+    let response = post(sim, body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    events(&response.text().await.unwrap())
+}
+
+/// Concatenated `delta.<field>` of all chunks.
+fn collect_delta(chunks: &[Value], field: &str) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"][field].as_str())
+        .collect()
+}
+
+async fn wait_for(sim: &Simulator, what: &str, done: impl Fn(SimStats) -> bool) -> SimStats {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let stats = sim.stats();
+        if done(stats) {
+            return stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const PROMPT: u64 = 4 + 8; // "Describe this picture, please." is 30 chars.
+
+#[test]
+fn prompt_estimate_counts_text_and_images() {
+    let messages = json!([
+        {"role": "system", "content": "abcd"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "abcde"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        ]},
+        {"role": "assistant", "content": null},
+    ]);
+    let expected = (4 + 1) + (4 + 2 + 2 * 256) + 4;
+    assert_eq!(
+        estimate_prompt_tokens(messages.as_array().unwrap()),
+        expected
+    );
+}
+
+#[tokio::test]
+async fn health_and_models() {
+    let sim = start(SimulatorConfig::default()).await;
+    let client = reqwest::Client::new();
+    let health = client
+        .get(format!("{}/health", sim.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert!(health.bytes().await.unwrap().is_empty());
+
+    let models: Value = client
+        .get(format!("{}/v1/models", sim.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    let model = &models["data"][0];
+    assert_eq!(model["id"], DEFAULT_MODEL);
+    assert_eq!(model["root"], DEFAULT_MODEL);
+    assert_eq!(model["owned_by"], "vllm");
+    assert_eq!(model["max_model_len"], 65_536);
+    assert!(model["created"].as_u64().unwrap() > 0);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn json_completion_shape_and_usage() {
+    let sim = start(SimulatorConfig::default()).await;
+    let response = post(&sim, &hello(json!({}))).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], DEFAULT_MODEL);
+    assert_eq!(body["prompt_logprobs"], Value::Null);
+    let choice = &body["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["reasoning_content"], "Let me look at");
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(
+        content.starts_with("The image shows a red bicycle"),
+        "{content}"
+    );
+    assert_eq!(choice["message"]["tool_calls"], json!([]));
+
+    let usage = &body["usage"];
+    assert_eq!(usage["prompt_tokens"], PROMPT);
+    assert_eq!(usage["completion_tokens"], 24);
+    assert_eq!(usage["total_tokens"], PROMPT + 24);
+
+    let stats = sim.simulator.stats();
+    assert_eq!(stats.chat_requests, 1);
+    assert_eq!(stats.completion_tokens_sent, 24);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_tokens_cuts_with_length() {
+    let sim = start(SimulatorConfig::default()).await;
+    let body: Value = post(&sim, &hello(json!({"max_tokens": 6})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+    assert_eq!(body["choices"][0]["message"]["content"], "The image");
+
+    // max_completion_tokens wins over max_tokens; all-reasoning leaves content null.
+    let body: Value = post(
+        &sim,
+        &hello(json!({"max_tokens": 6, "max_completion_tokens": 3})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+    assert_eq!(
+        body["choices"][0]["message"]["reasoning_content"],
+        "Let me look"
+    );
+    assert_eq!(body["choices"][0]["message"]["content"], Value::Null);
+
+    // A limit above the reply length does not cut it.
+    let body: Value = post(&sim, &hello(json!({"max_tokens": 100})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["completion_tokens"], 24);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_without_usage() {
+    let config = SimulatorConfig {
+        reply_tokens: 6,
+        reasoning_tokens: 2,
+        ..SimulatorConfig::default()
+    };
+    let sim = start(config).await;
+    let events = stream_events(&sim, &hello(json!({"stream": true}))).await;
+    // role, 6 tokens, finish, [DONE]
+    assert_eq!(events.len(), 9, "{events:?}");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks = json_events(&events);
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["id"], chunks[0]["id"]);
+        assert_eq!(chunk["model"], DEFAULT_MODEL);
+        assert!(chunk.get("usage").is_none(), "{chunk}");
+    }
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    // Reasoning chunks strictly precede content chunks.
+    let kinds: Vec<&str> = chunks[1..7]
+        .iter()
+        .map(|c| {
+            let delta = c["choices"][0]["delta"].as_object().unwrap();
+            assert_eq!(delta.len(), 1, "{delta:?}");
+            delta.keys().next().unwrap().as_str()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "reasoning_content",
+            "reasoning_content",
+            "content",
+            "content",
+            "content",
+            "content"
+        ]
+    );
+    assert_eq!(collect_delta(&chunks, "reasoning_content"), "Let me");
+    assert_eq!(collect_delta(&chunks, "content"), "The image shows a");
+    let finish = &chunks[7]["choices"][0];
+    assert_eq!(finish["delta"], json!({}));
+    assert_eq!(finish["finish_reason"], "stop");
+    assert!(
+        chunks[..7]
+            .iter()
+            .all(|c| c["choices"][0]["finish_reason"].is_null())
+    );
+
+    let stats = wait_for(&sim.simulator, "finished stream", |s| {
+        s.streams_finished == 1
+    })
+    .await;
+    assert_eq!(stats.completion_tokens_sent, 6);
+    assert_eq!(stats.streams_cancelled, 0);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_include_usage_adds_final_usage_chunk() {
+    let sim = start(SimulatorConfig::default()).await;
+    let body = hello(json!({
+        "stream": true,
+        "max_tokens": 5,
+        "stream_options": {"include_usage": true},
+    }));
+    let events = stream_events(&sim, &body).await;
+    // role, 5 tokens, finish, usage, [DONE]
+    assert_eq!(events.len(), 9, "{events:?}");
+    let chunks = json_events(&events);
+    assert_eq!(chunks[6]["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[7];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["prompt_tokens"], PROMPT);
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+    assert_eq!(usage["usage"]["total_tokens"], PROMPT + 5);
+    assert!(chunks[..7].iter().all(|c| c.get("usage").is_none()));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_continuous_usage_on_every_chunk() {
+    let config = SimulatorConfig {
+        reply_tokens: 3,
+        ..SimulatorConfig::default()
+    };
+    let sim = start(config).await;
+    let body = hello(json!({
+        "stream": true,
+        "stream_options": {"include_usage": true, "continuous_usage_stats": true},
+    }));
+    let events = stream_events(&sim, &body).await;
+    let chunks = json_events(&events);
+    // role, 3 tokens, finish, usage
+    let completion: Vec<u64> = chunks
+        .iter()
+        .map(|c| {
+            assert_eq!(c["usage"]["prompt_tokens"], PROMPT);
+            let n = c["usage"]["completion_tokens"].as_u64().unwrap();
+            assert_eq!(c["usage"]["total_tokens"].as_u64().unwrap(), PROMPT + n);
+            n
+        })
+        .collect();
+    assert_eq!(completion, [0, 1, 2, 3, 3, 3]);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn status_fault_then_normal() {
+    let sim = start(SimulatorConfig::default()).await;
+    let error = r#"{"error":{"message":"overloaded","type":"ServiceUnavailableError","param":null,"code":503}}"#;
+    sim.simulator.push_fault(Fault::Status {
+        status: 503,
+        body: error.to_owned(),
+    });
+    sim.simulator.push_fault(Fault::Status {
+        status: 429,
+        body: "{}".to_owned(),
+    });
+    let first = post(&sim, &hello(json!({}))).await;
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(first.headers()["content-type"], "application/json");
+    assert_eq!(first.text().await.unwrap(), error);
+    assert_eq!(post(&sim, &hello(json!({}))).await.status(), 429);
+    assert_eq!(post(&sim, &hello(json!({}))).await.status(), 200);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn delay_fault_delays_first_byte() {
+    let sim = start(SimulatorConfig::default()).await;
+    sim.simulator
+        .push_fault(Fault::Delay(Duration::from_millis(150)));
+    let started = Instant::now();
+    let response = post(&sim, &hello(json!({}))).await;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["usage"]["completion_tokens"],
+        24
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn drop_connection_is_a_client_error_before_any_status() {
+    let sim = start(SimulatorConfig::default()).await;
+    let client = reqwest::Client::new();
+    for body in [hello(json!({})), hello(json!({"stream": true}))] {
+        sim.simulator.push_fault(Fault::DropConnection);
+        let result = client.post(chat_url(&sim)).json(&body).send().await;
+        let err = result.expect_err("a dropped connection must not yield a response");
+        assert!(!err.is_status() && err.status().is_none(), "{err:?}");
+    }
+    // The server keeps working for later requests on fresh connections.
+    let ok = client
+        .post(chat_url(&sim))
+        .json(&hello(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_cut_fault_aborts_mid_body() {
+    let sim = start(SimulatorConfig::default()).await;
+    sim.simulator.push_fault(Fault::StreamCutAfter(3));
+    let mut response = post(&sim, &hello(json!({"stream": true}))).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut received = Vec::new();
+    let err = loop {
+        match response.chunk().await {
+            Ok(Some(bytes)) => received.extend_from_slice(&bytes),
+            Ok(None) => panic!("body ended cleanly; expected an abort"),
+            Err(err) => break err,
+        }
+    };
+    assert!(
+        err.is_body() || err.is_decode() || err.is_request(),
+        "{err:?}"
+    );
+    let events = events(std::str::from_utf8(&received).unwrap());
+    assert_eq!(events.len(), 4, "role + 3 tokens: {events:?}");
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+
+    let stats = sim.simulator.stats();
+    assert_eq!(stats.completion_tokens_sent, 3);
+    assert_eq!((stats.streams_finished, stats.streams_cancelled), (0, 0));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_end_fault_closes_cleanly_without_done() {
+    let sim = start(SimulatorConfig::default()).await;
+    sim.simulator.push_fault(Fault::StreamEndAfter(2));
+    let events = stream_events(&sim, &hello(json!({"stream": true}))).await;
+    assert_eq!(events.len(), 3, "role + 2 tokens: {events:?}");
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+    let stats = sim.simulator.stats();
+    assert_eq!((stats.streams_finished, stats.streams_cancelled), (0, 0));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_error_fault_sends_error_event_then_done() {
+    let sim = start(SimulatorConfig::default()).await;
+    sim.simulator.push_fault(Fault::StreamErrorAfter(2));
+    let body = hello(json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let events = stream_events(&sim, &body).await;
+    // role, 2 tokens, error, [DONE]: no finish chunk, no usage.
+    assert_eq!(events.len(), 5, "{events:?}");
+    let error: Value = serde_json::from_str(&events[3]).unwrap();
+    assert_eq!(error["error"]["type"], "InternalServerError");
+    assert_eq!(error["error"]["code"], 500);
+    assert!(error["error"]["message"].is_string());
+    assert_eq!(events[4], "[DONE]");
+    let stats = wait_for(&sim.simulator, "finished stream", |s| {
+        s.streams_finished == 1
+    })
+    .await;
+    assert_eq!(stats.completion_tokens_sent, 2);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_fault_beyond_reply_fires_before_finish() {
+    let config = SimulatorConfig {
+        reply_tokens: 2,
+        ..SimulatorConfig::default()
+    };
+    let sim = start(config).await;
+    sim.simulator.push_fault(Fault::StreamEndAfter(50));
+    let events = stream_events(&sim, &hello(json!({"stream": true}))).await;
+    assert_eq!(events.len(), 3, "role + 2 tokens, no finish: {events:?}");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_usage_fault() {
+    let sim = start(SimulatorConfig::default()).await;
+    sim.simulator.push_fault(Fault::NoUsage);
+    let body: Value = post(&sim, &hello(json!({}))).await.json().await.unwrap();
+    assert!(body.get("usage").is_none(), "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+
+    sim.simulator.push_fault(Fault::NoUsage);
+    let body = hello(json!({
+        "stream": true,
+        "stream_options": {"include_usage": true, "continuous_usage_stats": true},
+    }));
+    let events = stream_events(&sim, &body).await;
+    assert_eq!(events.len(), 24 + 3, "role, tokens, finish, [DONE]");
+    assert!(
+        json_events(&events)
+            .iter()
+            .all(|c| c.get("usage").is_none())
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_stream() {
+    let config = SimulatorConfig {
+        token_latency: Duration::from_millis(20),
+        ..SimulatorConfig::default()
+    };
+    let sim = start(config).await;
+    let mut response = post(&sim, &hello(json!({"stream": true}))).await;
+    let mut received = String::new();
+    // role chunk + 2 token chunks
+    while received.matches("\n\n").count() < 3 {
+        let bytes = response.chunk().await.unwrap().unwrap();
+        received.push_str(std::str::from_utf8(&bytes).unwrap());
+    }
+    drop(response);
+
+    let stats = wait_for(&sim.simulator, "cancelled stream", |s| {
+        s.streams_cancelled == 1
+    })
+    .await;
+    assert!(stats.completion_tokens_sent < 24, "{stats:?}");
+    assert_eq!(stats.streams_finished, 0);
+    // No further tokens are produced once the stream is gone.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(sim.simulator.stats(), stats);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn api_key_is_enforced_on_v1_routes() {
+    let config = SimulatorConfig {
+        api_key: Some("sekrit".to_owned()),
+        ..SimulatorConfig::default()
+    };
+    let sim = start(config).await;
+    let client = reqwest::Client::new();
+
+    let health = client
+        .get(format!("{}/health", sim.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let models = client
+        .get(format!("{}/v1/models", sim.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), StatusCode::UNAUTHORIZED);
+
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("bearer sekrit"),
+        Some("sekrit"),
+    ] {
+        let mut request = client.post(chat_url(&sim)).json(&hello(json!({})));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], 401);
+        assert_eq!(body["error"]["message"], "Unauthorized");
+    }
+
+    // Faults are only consumed by requests that pass the key check.
+    sim.simulator.push_fault(Fault::Status {
+        status: 502,
+        body: "{}".to_owned(),
+    });
+    let unauthorised = client
+        .post(chat_url(&sim))
+        .json(&hello(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorised.status(), StatusCode::UNAUTHORIZED);
+    let faulted = client
+        .post(chat_url(&sim))
+        .bearer_auth("sekrit")
+        .json(&hello(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(faulted.status(), StatusCode::BAD_GATEWAY);
+    let ok = client
+        .post(chat_url(&sim))
+        .bearer_auth("sekrit")
+        .json(&hello(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_get_vllm_errors() {
+    let sim = start(SimulatorConfig {
+        max_model_len: 100,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+
+    let bad_json = client
+        .post(chat_url(&sim))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_json.status(), StatusCode::BAD_REQUEST);
+    let body: Value = bad_json.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "BadRequestError");
+    assert_eq!(body["error"]["code"], 400);
+    assert_eq!(body["error"]["param"], Value::Null);
+    assert!(body["error"]["message"].is_string());
+
+    let unknown = post(&sim, &json!({"model": "gpt-4o", "messages": []})).await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"error": {
+            "message": "The model `gpt-4o` does not exist.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }})
+    );
+
+    let cases = [
+        json!({"model": DEFAULT_MODEL}),
+        json!({"model": DEFAULT_MODEL, "messages": "hi"}),
+        hello(json!({"max_tokens": 0})),
+        hello(json!({"max_tokens": -1})),
+        hello(json!({"stream_options": {"include_usage": true}})),
+        hello(json!({"max_tokens": 90})), // 12 prompt + 90 > 100
+        json!({"messages": [{"role": "user", "content": "x".repeat(400)}]}),
+    ];
+    for case in cases {
+        let response = post(&sim, &case).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{case}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "BadRequestError", "{case}");
+    }
+
+    // Without max_tokens the reply is bounded by what is left of the context window.
+    let tight = json!({"messages": [{"role": "user", "content": "x".repeat(352)}]});
+    let body: Value = post(&sim, &tight).await.json().await.unwrap();
+    assert_eq!(body["usage"]["prompt_tokens"], 92);
+    assert_eq!(body["usage"]["completion_tokens"], 8);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn records_requests_in_order() {
+    let sim = start(SimulatorConfig::default()).await;
+    let client = reqwest::Client::new();
+    let first = hello(json!({"max_tokens": 3}));
+    client
+        .post(chat_url(&sim))
+        .header("x-request-id", "req-1")
+        .json(&first)
+        .send()
+        .await
+        .unwrap();
+    client
+        .post(chat_url(&sim))
+        .body("garbage")
+        .send()
+        .await
+        .unwrap();
+
+    let requests = sim.simulator.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].headers["x-request-id"], "req-1");
+    assert_eq!(requests[0].body, first);
+    assert_eq!(requests[1].body, Value::Null);
+    assert_eq!(&requests[1].raw_body[..], b"garbage");
+    assert_eq!(sim.simulator.stats().chat_requests, 2);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_in_flight_streams_promptly() {
+    let config = SimulatorConfig {
+        token_latency: Duration::from_secs(10),
+        ..SimulatorConfig::default()
+    };
+    let sim = start(config).await;
+    let mut response = post(&sim, &hello(json!({"stream": true}))).await;
+    // The role chunk is immediate; the first token would take 10 s.
+    assert!(response.chunk().await.unwrap().is_some());
+    let simulator = sim.simulator.clone();
+    tokio::time::timeout(Duration::from_secs(2), sim.shutdown())
+        .await
+        .expect("shutdown should not wait for the 10 s token");
+    assert!(response.chunk().await.is_err());
+    assert_eq!(simulator.stats().streams_cancelled, 0);
+}
+
+#[tokio::test]
+async fn recording_can_be_disabled() {
+    let sim = start(SimulatorConfig {
+        record_requests: false,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    assert_eq!(post(&sim, &hello(json!({}))).await.status(), StatusCode::OK);
+    assert!(sim.simulator.requests().is_empty());
+    assert_eq!(sim.simulator.stats().chat_requests, 1);
+    sim.shutdown().await;
+}

@@ -1,0 +1,386 @@
+//! The sled implementation of [`Store`]: one tree per kind of record, JSON values.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::{SCHEMA_VERSION, Store, StoreError};
+use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
+
+const SCHEMA_KEY: &str = "schema_version";
+
+pub struct SledStore {
+    db: sled::Db,
+    users: sled::Tree,
+    keys: sled::Tree,
+    counters: sled::Tree,
+    usage: sled::Tree,
+    calls: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `path`; sled makes writes durable every `flush_ms`.
+    ///
+    /// sled locks the directory; a process that is still exiting holds the lock for a
+    /// moment, so a locked directory is retried for up to two seconds.
+    pub fn open(path: &Path, flush_ms: u64) -> Result<Self, StoreError> {
+        let config = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(flush_ms.max(1)));
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_error(&e) && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) if is_lock_error(&e) => {
+                    return Err(StoreError::Io(format!(
+                        "{} is locked: is another step3-gateway running on this data directory?",
+                        path.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(StoreError::Io(format!(
+                        "cannot open {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        };
+        let store = SledStore {
+            users: db.open_tree("users")?,
+            keys: db.open_tree("keys")?,
+            counters: db.open_tree("counters")?,
+            usage: db.open_tree("usage")?,
+            calls: db.open_tree("calls")?,
+            meta: db.open_tree("meta")?,
+            db,
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        match self.meta.get(SCHEMA_KEY)? {
+            Some(bytes) => {
+                let found: u32 = decode("meta", &bytes)?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema { found });
+                }
+            }
+            None => {
+                self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// sled reports a held directory lock only in its message.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Io(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        message: e.to_string(),
+    })
+}
+
+fn load_all<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    tree.iter()
+        .values()
+        .map(|value| decode(name, &value?))
+        .collect()
+}
+
+/// `key_id NUL`, the prefix of a key's entries in `calls` and `usage`.
+fn key_prefix(key_id: &str) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(key_id.len() + 1);
+    prefix.extend_from_slice(key_id.as_bytes());
+    prefix.push(0);
+    prefix
+}
+
+/// Orders a key's entries by time: `key_id NUL big-endian(time) suffix`.
+fn timed_key(key_id: &str, time: i64, suffix: &str) -> Vec<u8> {
+    let mut key = key_prefix(key_id);
+    key.extend_from_slice(&time.to_be_bytes());
+    key.extend_from_slice(suffix.as_bytes());
+    key
+}
+
+fn hour_of(micros: i64) -> UnixTime {
+    let secs = micros.div_euclid(1_000_000);
+    secs - secs.rem_euclid(3600)
+}
+
+impl Store for SledStore {
+    fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        load_all(&self.users, "users")
+    }
+
+    fn load_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        load_all(&self.keys, "keys")
+    }
+
+    fn load_counters(&self) -> Result<HashMap<String, KeyCounters>, StoreError> {
+        self.counters
+            .iter()
+            .map(|entry| {
+                let (id, value) = entry?;
+                let id = String::from_utf8_lossy(&id).into_owned();
+                Ok((id, decode("counters", &value)?))
+            })
+            .collect()
+    }
+
+    fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        self.users.insert(user.id.as_bytes(), encode(user)?)?;
+        Ok(())
+    }
+
+    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.keys.insert(key.id.as_bytes(), encode(key)?)?;
+        Ok(())
+    }
+
+    fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        // Fold the batch first, so each counter and bucket is read and written once.
+        let mut counters: HashMap<&str, KeyCounters> = HashMap::new();
+        let mut buckets: HashMap<Vec<u8>, UsageBucket> = HashMap::new();
+        let mut log = Vec::with_capacity(calls.len());
+        for call in calls {
+            counters
+                .entry(&call.key_id)
+                .or_default()
+                .add(&call.counters());
+            let hour = hour_of(call.at_micros);
+            let bucket = buckets
+                .entry(timed_key(&call.key_id, hour, &call.model))
+                .or_insert_with(|| UsageBucket {
+                    hour,
+                    model: call.model.clone(),
+                    ..UsageBucket::default()
+                });
+            bucket.requests += u64::from(call.charged_request);
+            bucket.errors += u64::from(call.status >= 400);
+            bucket.prompt_tokens += call.usage.prompt_tokens;
+            bucket.completion_tokens += call.usage.completion_tokens;
+            log.push((
+                timed_key(&call.key_id, call.at_micros, &call.request_id),
+                encode(call)?,
+            ));
+        }
+        let result = (&self.counters, &self.usage, &self.calls).transaction(
+            |(counter_tree, usage_tree, call_tree)| {
+                for (key_id, delta) in &counters {
+                    let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
+                        Some(bytes) => decode("counters", &bytes)
+                            .map_err(ConflictableTransactionError::Abort)?,
+                        None => KeyCounters::default(),
+                    };
+                    total.add(delta);
+                    let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
+                    counter_tree.insert(key_id.as_bytes(), bytes)?;
+                }
+                for (key, delta) in &buckets {
+                    let mut bucket: UsageBucket = match usage_tree.get(key)? {
+                        Some(bytes) => {
+                            decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
+                        }
+                        None => UsageBucket {
+                            hour: delta.hour,
+                            model: delta.model.clone(),
+                            ..UsageBucket::default()
+                        },
+                    };
+                    bucket.requests += delta.requests;
+                    bucket.errors += delta.errors;
+                    bucket.prompt_tokens += delta.prompt_tokens;
+                    bucket.completion_tokens += delta.completion_tokens;
+                    let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
+                    usage_tree.insert(key.as_slice(), bytes)?;
+                }
+                for (key, value) in &log {
+                    call_tree.insert(key.as_slice(), value.as_slice())?;
+                }
+                Ok(())
+            },
+        );
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    fn calls(
+        &self,
+        key_id: &str,
+        before_micros: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<CallRecord>, StoreError> {
+        let start = key_prefix(key_id);
+        let end = match before_micros {
+            Some(before) => timed_key(key_id, before, ""),
+            None => {
+                let mut end = key_prefix(key_id);
+                // One past the NUL separator: the end of this key's range.
+                if let Some(last) = end.last_mut() {
+                    *last = 1;
+                }
+                end
+            }
+        };
+        self.calls
+            .range(start..end)
+            .rev()
+            .take(limit)
+            .map(|entry| decode("calls", &entry?.1))
+            .collect()
+    }
+
+    fn usage(
+        &self,
+        key_id: &str,
+        from: UnixTime,
+        to: UnixTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        self.usage
+            .range(timed_key(key_id, from, "")..timed_key(key_id, to, ""))
+            .map(|entry| decode("usage", &entry?.1))
+            .collect()
+    }
+
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(name)?.map(|v| v.to_vec()))
+    }
+
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(name, value)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::records::{CallOutcome, Usage};
+
+    fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallRecord {
+        CallRecord {
+            at_micros,
+            request_id: format!("req-{at_micros}"),
+            key_id: key.into(),
+            user_id: "usr_1".into(),
+            model: model.into(),
+            status: 200,
+            outcome: CallOutcome::Completed,
+            stream: false,
+            latency_ms: 3,
+            charged_request: true,
+            usage: Usage {
+                prompt_tokens: tokens,
+                completion_tokens: 1,
+            },
+            usage_estimated: false,
+            request_body: None,
+            response_body: None,
+        }
+    }
+
+    #[test]
+    fn calls_update_counters_buckets_and_log_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = 1_700_000_000 - 1_700_000_000 % 3600;
+        {
+            let store = SledStore::open(dir.path(), 100).unwrap();
+            store
+                .record_calls(&[
+                    call("key_a", hour * 1_000_000 + 1, "m1", 10),
+                    call("key_a", hour * 1_000_000 + 2, "m1", 20),
+                    call("key_b", hour * 1_000_000 + 3, "m1", 5),
+                ])
+                .unwrap();
+            store
+                .record_calls(&[call("key_a", (hour + 3600) * 1_000_000, "m2", 1)])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        let counters = store.load_counters().unwrap();
+        assert_eq!(counters["key_a"].requests, 3);
+        assert_eq!(counters["key_a"].prompt_tokens, 31);
+        assert_eq!(counters["key_a"].completion_tokens, 3);
+        assert_eq!(counters["key_b"].requests, 1);
+
+        let calls = store.calls("key_a", None, 10).unwrap();
+        let times: Vec<i64> = calls.iter().map(|c| c.at_micros).collect();
+        assert_eq!(
+            times,
+            vec![
+                (hour + 3600) * 1_000_000,
+                hour * 1_000_000 + 2,
+                hour * 1_000_000 + 1
+            ]
+        );
+        let older = store
+            .calls("key_a", Some(hour * 1_000_000 + 2), 10)
+            .unwrap();
+        assert_eq!(older.len(), 1);
+
+        let buckets = store.usage("key_a", hour, hour + 7200).unwrap();
+        assert_eq!(buckets.len(), 2);
+        assert_eq!((buckets[0].model.as_str(), buckets[0].requests), ("m1", 2));
+        assert_eq!(buckets[0].prompt_tokens, 30);
+        assert_eq!(buckets[1].model, "m2");
+        assert!(
+            store
+                .usage("key_a", hour + 7200, hour + 9000)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_store_from_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 100).unwrap();
+            store.put_meta(SCHEMA_KEY, b"99").unwrap();
+            store.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path(), 100).err().unwrap();
+        assert!(
+            matches!(err, StoreError::NewerSchema { found: 99 }),
+            "{err}"
+        );
+    }
+}

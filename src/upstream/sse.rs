@@ -1,0 +1,210 @@
+//! Server-sent events from the upstream: framing into events, and reading the little that
+//! metering needs from each (`usage`, whether it carries choices, errors, `[DONE]`).
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::core::records::Usage;
+
+/// Largest event the framer holds while waiting for its end; real chunks are ~1 KiB.
+const MAX_EVENT: usize = 4 * 1024 * 1024;
+
+/// Splits a byte stream into whole events (each ending in a blank line).
+#[derive(Default)]
+pub struct SseFramer {
+    buf: BytesMut,
+}
+
+impl SseFramer {
+    /// Adds bytes and returns the events completed by them, each with its terminator.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Bytes>, OversizedEvent> {
+        self.buf.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        while let Some(end) = event_end(&self.buf) {
+            events.push(self.buf.split_to(end).freeze());
+        }
+        if self.buf.len() > MAX_EVENT {
+            return Err(OversizedEvent);
+        }
+        Ok(events)
+    }
+
+    /// Bytes of an event that never got its terminator.
+    pub fn remainder(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the model server sent an event larger than {MAX_EVENT} bytes")]
+pub struct OversizedEvent;
+
+/// The index just past the first event terminator (`\n\n` or `\r\n\r\n`) in `buf`.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// What one event says, as far as the gate cares.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EventInfo {
+    /// `data: [DONE]`, the normal end.
+    pub done: bool,
+    /// Usage so far (cumulative) or final.
+    pub usage: Option<Usage>,
+    /// `choices` is present and not empty.
+    pub has_choices: bool,
+    /// An error event: its message.
+    pub error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default, borrow)]
+    choices: Option<&'a RawValue>,
+    #[serde(default)]
+    usage: Option<UsageView>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct UsageView {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct ErrorView {
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// The joined `data:` lines of an event (SSE allows several; vLLM sends one).
+pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            match &mut data {
+                Some(existing) => {
+                    existing.push(b'\n');
+                    existing.extend_from_slice(value);
+                }
+                None => data = Some(value.to_vec()),
+            }
+        }
+    }
+    data
+}
+
+/// Reads an event; comments, unknown lines and unparsable data give an empty `EventInfo`.
+pub fn inspect(event: &[u8]) -> EventInfo {
+    let Some(data) = event_data(event) else {
+        return EventInfo::default();
+    };
+    if data.trim_ascii() == b"[DONE]" {
+        return EventInfo {
+            done: true,
+            ..EventInfo::default()
+        };
+    }
+    let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
+        return EventInfo::default();
+    };
+    EventInfo {
+        done: false,
+        usage: chunk.usage.map(|u| Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        }),
+        has_choices: chunk.choices.is_some_and(|c| c.get().trim() != "[]"),
+        error: chunk.error.map(|raw| {
+            serde_json::from_str::<ErrorView>(raw.get())
+                .ok()
+                .and_then(|e| e.message)
+                .unwrap_or_else(|| raw.get().to_owned())
+        }),
+    }
+}
+
+/// The event with its `usage` field removed (for clients that did not ask for usage).
+pub fn without_usage(event: &[u8]) -> Option<Bytes> {
+    let data = event_data(event)?;
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&data).ok()?;
+    value.remove("usage");
+    let mut out = b"data: ".to_vec();
+    serde_json::to_writer(&mut out, &value).ok()?;
+    out.extend_from_slice(b"\n\n");
+    Some(Bytes::from(out))
+}
+
+/// A well-formed end for a stream the upstream broke off: an error event, then `[DONE]`.
+pub fn error_end(message: &str) -> Bytes {
+    let error = serde_json::json!({
+        "error": {"message": message, "type": "upstream_error", "param": null, "code": "stream_incomplete"}
+    });
+    Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framer_joins_split_events_and_handles_crlf() {
+        let mut framer = SseFramer::default();
+        assert!(framer.push(b"data: {\"a\"").unwrap().is_empty());
+        let events = framer.push(b":1}\n\ndata: [DONE]\r\n\r\ndata: x").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(&events[0][..], b"data: {\"a\":1}\n\n");
+        assert!(inspect(&events[1]).done);
+        assert_eq!(framer.remainder(), b"data: x");
+    }
+
+    #[test]
+    fn usage_choices_and_errors_are_read() {
+        let info = inspect(br#"data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        assert_eq!(
+            info.usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
+        assert!(!info.has_choices);
+        let info = inspect(br#"data: {"choices":[{"delta":{"content":"x"}}]}"#);
+        assert!(info.has_choices && info.usage.is_none());
+        let info = inspect(br#"data: {"error":{"message":"boom","code":500}}"#);
+        assert_eq!(info.error.as_deref(), Some("boom"));
+        assert_eq!(inspect(b": keep-alive comment\n\n"), EventInfo::default());
+        assert_eq!(inspect(b"data: not json\n\n"), EventInfo::default());
+    }
+
+    #[test]
+    fn usage_can_be_removed_from_an_event() {
+        let event = br#"data: {"id":"c","choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}
+
+"#;
+        let stripped = without_usage(event).unwrap();
+        let info = inspect(&stripped);
+        assert!(info.has_choices && info.usage.is_none());
+        assert!(stripped.starts_with(b"data: {\"") && stripped.ends_with(b"\n\n"));
+    }
+}
