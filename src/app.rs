@@ -69,6 +69,8 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let simulator = if config.demo.enabled {
         let simulator = Simulator::new(SimulatorConfig {
             token_latency: Duration::from_millis(config.demo.token_latency_ms),
+            // A long-running demo must not keep every request in memory.
+            record_requests: false,
             ..SimulatorConfig::default()
         })
         .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))

@@ -102,6 +102,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let running = Simulator::new(SimulatorConfig {
         model: args.model,
         token_latency: Duration::from_millis(args.token_latency_ms),
+        record_requests: false,
         ..SimulatorConfig::default()
     })
     .spawn(args.listen)

@@ -227,7 +227,7 @@ impl Gateway {
     /// Every user, oldest first.
     pub fn list_users(&self) -> Vec<UserRecord> {
         let mut users: Vec<UserRecord> = self.users.iter().map(|u| (**u).clone()).collect();
-        users.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        users.sort_by(|a, b| a.id.cmp(&b.id));
         users
     }
 
@@ -315,7 +315,7 @@ impl Gateway {
             })
             .map(|(record, counters)| key_view(&record, counters))
             .collect();
-        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
         keys
     }
 

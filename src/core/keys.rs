@@ -1,6 +1,8 @@
 //! Key secrets: generation, hashing and display. A secret exists in plaintext only in the
 //! answer to the admin call that created it.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use rand::RngExt;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -17,10 +19,18 @@ pub fn generate_secret() -> String {
     format!("{SECRET_PREFIX}{}", to_hex(&bytes))
 }
 
-/// A new identifier such as `key_1f2e3d4c5b6a7988` (64 random bits).
+/// A new identifier such as `key_00064a1b2c3d4e5f9a8b7c6d`: a creation timestamp (strictly
+/// increasing within the process), so ids sort in creation order, then 32 random bits.
 pub fn generate_id(kind: &str) -> String {
-    let bytes: [u8; 8] = rand::rng().random();
-    format!("{kind}_{}", to_hex(&bytes))
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = super::records::now_micros();
+    let stamp = LAST
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+            Some(now.max(last + 1))
+        })
+        .map_or(now, |last| now.max(last + 1));
+    let random: [u8; 4] = rand::rng().random();
+    format!("{kind}_{stamp:016x}{}", to_hex(&random))
 }
 
 pub fn hash_secret(secret: &str) -> SecretHash {
@@ -83,6 +93,15 @@ mod tests {
         assert!(secret_matches(&secret, &hash));
         assert!(!secret_matches("sk-step3-wrong", &hash));
         assert_eq!(from_hex("zz"), None);
+    }
+
+    #[test]
+    fn ids_sort_in_creation_order() {
+        let ids: Vec<String> = (0..100).map(|_| generate_id("key")).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        assert!(ids[0].starts_with("key_"));
     }
 
     #[test]

@@ -83,7 +83,7 @@ async fn complete(
             admission: Some(admission),
             client_wants_usage,
             client_wants_continuous_usage,
-            saw_done: false,
+            draining: false,
             error: None,
             hard_stop: state.hard_stop.clone(),
         };
@@ -249,7 +249,8 @@ struct Relay {
     admission: Option<Admission>,
     client_wants_usage: bool,
     client_wants_continuous_usage: bool,
-    saw_done: bool,
+    /// `[DONE]` was seen and settled; what is left of the upstream body is read and dropped.
+    draining: bool,
     error: Option<String>,
     hard_stop: CancellationToken,
 }
@@ -257,7 +258,9 @@ struct Relay {
 impl Relay {
     async fn next_bytes(&mut self) -> Option<Bytes> {
         loop {
-            let admission = self.admission.as_mut()?;
+            let Some(admission) = self.admission.as_mut() else {
+                return self.drain().await;
+            };
             let item = tokio::select! {
                 item = self.upstream.next() => item,
                 () = self.hard_stop.cancelled() => {
@@ -273,16 +276,10 @@ impl Relay {
                     return Some(sse::error_end(&message));
                 }
                 None => {
-                    return if self.saw_done && self.error.is_none() {
-                        self.finish(CallOutcome::Completed, 200);
-                        None
-                    } else {
-                        let ended_well = self.saw_done;
-                        self.finish(CallOutcome::StreamIncomplete, 200);
-                        (!ended_well).then(|| {
-                            sse::error_end("the model server ended the stream without finishing it")
-                        })
-                    };
+                    self.finish(CallOutcome::StreamIncomplete, 200);
+                    return Some(sse::error_end(
+                        "the model server ended the stream without finishing it",
+                    ));
                 }
             };
             let events = match self.framer.push(&chunk) {
@@ -293,12 +290,13 @@ impl Relay {
                 }
             };
             let mut out = BytesMut::new();
+            let mut done = false;
             for event in events {
                 let info = sse::inspect(&event);
                 if info.done {
-                    self.saw_done = true;
                     out.extend_from_slice(&event);
-                    continue;
+                    done = true;
+                    break;
                 }
                 if info.has_choices {
                     admission.observe_chunk();
@@ -322,10 +320,31 @@ impl Relay {
                     out.extend_from_slice(&sse::without_usage(&event).unwrap_or(event));
                 }
             }
+            if done {
+                // Settle now, before the client can read `[DONE]` and ask for its usage.
+                let outcome = if self.error.is_some() {
+                    CallOutcome::StreamIncomplete
+                } else {
+                    self.draining = true;
+                    CallOutcome::Completed
+                };
+                self.finish(outcome, 200);
+            }
             if !out.is_empty() {
                 return Some(out.freeze());
             }
         }
+    }
+
+    /// After `[DONE]`, reads the upstream body to its end so its connection can be reused.
+    async fn drain(&mut self) -> Option<Bytes> {
+        if std::mem::take(&mut self.draining) {
+            tokio::select! {
+                () = async { while let Some(Ok(_)) = self.upstream.next().await {} } => {}
+                () = self.hard_stop.cancelled() => {}
+            }
+        }
+        None
     }
 
     fn finish(&mut self, outcome: CallOutcome, status: u16) {

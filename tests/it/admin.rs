@@ -1,0 +1,292 @@
+//! The admin API: token separation, users and keys, usage and calls.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::common::{ADMIN_TOKEN, TestGateway, chat_body, expect_error};
+
+#[tokio::test]
+async fn admin_routes_open_only_with_the_admin_token() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({})).await;
+    for token in [
+        None,
+        Some(key.secret.as_str()),
+        Some("wrong-admin-token-123"),
+    ] {
+        let mut request = gw.http.get(gw.url("/admin/v1/users"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let error = expect_error(request.send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
+        assert_eq!(error["code"], "invalid_admin_token");
+    }
+    // And the admin token is no client key.
+    let error = expect_error(
+        gw.chat(ADMIN_TOKEN, &chat_body("hi")).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(error["code"], "invalid_api_key");
+}
+
+#[tokio::test]
+async fn users_can_be_created_listed_updated_and_deactivated() {
+    let gw = TestGateway::start().await;
+    let (status, user) = gw
+        .admin(
+            Method::POST,
+            "/users",
+            Some(json!({"name": "Ada", "email": "ada@example.com"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = user["id"].as_str().unwrap();
+    assert!(id.starts_with("usr_"));
+    assert_eq!(user["active"], true);
+
+    let (_, list) = gw.admin(Method::GET, "/users", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+
+    let (status, updated) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/users/{id}"),
+            Some(json!({"name": "Ada L.", "email": null})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(updated["name"], "Ada L.");
+    assert_eq!(updated["email"], Value::Null);
+
+    let (_, gone) = gw
+        .admin(Method::DELETE, &format!("/users/{id}"), None)
+        .await;
+    assert_eq!(gone["active"], false);
+    let (status, body) = gw
+        .admin(
+            Method::POST,
+            "/keys",
+            Some(json!({"user_id": id, "name": "late"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    let (status, body) = gw.admin(Method::GET, "/users/usr_missing", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "not_found");
+    let (status, body) = gw
+        .admin(
+            Method::POST,
+            "/users",
+            Some(json!({"name": "x", "colour": "red"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_key_secret_is_shown_once_and_stored_only_as_a_hash() {
+    let gw = TestGateway::start().await;
+    let key = gw
+        .create_key(json!({"rpm_limit": 5, "expires_in": "30d", "models": ["m"]}))
+        .await;
+    assert!(key.secret.starts_with("sk-step3-"));
+    let (status, shown) = gw
+        .admin(Method::GET, &format!("/keys/{}", key.id), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        shown.get("secret").is_none() && shown.get("hash").is_none(),
+        "{shown}"
+    );
+    assert!(key.secret.starts_with(shown["prefix"].as_str().unwrap()));
+    assert_eq!(shown["rpm_limit"], 5);
+    let expires = shown["expires_at"].as_i64().unwrap();
+    assert!((expires - shown["created_at"].as_i64().unwrap() - 30 * 86_400).abs() <= 1);
+
+    let (_, listed) = gw.admin(Method::GET, "/keys", None).await;
+    let dump = listed.to_string();
+    assert!(!dump.contains(&key.secret));
+
+    // Not on disk either.
+    let mut gw = gw;
+    gw.stop().await;
+    let data = &gw.config.store.path;
+    for entry in walk(data) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes
+                .windows(key.secret.len())
+                .any(|w| w == key.secret.as_bytes()),
+            "secret found in {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[tokio::test]
+async fn key_changes_apply_to_the_next_call() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({"request_quota": 1})).await;
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("one")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("two")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    let (status, updated) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/keys/{}", key.id),
+            Some(json!({"request_quota": null, "rpm_limit": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{updated}");
+    assert_eq!(updated["request_quota"], Value::Null);
+    assert_eq!(updated["used"]["requests"], 1);
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("three")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("four")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    let (_, revoked) = gw
+        .admin(Method::DELETE, &format!("/keys/{}", key.id), None)
+        .await;
+    assert!(revoked["revoked_at"].is_i64());
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("five")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, _) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/keys/{}", key.id),
+            Some(json!({"active": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn keys_are_listed_by_user_with_usage_and_calls() {
+    let gw = TestGateway::start().await;
+    let first = gw.create_key(json!({})).await;
+    let second = gw.create_key_for(&first.user_id, json!({})).await;
+    let other = gw.create_key(json!({})).await;
+    for _ in 0..2 {
+        assert_eq!(
+            gw.chat(&first.secret, &chat_body("hello")).await.status(),
+            StatusCode::OK
+        );
+    }
+    let (_, mine) = gw
+        .admin(
+            Method::GET,
+            &format!("/keys?user_id={}", first.user_id),
+            None,
+        )
+        .await;
+    let ids: Vec<&str> = mine["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![first.id.as_str(), second.id.as_str()]);
+    assert!(!ids.contains(&other.id.as_str()));
+
+    let calls = gw.wait_for_calls(&first.id, 2).await;
+    assert_eq!(calls[0]["status"], 200);
+    assert!(calls[0]["at_micros"].as_i64() >= calls[1]["at_micros"].as_i64());
+    assert!(
+        calls[0].get("request_body").is_none(),
+        "bodies are off by default"
+    );
+    let (_, page) = gw
+        .admin(
+            Method::GET,
+            &format!("/keys/{}/calls?limit=1", first.id),
+            None,
+        )
+        .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    let next = page["next_before"].as_i64().unwrap();
+    let (_, page2) = gw
+        .admin(
+            Method::GET,
+            &format!("/keys/{}/calls?limit=5&before={next}", first.id),
+            None,
+        )
+        .await;
+    assert_eq!(page2["data"].as_array().unwrap().len(), 1);
+
+    let (status, usage) = gw
+        .admin(Method::GET, &format!("/keys/{}/usage", first.id), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(usage["totals"]["requests"], 2);
+    let hourly = usage["hourly"].as_array().unwrap();
+    assert_eq!(hourly.len(), 1);
+    assert_eq!(hourly[0]["requests"], 2);
+    let tokens = hourly[0]["prompt_tokens"].as_u64().unwrap()
+        + hourly[0]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        tokens,
+        usage["totals"]["prompt_tokens"].as_u64().unwrap()
+            + usage["totals"]["completion_tokens"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn bodies_are_logged_only_when_configured() {
+    let gw = TestGateway::builder()
+        .config(|c| c.store.log_bodies = true)
+        .start()
+        .await;
+    let key = gw.create_key(json!({})).await;
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("log me")).await.status(),
+        StatusCode::OK
+    );
+    let calls = gw.wait_for_calls(&key.id, 1).await;
+    assert!(
+        calls[0]["request_body"]
+            .as_str()
+            .unwrap()
+            .contains("log me")
+    );
+    assert!(
+        calls[0]["response_body"]
+            .as_str()
+            .unwrap()
+            .contains("chat.completion")
+    );
+}

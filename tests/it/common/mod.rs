@@ -1,0 +1,235 @@
+//! The test harness: a real gateway on 127.0.0.1:0 with a fresh sled directory, in front
+//! of the simulated STEP3-VL server (also on port 0) whose faults each test scripts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use step3_gateway::app::{self, RunningGateway};
+use step3_gateway::config::GatewayConfig;
+use step3_gateway::sim::{DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig};
+use tempfile::TempDir;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const MODEL: &str = DEFAULT_MODEL;
+
+type ConfigTweak = Box<dyn FnOnce(&mut GatewayConfig)>;
+
+pub struct Builder {
+    sim: SimulatorConfig,
+    tweaks: Vec<ConfigTweak>,
+}
+
+impl Builder {
+    pub fn sim(mut self, f: impl FnOnce(&mut SimulatorConfig)) -> Self {
+        f(&mut self.sim);
+        self
+    }
+
+    pub fn config(mut self, f: impl FnOnce(&mut GatewayConfig) + 'static) -> Self {
+        self.tweaks.push(Box::new(f));
+        self
+    }
+
+    pub async fn start(self) -> TestGateway {
+        let sim = Simulator::new(self.sim)
+            .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = GatewayConfig::default();
+        config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.server.shutdown_grace_secs = 5;
+        config.upstream.url = sim.url();
+        config.store.path = dir.path().join("data");
+        config.store.flush_interval_ms = 50;
+        config.admin.token = Some(ADMIN_TOKEN.into());
+        for tweak in self.tweaks {
+            tweak(&mut config);
+        }
+        let gateway = app::start(config.clone()).await.unwrap();
+        TestGateway {
+            http: reqwest::Client::new(),
+            gateway: Some(gateway),
+            sim,
+            config,
+            _dir: dir,
+        }
+    }
+}
+
+pub struct TestGateway {
+    pub http: reqwest::Client,
+    gateway: Option<RunningGateway>,
+    pub sim: RunningSimulator,
+    pub config: GatewayConfig,
+    _dir: TempDir,
+}
+
+/// A key made through the admin API, with its secret.
+#[derive(Clone, Debug)]
+pub struct TestKey {
+    pub id: String,
+    pub user_id: String,
+    pub secret: String,
+}
+
+impl TestGateway {
+    pub fn builder() -> Builder {
+        Builder {
+            sim: SimulatorConfig::default(),
+            tweaks: Vec::new(),
+        }
+    }
+
+    pub async fn start() -> Self {
+        Self::builder().start().await
+    }
+
+    pub fn running(&self) -> &RunningGateway {
+        self.gateway.as_ref().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.running().url())
+    }
+
+    /// Stops the gateway (graceful, flushing) and starts it again on the same data dir.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut config = self.config.clone();
+        config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        self.gateway = Some(app::start(config).await.unwrap());
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown().await;
+        }
+    }
+
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method, self.url(&format!("/admin/v1{path}")))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A new user with one key; `settings` are merged into the key's creation body.
+    pub async fn create_key(&self, settings: Value) -> TestKey {
+        let (status, user) = self
+            .admin(Method::POST, "/users", Some(json!({"name": "tester"})))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{user}");
+        let user_id = user["id"].as_str().unwrap().to_owned();
+        self.create_key_for(&user_id, settings).await
+    }
+
+    pub async fn create_key_for(&self, user_id: &str, settings: Value) -> TestKey {
+        let mut body = json!({"user_id": user_id, "name": "test key"});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), settings.as_object()) {
+            body.extend(extra.clone());
+        }
+        let (status, key) = self.admin(Method::POST, "/keys", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{key}");
+        TestKey {
+            id: key["id"].as_str().unwrap().to_owned(),
+            user_id: user_id.to_owned(),
+            secret: key["secret"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn chat(&self, secret: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(secret)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn usage(&self, secret: &str) -> Value {
+        let response = self
+            .http
+            .get(self.url("/v1/usage"))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    /// The key's call log, newest first.
+    pub async fn calls(&self, key_id: &str) -> Vec<Value> {
+        let (status, body) = self
+            .admin(Method::GET, &format!("/keys/{key_id}/calls"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["data"].as_array().unwrap().clone()
+    }
+
+    /// Waits (bounded) until the key's call log has `n` entries: settlement of abandoned
+    /// streams and the background writer both run after the client has its answer.
+    pub async fn wait_for_calls(&self, key_id: &str, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let calls = self.calls(key_id).await;
+            if calls.len() >= n {
+                return calls;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the call log of {key_id} never reached {n} entries");
+    }
+}
+
+/// A one-message text request.
+pub fn chat_body(text: &str) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": text}]})
+}
+
+/// Asserts the OpenAI error shape and returns the error object.
+pub async fn expect_error(response: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let body: Value = response.json().await.unwrap();
+    let error = body["error"].clone();
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].is_string(), "{body}");
+    assert!(
+        error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
+    error
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_payloads(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}

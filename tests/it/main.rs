@@ -1,0 +1,12 @@
+//! Integration tests: the real gateway in front of the simulated STEP3-VL server.
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+mod admin;
+mod billing;
+mod chat;
+mod common;
+mod errors;
+mod openai_sdk;

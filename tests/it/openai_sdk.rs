@@ -1,0 +1,71 @@
+//! The official Python `openai` package runs the README's SDK examples against a live
+//! gateway. `scripts/test.sh` makes the virtualenv; this test fails without it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::json;
+
+use crate::common::TestGateway;
+
+fn python() -> PathBuf {
+    let python = std::env::var_os("STEP3_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/test.sh, which creates the virtualenv with the openai package",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test]
+async fn the_readme_sdk_examples_run_with_the_official_openai_package() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({})).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python/openai_sdk.py");
+    let python = python();
+    let base_url = gw.url("/v1");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .env("STEP3GW_BASE_URL", base_url)
+            .env("STEP3GW_API_KEY", key.secret)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for example in ["plain: ok", "stream: ok", "image: ok", "errors: ok"] {
+        assert!(
+            stdout.contains(example),
+            "missing `{example}` in:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_readme_shows_the_sdk_examples_that_are_tested() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let script = std::fs::read_to_string(root.join("examples/python/openai_sdk.py")).unwrap();
+    // Each example in the script sits between `# --- example: NAME` and `# --- end`.
+    let mut found = 0;
+    for block in script.split("# --- example: ").skip(1) {
+        let body = block.split("# --- end").next().unwrap();
+        let code = body.split_once('\n').unwrap().1.trim_end();
+        assert!(
+            readme.contains(code),
+            "README.md is missing this tested example:\n{code}"
+        );
+        found += 1;
+    }
+    assert_eq!(found, 3);
+}
