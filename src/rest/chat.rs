@@ -19,6 +19,9 @@ use crate::core::{Admission, CallFacts, GatewayError, Remaining};
 use crate::upstream::Upstream;
 use crate::upstream::sse::{self, SseFramer};
 
+/// How long the end of an upstream body is awaited after `[DONE]`.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
@@ -339,10 +342,9 @@ impl Relay {
     /// After `[DONE]`, reads the upstream body to its end so its connection can be reused.
     async fn drain(&mut self) -> Option<Bytes> {
         if std::mem::take(&mut self.draining) {
-            tokio::select! {
-                () = async { while let Some(Ok(_)) = self.upstream.next().await {} } => {}
-                () = self.hard_stop.cancelled() => {}
-            }
+            // A server that keeps the body open after `[DONE]` must not hold the client.
+            let rest = async { while let Some(Ok(_)) = self.upstream.next().await {} };
+            let _ = tokio::time::timeout(DRAIN_LIMIT, rest).await;
         }
         None
     }

@@ -194,3 +194,39 @@ async fn usage_and_the_call_log_survive_a_restart() {
     );
     assert_eq!(gw.usage(&key.secret).await["requests"]["remaining"], 6);
 }
+
+#[tokio::test]
+async fn a_graceful_stop_lets_a_stream_finish_and_keeps_its_usage() {
+    let mut gw = TestGateway::builder()
+        .sim(|s| {
+            s.token_latency = Duration::from_millis(40);
+            s.reply_tokens = 10;
+            s.reasoning_tokens = 0;
+        })
+        .start()
+        .await;
+    let key = gw.create_key(json!({})).await;
+    let mut body = chat_body("finish me");
+    body["stream"] = json!(true);
+    let response = gw.chat(&key.secret, &body).await;
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+
+    // Stop while the stream is in flight: it still runs to its end.
+    let stopping = {
+        let gateway = gw.take_running();
+        tokio::spawn(gateway.shutdown())
+    };
+    let mut rest = String::new();
+    while let Some(chunk) = stream.next().await {
+        rest.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    stopping.await.unwrap();
+
+    gw.restart().await;
+    let usage = gw.usage(&key.secret).await;
+    assert_eq!(usage["requests"]["used"], 1);
+    assert_eq!(usage["tokens"]["completion"], 10);
+}

@@ -103,6 +103,11 @@ impl TestGateway {
         self.gateway = Some(app::start(config).await.unwrap());
     }
 
+    /// Takes the running gateway out (to shut it down concurrently); `restart` brings it back.
+    pub fn take_running(&mut self) -> RunningGateway {
+        self.gateway.take().unwrap()
+    }
+
     pub async fn stop(&mut self) {
         if let Some(gateway) = self.gateway.take() {
             gateway.shutdown().await;
