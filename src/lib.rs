@@ -5,6 +5,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod grpc;
 pub mod rest;
 pub mod sim;
 pub mod store;
