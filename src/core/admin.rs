@@ -5,9 +5,8 @@ use serde::{Deserialize, Serialize};
 use super::error::GatewayError;
 use super::gateway::Gateway;
 use super::keys;
-use super::records::{
-    CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord, now_unix,
-};
+use super::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UserRecord, now_unix};
+use crate::store::{CallCursor, CallQuery};
 
 /// A time given either as seconds since the epoch or as an RFC 3339 string.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -141,6 +140,8 @@ pub struct KeyView {
     pub created_at: UnixTime,
     pub updated_at: UnixTime,
     pub revoked_at: Option<UnixTime>,
+    /// Until when the secret before the last rotation still works.
+    pub previous_secret_valid_until: Option<UnixTime>,
     pub used: KeyCounters,
 }
 
@@ -159,15 +160,87 @@ pub struct KeyFilter {
     pub user_id: Option<String>,
 }
 
-/// A key's usage over a time range.
-#[derive(Clone, Debug, Serialize)]
-pub struct KeyUsageReport {
-    pub key_id: String,
-    pub totals: KeyCounters,
+/// Whose usage to report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UsageSubject {
+    Key(String),
+    User(String),
+}
+
+/// How to bucket usage over time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageGrouping {
+    #[default]
+    Hour,
+    Day,
+}
+
+impl UsageGrouping {
+    fn start_of(self, hour: UnixTime) -> UnixTime {
+        match self {
+            UsageGrouping::Hour => hour,
+            UsageGrouping::Day => hour - hour.rem_euclid(86_400),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageQuery {
+    pub subject: UsageSubject,
+    /// Default: 30 days before `to`.
+    pub from: Option<UnixTime>,
+    /// Default: now.
+    pub to: Option<UnixTime>,
+    pub group_by: UsageGrouping,
+    pub by_model: bool,
+}
+
+/// Usage in one period (and one model, when grouped by model).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UsageRow {
+    pub start: UnixTime,
+    /// Empty unless grouped by model.
+    pub model: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UsageReport {
     pub from: UnixTime,
     pub to: UnixTime,
-    pub hourly: Vec<UsageBucket>,
+    pub buckets: Vec<UsageRow>,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
+
+/// Which calls to list; every set field must match.
+#[derive(Clone, Debug, Default)]
+pub struct CallFilter {
+    pub key_id: Option<String>,
+    pub user_id: Option<String>,
+    pub model: Option<String>,
+    pub status: Option<u16>,
+    /// Seconds since the epoch.
+    pub from: Option<UnixTime>,
+    /// `next_page_token` of the previous page.
+    pub page_token: Option<String>,
+    pub page_size: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CallPage {
+    pub calls: Vec<CallRecord>,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
+
+/// How long a rotated-out secret keeps working by default.
+pub const DEFAULT_ROTATION_GRACE_SECS: u64 = 24 * 3600;
 
 fn check_name(name: &str, field: &str) -> Result<String, GatewayError> {
     let name = name.trim();
@@ -284,6 +357,8 @@ impl Gateway {
             created_at: now,
             updated_at: now,
             revoked_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
         };
         self.store.put_key(&record)?;
         let view = key_view(&record, KeyCounters::default());
@@ -386,34 +461,125 @@ impl Gateway {
         Ok(view)
     }
 
-    /// Totals and hourly buckets of a key with `from <= hour < to`.
-    pub fn key_usage(
-        &self,
-        id: &str,
-        from: Option<UnixTime>,
-        to: Option<UnixTime>,
-    ) -> Result<KeyUsageReport, GatewayError> {
-        let key = self.get_key(id)?;
-        let to = to.unwrap_or_else(|| now_unix() + 3600);
-        let from = from.unwrap_or(to - 30 * 24 * 3600);
-        Ok(KeyUsageReport {
-            key_id: key.id,
-            totals: key.used,
+    /// A new secret for the key; the old one keeps working for `grace_secs`.
+    pub fn rotate_key(&self, id: &str, grace_secs: u64) -> Result<CreatedKey, GatewayError> {
+        let state = self
+            .keys_by_id
+            .get(id)
+            .map(|s| s.value().clone())
+            .ok_or_else(|| GatewayError::NotFound {
+                what: "key",
+                id: id.to_owned(),
+            })?;
+        let mut record = (*state.record()).clone();
+        if record.revoked_at.is_some() {
+            return Err(GatewayError::invalid_request(
+                "a revoked key cannot be rotated; create a new key",
+                Some("id"),
+            ));
+        }
+        let now = now_unix();
+        let secret = keys::generate_secret();
+        let forgotten = record.previous_hash.take();
+        record.previous_hash = Some(std::mem::replace(
+            &mut record.hash,
+            keys::to_hex(&keys::hash_secret(&secret)),
+        ));
+        record.previous_valid_until =
+            Some(now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX)));
+        record.prefix = keys::display_prefix(&secret);
+        record.updated_at = now;
+        self.store.put_key(&record)?;
+        self.index_rotated_secret(&record, forgotten.as_deref())?;
+        let view = key_view(&record, state.counters());
+        self.update_indexed_key(record)?;
+        Ok(CreatedKey { key: view, secret })
+    }
+
+    /// Usage of a key, or of all of a user's keys, bucketed by hour or day.
+    pub fn usage_report(&self, query: &UsageQuery) -> Result<UsageReport, GatewayError> {
+        let key_ids = match &query.subject {
+            UsageSubject::Key(id) => vec![self.get_key(id)?.id],
+            UsageSubject::User(id) => {
+                self.get_user(id)?;
+                self.list_keys(&KeyFilter {
+                    user_id: Some(id.clone()),
+                })
+                .into_iter()
+                .map(|k| k.id)
+                .collect()
+            }
+        };
+        let to = query.to.unwrap_or_else(|| now_unix() + 1);
+        let from = query.from.unwrap_or(to - 30 * 86_400);
+        // Hourly buckets are stored; a bucket overlapping `from` counts whole.
+        let first_hour = from - from.rem_euclid(3600);
+        let mut rows: std::collections::BTreeMap<(UnixTime, String), UsageRow> = Default::default();
+        for key_id in &key_ids {
+            for bucket in self.store.usage(key_id, first_hour, to)? {
+                let start = query.group_by.start_of(bucket.hour);
+                let model = if query.by_model {
+                    bucket.model
+                } else {
+                    String::new()
+                };
+                let row = rows
+                    .entry((start, model.clone()))
+                    .or_insert_with(|| UsageRow {
+                        start,
+                        model,
+                        ..UsageRow::default()
+                    });
+                row.requests += bucket.requests;
+                row.errors += bucket.errors;
+                row.prompt_tokens += bucket.prompt_tokens;
+                row.completion_tokens += bucket.completion_tokens;
+            }
+        }
+        let buckets: Vec<UsageRow> = rows.into_values().collect();
+        Ok(UsageReport {
             from,
             to,
-            hourly: self.store.usage(id, from, to)?,
+            requests: buckets.iter().map(|b| b.requests).sum(),
+            prompt_tokens: buckets.iter().map(|b| b.prompt_tokens).sum(),
+            completion_tokens: buckets.iter().map(|b| b.completion_tokens).sum(),
+            buckets,
         })
     }
 
-    /// A key's most recent calls, newest first.
-    pub fn key_calls(
-        &self,
-        id: &str,
-        before_micros: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<CallRecord>, GatewayError> {
-        self.get_key(id)?;
-        Ok(self.store.calls(id, before_micros, limit.clamp(1, 1000))?)
+    /// The call log, newest first, one page at a time.
+    pub fn list_calls(&self, filter: &CallFilter) -> Result<CallPage, GatewayError> {
+        if let Some(key_id) = &filter.key_id {
+            self.get_key(key_id)?;
+        }
+        let before = match filter.page_token.as_deref().filter(|t| !t.is_empty()) {
+            Some(token) => Some(CallCursor::from_token(token).ok_or_else(|| {
+                GatewayError::invalid_request(
+                    "`page_token` is not one this gateway gave out",
+                    Some("page_token"),
+                )
+            })?),
+            None => None,
+        };
+        let limit = filter.page_size.unwrap_or(50).clamp(1, 1000);
+        let query = CallQuery {
+            key_id: filter.key_id.as_deref(),
+            before,
+            from_micros: filter.from.map(|s| s.saturating_mul(1_000_000)),
+            limit,
+            // Bounds the work of one page when the filters match rarely.
+            scan_limit: 100_000,
+        };
+        let matches = |call: &CallRecord| {
+            filter.user_id.as_ref().is_none_or(|u| &call.user_id == u)
+                && filter.model.as_ref().is_none_or(|m| &call.model == m)
+                && filter.status.is_none_or(|s| call.status == s)
+        };
+        let (calls, next) = self.store.calls(&query, &matches)?;
+        Ok(CallPage {
+            calls,
+            next_page_token: next.map(|c| c.to_token()).unwrap_or_default(),
+        })
     }
 }
 
@@ -451,6 +617,7 @@ pub fn key_view(record: &KeyRecord, used: KeyCounters) -> KeyView {
         created_at: record.created_at,
         updated_at: record.updated_at,
         revoked_at: record.revoked_at,
+        previous_secret_valid_until: record.previous_valid_until,
         used,
     }
 }

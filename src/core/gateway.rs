@@ -65,6 +65,11 @@ impl KeyState {
     }
 }
 
+fn parse_hash(record: &KeyRecord, hex: &str) -> Result<SecretHash, GatewayError> {
+    keys::from_hex(hex)
+        .ok_or_else(|| GatewayError::Store(format!("key `{}` has a malformed hash", record.id)))
+}
+
 /// An authenticated caller: the key and its owner at the time of the call.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -107,6 +112,7 @@ pub struct GateSettings {
 pub struct Gateway {
     pub(super) store: Arc<dyn Store>,
     sink: UsageSink,
+    /// Current secrets, and previous ones while a rotation's grace period may still run.
     keys_by_hash: DashMap<SecretHash, Arc<KeyState>>,
     pub(super) keys_by_id: DashMap<String, Arc<KeyState>>,
     pub(super) users: DashMap<String, Arc<UserRecord>>,
@@ -147,13 +153,40 @@ impl Gateway {
         record: KeyRecord,
         counters: KeyCounters,
     ) -> Result<(), GatewayError> {
-        let hash = keys::from_hex(&record.hash).ok_or_else(|| {
-            GatewayError::Store(format!("key `{}` has a malformed hash", record.id))
-        })?;
+        let hash = parse_hash(&record, &record.hash)?;
+        let previous = match &record.previous_hash {
+            Some(previous) => Some(parse_hash(&record, previous)?),
+            None => None,
+        };
         let id = record.id.clone();
         let state = Arc::new(KeyState::new(record, counters));
         self.keys_by_hash.insert(hash, state.clone());
+        if let Some(previous) = previous {
+            self.keys_by_hash.insert(previous, state.clone());
+        }
         self.keys_by_id.insert(id, state);
+        Ok(())
+    }
+
+    /// Points a new secret at an existing key and forgets the secret before the previous.
+    pub(super) fn index_rotated_secret(
+        &self,
+        record: &KeyRecord,
+        forgotten: Option<&str>,
+    ) -> Result<(), GatewayError> {
+        let state = self
+            .keys_by_id
+            .get(&record.id)
+            .map(|s| s.value().clone())
+            .ok_or_else(|| GatewayError::NotFound {
+                what: "key",
+                id: record.id.clone(),
+            })?;
+        self.keys_by_hash
+            .insert(parse_hash(record, &record.hash)?, state);
+        if let Some(forgotten) = forgotten.and_then(keys::from_hex) {
+            self.keys_by_hash.remove(&forgotten);
+        }
         Ok(())
     }
 
@@ -189,12 +222,18 @@ impl Gateway {
                     "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
                 ))?;
         const UNKNOWN: &str = "Incorrect API key provided.";
+        let hash = keys::hash_secret(secret);
         let state = self
             .keys_by_hash
-            .get(&keys::hash_secret(secret))
+            .get(&hash)
             .map(|entry| entry.value().clone())
             .ok_or(GatewayError::InvalidApiKey(UNKNOWN))?;
         let record = state.record();
+        if !record.is_current_secret(&hash, now_unix()) {
+            return Err(GatewayError::InvalidApiKey(
+                "This API key was rotated and its grace period is over.",
+            ));
+        }
         if !record.active || record.revoked_at.is_some() {
             return Err(GatewayError::InvalidApiKey(
                 "This API key has been revoked or deactivated.",

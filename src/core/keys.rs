@@ -57,6 +57,15 @@ pub fn to_hex(bytes: &[u8]) -> String {
     out
 }
 
+/// Whether `hex` spells `bytes` (lowercase), without allocating.
+pub fn hex_matches(hex: &str, bytes: &[u8]) -> bool {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    hex.len() == bytes.len() * 2
+        && hex.as_bytes().chunks_exact(2).zip(bytes).all(|(pair, b)| {
+            pair[0] == DIGITS[usize::from(b >> 4)] && pair[1] == DIGITS[usize::from(b & 0x0f)]
+        })
+}
+
 pub fn from_hex(text: &str) -> Option<SecretHash> {
     let bytes = text.as_bytes();
     if bytes.len() != 64 {
@@ -90,6 +99,8 @@ mod tests {
         let secret = generate_secret();
         let hash = hash_secret(&secret);
         assert_eq!(from_hex(&to_hex(&hash)), Some(hash));
+        assert!(hex_matches(&to_hex(&hash), &hash));
+        assert!(!hex_matches(&to_hex(&hash), &hash_secret("other")));
         assert!(secret_matches(&secret, &hash));
         assert!(!secret_matches("sk-step3-wrong", &hash));
         assert_eq!(from_hex("zz"), None);

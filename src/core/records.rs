@@ -59,9 +59,27 @@ pub struct KeyRecord {
     pub updated_at: UnixTime,
     #[serde(default)]
     pub revoked_at: Option<UnixTime>,
+    /// Hex SHA-256 of the secret before the last rotation, valid until `previous_valid_until`.
+    #[serde(default)]
+    pub previous_hash: Option<String>,
+    #[serde(default)]
+    pub previous_valid_until: Option<UnixTime>,
 }
 
 impl KeyRecord {
+    /// Whether `hash` opens this key at `now`: the current secret, or the previous one
+    /// within its grace period.
+    pub fn is_current_secret(&self, hash: &[u8; 32], now: UnixTime) -> bool {
+        use crate::core::keys::hex_matches;
+        if hex_matches(&self.hash, hash) {
+            return true;
+        }
+        self.previous_hash
+            .as_deref()
+            .is_some_and(|previous| hex_matches(previous, hash))
+            && self.previous_valid_until.is_some_and(|until| now < until)
+    }
+
     pub fn allows_model(&self, model: &str) -> bool {
         self.models
             .as_ref()

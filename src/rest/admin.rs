@@ -6,7 +6,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -14,7 +14,10 @@ use serde_json::{Value, json};
 
 use super::{AppState, bearer};
 use crate::core::GatewayError;
-use crate::core::admin::{KeyFilter, KeyPatch, NewKey, NewUser, UserPatch};
+use crate::core::admin::{
+    CallFilter, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, NewKey, NewUser, UsageGrouping,
+    UsageQuery, UsageSubject, UserPatch,
+};
 use crate::core::records::UnixTime;
 
 pub fn router() -> Router<AppState> {
@@ -29,8 +32,11 @@ pub fn router() -> Router<AppState> {
             "/keys/{id}",
             get(get_key).patch(update_key).delete(revoke_key),
         )
+        .route("/keys/{id}/rotate", post(rotate_key))
         .route("/keys/{id}/usage", get(key_usage))
         .route("/keys/{id}/calls", get(key_calls))
+        .route("/users/{id}/usage", get(user_usage))
+        .route("/calls", get(list_calls))
 }
 
 /// Proof that the request carries the admin token; every admin handler takes one.
@@ -164,38 +170,123 @@ async fn revoke_key(
 }
 
 #[derive(Deserialize)]
-struct RangeQuery {
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// How long the old secret keeps working.
+    grace_seconds: Option<u64>,
+}
+
+async fn rotate_key(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, GatewayError> {
+    // The body is optional: an empty one takes the default grace period.
+    let body: RotateBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateBody {
+            grace_seconds: None,
+        }
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| GatewayError::invalid_request(e.to_string(), None))?
+    };
+    let grace = body.grace_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_SECS);
+    Ok(Json(state.gateway.rotate_key(&id, grace)?).into_response())
+}
+
+#[derive(Deserialize)]
+struct UsageParams {
     from: Option<UnixTime>,
     to: Option<UnixTime>,
+    #[serde(default)]
+    group_by: UsageGrouping,
+    #[serde(default)]
+    by_model: bool,
+}
+
+impl UsageParams {
+    fn query(self, subject: UsageSubject) -> UsageQuery {
+        UsageQuery {
+            subject,
+            from: self.from,
+            to: self.to,
+            group_by: self.group_by,
+            by_model: self.by_model,
+        }
+    }
 }
 
 async fn key_usage(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<RangeQuery>, QueryRejection>,
+    query: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Response, GatewayError> {
-    let Query(range) = query.map_err(query_rejection)?;
-    Ok(Json(state.gateway.key_usage(&id, range.from, range.to)?).into_response())
+    let Query(params) = query.map_err(query_rejection)?;
+    let report = state
+        .gateway
+        .usage_report(&params.query(UsageSubject::Key(id)))?;
+    Ok(Json(report).into_response())
+}
+
+async fn user_usage(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<Response, GatewayError> {
+    let Query(params) = query.map_err(query_rejection)?;
+    let report = state
+        .gateway
+        .usage_report(&params.query(UsageSubject::User(id)))?;
+    Ok(Json(report).into_response())
 }
 
 #[derive(Deserialize)]
-struct CallsQuery {
+struct CallParams {
+    key_id: Option<String>,
+    user_id: Option<String>,
+    model: Option<String>,
+    status: Option<u16>,
+    from: Option<UnixTime>,
     limit: Option<usize>,
-    /// Only calls older than this (microseconds since the epoch): the next page.
-    before: Option<i64>,
+    page_token: Option<String>,
+}
+
+impl CallParams {
+    fn filter(self) -> CallFilter {
+        CallFilter {
+            key_id: self.key_id,
+            user_id: self.user_id,
+            model: self.model,
+            status: self.status,
+            from: self.from,
+            page_token: self.page_token,
+            page_size: self.limit,
+        }
+    }
+}
+
+async fn list_calls(
+    _: Admin,
+    State(state): State<AppState>,
+    query: Result<Query<CallParams>, QueryRejection>,
+) -> Result<Response, GatewayError> {
+    let Query(params) = query.map_err(query_rejection)?;
+    Ok(Json(state.gateway.list_calls(&params.filter())?).into_response())
 }
 
 async fn key_calls(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<CallsQuery>, QueryRejection>,
+    query: Result<Query<CallParams>, QueryRejection>,
 ) -> Result<Response, GatewayError> {
-    let Query(page) = query.map_err(query_rejection)?;
-    let calls = state
-        .gateway
-        .key_calls(&id, page.before, page.limit.unwrap_or(50))?;
-    let next_before = calls.last().map(|c| c.at_micros);
-    Ok(Json(json!({"object": "list", "data": calls, "next_before": next_before})).into_response())
+    let Query(params) = query.map_err(query_rejection)?;
+    let filter = CallFilter {
+        key_id: Some(id),
+        ..params.filter()
+    };
+    Ok(Json(state.gateway.list_calls(&filter)?).into_response())
 }

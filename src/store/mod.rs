@@ -26,6 +26,38 @@ pub enum StoreError {
     NewerSchema { found: u32 },
 }
 
+/// A position in the call log: the time and request id of a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallCursor {
+    pub at_micros: i64,
+    pub request_id: String,
+}
+
+impl CallCursor {
+    /// The opaque page token form: `<micros>-<request id>`.
+    pub fn to_token(&self) -> String {
+        format!("{}-{}", self.at_micros, self.request_id)
+    }
+
+    pub fn from_token(token: &str) -> Option<Self> {
+        let (at, request_id) = token.split_once('-')?;
+        Some(CallCursor {
+            at_micros: at.parse().ok()?,
+            request_id: request_id.to_owned(),
+        })
+    }
+}
+
+/// Which part of the call log to read.
+#[derive(Clone, Debug, Default)]
+pub struct CallQuery<'a> {
+    pub key_id: Option<&'a str>,
+    pub before: Option<CallCursor>,
+    pub from_micros: Option<i64>,
+    pub limit: usize,
+    pub scan_limit: usize,
+}
+
 /// Everything the gateway keeps across restarts.
 ///
 /// Users and keys are loaded whole at start and then written through on every admin
@@ -39,13 +71,14 @@ pub trait Store: Send + Sync + 'static {
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// Applies a batch of finished calls: counters, hourly usage and the call log, atomically.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;
-    /// A key's calls, newest first, strictly older than `before_micros` when given.
+    /// Calls newest first: a key's (or everyone's), strictly before `cursor`, at or after
+    /// `from_micros`, that pass `filter`. Scans at most `scan_limit` entries; the cursor
+    /// returned is where a next page starts, `None` when the log is exhausted.
     fn calls(
         &self,
-        key_id: &str,
-        before_micros: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<CallRecord>, StoreError>;
+        query: &CallQuery<'_>,
+        filter: &dyn Fn(&CallRecord) -> bool,
+    ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError>;
     /// A key's hourly usage buckets with `from <= hour < to`, oldest first.
     fn usage(
         &self,

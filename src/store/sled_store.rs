@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::{SCHEMA_VERSION, Store, StoreError};
+use super::{CallCursor, CallQuery, SCHEMA_VERSION, Store, StoreError};
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
 
 const SCHEMA_KEY: &str = "schema_version";
@@ -19,7 +19,10 @@ pub struct SledStore {
     keys: sled::Tree,
     counters: sled::Tree,
     usage: sled::Tree,
+    /// The call log: `big-endian(micros) request_id` → record.
     calls: sled::Tree,
+    /// A key's calls: `key_id NUL big-endian(micros) request_id` → nothing.
+    calls_by_key: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -66,6 +69,7 @@ impl SledStore {
             counters: db.open_tree("counters")?,
             usage: db.open_tree("usage")?,
             calls: db.open_tree("calls")?,
+            calls_by_key: db.open_tree("calls_by_key")?,
             meta: db.open_tree("meta")?,
             db,
         };
@@ -131,6 +135,14 @@ fn timed_key(key_id: &str, time: i64, suffix: &str) -> Vec<u8> {
     key
 }
 
+/// `big-endian(time) request_id`, the call log's order.
+fn call_key(at_micros: i64, request_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + request_id.len());
+    key.extend_from_slice(&at_micros.to_be_bytes());
+    key.extend_from_slice(request_id.as_bytes());
+    key
+}
+
 fn hour_of(micros: i64) -> UnixTime {
     let secs = micros.div_euclid(1_000_000);
     secs - secs.rem_euclid(3600)
@@ -189,46 +201,48 @@ impl Store for SledStore {
             bucket.prompt_tokens += call.usage.prompt_tokens;
             bucket.completion_tokens += call.usage.completion_tokens;
             log.push((
+                call_key(call.at_micros, &call.request_id),
                 timed_key(&call.key_id, call.at_micros, &call.request_id),
                 encode(call)?,
             ));
         }
-        let result = (&self.counters, &self.usage, &self.calls).transaction(
-            |(counter_tree, usage_tree, call_tree)| {
-                for (key_id, delta) in &counters {
-                    let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
-                        Some(bytes) => decode("counters", &bytes)
-                            .map_err(ConflictableTransactionError::Abort)?,
-                        None => KeyCounters::default(),
-                    };
-                    total.add(delta);
-                    let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
-                    counter_tree.insert(key_id.as_bytes(), bytes)?;
-                }
-                for (key, delta) in &buckets {
-                    let mut bucket: UsageBucket = match usage_tree.get(key)? {
-                        Some(bytes) => {
-                            decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
-                        }
-                        None => UsageBucket {
-                            hour: delta.hour,
-                            model: delta.model.clone(),
-                            ..UsageBucket::default()
-                        },
-                    };
-                    bucket.requests += delta.requests;
-                    bucket.errors += delta.errors;
-                    bucket.prompt_tokens += delta.prompt_tokens;
-                    bucket.completion_tokens += delta.completion_tokens;
-                    let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
-                    usage_tree.insert(key.as_slice(), bytes)?;
-                }
-                for (key, value) in &log {
-                    call_tree.insert(key.as_slice(), value.as_slice())?;
-                }
-                Ok(())
-            },
-        );
+        let trees = (&self.counters, &self.usage, &self.calls, &self.calls_by_key);
+        let result = trees.transaction(|(counter_tree, usage_tree, call_tree, by_key_tree)| {
+            for (key_id, delta) in &counters {
+                let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
+                    Some(bytes) => {
+                        decode("counters", &bytes).map_err(ConflictableTransactionError::Abort)?
+                    }
+                    None => KeyCounters::default(),
+                };
+                total.add(delta);
+                let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
+                counter_tree.insert(key_id.as_bytes(), bytes)?;
+            }
+            for (key, delta) in &buckets {
+                let mut bucket: UsageBucket = match usage_tree.get(key)? {
+                    Some(bytes) => {
+                        decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
+                    }
+                    None => UsageBucket {
+                        hour: delta.hour,
+                        model: delta.model.clone(),
+                        ..UsageBucket::default()
+                    },
+                };
+                bucket.requests += delta.requests;
+                bucket.errors += delta.errors;
+                bucket.prompt_tokens += delta.prompt_tokens;
+                bucket.completion_tokens += delta.completion_tokens;
+                let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
+                usage_tree.insert(key.as_slice(), bytes)?;
+            }
+            for (key, by_key, value) in &log {
+                call_tree.insert(key.as_slice(), value.as_slice())?;
+                by_key_tree.insert(by_key.as_slice(), &[])?;
+            }
+            Ok(())
+        });
         match result {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(e)) => Err(e),
@@ -238,28 +252,66 @@ impl Store for SledStore {
 
     fn calls(
         &self,
-        key_id: &str,
-        before_micros: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<CallRecord>, StoreError> {
-        let start = key_prefix(key_id);
-        let end = match before_micros {
-            Some(before) => timed_key(key_id, before, ""),
+        query: &CallQuery<'_>,
+        filter: &dyn Fn(&CallRecord) -> bool,
+    ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError> {
+        // Keys order as unsigned bytes, so times below zero would sort last: there are none.
+        let from = query.from_micros.unwrap_or(0).max(0);
+        let before = |prefix: Vec<u8>| match &query.before {
+            Some(cursor) => {
+                let mut end = prefix;
+                end.extend_from_slice(&call_key(cursor.at_micros, &cursor.request_id));
+                end
+            }
             None => {
-                let mut end = key_prefix(key_id);
-                // One past the NUL separator: the end of this key's range.
-                if let Some(last) = end.last_mut() {
-                    *last = 1;
-                }
+                let mut end = prefix;
+                end.extend_from_slice(&i64::MAX.to_be_bytes());
                 end
             }
         };
-        self.calls
-            .range(start..end)
-            .rev()
-            .take(limit)
-            .map(|entry| decode("calls", &entry?.1))
-            .collect()
+        // Each entry yields the log key (time, request id) of one call, newest first.
+        let entries: Box<dyn Iterator<Item = sled::Result<Vec<u8>>>> = match query.key_id {
+            Some(key_id) => {
+                let prefix = key_prefix(key_id);
+                let mut start = prefix.clone();
+                start.extend_from_slice(&from.to_be_bytes());
+                let skip = prefix.len();
+                Box::new(
+                    self.calls_by_key
+                        .range(start..before(prefix))
+                        .keys()
+                        .rev()
+                        .map(move |k| k.map(|k| k[skip..].to_vec())),
+                )
+            }
+            None => Box::new(
+                self.calls
+                    .range(from.to_be_bytes().to_vec()..before(Vec::new()))
+                    .keys()
+                    .rev()
+                    .map(|k| k.map(|k| k.to_vec())),
+            ),
+        };
+        let mut found = Vec::new();
+        let mut last = None;
+        for (scanned, entry) in entries.enumerate() {
+            if found.len() == query.limit || scanned == query.scan_limit {
+                return Ok((found, last));
+            }
+            let log_key = entry?;
+            let Some(value) = self.calls.get(&log_key)? else {
+                continue;
+            };
+            let call: CallRecord = decode("calls", &value)?;
+            last = Some(CallCursor {
+                at_micros: call.at_micros,
+                request_id: call.request_id.clone(),
+            });
+            if filter(&call) {
+                found.push(call);
+            }
+        }
+        Ok((found, None))
     }
 
     fn usage(

@@ -237,32 +237,164 @@ async fn keys_are_listed_by_user_with_usage_and_calls() {
             None,
         )
         .await;
-    assert_eq!(page["data"].as_array().unwrap().len(), 1);
-    let next = page["next_before"].as_i64().unwrap();
+    assert_eq!(page["calls"].as_array().unwrap().len(), 1);
+    let token = page["next_page_token"].as_str().unwrap();
+    assert!(!token.is_empty());
     let (_, page2) = gw
         .admin(
             Method::GET,
-            &format!("/keys/{}/calls?limit=5&before={next}", first.id),
+            &format!("/keys/{}/calls?limit=5&page_token={token}", first.id),
             None,
         )
         .await;
-    assert_eq!(page2["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page2["calls"].as_array().unwrap().len(), 1);
+    assert_ne!(
+        page2["calls"][0]["request_id"],
+        page["calls"][0]["request_id"]
+    );
+    assert_eq!(page2["next_page_token"], "");
 
     let (status, usage) = gw
-        .admin(Method::GET, &format!("/keys/{}/usage", first.id), None)
+        .admin(
+            Method::GET,
+            &format!("/keys/{}/usage?by_model=true", first.id),
+            None,
+        )
         .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(usage["totals"]["requests"], 2);
-    let hourly = usage["hourly"].as_array().unwrap();
-    assert_eq!(hourly.len(), 1);
-    assert_eq!(hourly[0]["requests"], 2);
-    let tokens = hourly[0]["prompt_tokens"].as_u64().unwrap()
-        + hourly[0]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    assert_eq!(usage["requests"], 2);
+    let buckets = usage["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 1);
+    assert_eq!(buckets[0]["requests"], 2);
+    assert_eq!(buckets[0]["model"], crate::common::MODEL);
+    let (_, shown) = gw
+        .admin(Method::GET, &format!("/keys/{}", first.id), None)
+        .await;
+    assert_eq!(usage["prompt_tokens"], shown["used"]["prompt_tokens"]);
     assert_eq!(
-        tokens,
-        usage["totals"]["prompt_tokens"].as_u64().unwrap()
-            + usage["totals"]["completion_tokens"].as_u64().unwrap()
+        usage["completion_tokens"],
+        shown["used"]["completion_tokens"]
     );
+}
+
+#[tokio::test]
+async fn usage_is_reported_per_user_by_day_and_calls_are_filtered() {
+    let gw = TestGateway::start().await;
+    let first = gw.create_key(json!({})).await;
+    let second = gw.create_key_for(&first.user_id, json!({})).await;
+    let stranger = gw.create_key(json!({})).await;
+    for key in [&first, &second, &second, &stranger] {
+        assert_eq!(
+            gw.chat(&key.secret, &chat_body("count me")).await.status(),
+            StatusCode::OK
+        );
+    }
+    gw.wait_for_calls(&stranger.id, 1).await;
+    gw.wait_for_calls(&second.id, 2).await;
+    gw.wait_for_calls(&first.id, 1).await;
+
+    let (status, report) = gw
+        .admin(
+            Method::GET,
+            &format!("/users/{}/usage?group_by=day", first.user_id),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["requests"], 3);
+    let buckets = report["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 1);
+    assert_eq!(buckets[0]["start"].as_i64().unwrap() % 86_400, 0);
+    assert_eq!(buckets[0]["model"], "");
+
+    let (_, mine) = gw
+        .admin(
+            Method::GET,
+            &format!("/calls?user_id={}", first.user_id),
+            None,
+        )
+        .await;
+    let calls = mine["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 3);
+    assert!(calls.iter().all(|c| c["user_id"] == first.user_id.as_str()));
+    let (_, everyone) = gw
+        .admin(Method::GET, "/calls?status=200&limit=10", None)
+        .await;
+    assert_eq!(everyone["calls"].as_array().unwrap().len(), 4);
+    let (_, none) = gw.admin(Method::GET, "/calls?model=other", None).await;
+    assert!(none["calls"].as_array().unwrap().is_empty());
+    let (status, _) = gw
+        .admin(Method::GET, "/calls?page_token=garbage", None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_rotated_key_has_a_new_secret_and_the_old_one_works_until_the_grace_ends() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({"request_quota": 10})).await;
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("before")).await.status(),
+        StatusCode::OK
+    );
+
+    let (status, rotated) = gw
+        .admin(
+            Method::POST,
+            &format!("/keys/{}/rotate", key.id),
+            Some(json!({"grace_seconds": 3600})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new_secret, key.secret);
+    assert_eq!(rotated["id"], key.id.as_str());
+    assert!(rotated["previous_secret_valid_until"].as_i64().unwrap() > 0);
+    // Both secrets open the same key, with the same books.
+    assert_eq!(
+        gw.chat(&new_secret, &chat_body("new")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("old")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(gw.usage(&new_secret).await["requests"]["used"], 3);
+
+    // A second rotation without grace: the first secret is gone, the second stops now.
+    let (_, again) = gw
+        .admin(
+            Method::POST,
+            &format!("/keys/{}/rotate", key.id),
+            Some(json!({"grace_seconds": 0})),
+        )
+        .await;
+    let newest = again["secret"].as_str().unwrap().to_owned();
+    for old in [&key.secret, &new_secret] {
+        let error = expect_error(
+            gw.chat(old, &chat_body("no")).await,
+            StatusCode::UNAUTHORIZED,
+        )
+        .await;
+        assert_eq!(error["code"], "invalid_api_key");
+    }
+    assert_eq!(
+        gw.chat(&newest, &chat_body("yes")).await.status(),
+        StatusCode::OK
+    );
+
+    // After a restart the index is rebuilt the same way.
+    let mut gw = gw;
+    gw.restart().await;
+    assert_eq!(
+        gw.chat(&newest, &chat_body("still")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        gw.chat(&new_secret, &chat_body("no")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(gw.usage(&newest).await["requests"]["used"], 5);
 }
 
 #[tokio::test]

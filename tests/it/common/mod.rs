@@ -184,7 +184,7 @@ impl TestGateway {
             .admin(Method::GET, &format!("/keys/{key_id}/calls"), None)
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        body["data"].as_array().unwrap().clone()
+        body["calls"].as_array().unwrap().clone()
     }
 
     /// Waits (bounded) until the key's call log has `n` entries: settlement of abandoned
