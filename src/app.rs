@@ -9,6 +9,7 @@ use axum::serve::ListenerExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::chat::ChatPath;
 use crate::config::GatewayConfig;
 use crate::core::admin::{NewKey, NewUser};
 use crate::core::{GateSettings, Gateway, keys};
@@ -115,16 +116,19 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         request_timeout: Duration::from_secs(config.upstream.request_timeout_secs),
     })?);
     let hard_stop = CancellationToken::new();
-    let router = rest::router(AppState {
+    let chat = ChatPath {
         gateway: gateway.clone(),
         upstream,
+        continuous_usage_stats: config.upstream.continuous_usage_stats,
+        hard_stop: hard_stop.clone(),
+    };
+    let router = rest::router(AppState {
+        chat,
         settings: Arc::new(RestSettings {
             max_body_bytes: config.server.max_body_bytes,
             response_metadata: config.server.response_metadata,
-            continuous_usage_stats: config.upstream.continuous_usage_stats,
             health_timeout: Duration::from_secs(2),
         }),
-        hard_stop: hard_stop.clone(),
     });
 
     let listener = tokio::net::TcpListener::bind(config.server.listen)

@@ -2,6 +2,7 @@
 //! self-hosted STEP3-VL (OpenAI-compatible) model server.
 
 pub mod app;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod core;

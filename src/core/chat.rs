@@ -26,6 +26,8 @@ pub struct ChatCall {
     pub prompt_estimate: u64,
     /// What goes upstream: the client's bytes, or a copy with `stream_options` set.
     pub upstream_body: Bytes,
+    /// The body as the client sent it (shares the buffer when there was no rewrite).
+    pub client_body: Bytes,
 }
 
 #[derive(Deserialize)]
@@ -116,7 +118,7 @@ pub fn prepare_chat(body: Bytes, continuous_usage: bool) -> Result<ChatCall, Gat
         let options_span = view.stream_options.map(|raw| span_of(&body, raw.get()));
         with_stream_options(&body, options_span, continuous_usage)?
     } else {
-        body
+        body.clone()
     };
     Ok(ChatCall {
         model,
@@ -126,6 +128,7 @@ pub fn prepare_chat(body: Bytes, continuous_usage: bool) -> Result<ChatCall, Gat
         images,
         prompt_estimate,
         upstream_body,
+        client_body: body,
     })
 }
 

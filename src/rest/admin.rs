@@ -49,7 +49,7 @@ impl FromRequestParts<AppState> for Admin {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        state.gateway.authenticate_admin(bearer(&parts.headers))?;
+        state.gateway().authenticate_admin(bearer(&parts.headers))?;
         Ok(Admin)
     }
 }
@@ -89,7 +89,7 @@ fn query_rejection(rejection: QueryRejection) -> GatewayError {
 }
 
 async fn list_users(_: Admin, State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"object": "list", "data": state.gateway.list_users()}))
+    Json(json!({"object": "list", "data": state.gateway().list_users()}))
 }
 
 async fn create_user(
@@ -97,7 +97,7 @@ async fn create_user(
     State(state): State<AppState>,
     AdminJson(new): AdminJson<NewUser>,
 ) -> Result<Response, GatewayError> {
-    let user = state.gateway.create_user(new)?;
+    let user = state.gateway().create_user(new)?;
     Ok((StatusCode::CREATED, Json(user)).into_response())
 }
 
@@ -106,7 +106,7 @@ async fn get_user(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway.get_user(&id)?).into_response())
+    Ok(Json(state.gateway().get_user(&id)?).into_response())
 }
 
 async fn update_user(
@@ -115,7 +115,7 @@ async fn update_user(
     Path(id): Path<String>,
     AdminJson(patch): AdminJson<UserPatch>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway.update_user(&id, patch)?).into_response())
+    Ok(Json(state.gateway().update_user(&id, patch)?).into_response())
 }
 
 async fn deactivate_user(
@@ -123,7 +123,7 @@ async fn deactivate_user(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway.deactivate_user(&id)?).into_response())
+    Ok(Json(state.gateway().deactivate_user(&id)?).into_response())
 }
 
 async fn list_keys(
@@ -132,7 +132,7 @@ async fn list_keys(
     query: Result<Query<KeyFilter>, QueryRejection>,
 ) -> Result<Response, GatewayError> {
     let Query(filter) = query.map_err(query_rejection)?;
-    Ok(Json(json!({"object": "list", "data": state.gateway.list_keys(&filter)})).into_response())
+    Ok(Json(json!({"object": "list", "data": state.gateway().list_keys(&filter)})).into_response())
 }
 
 async fn create_key(
@@ -140,7 +140,7 @@ async fn create_key(
     State(state): State<AppState>,
     AdminJson(new): AdminJson<NewKey>,
 ) -> Result<Response, GatewayError> {
-    let created = state.gateway.create_key(new)?;
+    let created = state.gateway().create_key(new)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -149,7 +149,7 @@ async fn get_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway.get_key(&id)?).into_response())
+    Ok(Json(state.gateway().get_key(&id)?).into_response())
 }
 
 async fn update_key(
@@ -158,7 +158,7 @@ async fn update_key(
     Path(id): Path<String>,
     AdminJson(patch): AdminJson<KeyPatch>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway.update_key(&id, patch)?).into_response())
+    Ok(Json(state.gateway().update_key(&id, patch)?).into_response())
 }
 
 async fn revoke_key(
@@ -166,7 +166,7 @@ async fn revoke_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway.revoke_key(&id)?).into_response())
+    Ok(Json(state.gateway().revoke_key(&id)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -192,7 +192,7 @@ async fn rotate_key(
             .map_err(|e| GatewayError::invalid_request(e.to_string(), None))?
     };
     let grace = body.grace_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_SECS);
-    Ok(Json(state.gateway.rotate_key(&id, grace)?).into_response())
+    Ok(Json(state.gateway().rotate_key(&id, grace)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -225,7 +225,7 @@ async fn key_usage(
 ) -> Result<Response, GatewayError> {
     let Query(params) = query.map_err(query_rejection)?;
     let report = state
-        .gateway
+        .gateway()
         .usage_report(&params.query(UsageSubject::Key(id)))?;
     Ok(Json(report).into_response())
 }
@@ -238,7 +238,7 @@ async fn user_usage(
 ) -> Result<Response, GatewayError> {
     let Query(params) = query.map_err(query_rejection)?;
     let report = state
-        .gateway
+        .gateway()
         .usage_report(&params.query(UsageSubject::User(id)))?;
     Ok(Json(report).into_response())
 }
@@ -274,7 +274,7 @@ async fn list_calls(
     query: Result<Query<CallParams>, QueryRejection>,
 ) -> Result<Response, GatewayError> {
     let Query(params) = query.map_err(query_rejection)?;
-    Ok(Json(state.gateway.list_calls(&params.filter())?).into_response())
+    Ok(Json(state.gateway().list_calls(&params.filter())?).into_response())
 }
 
 async fn key_calls(
@@ -288,5 +288,5 @@ async fn key_calls(
         key_id: Some(id),
         ..params.filter()
     };
-    Ok(Json(state.gateway.list_calls(&filter)?).into_response())
+    Ok(Json(state.gateway().list_calls(&filter)?).into_response())
 }

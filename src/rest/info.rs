@@ -29,13 +29,17 @@ pub async fn root() -> Json<Value> {
 
 /// Always 200 while the gateway runs; `status` says whether the upstream answers.
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
-    let upstream = state.upstream.health(state.settings.health_timeout).await;
+    let upstream = state
+        .chat
+        .upstream
+        .health(state.settings.health_timeout)
+        .await;
     Json(json!({
         "status": if upstream.reachable { "ok" } else { "degraded" },
         "service": SERVICE,
         "version": VERSION,
         "upstream": upstream,
-        "store": {"usage_backlog": state.gateway.usage_backlog()},
+        "store": {"usage_backlog": state.gateway().usage_backlog()},
     }))
 }
 
@@ -45,8 +49,8 @@ pub async fn models(
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.gateway.authenticate(bearer(&headers))?;
-    let mut list = state.upstream.models(&request_id).await?;
+    let caller = state.gateway().authenticate(bearer(&headers))?;
+    let mut list = state.chat.upstream.models(&request_id).await?;
     if let Some(Value::Array(models)) = list.get_mut("data") {
         models.retain(|m| {
             m.get("id")
@@ -59,7 +63,7 @@ pub async fn models(
 
 /// The caller's own key: what it used, what remains, its limits and lifetime.
 pub async fn usage(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let caller = match state.gateway.authenticate(bearer(&headers)) {
+    let caller = match state.gateway().authenticate(bearer(&headers)) {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };

@@ -17,12 +17,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use rand::RngExt;
-use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
+use crate::chat::ChatPath;
 use crate::core::{Gateway, GatewayError, keys};
-use crate::upstream::{REQUEST_ID_HEADER, Upstream};
+use crate::upstream::REQUEST_ID_HEADER;
 
 /// Settings of the REST door.
 #[derive(Clone, Debug)]
@@ -30,19 +30,20 @@ pub struct RestSettings {
     pub max_body_bytes: usize,
     /// Add the tutorial's `metadata` object to JSON completions.
     pub response_metadata: bool,
-    /// Ask the upstream for usage on every stream chunk (vLLM `continuous_usage_stats`).
-    pub continuous_usage_stats: bool,
     pub health_timeout: Duration,
 }
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    pub gateway: Arc<Gateway>,
-    pub upstream: Arc<Upstream>,
+    pub chat: ChatPath,
     pub settings: Arc<RestSettings>,
-    /// Cancelled when the shutdown grace period is over: calls still running end now.
-    pub hard_stop: CancellationToken,
+}
+
+impl AppState {
+    pub fn gateway(&self) -> &Gateway {
+        &self.chat.gateway
+    }
 }
 
 /// The request's id, as taken from `x-request-id` or generated.

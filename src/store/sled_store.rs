@@ -393,7 +393,15 @@ mod tests {
         assert_eq!(counters["key_a"].completion_tokens, 3);
         assert_eq!(counters["key_b"].requests, 1);
 
-        let calls = store.calls("key_a", None, 10).unwrap();
+        let query = |key_id, before, limit| CallQuery {
+            key_id,
+            before,
+            from_micros: None,
+            limit,
+            scan_limit: 1000,
+        };
+        let all = |_: &CallRecord| true;
+        let (calls, next) = store.calls(&query(Some("key_a"), None, 10), &all).unwrap();
         let times: Vec<i64> = calls.iter().map(|c| c.at_micros).collect();
         assert_eq!(
             times,
@@ -403,10 +411,17 @@ mod tests {
                 hour * 1_000_000 + 1
             ]
         );
-        let older = store
-            .calls("key_a", Some(hour * 1_000_000 + 2), 10)
-            .unwrap();
+        assert_eq!(next, None);
+        let (page, next) = store.calls(&query(Some("key_a"), None, 2), &all).unwrap();
+        assert_eq!(page.len(), 2);
+        let (older, _) = store.calls(&query(Some("key_a"), next, 10), &all).unwrap();
         assert_eq!(older.len(), 1);
+        assert_eq!(older[0].at_micros, hour * 1_000_000 + 1);
+        let (everyone, _) = store.calls(&query(None, None, 10), &all).unwrap();
+        assert_eq!(everyone.len(), 4);
+        let only_b = |c: &CallRecord| c.key_id == "key_b";
+        let (b, _) = store.calls(&query(None, None, 10), &only_b).unwrap();
+        assert_eq!(b.len(), 1);
 
         let buckets = store.usage("key_a", hour, hour + 7200).unwrap();
         assert_eq!(buckets.len(), 2);

@@ -1,0 +1,336 @@
+//! The chat call both doors share: admit, forward, meter and settle. The REST and gRPC
+//! handlers only translate their protocol to and from this.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::chat::{ChatCall, prepare_chat};
+use crate::core::limits::RateStatus;
+use crate::core::records::{CallOutcome, Usage};
+use crate::core::{Admission, CallFacts, Caller, Gateway, GatewayError, Remaining};
+use crate::upstream::Upstream;
+use crate::upstream::sse::{self, SseFramer};
+
+/// How long the end of an upstream body is awaited after `[DONE]`.
+const DRAIN_LIMIT: Duration = Duration::from_millis(500);
+
+/// What both doors need to run a chat call.
+#[derive(Clone)]
+pub struct ChatPath {
+    pub gateway: Arc<Gateway>,
+    pub upstream: Arc<Upstream>,
+    /// Ask the upstream for usage on every stream chunk (vLLM `continuous_usage_stats`).
+    pub continuous_usage_stats: bool,
+    /// Cancelled when the shutdown grace period is over: calls still running end now.
+    pub hard_stop: CancellationToken,
+}
+
+/// A whole JSON answer, already settled.
+#[derive(Debug)]
+pub struct Completion {
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub processing_ms: u64,
+    pub rate: Option<RateStatus>,
+    /// What the key has left after this call.
+    pub remaining: Remaining,
+}
+
+/// A stream in progress, with the limits as they stood when it started.
+pub struct StreamStart {
+    pub relay: Relay,
+    pub rate: Option<RateStatus>,
+    pub remaining: Remaining,
+}
+
+/// Which usage the client sees in a stream (the upstream is always asked for all of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UsageView {
+    pub final_chunk: bool,
+    pub every_chunk: bool,
+}
+
+impl ChatPath {
+    /// Reads a chat request body as the client sent it.
+    pub fn prepare(&self, body: Bytes) -> Result<ChatCall, GatewayError> {
+        prepare_chat(body, self.continuous_usage_stats)
+    }
+
+    fn admit(
+        &self,
+        caller: &Caller,
+        call: &ChatCall,
+        request_id: &str,
+        request_body: Option<String>,
+    ) -> Result<Admission, GatewayError> {
+        self.gateway.admit(
+            caller,
+            CallFacts {
+                request_id: request_id.to_owned(),
+                model: call.model.clone(),
+                stream: call.stream,
+                prompt_estimate: call.prompt_estimate,
+                request_body,
+            },
+        )
+    }
+
+    async fn send(
+        &self,
+        admission: &mut Admission,
+        call: ChatCall,
+        request_id: &str,
+    ) -> Result<reqwest::Response, GatewayError> {
+        admission.mark_forwarded();
+        tokio::select! {
+            sent = self.upstream.chat(call.upstream_body, request_id, call.stream) => sent,
+            () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
+        }
+    }
+
+    /// A non-streaming call: forwarded, read whole, metered and settled.
+    pub async fn complete(
+        &self,
+        caller: &Caller,
+        call: ChatCall,
+        request_id: &str,
+    ) -> Result<Completion, GatewayError> {
+        let request_body = self.logged_body(&call);
+        let mut admission = self.admit(caller, &call, request_id, request_body)?;
+        let rate = admission.rate();
+        let response = match self.send(&mut admission, call, request_id).await {
+            Ok(response) => response,
+            Err(e) => return Err(settle_failed(admission, e)),
+        };
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = tokio::select! {
+            body = Upstream::read_body(response) => body,
+            () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
+        };
+        let body = match body {
+            Ok(body) => body,
+            Err(e) => return Err(settle_failed(admission, e)),
+        };
+        if let Some(usage) = usage_of(&body) {
+            admission.observe_usage(usage);
+        }
+        admission.keep_response_body(&body);
+        let processing_ms = admission.elapsed_ms();
+        admission.settle(CallOutcome::Completed, 200);
+        Ok(Completion {
+            body,
+            content_type,
+            processing_ms,
+            rate,
+            remaining: caller.remaining(),
+        })
+    }
+
+    /// A streaming call: forwarded, then relayed event by event by the returned [`Relay`].
+    pub async fn stream(
+        &self,
+        caller: &Caller,
+        call: ChatCall,
+        request_id: &str,
+        view: UsageView,
+    ) -> Result<StreamStart, GatewayError> {
+        let request_body = self.logged_body(&call);
+        let mut admission = self.admit(caller, &call, request_id, request_body)?;
+        let response = match self.send(&mut admission, call, request_id).await {
+            Ok(response) => response,
+            Err(e) => return Err(settle_failed(admission, e)),
+        };
+        let rate = admission.rate();
+        let remaining = admission.remaining();
+        Ok(StreamStart {
+            relay: Relay {
+                upstream: response.bytes_stream().boxed(),
+                framer: SseFramer::default(),
+                admission: Some(admission),
+                view,
+                draining: false,
+                error: None,
+                hard_stop: self.hard_stop.clone(),
+            },
+            rate,
+            remaining,
+        })
+    }
+
+    fn logged_body(&self, call: &ChatCall) -> Option<String> {
+        self.gateway
+            .logs_bodies()
+            .then(|| String::from_utf8_lossy(&call.client_body).into_owned())
+    }
+}
+
+/// Settles a call that failed before its answer, and passes the error on.
+fn settle_failed(admission: Admission, e: GatewayError) -> GatewayError {
+    let (outcome, status) = match &e {
+        GatewayError::Upstream { status, .. } => (CallOutcome::UpstreamError, *status),
+        GatewayError::UpstreamTimeout => (CallOutcome::UpstreamFailed, 504),
+        GatewayError::ShuttingDown => (CallOutcome::Cancelled, 503),
+        _ => (CallOutcome::UpstreamFailed, 502),
+    };
+    admission.settle(outcome, status);
+    e
+}
+
+#[derive(Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<UsageFields>,
+}
+
+#[derive(Deserialize)]
+struct UsageFields {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+fn usage_of(body: &[u8]) -> Option<Usage> {
+    let usage = serde_json::from_slice::<UsageOnly>(body).ok()?.usage?;
+    Some(Usage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+    })
+}
+
+/// Carries a stream from the upstream to the client, metering each event and hiding
+/// usage the client did not ask for. Dropping it (the client left) drops the upstream
+/// request, which stops the generation, and settles the call through the admission.
+pub struct Relay {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    framer: SseFramer,
+    admission: Option<Admission>,
+    view: UsageView,
+    /// `[DONE]` was seen and settled; what is left of the upstream body is read and dropped.
+    draining: bool,
+    error: Option<String>,
+    hard_stop: CancellationToken,
+}
+
+impl Relay {
+    /// The next whole SSE events (each with its blank-line terminator), `None` at the end.
+    /// A stream the upstream breaks off ends with an error event and `[DONE]`.
+    pub async fn next_events(&mut self) -> Option<Vec<Bytes>> {
+        loop {
+            let Some(admission) = self.admission.as_mut() else {
+                self.drain().await;
+                return None;
+            };
+            let item = tokio::select! {
+                item = self.upstream.next() => item,
+                () = self.hard_stop.cancelled() => {
+                    self.finish(CallOutcome::Cancelled, 200);
+                    return Some(vec![sse::error_end("the gateway is shutting down; the stream was cut short")]);
+                }
+            };
+            let chunk = match item {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => {
+                    let message = format!("the model server's stream broke off: {e}");
+                    self.finish(CallOutcome::StreamIncomplete, 200);
+                    return Some(vec![sse::error_end(&message)]);
+                }
+                None => {
+                    self.finish(CallOutcome::StreamIncomplete, 200);
+                    return Some(vec![sse::error_end(
+                        "the model server ended the stream without finishing it",
+                    )]);
+                }
+            };
+            let events = match self.framer.push(&chunk) {
+                Ok(events) => events,
+                Err(e) => {
+                    self.finish(CallOutcome::StreamIncomplete, 200);
+                    return Some(vec![sse::error_end(&e.to_string())]);
+                }
+            };
+            let mut out = Vec::with_capacity(events.len());
+            let mut done = false;
+            for event in events {
+                let info = sse::inspect(&event);
+                if info.done {
+                    out.push(event);
+                    done = true;
+                    break;
+                }
+                if info.has_choices {
+                    admission.observe_chunk();
+                }
+                if let Some(error) = info.error {
+                    self.error = Some(error);
+                }
+                let Some(usage) = info.usage else {
+                    out.push(event);
+                    continue;
+                };
+                admission.observe_usage(usage);
+                if !info.has_choices {
+                    // The final usage chunk: only for clients that asked for it.
+                    if self.view.final_chunk {
+                        out.push(event);
+                    }
+                } else if self.view.every_chunk {
+                    out.push(event);
+                } else {
+                    out.push(sse::without_usage(&event).unwrap_or(event));
+                }
+            }
+            if done {
+                // Settle now, before the client can read `[DONE]` and ask for its usage.
+                let outcome = if self.error.is_some() {
+                    CallOutcome::StreamIncomplete
+                } else {
+                    self.draining = true;
+                    CallOutcome::Completed
+                };
+                self.finish(outcome, 200);
+            }
+            if !out.is_empty() {
+                return Some(out);
+            }
+        }
+    }
+
+    /// The next events as one buffer (what an SSE body writes).
+    pub async fn next_bytes(&mut self) -> Option<Bytes> {
+        let mut events = self.next_events().await?;
+        if events.len() == 1 {
+            return events.pop();
+        }
+        let mut out = BytesMut::with_capacity(events.iter().map(Bytes::len).sum());
+        for event in events {
+            out.extend_from_slice(&event);
+        }
+        Some(out.freeze())
+    }
+
+    /// After `[DONE]`, reads the upstream body to its end so its connection can be reused.
+    async fn drain(&mut self) {
+        if std::mem::take(&mut self.draining) {
+            // A server that keeps the body open after `[DONE]` must not hold the client.
+            let rest = async { while let Some(Ok(_)) = self.upstream.next().await {} };
+            let _ = tokio::time::timeout(DRAIN_LIMIT, rest).await;
+        }
+    }
+
+    fn finish(&mut self, outcome: CallOutcome, status: u16) {
+        if let Some(admission) = self.admission.take() {
+            admission.settle(outcome, status);
+        }
+    }
+}
