@@ -13,6 +13,7 @@ use crate::chat::ChatPath;
 use crate::config::GatewayConfig;
 use crate::core::admin::{NewKey, NewUser};
 use crate::core::{GateSettings, Gateway, keys};
+use crate::grpc;
 use crate::rest::{self, AppState, RestSettings};
 use crate::sim::{RunningSimulator, Simulator, SimulatorConfig};
 use crate::store::{SledStore, Store, UsageWriter};
@@ -32,7 +33,9 @@ pub struct FirstStartSecrets {
 
 /// A gateway serving on `addr` until [`RunningGateway::shutdown`].
 pub struct RunningGateway {
+    /// REST (and gRPC, unless it has a port of its own).
     pub addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     pub secrets: FirstStartSecrets,
     /// The in-process simulator of `--demo`.
@@ -44,6 +47,10 @@ pub struct RunningGateway {
 impl RunningGateway {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
     }
 
     /// Stops accepting, lets calls in flight finish within the grace period, cuts the
@@ -122,38 +129,52 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         continuous_usage_stats: config.upstream.continuous_usage_stats,
         hard_stop: hard_stop.clone(),
     };
-    let router = rest::router(AppState {
+    let shutdown = CancellationToken::new();
+    let grpc =
+        grpc::routes(chat.clone(), shutdown.clone()).context("cannot build the gRPC services")?;
+    let state = AppState {
         chat,
         settings: Arc::new(RestSettings {
             max_body_bytes: config.server.max_body_bytes,
             response_metadata: config.server.response_metadata,
             health_timeout: Duration::from_secs(2),
         }),
-    });
-
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-    let addr = listener.local_addr()?;
-    // Without TCP_NODELAY a response written in two pieces waits ~40 ms on Nagle.
-    let listener = listener.tap_io(|stream| {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    };
+    let mut servers = Vec::new();
+    let addr;
+    let mut grpc_addr = None;
+    match config.server.grpc_listen {
+        None => {
+            let listener = bind(config.server.listen).await?;
+            addr = listener.local_addr()?;
+            servers.push((listener, rest::router(state, Some(grpc))));
         }
-    });
-    let shutdown = CancellationToken::new();
-    let grace = config.shutdown_grace();
+        Some(grpc_listen) => {
+            let listener = bind(config.server.listen).await?;
+            addr = listener.local_addr()?;
+            servers.push((listener, rest::router(state, None)));
+            let listener = bind(grpc_listen).await?;
+            grpc_addr = Some(listener.local_addr()?);
+            servers.push((listener, rest::grpc_only(grpc)));
+        }
+    }
     let task = tokio::spawn(serve(
-        listener,
-        router,
+        servers,
         shutdown.clone(),
         hard_stop,
-        grace,
+        config.shutdown_grace(),
         writer,
     ));
-    tracing::info!(%addr, upstream = %config.upstream.url, data = %config.store.path.display(), "step3-gateway listening");
+    tracing::info!(
+        %addr,
+        grpc = %grpc_addr.unwrap_or(addr),
+        upstream = %config.upstream.url,
+        data = %config.store.path.display(),
+        "step3-gateway listening"
+    );
     Ok(RunningGateway {
         addr,
+        grpc_addr: grpc_addr.unwrap_or(addr),
         gateway,
         secrets,
         simulator,
@@ -162,18 +183,28 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     })
 }
 
-async fn serve<L>(
-    listener: L,
-    router: axum::Router,
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Without TCP_NODELAY a response written in two pieces waits ~40 ms on Nagle.
+fn set_nodelay(stream: &mut tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
+}
+
+/// Serves every listener until `shutdown`, then lets calls in flight finish within
+/// `grace`, cuts the rest (their guards settle them), and drains the usage writer.
+async fn serve(
+    servers: Vec<(tokio::net::TcpListener, axum::Router)>,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     grace: Duration,
     writer: UsageWriter,
-) where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    // After the grace period, calls still running are cut (and settled by their guards).
+) {
     let cutter = {
         let shutdown = shutdown.clone();
         let hard_stop = hard_stop.clone();
@@ -184,11 +215,16 @@ async fn serve<L>(
             hard_stop.cancel();
         })
     };
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "server error");
+    let servers = servers.into_iter().map(|(listener, router)| {
+        let listener = listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream));
+        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    });
+    for result in
+        futures_util::future::join_all(servers.map(std::future::IntoFuture::into_future)).await
+    {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "server error");
+        }
     }
     cutter.abort();
     writer.stop().await;

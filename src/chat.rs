@@ -167,6 +167,23 @@ impl ChatPath {
         })
     }
 
+    /// The upstream's model list (OpenAI JSON), keeping the models `caller` may use.
+    pub async fn models(
+        &self,
+        caller: &Caller,
+        request_id: &str,
+    ) -> Result<serde_json::Value, GatewayError> {
+        let mut list = self.upstream.models(request_id).await?;
+        if let Some(serde_json::Value::Array(models)) = list.get_mut("data") {
+            models.retain(|m| {
+                m.get("id")
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(|id| caller.record.allows_model(id))
+            });
+        }
+        Ok(list)
+    }
+
     fn logged_body(&self, call: &ChatCall) -> Option<String> {
         self.gateway
             .logs_bodies()

@@ -29,8 +29,10 @@ pub struct GatewayConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Where REST is served.
+    /// Where REST is served, and gRPC too unless `grpc_listen` is set.
     pub listen: SocketAddr,
+    /// A separate address for gRPC; unset, gRPC shares `listen` (routed by path).
+    pub grpc_listen: Option<SocketAddr>,
     /// Largest accepted request body (images are sent inline, so this is generous).
     pub max_body_bytes: usize,
     /// Add a `metadata` object (processing time, remaining quota) to JSON completions.
@@ -43,6 +45,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            grpc_listen: None,
             max_body_bytes: 20 * 1024 * 1024,
             response_metadata: false,
             shutdown_grace_secs: 30,

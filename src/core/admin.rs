@@ -160,6 +160,14 @@ pub struct KeyFilter {
     pub user_id: Option<String>,
 }
 
+/// One page of keys, in creation order.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KeyPage {
+    pub keys: Vec<KeyView>,
+    /// The last key id of this page; empty on the last page.
+    pub next_page_token: String,
+}
+
 /// Whose usage to report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UsageSubject {
@@ -392,6 +400,33 @@ impl Gateway {
             .collect();
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         keys
+    }
+
+    /// Keys after `page_token` (a key id), at most `page_size` (default 100, at most 1000).
+    pub fn list_keys_page(
+        &self,
+        filter: &KeyFilter,
+        page_token: Option<&str>,
+        page_size: Option<usize>,
+    ) -> KeyPage {
+        let size = page_size.unwrap_or(100).clamp(1, 1000);
+        let after = page_token.filter(|t| !t.is_empty());
+        let mut keys: Vec<KeyView> = self
+            .list_keys(filter)
+            .into_iter()
+            .filter(|k| after.is_none_or(|after| k.id.as_str() > after))
+            .take(size + 1)
+            .collect();
+        let next_page_token = if keys.len() > size {
+            keys.truncate(size);
+            keys.last().map(|k| k.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        KeyPage {
+            keys,
+            next_page_token,
+        }
     }
 
     pub fn update_key(&self, id: &str, patch: KeyPatch) -> Result<KeyView, GatewayError> {

@@ -85,7 +85,44 @@ pub struct Remaining {
     pub tokens: Option<u64>,
 }
 
+/// A key's own view of itself: what `GET /v1/usage` and `Chat.GetUsage` show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageSummary {
+    pub key_id: String,
+    pub key_name: String,
+    pub key_prefix: String,
+    pub user_id: String,
+    pub user_name: String,
+    pub used: KeyCounters,
+    pub request_quota: Option<u64>,
+    pub token_quota: Option<u64>,
+    pub remaining: Remaining,
+    pub rpm_limit: Option<u32>,
+    pub models: Option<Vec<String>>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+}
+
 impl Caller {
+    pub fn usage_summary(&self) -> UsageSummary {
+        let record = &self.record;
+        UsageSummary {
+            key_id: record.id.clone(),
+            key_name: record.name.clone(),
+            key_prefix: record.prefix.clone(),
+            user_id: self.user.id.clone(),
+            user_name: self.user.name.clone(),
+            used: self.key.counters(),
+            request_quota: record.request_quota,
+            token_quota: record.token_quota,
+            remaining: self.remaining(),
+            rpm_limit: record.rpm_limit,
+            models: record.models.clone(),
+            created_at: record.created_at,
+            expires_at: record.expires_at,
+        }
+    }
+
     pub fn remaining(&self) -> Remaining {
         let counters = self.key.counters();
         Remaining {

@@ -139,6 +139,18 @@ pub enum CallOutcome {
 }
 
 impl CallOutcome {
+    /// The name used in JSON and in the gRPC `Call.outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Completed => "completed",
+            CallOutcome::UpstreamError => "upstream_error",
+            CallOutcome::UpstreamFailed => "upstream_failed",
+            CallOutcome::StreamIncomplete => "stream_incomplete",
+            CallOutcome::ClientDisconnected => "client_disconnected",
+            CallOutcome::Cancelled => "cancelled",
+        }
+    }
+
     /// Whether the call counts against the request quota: only calls the model served.
     pub fn charges_request(self) -> bool {
         matches!(

@@ -1,11 +1,178 @@
-//! The gRPC door (tonic): `Chat` and `Admin` services, health and reflection.
+//! The gRPC door (tonic): `Chat` and `Admin` services, health and reflection, served on
+//! the REST port (routed by path) or a port of their own.
+
+mod admin;
+mod chat;
+pub mod convert;
+mod status;
+
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use rand::RngExt;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic_health::ServingStatus;
+
+use crate::chat::ChatPath;
+use crate::core::keys;
+use crate::rest::RequestId;
+
+pub use admin::AdminService;
+pub use chat::ChatService;
 
 pub mod pb {
     //! Code generated from `proto/step3/gateway/v1`.
-    #![allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
+    #![allow(clippy::all, clippy::pedantic, rust_2018_idioms)]
     tonic::include_proto!("step3.gateway.v1");
 
     /// The encoded descriptor set, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("step3_gateway_descriptor");
+}
+
+/// How often the health service re-checks the model server.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Every gRPC service as axum routes (no fallback of its own), and the task that keeps the
+/// health service in step with the model server until `stop`.
+pub fn routes(
+    chat: ChatPath,
+    stop: CancellationToken,
+) -> Result<axum::Router, tonic_reflection::server::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let upstream = chat.upstream.clone();
+    let gateway = chat.gateway.clone();
+    tokio::spawn(async move {
+        let chat_name =
+            <pb::chat_server::ChatServer<ChatService> as tonic::server::NamedService>::NAME;
+        let admin_name =
+            <pb::admin_server::AdminServer<AdminService> as tonic::server::NamedService>::NAME;
+        health
+            .set_service_status(admin_name, ServingStatus::Serving)
+            .await;
+        loop {
+            let reachable = upstream.health(Duration::from_secs(2)).await.reachable;
+            let status = if reachable {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            // Without a model server the gateway cannot answer chats: report it overall too.
+            health.set_service_status("", status).await;
+            health.set_service_status(chat_name, status).await;
+            tokio::select! {
+                () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+    });
+    Ok(tonic::service::Routes::from(axum::Router::new())
+        .add_service(pb::chat_server::ChatServer::new(ChatService::new(chat)))
+        .add_service(pb::admin_server::AdminServer::new(AdminService::new(
+            gateway,
+        )))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .into_axum_router())
+}
+
+/// Whether a request speaks gRPC (`content-type: application/grpc…`).
+pub fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The answer to an unknown gRPC method.
+pub fn unimplemented(path: &str) -> Response {
+    let mut response = tonic::Status::unimplemented(format!("unknown method {path}"))
+        .into_http::<axum::body::Body>()
+        .into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// The token of `authorization: Bearer <token>` metadata.
+pub fn bearer(metadata: &MetadataMap) -> Option<&str> {
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
+/// The request id the REST middleware gave this call, or a new one on a gRPC-only port.
+fn request_id<T>(request: &tonic::Request<T>) -> String {
+    match request.extensions().get::<RequestId>() {
+        Some(RequestId(id)) => id.clone(),
+        None => {
+            let bytes: [u8; 12] = rand::rng().random();
+            format!("req_{}", keys::to_hex(&bytes))
+        }
+    }
+}
+
+/// How long the gateway may work on a call with a `grpc-timeout`: a little less than the
+/// caller's deadline, so that DEADLINE_EXCEEDED reaches the caller before its own timer
+/// turns the call into a local CANCELLED.
+fn caller_deadline(metadata: &MetadataMap) -> Option<Duration> {
+    let deadline = grpc_timeout(metadata)?;
+    let margin = (deadline / 20)
+        .max(Duration::from_millis(50))
+        .min(deadline / 2);
+    Some(deadline - margin)
+}
+
+/// `grpc-timeout` (e.g. `500m`, `30S`), as gRPC defines it.
+fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit() {
+        let deadline = |v: &str| {
+            let mut metadata = MetadataMap::new();
+            metadata.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&metadata)
+        };
+        assert_eq!(deadline("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(deadline("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(deadline("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(deadline("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(deadline("x"), None);
+        assert_eq!(deadline("5"), None);
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", "2S".parse().unwrap());
+        assert_eq!(
+            caller_deadline(&metadata),
+            Some(Duration::from_millis(1900))
+        );
+    }
 }

@@ -89,7 +89,7 @@ fn query_rejection(rejection: QueryRejection) -> GatewayError {
 }
 
 async fn list_users(_: Admin, State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"object": "list", "data": state.gateway().list_users()}))
+    Json(json!({"users": state.gateway().list_users()}))
 }
 
 async fn create_user(
@@ -126,13 +126,26 @@ async fn deactivate_user(
     Ok(Json(state.gateway().deactivate_user(&id)?).into_response())
 }
 
+#[derive(Deserialize)]
+struct KeyListParams {
+    user_id: Option<String>,
+    limit: Option<usize>,
+    page_token: Option<String>,
+}
+
 async fn list_keys(
     _: Admin,
     State(state): State<AppState>,
-    query: Result<Query<KeyFilter>, QueryRejection>,
+    query: Result<Query<KeyListParams>, QueryRejection>,
 ) -> Result<Response, GatewayError> {
-    let Query(filter) = query.map_err(query_rejection)?;
-    Ok(Json(json!({"object": "list", "data": state.gateway().list_keys(&filter)})).into_response())
+    let Query(params) = query.map_err(query_rejection)?;
+    let filter = KeyFilter {
+        user_id: params.user_id,
+    };
+    let page = state
+        .gateway()
+        .list_keys_page(&filter, params.page_token.as_deref(), params.limit);
+    Ok(Json(page).into_response())
 }
 
 async fn create_key(

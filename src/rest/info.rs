@@ -50,15 +50,7 @@ pub async fn models(
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
     let caller = state.gateway().authenticate(bearer(&headers))?;
-    let mut list = state.chat.upstream.models(&request_id).await?;
-    if let Some(Value::Array(models)) = list.get_mut("data") {
-        models.retain(|m| {
-            m.get("id")
-                .and_then(Value::as_str)
-                .is_some_and(|id| caller.record.allows_model(id))
-        });
-    }
-    Ok(Json(list))
+    Ok(Json(state.chat.models(&caller, &request_id).await?))
 }
 
 /// The caller's own key: what it used, what remains, its limits and lifetime.
@@ -67,32 +59,30 @@ pub async fn usage(State(state): State<AppState>, headers: HeaderMap) -> Respons
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
-    let used = caller.key.counters();
-    let remaining = caller.remaining();
-    let record = &caller.record;
+    let summary = caller.usage_summary();
     Json(json!({
         "object": "usage",
-        "key_id": record.id,
-        "key_name": record.name,
-        "key_prefix": record.prefix,
-        "user_id": caller.user.id,
-        "user_name": caller.user.name,
+        "key_id": summary.key_id,
+        "key_name": summary.key_name,
+        "key_prefix": summary.key_prefix,
+        "user_id": summary.user_id,
+        "user_name": summary.user_name,
         "requests": {
-            "used": used.requests,
-            "limit": record.request_quota,
-            "remaining": remaining.requests,
+            "used": summary.used.requests,
+            "limit": summary.request_quota,
+            "remaining": summary.remaining.requests,
         },
         "tokens": {
-            "used": used.tokens(),
-            "prompt": used.prompt_tokens,
-            "completion": used.completion_tokens,
-            "limit": record.token_quota,
-            "remaining": remaining.tokens,
+            "used": summary.used.tokens(),
+            "prompt": summary.used.prompt_tokens,
+            "completion": summary.used.completion_tokens,
+            "limit": summary.token_quota,
+            "remaining": summary.remaining.tokens,
         },
-        "rate_limit": {"requests_per_minute": record.rpm_limit},
-        "models": record.models,
-        "created_at": record.created_at,
-        "expires_at": record.expires_at,
+        "rate_limit": {"requests_per_minute": summary.rpm_limit},
+        "models": summary.models,
+        "created_at": summary.created_at,
+        "expires_at": summary.expires_at,
     }))
     .into_response()
 }

@@ -50,17 +50,32 @@ impl AppState {
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The REST routes, with `grpc` (the gRPC services' routes) merged in when given, behind
+/// one fallback: gRPC `UNIMPLEMENTED` for gRPC requests, a JSON 404 for the rest.
+pub fn router(state: AppState, grpc: Option<Router>) -> Router {
+    let rest = Router::new()
         .route("/", get(info::root))
         .route("/health", get(info::health))
         .route("/v1/models", get(info::models))
         .route("/v1/usage", get(info::usage))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .nest("/admin/v1", admin::router())
-        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    let router = match grpc {
+        Some(grpc) => rest.merge(grpc),
+        None => rest,
+    };
+    with_common_layers(router.fallback(not_found))
+}
+
+/// A router with only the gRPC services (for a separate gRPC port).
+pub fn grpc_only(grpc: Router) -> Router {
+    with_common_layers(grpc.fallback(not_found))
+}
+
+fn with_common_layers(router: Router) -> Router {
+    router
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(request_id))
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -69,6 +84,9 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found(request: Request) -> Response {
+    if crate::grpc::is_grpc(request.headers()) {
+        return crate::grpc::unimplemented(request.uri().path());
+    }
     let message = format!(
         "Unknown request URL: {} {}.",
         request.method(),

@@ -46,7 +46,7 @@ async fn users_can_be_created_listed_updated_and_deactivated() {
     assert_eq!(user["active"], true);
 
     let (_, list) = gw.admin(Method::GET, "/users", None).await;
-    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(list["users"].as_array().unwrap().len(), 1);
 
     let (status, updated) = gw
         .admin(
@@ -214,7 +214,7 @@ async fn keys_are_listed_by_user_with_usage_and_calls() {
             None,
         )
         .await;
-    let ids: Vec<&str> = mine["data"]
+    let ids: Vec<&str> = mine["keys"]
         .as_array()
         .unwrap()
         .iter()

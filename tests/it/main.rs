@@ -9,4 +9,6 @@ mod billing;
 mod chat;
 mod common;
 mod errors;
+mod grpc;
+mod grpc_admin;
 mod openai_sdk;

@@ -8,8 +8,11 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use step3_gateway::app::{self, RunningGateway};
 use step3_gateway::config::GatewayConfig;
+use step3_gateway::grpc::pb;
 use step3_gateway::sim::{DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig};
 use tempfile::TempDir;
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const MODEL: &str = DEFAULT_MODEL;
@@ -198,6 +201,48 @@ impl TestGateway {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("the call log of {key_id} never reached {n} entries");
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every gRPC call.
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = format!("Bearer {}", self.0).parse().unwrap();
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
+pub type ChatClient = pb::chat_client::ChatClient<InterceptedService<Channel, Bearer>>;
+pub type AdminClient = pb::admin_client::AdminClient<InterceptedService<Channel, Bearer>>;
+
+impl TestGateway {
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.running().grpc_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn grpc_chat(&self, secret: &str) -> ChatClient {
+        pb::chat_client::ChatClient::with_interceptor(
+            self.channel().await,
+            Bearer(secret.to_owned()),
+        )
+    }
+
+    pub async fn grpc_admin(&self) -> AdminClient {
+        pb::admin_client::AdminClient::with_interceptor(
+            self.channel().await,
+            Bearer(ADMIN_TOKEN.to_owned()),
+        )
     }
 }
 

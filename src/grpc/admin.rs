@@ -1,0 +1,346 @@
+//! The `Admin` service: a thin adapter from proto to the core admin functions.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{bearer, pb};
+use crate::core::admin::{
+    CallFilter, CreatedKey, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, KeyView, NewKey,
+    NewUser, TimeInput, UsageGrouping, UsageQuery, UsageReport, UsageSubject, UserPatch,
+};
+use crate::core::records::{CallRecord, UserRecord};
+use crate::core::{Gateway, GatewayError};
+
+pub struct AdminService {
+    gateway: Arc<Gateway>,
+}
+
+impl AdminService {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        AdminService { gateway }
+    }
+
+    /// Checks the admin token, then hands out the request's message.
+    fn authorize<T>(&self, request: Request<T>) -> Result<T, Status> {
+        self.gateway
+            .authenticate_admin(bearer(request.metadata()))?;
+        Ok(request.into_inner())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let r = self.authorize(request)?;
+        let user = self.gateway.create_user(NewUser {
+            name: r.name,
+            email: r.email,
+        })?;
+        Ok(Response::new(user_proto(user)))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let r = self.authorize(request)?;
+        Ok(Response::new(user_proto(self.gateway.get_user(&r.id)?)))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        self.authorize(request)?;
+        let users = self
+            .gateway
+            .list_users()
+            .into_iter()
+            .map(user_proto)
+            .collect();
+        Ok(Response::new(pb::ListUsersResponse { users }))
+    }
+
+    async fn update_user(
+        &self,
+        request: Request<pb::UpdateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let r = self.authorize(request)?;
+        let mut patch = UserPatch {
+            name: r.name,
+            email: r.email.map(Some),
+            active: r.active,
+        };
+        for field in &r.clear {
+            match field.as_str() {
+                "email" => patch.email = Some(None),
+                other => return Err(unknown_clear(other, "email").into()),
+            }
+        }
+        Ok(Response::new(user_proto(
+            self.gateway.update_user(&r.id, patch)?,
+        )))
+    }
+
+    async fn deactivate_user(
+        &self,
+        request: Request<pb::DeactivateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let r = self.authorize(request)?;
+        Ok(Response::new(user_proto(
+            self.gateway.deactivate_user(&r.id)?,
+        )))
+    }
+
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreatedKey>, Status> {
+        let r = self.authorize(request)?;
+        let created = self.gateway.create_key(NewKey {
+            user_id: r.user_id,
+            name: Some(r.name).filter(|n| !n.is_empty()),
+            rpm_limit: r.rpm_limit,
+            request_quota: r.request_quota,
+            token_quota: r.token_quota,
+            expires_at: r.expires_at.map(TimeInput::Unix),
+            expires_in: r.expires_in,
+            models: Some(r.models).filter(|m| !m.is_empty()),
+        })?;
+        Ok(Response::new(created_proto(created)))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = self.authorize(request)?;
+        Ok(Response::new(key_proto(self.gateway.get_key(&r.id)?)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let r = self.authorize(request)?;
+        let page_size = usize::try_from(r.page_size).ok().filter(|&n| n > 0);
+        let page = self.gateway.list_keys_page(
+            &KeyFilter { user_id: r.user_id },
+            Some(&r.page_token),
+            page_size,
+        );
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: page.keys.into_iter().map(key_proto).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = self.authorize(request)?;
+        let mut patch = KeyPatch {
+            name: r.name,
+            rpm_limit: r.rpm_limit.map(Some),
+            request_quota: r.request_quota.map(Some),
+            token_quota: r.token_quota.map(Some),
+            expires_at: r.expires_at.map(|t| Some(TimeInput::Unix(t))),
+            expires_in: r.expires_in,
+            models: Some(Some(r.models)).filter(|m| m.as_ref().is_some_and(|m| !m.is_empty())),
+            active: r.active,
+        };
+        for field in &r.clear {
+            match field.as_str() {
+                "rpm_limit" => patch.rpm_limit = Some(None),
+                "request_quota" => patch.request_quota = Some(None),
+                "token_quota" => patch.token_quota = Some(None),
+                "expires_at" => patch.expires_at = Some(None),
+                "models" => patch.models = Some(None),
+                other => {
+                    return Err(unknown_clear(
+                        other,
+                        "rpm_limit, request_quota, token_quota, expires_at, models",
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(Response::new(key_proto(
+            self.gateway.update_key(&r.id, patch)?,
+        )))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = self.authorize(request)?;
+        Ok(Response::new(key_proto(self.gateway.revoke_key(&r.id)?)))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::CreatedKey>, Status> {
+        let r = self.authorize(request)?;
+        let grace = r.grace_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_SECS);
+        Ok(Response::new(created_proto(
+            self.gateway.rotate_key(&r.id, grace)?,
+        )))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageReportRequest>,
+    ) -> Result<Response<pb::UsageReport>, Status> {
+        let r = self.authorize(request)?;
+        let subject = match r.subject {
+            Some(pb::get_usage_report_request::Subject::KeyId(id)) => UsageSubject::Key(id),
+            Some(pb::get_usage_report_request::Subject::UserId(id)) => UsageSubject::User(id),
+            None => {
+                return Err(GatewayError::invalid_request(
+                    "give `key_id` or `user_id`",
+                    Some("subject"),
+                )
+                .into());
+            }
+        };
+        let group_by = match pb::UsageGrouping::try_from(r.group_by) {
+            Ok(pb::UsageGrouping::Day) => UsageGrouping::Day,
+            Ok(pb::UsageGrouping::Hour | pb::UsageGrouping::Unspecified) => UsageGrouping::Hour,
+            Err(_) => {
+                return Err(
+                    GatewayError::invalid_request("unknown `group_by`", Some("group_by")).into(),
+                );
+            }
+        };
+        let report = self.gateway.usage_report(&UsageQuery {
+            subject,
+            from: r.from,
+            to: r.to,
+            group_by,
+            by_model: r.by_model,
+        })?;
+        Ok(Response::new(report_proto(report)))
+    }
+
+    async fn list_calls(
+        &self,
+        request: Request<pb::ListCallsRequest>,
+    ) -> Result<Response<pb::ListCallsResponse>, Status> {
+        let r = self.authorize(request)?;
+        let status = match r.status {
+            Some(s) => Some(u16::try_from(s).map_err(|_| {
+                GatewayError::invalid_request("`status` is an HTTP status", Some("status"))
+            })?),
+            None => None,
+        };
+        let page = self.gateway.list_calls(&CallFilter {
+            key_id: r.key_id,
+            user_id: r.user_id,
+            model: r.model,
+            status,
+            from: r.from,
+            page_token: Some(r.page_token),
+            page_size: usize::try_from(r.page_size).ok().filter(|&n| n > 0),
+        })?;
+        Ok(Response::new(pb::ListCallsResponse {
+            calls: page.calls.into_iter().map(call_proto).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}
+
+fn unknown_clear(field: &str, known: &str) -> GatewayError {
+    GatewayError::invalid_request(
+        format!("cannot clear `{field}`; clearable: {known}"),
+        Some("clear"),
+    )
+}
+
+fn user_proto(user: UserRecord) -> pb::User {
+    pb::User {
+        id: user.id,
+        name: user.name,
+        email: user.email,
+        active: user.active,
+        created_at: user.created_at,
+        updated_at: user.updated_at,
+    }
+}
+
+fn key_proto(key: KeyView) -> pb::Key {
+    pb::Key {
+        id: key.id,
+        user_id: key.user_id,
+        name: key.name,
+        prefix: key.prefix,
+        rpm_limit: key.rpm_limit,
+        request_quota: key.request_quota,
+        token_quota: key.token_quota,
+        expires_at: key.expires_at,
+        models: key.models.unwrap_or_default(),
+        active: key.active,
+        created_at: key.created_at,
+        updated_at: key.updated_at,
+        revoked_at: key.revoked_at,
+        previous_secret_valid_until: key.previous_secret_valid_until,
+        requests_used: key.used.requests,
+        prompt_tokens_used: key.used.prompt_tokens,
+        completion_tokens_used: key.used.completion_tokens,
+    }
+}
+
+fn created_proto(created: CreatedKey) -> pb::CreatedKey {
+    pb::CreatedKey {
+        key: Some(key_proto(created.key)),
+        secret: created.secret,
+    }
+}
+
+fn report_proto(report: UsageReport) -> pb::UsageReport {
+    pb::UsageReport {
+        from: report.from,
+        to: report.to,
+        buckets: report
+            .buckets
+            .into_iter()
+            .map(|b| pb::UsageBucket {
+                start: b.start,
+                model: b.model,
+                requests: b.requests,
+                errors: b.errors,
+                prompt_tokens: b.prompt_tokens,
+                completion_tokens: b.completion_tokens,
+            })
+            .collect(),
+        requests: report.requests,
+        prompt_tokens: report.prompt_tokens,
+        completion_tokens: report.completion_tokens,
+    }
+}
+
+fn call_proto(call: CallRecord) -> pb::Call {
+    pb::Call {
+        at_micros: call.at_micros,
+        request_id: call.request_id,
+        key_id: call.key_id,
+        user_id: call.user_id,
+        model: call.model,
+        status: u32::from(call.status),
+        outcome: call.outcome.as_str().to_owned(),
+        stream: call.stream,
+        latency_ms: call.latency_ms,
+        charged_request: call.charged_request,
+        prompt_tokens: call.usage.prompt_tokens,
+        completion_tokens: call.usage.completion_tokens,
+        usage_estimated: call.usage_estimated,
+        request_body: call.request_body,
+        response_body: call.response_body,
+    }
+}

@@ -1,0 +1,215 @@
+//! The `Chat` service: a thin adapter from proto to the shared chat path.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, ChunkMerger, StreamEvent};
+use super::pb;
+use super::{bearer, caller_deadline, request_id};
+use crate::chat::{ChatPath, Relay, UsageView};
+use crate::core::Caller;
+
+pub struct ChatService {
+    chat: ChatPath,
+}
+
+impl ChatService {
+    pub fn new(chat: ChatPath) -> Self {
+        ChatService { chat }
+    }
+
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        Ok(self.chat.gateway.authenticate(bearer(request.metadata()))?)
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChatChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::chat_server::Chat for ChatService {
+    async fn complete(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<pb::ChatResponse>, Status> {
+        let caller = self.authenticate(&request)?;
+        let request_id = request_id(&request);
+        let deadline = caller_deadline(request.metadata());
+        let call = self
+            .chat
+            .prepare(convert::request_json(request.get_ref(), false)?)?;
+        let completion = self.chat.complete(&caller, call, &request_id);
+        let completion = match deadline {
+            // Dropping the call at the deadline cancels the upstream request and settles it.
+            Some(deadline) => tokio::time::timeout(deadline, completion)
+                .await
+                .map_err(|_| Status::deadline_exceeded("the call's deadline passed"))??,
+            None => completion.await?,
+        };
+        let mut response = Response::new(convert::response_proto(&completion.body)?);
+        add_limit_metadata(
+            response.metadata_mut(),
+            &completion.rate,
+            &completion.remaining,
+        );
+        Ok(response)
+    }
+
+    type StreamCompleteStream = ChunkStream;
+
+    async fn stream_complete(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<Self::StreamCompleteStream>, Status> {
+        let caller = self.authenticate(&request)?;
+        let request_id = request_id(&request);
+        let deadline = caller_deadline(request.metadata()).map(|d| tokio::time::Instant::now() + d);
+        let call = self
+            .chat
+            .prepare(convert::request_json(request.get_ref(), true)?)?;
+        // The last message always carries the usage: the final usage chunk is wanted.
+        let view = UsageView {
+            final_chunk: true,
+            every_chunk: false,
+        };
+        let start = self.chat.stream(&caller, call, &request_id, view);
+        let start = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, start)
+                .await
+                .map_err(|_| Status::deadline_exceeded("the call's deadline passed"))??,
+            None => start.await?,
+        };
+        let mut response = Response::new(chunks(start.relay, deadline));
+        add_limit_metadata(response.metadata_mut(), &start.rate, &start.remaining);
+        Ok(response)
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let caller = self.authenticate(&request)?;
+        let list = self.chat.models(&caller, &request_id(&request)).await?;
+        Ok(Response::new(convert::models_proto(&list)))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::KeyUsage>, Status> {
+        let summary = self.authenticate(&request)?.usage_summary();
+        Ok(Response::new(pb::KeyUsage {
+            key_id: summary.key_id,
+            key_name: summary.key_name,
+            key_prefix: summary.key_prefix,
+            user_id: summary.user_id,
+            user_name: summary.user_name,
+            requests_used: summary.used.requests,
+            request_quota: summary.request_quota,
+            requests_remaining: summary.remaining.requests,
+            prompt_tokens_used: summary.used.prompt_tokens,
+            completion_tokens_used: summary.used.completion_tokens,
+            tokens_used: summary.used.tokens(),
+            token_quota: summary.token_quota,
+            tokens_remaining: summary.remaining.tokens,
+            rpm_limit: summary.rpm_limit,
+            models: summary.models.unwrap_or_default(),
+            created_at: summary.created_at,
+            expires_at: summary.expires_at,
+        }))
+    }
+}
+
+/// The relay's events as proto chunks. Dropping this stream (the caller cancelled) drops
+/// the relay, which stops the upstream and settles the call.
+fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
+    struct State {
+        relay: Relay,
+        merger: ChunkMerger,
+        queue: std::collections::VecDeque<Result<pb::ChatChunk, Status>>,
+        ended: bool,
+        deadline: Option<tokio::time::Instant>,
+    }
+    let state = State {
+        relay,
+        merger: ChunkMerger::default(),
+        queue: Default::default(),
+        ended: false,
+        deadline,
+    };
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |mut state| async move {
+            loop {
+                if let Some(item) = state.queue.pop_front() {
+                    return Some((item, state));
+                }
+                if state.ended {
+                    return None;
+                }
+                let next = match state.deadline {
+                    Some(deadline) => {
+                        match tokio::time::timeout_at(deadline, state.relay.next_events()).await {
+                            Ok(next) => next,
+                            Err(_) => {
+                                state.ended = true;
+                                state.queue.push_back(Err(Status::deadline_exceeded(
+                                    "the call's deadline passed",
+                                )));
+                                continue;
+                            }
+                        }
+                    }
+                    None => state.relay.next_events().await,
+                };
+                let Some(events) = next else {
+                    state.ended = true;
+                    state.queue.extend(state.merger.finish().map(Ok));
+                    continue;
+                };
+                for event in events {
+                    match convert::stream_event(&event) {
+                        Ok(StreamEvent::Chunk(chunk)) => state
+                            .queue
+                            .extend(state.merger.push(chunk).into_iter().map(Ok)),
+                        Ok(StreamEvent::Done) => {
+                            state.queue.extend(state.merger.finish().map(Ok));
+                        }
+                        Ok(StreamEvent::Nothing) => {}
+                        Ok(StreamEvent::Error(message)) => {
+                            state.ended = true;
+                            state.queue.push_back(Err(Status::unavailable(message)));
+                            break;
+                        }
+                        Err(e) => {
+                            state.ended = true;
+                            state.queue.push_back(Err(e.into()));
+                            break;
+                        }
+                    }
+                }
+            }
+        },
+    ))
+}
+
+fn add_limit_metadata(
+    metadata: &mut tonic::metadata::MetadataMap,
+    rate: &Option<crate::core::limits::RateStatus>,
+    remaining: &crate::core::Remaining,
+) {
+    if let Some(rate) = rate {
+        metadata.insert("x-ratelimit-limit-requests", rate.limit.into());
+        metadata.insert("x-ratelimit-remaining-requests", rate.remaining.into());
+        if let Ok(value) = format!("{}s", rate.reset.as_secs().max(1)).parse() {
+            metadata.insert("x-ratelimit-reset-requests", value);
+        }
+    }
+    if let Some(requests) = remaining.requests {
+        metadata.insert("x-quota-remaining-requests", requests.into());
+    }
+    if let Some(tokens) = remaining.tokens {
+        metadata.insert("x-quota-remaining-tokens", tokens.into());
+    }
+}
