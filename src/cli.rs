@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 
 use crate::config::LogFormat;
 
@@ -24,6 +24,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run only the simulated STEP3-VL server (for trying things out and benchmarks).
     Simulate(SimulateArgs),
+    /// Administer a running gateway over gRPC (users, keys, usage, call log).
+    Admin(AdminArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,4 +75,228 @@ pub struct SimulateArgs {
     /// Delay per generated token, in milliseconds.
     #[arg(long, default_value_t = 20)]
     pub token_latency_ms: u64,
+}
+
+/// `step3-gateway admin`: one Admin RPC per subcommand; answers are printed as JSON.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The gateway's gRPC address.
+    #[arg(
+        long,
+        env = "STEP3GW_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// The admin token (the same variable the gateway reads as `admin.token`).
+    #[arg(long, env = "STEP3GW_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Users: the people or organisations keys belong to.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// API keys: limits, quotas, expiry, model allowlist, rotation.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Usage of a key or of all of a user's keys, by hour or day.
+    Usage(UsageArgs),
+    /// The call log, newest first.
+    Calls(CallsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// All users.
+    List,
+    /// Create a user.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        email: Option<String>,
+    },
+    /// One user.
+    Get { id: String },
+    /// Change a user's name, email or active flag.
+    Update(UserUpdateArgs),
+    /// Deactivate the user: all of the user's keys stop working at once.
+    Deactivate { id: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UserUpdateArgs {
+    pub id: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, conflicts_with = "clear_email")]
+    pub email: Option<String>,
+    /// Remove the user's email.
+    #[arg(long)]
+    pub clear_email: bool,
+    #[arg(long)]
+    pub active: Option<bool>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Keys (no secrets), a page at a time.
+    List {
+        /// Only this user's keys.
+        #[arg(long = "user", value_name = "ID")]
+        user_id: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Create a key; the answer holds the secret, the only time it is shown.
+    Create(KeyCreateArgs),
+    /// One key, with its usage.
+    Get { id: String },
+    /// Change a key's limits, allowlist or active flag; `--clear` removes a limit.
+    Update(KeyUpdateArgs),
+    /// Revoke the key for good; its usage history stays.
+    Revoke { id: String },
+    /// A new secret for the same key; the old one keeps working for the grace period.
+    Rotate {
+        id: String,
+        /// How long the old secret keeps working (server default: 24 hours; 0 ends it now).
+        #[arg(long)]
+        grace_seconds: Option<u64>,
+    },
+}
+
+// No doc comment: clap would show it as the `about` of every command that flattens this.
+#[derive(Debug, clap::Args)]
+pub struct KeyLimitArgs {
+    /// Requests per minute.
+    #[arg(long = "rpm", value_name = "N")]
+    pub rpm_limit: Option<u32>,
+    /// Requests in the key's lifetime.
+    #[arg(long)]
+    pub request_quota: Option<u64>,
+    /// Tokens (prompt + completion) in the key's lifetime.
+    #[arg(long)]
+    pub token_quota: Option<u64>,
+    /// A lifetime such as `30d` or `12h`.
+    #[arg(long, value_parser = parse_lifetime, conflicts_with = "expires_at")]
+    pub expires_in: Option<String>,
+    /// Expiry in seconds since the Unix epoch.
+    #[arg(long)]
+    pub expires_at: Option<i64>,
+    /// A model the key may use (repeat for several); none means every model.
+    #[arg(long = "model", value_name = "MODEL")]
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeyCreateArgs {
+    /// The user the key belongs to.
+    #[arg(long = "user", value_name = "ID")]
+    pub user_id: String,
+    #[arg(long, default_value = "")]
+    pub name: String,
+    #[command(flatten)]
+    pub limits: KeyLimitArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeyUpdateArgs {
+    pub id: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub limits: KeyLimitArgs,
+    #[arg(long)]
+    pub active: Option<bool>,
+    /// A limit to remove (repeat for several).
+    #[arg(long, value_enum, value_name = "FIELD")]
+    pub clear: Vec<KeyField>,
+}
+
+/// The key fields `keys update --clear` removes; the names are the proto's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum KeyField {
+    RpmLimit,
+    RequestQuota,
+    TokenQuota,
+    ExpiresAt,
+    Models,
+}
+
+impl KeyField {
+    /// The field name the Admin service expects in `UpdateKeyRequest.clear`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyField::RpmLimit => "rpm_limit",
+            KeyField::RequestQuota => "request_quota",
+            KeyField::TokenQuota => "token_quota",
+            KeyField::ExpiresAt => "expires_at",
+            KeyField::Models => "models",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("subject").required(true).args(["key_id", "user_id"])))]
+pub struct UsageArgs {
+    #[arg(long = "key", value_name = "ID")]
+    pub key_id: Option<String>,
+    /// All of this user's keys.
+    #[arg(long = "user", value_name = "ID")]
+    pub user_id: Option<String>,
+    /// Start, in seconds since the Unix epoch (server default: 30 days before `--to`).
+    #[arg(long)]
+    pub from: Option<i64>,
+    /// End, in seconds since the Unix epoch (server default: now).
+    #[arg(long)]
+    pub to: Option<i64>,
+    #[arg(long, value_enum)]
+    pub group_by: Option<UsageGroupingArg>,
+    /// One bucket per model instead of one per period.
+    #[arg(long)]
+    pub by_model: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageGroupingArg {
+    Hour,
+    Day,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CallsArgs {
+    #[arg(long = "key", value_name = "ID")]
+    pub key_id: Option<String>,
+    #[arg(long = "user", value_name = "ID")]
+    pub user_id: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Only calls answered with this HTTP status.
+    #[arg(long)]
+    pub status: Option<u32>,
+    /// Only calls at or after this time (seconds since the Unix epoch).
+    #[arg(long)]
+    pub from: Option<i64>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PageArgs {
+    /// At most this many (0: the server's default).
+    #[arg(long, default_value_t = 0)]
+    pub page_size: u32,
+    /// `next_page_token` of the previous answer.
+    #[arg(long, default_value = "")]
+    pub page_token: String,
+}
+
+/// Checks a lifetime here, so a typo is a usage error; it is still sent as text because
+/// the server resolves it against its own clock.
+fn parse_lifetime(text: &str) -> Result<String, humantime::DurationError> {
+    humantime::parse_duration(text).map(|_| text.to_owned())
 }

@@ -170,8 +170,10 @@ impl GatewayConfig {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
+        // `STEP3GW_CONFIG` names the file and `STEP3GW_ADMIN_URL` is read by the admin CLI;
+        // neither is a setting, and an operator may export both next to the real ones.
         let env = Env::prefixed(ENV_PREFIX)
-            .ignore(&["config"])
+            .ignore(&["config", "admin_url"])
             .map(|key| env_key_to_path(key.as_str()).into());
         figment
             .merge(env)
@@ -272,6 +274,20 @@ mod tests {
             jail.set_env("STEP3GW_UPSTREAM_URLL", "http://x");
             let err = GatewayConfig::load(None).unwrap_err().to_string();
             assert!(err.contains("urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_admin_cli_url_does_not_break_loading() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("STEP3GW_ADMIN_URL", "http://gateway:8080");
+            jail.set_env("STEP3GW_ADMIN_TOKEN", "shared-admin-token-0123456789");
+            let config = GatewayConfig::load(None).unwrap();
+            assert_eq!(
+                config.admin.token.as_deref(),
+                Some("shared-admin-token-0123456789")
+            );
             Ok(())
         });
     }

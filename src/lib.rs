@@ -1,6 +1,7 @@
 //! step3-gateway: an authenticating, rate-limiting, metering gateway in front of a
 //! self-hosted STEP3-VL (OpenAI-compatible) model server.
 
+pub mod admin_client;
 pub mod app;
 pub mod chat;
 pub mod cli;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use step3_gateway::admin_client;
 use step3_gateway::cli::{Cli, Command, ServeArgs, SimulateArgs};
 use step3_gateway::config::{GatewayConfig, LogFormat};
 use step3_gateway::sim::{Simulator, SimulatorConfig};
@@ -15,6 +16,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Simulate(args) => simulate(args).await,
+        Command::Admin(args) => admin_client::run(args, &mut std::io::stdout().lock()).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 )]
 
 mod admin;
+mod admin_cli;
 mod billing;
 mod chat;
 mod common;

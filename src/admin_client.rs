@@ -1,0 +1,444 @@
+//! `step3-gateway admin`: turns the command line into Admin RPCs against a running gateway
+//! and prints each answer as pretty JSON.
+
+use std::io::Write;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cli::{
+    AdminArgs, AdminCommand, CallsArgs, KeyLimitArgs, KeysCommand, UsageArgs, UsageGroupingArg,
+    UsersCommand,
+};
+use crate::grpc::pb::{self, admin_client::AdminClient, get_usage_report_request::Subject};
+
+/// One Admin RPC with its request, built from the command line before anything is sent.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdminRequest {
+    ListUsers(pb::ListUsersRequest),
+    CreateUser(pb::CreateUserRequest),
+    GetUser(pb::GetUserRequest),
+    UpdateUser(pb::UpdateUserRequest),
+    DeactivateUser(pb::DeactivateUserRequest),
+    ListKeys(pb::ListKeysRequest),
+    CreateKey(pb::CreateKeyRequest),
+    GetKey(pb::GetKeyRequest),
+    UpdateKey(pb::UpdateKeyRequest),
+    RevokeKey(pb::RevokeKeyRequest),
+    RotateKey(pb::RotateKeyRequest),
+    GetUsage(pb::GetUsageReportRequest),
+    ListCalls(pb::ListCallsRequest),
+}
+
+impl From<AdminCommand> for AdminRequest {
+    fn from(command: AdminCommand) -> Self {
+        match command {
+            AdminCommand::Users(users) => users.into(),
+            AdminCommand::Keys(keys) => keys.into(),
+            AdminCommand::Usage(usage) => AdminRequest::GetUsage(usage.into()),
+            AdminCommand::Calls(calls) => AdminRequest::ListCalls(calls.into()),
+        }
+    }
+}
+
+impl From<UsersCommand> for AdminRequest {
+    fn from(command: UsersCommand) -> Self {
+        match command {
+            UsersCommand::List => AdminRequest::ListUsers(pb::ListUsersRequest {}),
+            UsersCommand::Create { name, email } => {
+                AdminRequest::CreateUser(pb::CreateUserRequest { name, email })
+            }
+            UsersCommand::Get { id } => AdminRequest::GetUser(pb::GetUserRequest { id }),
+            UsersCommand::Update(args) => AdminRequest::UpdateUser(pb::UpdateUserRequest {
+                id: args.id,
+                name: args.name,
+                email: args.email,
+                active: args.active,
+                clear: if args.clear_email {
+                    vec!["email".to_owned()]
+                } else {
+                    Vec::new()
+                },
+            }),
+            UsersCommand::Deactivate { id } => {
+                AdminRequest::DeactivateUser(pb::DeactivateUserRequest { id })
+            }
+        }
+    }
+}
+
+impl From<KeysCommand> for AdminRequest {
+    fn from(command: KeysCommand) -> Self {
+        match command {
+            KeysCommand::List { user_id, page } => AdminRequest::ListKeys(pb::ListKeysRequest {
+                user_id,
+                page_size: page.page_size,
+                page_token: page.page_token,
+            }),
+            KeysCommand::Create(args) => {
+                let KeyLimitArgs {
+                    rpm_limit,
+                    request_quota,
+                    token_quota,
+                    expires_in,
+                    expires_at,
+                    models,
+                } = args.limits;
+                AdminRequest::CreateKey(pb::CreateKeyRequest {
+                    user_id: args.user_id,
+                    name: args.name,
+                    rpm_limit,
+                    request_quota,
+                    token_quota,
+                    expires_at,
+                    expires_in,
+                    models,
+                })
+            }
+            KeysCommand::Get { id } => AdminRequest::GetKey(pb::GetKeyRequest { id }),
+            KeysCommand::Update(args) => {
+                let KeyLimitArgs {
+                    rpm_limit,
+                    request_quota,
+                    token_quota,
+                    expires_in,
+                    expires_at,
+                    models,
+                } = args.limits;
+                AdminRequest::UpdateKey(pb::UpdateKeyRequest {
+                    id: args.id,
+                    name: args.name,
+                    rpm_limit,
+                    request_quota,
+                    token_quota,
+                    expires_at,
+                    expires_in,
+                    models,
+                    active: args.active,
+                    clear: args.clear.iter().map(|f| f.as_str().to_owned()).collect(),
+                })
+            }
+            KeysCommand::Revoke { id } => AdminRequest::RevokeKey(pb::RevokeKeyRequest { id }),
+            KeysCommand::Rotate { id, grace_seconds } => {
+                AdminRequest::RotateKey(pb::RotateKeyRequest { id, grace_seconds })
+            }
+        }
+    }
+}
+
+impl From<UsageArgs> for pb::GetUsageReportRequest {
+    fn from(args: UsageArgs) -> Self {
+        // clap's `subject` group guarantees exactly one of the two.
+        let subject = match (args.key_id, args.user_id) {
+            (Some(key), _) => Some(Subject::KeyId(key)),
+            (None, user) => user.map(Subject::UserId),
+        };
+        let group_by = match args.group_by {
+            None => pb::UsageGrouping::Unspecified,
+            Some(UsageGroupingArg::Hour) => pb::UsageGrouping::Hour,
+            Some(UsageGroupingArg::Day) => pb::UsageGrouping::Day,
+        };
+        pb::GetUsageReportRequest {
+            subject,
+            from: args.from,
+            to: args.to,
+            group_by: group_by.into(),
+            by_model: args.by_model,
+        }
+    }
+}
+
+impl From<CallsArgs> for pb::ListCallsRequest {
+    fn from(args: CallsArgs) -> Self {
+        pb::ListCallsRequest {
+            key_id: args.key_id,
+            user_id: args.user_id,
+            model: args.model,
+            status: args.status,
+            from: args.from,
+            page_size: args.page.page_size,
+            page_token: args.page.page_token,
+        }
+    }
+}
+
+/// Puts `authorization: Bearer <admin token>` on every call.
+#[derive(Clone, Debug)]
+pub struct BearerAuth(MetadataValue<Ascii>);
+
+impl BearerAuth {
+    pub fn new(token: &str) -> anyhow::Result<Self> {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .context("the admin token must be printable ASCII")?;
+        // Keeps the token out of HTTP/2 header compression tables and debug output.
+        value.set_sensitive(true);
+        Ok(BearerAuth(value))
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Client = AdminClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Runs one admin command against the gateway at `args.url` and writes the answer to `out`.
+///
+/// A gRPC error comes back as `<code>: <message>` (e.g. `NotFound: no such key`).
+pub async fn run(args: AdminArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let auth = BearerAuth::new(&args.token)?;
+    let request = AdminRequest::from(args.command);
+    let channel = Endpoint::from_shared(args.url.clone())
+        .with_context(|| format!("invalid --url `{}`", args.url))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {}", args.url))?;
+    let mut client = AdminClient::with_interceptor(channel, auth);
+    send(&mut client, request, out).await
+}
+
+async fn send(
+    client: &mut Client,
+    request: AdminRequest,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    match request {
+        AdminRequest::ListUsers(r) => print(out, client.list_users(r).await),
+        AdminRequest::CreateUser(r) => print(out, client.create_user(r).await),
+        AdminRequest::GetUser(r) => print(out, client.get_user(r).await),
+        AdminRequest::UpdateUser(r) => print(out, client.update_user(r).await),
+        AdminRequest::DeactivateUser(r) => print(out, client.deactivate_user(r).await),
+        AdminRequest::ListKeys(r) => print(out, client.list_keys(r).await),
+        AdminRequest::CreateKey(r) => print(out, client.create_key(r).await),
+        AdminRequest::GetKey(r) => print(out, client.get_key(r).await),
+        AdminRequest::UpdateKey(r) => print(out, client.update_key(r).await),
+        AdminRequest::RevokeKey(r) => print(out, client.revoke_key(r).await),
+        AdminRequest::RotateKey(r) => print(out, client.rotate_key(r).await),
+        AdminRequest::GetUsage(r) => print(out, client.get_usage(r).await),
+        AdminRequest::ListCalls(r) => print(out, client.list_calls(r).await),
+    }
+}
+
+fn print<T: Serialize>(
+    out: &mut impl Write,
+    answer: Result<tonic::Response<T>, tonic::Status>,
+) -> anyhow::Result<()> {
+    // The code's name (`NotFound`) as grpcurl shows it; tonic's `Display` is a sentence.
+    let answer = answer.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
+    serde_json::to_writer_pretty(&mut *out, answer.get_ref())?;
+    writeln!(out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn request(args: &[&str]) -> AdminRequest {
+        let argv = ["step3-gateway", "admin", "--token", "t"]
+            .iter()
+            .chain(args)
+            .copied();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Admin(admin) => admin.command.into(),
+            other => panic!("not an admin command: {other:?}"),
+        }
+    }
+
+    fn usage_error(args: &[&str]) -> clap::error::ErrorKind {
+        let argv = ["step3-gateway", "admin", "--token", "t"]
+            .iter()
+            .chain(args)
+            .copied();
+        Cli::try_parse_from(argv).unwrap_err().kind()
+    }
+
+    #[test]
+    fn keys_create_carries_limits_lifetime_and_every_model() {
+        let request = request(&[
+            "keys",
+            "create",
+            "--user",
+            "usr_1",
+            "--name",
+            "prod",
+            "--rpm",
+            "60",
+            "--token-quota",
+            "5000",
+            "--expires-in",
+            "30d",
+            "--model",
+            "a",
+            "--model",
+            "b",
+        ]);
+        assert_eq!(
+            request,
+            AdminRequest::CreateKey(pb::CreateKeyRequest {
+                user_id: "usr_1".into(),
+                name: "prod".into(),
+                rpm_limit: Some(60),
+                request_quota: None,
+                token_quota: Some(5000),
+                expires_at: None,
+                expires_in: Some("30d".into()),
+                models: vec!["a".into(), "b".into()],
+            })
+        );
+    }
+
+    #[test]
+    fn keys_update_sends_clears_by_their_proto_names() {
+        let request = request(&[
+            "keys",
+            "update",
+            "key_1",
+            "--clear",
+            "rpm_limit",
+            "--clear",
+            "models",
+            "--token-quota",
+            "10",
+            "--active",
+            "false",
+        ]);
+        assert_eq!(
+            request,
+            AdminRequest::UpdateKey(pb::UpdateKeyRequest {
+                id: "key_1".into(),
+                token_quota: Some(10),
+                active: Some(false),
+                clear: vec!["rpm_limit".into(), "models".into()],
+                ..Default::default()
+            })
+        );
+    }
+
+    #[test]
+    fn users_update_clear_email_becomes_a_clear_entry() {
+        assert_eq!(
+            request(&[
+                "users",
+                "update",
+                "usr_1",
+                "--clear-email",
+                "--active",
+                "true"
+            ]),
+            AdminRequest::UpdateUser(pb::UpdateUserRequest {
+                id: "usr_1".into(),
+                active: Some(true),
+                clear: vec!["email".into()],
+                ..Default::default()
+            })
+        );
+    }
+
+    #[test]
+    fn usage_by_user_grouped_by_day() {
+        assert_eq!(
+            request(&[
+                "usage",
+                "--user",
+                "usr_1",
+                "--from",
+                "100",
+                "--group-by",
+                "day",
+                "--by-model"
+            ]),
+            AdminRequest::GetUsage(pb::GetUsageReportRequest {
+                subject: Some(Subject::UserId("usr_1".into())),
+                from: Some(100),
+                to: None,
+                group_by: pb::UsageGrouping::Day.into(),
+                by_model: true,
+            })
+        );
+    }
+
+    #[test]
+    fn calls_and_keys_list_pass_page_tokens_through() {
+        assert_eq!(
+            request(&[
+                "calls",
+                "--key",
+                "key_1",
+                "--status",
+                "500",
+                "--page-size",
+                "20",
+                "--page-token",
+                "abc"
+            ]),
+            AdminRequest::ListCalls(pb::ListCallsRequest {
+                key_id: Some("key_1".into()),
+                status: Some(500),
+                page_size: 20,
+                page_token: "abc".into(),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            request(&["keys", "list"]),
+            AdminRequest::ListKeys(pb::ListKeysRequest::default())
+        );
+    }
+
+    #[test]
+    fn contradictory_or_malformed_flags_are_usage_errors() {
+        use clap::error::ErrorKind;
+        assert_eq!(usage_error(&["usage"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(
+            usage_error(&["usage", "--key", "k", "--user", "u"]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            usage_error(&[
+                "keys",
+                "create",
+                "--user",
+                "u",
+                "--expires-in",
+                "1d",
+                "--expires-at",
+                "5"
+            ]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            usage_error(&["users", "update", "u", "--email", "e", "--clear-email"]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            usage_error(&["keys", "create", "--user", "u", "--expires-in", "soon"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            usage_error(&["keys", "update", "k", "--clear", "name"]),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_a_header_is_refused() {
+        assert!(BearerAuth::new("line\nbreak").is_err());
+    }
+}
