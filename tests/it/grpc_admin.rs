@@ -324,3 +324,82 @@ async fn admin_methods_refuse_client_keys_and_missing_tokens() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 }
+
+/// Runs `step3-gateway admin …` against the gateway and parses its JSON answer.
+async fn cli(gw: &TestGateway, args: &[&str]) -> serde_json::Value {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_step3-gateway"));
+    command
+        .args([
+            "admin",
+            "--url",
+            &gw.running().grpc_url(),
+            "--token",
+            crate::common::ADMIN_TOKEN,
+        ])
+        .args(args);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{args:?}: {stderr}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn the_admin_cli_manages_a_live_gateway() {
+    let gw = TestGateway::start().await;
+    let user = cli(
+        &gw,
+        &[
+            "users",
+            "create",
+            "--name",
+            "ops",
+            "--email",
+            "ops@example.com",
+        ],
+    )
+    .await;
+    let user_id = user["id"].as_str().unwrap();
+    let created = cli(
+        &gw,
+        &[
+            "keys",
+            "create",
+            "--user",
+            user_id,
+            "--rpm",
+            "5",
+            "--request-quota",
+            "10",
+        ],
+    )
+    .await;
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let key_id = created["key"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        gw.chat(&secret, &chat_body("via cli key")).await.status(),
+        reqwest::StatusCode::OK
+    );
+
+    let rotated = cli(&gw, &["keys", "rotate", &key_id, "--grace-seconds", "0"]).await;
+    let new_secret = rotated["secret"].as_str().unwrap();
+    assert_eq!(
+        gw.chat(&secret, &chat_body("old")).await.status(),
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        gw.chat(new_secret, &chat_body("new")).await.status(),
+        reqwest::StatusCode::OK
+    );
+    gw.wait_for_calls(&key_id, 2).await;
+
+    let updated = cli(&gw, &["keys", "update", &key_id, "--clear", "rpm_limit"]).await;
+    assert_eq!(updated["rpm_limit"], serde_json::Value::Null);
+    let usage = cli(&gw, &["usage", "--key", &key_id, "--group-by", "day"]).await;
+    assert_eq!(usage["requests"], 2);
+    let calls = cli(&gw, &["calls", "--user", user_id]).await;
+    assert_eq!(calls["calls"].as_array().unwrap().len(), 2);
+    let keys = cli(&gw, &["keys", "list", "--user", user_id]).await;
+    assert_eq!(keys["keys"][0]["requests_used"], 2);
+}
