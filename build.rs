@@ -13,6 +13,7 @@ const SERIALIZED: &[&str] = &[
     "UsageBucket",
     "UsageReport",
     "Call",
+    "ImageSize",
     "ListCallsResponse",
 ];
 

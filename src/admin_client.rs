@@ -49,20 +49,33 @@ impl From<UsersCommand> for AdminRequest {
     fn from(command: UsersCommand) -> Self {
         match command {
             UsersCommand::List => AdminRequest::ListUsers(pb::ListUsersRequest {}),
-            UsersCommand::Create { name, email } => {
-                AdminRequest::CreateUser(pb::CreateUserRequest { name, email })
-            }
+            UsersCommand::Create {
+                name,
+                email,
+                limits,
+            } => AdminRequest::CreateUser(pb::CreateUserRequest {
+                name,
+                email,
+                rpm_limit: limits.rpm_limit,
+                tpm_limit: limits.tpm_limit,
+                max_concurrent: limits.max_concurrent,
+            }),
             UsersCommand::Get { id } => AdminRequest::GetUser(pb::GetUserRequest { id }),
             UsersCommand::Update(args) => AdminRequest::UpdateUser(pb::UpdateUserRequest {
                 id: args.id,
                 name: args.name,
                 email: args.email,
                 active: args.active,
-                clear: if args.clear_email {
-                    vec!["email".to_owned()]
-                } else {
-                    Vec::new()
-                },
+                rpm_limit: args.limits.rpm_limit,
+                tpm_limit: args.limits.tpm_limit,
+                max_concurrent: args.limits.max_concurrent,
+                clear: args
+                    .clear_email
+                    .then_some("email")
+                    .into_iter()
+                    .chain(args.clear.iter().map(|f| f.as_str()))
+                    .map(str::to_owned)
+                    .collect(),
             }),
             UsersCommand::Deactivate { id } => {
                 AdminRequest::DeactivateUser(pb::DeactivateUserRequest { id })
@@ -82,6 +95,10 @@ impl From<KeysCommand> for AdminRequest {
             KeysCommand::Create(args) => {
                 let KeyLimitArgs {
                     rpm_limit,
+                    tpm_limit,
+                    max_concurrent,
+                    image_quota,
+                    max_images_per_request,
                     request_quota,
                     token_quota,
                     expires_in,
@@ -92,6 +109,10 @@ impl From<KeysCommand> for AdminRequest {
                     user_id: args.user_id,
                     name: args.name,
                     rpm_limit,
+                    tpm_limit,
+                    max_concurrent,
+                    image_quota,
+                    max_images_per_request,
                     request_quota,
                     token_quota,
                     expires_at,
@@ -103,6 +124,10 @@ impl From<KeysCommand> for AdminRequest {
             KeysCommand::Update(args) => {
                 let KeyLimitArgs {
                     rpm_limit,
+                    tpm_limit,
+                    max_concurrent,
+                    image_quota,
+                    max_images_per_request,
                     request_quota,
                     token_quota,
                     expires_in,
@@ -113,6 +138,10 @@ impl From<KeysCommand> for AdminRequest {
                     id: args.id,
                     name: args.name,
                     rpm_limit,
+                    tpm_limit,
+                    max_concurrent,
+                    image_quota,
+                    max_images_per_request,
                     request_quota,
                     token_quota,
                     expires_at,
@@ -300,6 +329,7 @@ mod tests {
                 expires_at: None,
                 expires_in: Some("30d".into()),
                 models: vec!["a".into(), "b".into()],
+                ..Default::default()
             })
         );
     }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chat::ChatPath;
 use crate::config::GatewayConfig;
 use crate::core::admin::{NewKey, NewUser};
+use crate::core::chat::ChatOptions;
 use crate::core::{GateSettings, Gateway, keys};
 use crate::grpc;
 use crate::rest::{self, AppState, RestSettings};
@@ -110,6 +111,8 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         admin_token_hash,
         GateSettings {
             log_bodies: config.store.log_bodies,
+            default_max_tokens: config.limits.default_max_tokens,
+            max_images_per_request: config.limits.max_images_per_request,
         },
     )?);
     if config.demo.enabled {
@@ -126,7 +129,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let chat = ChatPath {
         gateway: gateway.clone(),
         upstream,
-        continuous_usage_stats: config.upstream.continuous_usage_stats,
+        options: Arc::new(ChatOptions {
+            continuous_usage: config.upstream.continuous_usage_stats,
+            image_policy: config.image_policy.clone(),
+        }),
         hard_stop: hard_stop.clone(),
     };
     let shutdown = CancellationToken::new();
@@ -261,7 +267,7 @@ fn ensure_demo_key(gateway: &Gateway, store: &dyn Store) -> anyhow::Result<Optio
     }
     let user = gateway.create_user(NewUser {
         name: "demo".into(),
-        email: None,
+        ..NewUser::default()
     })?;
     let created = gateway.create_key(NewKey {
         user_id: user.id,

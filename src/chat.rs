@@ -10,8 +10,8 @@ use futures_util::stream::BoxStream;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::chat::{ChatCall, prepare_chat};
-use crate::core::limits::RateStatus;
+use crate::core::chat::{ChatCall, ChatOptions, prepare_chat, with_max_tokens};
+use crate::core::limits::RateFigures;
 use crate::core::records::{CallOutcome, Usage};
 use crate::core::{Admission, CallFacts, Caller, Gateway, GatewayError, Remaining};
 use crate::upstream::Upstream;
@@ -25,8 +25,8 @@ const DRAIN_LIMIT: Duration = Duration::from_millis(500);
 pub struct ChatPath {
     pub gateway: Arc<Gateway>,
     pub upstream: Arc<Upstream>,
-    /// Ask the upstream for usage on every stream chunk (vLLM `continuous_usage_stats`).
-    pub continuous_usage_stats: bool,
+    /// How requests are read and rewritten.
+    pub options: Arc<ChatOptions>,
     /// Cancelled when the shutdown grace period is over: calls still running end now.
     pub hard_stop: CancellationToken,
 }
@@ -37,7 +37,7 @@ pub struct Completion {
     pub body: Bytes,
     pub content_type: Option<String>,
     pub processing_ms: u64,
-    pub rate: Option<RateStatus>,
+    pub figures: RateFigures,
     /// What the key has left after this call.
     pub remaining: Remaining,
 }
@@ -45,7 +45,7 @@ pub struct Completion {
 /// A stream in progress, with the limits as they stood when it started.
 pub struct StreamStart {
     pub relay: Relay,
-    pub rate: Option<RateStatus>,
+    pub figures: RateFigures,
     pub remaining: Remaining,
 }
 
@@ -59,7 +59,7 @@ pub struct UsageView {
 impl ChatPath {
     /// Reads a chat request body as the client sent it.
     pub fn prepare(&self, body: Bytes) -> Result<ChatCall, GatewayError> {
-        prepare_chat(body, self.continuous_usage_stats)
+        prepare_chat(body, &self.options)
     }
 
     fn admit(
@@ -76,6 +76,9 @@ impl ChatPath {
                 model: call.model.clone(),
                 stream: call.stream,
                 prompt_estimate: call.prompt_estimate,
+                client_cap: call.max_tokens,
+                images: call.images,
+                image_sizes: call.image_sizes.clone(),
                 request_body,
             },
         )
@@ -87,9 +90,14 @@ impl ChatPath {
         call: ChatCall,
         request_id: &str,
     ) -> Result<reqwest::Response, GatewayError> {
+        // The quota may hold the answer to fewer tokens than the client asked for.
+        let body = match admission.upstream_cap() {
+            Some(cap) => with_max_tokens(&call.upstream_body, cap)?,
+            None => call.upstream_body,
+        };
         admission.mark_forwarded();
         tokio::select! {
-            sent = self.upstream.chat(call.upstream_body, request_id, call.stream) => sent,
+            sent = self.upstream.chat(body, request_id, call.stream) => sent,
             () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
         }
     }
@@ -103,7 +111,7 @@ impl ChatPath {
     ) -> Result<Completion, GatewayError> {
         let request_body = self.logged_body(&call);
         let mut admission = self.admit(caller, &call, request_id, request_body)?;
-        let rate = admission.rate();
+        let figures = admission.figures();
         let response = match self.send(&mut admission, call, request_id).await {
             Ok(response) => response,
             Err(e) => return Err(settle_failed(admission, e)),
@@ -131,7 +139,7 @@ impl ChatPath {
             body,
             content_type,
             processing_ms,
-            rate,
+            figures,
             remaining: caller.remaining(),
         })
     }
@@ -150,7 +158,7 @@ impl ChatPath {
             Ok(response) => response,
             Err(e) => return Err(settle_failed(admission, e)),
         };
-        let rate = admission.rate();
+        let figures = admission.figures();
         let remaining = admission.remaining();
         Ok(StreamStart {
             relay: Relay {
@@ -162,7 +170,7 @@ impl ChatPath {
                 error: None,
                 hard_stop: self.hard_stop.clone(),
             },
-            rate,
+            figures,
             remaining,
         })
     }

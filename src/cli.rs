@@ -118,6 +118,8 @@ pub enum UsersCommand {
         name: String,
         #[arg(long)]
         email: Option<String>,
+        #[command(flatten)]
+        limits: UserLimitArgs,
     },
     /// One user.
     Get { id: String },
@@ -139,6 +141,44 @@ pub struct UserUpdateArgs {
     pub clear_email: bool,
     #[arg(long)]
     pub active: Option<bool>,
+    #[command(flatten)]
+    pub limits: UserLimitArgs,
+    /// Remove a limit (repeat for several).
+    #[arg(long, value_enum, value_name = "FIELD")]
+    pub clear: Vec<UserField>,
+}
+
+/// Limits on the sum of a user's keys.
+#[derive(Debug, clap::Args)]
+pub struct UserLimitArgs {
+    /// Requests per minute, all of the user's keys together.
+    #[arg(long = "rpm", value_name = "N")]
+    pub rpm_limit: Option<u32>,
+    /// Tokens per minute, all of the user's keys together.
+    #[arg(long = "tpm", value_name = "N")]
+    pub tpm_limit: Option<u64>,
+    /// Calls in flight at once, all of the user's keys together.
+    #[arg(long, value_name = "N")]
+    pub max_concurrent: Option<u32>,
+}
+
+/// The user fields `users update --clear` removes; the names are the proto's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum UserField {
+    RpmLimit,
+    TpmLimit,
+    MaxConcurrent,
+}
+
+impl UserField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserField::RpmLimit => "rpm_limit",
+            UserField::TpmLimit => "tpm_limit",
+            UserField::MaxConcurrent => "max_concurrent",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +214,18 @@ pub struct KeyLimitArgs {
     /// Requests per minute.
     #[arg(long = "rpm", value_name = "N")]
     pub rpm_limit: Option<u32>,
+    /// Tokens per minute.
+    #[arg(long = "tpm", value_name = "N")]
+    pub tpm_limit: Option<u64>,
+    /// Calls in flight at once.
+    #[arg(long, value_name = "N")]
+    pub max_concurrent: Option<u32>,
+    /// Images in the key's lifetime.
+    #[arg(long, value_name = "N")]
+    pub image_quota: Option<u64>,
+    /// Images one request may carry.
+    #[arg(long, value_name = "N")]
+    pub max_images_per_request: Option<u32>,
     /// Requests in the key's lifetime.
     #[arg(long)]
     pub request_quota: Option<u64>,
@@ -221,8 +273,12 @@ pub struct KeyUpdateArgs {
 #[value(rename_all = "snake_case")]
 pub enum KeyField {
     RpmLimit,
+    TpmLimit,
+    MaxConcurrent,
     RequestQuota,
     TokenQuota,
+    ImageQuota,
+    MaxImagesPerRequest,
     ExpiresAt,
     Models,
 }
@@ -232,8 +288,12 @@ impl KeyField {
     pub fn as_str(self) -> &'static str {
         match self {
             KeyField::RpmLimit => "rpm_limit",
+            KeyField::TpmLimit => "tpm_limit",
+            KeyField::MaxConcurrent => "max_concurrent",
             KeyField::RequestQuota => "request_quota",
             KeyField::TokenQuota => "token_quota",
+            KeyField::ImageQuota => "image_quota",
+            KeyField::MaxImagesPerRequest => "max_images_per_request",
             KeyField::ExpiresAt => "expires_at",
             KeyField::Models => "models",
         }

@@ -9,11 +9,22 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::core::images::ImageUrlPolicy;
+
 /// Environment variables that configure the gateway start with this, e.g.
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 6] = ["server", "upstream", "store", "admin", "demo", "log"];
+const SECTIONS: [&str; 8] = [
+    "server",
+    "upstream",
+    "store",
+    "admin",
+    "demo",
+    "log",
+    "limits",
+    "image_policy",
+];
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -24,6 +35,28 @@ pub struct GatewayConfig {
     pub admin: AdminConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
+    pub limits: LimitsConfig,
+    /// Which image URLs may be passed to the model server (which fetches them).
+    pub image_policy: ImageUrlPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// The output cap a call reserves when the client gives no `max_tokens`; for keys with
+    /// a token quota it is also sent upstream, so no call can spend past the quota.
+    pub default_max_tokens: u64,
+    /// Images one request may carry, for every key; unset is unlimited.
+    pub max_images_per_request: Option<u32>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            default_max_tokens: 4096,
+            max_images_per_request: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -207,6 +240,11 @@ impl GatewayConfig {
         {
             return Err(ConfigError::Invalid(
                 "admin.token must be at least 16 characters".into(),
+            ));
+        }
+        if self.limits.default_max_tokens == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.default_max_tokens must be at least 1".into(),
             ));
         }
         if self.store.flush_interval_ms == 0 {

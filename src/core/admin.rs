@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::GatewayError;
-use super::gateway::Gateway;
+use std::sync::Arc;
+
+use super::gateway::{Gateway, UserState};
 use super::keys;
 use super::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UserRecord, now_unix};
 use crate::store::{CallCursor, CallQuery};
@@ -53,6 +55,13 @@ pub struct NewUser {
     pub name: String,
     #[serde(default)]
     pub email: Option<String>,
+    /// Limits on the sum of the user's keys.
+    #[serde(default)]
+    pub rpm_limit: Option<u32>,
+    #[serde(default)]
+    pub tpm_limit: Option<u64>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -65,6 +74,12 @@ pub struct UserPatch {
     pub email: Option<Option<String>>,
     #[serde(default)]
     pub active: Option<bool>,
+    #[serde(default, with = "double_option")]
+    pub rpm_limit: Option<Option<u32>>,
+    #[serde(default, with = "double_option")]
+    pub tpm_limit: Option<Option<u64>>,
+    #[serde(default, with = "double_option")]
+    pub max_concurrent: Option<Option<u32>>,
 }
 
 /// A new key's settings; absent limits are unlimited.
@@ -77,9 +92,17 @@ pub struct NewKey {
     #[serde(default)]
     pub rpm_limit: Option<u32>,
     #[serde(default)]
+    pub tpm_limit: Option<u64>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    #[serde(default)]
     pub request_quota: Option<u64>,
     #[serde(default)]
     pub token_quota: Option<u64>,
+    #[serde(default)]
+    pub image_quota: Option<u64>,
+    #[serde(default)]
+    pub max_images_per_request: Option<u32>,
     #[serde(default)]
     pub expires_at: Option<TimeInput>,
     /// A lifetime such as "30d", instead of `expires_at`.
@@ -98,9 +121,17 @@ pub struct KeyPatch {
     #[serde(default, with = "double_option")]
     pub rpm_limit: Option<Option<u32>>,
     #[serde(default, with = "double_option")]
+    pub tpm_limit: Option<Option<u64>>,
+    #[serde(default, with = "double_option")]
+    pub max_concurrent: Option<Option<u32>>,
+    #[serde(default, with = "double_option")]
     pub request_quota: Option<Option<u64>>,
     #[serde(default, with = "double_option")]
     pub token_quota: Option<Option<u64>>,
+    #[serde(default, with = "double_option")]
+    pub image_quota: Option<Option<u64>>,
+    #[serde(default, with = "double_option")]
+    pub max_images_per_request: Option<Option<u32>>,
     #[serde(default, with = "double_option")]
     pub expires_at: Option<Option<TimeInput>>,
     #[serde(default)]
@@ -132,8 +163,12 @@ pub struct KeyView {
     pub name: String,
     pub prefix: String,
     pub rpm_limit: Option<u32>,
+    pub tpm_limit: Option<u64>,
+    pub max_concurrent: Option<u32>,
     pub request_quota: Option<u64>,
     pub token_quota: Option<u64>,
+    pub image_quota: Option<u64>,
+    pub max_images_per_request: Option<u32>,
     pub expires_at: Option<UnixTime>,
     pub models: Option<Vec<String>>,
     pub active: bool,
@@ -214,6 +249,7 @@ pub struct UsageRow {
     pub errors: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub images: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -224,6 +260,7 @@ pub struct UsageReport {
     pub requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub images: u64,
 }
 
 /// Which calls to list; every set field must match.
@@ -287,18 +324,22 @@ impl Gateway {
             name: check_name(&new.name, "name")?,
             email: new.email.filter(|e| !e.trim().is_empty()),
             active: true,
+            rpm_limit: check_positive(new.rpm_limit, "rpm_limit")?,
+            tpm_limit: check_positive(new.tpm_limit, "tpm_limit")?,
+            max_concurrent: check_positive(new.max_concurrent, "max_concurrent")?,
             created_at: now,
             updated_at: now,
         };
         self.store.put_user(&user)?;
-        self.users.insert(user.id.clone(), user.clone().into());
+        self.users
+            .insert(user.id.clone(), Arc::new(UserState::new(user.clone())));
         Ok(user)
     }
 
     pub fn get_user(&self, id: &str) -> Result<UserRecord, GatewayError> {
         self.users
             .get(id)
-            .map(|u| (**u).clone())
+            .map(|u| (*u.record()).clone())
             .ok_or_else(|| GatewayError::NotFound {
                 what: "user",
                 id: id.to_owned(),
@@ -307,7 +348,7 @@ impl Gateway {
 
     /// Every user, oldest first.
     pub fn list_users(&self) -> Vec<UserRecord> {
-        let mut users: Vec<UserRecord> = self.users.iter().map(|u| (**u).clone()).collect();
+        let mut users: Vec<UserRecord> = self.users.iter().map(|u| (*u.record()).clone()).collect();
         users.sort_by(|a, b| a.id.cmp(&b.id));
         users
     }
@@ -323,9 +364,20 @@ impl Gateway {
         if let Some(active) = patch.active {
             user.active = active;
         }
+        if let Some(rpm) = patch.rpm_limit {
+            user.rpm_limit = check_positive(rpm, "rpm_limit")?;
+        }
+        if let Some(tpm) = patch.tpm_limit {
+            user.tpm_limit = check_positive(tpm, "tpm_limit")?;
+        }
+        if let Some(concurrent) = patch.max_concurrent {
+            user.max_concurrent = check_positive(concurrent, "max_concurrent")?;
+        }
         user.updated_at = now_unix();
         self.store.put_user(&user)?;
-        self.users.insert(user.id.clone(), user.clone().into());
+        if let Some(state) = self.users.get(&user.id) {
+            state.replace(user.clone());
+        }
         Ok(user)
     }
 
@@ -356,9 +408,13 @@ impl Gateway {
             name: check_name(new.name.as_deref().unwrap_or("default"), "name")?,
             prefix: keys::display_prefix(&secret),
             hash: keys::to_hex(&keys::hash_secret(&secret)),
-            rpm_limit: check_rpm(new.rpm_limit)?,
+            rpm_limit: check_positive(new.rpm_limit, "rpm_limit")?,
+            tpm_limit: check_positive(new.tpm_limit, "tpm_limit")?,
+            max_concurrent: check_positive(new.max_concurrent, "max_concurrent")?,
             request_quota: new.request_quota,
             token_quota: new.token_quota,
+            image_quota: new.image_quota,
+            max_images_per_request: new.max_images_per_request,
             expires_at: resolve_expiry(new.expires_at.as_ref(), new.expires_in.as_deref(), now)?,
             models: check_models(new.models)?,
             active: true,
@@ -444,7 +500,19 @@ impl Gateway {
             record.name = check_name(&name, "name")?;
         }
         if let Some(rpm) = patch.rpm_limit {
-            record.rpm_limit = check_rpm(rpm)?;
+            record.rpm_limit = check_positive(rpm, "rpm_limit")?;
+        }
+        if let Some(tpm) = patch.tpm_limit {
+            record.tpm_limit = check_positive(tpm, "tpm_limit")?;
+        }
+        if let Some(concurrent) = patch.max_concurrent {
+            record.max_concurrent = check_positive(concurrent, "max_concurrent")?;
+        }
+        if let Some(quota) = patch.image_quota {
+            record.image_quota = quota;
+        }
+        if let Some(cap) = patch.max_images_per_request {
+            record.max_images_per_request = cap;
         }
         if let Some(quota) = patch.request_quota {
             record.request_quota = quota;
@@ -569,6 +637,7 @@ impl Gateway {
                 row.errors += bucket.errors;
                 row.prompt_tokens += bucket.prompt_tokens;
                 row.completion_tokens += bucket.completion_tokens;
+                row.images += bucket.images;
             }
         }
         let buckets: Vec<UsageRow> = rows.into_values().collect();
@@ -578,6 +647,7 @@ impl Gateway {
             requests: buckets.iter().map(|b| b.requests).sum(),
             prompt_tokens: buckets.iter().map(|b| b.prompt_tokens).sum(),
             completion_tokens: buckets.iter().map(|b| b.completion_tokens).sum(),
+            images: buckets.iter().map(|b| b.images).sum(),
             buckets,
         })
     }
@@ -618,11 +688,15 @@ impl Gateway {
     }
 }
 
-fn check_rpm(rpm: Option<u32>) -> Result<Option<u32>, GatewayError> {
-    match rpm {
-        Some(0) => Err(GatewayError::invalid_request(
-            "`rpm_limit` must be at least 1 (or null for no limit)",
-            Some("rpm_limit"),
+/// A limit of zero would refuse everything; `null` is how to say "no limit".
+fn check_positive<T: PartialEq + Default>(
+    limit: Option<T>,
+    field: &str,
+) -> Result<Option<T>, GatewayError> {
+    match limit {
+        Some(value) if value == T::default() => Err(GatewayError::invalid_request(
+            format!("`{field}` must be at least 1 (or null for no limit)"),
+            Some(field),
         )),
         other => Ok(other),
     }
@@ -644,8 +718,12 @@ pub fn key_view(record: &KeyRecord, used: KeyCounters) -> KeyView {
         name: record.name.clone(),
         prefix: record.prefix.clone(),
         rpm_limit: record.rpm_limit,
+        tpm_limit: record.tpm_limit,
+        max_concurrent: record.max_concurrent,
         request_quota: record.request_quota,
         token_quota: record.token_quota,
+        image_quota: record.image_quota,
+        max_images_per_request: record.max_images_per_request,
         expires_at: record.expires_at,
         models: record.models.clone(),
         active: record.active,

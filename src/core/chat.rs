@@ -8,9 +8,16 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::error::GatewayError;
+use super::images::{ImageSize, ImageUrlPolicy, estimate_image_tokens};
 
-/// Prompt tokens assumed per image when the upstream gives no usage.
-pub const IMAGE_TOKEN_ESTIMATE: u64 = 256;
+/// How requests are read and rewritten, from configuration.
+#[derive(Clone, Debug, Default)]
+pub struct ChatOptions {
+    /// Ask the upstream for usage on every stream chunk (vLLM `continuous_usage_stats`).
+    pub continuous_usage: bool,
+    /// Which image URLs may reach the upstream.
+    pub image_policy: ImageUrlPolicy,
+}
 
 /// A chat request as the gate sees it, with the body to send upstream.
 #[derive(Debug)]
@@ -22,6 +29,10 @@ pub struct ChatCall {
     /// The client asked for usage on every chunk (`stream_options.continuous_usage_stats`).
     pub client_wants_continuous_usage: bool,
     pub images: u32,
+    /// Sizes of the inline images whose headers could be read.
+    pub image_sizes: Vec<ImageSize>,
+    /// The client's output cap: the smaller of `max_tokens` and `max_completion_tokens`.
+    pub max_tokens: Option<u64>,
     /// Prompt tokens estimated from the text and images, used when the upstream gives none.
     pub prompt_estimate: u64,
     /// What goes upstream: the client's bytes, or a copy with `stream_options` set.
@@ -41,6 +52,19 @@ struct RequestView<'a> {
     stream: Option<bool>,
     #[serde(default, borrow)]
     stream_options: Option<&'a RawValue>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+}
+
+/// The output caps of a body, with where their values sit in it.
+#[derive(Deserialize)]
+struct CapView<'a> {
+    #[serde(default, borrow)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    max_completion_tokens: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +80,36 @@ struct PartView<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    image_url: Option<ImageUrlView<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ImageUrlView<'a> {
+    Object {
+        #[serde(borrow)]
+        url: Cow<'a, str>,
+    },
+    /// Some clients send the URL itself as the value.
+    Text(#[serde(borrow)] Cow<'a, str>),
+}
+
+impl ImageUrlView<'_> {
+    fn url(&self) -> &str {
+        match self {
+            ImageUrlView::Object { url } | ImageUrlView::Text(url) => url,
+        }
+    }
+}
+
+/// What the messages hold, as far as the gate cares.
+#[derive(Default)]
+struct Measured {
+    text_chars: u64,
+    images: u32,
+    image_tokens: u64,
+    image_sizes: Vec<ImageSize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -71,7 +125,8 @@ struct StreamOptionsView {
 /// Unknown fields are not looked at and reach the upstream untouched. For streams,
 /// `stream_options.include_usage` (and, when `continuous_usage` is set, vLLM's
 /// `continuous_usage_stats`) is set so that usage is known however the stream ends.
-pub fn prepare_chat(body: Bytes, continuous_usage: bool) -> Result<ChatCall, GatewayError> {
+pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, GatewayError> {
+    let continuous_usage = options.continuous_usage;
     let mut de = serde_json::Deserializer::from_slice(&body);
     let view: RequestView<'_> = serde_path_to_error::deserialize(&mut de).map_err(body_error)?;
     de.end().map_err(|e| {
@@ -92,10 +147,13 @@ pub fn prepare_chat(body: Bytes, continuous_usage: bool) -> Result<ChatCall, Gat
             Some("messages"),
         ));
     }
-    let (text_chars, images) = measure_messages(&view.messages)?;
-    let prompt_estimate = text_chars.div_ceil(4)
-        + 4 * view.messages.len() as u64
-        + u64::from(images) * IMAGE_TOKEN_ESTIMATE;
+    let measured = measure_messages(&view.messages, &options.image_policy)?;
+    let prompt_estimate =
+        measured.text_chars.div_ceil(4) + 4 * view.messages.len() as u64 + measured.image_tokens;
+    let max_tokens = match (view.max_tokens, view.max_completion_tokens) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
 
     let stream = view.stream.unwrap_or(false);
     let client_options = match view.stream_options {
@@ -125,7 +183,9 @@ pub fn prepare_chat(body: Bytes, continuous_usage: bool) -> Result<ChatCall, Gat
         stream,
         client_wants_usage,
         client_wants_continuous_usage,
-        images,
+        images: measured.images,
+        image_sizes: measured.image_sizes,
+        max_tokens,
         prompt_estimate,
         upstream_body,
         client_body: body,
@@ -163,43 +223,96 @@ fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> GatewayError 
     }
 }
 
-/// Counts the characters of text content and the image parts.
-fn measure_messages(messages: &[MessageView<'_>]) -> Result<(u64, u32), GatewayError> {
-    let mut chars = 0u64;
-    let mut images = 0u32;
+/// Counts the characters of text content and the images (checked against the URL
+/// policy, with the sizes of inline ones read from their headers).
+fn measure_messages(
+    messages: &[MessageView<'_>],
+    policy: &ImageUrlPolicy,
+) -> Result<Measured, GatewayError> {
+    let mut measured = Measured::default();
     for (i, message) in messages.iter().enumerate() {
         let Some(content) = message.content else {
             continue;
         };
         let raw = content.get();
+        let field = || format!("messages[{i}].content");
         match raw.as_bytes().first() {
             Some(b'"') => {
-                let text: Cow<'_, str> = serde_json::from_str(raw).map_err(|e| {
-                    GatewayError::invalid_request(
-                        e.to_string(),
-                        Some(&format!("messages[{i}].content")),
-                    )
-                })?;
-                chars += text.chars().count() as u64;
+                let text: Cow<'_, str> = serde_json::from_str(raw)
+                    .map_err(|e| GatewayError::invalid_request(e.to_string(), Some(&field())))?;
+                measured.text_chars += text.chars().count() as u64;
             }
             Some(b'[') => {
                 let parts: Vec<PartView<'_>> = serde_json::from_str(raw).map_err(|e| {
                     GatewayError::invalid_request(
                         format!("Invalid content parts: {e}"),
-                        Some(&format!("messages[{i}].content")),
+                        Some(&field()),
                     )
                 })?;
-                for part in parts {
-                    match part.kind.as_deref() {
-                        Some("image_url" | "input_image" | "image") => images += 1,
-                        _ => chars += part.text.map_or(0, |t| t.chars().count() as u64),
+                for (j, part) in parts.iter().enumerate() {
+                    match (part.kind.as_deref(), &part.image_url) {
+                        (Some("image_url" | "input_image" | "image"), url) | (_, url @ Some(_)) => {
+                            measured.images += 1;
+                            let size = match url {
+                                Some(url) => policy
+                                    .check(url.url())
+                                    .map_err(|e| {
+                                        GatewayError::invalid_request(
+                                            e.to_string(),
+                                            Some(&format!(
+                                                "messages[{i}].content[{j}].image_url.url"
+                                            )),
+                                        )
+                                    })?
+                                    .and_then(|image| image.size),
+                                None => None,
+                            };
+                            measured.image_tokens += estimate_image_tokens(size);
+                            measured.image_sizes.extend(size);
+                        }
+                        _ => {
+                            measured.text_chars +=
+                                part.text.as_ref().map_or(0, |t| t.chars().count() as u64);
+                        }
                     }
                 }
             }
             _ => {}
         }
     }
-    Ok((chars, images))
+    Ok(measured)
+}
+
+/// The body with its output cap set to `cap`: every cap field present is replaced, or
+/// `max_tokens` is added when there is none. The rest of the body is kept as it is.
+pub fn with_max_tokens(body: &Bytes, cap: u64) -> Result<Bytes, GatewayError> {
+    let view: CapView<'_> = serde_json::from_slice(body)
+        .map_err(|e| GatewayError::invalid_request(format!("cannot set max_tokens: {e}"), None))?;
+    let value = cap.to_string();
+    let mut spans: Vec<std::ops::Range<usize>> = [view.max_tokens, view.max_completion_tokens]
+        .into_iter()
+        .flatten()
+        .map(|raw| span_of(body, raw.get()))
+        .collect();
+    spans.sort_by_key(|span| span.start);
+    let mut out = Vec::with_capacity(body.len() + 24);
+    if spans.is_empty() {
+        let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(b"\"max_tokens\":");
+        out.extend_from_slice(value.as_bytes());
+        out.push(b',');
+        out.extend_from_slice(&body[open + 1..]);
+    } else {
+        let mut at = 0;
+        for span in spans {
+            out.extend_from_slice(&body[at..span.start]);
+            out.extend_from_slice(value.as_bytes());
+            at = span.end;
+        }
+        out.extend_from_slice(&body[at..]);
+    }
+    Ok(Bytes::from(out))
 }
 
 /// The byte range of `inner`, a slice borrowed from `outer`.
@@ -252,8 +365,15 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
+    fn options(continuous: bool) -> ChatOptions {
+        ChatOptions {
+            continuous_usage: continuous,
+            ..ChatOptions::default()
+        }
+    }
+
     fn prepare(body: Value, continuous: bool) -> Result<ChatCall, GatewayError> {
-        prepare_chat(Bytes::from(body.to_string()), continuous)
+        prepare_chat(Bytes::from(body.to_string()), &options(continuous))
     }
 
     fn upstream_json(call: &ChatCall) -> Value {
@@ -263,7 +383,7 @@ mod tests {
     #[test]
     fn non_stream_bodies_go_upstream_byte_for_byte() {
         let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_k":5,"repetition_penalty":1.1}"#;
-        let call = prepare_chat(Bytes::from(body), true).unwrap();
+        let call = prepare_chat(Bytes::from(body), &options(true)).unwrap();
         assert_eq!(call.upstream_body, body.as_bytes());
         assert!(!call.stream);
         assert_eq!(call.model, "m");
@@ -301,7 +421,7 @@ mod tests {
         let body = json!({"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,
             "stream_options":{"include_usage":true,"continuous_usage_stats":true}})
         .to_string();
-        let call = prepare_chat(Bytes::from(body.clone()), true).unwrap();
+        let call = prepare_chat(Bytes::from(body.clone()), &options(true)).unwrap();
         assert_eq!(call.upstream_body, body.as_bytes());
         assert!(call.client_wants_usage && call.client_wants_continuous_usage);
     }
@@ -329,7 +449,7 @@ mod tests {
             "{message}"
         );
         assert!(matches!(
-            prepare_chat(Bytes::from_static(b"{\"model\":"), true),
+            prepare_chat(Bytes::from_static(b"{\"model\":"), &options(true)),
             Err(GatewayError::InvalidRequest { param: None, .. })
         ));
     }
@@ -347,6 +467,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(call.images, 1);
-        assert_eq!(call.prompt_estimate, 3 + 12 + IMAGE_TOKEN_ESTIMATE);
+        assert_eq!(call.prompt_estimate, 3 + 12 + estimate_image_tokens(None));
+    }
+
+    #[test]
+    fn the_output_cap_is_read_and_can_be_lowered_in_place() {
+        let call = prepare(
+            json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":500,"max_completion_tokens":300,"top_k":3}),
+            true,
+        )
+        .unwrap();
+        assert_eq!(call.max_tokens, Some(300));
+        let lowered: Value =
+            serde_json::from_slice(&with_max_tokens(&call.upstream_body, 42).unwrap()).unwrap();
+        assert_eq!(
+            (
+                lowered["max_tokens"].as_u64(),
+                lowered["max_completion_tokens"].as_u64()
+            ),
+            (Some(42), Some(42))
+        );
+        assert_eq!(lowered["top_k"], 3);
+
+        let call = prepare(
+            json!({"model":"m","messages":[{"role":"user","content":"x"}]}),
+            true,
+        )
+        .unwrap();
+        assert_eq!(call.max_tokens, None);
+        let added: Value =
+            serde_json::from_slice(&with_max_tokens(&call.upstream_body, 7).unwrap()).unwrap();
+        assert_eq!(added["max_tokens"], 7);
+        assert_eq!(added["model"], "m");
     }
 }

@@ -1,6 +1,6 @@
 //! The one error type a caller can be told about; each door maps it exhaustively.
 
-use std::time::Duration;
+use super::limits::Refusal;
 
 /// Everything that can go wrong in a call, in terms of the domain, not of a protocol.
 ///
@@ -17,9 +17,9 @@ pub enum GatewayError {
     /// The key may not use this model.
     #[error("the model `{model}` does not exist or this key may not use it")]
     ModelNotAllowed { model: String },
-    /// A per-minute limit refused the call.
-    #[error("rate limit reached: {limit} requests per minute; retry after {}s", retry_after.as_secs().max(1))]
-    RateLimited { limit: u32, retry_after: Duration },
+    /// A per-minute limit or a concurrency cap refused the call.
+    #[error("{}", describe_refusal(.0))]
+    RateLimited(Refusal),
     /// A total quota of the key is used up.
     #[error("this key's {what} quota is used up ({limit} {what})")]
     QuotaExceeded { what: &'static str, limit: u64 },
@@ -56,6 +56,30 @@ pub enum GatewayError {
     /// The store failed; the call cannot be recorded.
     #[error("storage error: {0}")]
     Store(String),
+}
+
+fn describe_refusal(r: &Refusal) -> String {
+    let what = r.kind.describe();
+    let scope = r.scope.describe();
+    match r.retry_after {
+        Some(wait) => format!(
+            "Rate limit reached for {what} on this {scope}: limit {}, this request needs {}. Retry after {:.1}s.",
+            r.limit,
+            r.requested,
+            wait.as_secs_f64()
+        ),
+        None => format!(
+            "Request too large for the {what} limit of this {scope}: it needs {} and the limit is {}. \
+             Lower `max_tokens` or the prompt.",
+            r.requested, r.limit
+        ),
+    }
+}
+
+impl From<Refusal> for GatewayError {
+    fn from(refusal: Refusal) -> Self {
+        GatewayError::RateLimited(refusal)
+    }
 }
 
 impl GatewayError {

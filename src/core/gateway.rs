@@ -8,8 +8,10 @@ use std::time::Instant;
 use dashmap::DashMap;
 
 use super::error::GatewayError;
+use super::images::ImageSize;
 use super::keys::{self, SecretHash};
-use super::limits::{RateLimiter, RateStatus};
+use super::limits::{Grant, LimitScope, LimitSpec, Limiter, RateFigures};
+use super::quota;
 use super::records::{
     CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UserRecord, now_micros, now_unix,
 };
@@ -22,9 +24,14 @@ pub struct KeyState {
     /// Requests charged so far plus those admitted and not yet settled.
     requests_reserved: AtomicU64,
     requests_used: AtomicU64,
+    /// Tokens charged so far plus those reserved by calls in flight.
+    tokens_committed: AtomicU64,
     prompt_tokens_used: AtomicU64,
     completion_tokens_used: AtomicU64,
-    limiter: RateLimiter,
+    /// Images charged so far plus those of calls in flight.
+    images_committed: AtomicU64,
+    images_used: AtomicU64,
+    limiter: Limiter,
 }
 
 impl KeyState {
@@ -33,9 +40,12 @@ impl KeyState {
             record: RwLock::new(Arc::new(record)),
             requests_reserved: AtomicU64::new(counters.requests),
             requests_used: AtomicU64::new(counters.requests),
+            tokens_committed: AtomicU64::new(counters.tokens()),
             prompt_tokens_used: AtomicU64::new(counters.prompt_tokens),
             completion_tokens_used: AtomicU64::new(counters.completion_tokens),
-            limiter: RateLimiter::default(),
+            images_committed: AtomicU64::new(counters.images),
+            images_used: AtomicU64::new(counters.images),
+            limiter: Limiter::default(),
         }
     }
 
@@ -56,12 +66,35 @@ impl KeyState {
             requests: self.requests_used.load(Ordering::Acquire),
             prompt_tokens: self.prompt_tokens_used.load(Ordering::Acquire),
             completion_tokens: self.completion_tokens_used.load(Ordering::Acquire),
+            images: self.images_used.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// A user as the gate holds it: the record and the limits summed over the user's keys.
+#[derive(Debug)]
+pub struct UserState {
+    record: RwLock<Arc<UserRecord>>,
+    limiter: Limiter,
+}
+
+impl UserState {
+    pub(super) fn new(record: UserRecord) -> Self {
+        UserState {
+            record: RwLock::new(Arc::new(record)),
+            limiter: Limiter::default(),
         }
     }
 
-    fn tokens_used(&self) -> u64 {
-        self.prompt_tokens_used.load(Ordering::Acquire)
-            + self.completion_tokens_used.load(Ordering::Acquire)
+    pub fn record(&self) -> Arc<UserRecord> {
+        self.record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(super) fn replace(&self, record: UserRecord) {
+        *self.record.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(record);
     }
 }
 
@@ -75,7 +108,8 @@ fn parse_hash(record: &KeyRecord, hex: &str) -> Result<SecretHash, GatewayError>
 pub struct Caller {
     pub key: Arc<KeyState>,
     pub record: Arc<KeyRecord>,
-    pub user: Arc<UserRecord>,
+    pub user: Arc<UserState>,
+    pub user_record: Arc<UserRecord>,
 }
 
 /// What is left of a key's quotas; `None` is unlimited.
@@ -83,6 +117,21 @@ pub struct Caller {
 pub struct Remaining {
     pub requests: Option<u64>,
     pub tokens: Option<u64>,
+    pub images: Option<u64>,
+}
+
+impl Remaining {
+    /// The `x-quota-remaining-*` pairs, both doors.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        [
+            ("x-quota-remaining-requests", self.requests),
+            ("x-quota-remaining-tokens", self.tokens),
+            ("x-quota-remaining-images", self.images),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?.to_string())))
+        .collect()
+    }
 }
 
 /// A key's own view of itself: what `GET /v1/usage` and `Chat.GetUsage` show.
@@ -96,8 +145,10 @@ pub struct UsageSummary {
     pub used: KeyCounters,
     pub request_quota: Option<u64>,
     pub token_quota: Option<u64>,
+    pub image_quota: Option<u64>,
     pub remaining: Remaining,
-    pub rpm_limit: Option<u32>,
+    pub limits: LimitSpec,
+    pub figures: RateFigures,
     pub models: Option<Vec<String>>,
     pub created_at: i64,
     pub expires_at: Option<i64>,
@@ -106,17 +157,20 @@ pub struct UsageSummary {
 impl Caller {
     pub fn usage_summary(&self) -> UsageSummary {
         let record = &self.record;
+        let limits = key_limits(record);
         UsageSummary {
             key_id: record.id.clone(),
             key_name: record.name.clone(),
             key_prefix: record.prefix.clone(),
-            user_id: self.user.id.clone(),
-            user_name: self.user.name.clone(),
+            user_id: self.user_record.id.clone(),
+            user_name: self.user_record.name.clone(),
             used: self.key.counters(),
             request_quota: record.request_quota,
             token_quota: record.token_quota,
+            image_quota: record.image_quota,
             remaining: self.remaining(),
-            rpm_limit: record.rpm_limit,
+            limits,
+            figures: self.figures(),
             models: record.models.clone(),
             created_at: record.created_at,
             expires_at: record.expires_at,
@@ -124,25 +178,67 @@ impl Caller {
     }
 
     pub fn remaining(&self) -> Remaining {
-        let counters = self.key.counters();
+        let key = &self.key;
         Remaining {
-            requests: self
-                .record
-                .request_quota
-                .map(|q| q.saturating_sub(self.key.requests_reserved.load(Ordering::Acquire))),
-            tokens: self
-                .record
-                .token_quota
-                .map(|q| q.saturating_sub(counters.tokens())),
+            requests: quota::remaining(
+                self.record.request_quota,
+                key.requests_reserved.load(Ordering::Acquire),
+            ),
+            tokens: quota::remaining(
+                self.record.token_quota,
+                key.tokens_committed.load(Ordering::Acquire),
+            ),
+            images: quota::remaining(
+                self.record.image_quota,
+                key.images_committed.load(Ordering::Acquire),
+            ),
         }
+    }
+
+    /// The per-minute standing of the key and its user, without taking anything.
+    pub fn figures(&self) -> RateFigures {
+        RateFigures::tighter(
+            self.key.limiter.figures(&key_limits(&self.record)),
+            self.user.limiter.figures(&user_limits(&self.user_record)),
+        )
+    }
+}
+
+pub fn key_limits(record: &KeyRecord) -> LimitSpec {
+    LimitSpec {
+        rpm: record.rpm_limit,
+        tpm: record.tpm_limit,
+        concurrent: record.max_concurrent,
+    }
+}
+
+pub fn user_limits(record: &UserRecord) -> LimitSpec {
+    LimitSpec {
+        rpm: record.rpm_limit,
+        tpm: record.tpm_limit,
+        concurrent: record.max_concurrent,
     }
 }
 
 /// Settings of the gate that come from configuration.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct GateSettings {
     /// Keep request and response bodies in the call log.
     pub log_bodies: bool,
+    /// The output cap assumed (and, for keys with a token quota, sent) when a client gives none.
+    pub default_max_tokens: u64,
+    /// Images one request may carry, for every key (a key may set a lower cap).
+    pub max_images_per_request: Option<u32>,
+}
+
+impl Default for GateSettings {
+    fn default() -> Self {
+        GateSettings {
+            log_bodies: false,
+            default_max_tokens: 4096,
+            max_images_per_request: None,
+        }
+    }
 }
 
 /// The gate shared by both doors. Every check lives here once.
@@ -152,7 +248,7 @@ pub struct Gateway {
     /// Current secrets, and previous ones while a rotation's grace period may still run.
     keys_by_hash: DashMap<SecretHash, Arc<KeyState>>,
     pub(super) keys_by_id: DashMap<String, Arc<KeyState>>,
-    pub(super) users: DashMap<String, Arc<UserRecord>>,
+    pub(super) users: DashMap<String, Arc<UserState>>,
     admin_token_hash: SecretHash,
     settings: GateSettings,
 }
@@ -175,7 +271,9 @@ impl Gateway {
             settings,
         };
         for user in gateway.store.load_users()? {
-            gateway.users.insert(user.id.clone(), Arc::new(user));
+            gateway
+                .users
+                .insert(user.id.clone(), Arc::new(UserState::new(user)));
         }
         let mut counters = gateway.store.load_counters()?;
         for key in gateway.store.load_keys()? {
@@ -284,7 +382,8 @@ impl Gateway {
             .get(&record.user_id)
             .map(|entry| entry.value().clone())
             .ok_or(GatewayError::InvalidApiKey(UNKNOWN))?;
-        if !user.active {
+        let user_record = user.record();
+        if !user_record.active {
             return Err(GatewayError::InvalidApiKey(
                 "The user owning this API key is deactivated.",
             ));
@@ -293,6 +392,7 @@ impl Gateway {
             key: state,
             record,
             user,
+            user_record,
         })
     }
 
@@ -315,62 +415,131 @@ impl Gateway {
         }
     }
 
-    /// Policy, rate limit and quota for one call; on success the request is reserved and
-    /// the returned [`Admission`] must travel with the call until it ends.
-    pub fn admit(&self, caller: &Caller, call: CallFacts) -> Result<Admission, GatewayError> {
-        self.authorize_model(caller, &call.model)?;
+    /// Policy, quotas and limits for one call, all or nothing. On success the call's
+    /// request, tokens and images are reserved, and the returned [`Admission`] must travel
+    /// with the call until it ends.
+    pub fn admit(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
+        self.authorize_model(caller, &facts.model)?;
         let record = &caller.record;
+        let per_request = [
+            record.max_images_per_request,
+            self.settings.max_images_per_request,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(cap) = per_request
+            && facts.images > cap
+        {
+            return Err(GatewayError::invalid_request(
+                format!(
+                    "this request has {} images; at most {cap} are allowed per request",
+                    facts.images
+                ),
+                Some("messages"),
+            ));
+        }
         let key = &caller.key;
-        if let Some(quota) = record.token_quota
-            && key.tokens_used() >= quota
-        {
-            return Err(GatewayError::QuotaExceeded {
-                what: "tokens",
-                limit: quota,
-            });
-        }
-        if let Some(quota) = record.request_quota
-            && key.requests_reserved.load(Ordering::Acquire) >= quota
-        {
-            return Err(GatewayError::QuotaExceeded {
-                what: "requests",
-                limit: quota,
-            });
-        }
-        let rate = match record.rpm_limit {
-            Some(limit) => Some(
-                key.limiter
-                    .try_acquire(limit)
-                    .map_err(|retry_after| GatewayError::RateLimited { limit, retry_after })?,
-            ),
-            None => None,
-        };
-        // The reservation itself: exact under concurrency, whatever the check above saw.
-        if let Some(quota) = record.request_quota {
-            key.requests_reserved
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                    (r < quota).then_some(r + 1)
-                })
-                .map_err(|_| GatewayError::QuotaExceeded {
-                    what: "requests",
-                    limit: quota,
-                })?;
-        } else {
-            key.requests_reserved.fetch_add(1, Ordering::AcqRel);
-        }
-        Ok(Admission {
+        let mut admission = Admission {
             caller: caller.clone(),
-            facts: call,
+            key_limits: key_limits(record),
+            user_limits: user_limits(&caller.user_record),
+            facts,
             sink: self.sink.clone(),
             log_bodies: self.settings.log_bodies,
             started: Instant::now(),
-            rate,
+            reserved: Reserved::default(),
+            upstream_cap: None,
+            figures: RateFigures::default(),
+            admitted: false,
             forwarded: false,
             usage: None,
             chunks_seen: 0,
             response_body: None,
             settled: false,
-        })
+        };
+
+        // Quotas first, so a call they refuse takes nothing from the per-minute limits.
+        let mut plan = None;
+        let tokens =
+            key.tokens_committed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |committed| {
+                    plan = quota::plan_tokens(
+                        quota::remaining(record.token_quota, committed),
+                        admission.facts.prompt_estimate,
+                        admission.facts.client_cap,
+                        self.settings.default_max_tokens,
+                    );
+                    plan.map(|p| committed.saturating_add(p.reserve))
+                });
+        let plan = match (tokens, plan) {
+            (Ok(_), Some(plan)) => plan,
+            _ => {
+                return Err(GatewayError::QuotaExceeded {
+                    what: "tokens",
+                    limit: record.token_quota.unwrap_or_default(),
+                });
+            }
+        };
+        admission.reserved.tokens = plan.reserve;
+        admission.upstream_cap = plan.upstream_cap;
+        reserve_one(&key.requests_reserved, record.request_quota, 1).map_err(|limit| {
+            GatewayError::QuotaExceeded {
+                what: "requests",
+                limit,
+            }
+        })?;
+        admission.reserved.request = true;
+        let images = u64::from(admission.facts.images);
+        if images > 0 {
+            reserve_one(&key.images_committed, record.image_quota, images).map_err(|limit| {
+                GatewayError::QuotaExceeded {
+                    what: "images",
+                    limit,
+                }
+            })?;
+            admission.reserved.images = images;
+        }
+
+        let key_grant = key
+            .limiter
+            .acquire(&admission.key_limits, LimitScope::Key, plan.reserve)
+            .map_err(GatewayError::from)?;
+        admission.reserved.key_grant = Some(key_grant);
+        let user_grant = caller
+            .user
+            .limiter
+            .acquire(&admission.user_limits, LimitScope::User, plan.reserve)
+            .map_err(GatewayError::from)?;
+        admission.reserved.user_grant = Some(user_grant);
+        admission.figures = RateFigures::from_grants(&key_grant, &user_grant);
+        admission.admitted = true;
+        Ok(admission)
+    }
+}
+
+/// Adds `amount` to `counter` if the result stays within `quota`; else the quota.
+fn reserve_one(counter: &AtomicU64, quota: Option<u64>, amount: u64) -> Result<(), u64> {
+    match quota {
+        None => {
+            counter.fetch_add(amount, Ordering::AcqRel);
+            Ok(())
+        }
+        Some(quota) => counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(amount).filter(|&total| total <= quota)
+            })
+            .map(drop)
+            .map_err(|_| quota),
+    }
+}
+
+/// Moves `counter` from `reserved` to `charged`.
+fn settle_counter(counter: &AtomicU64, reserved: u64, charged: u64) {
+    if charged >= reserved {
+        counter.fetch_add(charged - reserved, Ordering::AcqRel);
+    } else {
+        counter.fetch_sub(reserved - charged, Ordering::AcqRel);
     }
 }
 
@@ -380,21 +549,43 @@ pub struct CallFacts {
     pub request_id: String,
     pub model: String,
     pub stream: bool,
+    /// Prompt tokens estimated from the text and images.
     pub prompt_estimate: u64,
+    /// The client's output cap (`max_tokens` / `max_completion_tokens`).
+    pub client_cap: Option<u64>,
+    pub images: u32,
+    /// Sizes of the inline images, as read from their headers.
+    pub image_sizes: Vec<ImageSize>,
     /// The request body, kept only when the call log stores bodies.
     pub request_body: Option<String>,
 }
 
+/// What an admission holds until it settles.
+#[derive(Debug, Default)]
+struct Reserved {
+    request: bool,
+    tokens: u64,
+    images: u64,
+    key_grant: Option<Grant>,
+    user_grant: Option<Grant>,
+}
+
 /// An admitted call's reservation; it is settled exactly once, by [`Admission::settle`]
-/// or, if the call is abandoned (client gone, task cancelled), by `Drop`.
+/// or, if the call is abandoned (client gone, task cancelled), by `Drop`. A call refused
+/// half-way through admission gives back what it had reserved, and is not recorded.
 #[derive(Debug)]
 pub struct Admission {
     caller: Caller,
+    key_limits: LimitSpec,
+    user_limits: LimitSpec,
     facts: CallFacts,
     sink: UsageSink,
     log_bodies: bool,
     started: Instant,
-    rate: Option<RateStatus>,
+    reserved: Reserved,
+    upstream_cap: Option<u64>,
+    figures: RateFigures,
+    admitted: bool,
     forwarded: bool,
     usage: Option<Usage>,
     chunks_seen: u64,
@@ -407,8 +598,14 @@ impl Admission {
         &self.facts.request_id
     }
 
-    pub fn rate(&self) -> Option<RateStatus> {
-        self.rate
+    /// The per-minute standing after this call was admitted (`x-ratelimit-*`).
+    pub fn figures(&self) -> RateFigures {
+        self.figures
+    }
+
+    /// The `max_tokens` the upstream must be held to, when the client's must change.
+    pub fn upstream_cap(&self) -> Option<u64> {
+        self.upstream_cap
     }
 
     pub fn caller(&self) -> &Caller {
@@ -419,7 +616,7 @@ impl Admission {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The quotas left once this call's reservation is counted.
+    /// The quotas left with this call's reservation counted.
     pub fn remaining(&self) -> Remaining {
         self.caller.remaining()
     }
@@ -450,8 +647,43 @@ impl Admission {
         self.finish(outcome, status);
     }
 
+    /// Gives back every reservation, charging `charged` (and the request, if `charge_request`).
+    fn release(&mut self, charged: Usage, charge_request: bool) {
+        let key = &self.caller.key;
+        let reserved = std::mem::take(&mut self.reserved);
+        if reserved.request {
+            if charge_request {
+                key.requests_used.fetch_add(1, Ordering::AcqRel);
+            } else {
+                key.requests_reserved.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        settle_counter(&key.tokens_committed, reserved.tokens, charged.total());
+        key.prompt_tokens_used
+            .fetch_add(charged.prompt_tokens, Ordering::AcqRel);
+        key.completion_tokens_used
+            .fetch_add(charged.completion_tokens, Ordering::AcqRel);
+        let images = if charge_request { reserved.images } else { 0 };
+        settle_counter(&key.images_committed, reserved.images, images);
+        key.images_used.fetch_add(images, Ordering::AcqRel);
+        if let Some(grant) = reserved.key_grant {
+            key.limiter
+                .release(&grant, &self.key_limits, charged.total());
+        }
+        if let Some(grant) = reserved.user_grant {
+            self.caller
+                .user
+                .limiter
+                .release(&grant, &self.user_limits, charged.total());
+        }
+    }
+
     fn finish(&mut self, outcome: CallOutcome, status: u16) {
         if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        if !self.admitted {
+            self.release(Usage::default(), false);
             return;
         }
         let charged_request = self.forwarded && outcome.charges_request();
@@ -467,16 +699,7 @@ impl Admission {
             ),
             None => (Usage::default(), false),
         };
-        let key = &self.caller.key;
-        if !charged_request {
-            key.requests_reserved.fetch_sub(1, Ordering::AcqRel);
-        } else {
-            key.requests_used.fetch_add(1, Ordering::AcqRel);
-        }
-        key.prompt_tokens_used
-            .fetch_add(usage.prompt_tokens, Ordering::AcqRel);
-        key.completion_tokens_used
-            .fetch_add(usage.completion_tokens, Ordering::AcqRel);
+        self.release(usage, charged_request);
         let latency_ms = self.elapsed_ms();
         tracing::info!(
             request_id = %self.facts.request_id,
@@ -484,9 +707,10 @@ impl Admission {
             model = %self.facts.model,
             stream = self.facts.stream,
             status,
-            outcome = ?outcome,
+            outcome = outcome.as_str(),
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
+            images = self.facts.images,
             estimated = usage_estimated,
             latency_ms,
             "call"
@@ -504,6 +728,12 @@ impl Admission {
             charged_request,
             usage,
             usage_estimated,
+            images: if charged_request {
+                self.facts.images
+            } else {
+                0
+            },
+            image_sizes: std::mem::take(&mut self.facts.image_sizes),
             request_body: self.facts.request_body.take(),
             response_body: self.response_body.take(),
         });

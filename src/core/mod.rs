@@ -5,8 +5,10 @@ pub mod admin;
 pub mod chat;
 pub mod error;
 pub mod gateway;
+pub mod images;
 pub mod keys;
 pub mod limits;
+pub mod quota;
 pub mod records;
 
 pub use error::GatewayError;

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::images::ImageSize;
+
 /// Seconds since the Unix epoch, the unit of every stored and shown time.
 pub type UnixTime = i64;
 
@@ -26,6 +28,13 @@ pub struct UserRecord {
     #[serde(default)]
     pub email: Option<String>,
     pub active: bool,
+    /// Limits on the sum of the user's keys; `None` is unlimited.
+    #[serde(default)]
+    pub rpm_limit: Option<u32>,
+    #[serde(default)]
+    pub tpm_limit: Option<u64>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
     pub created_at: UnixTime,
     pub updated_at: UnixTime,
 }
@@ -43,12 +52,24 @@ pub struct KeyRecord {
     /// Requests per minute; `None` is unlimited.
     #[serde(default)]
     pub rpm_limit: Option<u32>,
+    /// Tokens per minute (reserved at admission, corrected at settlement).
+    #[serde(default)]
+    pub tpm_limit: Option<u64>,
+    /// Calls in flight at once.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
     /// Total requests this key may make; `None` is unlimited.
     #[serde(default)]
     pub request_quota: Option<u64>,
     /// Total tokens (prompt + completion) this key may use; `None` is unlimited.
     #[serde(default)]
     pub token_quota: Option<u64>,
+    /// Total images this key may send; `None` is unlimited.
+    #[serde(default)]
+    pub image_quota: Option<u64>,
+    /// Images one request may carry.
+    #[serde(default)]
+    pub max_images_per_request: Option<u32>,
     #[serde(default)]
     pub expires_at: Option<UnixTime>,
     /// Models this key may use; `None` allows every model the upstream serves.
@@ -106,6 +127,8 @@ pub struct KeyCounters {
     pub requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    #[serde(default)]
+    pub images: u64,
 }
 
 impl KeyCounters {
@@ -117,6 +140,7 @@ impl KeyCounters {
         self.requests += other.requests;
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
+        self.images += other.images;
     }
 }
 
@@ -182,6 +206,12 @@ pub struct CallRecord {
     pub usage: Usage,
     /// True when the upstream gave no usage and the tokens are the gateway's estimate.
     pub usage_estimated: bool,
+    /// Images charged with this call.
+    #[serde(default)]
+    pub images: u32,
+    /// Sizes of the inline (`data:`) images, read from their headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_sizes: Vec<ImageSize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_body: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,6 +224,7 @@ impl CallRecord {
             requests: u64::from(self.charged_request),
             prompt_tokens: self.usage.prompt_tokens,
             completion_tokens: self.usage.completion_tokens,
+            images: u64::from(self.images),
         }
     }
 }
@@ -208,4 +239,6 @@ pub struct UsageBucket {
     pub errors: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    #[serde(default)]
+    pub images: u64,
 }

@@ -39,6 +39,9 @@ impl pb::admin_server::Admin for AdminService {
         let user = self.gateway.create_user(NewUser {
             name: r.name,
             email: r.email,
+            rpm_limit: r.rpm_limit,
+            tpm_limit: r.tpm_limit,
+            max_concurrent: r.max_concurrent,
         })?;
         Ok(Response::new(user_proto(user)))
     }
@@ -74,11 +77,23 @@ impl pb::admin_server::Admin for AdminService {
             name: r.name,
             email: r.email.map(Some),
             active: r.active,
+            rpm_limit: r.rpm_limit.map(Some),
+            tpm_limit: r.tpm_limit.map(Some),
+            max_concurrent: r.max_concurrent.map(Some),
         };
         for field in &r.clear {
             match field.as_str() {
                 "email" => patch.email = Some(None),
-                other => return Err(unknown_clear(other, "email").into()),
+                "rpm_limit" => patch.rpm_limit = Some(None),
+                "tpm_limit" => patch.tpm_limit = Some(None),
+                "max_concurrent" => patch.max_concurrent = Some(None),
+                other => {
+                    return Err(unknown_clear(
+                        other,
+                        "email, rpm_limit, tpm_limit, max_concurrent",
+                    )
+                    .into());
+                }
             }
         }
         Ok(Response::new(user_proto(
@@ -105,8 +120,12 @@ impl pb::admin_server::Admin for AdminService {
             user_id: r.user_id,
             name: Some(r.name).filter(|n| !n.is_empty()),
             rpm_limit: r.rpm_limit,
+            tpm_limit: r.tpm_limit,
+            max_concurrent: r.max_concurrent,
             request_quota: r.request_quota,
             token_quota: r.token_quota,
+            image_quota: r.image_quota,
+            max_images_per_request: r.max_images_per_request,
             expires_at: r.expires_at.map(TimeInput::Unix),
             expires_in: r.expires_in,
             models: Some(r.models).filter(|m| !m.is_empty()),
@@ -147,8 +166,12 @@ impl pb::admin_server::Admin for AdminService {
         let mut patch = KeyPatch {
             name: r.name,
             rpm_limit: r.rpm_limit.map(Some),
+            tpm_limit: r.tpm_limit.map(Some),
+            max_concurrent: r.max_concurrent.map(Some),
             request_quota: r.request_quota.map(Some),
             token_quota: r.token_quota.map(Some),
+            image_quota: r.image_quota.map(Some),
+            max_images_per_request: r.max_images_per_request.map(Some),
             expires_at: r.expires_at.map(|t| Some(TimeInput::Unix(t))),
             expires_in: r.expires_in,
             models: Some(Some(r.models)).filter(|m| m.as_ref().is_some_and(|m| !m.is_empty())),
@@ -271,6 +294,9 @@ fn user_proto(user: UserRecord) -> pb::User {
         active: user.active,
         created_at: user.created_at,
         updated_at: user.updated_at,
+        rpm_limit: user.rpm_limit,
+        tpm_limit: user.tpm_limit,
+        max_concurrent: user.max_concurrent,
     }
 }
 
@@ -293,6 +319,11 @@ fn key_proto(key: KeyView) -> pb::Key {
         requests_used: key.used.requests,
         prompt_tokens_used: key.used.prompt_tokens,
         completion_tokens_used: key.used.completion_tokens,
+        tpm_limit: key.tpm_limit,
+        max_concurrent: key.max_concurrent,
+        image_quota: key.image_quota,
+        max_images_per_request: key.max_images_per_request,
+        images_used: key.used.images,
     }
 }
 
@@ -317,11 +348,13 @@ fn report_proto(report: UsageReport) -> pb::UsageReport {
                 errors: b.errors,
                 prompt_tokens: b.prompt_tokens,
                 completion_tokens: b.completion_tokens,
+                images: b.images,
             })
             .collect(),
         requests: report.requests,
         prompt_tokens: report.prompt_tokens,
         completion_tokens: report.completion_tokens,
+        images: report.images,
     }
 }
 
@@ -342,5 +375,14 @@ fn call_proto(call: CallRecord) -> pb::Call {
         usage_estimated: call.usage_estimated,
         request_body: call.request_body,
         response_body: call.response_body,
+        images: call.images,
+        image_sizes: call
+            .image_sizes
+            .into_iter()
+            .map(|s| pb::ImageSize {
+                width: s.width,
+                height: s.height,
+            })
+            .collect(),
     }
 }

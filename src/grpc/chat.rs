@@ -50,7 +50,7 @@ impl pb::chat_server::Chat for ChatService {
         let mut response = Response::new(convert::response_proto(&completion.body)?);
         add_limit_metadata(
             response.metadata_mut(),
-            &completion.rate,
+            &completion.figures,
             &completion.remaining,
         );
         Ok(response)
@@ -81,7 +81,7 @@ impl pb::chat_server::Chat for ChatService {
             None => start.await?,
         };
         let mut response = Response::new(chunks(start.relay, deadline));
-        add_limit_metadata(response.metadata_mut(), &start.rate, &start.remaining);
+        add_limit_metadata(response.metadata_mut(), &start.figures, &start.remaining);
         Ok(response)
     }
 
@@ -113,7 +113,14 @@ impl pb::chat_server::Chat for ChatService {
             tokens_used: summary.used.tokens(),
             token_quota: summary.token_quota,
             tokens_remaining: summary.remaining.tokens,
-            rpm_limit: summary.rpm_limit,
+            rpm_limit: summary.limits.rpm,
+            tpm_limit: summary.limits.tpm,
+            max_concurrent: summary.limits.concurrent,
+            requests_this_minute_remaining: summary.figures.requests.map(|r| r.remaining),
+            tokens_this_minute_remaining: summary.figures.tokens.map(|r| r.remaining),
+            image_quota: summary.image_quota,
+            images_used: summary.used.images,
+            images_remaining: summary.remaining.images,
             models: summary.models.unwrap_or_default(),
             created_at: summary.created_at,
             expires_at: summary.expires_at,
@@ -196,20 +203,19 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
 
 fn add_limit_metadata(
     metadata: &mut tonic::metadata::MetadataMap,
-    rate: &Option<crate::core::limits::RateStatus>,
+    figures: &crate::core::limits::RateFigures,
     remaining: &crate::core::Remaining,
 ) {
-    if let Some(rate) = rate {
-        metadata.insert("x-ratelimit-limit-requests", rate.limit.into());
-        metadata.insert("x-ratelimit-remaining-requests", rate.remaining.into());
-        if let Ok(value) = format!("{}s", rate.reset.as_secs().max(1)).parse() {
-            metadata.insert("x-ratelimit-reset-requests", value);
+    let quota = remaining
+        .pairs()
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value));
+    for (name, value) in figures.pairs().into_iter().chain(quota) {
+        if let (Ok(name), Ok(value)) = (
+            name.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+            value.parse(),
+        ) {
+            metadata.insert(name, value);
         }
-    }
-    if let Some(requests) = remaining.requests {
-        metadata.insert("x-quota-remaining-requests", requests.into());
-    }
-    if let Some(tokens) = remaining.tokens {
-        metadata.insert("x-quota-remaining-tokens", tokens.into());
     }
 }

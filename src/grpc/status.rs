@@ -14,13 +14,14 @@ impl From<GatewayError> for Status {
                 Code::Unauthenticated
             }
             GatewayError::ModelNotAllowed { .. } => Code::PermissionDenied,
-            GatewayError::RateLimited { limit, retry_after } => {
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                metadata.insert("retry-after", MetadataValue::from(secs.max(1)));
-                metadata.insert("x-ratelimit-limit-requests", MetadataValue::from(*limit));
-                metadata.insert("x-ratelimit-remaining-requests", MetadataValue::from(0u32));
-                if let Ok(value) = format!("{}ms", retry_after.as_millis()).parse() {
-                    metadata.insert("x-ratelimit-reset-requests", value);
+            GatewayError::RateLimited(refusal) => {
+                for (name, value) in refusal.pairs() {
+                    if let (Ok(name), Ok(value)) = (
+                        name.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+                        value.parse(),
+                    ) {
+                        metadata.insert(name, value);
+                    }
                 }
                 Code::ResourceExhausted
             }
@@ -70,13 +71,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::core::limits::{LimitKind, LimitScope, Refusal};
 
     #[test]
     fn each_error_gets_its_code_and_retry_figures() {
-        let status = Status::from(GatewayError::RateLimited {
+        let status = Status::from(GatewayError::RateLimited(Refusal {
+            scope: LimitScope::Key,
+            kind: LimitKind::Requests,
             limit: 5,
-            retry_after: Duration::from_millis(1500),
-        });
+            requested: 1,
+            retry_after: Some(Duration::from_millis(1500)),
+        }));
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.metadata().get("retry-after").unwrap(), "2");
         assert_eq!(

@@ -4,13 +4,13 @@ use std::convert::Infallible;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 
 use super::{AppState, RequestId, bearer, read_body};
 use crate::chat::UsageView;
-use crate::core::limits::RateStatus;
+use crate::core::limits::RateFigures;
 use crate::core::{GatewayError, Remaining};
 
 pub async fn chat_completions(
@@ -60,7 +60,7 @@ async fn complete(
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         // Tells nginx-style proxies in front of us not to buffer the stream.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        add_limit_headers(headers, start.rate, start.remaining);
+        add_limit_headers(headers, start.figures, start.remaining);
         return Ok(response);
     }
 
@@ -85,27 +85,20 @@ async fn complete(
         "x-processing-ms",
         HeaderValue::from(completion.processing_ms),
     );
-    add_limit_headers(headers, completion.rate, completion.remaining);
+    add_limit_headers(headers, completion.figures, completion.remaining);
     Ok(response)
 }
 
 /// Rate-limit figures of the call and the quota the key has left.
-fn add_limit_headers(headers: &mut HeaderMap, rate: Option<RateStatus>, remaining: Remaining) {
-    if let Some(rate) = rate {
-        headers.insert("x-ratelimit-limit-requests", HeaderValue::from(rate.limit));
-        headers.insert(
-            "x-ratelimit-remaining-requests",
-            HeaderValue::from(rate.remaining),
-        );
-        if let Ok(value) = HeaderValue::from_str(&format!("{}s", rate.reset.as_secs().max(1))) {
-            headers.insert("x-ratelimit-reset-requests", value);
+fn add_limit_headers(headers: &mut HeaderMap, figures: RateFigures, remaining: Remaining) {
+    let quota = remaining
+        .pairs()
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value));
+    for (name, value) in figures.pairs().into_iter().chain(quota) {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            headers.insert(name, value);
         }
-    }
-    if let Some(requests) = remaining.requests {
-        headers.insert("x-quota-remaining-requests", HeaderValue::from(requests));
-    }
-    if let Some(tokens) = remaining.tokens {
-        headers.insert("x-quota-remaining-tokens", HeaderValue::from(tokens));
     }
 }
 

@@ -1,11 +1,12 @@
 //! `GatewayError` as an HTTP answer: status, OpenAI error body, and retry headers.
 
 use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::core::GatewayError;
+use crate::core::limits::LimitKind;
 
 /// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_body(
@@ -40,9 +41,14 @@ impl IntoResponse for GatewayError {
                     Some("model_not_found".into()),
                     Some("model".into()),
                 ),
-                GatewayError::RateLimited { .. } => (
+                GatewayError::RateLimited(refusal) => (
                     StatusCode::TOO_MANY_REQUESTS,
-                    "requests".into(),
+                    match refusal.kind {
+                        LimitKind::Requests => "requests",
+                        LimitKind::Tokens => "tokens",
+                        LimitKind::Concurrency => "concurrency",
+                    }
+                    .into(),
                     Some("rate_limit_exceeded".into()),
                     None,
                 ),
@@ -112,14 +118,14 @@ impl IntoResponse for GatewayError {
             };
         let body = error_body(&message, &kind, param.as_deref(), code.as_deref());
         let mut response = (status, Json(body)).into_response();
-        if let GatewayError::RateLimited { limit, retry_after } = &self {
+        if let GatewayError::RateLimited(refusal) = &self {
             let headers = response.headers_mut();
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            headers.insert("x-ratelimit-limit-requests", HeaderValue::from(*limit));
-            headers.insert("x-ratelimit-remaining-requests", HeaderValue::from(0u32));
-            if let Ok(value) = HeaderValue::from_str(&format!("{}ms", retry_after.as_millis())) {
-                headers.insert("x-ratelimit-reset-requests", value);
+            for (name, value) in refusal.pairs() {
+                if let (Ok(name), Ok(value)) =
+                    (HeaderName::try_from(name), HeaderValue::try_from(value))
+                {
+                    headers.insert(name, value);
+                }
             }
         }
         response

@@ -200,6 +200,7 @@ impl Store for SledStore {
             bucket.errors += u64::from(call.status >= 400);
             bucket.prompt_tokens += call.usage.prompt_tokens;
             bucket.completion_tokens += call.usage.completion_tokens;
+            bucket.images += u64::from(call.images);
             log.push((
                 call_key(call.at_micros, &call.request_id),
                 timed_key(&call.key_id, call.at_micros, &call.request_id),
@@ -234,6 +235,7 @@ impl Store for SledStore {
                 bucket.errors += delta.errors;
                 bucket.prompt_tokens += delta.prompt_tokens;
                 bucket.completion_tokens += delta.completion_tokens;
+                bucket.images += delta.images;
                 let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
                 usage_tree.insert(key.as_slice(), bytes)?;
             }
@@ -363,6 +365,8 @@ mod tests {
                 completion_tokens: 1,
             },
             usage_estimated: false,
+            images: 0,
+            image_sizes: Vec::new(),
             request_body: None,
             response_body: None,
         }

@@ -60,6 +60,7 @@ fn user() -> pb::User {
         active: true,
         created_at: 1_767_225_600,
         updated_at: 1_767_225_600,
+        ..Default::default()
     }
 }
 

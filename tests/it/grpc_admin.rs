@@ -14,6 +14,7 @@ async fn users_are_managed_over_grpc() {
         .create_user(pb::CreateUserRequest {
             name: "Partner".into(),
             email: Some("p@example.com".into()),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -76,6 +77,7 @@ async fn users_are_managed_over_grpc() {
         .create_user(pb::CreateUserRequest {
             name: " ".into(),
             email: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -90,6 +92,7 @@ async fn keys_are_created_listed_updated_rotated_and_revoked_over_grpc() {
         .create_user(pb::CreateUserRequest {
             name: "dev".into(),
             email: None,
+            ..Default::default()
         })
         .await
         .unwrap()
