@@ -7,6 +7,7 @@
 mod admin;
 mod admin_cli;
 mod billing;
+mod books;
 mod chat;
 mod common;
 mod errors;

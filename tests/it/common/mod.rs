@@ -184,7 +184,11 @@ impl TestGateway {
     /// The key's call log, newest first.
     pub async fn calls(&self, key_id: &str) -> Vec<Value> {
         let (status, body) = self
-            .admin(Method::GET, &format!("/keys/{key_id}/calls"), None)
+            .admin(
+                Method::GET,
+                &format!("/keys/{key_id}/calls?limit=1000"),
+                None,
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["calls"].as_array().unwrap().clone()
