@@ -18,7 +18,7 @@ use crate::grpc;
 use crate::rest::{self, AppState, RestSettings};
 use crate::sim::{RunningSimulator, Simulator, SimulatorConfig};
 use crate::store::{SledStore, Store, UsageWriter};
-use crate::upstream::{Upstream, UpstreamSettings};
+use crate::upstream::UpstreamPool;
 
 const ADMIN_TOKEN_META: &str = "admin_token_hash";
 const DEMO_KEY_META: &str = "demo_key_id";
@@ -38,6 +38,7 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
+    pub upstream: Arc<UpstreamPool>,
     pub secrets: FirstStartSecrets,
     /// The in-process simulator of `--demo`.
     pub simulator: Option<RunningSimulator>,
@@ -66,6 +67,16 @@ impl RunningGateway {
         }
     }
 
+    /// Reloads the upstream list from `config` (SIGHUP); calls in flight are not touched.
+    pub fn reload_upstreams(&self, config: &GatewayConfig) -> anyhow::Result<()> {
+        config.validate()?;
+        if self.simulator.is_some() {
+            anyhow::bail!("the demo gateway always uses its simulator; nothing to reload");
+        }
+        self.upstream.reload(config.upstream.pool_settings())?;
+        Ok(())
+    }
+
     /// Waits until the server stops by itself (it does not, unless shut down).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
@@ -86,6 +97,8 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         .await
         .context("cannot start the demo simulator")?;
         config.upstream.url = simulator.url();
+        // The demo answers with the simulator alone, whatever backends are configured.
+        config.upstream.backends.clear();
         Some(simulator)
     } else {
         None
@@ -119,16 +132,11 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         secrets.demo_key = ensure_demo_key(&gateway, &*store)?;
     }
 
-    let upstream = Arc::new(Upstream::new(&UpstreamSettings {
-        url: config.upstream.url.clone(),
-        api_key: config.upstream.api_key.clone(),
-        connect_timeout: Duration::from_secs(config.upstream.connect_timeout_secs),
-        request_timeout: Duration::from_secs(config.upstream.request_timeout_secs),
-    })?);
+    let upstream = Arc::new(UpstreamPool::new(config.upstream.pool_settings())?);
     let hard_stop = CancellationToken::new();
     let chat = ChatPath {
         gateway: gateway.clone(),
-        upstream,
+        upstream: upstream.clone(),
         options: Arc::new(ChatOptions {
             continuous_usage: config.upstream.continuous_usage_stats,
             image_policy: config.image_policy.clone(),
@@ -136,6 +144,9 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         hard_stop: hard_stop.clone(),
     };
     let shutdown = CancellationToken::new();
+    // Know the backends' health before the first call, then keep checking.
+    chat.upstream.check_health().await;
+    chat.upstream.spawn_health_checks(shutdown.clone());
     let grpc =
         grpc::routes(chat.clone(), shutdown.clone()).context("cannot build the gRPC services")?;
     let state = AppState {
@@ -182,6 +193,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         addr,
         grpc_addr: grpc_addr.unwrap_or(addr),
         gateway,
+        upstream,
         secrets,
         simulator,
         shutdown,

@@ -10,12 +10,13 @@ use futures_util::stream::BoxStream;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::chat::{ChatCall, ChatOptions, prepare_chat, with_max_tokens};
+use crate::core::chat::{ChatCall, ChatOptions, prepare_chat, with_max_tokens, with_model};
 use crate::core::limits::RateFigures;
 use crate::core::records::{CallOutcome, Usage};
 use crate::core::{Admission, CallFacts, Caller, Gateway, GatewayError, Remaining};
-use crate::upstream::Upstream;
+use crate::upstream::read_body;
 use crate::upstream::sse::{self, SseFramer};
+use crate::upstream::{BackendLease, UpstreamAnswer, UpstreamPool};
 
 /// How long the end of an upstream body is awaited after `[DONE]`.
 const DRAIN_LIMIT: Duration = Duration::from_millis(500);
@@ -24,7 +25,7 @@ const DRAIN_LIMIT: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct ChatPath {
     pub gateway: Arc<Gateway>,
-    pub upstream: Arc<Upstream>,
+    pub upstream: Arc<UpstreamPool>,
     /// How requests are read and rewritten.
     pub options: Arc<ChatOptions>,
     /// Cancelled when the shutdown grace period is over: calls still running end now.
@@ -89,15 +90,19 @@ impl ChatPath {
         admission: &mut Admission,
         call: ChatCall,
         request_id: &str,
-    ) -> Result<reqwest::Response, GatewayError> {
+    ) -> Result<UpstreamAnswer, GatewayError> {
+        let served = self.upstream.resolve_model(&call.model).into_owned();
+        let mut body = call.upstream_body;
+        if served != call.model {
+            body = with_model(&body, &served)?;
+        }
         // The quota may hold the answer to fewer tokens than the client asked for.
-        let body = match admission.upstream_cap() {
-            Some(cap) => with_max_tokens(&call.upstream_body, cap)?,
-            None => call.upstream_body,
-        };
+        if let Some(cap) = admission.upstream_cap() {
+            body = with_max_tokens(&body, cap)?;
+        }
         admission.mark_forwarded();
         tokio::select! {
-            sent = self.upstream.chat(body, request_id, call.stream) => sent,
+            sent = self.upstream.chat(&served, body, request_id) => sent,
             () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
         }
     }
@@ -112,23 +117,34 @@ impl ChatPath {
         let request_body = self.logged_body(&call);
         let mut admission = self.admit(caller, &call, request_id, request_body)?;
         let figures = admission.figures();
-        let response = match self.send(&mut admission, call, request_id).await {
-            Ok(response) => response,
-            Err(e) => return Err(settle_failed(admission, e)),
+        let settings = self.upstream.settings();
+        let deadline = tokio::time::Instant::now() + settings.total_timeout;
+        let sent = tokio::time::timeout_at(deadline, self.send(&mut admission, call, request_id));
+        let answer = match sent.await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(settle_failed(admission, e)),
+            Err(_) => return Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
         };
+        let UpstreamAnswer { response, lease } = answer;
         let content_type = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = tokio::select! {
-            body = Upstream::read_body(response) => body,
+            body = tokio::time::timeout_at(deadline, read_body(response, settings.idle_timeout)) => {
+                body.unwrap_or(Err(GatewayError::UpstreamTimeout))
+            }
             () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
         };
         let body = match body {
             Ok(body) => body,
-            Err(e) => return Err(settle_failed(admission, e)),
+            Err(e) => {
+                self.upstream.record_stream_failure(&lease);
+                return Err(settle_failed(admission, e));
+            }
         };
+        drop(lease);
         if let Some(usage) = usage_of(&body) {
             admission.observe_usage(usage);
         }
@@ -154,15 +170,21 @@ impl ChatPath {
     ) -> Result<StreamStart, GatewayError> {
         let request_body = self.logged_body(&call);
         let mut admission = self.admit(caller, &call, request_id, request_body)?;
-        let response = match self.send(&mut admission, call, request_id).await {
-            Ok(response) => response,
+        let answer = match self.send(&mut admission, call, request_id).await {
+            Ok(answer) => answer,
             Err(e) => return Err(settle_failed(admission, e)),
         };
         let figures = admission.figures();
         let remaining = admission.remaining();
+        let settings = self.upstream.settings();
+        let UpstreamAnswer { response, lease } = answer;
         Ok(StreamStart {
             relay: Relay {
                 upstream: response.bytes_stream().boxed(),
+                lease: Some(lease),
+                pool: self.upstream.clone(),
+                idle_timeout: settings.idle_timeout,
+                deadline: tokio::time::Instant::now() + settings.total_timeout,
                 framer: SseFramer::default(),
                 admission: Some(admission),
                 view,
@@ -238,6 +260,11 @@ fn usage_of(body: &[u8]) -> Option<Usage> {
 /// request, which stops the generation, and settles the call through the admission.
 pub struct Relay {
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    /// Counts the call on its backend until the relay ends.
+    lease: Option<BackendLease>,
+    pool: Arc<UpstreamPool>,
+    idle_timeout: Duration,
+    deadline: tokio::time::Instant,
     framer: SseFramer,
     admission: Option<Admission>,
     view: UsageView,
@@ -256,33 +283,41 @@ impl Relay {
                 self.drain().await;
                 return None;
             };
+            let next = tokio::time::timeout(self.idle_timeout, self.upstream.next());
             let item = tokio::select! {
-                item = self.upstream.next() => item,
+                item = next => item,
+                () = tokio::time::sleep_until(self.deadline) => {
+                    return Some(self.break_off(504, "upstream_timeout", "the call ran past the gateway's total time limit"));
+                }
                 () = self.hard_stop.cancelled() => {
                     self.finish(CallOutcome::Cancelled, 200);
-                    return Some(vec![sse::error_end("the gateway is shutting down; the stream was cut short")]);
+                    return Some(vec![sse::error_end("stream_incomplete", "the gateway is shutting down; the stream was cut short")]);
                 }
             };
             let chunk = match item {
-                Some(Ok(chunk)) => chunk,
-                Some(Err(e)) => {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Err(e))) => {
                     let message = format!("the model server's stream broke off: {e}");
-                    self.finish(CallOutcome::StreamIncomplete, 200);
-                    return Some(vec![sse::error_end(&message)]);
+                    return Some(self.break_off(200, "stream_incomplete", &message));
                 }
-                None => {
-                    self.finish(CallOutcome::StreamIncomplete, 200);
-                    return Some(vec![sse::error_end(
+                Ok(None) => {
+                    return Some(self.break_off(
+                        200,
+                        "stream_incomplete",
                         "the model server ended the stream without finishing it",
-                    )]);
+                    ));
+                }
+                Err(_) => {
+                    return Some(self.break_off(
+                        504,
+                        "upstream_timeout",
+                        "the model server went silent in the middle of the stream",
+                    ));
                 }
             };
             let events = match self.framer.push(&chunk) {
                 Ok(events) => events,
-                Err(e) => {
-                    self.finish(CallOutcome::StreamIncomplete, 200);
-                    return Some(vec![sse::error_end(&e.to_string())]);
-                }
+                Err(e) => return Some(self.break_off(502, "stream_incomplete", &e.to_string())),
             };
             let mut out = Vec::with_capacity(events.len());
             let mut done = false;
@@ -351,6 +386,16 @@ impl Relay {
             let rest = async { while let Some(Ok(_)) = self.upstream.next().await {} };
             let _ = tokio::time::timeout(DRAIN_LIMIT, rest).await;
         }
+    }
+
+    /// Ends a stream the upstream failed: the backend's failure counts against its health,
+    /// the call is settled with what was seen, and the client gets a well-formed end.
+    fn break_off(&mut self, status: u16, code: &str, message: &str) -> Vec<Bytes> {
+        if let Some(lease) = self.lease.take() {
+            self.pool.record_stream_failure(&lease);
+        }
+        self.finish(CallOutcome::StreamIncomplete, status);
+        vec![sse::error_end(code, message)]
     }
 
     fn finish(&mut self, outcome: CallOutcome, status: u16) {

@@ -1,6 +1,7 @@
 //! Configuration: defaults, then a TOML file, then `STEP3GW_*` environment variables, then
 //! command-line flags. Unknown keys are errors that name the key.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::core::images::ImageUrlPolicy;
+use crate::upstream::{BackendSettings, PoolSettings};
 
 /// Environment variables that configure the gateway start with this, e.g.
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
@@ -89,13 +91,30 @@ impl Default for ServerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// The OpenAI-compatible model server (with or without the `/v1` suffix).
+    /// The model server, when there is one (with or without the `/v1` suffix); ignored
+    /// when `backends` lists several.
     pub url: String,
     /// The model server's own key (vLLM `--api-key`); clients' keys never go upstream.
     pub api_key: Option<String>,
+    /// Several model servers: requests go to the least loaded healthy one serving the model.
+    pub backends: Vec<BackendConfig>,
+    /// Client-facing model names for served ones, e.g. `step3-vl` → `stepfun-ai/Step3-VL-10B`.
+    pub aliases: BTreeMap<String, String>,
     pub connect_timeout_secs: u64,
-    /// For a whole JSON answer, and for the longest silence within a stream.
-    pub request_timeout_secs: u64,
+    /// Until the answer's headers; for a JSON answer that is the whole generation.
+    pub first_byte_timeout_secs: u64,
+    /// The longest silence while reading an answer or between stream chunks.
+    pub idle_timeout_secs: u64,
+    /// A whole call, stream included.
+    pub total_timeout_secs: u64,
+    /// Further attempts on another backend when one refused or failed before answering.
+    pub max_retries: u32,
+    /// Consecutive failures (connect errors, resets, 5xx) that eject a backend...
+    pub eject_after_failures: u32,
+    /// ...for this long.
+    pub eject_secs: u64,
+    /// How often each backend's `/health` is checked.
+    pub health_interval_ms: u64,
     /// Ask for usage on every stream chunk (vLLM's `continuous_usage_stats`), so a stream
     /// cut short is billed exactly. Turn off for servers that reject the field.
     pub continuous_usage_stats: bool,
@@ -106,9 +125,76 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             url: "http://127.0.0.1:8000".into(),
             api_key: None,
+            backends: Vec::new(),
+            aliases: BTreeMap::new(),
             connect_timeout_secs: 5,
-            request_timeout_secs: 600,
+            first_byte_timeout_secs: 600,
+            idle_timeout_secs: 300,
+            total_timeout_secs: 1800,
+            max_retries: 1,
+            eject_after_failures: 3,
+            eject_secs: 30,
+            health_interval_ms: 5000,
             continuous_usage_stats: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// A label for logs and metrics; defaults to the URL.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub url: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Served model names; empty serves every model.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl UpstreamConfig {
+    /// The pool these settings describe.
+    pub fn pool_settings(&self) -> PoolSettings {
+        let backends = if self.backends.is_empty() {
+            vec![BackendSettings {
+                name: "default".into(),
+                url: self.url.clone(),
+                api_key: self.api_key.clone(),
+                models: Vec::new(),
+                weight: 1,
+            }]
+        } else {
+            self.backends
+                .iter()
+                .map(|b| BackendSettings {
+                    name: b.name.clone().unwrap_or_else(|| b.url.clone()),
+                    url: b.url.clone(),
+                    api_key: b.api_key.clone(),
+                    models: b.models.clone(),
+                    weight: b.weight.max(1),
+                })
+                .collect()
+        };
+        PoolSettings {
+            backends,
+            aliases: self.aliases.clone().into_iter().collect(),
+            connect_timeout: Duration::from_secs(self.connect_timeout_secs),
+            first_byte_timeout: Duration::from_secs(self.first_byte_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            total_timeout: Duration::from_secs(self.total_timeout_secs),
+            max_retries: self.max_retries,
+            eject_after_failures: self.eject_after_failures.max(1),
+            eject_for: Duration::from_secs(self.eject_secs),
+            health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
+            health_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -216,18 +302,29 @@ impl GatewayConfig {
 
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = &self.upstream.url;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError::Invalid(format!(
-                "upstream.url must start with http:// or https://, got `{url}`"
-            )));
+        let urls = std::iter::once(&self.upstream.url)
+            .chain(self.upstream.backends.iter().map(|b| &b.url));
+        for url in urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "upstream URLs must start with http:// or https://, got `{url}`"
+                )));
+            }
         }
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "server.max_body_bytes must be at least 1024".into(),
             ));
         }
-        if self.upstream.request_timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
+        let upstream = &self.upstream;
+        if [
+            upstream.connect_timeout_secs,
+            upstream.first_byte_timeout_secs,
+            upstream.idle_timeout_secs,
+            upstream.total_timeout_secs,
+        ]
+        .contains(&0)
+        {
             return Err(ConfigError::Invalid(
                 "upstream timeouts must be at least 1 second".into(),
             ));

@@ -38,26 +38,46 @@ fn init_logs(format: LogFormat, level: &str) {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The configuration: file, environment, then the flags of `serve`.
+fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
     let mut config = GatewayConfig::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
-    if let Some(upstream) = args.upstream {
-        config.upstream.url = upstream;
+    if let Some(upstream) = &args.upstream {
+        config.upstream.url = upstream.clone();
     }
-    if let Some(dir) = args.data_dir {
-        config.store.path = dir;
+    if let Some(dir) = &args.data_dir {
+        config.store.path = dir.clone();
     }
     if let Some(format) = args.log_format {
         config.log.format = format.into();
     }
     config.demo.enabled |= args.demo;
+    Ok(config)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
     init_logs(config.log.format, &config.log.level);
 
     let running = step3_gateway::app::start(config.clone()).await?;
     announce(&running, &config);
-    shutdown_signal().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = hangup.recv() => {
+                // Only the upstream list is reloaded; other settings need a restart.
+                match load_config(&args).and_then(|config| running.reload_upstreams(&config)) {
+                    Ok(()) => tracing::info!("SIGHUP: upstream list reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the current upstreams"),
+                }
+            }
+        }
+    }
     tracing::info!("shutting down: finishing calls in flight");
     running.shutdown().await;
     Ok(())

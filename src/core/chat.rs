@@ -283,6 +283,26 @@ fn measure_messages(
     Ok(measured)
 }
 
+/// The body with `model` replaced by `served` (an alias resolved to the served name).
+pub fn with_model(body: &Bytes, served: &str) -> Result<Bytes, GatewayError> {
+    #[derive(Deserialize)]
+    struct ModelView<'a> {
+        #[serde(borrow)]
+        model: &'a RawValue,
+    }
+    let view: ModelView<'_> = serde_json::from_slice(body).map_err(|e| {
+        GatewayError::invalid_request(format!("cannot set the model: {e}"), Some("model"))
+    })?;
+    let span = span_of(body, view.model.get());
+    let value = serde_json::to_string(served)
+        .map_err(|e| GatewayError::invalid_request(e.to_string(), Some("model")))?;
+    let mut out = Vec::with_capacity(body.len() + value.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    Ok(Bytes::from(out))
+}
+
 /// The body with its output cap set to `cap`: every cap field present is replaced, or
 /// `max_tokens` is added when there is none. The rest of the body is kept as it is.
 pub fn with_max_tokens(body: &Bytes, cap: u64) -> Result<Bytes, GatewayError> {
@@ -488,6 +508,11 @@ mod tests {
             (Some(42), Some(42))
         );
         assert_eq!(lowered["top_k"], 3);
+        let renamed: Value =
+            serde_json::from_slice(&with_model(&call.upstream_body, "served/name").unwrap())
+                .unwrap();
+        assert_eq!(renamed["model"], "served/name");
+        assert_eq!(renamed["top_k"], 3);
 
         let call = prepare(
             json!({"model":"m","messages":[{"role":"user","content":"x"}]}),

@@ -47,6 +47,9 @@ pub enum GatewayError {
     /// The upstream could not be reached (connection refused, reset, DNS).
     #[error("the model server is unavailable: {0}")]
     UpstreamUnavailable(String),
+    /// No healthy backend serves the model: answered at once, not after a timeout.
+    #[error("no healthy model server serves `{model}` right now; retry shortly")]
+    NoHealthyBackend { model: String },
     /// The upstream did not answer in time.
     #[error("the model server did not answer in time")]
     UpstreamTimeout,

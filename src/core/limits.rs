@@ -1,15 +1,17 @@
 //! Per-minute limits (requests and tokens) and concurrency caps, per key and per user.
 //!
-//! Each window is a sliding-window counter, O(1) in time and memory: the estimate is
-//! `previous · (1 − elapsed/W) + current`, and an amount is admitted while the estimate plus
-//! the amount stays within the limit. Unlike a fixed window, a burst at the boundary cannot
-//! pass twice the limit. Each key and each user has its own lock; none is shared.
+//! Each per-minute limit is a GCRA (generic cell rate algorithm): a limit of `L` per minute
+//! lets one unit through every `60 s / L` on average, with a burst of up to `L` at once. The
+//! state is one number, the theoretical arrival time, so a check is O(1) in time and memory.
+//! A burst at a minute's edge cannot pass twice the limit in any sixty seconds, and a small
+//! limit stays smooth: `rpm_limit = 1` means one call every sixty seconds. Each key and each
+//! user has its own lock; none is shared.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-const WINDOW_MS: u64 = 60_000;
+const WINDOW_US: u64 = 60_000_000;
 
 /// Milliseconds on a monotonic clock shared by the whole process.
 pub fn monotonic_ms() -> u64 {
@@ -104,33 +106,43 @@ pub struct Refusal {
     pub retry_after: Option<Duration>,
 }
 
-/// The amounts of one key's (or user's) current and previous one-minute windows.
+/// One GCRA limit: `limit` units per minute, kept as a "theoretical arrival time".
 #[derive(Debug, Default)]
 pub struct SlidingWindow {
-    start_ms: u64,
-    current: u64,
-    previous: u64,
+    /// When the bucket will be empty again, in microseconds on the monotonic clock.
+    tat_us: u64,
 }
 
 impl SlidingWindow {
+    fn interval_us(limit: u64) -> f64 {
+        WINDOW_US as f64 / limit.max(1) as f64
+    }
+
+    /// `amount` units' share of the minute, rounded up, in exact integers (so that the
+    /// full allowance costs exactly one minute).
+    fn cost_us(limit: u64, amount: u64) -> u64 {
+        let limit = u128::from(limit.max(1));
+        let cost = (u128::from(amount) * u128::from(WINDOW_US)).div_ceil(limit);
+        u64::try_from(cost).unwrap_or(u64::MAX)
+    }
+
     /// Whether `amount` fits under `limit` at `now_ms`; on `Err`, how long until it does
     /// (`None`: never, the amount alone is over the limit). Takes nothing.
     pub fn check(&mut self, limit: u64, amount: u64, now_ms: u64) -> Result<(), Option<Duration>> {
-        self.advance(now_ms);
-        let elapsed = now_ms - self.start_ms;
-        if self.estimate(elapsed) + amount as f64 <= limit as f64 {
-            Ok(())
-        } else if amount > limit {
-            Err(None)
-        } else {
-            Err(Some(self.retry_after(limit as f64, amount as f64, elapsed)))
+        if amount > limit {
+            return Err(None);
+        }
+        let now = now_ms * 1000;
+        let new_tat = self.tat_us.max(now) + Self::cost_us(limit, amount);
+        match new_tat.saturating_sub(now).saturating_sub(WINDOW_US) {
+            0 => Ok(()),
+            over => Err(Some(Duration::from_micros(over))),
         }
     }
 
-    /// Counts `amount` in the current window and reports the standing.
+    /// Counts `amount` and reports the standing.
     pub fn take(&mut self, limit: u64, amount: u64, now_ms: u64) -> RateStatus {
-        self.advance(now_ms);
-        self.current = self.current.saturating_add(amount);
+        self.tat_us = self.tat_us.max(now_ms * 1000) + Self::cost_us(limit, amount);
         self.status(limit, now_ms)
     }
 
@@ -145,75 +157,27 @@ impl SlidingWindow {
         Ok(self.take(limit, amount, now_ms))
     }
 
-    /// Corrects the current window by `delta` (a reservation settled at its real size).
-    pub fn adjust(&mut self, delta: i64, now_ms: u64) {
-        self.advance(now_ms);
-        self.current = self.current.saturating_add_signed(delta);
+    /// Corrects by `delta` units (a reservation settled at its real size).
+    pub fn adjust(&mut self, limit: u64, delta: i64, now_ms: u64) {
+        let now = now_ms * 1000;
+        let shift = Self::cost_us(limit, delta.unsigned_abs());
+        self.tat_us = if delta >= 0 {
+            self.tat_us.max(now) + shift
+        } else {
+            self.tat_us.saturating_sub(shift).max(now)
+        };
     }
 
     pub fn status(&mut self, limit: u64, now_ms: u64) -> RateStatus {
-        self.advance(now_ms);
-        let elapsed = now_ms - self.start_ms;
-        let used = self.estimate(elapsed);
-        // Full allowance is back once this window's amounts have slid out too.
-        let reset_ms = if self.current > 0 {
-            2 * WINDOW_MS - elapsed
-        } else if self.previous > 0 {
-            WINDOW_MS - elapsed
-        } else {
-            0
-        };
+        let backlog = self.tat_us.saturating_sub(now_ms * 1000);
+        let free = WINDOW_US.saturating_sub(backlog) as f64;
         RateStatus {
             limit,
-            remaining: (limit as f64 - used).max(0.0).floor() as u64,
-            reset: Duration::from_millis(reset_ms),
+            remaining: ((free / Self::interval_us(limit)).floor() as u64).min(limit),
+            // The whole allowance is back once the backlog has drained.
+            reset: Duration::from_micros(backlog),
         }
     }
-
-    fn advance(&mut self, now_ms: u64) {
-        let start = now_ms - now_ms % WINDOW_MS;
-        if start == self.start_ms {
-            return;
-        }
-        self.previous = if start == self.start_ms + WINDOW_MS {
-            self.current
-        } else {
-            0
-        };
-        self.current = 0;
-        self.start_ms = start;
-    }
-
-    fn estimate(&self, elapsed_ms: u64) -> f64 {
-        let weight = (WINDOW_MS - elapsed_ms) as f64 / WINDOW_MS as f64;
-        self.previous as f64 * weight + self.current as f64
-    }
-
-    /// The shortest wait after which the estimate leaves room for `amount`.
-    fn retry_after(&self, limit: f64, amount: f64, elapsed_ms: u64) -> Duration {
-        let window = WINDOW_MS as f64;
-        let current = self.current as f64;
-        let previous = self.previous as f64;
-        // Still in this window, once enough of the previous window has slid out.
-        if current + amount <= limit && previous > 0.0 {
-            let at = ceil_ms(window * (1.0 - (limit - current - amount) / previous));
-            if at < WINDOW_MS {
-                return Duration::from_millis(at.saturating_sub(elapsed_ms).max(1));
-            }
-        }
-        // In the next window, once enough of this one has slid out.
-        let into_next = if current > 0.0 && limit - amount < current {
-            ceil_ms(window * (1.0 - (limit - amount) / current))
-        } else {
-            0
-        };
-        Duration::from_millis(WINDOW_MS - elapsed_ms + into_next)
-    }
-}
-
-/// Rounds up to whole milliseconds, ignoring float noise (20000.000000000004 is 20000).
-fn ceil_ms(ms: f64) -> u64 {
-    (ms - 1e-6).ceil().max(0.0) as u64
 }
 
 #[derive(Debug, Default)]
@@ -312,7 +276,9 @@ impl Limiter {
             let delta = i64::try_from(used).unwrap_or(i64::MAX)
                 - i64::try_from(grant.tokens).unwrap_or(i64::MAX);
             let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-            windows.tokens.adjust(delta, monotonic_ms());
+            if let Some(tpm) = spec.tpm {
+                windows.tokens.adjust(tpm, delta, monotonic_ms());
+            }
         }
     }
 
@@ -449,46 +415,45 @@ mod tests {
     }
 
     #[test]
-    fn admits_up_to_the_limit_then_refuses_with_a_wait() {
+    fn admits_a_burst_up_to_the_limit_then_one_per_interval() {
         let mut w = SlidingWindow::default();
         for i in 0..5 {
             let status = w.try_acquire(5, 1, 1_000).unwrap();
             assert_eq!(status.remaining, 4 - i);
         }
+        // Five per minute: the next one is due twelve seconds on.
         let wait = w.try_acquire(5, 1, 1_000).unwrap_err();
-        // The next window admits once a fifth of this one's five calls has slid out.
-        assert_eq!(wait, Some(Duration::from_millis(59_000 + 12_000)));
+        assert_eq!(wait, Some(Duration::from_secs(12)));
+        assert!(w.try_acquire(5, 1, 12_999).is_err());
+        assert!(w.try_acquire(5, 1, 13_000).is_ok());
     }
 
     #[test]
     fn a_burst_at_the_window_edge_cannot_pass_twice_the_limit() {
         let mut w = SlidingWindow::default();
         assert_eq!(admitted(&mut w, 10, 59_999, 20), 10);
-        // One millisecond later, a new fixed window would admit ten more; the slide does not.
+        // A fixed window would admit ten more a millisecond later; the rate does not.
         assert_eq!(admitted(&mut w, 10, 60_000, 20), 0);
-        // Half a minute on, half of the old burst has slid out.
-        assert_eq!(admitted(&mut w, 10, 90_000, 20), 5);
+        // Half a minute on, half of the allowance has come back.
+        assert_eq!(admitted(&mut w, 10, 89_999, 20), 5);
     }
 
     #[test]
-    fn the_advertised_wait_is_enough_and_not_much_more() {
+    fn one_per_minute_means_one_every_sixty_seconds() {
         let mut w = SlidingWindow::default();
-        admitted(&mut w, 3, 10_000, 3);
-        // At 70 s five sixths of the previous window still count: 2.5 + 1 > 3.
-        let wait = w
-            .try_acquire(3, 1, 70_000)
-            .unwrap_err()
-            .unwrap()
-            .as_millis() as u64;
-        assert_eq!(wait, 10_000);
-        assert!(w.try_acquire(3, 1, 70_000 + wait - 2).is_err());
-        assert!(w.try_acquire(3, 1, 70_000 + wait).is_ok());
+        assert!(w.try_acquire(1, 1, 10_000).is_ok());
+        assert_eq!(
+            w.try_acquire(1, 1, 30_000),
+            Err(Some(Duration::from_secs(40)))
+        );
+        assert!(w.try_acquire(1, 1, 70_000).is_ok());
     }
 
     #[test]
-    fn an_idle_window_forgets_old_counts() {
+    fn an_idle_limit_is_full_again() {
         let mut w = SlidingWindow::default();
         admitted(&mut w, 2, 0, 2);
+        assert_eq!(w.status(2, 0).remaining, 0);
         assert_eq!(admitted(&mut w, 2, 180_000, 5), 2);
     }
 
@@ -499,7 +464,7 @@ mod tests {
         assert!(w.try_acquire(1000, 600, 0).is_err());
         assert_eq!(w.try_acquire(1000, 2000, 0), Err(None), "never fits");
         // The first call used only 100 of its 600.
-        w.adjust(-500, 0);
+        w.adjust(1000, -500, 0);
         assert_eq!(w.try_acquire(1000, 600, 0).unwrap().remaining, 300);
     }
 
@@ -524,10 +489,9 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the arrival times, no 60-second span admits more than twice the limit,
-        /// and no fixed minute admits more than the limit.
+        /// Whatever the arrival times, no sixty-second span admits twice the limit.
         #[test]
-        fn no_window_admits_more_than_its_limit(
+        fn no_minute_admits_twice_the_limit(
             limit in 1u64..50,
             gaps in proptest::collection::vec(0u64..5_000, 1..400),
         ) {
@@ -541,16 +505,12 @@ mod tests {
                 }
             }
             for (i, &start) in admitted_at.iter().enumerate() {
-                let in_span = admitted_at[i..].iter().take_while(|&&t| t < start + WINDOW_MS).count() as u64;
-                prop_assert!(in_span <= 2 * limit);
-            }
-            for minute in 0..=now / WINDOW_MS {
-                let in_minute = admitted_at.iter().filter(|&&t| t / WINDOW_MS == minute).count() as u64;
-                prop_assert!(in_minute <= limit);
+                let in_span = admitted_at[i..].iter().take_while(|&&t| t < start + 60_000).count() as u64;
+                prop_assert!(in_span < 2 * limit);
             }
         }
 
-        /// Waiting the advertised time is always enough.
+        /// Waiting the advertised time is always enough, and the figures stay in range.
         #[test]
         fn the_retry_after_is_sufficient(
             limit in 1u64..1000,
@@ -564,7 +524,7 @@ mod tests {
                     Ok(status) => prop_assert!(status.remaining <= limit),
                     Err(None) => prop_assert!(amount > limit),
                     Err(Some(wait)) => {
-                        now += wait.as_millis() as u64;
+                        now += wait.as_millis() as u64 + 1;
                         prop_assert!(w.try_acquire(limit, amount, now).is_ok());
                     }
                 }

@@ -32,9 +32,6 @@ pub mod pb {
         tonic::include_file_descriptor_set!("step3_gateway_descriptor");
 }
 
-/// How often the health service re-checks the model server.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-
 /// Every gRPC service as axum routes (no fallback of its own), and the task that keeps the
 /// health service in step with the model server until `stop`.
 pub fn routes(
@@ -60,8 +57,7 @@ pub fn routes(
             .set_service_status(admin_name, ServingStatus::Serving)
             .await;
         loop {
-            let reachable = upstream.health(Duration::from_secs(2)).await.reachable;
-            let status = if reachable {
+            let status = if upstream.any_healthy() {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
@@ -70,7 +66,8 @@ pub fn routes(
             health.set_service_status("", status).await;
             health.set_service_status(chat_name, status).await;
             tokio::select! {
-                () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                // Reads the pool's last checks (no network): cheap enough to follow closely.
+                () = tokio::time::sleep(upstream.settings().health_interval.min(Duration::from_secs(1))) => {}
                 () = stop.cancelled() => break,
             }
         }

@@ -44,7 +44,9 @@ impl From<GatewayError> for Status {
                 metadata.insert("x-upstream-status", MetadataValue::from(*status));
                 upstream_code(*status)
             }
-            GatewayError::UpstreamUnavailable(_) | GatewayError::ShuttingDown => Code::Unavailable,
+            GatewayError::UpstreamUnavailable(_)
+            | GatewayError::NoHealthyBackend { .. }
+            | GatewayError::ShuttingDown => Code::Unavailable,
             GatewayError::UpstreamTimeout => Code::DeadlineExceeded,
             GatewayError::Store(_) => Code::Internal,
         };

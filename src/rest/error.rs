@@ -97,6 +97,12 @@ impl IntoResponse for GatewayError {
                     Some("upstream_unavailable".into()),
                     None,
                 ),
+                GatewayError::NoHealthyBackend { .. } => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_error".into(),
+                    Some("no_healthy_backend".into()),
+                    None,
+                ),
                 GatewayError::UpstreamTimeout => (
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_error".into(),

@@ -1,12 +1,16 @@
-//! The model server: one pooled HTTP client, forwarding, error normalisation and health.
+//! The model servers: a pool of backends behind one HTTP client, routing by model,
+//! health, retries, timeouts, error normalisation and SSE parsing.
 
+mod pool;
 pub mod sse;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
-use serde::Serialize;
+
+pub use pool::{
+    BackendLease, BackendSettings, BackendStatus, PoolSettings, UpstreamAnswer, UpstreamPool,
+};
 
 use crate::core::error::GatewayError;
 
@@ -15,160 +19,6 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Largest error or JSON body read from the upstream; a real answer is far smaller.
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
-
-/// How to reach the model server.
-#[derive(Clone, Debug)]
-pub struct UpstreamSettings {
-    pub url: String,
-    /// Sent as the upstream's own Bearer token (vLLM `--api-key`); never the client's key.
-    pub api_key: Option<String>,
-    pub connect_timeout: Duration,
-    /// For a whole JSON answer, and for the longest silence within a stream.
-    pub request_timeout: Duration,
-}
-
-/// The one HTTP client to the model server, built at start and shared by every call.
-pub struct Upstream {
-    client: reqwest::Client,
-    chat_url: String,
-    models_url: String,
-    health_url: String,
-    base_url: String,
-    request_timeout: Duration,
-}
-
-/// What `/health` reports of the upstream.
-#[derive(Clone, Debug, Serialize)]
-pub struct UpstreamHealth {
-    pub url: String,
-    pub reachable: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    pub latency_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Upstream {
-    pub fn new(settings: &UpstreamSettings) -> Result<Self, GatewayError> {
-        let mut headers = HeaderMap::new();
-        if let Some(key) = &settings.api_key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                GatewayError::UpstreamUnavailable(
-                    "the upstream API key is not a valid header value".into(),
-                )
-            })?;
-            value.set_sensitive(true);
-            headers.insert(AUTHORIZATION, value);
-        }
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(settings.connect_timeout)
-            .read_timeout(settings.request_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()
-            .map_err(|e| {
-                GatewayError::UpstreamUnavailable(format!("cannot build HTTP client: {e}"))
-            })?;
-        let base = settings.url.trim_end_matches('/');
-        // Accept both `http://host:8000` and `http://host:8000/v1`.
-        let api = if base.ends_with("/v1") {
-            base.to_owned()
-        } else {
-            format!("{base}/v1")
-        };
-        let root = api.trim_end_matches("/v1");
-        Ok(Upstream {
-            client,
-            chat_url: format!("{api}/chat/completions"),
-            models_url: format!("{api}/models"),
-            health_url: format!("{root}/health"),
-            base_url: base.to_owned(),
-            request_timeout: settings.request_timeout,
-        })
-    }
-
-    /// Sends a chat completion; a non-2xx answer becomes [`GatewayError::Upstream`].
-    pub async fn chat(
-        &self,
-        body: Bytes,
-        request_id: &str,
-        stream: bool,
-    ) -> Result<reqwest::Response, GatewayError> {
-        let mut request = self
-            .client
-            .post(&self.chat_url)
-            .header(CONTENT_TYPE, "application/json")
-            .header(REQUEST_ID_HEADER, request_id)
-            .body(body);
-        if !stream {
-            request = request.timeout(self.request_timeout);
-        }
-        let response = request.send().await.map_err(transport_error)?;
-        if response.status().is_success() {
-            Ok(response)
-        } else {
-            Err(error_from_response(response).await)
-        }
-    }
-
-    /// Reads a whole (JSON) answer, bounded in size.
-    pub async fn read_body(response: reqwest::Response) -> Result<Bytes, GatewayError> {
-        read_bounded(response).await
-    }
-
-    /// The upstream's model list, as JSON.
-    pub async fn models(&self, request_id: &str) -> Result<serde_json::Value, GatewayError> {
-        let response = self
-            .client
-            .get(&self.models_url)
-            .header(REQUEST_ID_HEADER, request_id)
-            .timeout(self.request_timeout)
-            .send()
-            .await
-            .map_err(transport_error)?;
-        if !response.status().is_success() {
-            return Err(error_from_response(response).await);
-        }
-        let body = read_bounded(response).await?;
-        serde_json::from_slice(&body).map_err(|e| GatewayError::Upstream {
-            status: 502,
-            message: format!("the model server sent an unreadable model list: {e}"),
-            kind: Some("upstream_error".into()),
-            param: None,
-            code: None,
-        })
-    }
-
-    /// Probes the upstream's `/health`, within `timeout`.
-    pub async fn health(&self, timeout: Duration) -> UpstreamHealth {
-        let started = Instant::now();
-        let result = self
-            .client
-            .get(&self.health_url)
-            .timeout(timeout)
-            .send()
-            .await;
-        let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        match result {
-            Ok(response) => UpstreamHealth {
-                url: self.base_url.clone(),
-                reachable: response.status().is_success(),
-                status: Some(response.status().as_u16()),
-                latency_ms,
-                error: None,
-            },
-            Err(e) => UpstreamHealth {
-                url: self.base_url.clone(),
-                reachable: false,
-                status: None,
-                latency_ms,
-                error: Some(transport_error(e).to_string()),
-            },
-        }
-    }
-}
 
 /// A failure to talk to the upstream at all.
 pub fn transport_error(e: reqwest::Error) -> GatewayError {
@@ -195,9 +45,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-async fn read_bounded(mut response: reqwest::Response) -> Result<Bytes, GatewayError> {
+/// Reads a whole (JSON) answer, bounded in size, with `idle` as the longest silence.
+pub async fn read_body(
+    mut response: reqwest::Response,
+    idle: Duration,
+) -> Result<Bytes, GatewayError> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+    loop {
+        let chunk = tokio::time::timeout(idle, response.chunk())
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout)?
+            .map_err(transport_error)?;
+        let Some(chunk) = chunk else { break };
         if body.len() + chunk.len() > MAX_UPSTREAM_BODY {
             return Err(GatewayError::Upstream {
                 status: 502,
@@ -212,10 +71,16 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Bytes, GatewayE
     Ok(Bytes::from(body))
 }
 
+async fn read_bounded(response: reqwest::Response) -> Result<Bytes, GatewayError> {
+    read_body(response, Duration::from_secs(30)).await
+}
+
 /// Turns an upstream error answer into the client's error, keeping status and message.
 ///
 /// vLLM answers `{"error": {...}}` in recent versions and a flat `{"object":"error",
 /// "message":...}` in older ones; anything else (an HTML proxy page) keeps only its status.
+/// A 401/403 means the model server refused the *gateway's* credentials: that is a gateway
+/// problem (502), not something the client can fix.
 async fn error_from_response(response: reqwest::Response) -> GatewayError {
     let status = response.status().as_u16();
     let body = read_bounded(response).await.unwrap_or_default();
@@ -223,6 +88,17 @@ async fn error_from_response(response: reqwest::Response) -> GatewayError {
 }
 
 pub fn parse_error_body(status: u16, body: &[u8]) -> GatewayError {
+    if matches!(status, 401 | 403 | 407) {
+        return GatewayError::Upstream {
+            status: 502,
+            message: format!(
+                "the model server refused the gateway's credentials (HTTP {status}); check upstream.api_key"
+            ),
+            kind: Some("upstream_error".into()),
+            param: None,
+            code: Some("upstream_auth".into()),
+        };
+    }
     let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let object = value
         .get("error")

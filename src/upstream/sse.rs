@@ -156,9 +156,9 @@ pub fn without_usage(event: &[u8]) -> Option<Bytes> {
 }
 
 /// A well-formed end for a stream the upstream broke off: an error event, then `[DONE]`.
-pub fn error_end(message: &str) -> Bytes {
+pub fn error_end(code: &str, message: &str) -> Bytes {
     let error = serde_json::json!({
-        "error": {"message": message, "type": "upstream_error", "param": null, "code": "stream_incomplete"}
+        "error": {"message": message, "type": "upstream_error", "param": null, "code": code}
     });
     Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n"))
 }

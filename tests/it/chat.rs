@@ -294,7 +294,7 @@ async fn service_info_health_and_unknown_routes() {
         .await
         .unwrap();
     assert_eq!(health["status"], "ok");
-    assert_eq!(health["upstream"]["reachable"], true);
+    assert_eq!(health["upstreams"][0]["healthy"], true);
 
     let response = gw.http.get(gw.url("/v1/nothing")).send().await.unwrap();
     let error = crate::common::expect_error(response, StatusCode::NOT_FOUND).await;
@@ -317,6 +317,6 @@ async fn health_reports_a_dead_upstream_without_failing() {
     let response = gw.http.get(gw.url("/health")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let health: Value = response.json().await.unwrap();
-    assert_eq!(health["status"], "degraded");
-    assert_eq!(health["upstream"]["reachable"], false);
+    assert_eq!(health["status"], "unavailable");
+    assert_eq!(health["upstreams"][0]["healthy"], false);
 }

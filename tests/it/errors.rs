@@ -222,7 +222,10 @@ async fn a_body_over_the_limit_gets_413() {
 
 #[tokio::test]
 async fn upstream_errors_keep_their_status_and_message_and_charge_nothing() {
-    let gw = TestGateway::start().await;
+    let gw = TestGateway::builder()
+        .config(|c| c.upstream.max_retries = 0)
+        .start()
+        .await;
     let key = gw.create_key(json!({"request_quota": 5})).await;
     gw.sim.simulator.push_fault(Fault::Status {
         status: 400,
@@ -263,22 +266,23 @@ async fn upstream_errors_keep_their_status_and_message_and_charge_nothing() {
 }
 
 #[tokio::test]
-async fn a_dead_upstream_gets_502_and_a_silent_one_504_without_charge() {
+async fn a_dead_upstream_gets_503_at_once_and_a_silent_one_504_without_charge() {
     let gw = TestGateway::builder()
         .config(|c| c.upstream.url = "http://127.0.0.1:9".into())
         .start()
         .await;
     let key = gw.create_key(json!({})).await;
+    // Its health check failed at start: no call waits on it.
     let error = expect_error(
         gw.chat(&key.secret, &chat_body("hi")).await,
-        StatusCode::BAD_GATEWAY,
+        StatusCode::SERVICE_UNAVAILABLE,
     )
     .await;
-    assert_eq!(error["code"], "upstream_unavailable");
+    assert_eq!(error["code"], "no_healthy_backend");
     assert_nothing_charged(&gw, &key.secret).await;
 
     let slow = TestGateway::builder()
-        .config(|c| c.upstream.request_timeout_secs = 1)
+        .config(|c| c.upstream.first_byte_timeout_secs = 1)
         .start()
         .await;
     let key = slow.create_key(json!({})).await;
@@ -296,7 +300,10 @@ async fn a_dead_upstream_gets_502_and_a_silent_one_504_without_charge() {
 
 #[tokio::test]
 async fn a_dropped_upstream_connection_is_a_502() {
-    let gw = TestGateway::start().await;
+    let gw = TestGateway::builder()
+        .config(|c| c.upstream.max_retries = 0)
+        .start()
+        .await;
     let key = gw.create_key(json!({})).await;
     gw.sim.simulator.push_fault(Fault::DropConnection);
     let error = expect_error(

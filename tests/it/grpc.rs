@@ -286,7 +286,7 @@ async fn upstream_failures_are_unavailable_or_deadline_exceeded() {
     assert_eq!(status.code(), Code::Unavailable);
 
     let slow = TestGateway::builder()
-        .config(|c| c.upstream.request_timeout_secs = 1)
+        .config(|c| c.upstream.first_byte_timeout_secs = 1)
         .start()
         .await;
     let key = slow.create_key(json!({})).await;

@@ -47,6 +47,7 @@ impl Builder {
         config.upstream.url = sim.url();
         config.store.path = dir.path().join("data");
         config.store.flush_interval_ms = 50;
+        config.upstream.health_interval_ms = 100;
         config.admin.token = Some(ADMIN_TOKEN.into());
         for tweak in self.tweaks {
             tweak(&mut config);

@@ -1,0 +1,530 @@
+//! The backends serving models: routing by model to the least loaded healthy backend,
+//! active and passive health, retries where they are safe, and reload without dropping
+//! calls in flight.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{REQUEST_ID_HEADER, error_from_response, read_bounded, transport_error};
+use crate::core::error::GatewayError;
+use crate::core::limits::monotonic_ms;
+
+/// One backend as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSettings {
+    pub name: String,
+    /// With or without the `/v1` suffix.
+    pub url: String,
+    /// Sent as the backend's own Bearer token (vLLM `--api-key`); never the client's key.
+    pub api_key: Option<String>,
+    /// The served model names; empty serves every model.
+    pub models: Vec<String>,
+    pub weight: u32,
+}
+
+/// How the pool behaves.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub backends: Vec<BackendSettings>,
+    /// Client-facing model name → served name.
+    pub aliases: HashMap<String, String>,
+    pub connect_timeout: Duration,
+    /// Until the answer's headers (for JSON answers, that is the whole generation).
+    pub first_byte_timeout: Duration,
+    /// The longest silence while reading an answer or between stream chunks.
+    pub idle_timeout: Duration,
+    /// A whole call, stream included.
+    pub total_timeout: Duration,
+    /// Further attempts, on another backend when there is one, when nothing reached the client.
+    pub max_retries: u32,
+    /// Consecutive failures that eject a backend, and for how long.
+    pub eject_after_failures: u32,
+    pub eject_for: Duration,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+}
+
+/// A backend and its live state.
+#[derive(Debug)]
+pub struct Backend {
+    settings: BackendSettings,
+    chat_url: String,
+    models_url: String,
+    health_url: String,
+    authorization: Option<HeaderValue>,
+    in_flight: AtomicU32,
+    consecutive_failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    /// The last active health check passed (true until the first check says otherwise).
+    checked_healthy: AtomicBool,
+    errors: AtomicU64,
+}
+
+impl Backend {
+    fn new(settings: BackendSettings) -> Result<Self, GatewayError> {
+        let base = settings.url.trim_end_matches('/');
+        // Accept both `http://host:8000` and `http://host:8000/v1`.
+        let api = if base.ends_with("/v1") {
+            base.to_owned()
+        } else {
+            format!("{base}/v1")
+        };
+        let root = api.trim_end_matches("/v1").to_owned();
+        let authorization = match &settings.api_key {
+            Some(key) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                    GatewayError::UpstreamUnavailable(format!(
+                        "the API key of backend `{}` is not a valid header value",
+                        settings.name
+                    ))
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        Ok(Backend {
+            chat_url: format!("{api}/chat/completions"),
+            models_url: format!("{api}/models"),
+            health_url: format!("{root}/health"),
+            authorization,
+            settings,
+            in_flight: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            checked_healthy: AtomicBool::new(true),
+            errors: AtomicU64::new(0),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    fn serves(&self, model: &str) -> bool {
+        self.settings.models.is_empty() || self.settings.models.iter().any(|m| m == model)
+    }
+
+    fn is_healthy(&self, now_ms: u64) -> bool {
+        self.checked_healthy.load(Ordering::Acquire)
+            && self.ejected_until_ms.load(Ordering::Acquire) <= now_ms
+    }
+
+    fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Release);
+    }
+
+    /// A connect error, reset or 5xx: enough of them in a row eject the backend for a while.
+    fn record_failure(&self, eject_after: u32, eject_for: Duration) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures >= eject_after {
+            let until = monotonic_ms() + u64::try_from(eject_for.as_millis()).unwrap_or(u64::MAX);
+            self.ejected_until_ms.store(until, Ordering::Release);
+            self.consecutive_failures.store(0, Ordering::Release);
+            tracing::warn!(backend = %self.settings.name, failures, eject_secs = eject_for.as_secs(), "backend ejected");
+        }
+    }
+
+    /// Whether `self` is less loaded than `other`, by in-flight calls per unit of weight.
+    fn less_loaded_than(&self, other: &Backend) -> bool {
+        let mine = u64::from(self.in_flight.load(Ordering::Acquire))
+            * u64::from(other.settings.weight.max(1));
+        let theirs = u64::from(other.in_flight.load(Ordering::Acquire))
+            * u64::from(self.settings.weight.max(1));
+        mine < theirs
+    }
+}
+
+/// A call in flight on a backend: counted until dropped.
+#[derive(Debug)]
+pub struct BackendLease {
+    backend: Arc<Backend>,
+}
+
+impl BackendLease {
+    fn new(backend: Arc<Backend>) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::AcqRel);
+        BackendLease { backend }
+    }
+
+    pub fn backend_name(&self) -> &str {
+        self.backend.name()
+    }
+}
+
+impl Drop for BackendLease {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What `/health`, metrics and the admin API show of a backend.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub url: String,
+    pub healthy: bool,
+    pub ejected: bool,
+    pub in_flight: u32,
+    pub errors: u64,
+    pub models: Vec<String>,
+}
+
+/// A chat answer whose headers arrived, with the backend it came from.
+pub struct UpstreamAnswer {
+    pub response: reqwest::Response,
+    pub lease: BackendLease,
+}
+
+/// The backends and the one HTTP client to all of them.
+pub struct UpstreamPool {
+    client: reqwest::Client,
+    settings: RwLock<Arc<PoolSettings>>,
+    backends: RwLock<Arc<Vec<Arc<Backend>>>>,
+    /// Spreads ties between equally loaded backends.
+    next: AtomicUsize,
+}
+
+impl UpstreamPool {
+    pub fn new(settings: PoolSettings) -> Result<Self, GatewayError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| {
+                GatewayError::UpstreamUnavailable(format!("cannot build HTTP client: {e}"))
+            })?;
+        let backends = build_backends(&settings.backends, &[])?;
+        Ok(UpstreamPool {
+            client,
+            settings: RwLock::new(Arc::new(settings)),
+            backends: RwLock::new(Arc::new(backends)),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.backends
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the backend list and routing. Calls in flight keep their backend; a backend
+    /// with the same name and URL keeps its health and counters.
+    pub fn reload(&self, settings: PoolSettings) -> Result<(), GatewayError> {
+        let current = self.backends();
+        let backends = build_backends(&settings.backends, &current)?;
+        *self.backends.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(backends);
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+        tracing::info!(backends = self.backends().len(), "upstream list reloaded");
+        Ok(())
+    }
+
+    /// The served name for a client-facing model name.
+    pub fn resolve_model<'a>(&self, model: &'a str) -> std::borrow::Cow<'a, str> {
+        match self.settings().aliases.get(model) {
+            Some(served) => std::borrow::Cow::Owned(served.clone()),
+            None => std::borrow::Cow::Borrowed(model),
+        }
+    }
+
+    /// Whether any backend is healthy (gRPC health: NOT_SERVING when none).
+    pub fn any_healthy(&self) -> bool {
+        let now = monotonic_ms();
+        self.backends().iter().any(|b| b.is_healthy(now))
+    }
+
+    /// Whether `model` is one the configuration names (a bounded set, for metric labels).
+    pub fn knows_model(&self, model: &str) -> bool {
+        let settings = self.settings();
+        settings.aliases.contains_key(model)
+            || self
+                .backends()
+                .iter()
+                .any(|b| b.settings.models.iter().any(|m| m == model))
+    }
+
+    pub fn status(&self) -> Vec<BackendStatus> {
+        let now = monotonic_ms();
+        self.backends()
+            .iter()
+            .map(|b| BackendStatus {
+                name: b.settings.name.clone(),
+                url: b.settings.url.clone(),
+                healthy: b.is_healthy(now),
+                ejected: b.ejected_until_ms.load(Ordering::Acquire) > now,
+                in_flight: b.in_flight.load(Ordering::Acquire),
+                errors: b.errors.load(Ordering::Relaxed),
+                models: b.settings.models.clone(),
+            })
+            .collect()
+    }
+
+    /// The least loaded healthy backend for `model`, avoiding `tried` when another exists.
+    fn pick(&self, model: &str, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+        let now = monotonic_ms();
+        let backends = self.backends();
+        let healthy: Vec<&Arc<Backend>> = backends
+            .iter()
+            .filter(|b| b.serves(model) && b.is_healthy(now))
+            .collect();
+        let fresh: Vec<&Arc<Backend>> = healthy
+            .iter()
+            .copied()
+            .filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b)))
+            .collect();
+        let pool = if fresh.is_empty() { healthy } else { fresh };
+        if pool.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
+        let mut best = pool[start];
+        for offset in 1..pool.len() {
+            let candidate = pool[(start + offset) % pool.len()];
+            if candidate.less_loaded_than(best) {
+                best = candidate;
+            }
+        }
+        Some(best.clone())
+    }
+
+    /// Sends a chat completion for `model` (the served name). Retries on another backend
+    /// when the attempt failed before any answer (refused, reset, 502, 503); a non-2xx answer
+    /// becomes [`GatewayError::Upstream`].
+    pub async fn chat(
+        &self,
+        model: &str,
+        body: Bytes,
+        request_id: &str,
+    ) -> Result<UpstreamAnswer, GatewayError> {
+        let settings = self.settings();
+        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        let mut last_error = None;
+        for _attempt in 0..=settings.max_retries {
+            let Some(backend) = self.pick(model, &tried) else {
+                break;
+            };
+            tried.push(backend.clone());
+            let lease = BackendLease::new(backend.clone());
+            let mut request = self
+                .client
+                .post(&backend.chat_url)
+                .header(CONTENT_TYPE, "application/json")
+                .header(REQUEST_ID_HEADER, request_id)
+                .body(body.clone());
+            if let Some(authorization) = &backend.authorization {
+                request = request.header(AUTHORIZATION, authorization.clone());
+            }
+            let sent = match tokio::time::timeout(settings.first_byte_timeout, request.send()).await
+            {
+                Ok(sent) => sent,
+                Err(_) => {
+                    // The model may be working on it: not safe to send again.
+                    backend.record_failure(settings.eject_after_failures, settings.eject_for);
+                    return Err(GatewayError::UpstreamTimeout);
+                }
+            };
+            match sent {
+                Ok(response) if response.status().is_success() => {
+                    backend.record_success();
+                    return Ok(UpstreamAnswer { response, lease });
+                }
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let error = error_from_response(response).await;
+                    if status >= 500 {
+                        backend.record_failure(settings.eject_after_failures, settings.eject_for);
+                    } else {
+                        backend.record_success();
+                    }
+                    if matches!(status, 502 | 503) {
+                        tracing::warn!(backend = %backend.name(), status, request_id, "backend refused; trying another");
+                        last_error = Some(error);
+                        continue;
+                    }
+                    return Err(error);
+                }
+                Err(e) => {
+                    backend.record_failure(settings.eject_after_failures, settings.eject_for);
+                    tracing::warn!(backend = %backend.name(), error = %e, request_id, "backend unreachable");
+                    last_error = Some(transport_error(e));
+                }
+            }
+        }
+        Err(
+            last_error.unwrap_or_else(|| GatewayError::NoHealthyBackend {
+                model: model.to_owned(),
+            }),
+        )
+    }
+
+    /// The models of the healthy backends (each once), plus the configured aliases.
+    pub async fn models(&self, request_id: &str) -> Result<serde_json::Value, GatewayError> {
+        let now = monotonic_ms();
+        let backends: Vec<Arc<Backend>> = self
+            .backends()
+            .iter()
+            .filter(|b| b.is_healthy(now))
+            .cloned()
+            .collect();
+        if backends.is_empty() {
+            return Err(GatewayError::NoHealthyBackend {
+                model: "any".into(),
+            });
+        }
+        let timeout = self
+            .settings()
+            .first_byte_timeout
+            .min(Duration::from_secs(30));
+        let mut data: Vec<serde_json::Value> = Vec::new();
+        let mut last_error = None;
+        for backend in backends {
+            let mut request = self
+                .client
+                .get(&backend.models_url)
+                .header(REQUEST_ID_HEADER, request_id)
+                .timeout(timeout);
+            if let Some(authorization) = &backend.authorization {
+                request = request.header(AUTHORIZATION, authorization.clone());
+            }
+            let list = match request.send().await {
+                Ok(response) if response.status().is_success() => read_bounded(response).await,
+                Ok(response) => Err(error_from_response(response).await),
+                Err(e) => Err(transport_error(e)),
+            };
+            match list.and_then(|body| {
+                serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| {
+                    GatewayError::Upstream {
+                        status: 502,
+                        message: format!("the model server sent an unreadable model list: {e}"),
+                        kind: Some("upstream_error".into()),
+                        param: None,
+                        code: None,
+                    }
+                })
+            }) {
+                Ok(list) => {
+                    for model in list
+                        .get("data")
+                        .and_then(|d| d.as_array())
+                        .into_iter()
+                        .flatten()
+                    {
+                        let id = model.get("id").and_then(|i| i.as_str()).unwrap_or_default();
+                        if backend.serves(id)
+                            && !data.iter().any(|m| m.get("id") == model.get("id"))
+                        {
+                            data.push(model.clone());
+                        }
+                    }
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if data.is_empty()
+            && let Some(e) = last_error
+        {
+            return Err(e);
+        }
+        for (alias, served) in &self.settings().aliases {
+            if let Some(target) = data
+                .iter()
+                .find(|m| m.get("id").and_then(|i| i.as_str()) == Some(served))
+            {
+                let mut entry = target.clone();
+                entry["id"] = alias.clone().into();
+                entry["root"] = served.clone().into();
+                data.push(entry);
+            }
+        }
+        Ok(serde_json::json!({"object": "list", "data": data}))
+    }
+
+    /// Checks every backend's `/health` once.
+    pub async fn check_health(&self) {
+        let settings = self.settings();
+        let backends = self.backends();
+        let checks = backends.iter().cloned().map(|backend| {
+            let client = self.client.clone();
+            let timeout = settings.health_timeout;
+            async move {
+                let mut request = client.get(&backend.health_url).timeout(timeout);
+                if let Some(authorization) = &backend.authorization {
+                    request = request.header(AUTHORIZATION, authorization.clone());
+                }
+                let healthy = matches!(request.send().await, Ok(r) if r.status().is_success());
+                let was = backend.checked_healthy.swap(healthy, Ordering::AcqRel);
+                if was != healthy {
+                    tracing::warn!(backend = %backend.name(), healthy, "backend health changed");
+                }
+            }
+        });
+        futures_util::future::join_all(checks).await;
+    }
+
+    /// Checks health every `health_interval` until `stop`.
+    pub fn spawn_health_checks(self: &Arc<Self>, stop: CancellationToken) {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                pool.check_health().await;
+                let interval = pool.settings().health_interval;
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = stop.cancelled() => break,
+                }
+            }
+        });
+    }
+
+    /// Marks a backend's failure seen after its answer began (a stream broken off).
+    pub fn record_stream_failure(&self, lease: &BackendLease) {
+        let settings = self.settings();
+        lease
+            .backend
+            .record_failure(settings.eject_after_failures, settings.eject_for);
+    }
+}
+
+fn build_backends(
+    settings: &[BackendSettings],
+    current: &[Arc<Backend>],
+) -> Result<Vec<Arc<Backend>>, GatewayError> {
+    settings
+        .iter()
+        .map(|s| {
+            match current
+                .iter()
+                .find(|b| b.settings.name == s.name && b.settings.url == s.url && b.settings == *s)
+            {
+                Some(existing) => Ok(existing.clone()),
+                None => Backend::new(s.clone()).map(Arc::new),
+            }
+        })
+        .collect()
+}
+
+impl std::fmt::Debug for UpstreamPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamPool")
+            .field("backends", &self.backends().len())
+            .finish()
+    }
+}
