@@ -13,3 +13,4 @@ mod errors;
 mod grpc;
 mod grpc_admin;
 mod openai_sdk;
+mod reflection_client;
