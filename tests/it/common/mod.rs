@@ -262,6 +262,18 @@ pub fn python() -> PathBuf {
     python
 }
 
+/// A program installed next to `python()` in the virtualenv's `bin` (e.g. `grpcurl`).
+pub fn venv_program(name: &str) -> PathBuf {
+    let python = python();
+    let program = python.with_file_name(name);
+    assert!(
+        program.exists(),
+        "{} not found: run scripts/test.sh, which installs it into the virtualenv",
+        program.display()
+    );
+    program
+}
+
 /// A one-message text request.
 pub fn chat_body(text: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": text}]})
