@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what it needs on a fresh machine: a Python
-# virtualenv in .venv with the official `openai` package, used by the real-client test.
+# virtualenv in .venv with the pinned packages of tests/python/requirements.txt (the
+# official `openai` package, grpcio with reflection, grpcurl), used by the real-client tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OPENAI_VERSION=3.57.0
-if ! .venv/bin/python -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
-    echo "test.sh: creating .venv with openai==$OPENAI_VERSION" >&2
+REQUIREMENTS=tests/python/requirements.txt
+# A copy of the requirements last installed: a changed file means a reinstall.
+INSTALLED=.venv/installed-requirements.txt
+if ! cmp -s "$REQUIREMENTS" "$INSTALLED" ||
+    ! .venv/bin/python -c "import openai, grpc, grpc_reflection, google.protobuf" 2>/dev/null ||
+    ! .venv/bin/grpcurl -version >/dev/null 2>&1; then
+    echo "test.sh: installing $REQUIREMENTS into .venv" >&2
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
+    rm -f "$INSTALLED"
+    .venv/bin/pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+    cp "$REQUIREMENTS" "$INSTALLED"
 fi
 
 cargo test --all-targets "$@"

@@ -13,4 +13,6 @@ mod common;
 mod errors;
 mod grpc;
 mod grpc_admin;
+mod grpcurl_readme;
 mod openai_sdk;
+mod reflection_client;

@@ -6,19 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::common::TestGateway;
-
-fn python() -> PathBuf {
-    let python = std::env::var_os("STEP3_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "{} not found: run scripts/test.sh, which creates the virtualenv with the openai package",
-        python.display()
-    );
-    python
-}
+use crate::common::{TestGateway, python};
 
 #[tokio::test]
 async fn the_readme_sdk_examples_run_with_the_official_openai_package() {

@@ -2,6 +2,7 @@
 //! of the simulated STEP3-VL server (also on port 0) whose faults each test scripts.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -249,6 +250,33 @@ impl TestGateway {
             Bearer(ADMIN_TOKEN.to_owned()),
         )
     }
+}
+
+/// The virtualenv's Python (`STEP3_TEST_PYTHON`, else `.venv/bin/python`), made by
+/// `scripts/test.sh`; the real-client tests fail loudly without it.
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("STEP3_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/test.sh, which creates the virtualenv with the pinned \
+         packages of tests/python/requirements.txt",
+        python.display()
+    );
+    python
+}
+
+/// A program installed next to `python()` in the virtualenv's `bin` (e.g. `grpcurl`).
+pub fn venv_program(name: &str) -> PathBuf {
+    let python = python();
+    let program = python.with_file_name(name);
+    assert!(
+        program.exists(),
+        "{} not found: run scripts/test.sh, which installs it into the virtualenv",
+        program.display()
+    );
+    program
 }
 
 /// A one-message text request.
