@@ -147,8 +147,8 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     // Know the backends' health before the first call, then keep checking.
     chat.upstream.check_health().await;
     chat.upstream.spawn_health_checks(shutdown.clone());
-    let grpc =
-        grpc::routes(chat.clone(), shutdown.clone()).context("cannot build the gRPC services")?;
+    let grpc = grpc::routes(chat.clone(), shutdown.clone(), config.server.max_body_bytes)
+        .context("cannot build the gRPC services")?;
     let state = AppState {
         chat,
         settings: Arc::new(RestSettings {

@@ -308,7 +308,16 @@ fn resolve_expiry(
             "give `expires_at` or `expires_in`, not both",
             Some("expires_in"),
         )),
-        (Some(at), None) => at.resolve("expires_at").map(Some),
+        (Some(at), None) => {
+            let at = at.resolve("expires_at")?;
+            if at <= now {
+                return Err(GatewayError::invalid_request(
+                    "`expires_at` is in the past; to stop a key, revoke it or set `active: false`",
+                    Some("expires_at"),
+                ));
+            }
+            Ok(Some(at))
+        }
         (None, Some(within)) => Ok(Some(
             now.saturating_add(parse_duration(within, "expires_in")?),
         )),
@@ -495,6 +504,12 @@ impl Gateway {
                 id: id.to_owned(),
             })?;
         let mut record = (*state.record()).clone();
+        if record.revoked_at.is_some() {
+            return Err(GatewayError::invalid_request(
+                "a revoked key cannot be changed; create a new key",
+                Some("id"),
+            ));
+        }
         let now = now_unix();
         if let Some(name) = patch.name {
             record.name = check_name(&name, "name")?;
@@ -615,6 +630,12 @@ impl Gateway {
         };
         let to = query.to.unwrap_or_else(|| now_unix() + 1);
         let from = query.from.unwrap_or(to - 30 * 86_400);
+        if from > to {
+            return Err(GatewayError::invalid_request(
+                "`from` is after `to`",
+                Some("from"),
+            ));
+        }
         // Hourly buckets are stored; a bucket overlapping `from` counts whole.
         let first_hour = from - from.rem_euclid(3600);
         let mut rows: std::collections::BTreeMap<(UnixTime, String), UsageRow> = Default::default();
@@ -656,6 +677,9 @@ impl Gateway {
     pub fn list_calls(&self, filter: &CallFilter) -> Result<CallPage, GatewayError> {
         if let Some(key_id) = &filter.key_id {
             self.get_key(key_id)?;
+        }
+        if let Some(user_id) = &filter.user_id {
+            self.get_user(user_id)?;
         }
         let before = match filter.page_token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => Some(CallCursor::from_token(token).ok_or_else(|| {

@@ -73,6 +73,15 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
         let r = self.authorize(request)?;
+        check_clear_conflicts(
+            &r.clear,
+            &[
+                ("email", r.email.is_some()),
+                ("rpm_limit", r.rpm_limit.is_some()),
+                ("tpm_limit", r.tpm_limit.is_some()),
+                ("max_concurrent", r.max_concurrent.is_some()),
+            ],
+        )?;
         let mut patch = UserPatch {
             name: r.name,
             email: r.email.map(Some),
@@ -163,6 +172,24 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let r = self.authorize(request)?;
+        check_clear_conflicts(
+            &r.clear,
+            &[
+                ("name", r.name.is_some()),
+                ("rpm_limit", r.rpm_limit.is_some()),
+                ("tpm_limit", r.tpm_limit.is_some()),
+                ("max_concurrent", r.max_concurrent.is_some()),
+                ("request_quota", r.request_quota.is_some()),
+                ("token_quota", r.token_quota.is_some()),
+                ("image_quota", r.image_quota.is_some()),
+                ("max_images_per_request", r.max_images_per_request.is_some()),
+                (
+                    "expires_at",
+                    r.expires_at.is_some() || r.expires_in.is_some(),
+                ),
+                ("models", !r.models.is_empty()),
+            ],
+        )?;
         let mut patch = KeyPatch {
             name: r.name,
             rpm_limit: r.rpm_limit.map(Some),
@@ -276,6 +303,20 @@ impl pb::admin_server::Admin for AdminService {
             calls: page.calls.into_iter().map(call_proto).collect(),
             next_page_token: page.next_page_token,
         }))
+    }
+}
+
+/// A field both set and cleared in one request is a mistake, not a choice to guess at.
+fn check_clear_conflicts(clear: &[String], set: &[(&str, bool)]) -> Result<(), GatewayError> {
+    match set
+        .iter()
+        .find(|(name, is_set)| *is_set && clear.iter().any(|c| c == name))
+    {
+        Some((name, _)) => Err(GatewayError::invalid_request(
+            format!("`{name}` is both set and cleared"),
+            Some("clear"),
+        )),
+        None => Ok(()),
     }
 }
 

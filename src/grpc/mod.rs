@@ -34,9 +34,12 @@ pub mod pb {
 
 /// Every gRPC service as axum routes (no fallback of its own), and the task that keeps the
 /// health service in step with the model server until `stop`.
+/// `max_message_bytes` bounds a request as `server.max_body_bytes` bounds a REST body
+/// (tonic's own default, 4 MiB, would refuse inline images REST accepts).
 pub fn routes(
     chat: ChatPath,
     stop: CancellationToken,
+    max_message_bytes: usize,
 ) -> Result<axum::Router, tonic_reflection::server::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = || {
@@ -73,7 +76,10 @@ pub fn routes(
         }
     });
     Ok(tonic::service::Routes::from(axum::Router::new())
-        .add_service(pb::chat_server::ChatServer::new(ChatService::new(chat)))
+        .add_service(
+            pb::chat_server::ChatServer::new(ChatService::new(chat))
+                .max_decoding_message_size(max_message_bytes),
+        )
         .add_service(pb::admin_server::AdminServer::new(AdminService::new(
             gateway,
         )))

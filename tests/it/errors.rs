@@ -47,7 +47,8 @@ async fn revoked_expired_inactive_and_deactivated_user_keys_get_401() {
         .await;
     assert_eq!(status, StatusCode::OK);
 
-    let expired = gw.create_key(json!({"expires_at": 1_000_000})).await;
+    // Expiry is kept in whole seconds: a key good for one second has expired two seconds on.
+    let expired = gw.create_key(json!({"expires_in": "1s"})).await;
 
     let inactive = gw.create_key(json!({})).await;
     let (status, _) = gw
@@ -65,6 +66,7 @@ async fn revoked_expired_inactive_and_deactivated_user_keys_get_401() {
         .await;
     assert_eq!(status, StatusCode::OK);
 
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     for key in [&revoked, &expired, &inactive, &orphan] {
         let response = gw.chat(&key.secret, &chat_body("hi")).await;
         let error = expect_error(response, StatusCode::UNAUTHORIZED).await;
