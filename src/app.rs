@@ -15,6 +15,7 @@ use crate::core::admin::{NewKey, NewUser};
 use crate::core::chat::ChatOptions;
 use crate::core::{GateSettings, Gateway, keys};
 use crate::grpc;
+use crate::metrics::Metrics;
 use crate::rest::{self, AppState, RestSettings};
 use crate::sim::{RunningSimulator, Simulator, SimulatorConfig};
 use crate::store::{SledStore, Store, UsageWriter};
@@ -118,9 +119,11 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let admin_token_hash = admin_token_hash(&config, &*store, &mut secrets)?;
 
     let (sink, writer) = UsageWriter::spawn(store.clone());
+    let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway::load(
         store.clone(),
         sink,
+        metrics,
         admin_token_hash,
         GateSettings {
             log_bodies: config.store.log_bodies,
@@ -172,7 +175,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             servers.push((listener, rest::router(state, None)));
             let listener = bind(grpc_listen).await?;
             grpc_addr = Some(listener.local_addr()?);
-            servers.push((listener, rest::grpc_only(grpc)));
+            servers.push((listener, rest::grpc_only(grpc, gateway.metrics().clone())));
         }
     }
     let task = tokio::spawn(serve(

@@ -14,6 +14,7 @@ use crate::core::chat::{ChatCall, ChatOptions, prepare_chat, with_max_tokens, wi
 use crate::core::limits::RateFigures;
 use crate::core::records::{CallOutcome, Usage};
 use crate::core::{Admission, CallFacts, Caller, Gateway, GatewayError, Remaining};
+use crate::metrics::Door;
 use crate::upstream::read_body;
 use crate::upstream::sse::{self, SseFramer};
 use crate::upstream::{BackendLease, UpstreamAnswer, UpstreamPool};
@@ -50,6 +51,13 @@ pub struct StreamStart {
     pub remaining: Remaining,
 }
 
+/// Where a call came from: its request id and its door.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub request_id: String,
+    pub door: Door,
+}
+
 /// Which usage the client sees in a stream (the upstream is always asked for all of it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UsageView {
@@ -58,26 +66,39 @@ pub struct UsageView {
 }
 
 impl ChatPath {
+    /// `model` as a metrics label: a name the configuration or a backend knows, else `other`
+    /// (a client could otherwise invent a new label value with every request).
+    pub fn metric_model(&self, model: &str) -> String {
+        if self.upstream.knows_model(model) {
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
     /// Reads a chat request body as the client sent it.
     pub fn prepare(&self, body: Bytes) -> Result<ChatCall, GatewayError> {
-        prepare_chat(body, &self.options)
+        prepare_chat(body, &self.options).map_err(|e| self.gateway.refused(e))
     }
 
     fn admit(
         &self,
         caller: &Caller,
         call: &ChatCall,
-        request_id: &str,
+        origin: &Origin,
         request_body: Option<String>,
     ) -> Result<Admission, GatewayError> {
+        let metric_model = self.metric_model(&call.model);
         self.gateway.admit(
             caller,
             CallFacts {
-                request_id: request_id.to_owned(),
+                request_id: origin.request_id.clone(),
                 model: call.model.clone(),
                 stream: call.stream,
                 prompt_estimate: call.prompt_estimate,
                 client_cap: call.max_tokens,
+                door: origin.door,
+                metric_model,
                 images: call.images,
                 image_sizes: call.image_sizes.clone(),
                 request_body,
@@ -112,10 +133,11 @@ impl ChatPath {
         &self,
         caller: &Caller,
         call: ChatCall,
-        request_id: &str,
+        origin: &Origin,
     ) -> Result<Completion, GatewayError> {
+        let request_id = origin.request_id.as_str();
         let request_body = self.logged_body(&call);
-        let mut admission = self.admit(caller, &call, request_id, request_body)?;
+        let mut admission = self.admit(caller, &call, origin, request_body)?;
         let figures = admission.figures();
         let settings = self.upstream.settings();
         let deadline = tokio::time::Instant::now() + settings.total_timeout;
@@ -145,6 +167,7 @@ impl ChatPath {
             }
         };
         drop(lease);
+        admission.mark_upstream_done();
         if let Some(usage) = usage_of(&body) {
             admission.observe_usage(usage);
         }
@@ -165,11 +188,12 @@ impl ChatPath {
         &self,
         caller: &Caller,
         call: ChatCall,
-        request_id: &str,
+        origin: &Origin,
         view: UsageView,
     ) -> Result<StreamStart, GatewayError> {
+        let request_id = origin.request_id.as_str();
         let request_body = self.logged_body(&call);
-        let mut admission = self.admit(caller, &call, request_id, request_body)?;
+        let mut admission = self.admit(caller, &call, origin, request_body)?;
         let answer = match self.send(&mut admission, call, request_id).await {
             Ok(answer) => answer,
             Err(e) => return Err(settle_failed(admission, e)),
@@ -351,6 +375,9 @@ impl Relay {
                 }
             }
             if done {
+                if let Some(admission) = self.admission.as_mut() {
+                    admission.mark_upstream_done();
+                }
                 // Settle now, before the client can read `[DONE]` and ask for its usage.
                 let outcome = if self.error.is_some() {
                     CallOutcome::StreamIncomplete

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod grpc;
+pub mod metrics;
 pub mod rest;
 pub mod sim;
 pub mod store;

@@ -86,6 +86,27 @@ impl From<Refusal> for GatewayError {
 }
 
 impl GatewayError {
+    /// Why the gate refused a call, as a metrics label; `None` for failures that are not
+    /// refusals (the model server's errors, shutdown, the store).
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::InvalidApiKey(_) | GatewayError::InvalidAdminToken => Some("auth"),
+            GatewayError::RateLimited(_) => Some("rate"),
+            GatewayError::QuotaExceeded { .. } => Some("quota"),
+            GatewayError::ModelNotAllowed { .. } => Some("policy"),
+            GatewayError::InvalidRequest { .. } | GatewayError::BodyTooLarge { .. } => {
+                Some("invalid")
+            }
+            GatewayError::NotFound { .. }
+            | GatewayError::Upstream { .. }
+            | GatewayError::UpstreamUnavailable(_)
+            | GatewayError::NoHealthyBackend { .. }
+            | GatewayError::UpstreamTimeout
+            | GatewayError::ShuttingDown
+            | GatewayError::Store(_) => None,
+        }
+    }
+
     pub fn invalid_request(message: impl Into<String>, param: Option<&str>) -> Self {
         GatewayError::InvalidRequest {
             message: message.into(),

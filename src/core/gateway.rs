@@ -15,6 +15,7 @@ use super::quota;
 use super::records::{
     CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UserRecord, now_micros, now_unix,
 };
+use crate::metrics::{Door, Metrics, SettledCall};
 use crate::store::{Store, UsageSink};
 
 /// A key as the gate holds it: the record plus live counters and its limiter.
@@ -245,6 +246,7 @@ impl Default for GateSettings {
 pub struct Gateway {
     pub(super) store: Arc<dyn Store>,
     sink: UsageSink,
+    metrics: Arc<Metrics>,
     /// Current secrets, and previous ones while a rotation's grace period may still run.
     keys_by_hash: DashMap<SecretHash, Arc<KeyState>>,
     pub(super) keys_by_id: DashMap<String, Arc<KeyState>>,
@@ -258,10 +260,12 @@ impl Gateway {
     pub fn load(
         store: Arc<dyn Store>,
         sink: UsageSink,
+        metrics: Arc<Metrics>,
         admin_token_hash: SecretHash,
         settings: GateSettings,
     ) -> Result<Self, GatewayError> {
         let gateway = Gateway {
+            metrics,
             keys_by_hash: DashMap::new(),
             keys_by_id: DashMap::new(),
             users: DashMap::new(),
@@ -339,6 +343,18 @@ impl Gateway {
         }
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Counts a refusal by the gate in the metrics, and passes it on.
+    pub fn refused(&self, e: GatewayError) -> GatewayError {
+        if let Some(reason) = e.refusal_reason() {
+            self.metrics.refusal(reason);
+        }
+        e
+    }
+
     pub fn logs_bodies(&self) -> bool {
         self.settings.log_bodies
     }
@@ -349,6 +365,10 @@ impl Gateway {
 
     /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `).
     pub fn authenticate(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
+        self.check_key(secret).map_err(|e| self.refused(e))
+    }
+
+    fn check_key(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
         let secret =
             secret
                 .map(str::trim)
@@ -400,7 +420,7 @@ impl Gateway {
     pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), GatewayError> {
         match token {
             Some(token) if keys::secret_matches(token.trim(), &self.admin_token_hash) => Ok(()),
-            _ => Err(GatewayError::InvalidAdminToken),
+            _ => Err(self.refused(GatewayError::InvalidAdminToken)),
         }
     }
 
@@ -419,6 +439,10 @@ impl Gateway {
     /// request, tokens and images are reserved, and the returned [`Admission`] must travel
     /// with the call until it ends.
     pub fn admit(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
+        self.reserve(caller, facts).map_err(|e| self.refused(e))
+    }
+
+    fn reserve(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
         self.authorize_model(caller, &facts.model)?;
         let record = &caller.record;
         let per_request = [
@@ -446,13 +470,15 @@ impl Gateway {
             user_limits: user_limits(&caller.user_record),
             facts,
             sink: self.sink.clone(),
+            metrics: self.metrics.clone(),
             log_bodies: self.settings.log_bodies,
             started: Instant::now(),
             reserved: Reserved::default(),
             upstream_cap: None,
             figures: RateFigures::default(),
             admitted: false,
-            forwarded: false,
+            forwarded: None,
+            upstream_done: None,
             usage: None,
             chunks_seen: 0,
             response_body: None,
@@ -514,6 +540,7 @@ impl Gateway {
         admission.reserved.user_grant = Some(user_grant);
         admission.figures = RateFigures::from_grants(&key_grant, &user_grant);
         admission.admitted = true;
+        self.metrics.call_started(admission.facts.door);
         Ok(admission)
     }
 }
@@ -553,6 +580,9 @@ pub struct CallFacts {
     pub prompt_estimate: u64,
     /// The client's output cap (`max_tokens` / `max_completion_tokens`).
     pub client_cap: Option<u64>,
+    pub door: Door,
+    /// The model as a metrics label: a configured name, or `other`.
+    pub metric_model: String,
     pub images: u32,
     /// Sizes of the inline images, as read from their headers.
     pub image_sizes: Vec<ImageSize>,
@@ -580,13 +610,17 @@ pub struct Admission {
     user_limits: LimitSpec,
     facts: CallFacts,
     sink: UsageSink,
+    metrics: Arc<Metrics>,
     log_bodies: bool,
     started: Instant,
     reserved: Reserved,
     upstream_cap: Option<u64>,
     figures: RateFigures,
     admitted: bool,
-    forwarded: bool,
+    /// When the request went to the model server.
+    forwarded: Option<Instant>,
+    /// When the model server's answer ended.
+    upstream_done: Option<Instant>,
     usage: Option<Usage>,
     chunks_seen: u64,
     response_body: Option<String>,
@@ -623,7 +657,12 @@ impl Admission {
 
     /// The upstream has the request: from now on an abandoned call is charged.
     pub fn mark_forwarded(&mut self) {
-        self.forwarded = true;
+        self.forwarded.get_or_insert_with(Instant::now);
+    }
+
+    /// The model server's answer has ended (its last byte arrived).
+    pub fn mark_upstream_done(&mut self) {
+        self.upstream_done.get_or_insert_with(Instant::now);
     }
 
     /// Usage reported by the upstream (cumulative; the latest report wins).
@@ -633,6 +672,13 @@ impl Admission {
 
     /// A streamed chunk with choices reached the gate (the estimate when usage never comes).
     pub fn observe_chunk(&mut self) {
+        if self.chunks_seen == 0 {
+            self.metrics.time_to_first_token(
+                self.facts.door,
+                &self.facts.metric_model,
+                self.started.elapsed(),
+            );
+        }
         self.chunks_seen += 1;
     }
 
@@ -686,7 +732,7 @@ impl Admission {
             self.release(Usage::default(), false);
             return;
         }
-        let charged_request = self.forwarded && outcome.charges_request();
+        let charged_request = self.forwarded.is_some() && outcome.charges_request();
         let (usage, usage_estimated) = match self.usage {
             Some(usage) => (usage, false),
             // Served but never told how much: charge what the gate saw of it.
@@ -700,7 +746,29 @@ impl Admission {
             None => (Usage::default(), false),
         };
         self.release(usage, charged_request);
-        let latency_ms = self.elapsed_ms();
+        let total = self.started.elapsed();
+        let latency_ms = u64::try_from(total.as_millis()).unwrap_or(u64::MAX);
+        self.metrics.call_ended(self.facts.door);
+        self.metrics.call_settled(&SettledCall {
+            door: self.facts.door,
+            model: &self.facts.metric_model,
+            outcome: outcome.as_str(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            images: if charged_request {
+                u64::from(self.facts.images)
+            } else {
+                0
+            },
+            total,
+            // The gateway's own share: all but the time the model server held the call.
+            overhead: match (self.forwarded, self.upstream_done) {
+                (Some(sent), Some(done)) => {
+                    Some(total.saturating_sub(done.saturating_duration_since(sent)))
+                }
+                _ => None,
+            },
+        });
         tracing::info!(
             request_id = %self.facts.request_id,
             key_id = %self.caller.record.id,

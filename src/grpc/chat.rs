@@ -8,8 +8,10 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, ChunkMerger, StreamEvent};
 use super::pb;
 use super::{bearer, caller_deadline, request_id};
-use crate::chat::{ChatPath, Relay, UsageView};
+use crate::chat::{ChatPath, Origin, Relay, UsageView};
 use crate::core::Caller;
+use crate::metrics::Door;
+use crate::rest::ModelLabel;
 
 pub struct ChatService {
     chat: ChatPath,
@@ -39,7 +41,12 @@ impl pb::chat_server::Chat for ChatService {
         let call = self
             .chat
             .prepare(convert::request_json(request.get_ref(), false)?)?;
-        let completion = self.chat.complete(&caller, call, &request_id);
+        let label = self.chat.metric_model(&call.model);
+        let origin = Origin {
+            request_id,
+            door: Door::Grpc,
+        };
+        let completion = self.chat.complete(&caller, call, &origin);
         let completion = match deadline {
             // Dropping the call at the deadline cancels the upstream request and settles it.
             Some(deadline) => tokio::time::timeout(deadline, completion)
@@ -48,6 +55,7 @@ impl pb::chat_server::Chat for ChatService {
             None => completion.await?,
         };
         let mut response = Response::new(convert::response_proto(&completion.body)?);
+        response.extensions_mut().insert(ModelLabel(label));
         add_limit_metadata(
             response.metadata_mut(),
             &completion.figures,
@@ -68,12 +76,17 @@ impl pb::chat_server::Chat for ChatService {
         let call = self
             .chat
             .prepare(convert::request_json(request.get_ref(), true)?)?;
+        let label = self.chat.metric_model(&call.model);
         // The last message always carries the usage: the final usage chunk is wanted.
         let view = UsageView {
             final_chunk: true,
             every_chunk: false,
         };
-        let start = self.chat.stream(&caller, call, &request_id, view);
+        let origin = Origin {
+            request_id,
+            door: Door::Grpc,
+        };
+        let start = self.chat.stream(&caller, call, &origin, view);
         let start = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, start)
                 .await
@@ -81,6 +94,7 @@ impl pb::chat_server::Chat for ChatService {
             None => start.await?,
         };
         let mut response = Response::new(chunks(start.relay, deadline));
+        response.extensions_mut().insert(ModelLabel(label));
         add_limit_metadata(response.metadata_mut(), &start.figures, &start.remaining);
         Ok(response)
     }

@@ -8,10 +8,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 
-use super::{AppState, RequestId, bearer, read_body};
-use crate::chat::UsageView;
+use super::{AppState, ModelLabel, RequestId, bearer, read_body};
+use crate::chat::{Origin, UsageView};
 use crate::core::limits::RateFigures;
 use crate::core::{GatewayError, Remaining};
+use crate::metrics::Door;
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -19,10 +20,15 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match complete(state, request_id, headers, body).await {
+    let mut label = None;
+    let mut response = match complete(state, request_id, headers, body, &mut label).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
+    };
+    if let Some(label) = label {
+        response.extensions_mut().insert(ModelLabel(label));
     }
+    response
 }
 
 async fn complete(
@@ -30,17 +36,25 @@ async fn complete(
     request_id: String,
     headers: HeaderMap,
     body: Body,
+    label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
     let caller = state.gateway().authenticate(bearer(&headers))?;
-    let body = read_body(body, state.settings.max_body_bytes).await?;
+    let body = read_body(body, state.settings.max_body_bytes)
+        .await
+        .map_err(|e| state.gateway().refused(e))?;
     let call = state.chat.prepare(body)?;
+    *label = Some(state.chat.metric_model(&call.model));
+    let origin = Origin {
+        request_id,
+        door: Door::Rest,
+    };
 
     if call.stream {
         let view = UsageView {
             final_chunk: call.client_wants_usage,
             every_chunk: call.client_wants_continuous_usage,
         };
-        let start = state.chat.stream(&caller, call, &request_id, view).await?;
+        let start = state.chat.stream(&caller, call, &origin, view).await?;
         let relay = start.relay;
         let body = Body::from_stream(futures_util::stream::unfold(
             relay,
@@ -64,7 +78,7 @@ async fn complete(
         return Ok(response);
     }
 
-    let completion = state.chat.complete(&caller, call, &request_id).await?;
+    let completion = state.chat.complete(&caller, call, &origin).await?;
     let body = if state.settings.response_metadata {
         with_metadata(
             completion.body,

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::{AppState, RequestId, bearer};
 use crate::core::GatewayError;
+use crate::metrics::BackendFigures;
 
 pub const SERVICE: &str = "step3-gateway";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -47,6 +48,35 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         "upstreams": backends,
         "store": {"usage_backlog": state.gateway().usage_backlog()},
     }))
+}
+
+/// Prometheus metrics (text format). Like most exporters it needs no key: keep it off the
+/// public side of the proxy in front (the nginx site in `deploy/` answers 404 for it).
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let backends: Vec<BackendFigures> = state
+        .chat
+        .upstream
+        .status()
+        .into_iter()
+        .map(|b| BackendFigures {
+            name: b.name,
+            healthy: b.healthy,
+            in_flight: b.in_flight,
+            errors: b.errors,
+        })
+        .collect();
+    let text = state
+        .gateway()
+        .metrics()
+        .render(&backends, state.gateway().usage_backlog());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// The upstream's models, filtered by the caller's allowlist.

@@ -22,6 +22,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::chat::ChatPath;
 use crate::core::{Gateway, GatewayError, keys};
+use crate::metrics::{Door, Metrics};
 use crate::upstream::REQUEST_ID_HEADER;
 
 /// Settings of the REST door.
@@ -53,9 +54,11 @@ pub struct RequestId(pub String);
 /// The REST routes, with `grpc` (the gRPC services' routes) merged in when given, behind
 /// one fallback: gRPC `UNIMPLEMENTED` for gRPC requests, a JSON 404 for the rest.
 pub fn router(state: AppState, grpc: Option<Router>) -> Router {
+    let metrics = state.gateway().metrics().clone();
     let rest = Router::new()
         .route("/", get(info::root))
         .route("/health", get(info::health))
+        .route("/metrics", get(info::metrics))
         .route("/v1/models", get(info::models))
         .route("/v1/usage", get(info::usage))
         .route("/v1/chat/completions", post(chat::chat_completions))
@@ -66,16 +69,17 @@ pub fn router(state: AppState, grpc: Option<Router>) -> Router {
         Some(grpc) => rest.merge(grpc),
         None => rest,
     };
-    with_common_layers(router.fallback(not_found))
+    with_common_layers(router.fallback(not_found), metrics)
 }
 
 /// A router with only the gRPC services (for a separate gRPC port).
-pub fn grpc_only(grpc: Router) -> Router {
-    with_common_layers(grpc.fallback(not_found))
+pub fn grpc_only(grpc: Router, metrics: Arc<Metrics>) -> Router {
+    with_common_layers(grpc.fallback(not_found), metrics)
 }
 
-fn with_common_layers(router: Router) -> Router {
+fn with_common_layers(router: Router, metrics: Arc<Metrics>) -> Router {
     router
+        .layer(middleware::from_fn_with_state(metrics, count_request))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(request_id))
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -119,6 +123,66 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         Some("internal_error"),
     );
     (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+}
+
+/// The model a response was about, for the `model` label of `step3gw_requests_total`.
+#[derive(Clone, Debug)]
+pub struct ModelLabel(pub String);
+
+/// gRPC methods are labelled by name when they are ours; anything else is `unknown`.
+const KNOWN_GRPC_PREFIXES: [&str; 4] = [
+    "/step3.gateway.v1.",
+    "/grpc.health.v1.",
+    "/grpc.reflection.v1.",
+    "/grpc.reflection.v1alpha.",
+];
+
+/// Counts every request by door, route, model and status, and times those that are not
+/// chat calls (a chat call is timed whole, stream included, when it settles).
+async fn count_request(
+    axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let grpc = crate::grpc::is_grpc(request.headers());
+    let route = if grpc {
+        let path = request.uri().path();
+        if KNOWN_GRPC_PREFIXES.iter().any(|p| path.starts_with(p)) {
+            path.to_owned()
+        } else {
+            "unknown".to_owned()
+        }
+    } else {
+        request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
+    };
+    let response = next.run(request).await;
+    let door = if grpc { Door::Grpc } else { Door::Rest };
+    // A gRPC error without a body says so in its headers; otherwise the call began well.
+    let status = if grpc {
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0")
+            .to_owned()
+    } else {
+        response.status().as_u16().to_string()
+    };
+    let model = response
+        .extensions()
+        .get::<ModelLabel>()
+        .map_or("", |m| m.0.as_str());
+    metrics.request(door, &route, model, &status);
+    let chat = route == "/v1/chat/completions"
+        || route.starts_with("/step3.gateway.v1.Chat/") && route.ends_with("Complete");
+    if !chat {
+        metrics.request_duration(door, &route, started.elapsed());
+    }
+    response
 }
 
 /// Takes `x-request-id` from the request when it is sane, else makes one, and echoes it.

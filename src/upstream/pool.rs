@@ -64,6 +64,8 @@ pub struct Backend {
     ejected_until_ms: AtomicU64,
     /// The last active health check passed (true until the first check says otherwise).
     checked_healthy: AtomicBool,
+    /// The models the backend listed at its last health check (bounded, for metric labels).
+    reported_models: RwLock<Vec<String>>,
     errors: AtomicU64,
 }
 
@@ -100,6 +102,7 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             checked_healthy: AtomicBool::new(true),
+            reported_models: RwLock::new(Vec::new()),
             errors: AtomicU64::new(0),
         })
     }
@@ -255,10 +258,14 @@ impl UpstreamPool {
     pub fn knows_model(&self, model: &str) -> bool {
         let settings = self.settings();
         settings.aliases.contains_key(model)
-            || self
-                .backends()
-                .iter()
-                .any(|b| b.settings.models.iter().any(|m| m == model))
+            || self.backends().iter().any(|b| {
+                b.settings.models.iter().any(|m| m == model)
+                    || b.reported_models
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .any(|m| m == model)
+            })
     }
 
     pub fn status(&self) -> Vec<BackendStatus> {
