@@ -477,6 +477,9 @@ impl UpstreamPool {
                     request = request.header(AUTHORIZATION, authorization.clone());
                 }
                 let healthy = matches!(request.send().await, Ok(r) if r.status().is_success());
+                if healthy {
+                    refresh_models(&client, &backend, timeout).await;
+                }
                 let was = backend.checked_healthy.swap(healthy, Ordering::AcqRel);
                 if was != healthy {
                     tracing::warn!(backend = %backend.name(), healthy, "backend health changed");
@@ -508,6 +511,35 @@ impl UpstreamPool {
             .backend
             .record_failure(settings.eject_after_failures, settings.eject_for);
     }
+}
+
+/// Remembers what a backend serves (at most 64 names), for metric labels.
+async fn refresh_models(client: &reqwest::Client, backend: &Backend, timeout: Duration) {
+    let mut request = client.get(&backend.models_url).timeout(timeout);
+    if let Some(authorization) = &backend.authorization {
+        request = request.header(AUTHORIZATION, authorization.clone());
+    }
+    let Ok(response) = request.send().await else {
+        return;
+    };
+    let Ok(body) = read_bounded(response).await else {
+        return;
+    };
+    let Ok(list) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return;
+    };
+    let models: Vec<String> = list
+        .get("data")
+        .and_then(|d| d.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("id")?.as_str().map(str::to_owned))
+        .take(64)
+        .collect();
+    *backend
+        .reported_models
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = models;
 }
 
 fn build_backends(

@@ -7,6 +7,7 @@
 mod admin;
 mod admin_cli;
 mod billing;
+mod binary;
 mod books;
 mod chat;
 mod common;
@@ -15,4 +16,5 @@ mod grpc;
 mod grpc_admin;
 mod grpcurl_readme;
 mod openai_sdk;
+mod pool;
 mod reflection_client;

@@ -1,0 +1,252 @@
+//! The real binary: SIGTERM drains a stream in flight and exits 0 with nothing lost,
+//! SIGHUP reloads the upstream list, and no secret reaches a log line at any level.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use step3_gateway::sim::{RunningSimulator, Simulator, SimulatorConfig};
+
+use crate::common::{ADMIN_TOKEN, chat_body};
+
+const UPSTREAM_KEY: &str = "upstream-secret-key-9876";
+
+struct Gateway {
+    child: Child,
+    url: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gateway {
+    /// Starts `step3-gateway serve` with `config` and waits for its address in the logs.
+    async fn start(config_path: &std::path::Path) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_step3-gateway"))
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        for _ in 0..500 {
+            let found = logs.lock().unwrap().iter().find_map(|line| {
+                let v: Value = serde_json::from_str(line).ok()?;
+                (v["fields"]["message"] == "step3-gateway listening")
+                    .then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
+            });
+            if let Some(addr) = found {
+                return Gateway {
+                    child,
+                    url: format!("http://{addr}"),
+                    logs,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the gateway did not start: {:?}", logs.lock().unwrap());
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = tokio::task::spawn_blocking(move || {
+            let status = self.child.wait().unwrap();
+            (status, self)
+        })
+        .await
+        .unwrap();
+        // Let the reader thread take the last lines.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let logs = status.1.logs.lock().unwrap().clone();
+        (status.0, logs)
+    }
+}
+
+fn write_config(dir: &std::path::Path, upstream: &str) -> std::path::PathBuf {
+    let path = dir.join("gateway.toml");
+    let data = dir.join("data");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n\
+             [upstream]\nurl = \"{upstream}\"\napi_key = \"{UPSTREAM_KEY}\"\nhealth_interval_ms = 100\n\
+             [store]\npath = \"{}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[log]\nformat = \"json\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn upstream(latency_ms: u64) -> RunningSimulator {
+    Simulator::new(SimulatorConfig {
+        token_latency: Duration::from_millis(latency_ms),
+        reply_tokens: 12,
+        api_key: Some(UPSTREAM_KEY.into()),
+        ..SimulatorConfig::default()
+    })
+    .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+    .await
+    .unwrap()
+}
+
+async fn make_key(http: &reqwest::Client, url: &str) -> String {
+    let user: Value = http
+        .post(format!("{url}/admin/v1/users"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"name": "ops"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key: Value = http
+        .post(format!("{url}/admin/v1/keys"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"user_id": user["id"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    key["secret"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_stream_exits_0_keeps_the_books_and_logs_no_secret() {
+    let sim = upstream(60).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sim.url());
+    let gw = Gateway::start(&config).await;
+    let http = reqwest::Client::new();
+    let secret = make_key(&http, &gw.url).await;
+    let chat = |secret: &str, body: &Value| {
+        http.post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(secret)
+            .json(body)
+            .send()
+    };
+    assert_eq!(
+        chat(&secret, &chat_body("one")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        chat("sk-step3-wrong-key", &chat_body("two"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    let mut body = chat_body("drain me");
+    body["stream"] = json!(true);
+    let mut stream = chat(&secret, &body).await.unwrap().bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    gw.signal("TERM");
+    let mut rest = String::new();
+    while let Some(chunk) = stream.next().await {
+        rest.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(
+        rest.ends_with("data: [DONE]\n\n"),
+        "the stream was cut: {rest}"
+    );
+    let (status, logs) = gw.wait().await;
+    assert!(status.success(), "{status:?}");
+    assert!(logs.iter().any(|l| l.contains("usage flushed")));
+    for line in &logs {
+        for secret in [
+            secret.as_str(),
+            ADMIN_TOKEN,
+            UPSTREAM_KEY,
+            "sk-step3-wrong-key",
+        ] {
+            assert!(!line.contains(secret), "a secret in the log: {line}");
+        }
+    }
+    // One line per call, with the key's id and the figures.
+    let call_lines: Vec<Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "call")
+        .collect();
+    assert_eq!(call_lines.len(), 2);
+    assert!(
+        call_lines
+            .iter()
+            .all(|v| v["fields"]["key_id"].as_str().unwrap().starts_with("key_"))
+    );
+
+    // Restarted on the same data: both calls are on the books.
+    let gw = Gateway::start(&config).await;
+    let usage: Value = http
+        .get(format!("{}/v1/usage", gw.url))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["requests"]["used"], 2);
+    assert_eq!(usage["tokens"]["completion"], 24);
+    gw.signal("INT");
+    assert!(gw.wait().await.0.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_upstream_list() {
+    let first = upstream(0).await;
+    let second = upstream(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &first.url());
+    let gw = Gateway::start(&config).await;
+    let http = reqwest::Client::new();
+    let secret = make_key(&http, &gw.url).await;
+    let call = || {
+        http.post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&secret)
+            .json(&chat_body("hi"))
+            .send()
+    };
+    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    write_config(dir.path(), &second.url());
+    gw.signal("HUP");
+    let mut moved = false;
+    for _ in 0..100 {
+        assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+        if second.simulator.stats().chat_requests > 0 {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moved, "calls never moved to the new upstream");
+    gw.signal("TERM");
+    let (status, logs) = gw.wait().await;
+    assert!(status.success());
+    assert!(logs.iter().any(|l| l.contains("upstream list reloaded")));
+}
