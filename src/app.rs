@@ -240,12 +240,22 @@ async fn serve(
         let listener = listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream));
         axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned())
     });
-    for result in
-        futures_util::future::join_all(servers.map(std::future::IntoFuture::into_future)).await
-    {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "server error");
+    let all = futures_util::future::join_all(servers.map(std::future::IntoFuture::into_future));
+    // A connection that never finishes (a stalled upload, a reader that stopped reading)
+    // must not keep the usage from being written: after the cut, wait only briefly.
+    let stuck = async {
+        hard_stop.cancelled().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    tokio::select! {
+        results = all => {
+            for result in results {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "server error");
+                }
+            }
         }
+        () = stuck => tracing::warn!("connections still open after the grace period; leaving them"),
     }
     cutter.abort();
     writer.stop().await;

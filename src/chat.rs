@@ -97,6 +97,7 @@ impl ChatPath {
                 stream: call.stream,
                 prompt_estimate: call.prompt_estimate,
                 client_cap: call.max_tokens,
+                choices: call.choices,
                 door: origin.door,
                 metric_model,
                 images: call.images,
@@ -249,7 +250,7 @@ impl ChatPath {
 fn settle_failed(admission: Admission, e: GatewayError) -> GatewayError {
     let (outcome, status) = match &e {
         GatewayError::Upstream { status, .. } => (CallOutcome::UpstreamError, *status),
-        GatewayError::UpstreamTimeout => (CallOutcome::UpstreamFailed, 504),
+        GatewayError::UpstreamTimeout => (CallOutcome::TimedOut, 504),
         GatewayError::ShuttingDown => (CallOutcome::Cancelled, 503),
         _ => (CallOutcome::UpstreamFailed, 502),
     };

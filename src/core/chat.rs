@@ -33,6 +33,8 @@ pub struct ChatCall {
     pub image_sizes: Vec<ImageSize>,
     /// The client's output cap: the smaller of `max_tokens` and `max_completion_tokens`.
     pub max_tokens: Option<u64>,
+    /// Choices to generate (`n`); each may run to the cap.
+    pub choices: u64,
     /// Prompt tokens estimated from the text and images, used when the upstream gives none.
     pub prompt_estimate: u64,
     /// What goes upstream: the client's bytes, or a copy with `stream_options` set.
@@ -50,20 +52,41 @@ struct RequestView<'a> {
     messages: Vec<MessageView<'a>>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(default, borrow)]
+    /// Kept even when `null`, so that a rewrite replaces it rather than adding a second key
+    /// the upstream would read instead (JSON parsers keep the last duplicate).
+    #[serde(default, borrow, deserialize_with = "present_raw")]
     stream_options: Option<&'a RawValue>,
     #[serde(default)]
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    /// Choices to generate: each may run to the output cap.
+    #[serde(default)]
+    n: Option<u64>,
+    /// Rendered into the prompt by the server, so counted in the estimate.
+    #[serde(default, borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    functions: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    tool_choice: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    response_format: Option<&'a RawValue>,
+}
+
+/// A field that is present, `null` included: `Some` with its raw text and position.
+fn present_raw<'de: 'a, 'a, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<Option<&'a RawValue>, D::Error> {
+    <&'a RawValue as Deserialize<'de>>::deserialize(de).map(Some)
 }
 
 /// The output caps of a body, with where their values sit in it.
 #[derive(Deserialize)]
 struct CapView<'a> {
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present_raw")]
     max_tokens: Option<&'a RawValue>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present_raw")]
     max_completion_tokens: Option<&'a RawValue>,
 }
 
@@ -72,6 +95,13 @@ struct CapView<'a> {
 struct MessageView<'a> {
     #[serde(default, borrow)]
     content: Option<&'a RawValue>,
+    /// Also rendered into the prompt: counted by their JSON length.
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -148,8 +178,21 @@ pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, Gate
         ));
     }
     let measured = measure_messages(&view.messages, &options.image_policy)?;
-    let prompt_estimate =
-        measured.text_chars.div_ceil(4) + 4 * view.messages.len() as u64 + measured.image_tokens;
+    // Tool definitions and the like are rendered into the prompt too: their JSON counts.
+    let extra_chars: u64 = [
+        view.tools,
+        view.functions,
+        view.tool_choice,
+        view.response_format,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|raw| raw.get().len() as u64)
+    .sum();
+    let prompt_estimate = (measured.text_chars + extra_chars).div_ceil(4)
+        + 4 * view.messages.len() as u64
+        + measured.image_tokens;
+    let choices = view.n.unwrap_or(1).max(1);
     let max_tokens = match (view.max_tokens, view.max_completion_tokens) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -186,6 +229,7 @@ pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, Gate
         images: measured.images,
         image_sizes: measured.image_sizes,
         max_tokens,
+        choices,
         prompt_estimate,
         upstream_body,
         client_body: body,
@@ -231,6 +275,11 @@ fn measure_messages(
 ) -> Result<Measured, GatewayError> {
     let mut measured = Measured::default();
     for (i, message) in messages.iter().enumerate() {
+        measured.text_chars += [message.tool_calls, message.name, message.reasoning_content]
+            .into_iter()
+            .flatten()
+            .map(|raw| raw.get().len() as u64)
+            .sum::<u64>();
         let Some(content) = message.content else {
             continue;
         };
@@ -487,7 +536,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(call.images, 1);
-        assert_eq!(call.prompt_estimate, 3 + 12 + estimate_image_tokens(None));
+        // 12 characters of text and 2 of `tool_calls` (which the server renders too).
+        assert_eq!(call.prompt_estimate, 4 + 12 + estimate_image_tokens(None));
     }
 
     #[test]

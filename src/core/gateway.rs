@@ -11,7 +11,7 @@ use super::error::GatewayError;
 use super::images::ImageSize;
 use super::keys::{self, SecretHash};
 use super::limits::{Grant, LimitScope, LimitSpec, Limiter, RateFigures};
-use super::quota;
+use super::quota::{self, TokenAsk};
 use super::records::{
     CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UserRecord, now_micros, now_unix,
 };
@@ -487,15 +487,25 @@ impl Gateway {
 
         // Quotas first, so a call they refuse takes nothing from the per-minute limits.
         let mut plan = None;
+        let choices = admission.facts.choices.max(1);
+        // A tokens-per-minute limit below the default cap would refuse every call that gives
+        // no cap: such calls get the room under the limit as their cap instead.
+        let tpm = [admission.key_limits.tpm, admission.user_limits.tpm]
+            .into_iter()
+            .flatten()
+            .min();
+        let ask = TokenAsk {
+            prompt_estimate: admission.facts.prompt_estimate,
+            client_cap: admission.facts.client_cap,
+            choices,
+            default_cap: self.settings.default_max_tokens,
+            default_ceiling: tpm
+                .map(|t| t.saturating_sub(admission.facts.prompt_estimate) / choices),
+        };
         let tokens =
             key.tokens_committed
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |committed| {
-                    plan = quota::plan_tokens(
-                        quota::remaining(record.token_quota, committed),
-                        admission.facts.prompt_estimate,
-                        admission.facts.client_cap,
-                        self.settings.default_max_tokens,
-                    );
+                    plan = quota::plan_tokens(quota::remaining(record.token_quota, committed), ask);
                     plan.map(|p| committed.saturating_add(p.reserve))
                 });
         let plan = match (tokens, plan) {
@@ -580,6 +590,8 @@ pub struct CallFacts {
     pub prompt_estimate: u64,
     /// The client's output cap (`max_tokens` / `max_completion_tokens`).
     pub client_cap: Option<u64>,
+    /// Choices to generate (`n`).
+    pub choices: u64,
     pub door: Door,
     /// The model as a metrics label: a configured name, or `other`.
     pub metric_model: String,
@@ -712,15 +724,16 @@ impl Admission {
         let images = if charge_request { reserved.images } else { 0 };
         settle_counter(&key.images_committed, reserved.images, images);
         key.images_used.fetch_add(images, Ordering::AcqRel);
+        let refused = !self.admitted;
         if let Some(grant) = reserved.key_grant {
             key.limiter
-                .release(&grant, &self.key_limits, charged.total());
+                .release(&grant, &self.key_limits, charged.total(), refused);
         }
         if let Some(grant) = reserved.user_grant {
             self.caller
                 .user
                 .limiter
-                .release(&grant, &self.user_limits, charged.total());
+                .release(&grant, &self.user_limits, charged.total(), refused);
         }
     }
 

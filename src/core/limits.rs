@@ -197,6 +197,8 @@ pub struct Limiter {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Grant {
     pub slot: bool,
+    /// One request was counted in the per-minute window.
+    pub request: bool,
     pub tokens: u64,
     pub requests: Option<RateStatus>,
     pub token_status: Option<RateStatus>,
@@ -254,11 +256,12 @@ impl Limiter {
         })();
         if let Err(refusal) = checked {
             drop(windows);
-            self.release(&grant, spec, 0);
+            self.release(&grant, spec, 0, true);
             return Err(refusal);
         }
         if let Some(rpm) = spec.rpm {
             grant.requests = Some(windows.requests.take(u64::from(rpm), 1, now));
+            grant.request = true;
         }
         if let Some(tpm) = spec.tpm {
             grant.token_status = Some(windows.tokens.take(tpm, tokens, now));
@@ -267,10 +270,18 @@ impl Limiter {
         Ok(grant)
     }
 
-    /// Ends a granted call: frees its slot, and corrects its tokens to `used`.
-    pub fn release(&self, grant: &Grant, spec: &LimitSpec, used: u64) {
+    /// Ends a granted call: frees its slot, corrects its tokens to `used`, and gives the
+    /// request back when the call was refused after all (by another limit or quota).
+    pub fn release(&self, grant: &Grant, spec: &LimitSpec, used: u64, refused: bool) {
         if grant.slot {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        if refused
+            && grant.request
+            && let Some(rpm) = spec.rpm
+        {
+            let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+            windows.requests.adjust(u64::from(rpm), -1, monotonic_ms());
         }
         if spec.tpm.is_some() && used != grant.tokens {
             let delta = i64::try_from(used).unwrap_or(i64::MAX)
@@ -479,7 +490,7 @@ mod tests {
         let grant = limiter.acquire(&spec, LimitScope::Key, 80).unwrap();
         let busy = limiter.acquire(&spec, LimitScope::Key, 10).unwrap_err();
         assert_eq!(busy.kind, LimitKind::Concurrency);
-        limiter.release(&grant, &spec, 30);
+        limiter.release(&grant, &spec, 30, false);
         assert_eq!(limiter.in_flight(), 0);
         // 30 tokens used: 70 remain; 80 does not fit, and that refusal takes no request.
         let refused = limiter.acquire(&spec, LimitScope::Key, 80).unwrap_err();

@@ -152,8 +152,11 @@ pub enum CallOutcome {
     Completed,
     /// The upstream answered with an error status.
     UpstreamError,
-    /// The upstream could not be reached or did not answer in time.
+    /// The upstream could not be reached.
     UpstreamFailed,
+    /// The upstream had the request but did not answer in time: the GPU worked, so the call
+    /// is charged (an estimate, unless usage was reported).
+    TimedOut,
     /// A stream ended without `[DONE]`, or with an error event.
     StreamIncomplete,
     /// The client went away before the answer was complete.
@@ -169,6 +172,7 @@ impl CallOutcome {
             CallOutcome::Completed => "completed",
             CallOutcome::UpstreamError => "upstream_error",
             CallOutcome::UpstreamFailed => "upstream_failed",
+            CallOutcome::TimedOut => "timed_out",
             CallOutcome::StreamIncomplete => "stream_incomplete",
             CallOutcome::ClientDisconnected => "client_disconnected",
             CallOutcome::Cancelled => "cancelled",
@@ -180,6 +184,7 @@ impl CallOutcome {
         matches!(
             self,
             CallOutcome::Completed
+                | CallOutcome::TimedOut
                 | CallOutcome::StreamIncomplete
                 | CallOutcome::ClientDisconnected
                 | CallOutcome::Cancelled

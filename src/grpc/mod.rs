@@ -142,6 +142,10 @@ fn caller_deadline(metadata: &MetadataMap) -> Option<Duration> {
 fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    // The spec allows at most eight digits; more would overflow a deadline.
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
     let amount: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(amount.saturating_mul(3600)),
@@ -171,6 +175,7 @@ mod tests {
         assert_eq!(deadline("7u"), Some(Duration::from_micros(7)));
         assert_eq!(deadline("x"), None);
         assert_eq!(deadline("5"), None);
+        assert_eq!(deadline("18446744073709551615S"), None);
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", "2S".parse().unwrap());
         assert_eq!(

@@ -172,6 +172,12 @@ async fn count_request(
     } else {
         response.status().as_u16().to_string()
     };
+    // Unknown methods are one label, not one per made-up path.
+    let route = if grpc && status == "12" {
+        "unknown".to_owned()
+    } else {
+        route
+    };
     let model = response
         .extensions()
         .get::<ModelLabel>()
@@ -220,9 +226,22 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
-/// Reads a request body up to `limit` bytes.
+/// How long a client may take to send its request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads a request body up to `limit` bytes, within [`BODY_READ_TIMEOUT`].
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(GatewayError::invalid_request(
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+            None,
+        ));
+    };
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {

@@ -29,7 +29,8 @@ pub fn transport_error(e: reqwest::Error) -> GatewayError {
     } else {
         GatewayError::UpstreamUnavailable(format!(
             "the connection to the model server failed: {}",
-            error_chain(&e)
+            // The model server's address stays out of what the client is told.
+            error_chain(&e.without_url())
         ))
     }
 }

@@ -173,6 +173,8 @@ impl Drop for BackendLease {
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendStatus {
     pub name: String,
+    /// Not shown on `/health` (which needs no key): the network's inside stays inside.
+    #[serde(skip)]
     pub url: String,
     pub healthy: bool,
     pub ejected: bool,

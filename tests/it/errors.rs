@@ -268,7 +268,7 @@ async fn upstream_errors_keep_their_status_and_message_and_charge_nothing() {
 }
 
 #[tokio::test]
-async fn a_dead_upstream_gets_503_at_once_and_a_silent_one_504_without_charge() {
+async fn a_dead_upstream_gets_503_at_once_and_a_silent_one_504_charged_as_estimated() {
     let gw = TestGateway::builder()
         .config(|c| c.upstream.url = "http://127.0.0.1:9".into())
         .start()
@@ -297,7 +297,15 @@ async fn a_dead_upstream_gets_503_at_once_and_a_silent_one_504_without_charge() 
     )
     .await;
     assert_eq!(error["code"], "upstream_timeout");
-    assert_nothing_charged(&slow, &key.secret).await;
+    // The model had the request and worked on it until the timeout: the request is charged,
+    // with the prompt estimate, marked as an estimate.
+    let usage = slow.usage(&key.secret).await;
+    assert_eq!(usage["requests"]["used"], 1);
+    assert_eq!(usage["tokens"]["completion"], 0);
+    let calls = slow.wait_for_calls(&key.id, 1).await;
+    assert_eq!(calls[0]["outcome"], "timed_out");
+    assert_eq!(calls[0]["usage_estimated"], true);
+    assert!(calls[0]["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ mod errors;
 mod grpc;
 mod grpc_admin;
 mod grpcurl_readme;
+mod hardening;
 mod openai_sdk;
 mod pool;
 mod reflection_client;

@@ -1,0 +1,559 @@
+//! The gateway's own cost, measured against calling the model server directly in the same
+//! run: throughput, latency percentiles, CPU per request (from /proc) and memory.
+//!
+//! ```sh
+//! cargo build --release --examples && scripts/bench.sh      # pins processes, writes a report
+//! ```
+//!
+//! It starts, as separate processes, the simulated STEP3-VL server (no token latency), the
+//! gateway (every check on: a key with rpm/tpm/concurrency limits, request/token/image quotas,
+//! usage recording, call log, metrics) and, when nginx is installed, nginx with `proxy_pass`
+//! and keep-alive to the same server. Then it loads each target for the same time, in
+//! alternating rounds, and prints one table.
+#![expect(clippy::print_stdout, reason = "a benchmark prints its report")]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use step3_gateway::grpc::pb;
+use tokio::sync::Mutex;
+
+const MODEL: &str = "stepfun-ai/Step3-VL-10B";
+const ADMIN: &str = "bench-admin-token-0123456789";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Json,
+    Sse,
+    GrpcUnary,
+    GrpcStream,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Json => "REST JSON",
+            Kind::Sse => "REST SSE (20 chunks)",
+            Kind::GrpcUnary => "gRPC unary",
+            Kind::GrpcStream => "gRPC stream (20 chunks)",
+        }
+    }
+}
+
+/// A process under measurement.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// CPU seconds used so far by the process and its children (nginx workers).
+    fn cpu_seconds(&self) -> f64 {
+        let ticks = |pid: u32| -> u64 {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                    Some(
+                        fields.get(11)?.parse::<u64>().ok()?
+                            + fields.get(12)?.parse::<u64>().ok()?,
+                    )
+                })
+                .unwrap_or(0)
+        };
+        let pid = self.child.id();
+        let children: u64 = children(pid).into_iter().map(ticks).sum();
+        (ticks(pid) + children) as f64 / 100.0
+    }
+
+    /// Resident memory of the process and its children, in MiB.
+    fn rss_mib(&self) -> f64 {
+        let rss = |pid: u32| -> u64 {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+                    line.split_whitespace().nth(1)?.parse().ok()
+                })
+                .unwrap_or(0)
+        };
+        let pid = self.child.id();
+        let total: u64 = rss(pid) + children(pid).into_iter().map(rss).sum::<u64>();
+        total as f64 / 1024.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn wait_for(url: &str) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        if reqwest::get(url).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("{url} never answered")
+}
+
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/examples/bench → target/<profile>/step3-gateway
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("step3-gateway"))
+        .unwrap_or_else(|| PathBuf::from("step3-gateway"))
+}
+
+/// Runs `command` pinned to `cpu` when `taskset` exists.
+fn pinned(cpu: &str, program: &Path) -> Command {
+    if Path::new("/usr/bin/taskset").exists() {
+        let mut command = Command::new("/usr/bin/taskset");
+        command.args(["-c", cpu]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+struct Setup {
+    upstream: Proc,
+    gateway: Proc,
+    nginx: Option<Proc>,
+    upstream_url: String,
+    gateway_url: String,
+    nginx_url: Option<String>,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(cpu: &str) -> anyhow::Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let bin = binary();
+    let sim_port = free_port()?;
+    let upstream = Proc {
+        child: pinned(cpu, &bin)
+            .args([
+                "simulate",
+                "--listen",
+                &format!("127.0.0.1:{sim_port}"),
+                "--token-latency-ms",
+                "0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start the simulator (build with `cargo build --release --examples`)")?,
+    };
+    let upstream_url = format!("http://127.0.0.1:{sim_port}");
+    wait_for(&format!("{upstream_url}/health")).await?;
+
+    let gw_port = free_port()?;
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{gw_port}\"\n[upstream]\nurl = \"{upstream_url}\"\n\
+             [store]\npath = \"{}\"\n[admin]\ntoken = \"{ADMIN}\"\n[log]\nlevel = \"warn\"\n",
+            dir.path().join("data").display()
+        ),
+    )?;
+    let gateway = Proc {
+        child: pinned(cpu, &bin)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    };
+    let gateway_url = format!("http://127.0.0.1:{gw_port}");
+    wait_for(&format!("{gateway_url}/health")).await?;
+    let http = reqwest::Client::new();
+    let user: Value = http
+        .post(format!("{gateway_url}/admin/v1/users"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "bench", "rpm_limit": 100_000_000, "max_concurrent": 100_000}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    // Every check on, none of them binding.
+    let key: Value = http
+        .post(format!("{gateway_url}/admin/v1/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({
+            "user_id": user["id"], "rpm_limit": 100_000_000, "tpm_limit": 100_000_000_000u64,
+            "max_concurrent": 100_000, "request_quota": 1_000_000_000_000u64,
+            "token_quota": 1_000_000_000_000_000u64, "image_quota": 1_000_000, "models": [MODEL]
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let key = key["secret"].as_str().context("no key")?.to_owned();
+
+    let (nginx, nginx_url) = match start_nginx(cpu, dir.path(), sim_port).await {
+        Ok((proc, url)) => (Some(proc), Some(url)),
+        Err(e) => {
+            println!("(nginx not measured: {e:#})");
+            (None, None)
+        }
+    };
+    Ok(Setup {
+        upstream,
+        gateway,
+        nginx,
+        upstream_url,
+        gateway_url,
+        nginx_url,
+        key,
+        _dir: dir,
+    })
+}
+
+async fn start_nginx(cpu: &str, dir: &Path, upstream_port: u16) -> anyhow::Result<(Proc, String)> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .context("no nginx binary (apt-get install nginx)")?;
+    let port = free_port()?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.err warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
+             upstream sim {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}\n\
+             server {{\n listen 127.0.0.1:{port};\n location / {{\n  proxy_pass http://sim;\n\
+             proxy_http_version 1.1;\n  proxy_set_header Connection \"\";\n  proxy_buffering off;\n }}\n }}\n}}\n",
+            dir = dir.display()
+        ),
+    )?;
+    let child = pinned(cpu, nginx)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for(&format!("{url}/health")).await?;
+    Ok((Proc { child }, url))
+}
+
+fn chat_body(stream: bool) -> Vec<u8> {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Describe the picture in one sentence, please."}],
+        "max_tokens": 20,
+    });
+    if stream {
+        body["stream"] = json!(true);
+    }
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Latencies (µs; for streams: to the first chunk) of one load run.
+struct Run {
+    latencies: Vec<u64>,
+    requests: u64,
+    seconds: f64,
+}
+
+async fn load(kind: Kind, url: &str, key: &str, conns: usize, seconds: f64) -> anyhow::Result<Run> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (stop, latencies, url, key) = (
+            stop.clone(),
+            latencies.clone(),
+            url.to_owned(),
+            key.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::with_capacity(100_000);
+            match kind {
+                Kind::Json | Kind::Sse => {
+                    let client = reqwest::Client::builder()
+                        .pool_max_idle_per_host(1)
+                        .tcp_nodelay(true)
+                        .build()?;
+                    let body = chat_body(kind == Kind::Sse);
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let response = client
+                            .post(format!("{url}/v1/chat/completions"))
+                            .bearer_auth(&key)
+                            .header("content-type", "application/json")
+                            .body(body.clone())
+                            .send()
+                            .await?;
+                        if !response.status().is_success() {
+                            bail!("{url}: HTTP {}", response.status());
+                        }
+                        let mut stream = response.bytes_stream();
+                        let mut first = None;
+                        while let Some(chunk) = stream.next().await {
+                            chunk?;
+                            first.get_or_insert_with(|| t.elapsed());
+                        }
+                        let took = if kind == Kind::Sse {
+                            first.unwrap_or_else(|| t.elapsed())
+                        } else {
+                            t.elapsed()
+                        };
+                        mine.push(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+                    }
+                }
+                Kind::GrpcUnary | Kind::GrpcStream => {
+                    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                        .tcp_nodelay(true)
+                        .connect()
+                        .await?;
+                    let bearer: tonic::metadata::MetadataValue<_> =
+                        format!("Bearer {key}").parse()?;
+                    let mut client = pb::chat_client::ChatClient::with_interceptor(
+                        channel,
+                        move |mut r: tonic::Request<()>| {
+                            r.metadata_mut().insert("authorization", bearer.clone());
+                            Ok(r)
+                        },
+                    );
+                    let request = pb::ChatRequest {
+                        model: MODEL.into(),
+                        messages: vec![pb::Message {
+                            role: "user".into(),
+                            text: "Describe the picture in one sentence, please.".into(),
+                            ..Default::default()
+                        }],
+                        max_tokens: Some(20),
+                        ..Default::default()
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let took = if kind == Kind::GrpcUnary {
+                            client.complete(request.clone()).await?;
+                            t.elapsed()
+                        } else {
+                            let mut stream =
+                                client.stream_complete(request.clone()).await?.into_inner();
+                            let mut first = None;
+                            while let Some(chunk) = stream.next().await {
+                                chunk?;
+                                first.get_or_insert_with(|| t.elapsed());
+                            }
+                            first.unwrap_or_else(|| t.elapsed())
+                        };
+                        mine.push(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+                    }
+                }
+            }
+            latencies.lock().await.extend(mine);
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut latencies = std::mem::take(&mut *latencies.lock().await);
+    latencies.sort_unstable();
+    Ok(Run {
+        requests: latencies.len() as u64,
+        latencies,
+        seconds,
+    })
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted.get(index).copied().unwrap_or(0)
+}
+
+/// One target's figures for one case.
+struct Measured {
+    target: &'static str,
+    rps: f64,
+    p50: u64,
+    p99: u64,
+    cpu_us: Option<f64>,
+}
+
+async fn measure(
+    target: &'static str,
+    proc: Option<&Proc>,
+    kind: Kind,
+    url: &str,
+    key: &str,
+    conns: usize,
+    seconds: f64,
+) -> anyhow::Result<Measured> {
+    let before = proc.map(Proc::cpu_seconds);
+    let run = load(kind, url, key, conns, seconds).await?;
+    let cpu_us = match (proc, before) {
+        (Some(proc), Some(before)) => {
+            Some((proc.cpu_seconds() - before) * 1e6 / run.requests.max(1) as f64)
+        }
+        _ => None,
+    };
+    Ok(Measured {
+        target,
+        rps: run.requests as f64 / run.seconds,
+        p50: percentile(&run.latencies, 0.5),
+        p99: percentile(&run.latencies, 0.99),
+        cpu_us,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let server_cpu = std::env::var("BENCH_SERVER_CPU").unwrap_or_else(|_| "0".into());
+    let s = setup(&server_cpu).await?;
+    println!(
+        "idle RSS: gateway {:.1} MiB, upstream {:.1} MiB",
+        s.gateway.rss_mib(),
+        s.upstream.rss_mib()
+    );
+    println!(
+        "{seconds} s per point, {rounds} alternating rounds; latency: JSON whole answer, streams first chunk\n"
+    );
+    println!("| case | conns | target | req/s | p50 µs | p99 µs | target CPU µs/req |");
+    println!("|---|---|---|---|---|---|---|");
+    let cases = [
+        (Kind::Json, 1),
+        (Kind::Json, 16),
+        (Kind::Sse, 1),
+        (Kind::Sse, 16),
+        (Kind::GrpcUnary, 16),
+        (Kind::GrpcStream, 16),
+    ];
+    let mut summary = Vec::new();
+    for (kind, conns) in cases {
+        let mut rows: Vec<Vec<Measured>> = Vec::new();
+        for _ in 0..rounds {
+            let mut round = vec![
+                measure(
+                    "direct",
+                    Some(&s.upstream),
+                    Kind::Json.max_rest(kind),
+                    &s.upstream_url,
+                    &s.key,
+                    conns,
+                    seconds,
+                )
+                .await?,
+            ];
+            if let (Some(nginx), Some(url)) = (&s.nginx, &s.nginx_url)
+                && matches!(kind, Kind::Json | Kind::Sse)
+            {
+                round.push(measure("nginx", Some(nginx), kind, url, &s.key, conns, seconds).await?);
+            }
+            round.push(
+                measure(
+                    "gateway",
+                    Some(&s.gateway),
+                    kind,
+                    &s.gateway_url,
+                    &s.key,
+                    conns,
+                    seconds,
+                )
+                .await?,
+            );
+            rows.push(round);
+        }
+        // The median round by gateway throughput stands for the case.
+        rows.sort_by(|a, b| {
+            a.last()
+                .map(|m| m.rps)
+                .partial_cmp(&b.last().map(|m| m.rps))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let round = rows.swap_remove(rows.len() / 2);
+        for m in &round {
+            println!(
+                "| {} | {conns} | {} | {:.0} | {} | {} | {} |",
+                kind.name(),
+                m.target,
+                m.rps,
+                m.p50,
+                m.p99,
+                m.cpu_us.map_or("—".into(), |c| format!("{c:.1}"))
+            );
+        }
+        summary.push((kind, conns, round));
+    }
+    println!("\nratios (same run):");
+    for (kind, conns, round) in &summary {
+        let find = |t: &str| round.iter().find(|m| m.target == t);
+        if let (Some(direct), Some(gateway)) = (find("direct"), find("gateway")) {
+            let mut line = format!(
+                "  {} @{conns}: gateway adds {} µs at p50",
+                kind.name(),
+                gateway.p50 as i64 - direct.p50 as i64
+            );
+            if let Some(nginx) = find("nginx") {
+                line.push_str(&format!(
+                    "; vs nginx: CPU/req {:.2}×, req/s {:.2}×",
+                    gateway.cpu_us.unwrap_or(0.0) / nginx.cpu_us.unwrap_or(f64::NAN),
+                    gateway.rps / nginx.rps
+                ));
+            }
+            println!("{line}");
+        }
+    }
+    println!(
+        "\nRSS after the runs: gateway {:.1} MiB",
+        s.gateway.rss_mib()
+    );
+    Ok(())
+}
+
+trait RestBaseline {
+    /// The direct baseline of a case: the simulator speaks REST only.
+    fn max_rest(self, kind: Kind) -> Kind;
+}
+
+impl RestBaseline for Kind {
+    fn max_rest(self, kind: Kind) -> Kind {
+        match kind {
+            Kind::GrpcUnary => Kind::Json,
+            Kind::GrpcStream => Kind::Sse,
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Hostile or unusual requests that once got past the books or the limits (found in review),
+//! kept as regression tests.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use step3_gateway::sim::Fault;
+use tokio::io::AsyncWriteExt;
+
+use crate::common::{MODEL, TestGateway, chat_body};
+
+/// `"max_tokens": null` is read as "no cap"; the gateway then *prepends* its own cap, and the
+/// upstream (last duplicate key wins, as in Python's json / vLLM) sees `null` again.
+#[tokio::test]
+async fn a_null_max_tokens_is_still_capped_by_the_quota() {
+    let gw = TestGateway::builder()
+        .sim(|s| s.reply_tokens = 2000)
+        .start()
+        .await;
+    let key = gw.create_key(json!({"token_quota": 100})).await;
+    let mut body = chat_body("hi");
+    body["max_tokens"] = Value::Null;
+    let response = gw.chat(&key.secret, &body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let sent = gw.sim.simulator.requests().last().unwrap().clone();
+    assert!(
+        !String::from_utf8_lossy(&sent.raw_body).contains("null"),
+        "{:?}",
+        sent.raw_body
+    );
+    let usage = gw.usage(&key.secret).await;
+    let used = usage["tokens"]["used"].as_u64().unwrap();
+    assert!(used <= 110, "quota 100, charged {used}: {usage}");
+}
+
+/// Same class: `"stream_options": null` makes the gateway prepend its own `stream_options`,
+/// and the upstream sees the client's `null` (no usage): the call is billed by estimate.
+#[tokio::test]
+async fn null_stream_options_still_brings_usage_to_the_gateway() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({})).await;
+    let mut body = chat_body("hi");
+    body["stream"] = json!(true);
+    body["stream_options"] = Value::Null;
+    let text = gw.chat(&key.secret, &body).await.text().await.unwrap();
+    assert!(text.contains("[DONE]"));
+    let sent = gw.sim.simulator.requests().last().unwrap().clone();
+    assert_eq!(sent.body["stream_options"]["include_usage"], true);
+    let calls = gw.wait_for_calls(&key.id, 1).await;
+    assert_eq!(calls[0]["usage_estimated"], json!(false), "{}", calls[0]);
+}
+
+/// A call refused by the *user's* limit has already taken one request from the *key's*
+/// per-minute window, and `Limiter::release` never gives requests back.
+#[tokio::test]
+async fn a_refusal_by_the_user_limit_gives_the_key_its_request_back() {
+    let gw = TestGateway::builder()
+        .sim(|s| s.token_latency = Duration::from_millis(40))
+        .start()
+        .await;
+    let (status, user) = gw
+        .admin(
+            Method::POST,
+            "/users",
+            Some(json!({"name": "u", "max_concurrent": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let key = gw
+        .create_key_for(user["id"].as_str().unwrap(), json!({"rpm_limit": 2}))
+        .await;
+    let mut stream_body = chat_body("long");
+    stream_body["stream"] = json!(true);
+    let stream = gw.chat(&key.secret, &stream_body).await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    // Refused by the user's concurrency cap: this call never ran.
+    let refused = gw.chat(&key.secret, &chat_body("b")).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["x-ratelimit-scope"], "user");
+    // Let the stream finish; the key has made exactly one call this minute (limit 2).
+    let mut bytes = stream.bytes_stream();
+    while bytes.next().await.is_some() {}
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = gw.chat(&key.secret, &chat_body("c")).await;
+    let status = second.status();
+    let text = second.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{text}");
+}
+
+/// Unauthenticated gRPC-looking requests to made-up method names each create a new
+/// permanent metrics series (route = the raw path).
+#[tokio::test]
+async fn made_up_grpc_paths_share_one_metrics_label() {
+    let gw = TestGateway::start().await;
+    for i in 0..50 {
+        let path = format!("/step3.gateway.v1.Chat/Nope{i}{}", "x".repeat(2000));
+        let response = gw
+            .http
+            .post(gw.url(&path))
+            .header("content-type", "application/grpc")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let text = gw
+        .http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("step3gw_requests_total") && l.contains("Nope"))
+        .count();
+    assert!(series <= 1, "{series} series from made-up paths");
+}
+
+/// A non-streaming call cut by the gateway's own first-byte timeout is charged nothing
+/// (no request, no tokens) although the model server worked on it.
+#[tokio::test]
+async fn a_json_call_cut_by_the_gateway_timeout_is_charged() {
+    let gw = TestGateway::builder()
+        .config(|c| c.upstream.first_byte_timeout_secs = 1)
+        .start()
+        .await;
+    let key = gw.create_key(json!({"request_quota": 10})).await;
+    gw.sim
+        .simulator
+        .push_fault(Fault::Delay(Duration::from_secs(3)));
+    let response = gw.chat(&key.secret, &chat_body("slow")).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    let usage = gw.usage(&key.secret).await;
+    assert_eq!(usage["requests"]["used"], json!(1), "{usage}");
+}
+
+/// A reset by the backend reaches the client with the backend's internal URL.
+#[tokio::test]
+async fn the_upstream_address_never_reaches_the_client() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({})).await;
+    gw.sim.simulator.push_fault(Fault::DropConnection);
+    gw.sim.simulator.push_fault(Fault::DropConnection);
+    let response = gw.chat(&key.secret, &chat_body("x")).await;
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert!(!text.contains(&gw.sim.addr.to_string()), "{text}");
+}
+
+/// One client that never finishes sending its body keeps SIGTERM shutdown waiting forever:
+/// the hard stop after the grace period does not reach it, and the usage writer is never
+/// drained/flushed.
+#[tokio::test]
+async fn a_stalled_upload_does_not_block_shutdown() {
+    let mut gw = TestGateway::builder()
+        .config(|c| c.server.shutdown_grace_secs = 1)
+        .start()
+        .await;
+    let key = gw.create_key(json!({})).await;
+    let mut socket = tokio::net::TcpStream::connect(gw.running().addr)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\":",
+        key.secret
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let running = gw.take_running();
+    let stopped = tokio::time::timeout(Duration::from_secs(8), running.shutdown()).await;
+    assert!(
+        stopped.is_ok(),
+        "shutdown still waiting 7 s after the grace period"
+    );
+    drop(socket);
+}
+
+/// `grpc-timeout` with a value beyond what `Instant + Duration` can hold panics in
+/// `StreamComplete` (`tokio::time::Instant::now() + d`).
+#[tokio::test]
+async fn an_absurd_grpc_timeout_is_ignored_not_a_panic() {
+    use step3_gateway::grpc::pb;
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({})).await;
+    let mut client = gw.grpc_chat(&key.secret).await;
+    let mut request = tonic::Request::new(pb::ChatRequest {
+        model: MODEL.into(),
+        messages: vec![pb::Message {
+            role: "user".into(),
+            text: "hi".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "18446744073709551615S".parse().unwrap());
+    let result = client.stream_complete(request).await;
+    match result {
+        Ok(r) => {
+            let first = r.into_inner().next().await;
+            assert!(matches!(first, Some(Ok(_))), "{first:?}");
+        }
+        Err(status) => panic!("{status:?}"),
+    }
+}
+
+/// A key with `tpm_limit` below `default_max_tokens` refuses every call that omits
+/// `max_tokens` (the OpenAI SDK default), for ever: the reservation "never fits".
+#[tokio::test]
+async fn a_small_tpm_limit_caps_calls_that_give_no_max_tokens() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({"tpm_limit": 2000})).await;
+    let response = gw.chat(&key.secret, &chat_body("hi")).await;
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{text}");
+}
+
+/// The gRPC door: `extra: {"max_tokens": null}` does the same as REST's null.
+#[tokio::test]
+async fn a_null_max_tokens_in_grpc_extra_is_still_capped() {
+    use step3_gateway::grpc::pb;
+    let gw = TestGateway::builder()
+        .sim(|s| s.reply_tokens = 2000)
+        .start()
+        .await;
+    let key = gw.create_key(json!({"token_quota": 100})).await;
+    let mut client = gw.grpc_chat(&key.secret).await;
+    let mut extra = prost_types::Struct::default();
+    extra.fields.insert(
+        "max_tokens".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::NullValue(0)),
+        },
+    );
+    let answer = client
+        .complete(pb::ChatRequest {
+            model: MODEL.into(),
+            messages: vec![pb::Message {
+                role: "user".into(),
+                text: "hi".into(),
+                ..Default::default()
+            }],
+            extra: Some(extra),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let used = answer.usage.unwrap().completion_tokens;
+    assert!(used < 100, "quota 100, generated {used}");
+}
+
+/// One unauthenticated request with a 60 KiB made-up gRPC path: 60 KiB kept for ever.
+#[tokio::test]
+async fn a_long_made_up_grpc_path_is_not_kept_in_metrics() {
+    let gw = TestGateway::start().await;
+    let path = format!("/step3.gateway.v1.{}", "y".repeat(60_000));
+    let response = gw
+        .http
+        .post(gw.url(&path))
+        .header("content-type", "application/grpc")
+        .send()
+        .await
+        .unwrap();
+    let text = gw
+        .http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.len() < 60_000, "/metrics is {} bytes", text.len());
+}
+
+/// `n` choices may each run to the cap: the reservation and the lowered cap count all of them.
+#[tokio::test]
+async fn several_choices_share_what_the_quota_has_left() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({"token_quota": 1000})).await;
+    let mut body = chat_body("hi");
+    body["n"] = json!(4);
+    body["max_tokens"] = json!(900);
+    assert_eq!(gw.chat(&key.secret, &body).await.status(), StatusCode::OK);
+    // 1000 left, 5 for the prompt: 995 shared by 4 choices.
+    assert_eq!(gw.sim.simulator.requests()[0].body["max_tokens"], 248);
+}
+
+/// Tool definitions are rendered into the prompt, so they count in its estimate.
+#[tokio::test]
+async fn tool_definitions_count_in_the_prompt_estimate() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({"token_quota": 1000})).await;
+    let mut body = chat_body("hi");
+    body["tools"] =
+        json!([{"type": "function", "function": {"name": "f", "description": "x".repeat(2000)}}]);
+    assert_eq!(gw.chat(&key.secret, &body).await.status(), StatusCode::OK);
+    // About 520 of the 1000 tokens are the tools' JSON: the answer may use the rest only.
+    let cap = gw.sim.simulator.requests()[0].body["max_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!((400..500).contains(&cap), "cap {cap}");
+}
