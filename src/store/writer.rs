@@ -14,6 +14,9 @@ use crate::core::records::CallRecord;
 /// The most calls written in one store transaction.
 const MAX_BATCH: usize = 1024;
 
+/// How long the writer gathers calls before writing them in one transaction.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Where finished calls go. Cloning is cheap; sending never blocks.
 #[derive(Clone, Debug)]
 pub struct UsageSink {
@@ -73,6 +76,21 @@ async fn run(
             received = rx.recv_many(&mut batch, MAX_BATCH) => {
                 if received == 0 {
                     break;
+                }
+                // One store transaction per call costs more than the call itself: gather
+                // what arrives within a short window (well inside the flush interval, so
+                // no more can be lost on a hard kill) and write it together.
+                if batch.len() < MAX_BATCH {
+                    tokio::select! {
+                        () = tokio::time::sleep(BATCH_WINDOW) => {}
+                        () = stop.cancelled() => {}
+                    }
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(call) => batch.push(call),
+                            Err(_) => break,
+                        }
+                    }
                 }
                 write(&*store, &mut batch, &backlog);
             }

@@ -144,15 +144,68 @@ pub fn inspect(event: &[u8]) -> EventInfo {
 }
 
 /// The event with its `usage` field removed (for clients that did not ask for usage).
+///
+/// Every chunk carries usage when the upstream streams it continuously, so this runs per
+/// chunk: the member is cut out of the bytes where it sits, and only an event too odd for
+/// that is re-serialised.
 pub fn without_usage(event: &[u8]) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct UsageSpan<'a> {
+        #[serde(default, borrow)]
+        usage: Option<&'a RawValue>,
+    }
     let data = event_data(event)?;
-    let mut value: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&data).ok()?;
-    value.remove("usage");
-    let mut out = b"data: ".to_vec();
-    serde_json::to_writer(&mut out, &value).ok()?;
+    let span = serde_json::from_slice::<UsageSpan<'_>>(&data)
+        .ok()?
+        .usage
+        .map(|raw| {
+            let start = raw.get().as_ptr() as usize - data.as_ptr() as usize;
+            start..start + raw.get().len()
+        })?;
+    let kept = cut_member(&data, span).map_or_else(|| reserialized_without_usage(&data), Some)?;
+    let mut out = Vec::with_capacity(kept.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(&kept);
     out.extend_from_slice(b"\n\n");
     Some(Bytes::from(out))
+}
+
+/// `data` without the `"usage": <value>` member whose value sits at `value`, and without
+/// the comma that joined it to its neighbour; `None` if the bytes around it are not the
+/// plain `"usage"` key and a colon.
+fn cut_member(data: &[u8], value: std::ops::Range<usize>) -> Option<Vec<u8>> {
+    const KEY: &[u8] = b"\"usage\"";
+    let before = data.get(..value.start)?;
+    let key = before.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let between = before.get(key + KEY.len()..)?;
+    if between.iter().filter(|&&b| b == b':').count() != 1
+        || !between
+            .iter()
+            .all(|&b| b == b':' || b.is_ascii_whitespace())
+    {
+        return None;
+    }
+    let head = before.get(..key)?.trim_ascii_end();
+    let tail = data.get(value.end..)?;
+    let (head, tail) = match head.strip_suffix(b",") {
+        Some(head) => (head, tail),
+        // The first member: drop the comma after it instead.
+        None => (
+            head,
+            tail.trim_ascii_start().strip_prefix(b",").unwrap_or(tail),
+        ),
+    };
+    let mut kept = Vec::with_capacity(head.len() + tail.len());
+    kept.extend_from_slice(head);
+    kept.extend_from_slice(tail);
+    Some(kept)
+}
+
+fn reserialized_without_usage(data: &[u8]) -> Option<Vec<u8>> {
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(data).ok()?;
+    value.remove("usage");
+    serde_json::to_vec(&value).ok()
 }
 
 /// A well-formed end for a stream the upstream broke off: an error event, then `[DONE]`.
@@ -195,6 +248,32 @@ mod tests {
         assert_eq!(info.error.as_deref(), Some("boom"));
         assert_eq!(inspect(b": keep-alive comment\n\n"), EventInfo::default());
         assert_eq!(inspect(b"data: not json\n\n"), EventInfo::default());
+    }
+
+    #[test]
+    fn usage_is_cut_out_wherever_it_sits() {
+        for (event, expected) in [
+            (
+                &br#"data: {"id":"c","choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#[..],
+                r#"{"id":"c","choices":[{"delta":{"content":"x"}}]}"#,
+            ),
+            (
+                &br#"data: {"usage": {"prompt_tokens":1}, "id":"c","choices":[]}"#[..],
+                r#"{ "id":"c","choices":[]}"#,
+            ),
+            (
+                &br#"data: {"id":"c" , "usage" : {"prompt_tokens":2} , "choices":[1]}"#[..],
+                r#"{"id":"c"  , "choices":[1]}"#,
+            ),
+        ] {
+            let stripped = without_usage(event).unwrap();
+            let data = event_data(&stripped).unwrap();
+            assert_eq!(std::str::from_utf8(&data).unwrap(), expected);
+            let _: serde_json::Value = serde_json::from_slice(&data).unwrap();
+        }
+        // A key spelled with an escape is still removed, by re-serialising.
+        let odd = without_usage(br#"data: {"id":"c","\u0075sage":{"prompt_tokens":1}}"#).unwrap();
+        assert!(inspect(&odd).usage.is_none());
     }
 
     #[test]

@@ -456,6 +456,8 @@ async fn images_are_counted_sized_and_limited() {
         StatusCode::OK
     );
 
+    // The report is read from the store: wait for the writer to have both calls.
+    gw.wait_for_calls(&key.id, 2).await;
     let (_, report) = gw
         .admin(Method::GET, &format!("/keys/{}/usage", key.id), None)
         .await;
