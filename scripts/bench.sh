@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the gateway benchmark (examples/bench.rs): builds in release, pins the servers
+# (simulated upstream, gateway, nginx) to CPU 0 and the load generator to CPU 1, and prints
+# the table that BENCHMARKS.md records. Arguments: seconds per point, rounds (default 5, 3).
+# nginx is measured when installed (`apt-get install nginx`); nothing else is needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bins --examples
+BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench "${1:-5}" "${2:-3}"
