@@ -13,6 +13,9 @@ use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBu
 
 const SCHEMA_KEY: &str = "schema_version";
 
+/// sled's page cache: the hot records are users, keys and counters, all small.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 pub struct SledStore {
     db: sled::Db,
     users: sled::Tree,
@@ -40,6 +43,8 @@ impl SledStore {
     pub fn open(path: &Path, flush_ms: u64) -> Result<Self, StoreError> {
         let config = sled::Config::new()
             .path(path)
+            // sled would cache up to 1 GiB; the records the gateway reads back are few.
+            .cache_capacity(CACHE_BYTES)
             .flush_every_ms(Some(flush_ms.max(1)));
         let mut attempts = 0;
         let db = loop {
