@@ -440,13 +440,8 @@ impl Gateway {
     }
 
     pub fn get_key(&self, id: &str) -> Result<KeyView, GatewayError> {
-        self.keys_by_id
-            .get(id)
-            .map(|state| key_view(&state.record(), state.counters()))
-            .ok_or_else(|| GatewayError::NotFound {
-                what: "key",
-                id: id.to_owned(),
-            })
+        let state = self.key_state(id)?;
+        Ok(key_view(&state.record(), state.counters()))
     }
 
     /// Keys, oldest first, optionally of one user.
@@ -495,14 +490,7 @@ impl Gateway {
     }
 
     pub fn update_key(&self, id: &str, patch: KeyPatch) -> Result<KeyView, GatewayError> {
-        let state = self
-            .keys_by_id
-            .get(id)
-            .map(|s| s.value().clone())
-            .ok_or_else(|| GatewayError::NotFound {
-                what: "key",
-                id: id.to_owned(),
-            })?;
+        let state = self.key_state(id)?;
         let mut record = (*state.record()).clone();
         if record.revoked_at.is_some() {
             return Err(GatewayError::invalid_request(
@@ -554,20 +542,13 @@ impl Gateway {
         record.updated_at = now;
         self.store.put_key(&record)?;
         let view = key_view(&record, state.counters());
-        self.update_indexed_key(record)?;
+        state.replace(record);
         Ok(view)
     }
 
     /// Revokes a key for good; its usage history stays.
     pub fn revoke_key(&self, id: &str) -> Result<KeyView, GatewayError> {
-        let state = self
-            .keys_by_id
-            .get(id)
-            .map(|s| s.value().clone())
-            .ok_or_else(|| GatewayError::NotFound {
-                what: "key",
-                id: id.to_owned(),
-            })?;
+        let state = self.key_state(id)?;
         let mut record = (*state.record()).clone();
         let now = now_unix();
         record.active = false;
@@ -575,20 +556,13 @@ impl Gateway {
         record.updated_at = now;
         self.store.put_key(&record)?;
         let view = key_view(&record, state.counters());
-        self.update_indexed_key(record)?;
+        state.replace(record);
         Ok(view)
     }
 
     /// A new secret for the key; the old one keeps working for `grace_secs`.
     pub fn rotate_key(&self, id: &str, grace_secs: u64) -> Result<CreatedKey, GatewayError> {
-        let state = self
-            .keys_by_id
-            .get(id)
-            .map(|s| s.value().clone())
-            .ok_or_else(|| GatewayError::NotFound {
-                what: "key",
-                id: id.to_owned(),
-            })?;
+        let state = self.key_state(id)?;
         let mut record = (*state.record()).clone();
         if record.revoked_at.is_some() {
             return Err(GatewayError::invalid_request(
@@ -610,7 +584,7 @@ impl Gateway {
         self.store.put_key(&record)?;
         self.index_rotated_secret(&record, forgotten.as_deref())?;
         let view = key_view(&record, state.counters());
-        self.update_indexed_key(record)?;
+        state.replace(record);
         Ok(CreatedKey { key: view, secret })
     }
 

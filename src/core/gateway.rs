@@ -57,7 +57,8 @@ impl KeyState {
             .clone()
     }
 
-    fn replace(&self, record: KeyRecord) {
+    /// Replaces the record in place, keeping the counters and the limiter.
+    pub(super) fn replace(&self, record: KeyRecord) {
         *self.record.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(record);
     }
 
@@ -307,40 +308,30 @@ impl Gateway {
         Ok(())
     }
 
+    /// A key's live state by id.
+    pub(super) fn key_state(&self, id: &str) -> Result<Arc<KeyState>, GatewayError> {
+        self.keys_by_id
+            .get(id)
+            .map(|s| s.value().clone())
+            .ok_or_else(|| GatewayError::NotFound {
+                what: "key",
+                id: id.to_owned(),
+            })
+    }
+
     /// Points a new secret at an existing key and forgets the secret before the previous.
     pub(super) fn index_rotated_secret(
         &self,
         record: &KeyRecord,
         forgotten: Option<&str>,
     ) -> Result<(), GatewayError> {
-        let state = self
-            .keys_by_id
-            .get(&record.id)
-            .map(|s| s.value().clone())
-            .ok_or_else(|| GatewayError::NotFound {
-                what: "key",
-                id: record.id.clone(),
-            })?;
+        let state = self.key_state(&record.id)?;
         self.keys_by_hash
             .insert(parse_hash(record, &record.hash)?, state);
         if let Some(forgotten) = forgotten.and_then(keys::from_hex) {
             self.keys_by_hash.remove(&forgotten);
         }
         Ok(())
-    }
-
-    /// Replaces a key's record in place, keeping its counters and limiter.
-    pub(super) fn update_indexed_key(&self, record: KeyRecord) -> Result<(), GatewayError> {
-        match self.keys_by_id.get(&record.id) {
-            Some(state) => {
-                state.replace(record);
-                Ok(())
-            }
-            None => Err(GatewayError::NotFound {
-                what: "key",
-                id: record.id,
-            }),
-        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
