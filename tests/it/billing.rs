@@ -90,12 +90,7 @@ async fn a_client_that_leaves_a_stream_stops_the_upstream_and_pays_for_what_was_
     drop(stream);
 
     // The gateway drops the upstream request: the simulator sees its stream cancelled.
-    for _ in 0..200 {
-        if gw.sim.simulator.stats().streams_cancelled == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::common::wait_for_cancelled_streams(&gw.sim.simulator, 1).await;
     let stats = gw.sim.simulator.stats();
     assert_eq!(stats.streams_cancelled, 1, "the upstream kept generating");
     assert!(stats.completion_tokens_sent < 500);
@@ -218,10 +213,7 @@ async fn a_graceful_stop_lets_a_stream_finish_and_keeps_its_usage() {
         let gateway = gw.take_running();
         tokio::spawn(gateway.shutdown())
     };
-    let mut rest = String::new();
-    while let Some(chunk) = stream.next().await {
-        rest.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
+    let rest = crate::common::read_rest(&mut stream).await;
     assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
     stopping.await.unwrap();
 

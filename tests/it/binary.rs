@@ -166,10 +166,7 @@ async fn sigterm_drains_a_stream_exits_0_keeps_the_books_and_logs_no_secret() {
     let mut stream = chat(&secret, &body).await.unwrap().bytes_stream();
     stream.next().await.unwrap().unwrap();
     gw.signal("TERM");
-    let mut rest = String::new();
-    while let Some(chunk) = stream.next().await {
-        rest.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
+    let rest = crate::common::read_rest(&mut stream).await;
     assert!(
         rest.ends_with("data: [DONE]\n\n"),
         "the stream was cut: {rest}"

@@ -327,12 +327,7 @@ async fn a_cancelled_stream_stops_the_upstream_and_is_charged_what_was_generated
         stream.next().await.unwrap().unwrap();
     }
     drop(stream);
-    for _ in 0..200 {
-        if gw.sim.simulator.stats().streams_cancelled == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::common::wait_for_cancelled_streams(&gw.sim.simulator, 1).await;
     let stats = gw.sim.simulator.stats();
     assert_eq!(stats.streams_cancelled, 1);
     let calls = gw.wait_for_calls(&key.id, 1).await;

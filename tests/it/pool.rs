@@ -276,10 +276,7 @@ async fn a_reload_moves_new_calls_and_lets_calls_in_flight_finish() {
     );
     assert_eq!(b.simulator.stats().chat_requests, 1);
 
-    let mut rest = String::new();
-    while let Some(chunk) = stream.next().await {
-        rest.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
+    let rest = crate::common::read_rest(&mut stream).await;
     assert!(rest.ends_with("data: [DONE]\n\n"));
     assert_eq!(gw.sim.simulator.stats().streams_finished, 1);
 }

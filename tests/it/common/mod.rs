@@ -279,6 +279,28 @@ pub fn venv_program(name: &str) -> PathBuf {
     program
 }
 
+/// The rest of a streamed body, as text.
+pub async fn read_rest(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+) -> String {
+    use futures_util::StreamExt;
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    text
+}
+
+/// Waits (bounded, two seconds) until the simulator has seen `n` streams cancelled.
+pub async fn wait_for_cancelled_streams(sim: &step3_gateway::sim::Simulator, n: u64) {
+    for _ in 0..200 {
+        if sim.stats().streams_cancelled >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A one-message text request.
 pub fn chat_body(text: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": text}]})
