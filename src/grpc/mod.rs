@@ -86,7 +86,27 @@ pub fn routes(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .into_axum_router())
+        .into_axum_router()
+        // A panic in a gRPC handler answers as gRPC (INTERNAL), not with the REST error body.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_status,
+        )))
+}
+
+fn panic_status(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    status_response(tonic::Status::internal(
+        "the gateway hit an internal error; the call was not completed",
+    ))
+}
+
+/// A gRPC answer that is only a status (trailers-only).
+fn status_response(status: tonic::Status) -> Response {
+    let mut response = status.into_http::<axum::body::Body>().into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 /// Whether a request speaks gRPC (`content-type: application/grpc…`).
@@ -99,14 +119,9 @@ pub fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
 
 /// The answer to an unknown gRPC method.
 pub fn unimplemented(path: &str) -> Response {
-    let mut response = tonic::Status::unimplemented(format!("unknown method {path}"))
-        .into_http::<axum::body::Body>()
-        .into_response();
-    response.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    response
+    status_response(tonic::Status::unimplemented(format!(
+        "unknown method {path}"
+    )))
 }
 
 /// The token of `authorization: Bearer <token>` metadata.
