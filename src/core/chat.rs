@@ -112,6 +112,11 @@ struct PartView<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     image_url: Option<ImageUrlView<'a>>,
+    /// Other media a multimodal server would fetch: held to the same URL policy.
+    #[serde(default, borrow)]
+    video_url: Option<ImageUrlView<'a>>,
+    #[serde(default, borrow)]
+    audio_url: Option<ImageUrlView<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -299,6 +304,19 @@ fn measure_messages(
                     )
                 })?;
                 for (j, part) in parts.iter().enumerate() {
+                    for (field, media) in [
+                        ("video_url", &part.video_url),
+                        ("audio_url", &part.audio_url),
+                    ] {
+                        if let Some(media) = media {
+                            policy.check(media.url()).map_err(|e| {
+                                GatewayError::invalid_request(
+                                    e.to_string(),
+                                    Some(&format!("messages[{i}].content[{j}].{field}.url")),
+                                )
+                            })?;
+                        }
+                    }
                     match (part.kind.as_deref(), &part.image_url) {
                         (Some("image_url" | "input_image" | "image"), url) | (_, url @ Some(_)) => {
                             measured.images += 1;

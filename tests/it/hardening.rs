@@ -308,3 +308,23 @@ async fn tool_definitions_count_in_the_prompt_estimate() {
         .unwrap();
     assert!((400..500).contains(&cap), "cap {cap}");
 }
+
+/// Video and audio URLs would be fetched by a multimodal server just like images: the same
+/// SSRF policy applies to them.
+#[tokio::test]
+async fn video_and_audio_urls_are_held_to_the_url_policy() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({})).await;
+    for (kind, field) in [("video_url", "video_url"), ("audio_url", "audio_url")] {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": kind, field: {"url": "http://169.254.169.254/latest/meta-data/"}}]}]});
+        let error =
+            crate::common::expect_error(gw.chat(&key.secret, &body).await, StatusCode::BAD_REQUEST)
+                .await;
+        assert_eq!(
+            error["param"],
+            format!("messages[0].content[0].{field}.url")
+        );
+    }
+    assert_eq!(gw.sim.simulator.stats().chat_requests, 0);
+}
