@@ -5,7 +5,7 @@
 //! patterns or known gRPC methods, models are those named in the configuration (else
 //! `other`), backends are configured names. No label ever carries a key or a secret.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -72,44 +72,75 @@ impl Histogram {
     }
 }
 
-/// A family of series of one kind, by label values.
+/// A family of series of one kind, by label values. A lookup builds its key in a reused
+/// per-thread buffer, so counting a known series allocates nothing.
 #[derive(Debug)]
 struct Family<T> {
-    series: RwLock<BTreeMap<Labels, Arc<T>>>,
+    names: &'static [&'static str],
+    /// Label values joined by `SEPARATOR` → the series.
+    series: RwLock<HashMap<String, Arc<T>>>,
 }
 
-impl<T> Default for Family<T> {
-    fn default() -> Self {
-        Family {
-            series: RwLock::new(BTreeMap::new()),
-        }
-    }
+const SEPARATOR: char = '\u{1f}';
+
+thread_local! {
+    static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 impl<T> Family<T> {
-    fn get(&self, labels: Labels, make: impl FnOnce() -> T) -> Arc<T> {
-        if let Some(found) = self
+    fn new(names: &'static [&'static str]) -> Self {
+        Family {
+            names,
+            series: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The series with these label values (in the order of `names`), made on first use.
+    fn get(&self, values: &[&str], make: impl FnOnce() -> T) -> Arc<T> {
+        KEY.with(|key| {
+            let mut key = key.borrow_mut();
+            key.clear();
+            for (i, value) in values.iter().enumerate() {
+                if i > 0 {
+                    key.push(SEPARATOR);
+                }
+                key.push_str(value);
+            }
+            if let Some(found) = self
+                .series
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key.as_str())
+            {
+                return found.clone();
+            }
+            let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
+            series
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(make()))
+                .clone()
+        })
+    }
+
+    /// Every series with its labels, in a stable order.
+    fn snapshot(&self) -> Vec<(Labels, Arc<T>)> {
+        let mut all: Vec<(Labels, Arc<T>)> = self
             .series
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&labels)
-        {
-            return found.clone();
-        }
-        let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
-        series
-            .entry(labels)
-            .or_insert_with(|| Arc::new(make()))
-            .clone()
-    }
-
-    fn snapshot(&self) -> Vec<(Labels, Arc<T>)> {
-        self.series
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(labels, value)| (labels.clone(), value.clone()))
-            .collect()
+            .map(|(key, value)| {
+                let labels = self
+                    .names
+                    .iter()
+                    .copied()
+                    .zip(key.split(SEPARATOR).map(str::to_owned))
+                    .collect();
+                (labels, value.clone())
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 }
 
@@ -123,7 +154,7 @@ pub struct BackendFigures {
 }
 
 /// One gateway's metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     requests: Family<AtomicU64>,
     calls: Family<AtomicU64>,
@@ -134,6 +165,22 @@ pub struct Metrics {
     images: Family<AtomicU64>,
     refusals: Family<AtomicU64>,
     in_flight: [AtomicI64; 2],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::new(&["door", "route", "model", "status"]),
+            calls: Family::new(&["door", "model", "outcome"]),
+            request_duration: Family::new(&["door", "route"]),
+            overhead: Family::new(&["door", "route"]),
+            ttft: Family::new(&["door", "model"]),
+            tokens: Family::new(&["kind", "model"]),
+            images: Family::new(&["model"]),
+            refusals: Family::new(&["reason"]),
+            in_flight: [AtomicI64::new(0), AtomicI64::new(0)],
+        }
+    }
 }
 
 fn door_index(door: Door) -> usize {
@@ -147,43 +194,24 @@ impl Metrics {
     /// A request answered by either door (for a stream: when its answer began).
     pub fn request(&self, door: Door, route: &str, model: &str, status: &str) {
         self.requests
-            .get(
-                vec![
-                    ("door", door.as_str().to_owned()),
-                    ("route", route.to_owned()),
-                    ("model", model.to_owned()),
-                    ("status", status.to_owned()),
-                ],
-                || AtomicU64::new(0),
-            )
+            .get(&[door.as_str(), route, model, status], || AtomicU64::new(0))
             .fetch_add(1, Ordering::Relaxed);
     }
 
     /// How long a request took (for chat calls: the whole call, stream included).
     pub fn request_duration(&self, door: Door, route: &str, took: Duration) {
         self.request_duration
-            .get(
-                vec![
-                    ("door", door.as_str().to_owned()),
-                    ("route", route.to_owned()),
-                ],
-                || Histogram::new(CALL_BUCKETS),
-            )
+            .get(&[door.as_str(), route], || Histogram::new(CALL_BUCKETS))
             .observe(took);
     }
 
     /// A settled chat call: its outcome, tokens, images, and the gateway's own time in it.
     pub fn call_settled(&self, settled: &SettledCall<'_>) {
-        let door = settled.door.as_str().to_owned();
+        let door = settled.door.as_str();
         self.calls
-            .get(
-                vec![
-                    ("door", door.clone()),
-                    ("model", settled.model.to_owned()),
-                    ("outcome", settled.outcome.to_owned()),
-                ],
-                || AtomicU64::new(0),
-            )
+            .get(&[door, settled.model, settled.outcome], || {
+                AtomicU64::new(0)
+            })
             .fetch_add(1, Ordering::Relaxed);
         for (kind, amount) in [
             ("prompt", settled.prompt_tokens),
@@ -191,29 +219,19 @@ impl Metrics {
         ] {
             if amount > 0 {
                 self.tokens
-                    .get(
-                        vec![
-                            ("kind", kind.to_owned()),
-                            ("model", settled.model.to_owned()),
-                        ],
-                        || AtomicU64::new(0),
-                    )
+                    .get(&[kind, settled.model], || AtomicU64::new(0))
                     .fetch_add(amount, Ordering::Relaxed);
             }
         }
         if settled.images > 0 {
             self.images
-                .get(vec![("model", settled.model.to_owned())], || {
-                    AtomicU64::new(0)
-                })
+                .get(&[settled.model], || AtomicU64::new(0))
                 .fetch_add(settled.images, Ordering::Relaxed);
         }
         self.request_duration(settled.door, "chat", settled.total);
         if let Some(overhead) = settled.overhead {
             self.overhead
-                .get(vec![("door", door), ("route", "chat".to_owned())], || {
-                    Histogram::new(OVERHEAD_BUCKETS)
-                })
+                .get(&[door, "chat"], || Histogram::new(OVERHEAD_BUCKETS))
                 .observe(overhead);
         }
     }
@@ -221,20 +239,14 @@ impl Metrics {
     /// The first chunk of a stream reached the gateway.
     pub fn time_to_first_token(&self, door: Door, model: &str, took: Duration) {
         self.ttft
-            .get(
-                vec![
-                    ("door", door.as_str().to_owned()),
-                    ("model", model.to_owned()),
-                ],
-                || Histogram::new(CALL_BUCKETS),
-            )
+            .get(&[door.as_str(), model], || Histogram::new(CALL_BUCKETS))
             .observe(took);
     }
 
     /// A call refused before it reached a model server.
     pub fn refusal(&self, reason: &'static str) {
         self.refusals
-            .get(vec![("reason", reason.to_owned())], || AtomicU64::new(0))
+            .get(&[reason], || AtomicU64::new(0))
             .fetch_add(1, Ordering::Relaxed);
     }
 
