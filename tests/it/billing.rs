@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::sim::Fault;
 
-use crate::common::{TestGateway, chat_body, sse_payloads};
+use crate::common::{TestGateway, chat_body, sse_payloads, stream_body};
 
 #[tokio::test]
 async fn concurrent_calls_on_one_key_never_pass_its_request_quota() {
@@ -79,8 +79,7 @@ async fn a_client_that_leaves_a_stream_stops_the_upstream_and_pays_for_what_was_
         .start()
         .await;
     let key = gw.create_key(json!({})).await;
-    let mut body = chat_body("a long answer please");
-    body["stream"] = json!(true);
+    let body = stream_body("a long answer please");
     let response = gw.chat(&key.secret, &body).await;
     let mut stream = response.bytes_stream();
     let mut received = String::new();
@@ -122,8 +121,7 @@ async fn a_stream_the_upstream_breaks_off_ends_well_formed_and_is_charged_once()
         .await;
     let key = gw.create_key(json!({})).await;
     gw.sim.simulator.push_fault(Fault::StreamCutAfter(5));
-    let mut body = chat_body("hi");
-    body["stream"] = json!(true);
+    let body = stream_body("hi");
     let text = gw.chat(&key.secret, &body).await.text().await.unwrap();
     let payloads = sse_payloads(&text);
     assert_eq!(payloads.last().unwrap(), "[DONE]", "{text}");
@@ -149,8 +147,7 @@ async fn a_stream_without_usage_is_charged_an_estimate_marked_as_such() {
         .await;
     let key = gw.create_key(json!({})).await;
     gw.sim.simulator.push_fault(Fault::NoUsage);
-    let mut body = chat_body("twelve chars");
-    body["stream"] = json!(true);
+    let body = stream_body("twelve chars");
     let text = gw.chat(&key.secret, &body).await.text().await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"));
     let calls = gw.wait_for_calls(&key.id, 1).await;
@@ -201,8 +198,7 @@ async fn a_graceful_stop_lets_a_stream_finish_and_keeps_its_usage() {
         .start()
         .await;
     let key = gw.create_key(json!({})).await;
-    let mut body = chat_body("finish me");
-    body["stream"] = json!(true);
+    let body = stream_body("finish me");
     let response = gw.chat(&key.secret, &body).await;
     let mut stream = response.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();

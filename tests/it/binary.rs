@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::sim::{RunningSimulator, Simulator, SimulatorConfig};
 
-use crate::common::{ADMIN_TOKEN, chat_body};
+use crate::common::{ADMIN_TOKEN, chat_body, stream_body};
 
 const UPSTREAM_KEY: &str = "upstream-secret-key-9876";
 
@@ -161,8 +161,7 @@ async fn sigterm_drains_a_stream_exits_0_keeps_the_books_and_logs_no_secret() {
         StatusCode::UNAUTHORIZED
     );
 
-    let mut body = chat_body("drain me");
-    body["stream"] = json!(true);
+    let body = stream_body("drain me");
     let mut stream = chat(&secret, &body).await.unwrap().bytes_stream();
     stream.next().await.unwrap().unwrap();
     gw.signal("TERM");

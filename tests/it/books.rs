@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use step3_gateway::grpc::pb;
 use step3_gateway::sim::Fault;
 
-use crate::common::{MODEL, TestGateway, chat_body, expect_error, sse_payloads};
+use crate::common::{MODEL, TestGateway, chat_body, expect_error, sse_payloads, stream_body};
 
 fn with_cap(text: &str, max_tokens: u64) -> Value {
     let mut body = chat_body(text);
@@ -202,8 +202,7 @@ async fn every_response_of_a_limited_key_carries_both_rate_figures() {
         .parse()
         .unwrap();
     assert!(remaining < 100_000);
-    let mut body = chat_body("stream");
-    body["stream"] = json!(true);
+    let body = stream_body("stream");
     let response = gw.chat(&key.secret, &body).await;
     assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "8");
     assert!(
@@ -314,8 +313,7 @@ async fn an_error_event_ends_the_stream_well_formed_and_settles_it_as_incomplete
         .await;
     let key = gw.create_key(json!({})).await;
     gw.sim.simulator.push_fault(Fault::StreamErrorAfter(4));
-    let mut body = chat_body("hi");
-    body["stream"] = json!(true);
+    let body = stream_body("hi");
     let text = gw.chat(&key.secret, &body).await.text().await.unwrap();
     let payloads = sse_payloads(&text);
     assert_eq!(payloads.last().unwrap(), "[DONE]");

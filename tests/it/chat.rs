@@ -4,7 +4,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, TestGateway, chat_body, sse_payloads};
+use crate::common::{MODEL, TestGateway, chat_body, sse_payloads, stream_body};
 
 #[tokio::test]
 async fn json_completion_passes_through_and_charges_its_usage() {
@@ -124,8 +124,7 @@ async fn a_stream_is_forwarded_chunk_by_chunk_while_the_model_generates() {
         .start()
         .await;
     let key = gw.create_key(json!({})).await;
-    let mut body = chat_body("stream please");
-    body["stream"] = json!(true);
+    let body = stream_body("stream please");
     let response = gw.chat(&key.secret, &body).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
@@ -159,8 +158,7 @@ async fn a_stream_is_forwarded_chunk_by_chunk_while_the_model_generates() {
 }
 
 async fn stream_payloads(gw: &TestGateway, secret: &str, options: Option<Value>) -> Vec<Value> {
-    let mut body = chat_body("count the usage");
-    body["stream"] = json!(true);
+    let mut body = stream_body("count the usage");
     if let Some(options) = options {
         body["stream_options"] = options;
     }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use step3_gateway::sim::Fault;
 use tokio::io::AsyncWriteExt;
 
-use crate::common::{MODEL, TestGateway, chat_body};
+use crate::common::{MODEL, TestGateway, chat_body, stream_body};
 
 /// `"max_tokens": null` must be replaced, not shadowed: the upstream keeps the last of two
 /// duplicate keys (as Python's json and vLLM do), so a prepended cap would be ignored.
@@ -40,8 +40,7 @@ async fn a_null_max_tokens_is_still_capped_by_the_quota() {
 async fn null_stream_options_still_brings_usage_to_the_gateway() {
     let gw = TestGateway::start().await;
     let key = gw.create_key(json!({})).await;
-    let mut body = chat_body("hi");
-    body["stream"] = json!(true);
+    let mut body = stream_body("hi");
     body["stream_options"] = Value::Null;
     let text = gw.chat(&key.secret, &body).await.text().await.unwrap();
     assert!(text.contains("[DONE]"));

@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 use step3_gateway::config::BackendConfig;
 use step3_gateway::sim::{Fault, RunningSimulator, Simulator, SimulatorConfig};
 
-use crate::common::{ADMIN_TOKEN, MODEL, TestGateway, chat_body, expect_error, sse_payloads};
+use crate::common::{
+    ADMIN_TOKEN, MODEL, TestGateway, chat_body, expect_error, sse_payloads, stream_body,
+};
 
 async fn sim(config: SimulatorConfig) -> RunningSimulator {
     Simulator::new(config)
@@ -199,8 +201,7 @@ async fn slow_backends_hit_each_timeout_and_are_settled() {
     .await;
     assert_eq!(error["code"], "upstream_timeout");
     // A stream that goes silent for longer than the idle limit: well-formed end, 504 logged.
-    let mut body = chat_body("stream");
-    body["stream"] = json!(true);
+    let body = stream_body("stream");
     let text = gw.chat(&key.secret, &body).await.text().await.unwrap();
     let payloads = sse_payloads(&text);
     assert_eq!(payloads.last().unwrap(), "[DONE]");
@@ -261,8 +262,7 @@ async fn a_reload_moves_new_calls_and_lets_calls_in_flight_finish() {
         .start()
         .await;
     let key = gw.create_key(json!({})).await;
-    let mut body = chat_body("long");
-    body["stream"] = json!(true);
+    let body = stream_body("long");
     let response = gw.chat(&key.secret, &body).await;
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();

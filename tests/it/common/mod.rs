@@ -301,6 +301,13 @@ pub async fn wait_for_cancelled_streams(sim: &step3_gateway::sim::Simulator, n: 
     }
 }
 
+/// A one-message text request, streamed.
+pub fn stream_body(text: &str) -> Value {
+    let mut body = chat_body(text);
+    body["stream"] = json!(true);
+    body
+}
+
 /// A one-message text request.
 pub fn chat_body(text: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": text}]})
