@@ -149,7 +149,7 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn setup(cpu: &str) -> anyhow::Result<Setup> {
+async fn setup(cpu: &str, token_latency_ms: u64) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let bin = binary();
     let sim_port = free_port()?;
@@ -160,7 +160,7 @@ async fn setup(cpu: &str) -> anyhow::Result<Setup> {
                 "--listen",
                 &format!("127.0.0.1:{sim_port}"),
                 "--token-latency-ms",
-                "0",
+                &token_latency_ms.to_string(),
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -442,7 +442,11 @@ async fn main() -> anyhow::Result<()> {
     let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
     let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
     let server_cpu = std::env::var("BENCH_SERVER_CPU").unwrap_or_else(|_| "0".into());
-    let s = setup(&server_cpu).await?;
+    if args.get(1).map(String::as_str) == Some("streams") {
+        let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4000);
+        return open_streams(&server_cpu, n).await;
+    }
+    let s = setup(&server_cpu, 0).await?;
     println!(
         "idle RSS: gateway {:.1} MiB, upstream {:.1} MiB",
         s.gateway.rss_mib(),
@@ -540,6 +544,48 @@ async fn main() -> anyhow::Result<()> {
         "\nRSS after the runs: gateway {:.1} MiB",
         s.gateway.rss_mib()
     );
+    Ok(())
+}
+
+/// Holds `n` streams open through the gateway (the simulator sends a token a minute) and
+/// reports the gateway's memory: idle, with all of them open, and per stream.
+async fn open_streams(cpu: &str, n: usize) -> anyhow::Result<()> {
+    let s = setup(cpu, 60_000).await?;
+    let idle = s.gateway.rss_mib();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let body = chat_body(true);
+    let mut held = Vec::with_capacity(n);
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let opened = futures_util::future::join_all(chunk.iter().map(|_| {
+            let request = client
+                .post(format!("{}/v1/chat/completions", s.gateway_url))
+                .bearer_auth(&s.key)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            async move {
+                let mut stream = request.send().await?.error_for_status()?.bytes_stream();
+                // The role chunk arrives at once; the first token would take a minute.
+                stream.next().await.context("no first chunk")??;
+                anyhow::Ok(stream)
+            }
+        }))
+        .await;
+        for stream in opened {
+            held.push(stream?);
+        }
+    }
+    let opened_in = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let open = s.gateway.rss_mib();
+    println!(
+        "{n} open streams (opened in {:.1} s): gateway RSS {idle:.1} MiB idle, {open:.1} MiB with them open, {:.1} KiB per stream",
+        opened_in.as_secs_f64(),
+        (open - idle) * 1024.0 / n as f64
+    );
+    drop(held);
     Ok(())
 }
 
