@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::error::GatewayError;
 use std::sync::Arc;
 
-use super::gateway::{Gateway, UserState};
+use super::gateway::{Gateway, KeyState, UserState};
 use super::keys;
 use super::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UserRecord, now_unix};
 use crate::store::{CallCursor, CallQuery};
@@ -490,14 +490,7 @@ impl Gateway {
     }
 
     pub fn update_key(&self, id: &str, patch: KeyPatch) -> Result<KeyView, GatewayError> {
-        let state = self.key_state(id)?;
-        let mut record = (*state.record()).clone();
-        if record.revoked_at.is_some() {
-            return Err(GatewayError::invalid_request(
-                "a revoked key cannot be changed; create a new key",
-                Some("id"),
-            ));
-        }
+        let (state, mut record) = self.changeable_key(id, "changed")?;
         let now = now_unix();
         if let Some(name) = patch.name {
             record.name = check_name(&name, "name")?;
@@ -540,10 +533,7 @@ impl Gateway {
             record.active = active;
         }
         record.updated_at = now;
-        self.store.put_key(&record)?;
-        let view = key_view(&record, state.counters());
-        state.replace(record);
-        Ok(view)
+        self.store_key(&state, record)
     }
 
     /// Revokes a key for good; its usage history stays.
@@ -554,6 +544,28 @@ impl Gateway {
         record.active = false;
         record.revoked_at.get_or_insert(now);
         record.updated_at = now;
+        self.store_key(&state, record)
+    }
+
+    /// A key and a copy of its record to change; a revoked key cannot be `action`.
+    fn changeable_key(
+        &self,
+        id: &str,
+        action: &str,
+    ) -> Result<(Arc<KeyState>, KeyRecord), GatewayError> {
+        let state = self.key_state(id)?;
+        let record = (*state.record()).clone();
+        if record.revoked_at.is_some() {
+            return Err(GatewayError::invalid_request(
+                format!("a revoked key cannot be {action}; create a new key"),
+                Some("id"),
+            ));
+        }
+        Ok((state, record))
+    }
+
+    /// Writes a changed key record, then puts it in place of the old one.
+    fn store_key(&self, state: &KeyState, record: KeyRecord) -> Result<KeyView, GatewayError> {
         self.store.put_key(&record)?;
         let view = key_view(&record, state.counters());
         state.replace(record);
@@ -562,14 +574,7 @@ impl Gateway {
 
     /// A new secret for the key; the old one keeps working for `grace_secs`.
     pub fn rotate_key(&self, id: &str, grace_secs: u64) -> Result<CreatedKey, GatewayError> {
-        let state = self.key_state(id)?;
-        let mut record = (*state.record()).clone();
-        if record.revoked_at.is_some() {
-            return Err(GatewayError::invalid_request(
-                "a revoked key cannot be rotated; create a new key",
-                Some("id"),
-            ));
-        }
+        let (state, mut record) = self.changeable_key(id, "rotated")?;
         let now = now_unix();
         let secret = keys::generate_secret();
         let forgotten = record.previous_hash.take();
@@ -581,10 +586,9 @@ impl Gateway {
             Some(now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX)));
         record.prefix = keys::display_prefix(&secret);
         record.updated_at = now;
-        self.store.put_key(&record)?;
-        self.index_rotated_secret(&record, forgotten.as_deref())?;
-        let view = key_view(&record, state.counters());
-        state.replace(record);
+        let hash = record.hash.clone();
+        let view = self.store_key(&state, record)?;
+        self.index_rotated_secret(&view.id, &hash, forgotten.as_deref())?;
         Ok(CreatedKey { key: view, secret })
     }
 

@@ -100,9 +100,9 @@ impl UserState {
     }
 }
 
-fn parse_hash(record: &KeyRecord, hex: &str) -> Result<SecretHash, GatewayError> {
+fn parse_hash(id: &str, hex: &str) -> Result<SecretHash, GatewayError> {
     keys::from_hex(hex)
-        .ok_or_else(|| GatewayError::Store(format!("key `{}` has a malformed hash", record.id)))
+        .ok_or_else(|| GatewayError::Store(format!("key `{id}` has a malformed hash")))
 }
 
 /// An authenticated caller: the key and its owner at the time of the call.
@@ -293,9 +293,9 @@ impl Gateway {
         record: KeyRecord,
         counters: KeyCounters,
     ) -> Result<(), GatewayError> {
-        let hash = parse_hash(&record, &record.hash)?;
+        let hash = parse_hash(&record.id, &record.hash)?;
         let previous = match &record.previous_hash {
-            Some(previous) => Some(parse_hash(&record, previous)?),
+            Some(previous) => Some(parse_hash(&record.id, previous)?),
             None => None,
         };
         let id = record.id.clone();
@@ -319,15 +319,16 @@ impl Gateway {
             })
     }
 
-    /// Points a new secret at an existing key and forgets the secret before the previous.
+    /// Points a key's new secret (`hash`, hex) at it and forgets the secret before the
+    /// previous one.
     pub(super) fn index_rotated_secret(
         &self,
-        record: &KeyRecord,
+        id: &str,
+        hash: &str,
         forgotten: Option<&str>,
     ) -> Result<(), GatewayError> {
-        let state = self.key_state(&record.id)?;
-        self.keys_by_hash
-            .insert(parse_hash(record, &record.hash)?, state);
+        let state = self.key_state(id)?;
+        self.keys_by_hash.insert(parse_hash(id, hash)?, state);
         if let Some(forgotten) = forgotten.and_then(keys::from_hex) {
             self.keys_by_hash.remove(&forgotten);
         }
