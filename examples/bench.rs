@@ -109,7 +109,8 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 async fn wait_for(url: &str) -> anyhow::Result<()> {
-    for _ in 0..300 {
+    // A minute: a gateway on a store of a million keys is measured from its start.
+    for _ in 0..3000 {
         if reqwest::get(url).await.is_ok() {
             return Ok(());
         }
@@ -150,7 +151,30 @@ struct Setup {
 }
 
 async fn setup(cpu: &str, token_latency_ms: u64) -> anyhow::Result<Setup> {
+    setup_with_keys(cpu, token_latency_ms, 0)
+        .await
+        .map(|(s, _)| s)
+}
+
+/// Like [`setup`], with `extra_keys` more keys (of another user) already in the store; also
+/// returns how long the gateway took from its start to answering `/health`.
+async fn setup_with_keys(
+    cpu: &str,
+    token_latency_ms: u64,
+    extra_keys: usize,
+) -> anyhow::Result<(Setup, Duration)> {
     let dir = tempfile::tempdir()?;
+    if extra_keys > 0 {
+        fill_store(&dir.path().join("data"), extra_keys)?;
+        let t = Instant::now();
+        let store = step3_gateway::store::SledStore::open(&dir.path().join("data"), 500)?;
+        println!("DEBUG reopen after fill {:.2}", t.elapsed().as_secs_f64());
+        drop(store);
+        let t = Instant::now();
+        let store = step3_gateway::store::SledStore::open(&dir.path().join("data"), 500)?;
+        println!("DEBUG reopen again {:.2}", t.elapsed().as_secs_f64());
+        drop(store);
+    }
     let bin = binary();
     let sim_port = free_port()?;
     let upstream = Proc {
@@ -181,6 +205,7 @@ async fn setup(cpu: &str, token_latency_ms: u64) -> anyhow::Result<Setup> {
             dir.path().join("data").display()
         ),
     )?;
+    let starting = Instant::now();
     let gateway = Proc {
         child: pinned(cpu, &bin)
             .args(["serve", "--config"])
@@ -191,6 +216,7 @@ async fn setup(cpu: &str, token_latency_ms: u64) -> anyhow::Result<Setup> {
     };
     let gateway_url = format!("http://127.0.0.1:{gw_port}");
     wait_for(&format!("{gateway_url}/health")).await?;
+    let start_up = starting.elapsed();
     let http = reqwest::Client::new();
     let user: Value = http
         .post(format!("{gateway_url}/admin/v1/users"))
@@ -222,16 +248,137 @@ async fn setup(cpu: &str, token_latency_ms: u64) -> anyhow::Result<Setup> {
             (None, None)
         }
     };
-    Ok(Setup {
-        upstream,
-        gateway,
-        nginx,
-        upstream_url,
-        gateway_url,
-        nginx_url,
-        key,
-        _dir: dir,
-    })
+    Ok((
+        Setup {
+            upstream,
+            gateway,
+            nginx,
+            upstream_url,
+            gateway_url,
+            nginx_url,
+            key,
+            _dir: dir,
+        },
+        start_up,
+    ))
+}
+
+/// Writes one user and `n` keys (each with limits and quotas, as an operator would give)
+/// straight into a new store at `path`.
+fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
+    use step3_gateway::core::keys;
+    use step3_gateway::core::records::{KeyRecord, UserRecord, now_unix};
+    use step3_gateway::store::Store;
+    let store = step3_gateway::store::SledStore::open(path, 500)?;
+    let now = now_unix();
+    let user = UserRecord {
+        id: keys::generate_id("usr"),
+        name: "filler".into(),
+        email: None,
+        active: true,
+        rpm_limit: Some(600),
+        tpm_limit: None,
+        max_concurrent: Some(8),
+        created_at: now,
+        updated_at: now,
+    };
+    store.put_user(&user)?;
+    for i in 0..n {
+        let secret = keys::generate_secret();
+        store.put_key(&KeyRecord {
+            id: keys::generate_id("key"),
+            user_id: user.id.clone(),
+            name: format!("filler-{i}"),
+            prefix: keys::display_prefix(&secret),
+            hash: keys::to_hex(&keys::hash_secret(&secret)),
+            rpm_limit: Some(60),
+            tpm_limit: Some(100_000),
+            max_concurrent: Some(4),
+            request_quota: Some(1_000),
+            token_quota: Some(1_000_000),
+            image_quota: None,
+            max_images_per_request: None,
+            expires_at: None,
+            models: None,
+            active: true,
+            created_at: now,
+            updated_at: now,
+            revoked_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+        })?;
+    }
+    store.flush()?;
+    Ok(())
+}
+
+/// The same JSON load through a gateway whose store holds the bench key only and through
+/// one whose store holds `n` more keys, in alternating rounds: start-up time, RSS, and the
+/// p50 / CPU per call of each.
+async fn many_keys(cpu: &str, n: usize, seconds: f64, rounds: usize) -> anyhow::Result<()> {
+    let filling = Instant::now();
+    let (big, big_start) = setup_with_keys(cpu, 0, n).await?;
+    let filled_in = filling.elapsed().saturating_sub(big_start);
+    let (small, small_start) = setup_with_keys(cpu, 0, 0).await?;
+    println!(
+        "store filled with {n} keys in {:.1} s",
+        filled_in.as_secs_f64()
+    );
+    println!(
+        "start-up to /health: {:.2} s with {n} keys, {:.2} s with 1 key",
+        big_start.as_secs_f64(),
+        small_start.as_secs_f64()
+    );
+    println!(
+        "idle RSS: {:.1} MiB with {n} keys, {:.1} MiB with 1 key",
+        big.gateway.rss_mib(),
+        small.gateway.rss_mib()
+    );
+    let mut p50 = [Vec::new(), Vec::new()];
+    let mut cpu_us = [Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, s) in [&small, &big].into_iter().enumerate() {
+            let m = measure(
+                "gateway",
+                Some(&s.gateway),
+                Kind::Json,
+                &s.gateway_url,
+                &s.key,
+                1,
+                seconds,
+            )
+            .await?;
+            p50[i].push(m.p50);
+            cpu_us[i].push(m.cpu_us.unwrap_or(0.0));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let mut p50: Vec<Vec<f64>> = p50
+        .iter()
+        .map(|v| v.iter().map(|&x| x as f64).collect())
+        .collect();
+    let (small_p50, big_p50) = (median(&mut p50[0]), median(&mut p50[1]));
+    let (small_cpu, big_cpu) = (median(&mut cpu_us[0]), median(&mut cpu_us[1]));
+    println!(
+        "REST JSON @1, median of {rounds} rounds: p50 {small_p50:.0} µs with 1 key, {big_p50:.0} µs with {n} keys ({:.2}×); CPU/call {small_cpu:.1} vs {big_cpu:.1} µs ({:.2}×)",
+        big_p50 / small_p50,
+        big_cpu / small_cpu
+    );
+    println!(
+        "RSS after the runs: {:.1} MiB with {n} keys, {:.1} MiB with 1 key",
+        big.gateway.rss_mib(),
+        small.gateway.rss_mib()
+    );
+        // How much of the start-up is sled opening the store.
+    drop(big.gateway);
+    let opening = Instant::now();
+    let store = step3_gateway::store::SledStore::open(&big._dir.path().join("data"), 500)?;
+    println!("sled alone opens that store in {:.2} s", opening.elapsed().as_secs_f64());
+    drop(store);
+    Ok(())
 }
 
 async fn start_nginx(cpu: &str, dir: &Path, upstream_port: u16) -> anyhow::Result<(Proc, String)> {
@@ -444,7 +591,59 @@ async fn main() -> anyhow::Result<()> {
     let server_cpu = std::env::var("BENCH_SERVER_CPU").unwrap_or_else(|_| "0".into());
     if args.get(1).map(String::as_str) == Some("streams") {
         let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4000);
-        return open_streams(&server_cpu, n).await;
+        let grpc = args.get(3).map(String::as_str) == Some("grpc");
+        return open_streams(&server_cpu, n, grpc).await;
+    }
+    if args.get(1).map(String::as_str) == Some("replay") {
+        let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("data");
+        {
+            use step3_gateway::store::Store;
+            let store = step3_gateway::store::SledStore::open(&path, 500)?;
+            let t = Instant::now();
+            for b in 0..n / 50 {
+                let calls: Vec<_> = (0..50)
+                    .map(|i| step3_gateway::core::records::CallRecord {
+                        at_micros: 1_700_000_000_000_000 + (b * 50 + i) as i64,
+                        request_id: format!("req-{b}-{i}"),
+                        key_id: format!("key_{}", i % 10),
+                        user_id: "usr".into(),
+                        model: MODEL.into(),
+                        status: 200,
+                        outcome: step3_gateway::core::records::CallOutcome::Completed,
+                        stream: false,
+                        latency_ms: 1,
+                        charged_request: true,
+                        usage: step3_gateway::core::records::Usage { prompt_tokens: 10, completion_tokens: 20 },
+                        usage_estimated: false,
+                        images: 0,
+                        image_sizes: Vec::new(),
+                        request_body: None,
+                        response_body: None,
+                    })
+                    .collect();
+                store.record_calls(&calls)?;
+            }
+            store.flush()?;
+            println!("DEBUG wrote {n} calls in {:.1} s", t.elapsed().as_secs_f64());
+        }
+        for _ in 0..2 {
+            let t = Instant::now();
+            let store = step3_gateway::store::SledStore::open(&path, 500)?;
+            println!("DEBUG reopen {:.2}", t.elapsed().as_secs_f64());
+            drop(store);
+        }
+        return Ok(());
+    }
+    if args.get(1).map(String::as_str) == Some("keys") {
+        let n: usize = args
+            .get(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1_000_000);
+        let seconds: f64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5.0);
+        let rounds: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(3);
+        return many_keys(&server_cpu, n, seconds, rounds).await;
     }
     let s = setup(&server_cpu, 0).await?;
     println!(
@@ -548,10 +747,18 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Holds `n` streams open through the gateway (the simulator sends a token a minute) and
-/// reports the gateway's memory: idle, with all of them open, and per stream.
-async fn open_streams(cpu: &str, n: usize) -> anyhow::Result<()> {
+/// reports the gateway's memory: idle, with all of them open, and per stream. Over REST
+/// each stream is its own client connection; over gRPC (`grpc`) streams share HTTP/2
+/// connections, 100 to a connection, so the gateway holds about one file descriptor per
+/// stream instead of two.
+async fn open_streams(cpu: &str, n: usize, grpc: bool) -> anyhow::Result<()> {
     let s = setup(cpu, 60_000).await?;
     let idle = s.gateway.rss_mib();
+    if grpc {
+        let started = Instant::now();
+        let held = open_grpc_streams(&s, n).await?;
+        return report_streams(&s, n, "gRPC", idle, started, held).await;
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
@@ -577,16 +784,76 @@ async fn open_streams(cpu: &str, n: usize) -> anyhow::Result<()> {
             held.push(stream?);
         }
     }
+    report_streams(&s, n, "REST", idle, started, held).await
+}
+
+async fn report_streams<T>(
+    s: &Setup,
+    n: usize,
+    door: &str,
+    idle: f64,
+    started: Instant,
+    held: Vec<T>,
+) -> anyhow::Result<()> {
     let opened_in = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let open = s.gateway.rss_mib();
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", s.gateway.child.id()))
+        .map(Iterator::count)
+        .unwrap_or(0);
     println!(
-        "{n} open streams (opened in {:.1} s): gateway RSS {idle:.1} MiB idle, {open:.1} MiB with them open, {:.1} KiB per stream",
+        "{n} open {door} streams (opened in {:.1} s): gateway RSS {idle:.1} MiB idle, {open:.1} MiB with them open, {:.1} KiB per stream, {fds} fds",
         opened_in.as_secs_f64(),
         (open - idle) * 1024.0 / n as f64
     );
     drop(held);
     Ok(())
+}
+
+/// Opens `n` gRPC `StreamComplete` calls, 100 to an HTTP/2 connection, each read up to its
+/// first message.
+async fn open_grpc_streams(
+    s: &Setup,
+    n: usize,
+) -> anyhow::Result<Vec<tonic::Streaming<pb::ChatChunk>>> {
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", s.key).parse()?;
+    let request = pb::ChatRequest {
+        model: MODEL.into(),
+        messages: vec![pb::Message {
+            role: "user".into(),
+            text: "Describe the picture in one sentence, please.".into(),
+            ..Default::default()
+        }],
+        max_tokens: Some(20),
+        ..Default::default()
+    };
+    let mut held = Vec::with_capacity(n);
+    for batch in (0..n).collect::<Vec<_>>().chunks(100) {
+        let channel = tonic::transport::Endpoint::from_shared(s.gateway_url.clone())?
+            .connect()
+            .await?;
+        let opened = futures_util::future::join_all(batch.iter().map(|_| {
+            let bearer = bearer.clone();
+            let mut client = pb::chat_client::ChatClient::with_interceptor(
+                channel.clone(),
+                move |mut r: tonic::Request<()>| {
+                    r.metadata_mut().insert("authorization", bearer.clone());
+                    Ok(r)
+                },
+            );
+            let request = request.clone();
+            async move {
+                let mut stream = client.stream_complete(request).await?.into_inner();
+                stream.message().await?.context("no first message")?;
+                anyhow::Ok(stream)
+            }
+        }))
+        .await;
+        for stream in opened {
+            held.push(stream?);
+        }
+    }
+    Ok(held)
 }
 
 trait RestBaseline {

@@ -444,49 +444,52 @@ impl Gateway {
         Ok(key_view(&state.record(), state.counters()))
     }
 
-    /// Keys, oldest first, optionally of one user.
-    pub fn list_keys(&self, filter: &KeyFilter) -> Vec<KeyView> {
-        let mut keys: Vec<KeyView> = self
-            .keys_by_id
-            .iter()
-            .map(|state| (state.record(), state.counters()))
-            .filter(|(record, _)| {
-                filter
-                    .user_id
-                    .as_deref()
-                    .is_none_or(|u| record.user_id == u)
-            })
-            .map(|(record, counters)| key_view(&record, counters))
-            .collect();
-        keys.sort_by(|a, b| a.id.cmp(&b.id));
-        keys
-    }
-
-    /// Keys after `page_token` (a key id), at most `page_size` (default 100, at most 1000).
+    /// Keys after `page_token` (a key id), oldest first, optionally of one user; at most
+    /// `page_size` (default 100, at most 1000). Read from the store, with the live
+    /// counters of keys in use.
     pub fn list_keys_page(
         &self,
         filter: &KeyFilter,
         page_token: Option<&str>,
         page_size: Option<usize>,
-    ) -> KeyPage {
+    ) -> Result<KeyPage, GatewayError> {
         let size = page_size.unwrap_or(100).clamp(1, 1000);
         let after = page_token.filter(|t| !t.is_empty());
-        let mut keys: Vec<KeyView> = self
-            .list_keys(filter)
-            .into_iter()
-            .filter(|k| after.is_none_or(|after| k.id.as_str() > after))
-            .take(size + 1)
-            .collect();
+        let mut keys = self.scan_keys(filter, after, size + 1)?;
         let next_page_token = if keys.len() > size {
             keys.truncate(size);
             keys.last().map(|k| k.id.clone()).unwrap_or_default()
         } else {
             String::new()
         };
-        KeyPage {
+        Ok(KeyPage {
             keys,
             next_page_token,
-        }
+        })
+    }
+
+    /// Up to `limit` keys after `after` that pass `filter`, in id order.
+    fn scan_keys(
+        &self,
+        filter: &KeyFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KeyView>, GatewayError> {
+        let mut keys = Vec::new();
+        self.store.scan_keys(after, &mut |record, counters| {
+            if filter
+                .user_id
+                .as_deref()
+                .is_none_or(|u| record.user_id == u)
+            {
+                keys.push(match self.keys_by_id.get(&record.id) {
+                    Some(live) => key_view(&live.record(), live.counters()),
+                    None => key_view(&record, counters),
+                });
+            }
+            keys.len() < limit
+        })?;
+        Ok(keys)
     }
 
     pub fn update_key(&self, id: &str, patch: KeyPatch) -> Result<KeyView, GatewayError> {
@@ -598,9 +601,13 @@ impl Gateway {
             UsageSubject::Key(id) => vec![self.get_key(id)?.id],
             UsageSubject::User(id) => {
                 self.get_user(id)?;
-                self.list_keys(&KeyFilter {
-                    user_id: Some(id.clone()),
-                })
+                self.scan_keys(
+                    &KeyFilter {
+                        user_id: Some(id.clone()),
+                    },
+                    None,
+                    usize::MAX,
+                )?
                 .into_iter()
                 .map(|k| k.id)
                 .collect()

@@ -248,8 +248,11 @@ pub struct Gateway {
     pub(super) store: Arc<dyn Store>,
     sink: UsageSink,
     metrics: Arc<Metrics>,
-    /// Current secrets, and previous ones while a rotation's grace period may still run.
+    /// Keys in use, by the hashes of their secrets: the current one, and the previous one
+    /// while a rotation's grace period may still run. A key is loaded from the store the
+    /// first time it is used, so start-up and memory do not grow with the keys issued.
     keys_by_hash: DashMap<SecretHash, Arc<KeyState>>,
+    /// The same keys by id: each key's one live state (counters in flight, limiter).
     pub(super) keys_by_id: DashMap<String, Arc<KeyState>>,
     pub(super) users: DashMap<String, Arc<UserState>>,
     admin_token_hash: SecretHash,
@@ -257,7 +260,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Loads users, keys and counters from the store.
+    /// Loads the users from the store; keys are loaded when first used.
     pub fn load(
         store: Arc<dyn Store>,
         sink: UsageSink,
@@ -280,43 +283,62 @@ impl Gateway {
                 .users
                 .insert(user.id.clone(), Arc::new(UserState::new(user)));
         }
-        let mut counters = gateway.store.load_counters()?;
-        for key in gateway.store.load_keys()? {
-            let used = counters.remove(&key.id).unwrap_or_default();
-            gateway.index_key(key, used)?;
-        }
         Ok(gateway)
     }
 
+    /// Makes `record` (just stored, or just read from the store with its `counters`) the
+    /// key's live state. When another call loaded the key meanwhile, that state stays: it
+    /// may already carry calls in flight.
     pub(super) fn index_key(
         &self,
         record: KeyRecord,
         counters: KeyCounters,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<Arc<KeyState>, GatewayError> {
         let hash = parse_hash(&record.id, &record.hash)?;
         let previous = match &record.previous_hash {
             Some(previous) => Some(parse_hash(&record.id, previous)?),
             None => None,
         };
-        let id = record.id.clone();
-        let state = Arc::new(KeyState::new(record, counters));
+        let state = match self.keys_by_id.entry(record.id.clone()) {
+            dashmap::Entry::Occupied(live) => return Ok(live.get().clone()),
+            dashmap::Entry::Vacant(slot) => slot
+                .insert(Arc::new(KeyState::new(record, counters)))
+                .clone(),
+        };
         self.keys_by_hash.insert(hash, state.clone());
         if let Some(previous) = previous {
             self.keys_by_hash.insert(previous, state.clone());
         }
-        self.keys_by_id.insert(id, state);
-        Ok(())
+        Ok(state)
     }
 
-    /// A key's live state by id.
+    /// A key's live state by id, loaded from the store on first use.
     pub(super) fn key_state(&self, id: &str) -> Result<Arc<KeyState>, GatewayError> {
-        self.keys_by_id
-            .get(id)
-            .map(|s| s.value().clone())
-            .ok_or_else(|| GatewayError::NotFound {
+        if let Some(state) = self.keys_by_id.get(id) {
+            return Ok(state.value().clone());
+        }
+        match self.store.load_key(id)? {
+            Some((record, counters)) => self.index_key(record, counters),
+            None => Err(GatewayError::NotFound {
                 what: "key",
                 id: id.to_owned(),
-            })
+            }),
+        }
+    }
+
+    /// The key a secret's hash opens, if any: from memory, else from the store's index.
+    fn key_by_hash(&self, hash: &SecretHash) -> Result<Option<Arc<KeyState>>, GatewayError> {
+        if let Some(state) = self.keys_by_hash.get(hash) {
+            return Ok(Some(state.value().clone()));
+        }
+        let Some(id) = self.store.key_id_by_hash(hash)? else {
+            return Ok(None);
+        };
+        match self.key_state(&id) {
+            Ok(state) => Ok(Some(state)),
+            Err(GatewayError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Points a key's new secret (`hash`, hex) at it and forgets the secret before the
@@ -371,9 +393,7 @@ impl Gateway {
         const UNKNOWN: &str = "Incorrect API key provided.";
         let hash = keys::hash_secret(secret);
         let state = self
-            .keys_by_hash
-            .get(&hash)
-            .map(|entry| entry.value().clone())
+            .key_by_hash(&hash)?
             .ok_or(GatewayError::InvalidApiKey(UNKNOWN))?;
         let record = state.record();
         if !record.is_current_secret(&hash, now_unix()) {

@@ -160,7 +160,7 @@ impl pb::admin_server::Admin for AdminService {
             &KeyFilter { user_id: r.user_id },
             Some(&r.page_token),
             page_size,
-        );
+        )?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: page.keys.into_iter().map(key_proto).collect(),
             next_page_token: page.next_page_token,

@@ -142,9 +142,10 @@ async fn list_keys(
     let filter = KeyFilter {
         user_id: params.user_id,
     };
-    let page = state
-        .gateway()
-        .list_keys_page(&filter, params.page_token.as_deref(), params.limit);
+    let page =
+        state
+            .gateway()
+            .list_keys_page(&filter, params.page_token.as_deref(), params.limit)?;
     Ok(Json(page).into_response())
 }
 

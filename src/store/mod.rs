@@ -4,15 +4,15 @@
 mod sled_store;
 mod writer;
 
-use std::collections::HashMap;
-
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
 
 pub use sled_store::SledStore;
 pub use writer::{UsageSink, UsageWriter};
 
 /// The schema this build writes; a store written by a newer build is refused at open.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: keys are found by the hash of their secret through an index tree (1 had none, and
+/// a build of 1 would not keep that index up to date).
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,9 +65,19 @@ pub struct CallQuery<'a> {
 /// per-key counters, the hourly aggregates and the call log together.
 pub trait Store: Send + Sync + 'static {
     fn load_users(&self) -> Result<Vec<UserRecord>, StoreError>;
-    fn load_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
-    fn load_counters(&self) -> Result<HashMap<String, KeyCounters>, StoreError>;
+    /// The id of the key whose current or previous secret hashes to `hash`.
+    fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError>;
+    /// One key and its counters as last recorded.
+    fn load_key(&self, id: &str) -> Result<Option<(KeyRecord, KeyCounters)>, StoreError>;
+    /// Keys in id order (which is creation order) strictly after `after`, each with its
+    /// counters, until `visit` returns `false`.
+    fn scan_keys(
+        &self,
+        after: Option<&str>,
+        visit: &mut dyn FnMut(KeyRecord, KeyCounters) -> bool,
+    ) -> Result<(), StoreError>;
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError>;
+    /// Writes a key and points the hashes of its secrets (current and previous) at it.
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// Applies a batch of finished calls: counters, hourly usage and the call log, atomically.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;

@@ -1,6 +1,7 @@
 //! The sled implementation of [`Store`]: one tree per kind of record, JSON values.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::path::Path;
 
 use serde::Serialize;
@@ -16,10 +17,16 @@ const SCHEMA_KEY: &str = "schema_version";
 /// sled's page cache: the hot records are users, keys and counters, all small.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Operations between two of sled's snapshots: the most a start has to replay.
+const SNAPSHOT_AFTER_OPS: u64 = 100_000;
+
 pub struct SledStore {
     db: sled::Db,
     users: sled::Tree,
     keys: sled::Tree,
+    /// SHA-256 of a key's current secret (and of its previous one during a rotation's
+    /// grace) → key id, so that a key is found without loading every key.
+    key_hashes: sled::Tree,
     counters: sled::Tree,
     usage: sled::Tree,
     /// The call log: `big-endian(micros) request_id` → record.
@@ -45,6 +52,9 @@ impl SledStore {
             .path(path)
             // sled would cache up to 1 GiB; the records the gateway reads back are few.
             .cache_capacity(CACHE_BYTES)
+            // sled replays the operations since its last snapshot at start; its default of a
+            // million made the first start after a burst of writes take seconds.
+            .snapshot_after_ops(SNAPSHOT_AFTER_OPS)
             .flush_every_ms(Some(flush_ms.max(1)));
         let mut attempts = 0;
         let db = loop {
@@ -71,6 +81,7 @@ impl SledStore {
         let store = SledStore {
             users: db.open_tree("users")?,
             keys: db.open_tree("keys")?,
+            key_hashes: db.open_tree("key_hashes")?,
             counters: db.open_tree("counters")?,
             usage: db.open_tree("usage")?,
             calls: db.open_tree("calls")?,
@@ -83,19 +94,53 @@ impl SledStore {
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
-        match self.meta.get(SCHEMA_KEY)? {
-            Some(bytes) => {
-                let found: u32 = decode("meta", &bytes)?;
-                if found > SCHEMA_VERSION {
-                    return Err(StoreError::NewerSchema { found });
-                }
-            }
-            None => {
-                self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
+        let found: u32 = match self.meta.get(SCHEMA_KEY)? {
+            Some(bytes) => decode("meta", &bytes)?,
+            None => SCHEMA_VERSION,
+        };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema { found });
+        }
+        if found < 2 {
+            self.index_key_hashes()?;
+        }
+        if found != SCHEMA_VERSION || self.meta.get(SCHEMA_KEY)?.is_none() {
+            self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Schema 1 → 2: builds the hash index from the keys.
+    fn index_key_hashes(&self) -> Result<(), StoreError> {
+        for value in self.keys.iter().values() {
+            let key: KeyRecord = decode("keys", &value?)?;
+            for hash in secret_hashes(&key)? {
+                self.key_hashes.insert(hash, key.id.as_bytes())?;
             }
         }
         Ok(())
     }
+
+    fn counters_of(&self, id: &str) -> Result<KeyCounters, StoreError> {
+        match self.counters.get(id.as_bytes())? {
+            Some(bytes) => decode("counters", &bytes),
+            None => Ok(KeyCounters::default()),
+        }
+    }
+}
+
+/// The hashes (raw bytes) of a key's current and previous secrets.
+fn secret_hashes(key: &KeyRecord) -> Result<Vec<[u8; 32]>, StoreError> {
+    std::iter::once(&key.hash)
+        .chain(key.previous_hash.as_ref())
+        .map(|hex| {
+            crate::core::keys::from_hex(hex).ok_or_else(|| StoreError::Corrupt {
+                tree: "keys",
+                message: format!("key {} has a malformed secret hash", key.id),
+            })
+        })
+        .collect()
 }
 
 /// sled reports a held directory lock only in its message.
@@ -158,19 +203,39 @@ impl Store for SledStore {
         load_all(&self.users, "users")
     }
 
-    fn load_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        load_all(&self.keys, "keys")
+    fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .key_hashes
+            .get(hash)?
+            .map(|id| String::from_utf8_lossy(&id).into_owned()))
     }
 
-    fn load_counters(&self) -> Result<HashMap<String, KeyCounters>, StoreError> {
-        self.counters
-            .iter()
-            .map(|entry| {
-                let (id, value) = entry?;
-                let id = String::from_utf8_lossy(&id).into_owned();
-                Ok((id, decode("counters", &value)?))
-            })
-            .collect()
+    fn load_key(&self, id: &str) -> Result<Option<(KeyRecord, KeyCounters)>, StoreError> {
+        match self.keys.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some((decode("keys", &bytes)?, self.counters_of(id)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_keys(
+        &self,
+        after: Option<&str>,
+        visit: &mut dyn FnMut(KeyRecord, KeyCounters) -> bool,
+    ) -> Result<(), StoreError> {
+        let entries = match after {
+            Some(after) => self
+                .keys
+                .range::<&[u8], _>((Bound::Excluded(after.as_bytes()), Bound::Unbounded)),
+            None => self.keys.iter(),
+        };
+        for value in entries.values() {
+            let key: KeyRecord = decode("keys", &value?)?;
+            let counters = self.counters_of(&key.id)?;
+            if !visit(key, counters) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
@@ -179,8 +244,29 @@ impl Store for SledStore {
     }
 
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        self.keys.insert(key.id.as_bytes(), encode(key)?)?;
-        Ok(())
+        let value = encode(key)?;
+        let hashes = secret_hashes(key)?;
+        let result = (&self.keys, &self.key_hashes).transaction(|(keys, index)| {
+            // Secrets the key no longer has (forgotten by a rotation) stop finding it.
+            if let Some(old) = keys.insert(key.id.as_bytes(), value.as_slice())? {
+                let old: KeyRecord =
+                    decode("keys", &old).map_err(ConflictableTransactionError::Abort)?;
+                for hash in secret_hashes(&old).map_err(ConflictableTransactionError::Abort)? {
+                    if !hashes.contains(&hash) {
+                        index.remove(&hash[..])?;
+                    }
+                }
+            }
+            for hash in &hashes {
+                index.insert(&hash[..], key.id.as_bytes())?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
@@ -396,11 +482,11 @@ mod tests {
             store.flush().unwrap();
         }
         let store = SledStore::open(dir.path(), 100).unwrap();
-        let counters = store.load_counters().unwrap();
-        assert_eq!(counters["key_a"].requests, 3);
-        assert_eq!(counters["key_a"].prompt_tokens, 31);
-        assert_eq!(counters["key_a"].completion_tokens, 3);
-        assert_eq!(counters["key_b"].requests, 1);
+        let counters = |id| store.counters_of(id).unwrap();
+        assert_eq!(counters("key_a").requests, 3);
+        assert_eq!(counters("key_a").prompt_tokens, 31);
+        assert_eq!(counters("key_a").completion_tokens, 3);
+        assert_eq!(counters("key_b").requests, 1);
 
         let query = |key_id, before, limit| CallQuery {
             key_id,
@@ -442,6 +528,113 @@ mod tests {
                 .usage("key_a", hour + 7200, hour + 9000)
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    fn key(id: &str, secret: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            user_id: "usr_1".into(),
+            name: "k".into(),
+            prefix: "sk-step3-x".into(),
+            hash: hex_of(secret),
+            rpm_limit: None,
+            tpm_limit: None,
+            max_concurrent: None,
+            request_quota: None,
+            token_quota: None,
+            image_quota: None,
+            max_images_per_request: None,
+            expires_at: None,
+            models: None,
+            active: true,
+            created_at: 0,
+            updated_at: 0,
+            revoked_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+        }
+    }
+
+    fn hex_of(secret: &str) -> String {
+        crate::core::keys::to_hex(&crate::core::keys::hash_secret(secret))
+    }
+
+    fn found(store: &SledStore, secret: &str) -> Option<String> {
+        store
+            .key_id_by_hash(&crate::core::keys::hash_secret(secret))
+            .unwrap()
+    }
+
+    #[test]
+    fn keys_are_found_by_their_current_and_previous_secrets_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        let mut a = key("key_a", "one");
+        store.put_key(&a).unwrap();
+        store.put_key(&key("key_b", "other")).unwrap();
+        assert_eq!(found(&store, "one").as_deref(), Some("key_a"));
+        assert_eq!(found(&store, "nobody"), None);
+
+        // A rotation keeps the previous secret; the next one forgets it.
+        a.previous_hash = Some(std::mem::replace(&mut a.hash, hex_of("two")));
+        store.put_key(&a).unwrap();
+        assert_eq!(found(&store, "one").as_deref(), Some("key_a"));
+        assert_eq!(found(&store, "two").as_deref(), Some("key_a"));
+        a.previous_hash = Some(std::mem::replace(&mut a.hash, hex_of("three")));
+        store.put_key(&a).unwrap();
+        assert_eq!(found(&store, "one"), None);
+        assert_eq!(found(&store, "two").as_deref(), Some("key_a"));
+        assert_eq!(found(&store, "three").as_deref(), Some("key_a"));
+        assert_eq!(found(&store, "other").as_deref(), Some("key_b"));
+
+        let (loaded, counters) = store.load_key("key_a").unwrap().unwrap();
+        assert_eq!((loaded, counters), (a, KeyCounters::default()));
+        assert!(store.load_key("key_c").unwrap().is_none());
+    }
+
+    #[test]
+    fn keys_are_scanned_in_id_order_from_a_cursor_with_their_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        for id in ["key_3", "key_1", "key_2", "key_4"] {
+            store.put_key(&key(id, id)).unwrap();
+        }
+        store.record_calls(&[call("key_2", 1, "m", 7)]).unwrap();
+        let scan = |after, limit| {
+            let mut seen = Vec::new();
+            store
+                .scan_keys(after, &mut |k, c| {
+                    seen.push((k.id, c.prompt_tokens));
+                    seen.len() < limit
+                })
+                .unwrap();
+            seen
+        };
+        let ids = |seen: Vec<(String, u64)>| seen.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(scan(None, 10)), ["key_1", "key_2", "key_3", "key_4"]);
+        assert_eq!(ids(scan(None, 2)), ["key_1", "key_2"]);
+        assert_eq!(scan(Some("key_1"), 1), [("key_2".to_owned(), 7)]);
+        assert_eq!(ids(scan(Some("key_4"), 10)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_schema_1_store_gets_its_key_index_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 100).unwrap();
+            store.put_key(&key("key_a", "one")).unwrap();
+            // What a schema-1 build left: keys, no index.
+            store.key_hashes.clear().unwrap();
+            store.put_meta(SCHEMA_KEY, b"1").unwrap();
+            store.flush().unwrap();
+            assert_eq!(found(&store, "one"), None);
+        }
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        assert_eq!(found(&store, "one").as_deref(), Some("key_a"));
+        assert_eq!(
+            store.meta(SCHEMA_KEY).unwrap().as_deref(),
+            Some(SCHEMA_VERSION.to_string().as_bytes())
         );
     }
 
