@@ -143,6 +143,8 @@ struct Setup {
     upstream: Proc,
     gateway: Proc,
     nginx: Option<Proc>,
+    /// `examples/bare_proxy`: axum in, reqwest out, no checks — the stack's own floor.
+    bare: Option<(Proc, String)>,
     upstream_url: String,
     gateway_url: String,
     nginx_url: Option<String>,
@@ -166,14 +168,6 @@ async fn setup_with_keys(
     let dir = tempfile::tempdir()?;
     if extra_keys > 0 {
         fill_store(&dir.path().join("data"), extra_keys)?;
-        let t = Instant::now();
-        let store = step3_gateway::store::SledStore::open(&dir.path().join("data"), 500)?;
-        println!("DEBUG reopen after fill {:.2}", t.elapsed().as_secs_f64());
-        drop(store);
-        let t = Instant::now();
-        let store = step3_gateway::store::SledStore::open(&dir.path().join("data"), 500)?;
-        println!("DEBUG reopen again {:.2}", t.elapsed().as_secs_f64());
-        drop(store);
     }
     let bin = binary();
     let sim_port = free_port()?;
@@ -205,18 +199,8 @@ async fn setup_with_keys(
             dir.path().join("data").display()
         ),
     )?;
-    let starting = Instant::now();
-    let gateway = Proc {
-        child: pinned(cpu, &bin)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    };
     let gateway_url = format!("http://127.0.0.1:{gw_port}");
-    wait_for(&format!("{gateway_url}/health")).await?;
-    let start_up = starting.elapsed();
+    let (gateway, start_up) = start_gateway(cpu, &config, &gateway_url).await?;
     let http = reqwest::Client::new();
     let user: Value = http
         .post(format!("{gateway_url}/admin/v1/users"))
@@ -248,11 +232,19 @@ async fn setup_with_keys(
             (None, None)
         }
     };
+    let bare = match start_bare(cpu, &upstream_url).await {
+        Ok(bare) => Some(bare),
+        Err(e) => {
+            println!("(bare axum proxy not measured: {e:#})");
+            None
+        }
+    };
     Ok((
         Setup {
             upstream,
             gateway,
             nginx,
+            bare,
             upstream_url,
             gateway_url,
             nginx_url,
@@ -261,6 +253,22 @@ async fn setup_with_keys(
         },
         start_up,
     ))
+}
+
+/// Starts the gateway on `config` and waits until it answers at `url`; returns it and the
+/// time that took.
+async fn start_gateway(cpu: &str, config: &Path, url: &str) -> anyhow::Result<(Proc, Duration)> {
+    let starting = Instant::now();
+    let gateway = Proc {
+        child: pinned(cpu, &binary())
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    };
+    wait_for(&format!("{url}/health")).await?;
+    Ok((gateway, starting.elapsed()))
 }
 
 /// Writes one user and `n` keys (each with limits and quotas, as an operator would give)
@@ -372,13 +380,37 @@ async fn many_keys(cpu: &str, n: usize, seconds: f64, rounds: usize) -> anyhow::
         big.gateway.rss_mib(),
         small.gateway.rss_mib()
     );
-        // How much of the start-up is sled opening the store.
-    drop(big.gateway);
-    let opening = Instant::now();
-    let store = step3_gateway::store::SledStore::open(&big._dir.path().join("data"), 500)?;
-    println!("sled alone opens that store in {:.2} s", opening.elapsed().as_secs_f64());
-    drop(store);
+        // The first start above replays the burst of writes that filled the store; a restart
+    // is what an operator sees after that.
+    let Setup {
+        gateway,
+        gateway_url,
+        _dir: dir,
+        ..
+    } = big;
+    drop(gateway);
+    let (_gateway, restart) =
+        start_gateway(cpu, &dir.path().join("gateway.toml"), &gateway_url).await?;
+    println!(
+        "restart to /health with {n} keys: {:.2} s",
+        restart.as_secs_f64()
+    );
     Ok(())
+}
+
+async fn start_bare(cpu: &str, upstream_url: &str) -> anyhow::Result<(Proc, String)> {
+    let program = std::env::current_exe()?.with_file_name("bare_proxy");
+    let port = free_port()?;
+    let child = pinned(cpu, &program)
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(upstream_url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start bare_proxy (build with `cargo build --release --examples`)")?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for(&format!("{url}/health")).await?;
+    Ok((Proc { child }, url))
 }
 
 async fn start_nginx(cpu: &str, dir: &Path, upstream_port: u16) -> anyhow::Result<(Proc, String)> {
@@ -594,48 +626,6 @@ async fn main() -> anyhow::Result<()> {
         let grpc = args.get(3).map(String::as_str) == Some("grpc");
         return open_streams(&server_cpu, n, grpc).await;
     }
-    if args.get(1).map(String::as_str) == Some("replay") {
-        let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100_000);
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("data");
-        {
-            use step3_gateway::store::Store;
-            let store = step3_gateway::store::SledStore::open(&path, 500)?;
-            let t = Instant::now();
-            for b in 0..n / 50 {
-                let calls: Vec<_> = (0..50)
-                    .map(|i| step3_gateway::core::records::CallRecord {
-                        at_micros: 1_700_000_000_000_000 + (b * 50 + i) as i64,
-                        request_id: format!("req-{b}-{i}"),
-                        key_id: format!("key_{}", i % 10),
-                        user_id: "usr".into(),
-                        model: MODEL.into(),
-                        status: 200,
-                        outcome: step3_gateway::core::records::CallOutcome::Completed,
-                        stream: false,
-                        latency_ms: 1,
-                        charged_request: true,
-                        usage: step3_gateway::core::records::Usage { prompt_tokens: 10, completion_tokens: 20 },
-                        usage_estimated: false,
-                        images: 0,
-                        image_sizes: Vec::new(),
-                        request_body: None,
-                        response_body: None,
-                    })
-                    .collect();
-                store.record_calls(&calls)?;
-            }
-            store.flush()?;
-            println!("DEBUG wrote {n} calls in {:.1} s", t.elapsed().as_secs_f64());
-        }
-        for _ in 0..2 {
-            let t = Instant::now();
-            let store = step3_gateway::store::SledStore::open(&path, 500)?;
-            println!("DEBUG reopen {:.2}", t.elapsed().as_secs_f64());
-            drop(store);
-        }
-        return Ok(());
-    }
     if args.get(1).map(String::as_str) == Some("keys") {
         let n: usize = args
             .get(2)
@@ -685,6 +675,13 @@ async fn main() -> anyhow::Result<()> {
             {
                 round.push(measure("nginx", Some(nginx), kind, url, &s.key, conns, seconds).await?);
             }
+            if let Some((bare, url)) = &s.bare
+                && matches!(kind, Kind::Json | Kind::Sse)
+            {
+                round.push(
+                    measure("bare axum", Some(bare), kind, url, &s.key, conns, seconds).await?,
+                );
+            }
             round.push(
                 measure(
                     "gateway",
@@ -729,12 +726,14 @@ async fn main() -> anyhow::Result<()> {
                 kind.name(),
                 gateway.p50 as i64 - direct.p50 as i64
             );
-            if let Some(nginx) = find("nginx") {
-                line.push_str(&format!(
-                    "; vs nginx: CPU/req {:.2}×, req/s {:.2}×",
-                    gateway.cpu_us.unwrap_or(0.0) / nginx.cpu_us.unwrap_or(f64::NAN),
-                    gateway.rps / nginx.rps
-                ));
+            for other in ["nginx", "bare axum"] {
+                if let Some(m) = find(other) {
+                    line.push_str(&format!(
+                        "; vs {other}: CPU/req {:.2}×, req/s {:.2}×",
+                        gateway.cpu_us.unwrap_or(0.0) / m.cpu_us.unwrap_or(f64::NAN),
+                        gateway.rps / m.rps
+                    ));
+                }
             }
             println!("{line}");
         }

@@ -17,9 +17,6 @@ const SCHEMA_KEY: &str = "schema_version";
 /// sled's page cache: the hot records are users, keys and counters, all small.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Operations between two of sled's snapshots: the most a start has to replay.
-const SNAPSHOT_AFTER_OPS: u64 = 100_000;
-
 pub struct SledStore {
     db: sled::Db,
     users: sled::Tree,
@@ -52,9 +49,6 @@ impl SledStore {
             .path(path)
             // sled would cache up to 1 GiB; the records the gateway reads back are few.
             .cache_capacity(CACHE_BYTES)
-            // sled replays the operations since its last snapshot at start; its default of a
-            // million made the first start after a burst of writes take seconds.
-            .snapshot_after_ops(SNAPSHOT_AFTER_OPS)
             .flush_every_ms(Some(flush_ms.max(1)));
         let mut attempts = 0;
         let db = loop {
