@@ -475,6 +475,12 @@ impl Relay {
         }
     }
 
+    /// Ends the stream because a door cannot translate an event the upstream sent (a chunk
+    /// of the wrong shape): settled like any stream the upstream broke off.
+    pub fn fail(&mut self, message: &str) {
+        let _ = self.break_off(502, "upstream_invalid_response", message);
+    }
+
     /// Ends a stream the upstream failed: the backend's failure counts against its health,
     /// the call is settled with what was seen, and the client gets a well-formed end.
     fn break_off(&mut self, status: u16, code: &str, message: &str) -> Vec<Bytes> {

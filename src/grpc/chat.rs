@@ -204,6 +204,8 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
                             break;
                         }
                         Err(e) => {
+                            // Settled here: dropping the relay would book a client that left.
+                            state.relay.fail(&e.to_string());
                             state.ended = true;
                             state.queue.push_back(Err(e.into()));
                             break;

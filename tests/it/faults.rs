@@ -688,7 +688,10 @@ async fn a_256_mib_answer_is_refused_with_the_gateway_memory_bounded() {
             "the child ran no test: {stdout}"
         );
         let figures = stderr.lines().find(|l| l.starts_with("memory:"));
-        eprintln!("{}", figures.unwrap_or_else(|| panic!("no figures: {stderr}")));
+        eprintln!(
+            "{}",
+            figures.unwrap_or_else(|| panic!("no figures: {stderr}"))
+        );
         return;
     }
     let gw = builder().start().await;
@@ -777,5 +780,29 @@ async fn an_error_page_that_never_ends_still_answers_its_status_in_time() {
     for key in [&json_key, &sse_key, &unary_key, &stream_key] {
         assert_settled_once(&gw, key, &not_charged_502("upstream_error")).await;
     }
+    assert_still_serves(&gw).await;
+}
+
+#[tokio::test]
+async fn a_chunk_grpc_cannot_translate_ends_its_stream_settled_once() {
+    let gw = builder().start().await;
+    let key = gw.create_key(json!({})).await;
+    gw.sim.simulator.push_fault(Fault::StreamInject {
+        after: 2,
+        raw: "data: {\"id\": 7, \"choices\": \"none\"}\n\n".into(),
+    });
+    let (chunks, status) = grpc_stream(&gw, &key).await;
+    assert_eq!(chunks.len(), 3, "role and two tokens: {chunks:?}");
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("unreadable"), "{status:?}");
+    let expected = Settled {
+        outcome: "stream_incomplete",
+        status: 502,
+        charged: true,
+        estimated: false,
+        completion: Some(2),
+    };
+    assert_settled_once(&gw, &key, &expected).await;
     assert_still_serves(&gw).await;
 }
