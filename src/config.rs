@@ -454,4 +454,23 @@ mod tests {
         config.upstream.url = "localhost:8000".into();
         assert!(config.validate().is_err());
     }
+
+    #[test]
+    fn upstream_size_caps_default_to_16_mib_and_1_mib_and_refuse_tiny_values() {
+        let config = GatewayConfig::default();
+        assert_eq!(config.upstream.max_response_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.upstream.max_event_bytes, 1024 * 1024);
+        let settings = config.upstream.pool_settings();
+        assert_eq!(settings.max_response_bytes, 16 * 1024 * 1024);
+        assert_eq!(settings.max_event_bytes, 1024 * 1024);
+        for tiny in [
+            |c: &mut GatewayConfig| c.upstream.max_response_bytes = 10,
+            |c: &mut GatewayConfig| c.upstream.max_event_bytes = 0,
+        ] {
+            let mut config = GatewayConfig::default();
+            tiny(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("max_response_bytes"), "{err}");
+        }
+    }
 }
