@@ -33,10 +33,12 @@ pub struct ChatPath {
     pub hard_stop: CancellationToken,
 }
 
-/// A whole JSON answer, already settled.
+/// A whole JSON answer, already settled, with what the door read of it.
 #[derive(Debug)]
-pub struct Completion {
+pub struct Completion<T> {
     pub body: Bytes,
+    /// The door's reading of `body` (its protocol's answer), made before the call settled.
+    pub answer: T,
     pub content_type: Option<String>,
     pub processing_ms: u64,
     pub figures: RateFigures,
@@ -129,13 +131,16 @@ impl ChatPath {
         }
     }
 
-    /// A non-streaming call: forwarded, read whole, metered and settled.
-    pub async fn complete(
+    /// A non-streaming call: forwarded, read whole, metered and settled. `read` is the
+    /// door's reading of the answer; an answer it cannot read settles as the upstream's
+    /// failure, not as a completed call.
+    pub async fn complete<T>(
         &self,
         caller: &Caller,
         call: ChatCall,
         origin: &Origin,
-    ) -> Result<Completion, GatewayError> {
+        read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
+    ) -> Result<Completion<T>, GatewayError> {
         let request_id = origin.request_id.as_str();
         let request_body = self.logged_body(&call);
         let mut admission = self.admit(caller, &call, origin, request_body)?;
@@ -156,9 +161,9 @@ impl ChatPath {
             .and_then(|v| v.to_str().ok())
             .filter(|v| v.starts_with("application/json"))
             .map(str::to_owned);
-        let read = read_body(response, settings.idle_timeout, settings.max_response_bytes);
+        let reading = read_body(response, settings.idle_timeout, settings.max_response_bytes);
         let body = tokio::select! {
-            body = tokio::time::timeout_at(deadline, read) => {
+            body = tokio::time::timeout_at(deadline, reading) => {
                 body.unwrap_or(Err(GatewayError::UpstreamTimeout))
             }
             () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
@@ -180,6 +185,14 @@ impl ChatPath {
                 return Err(settle_failed(admission, invalid_response(&e.to_string())));
             }
         }
+        let answer = match read(&body) {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(request_id, error = %e, "the model server sent an answer the door cannot read");
+                self.upstream.record_stream_failure(&lease);
+                return Err(settle_failed(admission, e));
+            }
+        };
         drop(lease);
         admission.mark_upstream_done();
         admission.keep_response_body(&body);
@@ -187,6 +200,7 @@ impl ChatPath {
         admission.settle(CallOutcome::Completed, 200);
         Ok(Completion {
             body,
+            answer,
             content_type,
             processing_ms,
             figures,

@@ -142,7 +142,8 @@ struct Settled {
     status: u16,
     charged: bool,
     estimated: bool,
-    /// Completion tokens charged, when the test knows them exactly.
+    /// Prompt and completion tokens charged, when the test knows them exactly.
+    prompt: Option<u64>,
     completion: Option<u64>,
 }
 
@@ -158,12 +159,11 @@ async fn assert_settled_once(gw: &TestGateway, key: &TestKey, expected: &Settled
     assert_eq!(call["status"], expected.status, "{call}");
     assert_eq!(call["charged_request"], expected.charged, "{call}");
     assert_eq!(call["usage_estimated"], expected.estimated, "{call}");
+    if let Some(prompt) = expected.prompt {
+        assert_eq!(call["usage"]["prompt_tokens"], prompt, "{call}");
+    }
     if let Some(completion) = expected.completion {
         assert_eq!(call["usage"]["completion_tokens"], completion, "{call}");
-    }
-    if !expected.charged {
-        assert_eq!(call["usage"]["prompt_tokens"], 0, "{call}");
-        assert_eq!(call["usage"]["completion_tokens"], 0, "{call}");
     }
     let usage = gw.usage(&key.secret).await;
     assert_eq!(
@@ -225,6 +225,7 @@ fn not_charged_502(outcome: &'static str) -> Settled {
         status: 502,
         charged: false,
         estimated: false,
+        prompt: Some(0),
         completion: Some(0),
     }
 }
@@ -296,6 +297,7 @@ async fn a_reset_mid_answer_ends_streams_well_formed_and_charges_what_was_genera
             status: 200,
             charged: true,
             estimated: false,
+            prompt: None,
             completion: Some(5),
         };
         assert_settled_once(&gw, key, &expected).await;
@@ -333,6 +335,7 @@ async fn a_stalled_answer_is_ended_by_the_idle_timeout_and_the_upstream_is_hung_
             status: 504,
             charged: true,
             estimated: true,
+            prompt: None,
             completion: Some(0),
         };
         let call = assert_settled_once(&gw, key, &expected).await;
@@ -345,6 +348,7 @@ async fn a_stalled_answer_is_ended_by_the_idle_timeout_and_the_upstream_is_hung_
             status: 504,
             charged: true,
             estimated: false,
+            prompt: None,
             completion: Some(3),
         };
         assert_settled_once(&gw, key, &expected).await;
@@ -463,6 +467,7 @@ async fn junk_in_a_stream_never_reaches_the_client_and_an_error_event_ends_it_we
             status: 200,
             charged: true,
             estimated: false,
+            prompt: None,
             completion: Some(12),
         };
         assert_settled_once(&gw, key, &expected).await;
@@ -491,6 +496,7 @@ async fn junk_in_a_stream_never_reaches_the_client_and_an_error_event_ends_it_we
             status: 200,
             charged: true,
             estimated: false,
+            prompt: None,
             completion: Some(3),
         };
         assert_settled_once(&gw, key, &expected).await;
@@ -544,6 +550,7 @@ async fn an_oversized_answer_is_dropped_with_a_502_and_an_endless_line_ends_the_
             status: 502,
             charged: true,
             estimated: true,
+            prompt: None,
             completion: Some(1),
         };
         assert_settled_once(&gw, key, &expected).await;
@@ -586,6 +593,7 @@ async fn a_trickle_is_ended_by_the_timeouts_not_waited_on_forever() {
             status: 504,
             charged: true,
             estimated: true,
+            prompt: None,
             completion: Some(0),
         };
         assert_settled_once(&gw, key, &expected).await;
@@ -596,6 +604,7 @@ async fn a_trickle_is_ended_by_the_timeouts_not_waited_on_forever() {
             status: 504,
             charged: true,
             estimated: true,
+            prompt: None,
             completion: Some(1),
         };
         assert_settled_once(&gw, key, &expected).await;
@@ -635,6 +644,7 @@ async fn an_endless_stream_is_ended_by_the_total_timeout_and_charged_what_was_se
             status: 504,
             charged: true,
             estimated: false,
+            prompt: None,
             completion: None,
         };
         let call = assert_settled_once(&gw, key, &expected).await;
@@ -801,7 +811,35 @@ async fn a_chunk_grpc_cannot_translate_ends_its_stream_settled_once() {
         status: 502,
         charged: true,
         estimated: false,
+        prompt: None,
         completion: Some(2),
+    };
+    assert_settled_once(&gw, &key, &expected).await;
+    assert_still_serves(&gw).await;
+}
+
+#[tokio::test]
+async fn a_json_answer_grpc_cannot_translate_is_the_upstreams_failure_not_a_completed_call() {
+    let gw = builder().start().await;
+    let key = gw.create_key(json!({})).await;
+    gw.sim.simulator.push_fault(Fault::Raw {
+        status: 200,
+        content_type: "application/json".into(),
+        body: r#"{"id": 7, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}"#
+            .into(),
+    });
+    let status = grpc_unary(&gw, &key).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("unreadable"), "{status:?}");
+    // Not a served request, but the tokens the upstream reported are charged (as for any
+    // upstream error that reports usage).
+    let expected = Settled {
+        outcome: "upstream_error",
+        status: 502,
+        charged: false,
+        estimated: false,
+        prompt: Some(3),
+        completion: Some(4),
     };
     assert_settled_once(&gw, &key, &expected).await;
     assert_still_serves(&gw).await;
