@@ -15,9 +15,9 @@ use crate::core::limits::RateFigures;
 use crate::core::records::{CallOutcome, Usage};
 use crate::core::{Admission, CallFacts, Caller, Gateway, GatewayError, Remaining};
 use crate::metrics::Door;
-use crate::upstream::read_body;
 use crate::upstream::sse::{self, SseFramer};
 use crate::upstream::{BackendLease, UpstreamAnswer, UpstreamPool};
+use crate::upstream::{invalid_response, read_body};
 
 /// How long the end of an upstream body is awaited after `[DONE]`.
 const DRAIN_LIMIT: Duration = Duration::from_millis(500);
@@ -33,10 +33,12 @@ pub struct ChatPath {
     pub hard_stop: CancellationToken,
 }
 
-/// A whole JSON answer, already settled.
+/// A whole JSON answer, already settled, with what the door read of it.
 #[derive(Debug)]
-pub struct Completion {
+pub struct Completion<T> {
     pub body: Bytes,
+    /// The door's reading of `body` (its protocol's answer), made before the call settled.
+    pub answer: T,
     pub content_type: Option<String>,
     pub processing_ms: u64,
     pub figures: RateFigures,
@@ -129,13 +131,16 @@ impl ChatPath {
         }
     }
 
-    /// A non-streaming call: forwarded, read whole, metered and settled.
-    pub async fn complete(
+    /// A non-streaming call: forwarded, read whole, metered and settled. `read` is the
+    /// door's reading of the answer; an answer it cannot read settles as the upstream's
+    /// failure, not as a completed call.
+    pub async fn complete<T>(
         &self,
         caller: &Caller,
         call: ChatCall,
         origin: &Origin,
-    ) -> Result<Completion, GatewayError> {
+        read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
+    ) -> Result<Completion<T>, GatewayError> {
         let request_id = origin.request_id.as_str();
         let request_body = self.logged_body(&call);
         let mut admission = self.admit(caller, &call, origin, request_body)?;
@@ -149,13 +154,16 @@ impl ChatPath {
             Err(_) => return Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
         };
         let UpstreamAnswer { response, lease } = answer;
+        // The answer is JSON whatever the upstream called it (an odd proxy may say HTML).
         let content_type = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
+            .filter(|v| v.starts_with("application/json"))
             .map(str::to_owned);
+        let reading = read_body(response, settings.idle_timeout, settings.max_response_bytes);
         let body = tokio::select! {
-            body = tokio::time::timeout_at(deadline, read_body(response, settings.idle_timeout)) => {
+            body = tokio::time::timeout_at(deadline, reading) => {
                 body.unwrap_or(Err(GatewayError::UpstreamTimeout))
             }
             () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
@@ -167,16 +175,32 @@ impl ChatPath {
                 return Err(settle_failed(admission, e));
             }
         };
+        // A 200 whose body is not a JSON object is the upstream's failure, not an answer.
+        match usage_of(&body) {
+            Ok(Some(usage)) => admission.observe_usage(usage),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(request_id, error = %e, "the model server sent an unreadable answer");
+                self.upstream.record_stream_failure(&lease);
+                return Err(settle_failed(admission, invalid_response(&e.to_string())));
+            }
+        }
+        let answer = match read(&body) {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(request_id, error = %e, "the model server sent an answer the door cannot read");
+                self.upstream.record_stream_failure(&lease);
+                return Err(settle_failed(admission, e));
+            }
+        };
         drop(lease);
         admission.mark_upstream_done();
-        if let Some(usage) = usage_of(&body) {
-            admission.observe_usage(usage);
-        }
         admission.keep_response_body(&body);
         let processing_ms = admission.elapsed_ms();
         admission.settle(CallOutcome::Completed, 200);
         Ok(Completion {
             body,
+            answer,
             content_type,
             processing_ms,
             figures,
@@ -195,26 +219,42 @@ impl ChatPath {
         let request_id = origin.request_id.as_str();
         let request_body = self.logged_body(&call);
         let mut admission = self.admit(caller, &call, origin, request_body)?;
-        let answer = match self.send(&mut admission, call, request_id).await {
-            Ok(answer) => answer,
-            Err(e) => return Err(settle_failed(admission, e)),
+        let settings = self.upstream.settings();
+        let deadline = tokio::time::Instant::now() + settings.total_timeout;
+        let sent = tokio::time::timeout_at(deadline, self.send(&mut admission, call, request_id));
+        let answer = match sent.await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(settle_failed(admission, e)),
+            Err(_) => return Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
         };
+        let UpstreamAnswer { response, lease } = answer;
+        // An HTML page or a JSON answer is no stream: the client gets an error, not its bytes.
+        if let Some(other) = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .filter(|v| !v.as_bytes().starts_with(b"text/event-stream"))
+        {
+            let other = String::from_utf8_lossy(other.as_bytes()).into_owned();
+            tracing::warn!(request_id, content_type = %other, "the model server answered a stream request with no stream");
+            self.upstream.record_stream_failure(&lease);
+            let e = invalid_response(&format!("a stream was asked for and `{other}` came back"));
+            return Err(settle_failed(admission, e));
+        }
         let figures = admission.figures();
         let remaining = admission.remaining();
-        let settings = self.upstream.settings();
-        let UpstreamAnswer { response, lease } = answer;
         Ok(StreamStart {
             relay: Relay {
                 upstream: response.bytes_stream().boxed(),
                 lease: Some(lease),
                 pool: self.upstream.clone(),
                 idle_timeout: settings.idle_timeout,
-                deadline: tokio::time::Instant::now() + settings.total_timeout,
-                framer: SseFramer::default(),
+                last_event: tokio::time::Instant::now(),
+                deadline,
+                framer: SseFramer::new(settings.max_event_bytes),
                 admission: Some(admission),
                 view,
                 draining: false,
-                error: None,
+                junk: 0,
                 hard_stop: self.hard_stop.clone(),
             },
             figures,
@@ -272,12 +312,16 @@ struct UsageFields {
     completion_tokens: u64,
 }
 
-fn usage_of(body: &[u8]) -> Option<Usage> {
-    let usage = serde_json::from_slice::<UsageOnly>(body).ok()?.usage?;
-    Some(Usage {
+/// The usage an answer reports; an error if the answer is not a JSON object.
+fn usage_of(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(serde::de::Error::custom("the answer is not a JSON object"));
+    }
+    let usage = serde_json::from_slice::<UsageOnly>(body)?.usage;
+    Ok(usage.map(|usage| Usage {
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
-    })
+    }))
 }
 
 /// Carries a stream from the upstream to the client, metering each event and hiding
@@ -288,14 +332,19 @@ pub struct Relay {
     /// Counts the call on its backend until the relay ends.
     lease: Option<BackendLease>,
     pool: Arc<UpstreamPool>,
+    /// The longest wait for the next whole event: bytes that never complete one (a
+    /// trickle) do not keep the stream alive.
     idle_timeout: Duration,
+    /// When the last whole event arrived.
+    last_event: tokio::time::Instant,
     deadline: tokio::time::Instant,
     framer: SseFramer,
     admission: Option<Admission>,
     view: UsageView,
     /// `[DONE]` was seen and settled; what is left of the upstream body is read and dropped.
     draining: bool,
-    error: Option<String>,
+    /// Events dropped as unreadable (comments, junk lines, data that is not JSON).
+    junk: u64,
     hard_stop: CancellationToken,
 }
 
@@ -308,7 +357,8 @@ impl Relay {
                 self.drain().await;
                 return None;
             };
-            let next = tokio::time::timeout(self.idle_timeout, self.upstream.next());
+            let next =
+                tokio::time::timeout_at(self.last_event + self.idle_timeout, self.upstream.next());
             let item = tokio::select! {
                 item = next => item,
                 () = tokio::time::sleep_until(self.deadline) => {
@@ -342,12 +392,28 @@ impl Relay {
             };
             let events = match self.framer.push(&chunk) {
                 Ok(events) => events,
-                Err(e) => return Some(self.break_off(502, "stream_incomplete", &e.to_string())),
+                Err(e) => {
+                    tracing::warn!(request_id = admission.request_id(), error = %e, "stream cut");
+                    let message = e.to_string();
+                    return Some(self.break_off(502, "upstream_response_too_large", &message));
+                }
             };
+            if !events.is_empty() {
+                self.last_event = tokio::time::Instant::now();
+            }
             let mut out = Vec::with_capacity(events.len());
             let mut done = false;
+            let mut failed = false;
             for event in events {
                 let info = sse::inspect(&event);
+                if !info.readable {
+                    // Clients parse every `data:` line as JSON: junk stays here.
+                    if self.junk == 0 {
+                        tracing::warn!(request_id = admission.request_id(), event = %String::from_utf8_lossy(&event[..event.len().min(200)]), "dropped an unreadable stream event");
+                    }
+                    self.junk += 1;
+                    continue;
+                }
                 if info.done {
                     out.push(event);
                     done = true;
@@ -357,7 +423,16 @@ impl Relay {
                     admission.observe_chunk();
                 }
                 if let Some(error) = info.error {
-                    self.error = Some(error);
+                    // The upstream's error ends the stream here, for either door: the client
+                    // gets it and `[DONE]`, the call is settled now, the rest is drained.
+                    tracing::warn!(request_id = admission.request_id(), %error, "the model server failed mid-stream");
+                    if let Some(usage) = info.usage {
+                        admission.observe_usage(usage);
+                    }
+                    out.push(event);
+                    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                    failed = true;
+                    break;
                 }
                 let Some(usage) = info.usage else {
                     out.push(event);
@@ -375,18 +450,16 @@ impl Relay {
                     out.push(sse::without_usage(&event).unwrap_or(event));
                 }
             }
-            if done {
+            // Settle now, before the client can read `[DONE]` and ask for its usage.
+            if failed {
+                self.draining = true;
+                self.finish(CallOutcome::StreamIncomplete, 200);
+            } else if done {
                 if let Some(admission) = self.admission.as_mut() {
                     admission.mark_upstream_done();
                 }
-                // Settle now, before the client can read `[DONE]` and ask for its usage.
-                let outcome = if self.error.is_some() {
-                    CallOutcome::StreamIncomplete
-                } else {
-                    self.draining = true;
-                    CallOutcome::Completed
-                };
-                self.finish(outcome, 200);
+                self.draining = true;
+                self.finish(CallOutcome::Completed, 200);
             }
             if !out.is_empty() {
                 return Some(out);
@@ -414,6 +487,12 @@ impl Relay {
             let rest = async { while let Some(Ok(_)) = self.upstream.next().await {} };
             let _ = tokio::time::timeout(DRAIN_LIMIT, rest).await;
         }
+    }
+
+    /// Ends the stream because a door cannot translate an event the upstream sent (a chunk
+    /// of the wrong shape): settled like any stream the upstream broke off.
+    pub fn fail(&mut self, message: &str) {
+        let _ = self.break_off(502, "upstream_invalid_response", message);
     }
 
     /// Ends a stream the upstream failed: the backend's failure counts against its health,

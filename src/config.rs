@@ -103,10 +103,17 @@ pub struct UpstreamConfig {
     pub connect_timeout_secs: u64,
     /// Until the answer's headers; for a JSON answer that is the whole generation.
     pub first_byte_timeout_secs: u64,
-    /// The longest silence while reading an answer or between stream chunks.
+    /// The longest silence while reading a JSON answer, and the longest wait for the next
+    /// whole stream event (bytes that never complete an event do not count).
     pub idle_timeout_secs: u64,
     /// A whole call, stream included.
     pub total_timeout_secs: u64,
+    /// Largest non-streaming answer the gateway holds; a larger one is dropped and the
+    /// client gets a 502 (`upstream_response_too_large`). Real answers are a few KiB.
+    pub max_response_bytes: usize,
+    /// Largest single SSE event held while waiting for its end; a stream sending a larger
+    /// one is ended with an error event. Real chunks are well under 1 KiB.
+    pub max_event_bytes: usize,
     /// Further attempts on another backend when one refused or failed before answering.
     pub max_retries: u32,
     /// Consecutive failures (connect errors, resets, 5xx) that eject a backend...
@@ -131,6 +138,8 @@ impl Default for UpstreamConfig {
             first_byte_timeout_secs: 600,
             idle_timeout_secs: 300,
             total_timeout_secs: 1800,
+            max_response_bytes: crate::upstream::DEFAULT_MAX_RESPONSE_BYTES,
+            max_event_bytes: crate::upstream::sse::DEFAULT_MAX_EVENT_BYTES,
             max_retries: 1,
             eject_after_failures: 3,
             eject_secs: 30,
@@ -190,6 +199,8 @@ impl UpstreamConfig {
             first_byte_timeout: Duration::from_secs(self.first_byte_timeout_secs),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             total_timeout: Duration::from_secs(self.total_timeout_secs),
+            max_response_bytes: self.max_response_bytes,
+            max_event_bytes: self.max_event_bytes,
             max_retries: self.max_retries,
             eject_after_failures: self.eject_after_failures.max(1),
             eject_for: Duration::from_secs(self.eject_secs),
@@ -329,6 +340,12 @@ impl GatewayConfig {
                 "upstream timeouts must be at least 1 second".into(),
             ));
         }
+        if upstream.max_response_bytes < 1024 || upstream.max_event_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "upstream.max_response_bytes and upstream.max_event_bytes must be at least 1024"
+                    .into(),
+            ));
+        }
         if self
             .admin
             .token
@@ -436,5 +453,24 @@ mod tests {
         let mut config = GatewayConfig::default();
         config.upstream.url = "localhost:8000".into();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn upstream_size_caps_default_to_16_mib_and_1_mib_and_refuse_tiny_values() {
+        let config = GatewayConfig::default();
+        assert_eq!(config.upstream.max_response_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.upstream.max_event_bytes, 1024 * 1024);
+        let settings = config.upstream.pool_settings();
+        assert_eq!(settings.max_response_bytes, 16 * 1024 * 1024);
+        assert_eq!(settings.max_event_bytes, 1024 * 1024);
+        for tiny in [
+            |c: &mut GatewayConfig| c.upstream.max_response_bytes = 10,
+            |c: &mut GatewayConfig| c.upstream.max_event_bytes = 0,
+        ] {
+            let mut config = GatewayConfig::default();
+            tiny(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("max_response_bytes"), "{err}");
+        }
     }
 }

@@ -46,7 +46,9 @@ impl pb::chat_server::Chat for ChatService {
             request_id,
             door: Door::Grpc,
         };
-        let completion = self.chat.complete(&caller, call, &origin);
+        let completion = self
+            .chat
+            .complete(&caller, call, &origin, |body| convert::response_proto(body));
         let completion = match deadline {
             // Dropping the call at the deadline cancels the upstream request and settles it.
             Some(deadline) => tokio::time::timeout(deadline, completion)
@@ -54,7 +56,7 @@ impl pb::chat_server::Chat for ChatService {
                 .map_err(|_| Status::deadline_exceeded("the call's deadline passed"))??,
             None => completion.await?,
         };
-        let mut response = Response::new(convert::response_proto(&completion.body)?);
+        let mut response = Response::new(completion.answer);
         response.extensions_mut().insert(ModelLabel(label));
         add_limit_metadata(
             response.metadata_mut(),
@@ -204,6 +206,8 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
                             break;
                         }
                         Err(e) => {
+                            // Settled here: dropping the relay would book a client that left.
+                            state.relay.fail(&e.to_string());
                             state.ended = true;
                             state.queue.push_back(Err(e.into()));
                             break;

@@ -78,7 +78,10 @@ async fn complete(
         return Ok(response);
     }
 
-    let completion = state.chat.complete(&caller, call, &origin).await?;
+    let completion = state
+        .chat
+        .complete(&caller, call, &origin, |_| Ok(()))
+        .await?;
     let body = if state.settings.response_metadata {
         with_metadata(
             completion.body,

@@ -16,6 +16,7 @@ use rand::RngExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::raw::{self, Tail};
 use super::request::{ChatRequest, Reply};
 use super::stream::{StreamFault, StreamPlan};
 use super::{Fault, Inner, SimulatorConfig};
@@ -90,16 +91,35 @@ async fn chat_completions(
 
     let mut no_usage = false;
     let mut stream_fault = None;
+    let mut body_fault = None;
+    let mut inject = None;
     let mut delay = Duration::ZERO;
     match state.sim.pop_fault() {
         None => {}
         Some(Fault::Status { status, body }) => return status_response(status, body),
+        Some(Fault::Raw {
+            status,
+            content_type,
+            body,
+        }) => return raw::exact(status, &content_type, body),
+        Some(Fault::TrickleErrorPage(every)) => return raw::trickle_error_page(state, every),
         Some(Fault::DropConnection) => return drop_connection(),
         Some(Fault::Delay(d)) => delay = d,
         Some(Fault::NoUsage) => no_usage = true,
         Some(Fault::StreamCutAfter(n)) => stream_fault = Some(StreamFault::Cut(n)),
         Some(Fault::StreamErrorAfter(n)) => stream_fault = Some(StreamFault::Error(n)),
         Some(Fault::StreamEndAfter(n)) => stream_fault = Some(StreamFault::End(n)),
+        Some(Fault::StreamStallAfter(n)) => {
+            stream_fault = Some(StreamFault::Stall(n));
+            body_fault = Some(BodyFault::StallHalfway);
+        }
+        Some(Fault::JsonCutAfter(n)) => body_fault = Some(BodyFault::CutAfter(n)),
+        Some(Fault::StreamInject { after, raw }) => {
+            stream_fault = Some(StreamFault::Inject(after));
+            inject = Some(Bytes::from(raw));
+        }
+        Some(Fault::Oversized(total)) => body_fault = Some(BodyFault::Oversized(total)),
+        Some(Fault::Trickle(every)) => body_fault = Some(BodyFault::Trickle(every)),
     }
     if !state.pause(delay).await {
         return drop_connection();
@@ -117,6 +137,11 @@ async fn chat_completions(
         Err(err) => return err.into_response(),
     };
 
+    match body_fault {
+        Some(BodyFault::Oversized(total)) => return raw::oversized(state, request.stream, total),
+        Some(BodyFault::Trickle(every)) => return raw::trickle(state, request.stream, every),
+        _ => {}
+    }
     let id = completion_id();
     let model = state.sim.config.model.clone();
     if request.stream {
@@ -128,6 +153,7 @@ async fn chat_completions(
             include_usage: request.include_usage && !no_usage,
             continuous_usage: request.continuous_usage && !no_usage,
             fault: stream_fault,
+            inject,
             token_latency: state.sim.config.token_latency,
         };
         return plan.into_response(state);
@@ -142,8 +168,28 @@ async fn chat_completions(
     if !state.pause(generation).await {
         return drop_connection();
     }
+    let json = completion_json(&id, &model, &reply, !no_usage);
+    let partial = |len: usize, tail: Tail| {
+        let bytes = Bytes::from(json.to_string());
+        let head = bytes.slice(..len.min(bytes.len()));
+        raw::partial(state.clone(), "application/json", head, tail)
+    };
+    match body_fault {
+        Some(BodyFault::StallHalfway) => return partial(json.to_string().len() / 2, Tail::Stall),
+        Some(BodyFault::CutAfter(n)) => return partial(n, Tail::Abort),
+        _ => {}
+    }
     state.sim.add_tokens_sent(reply.completion_tokens);
-    Json(completion_json(&id, &model, &reply, !no_usage)).into_response()
+    Json(json).into_response()
+}
+
+/// A non-streaming fault that shapes the body's bytes.
+#[derive(Clone, Copy, Debug)]
+enum BodyFault {
+    StallHalfway,
+    CutAfter(usize),
+    Oversized(u64),
+    Trickle(Duration),
 }
 
 /// The non-streaming `chat.completion` object.

@@ -8,6 +8,7 @@
 //! [`SimulatorConfig`] for the knobs and [`Fault`] for scripted misbehaviour.
 
 mod handlers;
+mod raw;
 mod request;
 mod stream;
 #[cfg(test)]
@@ -98,6 +99,37 @@ pub enum Fault {
     /// Behave like an upstream without usage support: ignore `stream_options` when
     /// streaming, omit the `usage` field otherwise.
     NoUsage,
+    /// Reply with exactly this status, `content-type` and body: an HTML error page from a
+    /// proxy in front of the model server, or a 200 whose body is not JSON.
+    Raw {
+        status: u16,
+        content_type: String,
+        body: String,
+    },
+    /// Streaming: send this many token chunks, then nothing more while keeping the
+    /// connection open. Non-streaming: the headers and the first half of the JSON answer,
+    /// then nothing more. Either way the body only ends when the client hangs up (then
+    /// the stream counts as cancelled) or the simulator stops.
+    StreamStallAfter(u32),
+    /// Non-streaming only: the headers and this many bytes of the JSON answer, then abort
+    /// the connection. A streaming request consumes the fault and is answered normally.
+    JsonCutAfter(usize),
+    /// Streaming only: after this many token chunks write `raw` into the body verbatim
+    /// (junk lines, comments, a `data:` line that is not JSON), then go on normally.
+    /// A non-streaming request consumes the fault and is answered normally.
+    StreamInject { after: u32, raw: String },
+    /// A 200 far larger than any real answer, made as it is sent (chunked, no length):
+    /// non-streaming, a JSON answer of this many bytes; streaming, the role chunk and then
+    /// one `data:` line of this many bytes that never gets its newline. `u64::MAX` is
+    /// endless. Bytes handed to the body count in [`SimStats::fault_bytes_sent`].
+    Oversized(u64),
+    /// A 200 whose body never ends, one byte per interval: non-streaming, a JSON answer;
+    /// streaming, the role chunk and then an event that never completes. Bytes handed to
+    /// the body count in [`SimStats::fault_bytes_sent`].
+    Trickle(Duration),
+    /// A 502 `text/html` proxy page that never ends, one byte per interval (counted in
+    /// [`SimStats::fault_bytes_sent`]).
+    TrickleErrorPage(Duration),
 }
 
 /// What the simulator saw of one chat request.
@@ -121,8 +153,11 @@ pub struct SimStats {
     /// Streams that yielded `data: [DONE]`.
     pub streams_finished: u64,
     /// Streams whose body was dropped before `[DONE]` because the client went away.
-    /// Streams ended by a [`Fault`] or by shutdown are not counted.
+    /// Streams ended by a [`Fault`] or by shutdown are not counted (a stalled stream the
+    /// client leaves is).
     pub streams_cancelled: u64,
+    /// Bytes of [`Fault::Oversized`] and [`Fault::Trickle`] bodies handed to the HTTP body.
+    pub fault_bytes_sent: u64,
 }
 
 #[derive(Default)]
@@ -131,6 +166,7 @@ struct Counters {
     completion_tokens_sent: AtomicU64,
     streams_finished: AtomicU64,
     streams_cancelled: AtomicU64,
+    fault_bytes_sent: AtomicU64,
 }
 
 struct Inner {
@@ -256,6 +292,7 @@ impl Simulator {
             completion_tokens_sent: c.completion_tokens_sent.load(Ordering::Relaxed),
             streams_finished: c.streams_finished.load(Ordering::Relaxed),
             streams_cancelled: c.streams_cancelled.load(Ordering::Relaxed),
+            fault_bytes_sent: c.fault_bytes_sent.load(Ordering::Relaxed),
         }
     }
 }

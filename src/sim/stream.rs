@@ -25,6 +25,10 @@ pub(super) enum StreamFault {
     Error(u32),
     /// End the body cleanly after this many token chunks.
     End(u32),
+    /// Send nothing more after this many token chunks, connection open.
+    Stall(u32),
+    /// Write the plan's `inject` bytes after this many token chunks, then go on.
+    Inject(u32),
 }
 
 /// Everything needed to stream one completion.
@@ -37,6 +41,8 @@ pub(super) struct StreamPlan {
     pub include_usage: bool,
     pub continuous_usage: bool,
     pub fault: Option<StreamFault>,
+    /// What [`StreamFault::Inject`] writes.
+    pub inject: Option<Bytes>,
     pub token_latency: Duration,
 }
 
@@ -184,7 +190,11 @@ impl StreamState {
     async fn fault_event(&mut self, sent: u32) -> Option<Option<io::Result<Bytes>>> {
         let fault = self.plan.fault?;
         let after = match fault {
-            StreamFault::Cut(after) | StreamFault::Error(after) | StreamFault::End(after) => after,
+            StreamFault::Cut(after)
+            | StreamFault::Error(after)
+            | StreamFault::End(after)
+            | StreamFault::Stall(after)
+            | StreamFault::Inject(after) => after,
         };
         if sent < after.min(self.plan.reply.completion_tokens) {
             return None;
@@ -212,6 +222,14 @@ impl StreamState {
                 self.guard.settle();
                 None
             }
+            StreamFault::Stall(_) => {
+                // Dropped by a client that gives up, the guard counts a cancelled stream.
+                self.app.shutdown.cancelled().await;
+                self.phase = Phase::Ended;
+                self.guard.settle();
+                Some(Err(aborted("simulator shutting down")))
+            }
+            StreamFault::Inject(_) => Some(Ok(self.plan.inject.take().unwrap_or_default())),
         })
     }
 

@@ -693,3 +693,63 @@ async fn recording_can_be_disabled() {
     assert_eq!(sim.simulator.stats().chat_requests, 1);
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn raw_fault_sends_any_status_type_and_body() {
+    let sim = start(SimulatorConfig::default()).await;
+    sim.simulator.push_fault(Fault::Raw {
+        status: 502,
+        content_type: "text/html".into(),
+        body: "<html>502</html>".into(),
+    });
+    let response = post(&sim, &hello(json!({"stream": true}))).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(response.headers()["content-type"], "text/html");
+    assert_eq!(response.text().await.unwrap(), "<html>502</html>");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn inject_fault_writes_its_bytes_between_chunks() {
+    let sim = start(SimulatorConfig::default()).await;
+    sim.simulator.push_fault(Fault::StreamInject {
+        after: 2,
+        raw: ": junk\n\n".into(),
+    });
+    let text = post(&sim, &hello(json!({"stream": true})))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    // role, two tokens, the junk, then the rest as usual.
+    assert_eq!(events[3], ": junk", "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_and_cut_json_faults_shape_the_body() {
+    let sim = start(SimulatorConfig::default()).await;
+    sim.simulator.push_fault(Fault::Oversized(1 << 20));
+    let body = post(&sim, &hello(json!({}))).await.bytes().await.unwrap();
+    assert!(body.len() > 1 << 20);
+    let value: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(value["object"], "chat.completion");
+    assert_eq!(sim.simulator.stats().fault_bytes_sent, body.len() as u64);
+
+    sim.simulator.push_fault(Fault::JsonCutAfter(10));
+    let mut response = post(&sim, &hello(json!({}))).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut received = Vec::new();
+    let err = loop {
+        match response.chunk().await {
+            Ok(Some(bytes)) => received.extend_from_slice(&bytes),
+            Ok(None) => panic!("body ended cleanly; expected an abort"),
+            Err(err) => break err,
+        }
+    };
+    assert!(err.is_body() || err.is_decode(), "{err:?}");
+    assert_eq!(received.len(), 10);
+    sim.shutdown().await;
+}

@@ -17,8 +17,14 @@ use crate::core::error::GatewayError;
 /// The header that carries the request id to the upstream and back to the client.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-/// Largest error or JSON body read from the upstream; a real answer is far smaller.
-const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+/// Largest upstream answer read whole when no limit is configured (`upstream.max_response_bytes`).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest error body read for its message; an error page beyond it keeps only its status.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The longest an error body or model list may take to arrive, on top of the headers.
+const SMALL_BODY_TIME: Duration = Duration::from_secs(10);
 
 /// A failure to talk to the upstream at all.
 pub fn transport_error(e: reqwest::Error) -> GatewayError {
@@ -46,34 +52,68 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Reads a whole (JSON) answer, bounded in size, with `idle` as the longest silence.
+/// The answer the gateway refuses to hold: larger than `limit` bytes.
+pub fn response_too_large(limit: usize, what: &str) -> GatewayError {
+    GatewayError::Upstream {
+        status: 502,
+        message: format!(
+            "the model server sent {what} larger than the gateway accepts ({limit} bytes); \
+             the answer was dropped"
+        ),
+        kind: Some("upstream_error".into()),
+        param: None,
+        code: Some("upstream_response_too_large".into()),
+    }
+}
+
+/// A 2xx answer the gateway cannot read as what was asked for.
+pub fn invalid_response(detail: &str) -> GatewayError {
+    GatewayError::Upstream {
+        status: 502,
+        message: format!("the model server sent an unreadable answer: {detail}"),
+        kind: Some("upstream_error".into()),
+        param: None,
+        code: Some("upstream_invalid_response".into()),
+    }
+}
+
+/// Reads a whole (JSON) answer with `idle` as the longest silence. Memory is bounded:
+/// an answer that says or turns out to be larger than `limit` is dropped unread (the
+/// connection with it), so the gateway never holds more than `limit` plus one chunk.
 pub async fn read_body(
     mut response: reqwest::Response,
     idle: Duration,
+    limit: usize,
 ) -> Result<Bytes, GatewayError> {
-    let mut body = Vec::new();
+    let declared = response.content_length().unwrap_or(0);
+    if declared > u64::try_from(limit).unwrap_or(u64::MAX) {
+        return Err(response_too_large(limit, "an answer"));
+    }
+    // The declared length is only a hint: the bytes themselves are counted below.
+    let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
     loop {
         let chunk = tokio::time::timeout(idle, response.chunk())
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?
             .map_err(transport_error)?;
         let Some(chunk) = chunk else { break };
-        if body.len() + chunk.len() > MAX_UPSTREAM_BODY {
-            return Err(GatewayError::Upstream {
-                status: 502,
-                message: "the model server sent an answer larger than the gateway accepts".into(),
-                kind: Some("upstream_error".into()),
-                param: None,
-                code: None,
-            });
+        if body.len() + chunk.len() > limit {
+            return Err(response_too_large(limit, "an answer"));
         }
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
 }
 
-async fn read_bounded(response: reqwest::Response) -> Result<Bytes, GatewayError> {
-    read_body(response, Duration::from_secs(30)).await
+/// A small answer (model list, error body): at most `limit` bytes, all within `within`.
+async fn read_bounded(
+    response: reqwest::Response,
+    limit: usize,
+    within: Duration,
+) -> Result<Bytes, GatewayError> {
+    tokio::time::timeout(within, read_body(response, within, limit))
+        .await
+        .unwrap_or(Err(GatewayError::UpstreamTimeout))
 }
 
 /// Turns an upstream error answer into the client's error, keeping status and message.
@@ -81,10 +121,14 @@ async fn read_bounded(response: reqwest::Response) -> Result<Bytes, GatewayError
 /// vLLM answers `{"error": {...}}` in recent versions and a flat `{"object":"error",
 /// "message":...}` in older ones; anything else (an HTML proxy page) keeps only its status.
 /// A 401/403 means the model server refused the *gateway's* credentials: that is a gateway
-/// problem (502), not something the client can fix.
-async fn error_from_response(response: reqwest::Response) -> GatewayError {
+/// problem (502), not something the client can fix. A body that is too large or does not
+/// arrive within `within` is dropped: the status alone is the answer.
+async fn error_from_response(response: reqwest::Response, within: Duration) -> GatewayError {
     let status = response.status().as_u16();
-    let body = read_bounded(response).await.unwrap_or_default();
+    let within = within.min(SMALL_BODY_TIME);
+    let body = read_bounded(response, MAX_ERROR_BODY, within)
+        .await
+        .unwrap_or_default();
     parse_error_body(status, &body)
 }
 

@@ -38,10 +38,16 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     /// Until the answer's headers (for JSON answers, that is the whole generation).
     pub first_byte_timeout: Duration,
-    /// The longest silence while reading an answer or between stream chunks.
+    /// The longest silence while reading a JSON answer; the longest wait for the next
+    /// whole event of a stream.
     pub idle_timeout: Duration,
     /// A whole call, stream included.
     pub total_timeout: Duration,
+    /// Largest JSON answer held whole; a larger one is dropped and answered 502.
+    pub max_response_bytes: usize,
+    /// Largest single SSE event (one line without its end, in practice) held while
+    /// waiting for its end; a larger one ends the stream.
+    pub max_event_bytes: usize,
     /// Further attempts, on another backend when there is one, when nothing reached the client.
     pub max_retries: u32,
     /// Consecutive failures that eject a backend, and for how long.
@@ -357,7 +363,7 @@ impl UpstreamPool {
                 }
                 Ok(response) => {
                     let status = response.status().as_u16();
-                    let error = error_from_response(response).await;
+                    let error = error_from_response(response, settings.idle_timeout).await;
                     if status >= 500 {
                         backend.record_failure(settings.eject_after_failures, settings.eject_for);
                     } else {
@@ -398,10 +404,8 @@ impl UpstreamPool {
                 model: "any".into(),
             });
         }
-        let timeout = self
-            .settings()
-            .first_byte_timeout
-            .min(Duration::from_secs(30));
+        let settings = self.settings();
+        let timeout = settings.first_byte_timeout.min(Duration::from_secs(30));
         let mut data: Vec<serde_json::Value> = Vec::new();
         let mut last_error = None;
         for backend in backends {
@@ -414,8 +418,10 @@ impl UpstreamPool {
                 request = request.header(AUTHORIZATION, authorization.clone());
             }
             let list = match request.send().await {
-                Ok(response) if response.status().is_success() => read_bounded(response).await,
-                Ok(response) => Err(error_from_response(response).await),
+                Ok(response) if response.status().is_success() => {
+                    read_bounded(response, settings.max_response_bytes, timeout).await
+                }
+                Ok(response) => Err(error_from_response(response, timeout).await),
                 Err(e) => Err(transport_error(e)),
             };
             match list.and_then(|body| {
@@ -473,6 +479,7 @@ impl UpstreamPool {
         let checks = backends.iter().cloned().map(|backend| {
             let client = self.client.clone();
             let timeout = settings.health_timeout;
+            let limit = settings.max_response_bytes;
             async move {
                 let mut request = client.get(&backend.health_url).timeout(timeout);
                 if let Some(authorization) = &backend.authorization {
@@ -480,7 +487,7 @@ impl UpstreamPool {
                 }
                 let healthy = matches!(request.send().await, Ok(r) if r.status().is_success());
                 if healthy {
-                    refresh_models(&client, &backend, timeout).await;
+                    refresh_models(&client, &backend, timeout, limit).await;
                 }
                 let was = backend.checked_healthy.swap(healthy, Ordering::AcqRel);
                 if was != healthy {
@@ -516,7 +523,12 @@ impl UpstreamPool {
 }
 
 /// Remembers what a backend serves (at most 64 names), for metric labels.
-async fn refresh_models(client: &reqwest::Client, backend: &Backend, timeout: Duration) {
+async fn refresh_models(
+    client: &reqwest::Client,
+    backend: &Backend,
+    timeout: Duration,
+    limit: usize,
+) {
     let mut request = client.get(&backend.models_url).timeout(timeout);
     if let Some(authorization) = &backend.authorization {
         request = request.header(AUTHORIZATION, authorization.clone());
@@ -524,7 +536,7 @@ async fn refresh_models(client: &reqwest::Client, backend: &Backend, timeout: Du
     let Ok(response) = request.send().await else {
         return;
     };
-    let Ok(body) = read_bounded(response).await else {
+    let Ok(body) = read_bounded(response, limit, timeout).await else {
         return;
     };
     let Ok(list) = serde_json::from_slice::<serde_json::Value>(&body) else {

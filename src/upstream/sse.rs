@@ -7,25 +7,43 @@ use serde_json::value::RawValue;
 
 use crate::core::records::Usage;
 
-/// Largest event the framer holds while waiting for its end; real chunks are ~1 KiB.
-const MAX_EVENT: usize = 4 * 1024 * 1024;
+/// Largest event the framer holds while waiting for its end unless configured otherwise
+/// (`upstream.max_event_bytes`); real chunks are well under 1 KiB.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 
-/// Splits a byte stream into whole events (each ending in a blank line).
-#[derive(Default)]
+/// Splits a byte stream into whole events (each ending in a blank line), holding at most
+/// `max_event` bytes of an unfinished one. Each byte is scanned for a terminator once, so
+/// an event arriving in many small pieces costs linear, not quadratic, time.
 pub struct SseFramer {
     buf: BytesMut,
+    /// Where the terminator search resumes in `buf`.
+    scanned: usize,
+    max_event: usize,
 }
 
 impl SseFramer {
+    pub fn new(max_event: usize) -> Self {
+        SseFramer {
+            buf: BytesMut::new(),
+            scanned: 0,
+            max_event,
+        }
+    }
+
     /// Adds bytes and returns the events completed by them, each with its terminator.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Bytes>, OversizedEvent> {
         self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
-        while let Some(end) = event_end(&self.buf) {
+        while let Some(end) = event_end(&self.buf, self.scanned) {
             events.push(self.buf.split_to(end).freeze());
+            self.scanned = 0;
         }
-        if self.buf.len() > MAX_EVENT {
-            return Err(OversizedEvent);
+        // A terminator may begin in the last two bytes and end in the next chunk.
+        self.scanned = self.buf.len().saturating_sub(2);
+        if self.buf.len() > self.max_event {
+            return Err(OversizedEvent {
+                limit: self.max_event,
+            });
         }
         Ok(events)
     }
@@ -36,13 +54,25 @@ impl SseFramer {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the model server sent an event larger than {MAX_EVENT} bytes")]
-pub struct OversizedEvent;
+impl Default for SseFramer {
+    fn default() -> Self {
+        SseFramer::new(DEFAULT_MAX_EVENT_BYTES)
+    }
+}
 
-/// The index just past the first event terminator (`\n\n` or `\r\n\r\n`) in `buf`.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the model server sent a stream event larger than the gateway accepts ({limit} bytes); \
+     the stream was cut"
+)]
+pub struct OversizedEvent {
+    pub limit: usize,
+}
+
+/// The index just past the first event terminator (`\n\n` or `\n\r\n`) at or after
+/// `from` in `buf`.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
     while i + 1 < buf.len() {
         if buf[i] == b'\n' {
             if buf[i + 1] == b'\n' {
@@ -68,6 +98,9 @@ pub struct EventInfo {
     pub has_choices: bool,
     /// An error event: its message.
     pub error: Option<String>,
+    /// A `data:` event a client can read: a JSON object or `[DONE]`. Comments, events
+    /// without data and data that is not a JSON object are not.
+    pub readable: bool,
 }
 
 #[derive(Deserialize)]
@@ -121,14 +154,20 @@ pub fn inspect(event: &[u8]) -> EventInfo {
     if data.trim_ascii() == b"[DONE]" {
         return EventInfo {
             done: true,
+            readable: true,
             ..EventInfo::default()
         };
+    }
+    // serde reads a struct from an array too; a chunk is only ever an object.
+    if !data.trim_ascii_start().starts_with(b"{") {
+        return EventInfo::default();
     }
     let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
         return EventInfo::default();
     };
     EventInfo {
         done: false,
+        readable: true,
         usage: chunk.usage.map(|u| Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
@@ -229,6 +268,49 @@ mod tests {
         assert_eq!(&events[0][..], b"data: {\"a\":1}\n\n");
         assert!(inspect(&events[1]).done);
         assert_eq!(framer.remainder(), b"data: x");
+    }
+
+    #[test]
+    fn a_terminator_split_between_chunks_is_found() {
+        for split in [b"data: {}\n".as_slice(), b"data: {}\n\r", b"data: {}"] {
+            let whole = b"data: {}\n\r\ndata: [DONE]\n\n";
+            let mut framer = SseFramer::default();
+            let mut events = framer.push(split).unwrap();
+            events.extend(framer.push(&whole[split.len()..]).unwrap());
+            assert_eq!(events.len(), 2, "{split:?}");
+            assert!(inspect(&events[1]).done);
+        }
+    }
+
+    #[test]
+    fn an_event_past_the_limit_is_refused_and_nothing_more_is_held() {
+        let mut framer = SseFramer::new(4096);
+        assert!(framer.push(b"data: {\"x\":\"").unwrap().is_empty());
+        let mut refused = false;
+        for _ in 0..10 {
+            if framer.push(&[b'a'; 1000]).is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
+        assert!(framer.remainder().len() <= 4096 + 1000);
+    }
+
+    #[test]
+    fn junk_is_not_readable() {
+        for junk in [
+            &b": keep-alive\n\n"[..],
+            b"event: ping\n\n",
+            b"garbage line\n\n",
+            b"data: not json\n\n",
+            b"data: [1,2]\n\n",
+            b"data: {\"choices\": \n\n",
+        ] {
+            assert!(!inspect(junk).readable, "{junk:?}");
+        }
+        assert!(inspect(b"data: {\"choices\":[]}\n\n").readable);
+        assert!(inspect(b"data: [DONE]\n\n").readable);
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod books;
 mod chat;
 mod common;
 mod errors;
+mod faults;
 mod grpc;
 mod grpc_admin;
 mod grpcurl_readme;
