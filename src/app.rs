@@ -118,7 +118,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let mut secrets = FirstStartSecrets::default();
     let admin_token_hash = admin_token_hash(&config, &*store, &mut secrets)?;
 
-    let (sink, writer) = UsageWriter::spawn(store.clone());
+    let (sink, writer) = UsageWriter::spawn(
+        store.clone(),
+        Duration::from_millis(config.store.flush_interval_ms),
+    );
     let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway::load(
         store.clone(),

@@ -115,6 +115,12 @@ impl IntoResponse for GatewayError {
                     Some("shutting_down".into()),
                     None,
                 ),
+                GatewayError::StoreUnavailable => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error".into(),
+                    Some("store_unavailable".into()),
+                    None,
+                ),
                 GatewayError::Store(_) => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error".into(),

@@ -9,7 +9,37 @@ use std::collections::HashMap;
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
 
 pub use sled_store::SledStore;
-pub use writer::{UsageSink, UsageWriter};
+pub use writer::{StoreHealth, UsageSink, UsageWriter};
+
+/// Records for the store's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::core::records::{CallOutcome, CallRecord, Usage};
+
+    pub(crate) fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallRecord {
+        CallRecord {
+            at_micros,
+            request_id: format!("req-{at_micros}"),
+            key_id: key.into(),
+            user_id: "usr_1".into(),
+            model: model.into(),
+            status: 200,
+            outcome: CallOutcome::Completed,
+            stream: false,
+            latency_ms: 3,
+            charged_request: true,
+            usage: Usage {
+                prompt_tokens: tokens,
+                completion_tokens: 1,
+            },
+            usage_estimated: false,
+            images: 0,
+            image_sizes: Vec::new(),
+            request_body: None,
+            response_body: None,
+        }
+    }
+}
 
 /// The schema this build writes; a store written by a newer build is refused at open.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -70,6 +100,8 @@ pub trait Store: Send + Sync + 'static {
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError>;
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// Applies a batch of finished calls: counters, hourly usage and the call log, atomically.
+    /// Idempotent: a call already in the log (same time and request id) is skipped, so a
+    /// batch whose fate is unknown after a failure can be written again.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;
     /// Calls newest first: a key's (or everyone's), strictly before `cursor`, at or after
     /// `from_micros`, that pass `filter`. Scans at most `scan_limit` entries; the cursor
@@ -90,4 +122,9 @@ pub trait Store: Send + Sync + 'static {
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// After a failed write: closes and reopens the store, keeping only what reached the
+    /// disk, so that it takes writes again once the cause (a full disk) is gone.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

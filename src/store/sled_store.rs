@@ -1,7 +1,8 @@
 //! The sled implementation of [`Store`]: one tree per kind of record, JSON values.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -17,6 +18,14 @@ const SCHEMA_KEY: &str = "schema_version";
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 pub struct SledStore {
+    path: PathBuf,
+    flush_ms: u64,
+    /// `None` only while [`Store::reopen`] swaps the handle.
+    trees: RwLock<Option<Arc<Trees>>>,
+}
+
+/// One open sled database and its trees.
+struct Trees {
     db: sled::Db,
     users: sled::Tree,
     keys: sled::Tree,
@@ -41,48 +50,83 @@ impl SledStore {
     /// sled locks the directory; a process that is still exiting holds the lock for a
     /// moment, so a locked directory is retried for up to two seconds.
     pub fn open(path: &Path, flush_ms: u64) -> Result<Self, StoreError> {
-        let config = sled::Config::new()
-            .path(path)
-            // sled would cache up to 1 GiB; the records the gateway reads back are few.
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(Some(flush_ms.max(1)));
-        let mut attempts = 0;
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(e) if is_lock_error(&e) && attempts < 100 => {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) if is_lock_error(&e) => {
-                    return Err(StoreError::Io(format!(
-                        "{} is locked: is another step3-gateway running on this data directory?",
-                        path.display()
-                    )));
-                }
-                Err(e) => {
-                    return Err(StoreError::Io(format!(
-                        "cannot open {}: {e}",
-                        path.display()
-                    )));
-                }
-            }
-        };
-        let store = SledStore {
-            users: db.open_tree("users")?,
-            keys: db.open_tree("keys")?,
-            counters: db.open_tree("counters")?,
-            usage: db.open_tree("usage")?,
-            calls: db.open_tree("calls")?,
-            calls_by_key: db.open_tree("calls_by_key")?,
-            meta: db.open_tree("meta")?,
-            db,
-        };
-        store.check_schema()?;
-        Ok(store)
+        let trees = open_trees(path, flush_ms)?;
+        Ok(SledStore {
+            path: path.to_owned(),
+            flush_ms,
+            trees: RwLock::new(Some(Arc::new(trees))),
+        })
     }
 
-    fn check_schema(&self) -> Result<(), StoreError> {
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.trees
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Io(format!("{} is being reopened", self.path.display())))
+    }
+}
+
+fn open_trees(path: &Path, flush_ms: u64) -> Result<Trees, StoreError> {
+    let config = sled::Config::new()
+        .path(path)
+        // sled would cache up to 1 GiB; the records the gateway reads back are few.
+        .cache_capacity(CACHE_BYTES)
+        .flush_every_ms(Some(flush_ms.max(1)));
+    // A store that existed must still hold its schema version once opened: sled opens
+    // some damaged logs as an empty database, and empty books must not be served.
+    let existed = path.join("conf").exists() || path.join("db").exists();
+    let mut attempts = 0;
+    let db = loop {
+        // sled panics on some damaged files instead of returning an error.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                StoreError::Corrupt {
+                    tree: "sled",
+                    message: format!("sled failed reading {}: {message}", path.display()),
+                }
+            })?;
+        match opened {
+            Ok(db) => break db,
+            Err(e) if is_lock_error(&e) && attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) if is_lock_error(&e) => {
+                return Err(StoreError::Io(format!(
+                    "{} is locked: is another step3-gateway running on this data directory?",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(StoreError::Io(format!(
+                    "cannot open {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    };
+    let trees = Trees {
+        users: db.open_tree("users")?,
+        keys: db.open_tree("keys")?,
+        counters: db.open_tree("counters")?,
+        usage: db.open_tree("usage")?,
+        calls: db.open_tree("calls")?,
+        calls_by_key: db.open_tree("calls_by_key")?,
+        meta: db.open_tree("meta")?,
+        db,
+    };
+    trees.check_schema(path, existed)?;
+    Ok(trees)
+}
+
+impl Trees {
+    fn check_schema(&self, path: &Path, existed: bool) -> Result<(), StoreError> {
         match self.meta.get(SCHEMA_KEY)? {
             Some(bytes) => {
                 let found: u32 = decode("meta", &bytes)?;
@@ -90,8 +134,21 @@ impl SledStore {
                     return Err(StoreError::NewerSchema { found });
                 }
             }
+            None if existed => {
+                return Err(StoreError::Corrupt {
+                    tree: "meta",
+                    message: format!(
+                        "{} holds a store without a schema version: it is damaged (or was \
+                         left by a first start killed within milliseconds); refusing to \
+                         serve with empty books. Move it away to start afresh",
+                        path.display()
+                    ),
+                });
+            }
             None => {
+                // Durable at once, so that a store without it is known to be damaged.
                 self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
+                self.db.flush()?;
             }
         }
         Ok(())
@@ -155,15 +212,18 @@ fn hour_of(micros: i64) -> UnixTime {
 
 impl Store for SledStore {
     fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        load_all(&self.users, "users")
+        let t = self.trees()?;
+        load_all(&t.users, "users")
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        load_all(&self.keys, "keys")
+        let t = self.trees()?;
+        load_all(&t.keys, "keys")
     }
 
     fn load_counters(&self) -> Result<HashMap<String, KeyCounters>, StoreError> {
-        self.counters
+        let t = self.trees()?;
+        t.counters
             .iter()
             .map(|entry| {
                 let (id, value) = entry?;
@@ -174,21 +234,32 @@ impl Store for SledStore {
     }
 
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
-        self.users.insert(user.id.as_bytes(), encode(user)?)?;
+        let t = self.trees()?;
+        t.users.insert(user.id.as_bytes(), encode(user)?)?;
         Ok(())
     }
 
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        self.keys.insert(key.id.as_bytes(), encode(key)?)?;
+        let t = self.trees()?;
+        t.keys.insert(key.id.as_bytes(), encode(key)?)?;
         Ok(())
     }
 
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        let t = self.trees()?;
         // Fold the batch first, so each counter and bucket is read and written once.
         let mut counters: HashMap<&str, KeyCounters> = HashMap::new();
         let mut buckets: HashMap<Vec<u8>, UsageBucket> = HashMap::new();
         let mut log = Vec::with_capacity(calls.len());
+        let mut seen = std::collections::HashSet::with_capacity(calls.len());
         for call in calls {
+            // A call already in the log is not counted again: a batch retried after a
+            // failure may have reached the disk before it. Read outside the transaction:
+            // the usage writer is the only writer of the log.
+            let key = call_key(call.at_micros, &call.request_id);
+            if !seen.insert(key.clone()) || t.calls.contains_key(&key)? {
+                continue;
+            }
             counters
                 .entry(&call.key_id)
                 .or_default()
@@ -207,12 +278,12 @@ impl Store for SledStore {
             bucket.completion_tokens += call.usage.completion_tokens;
             bucket.images += u64::from(call.images);
             log.push((
-                call_key(call.at_micros, &call.request_id),
+                key,
                 timed_key(&call.key_id, call.at_micros, &call.request_id),
                 encode(call)?,
             ));
         }
-        let trees = (&self.counters, &self.usage, &self.calls, &self.calls_by_key);
+        let trees = (&t.counters, &t.usage, &t.calls, &t.calls_by_key);
         let result = trees.transaction(|(counter_tree, usage_tree, call_tree, by_key_tree)| {
             for (key_id, delta) in &counters {
                 let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
@@ -262,6 +333,7 @@ impl Store for SledStore {
         query: &CallQuery<'_>,
         filter: &dyn Fn(&CallRecord) -> bool,
     ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError> {
+        let t = self.trees()?;
         // Keys order as unsigned bytes, so times below zero would sort last: there are none.
         let from = query.from_micros.unwrap_or(0).max(0);
         let before = |prefix: Vec<u8>| match &query.before {
@@ -284,7 +356,7 @@ impl Store for SledStore {
                 start.extend_from_slice(&from.to_be_bytes());
                 let skip = prefix.len();
                 Box::new(
-                    self.calls_by_key
+                    t.calls_by_key
                         .range(start..before(prefix))
                         .keys()
                         .rev()
@@ -292,7 +364,7 @@ impl Store for SledStore {
                 )
             }
             None => Box::new(
-                self.calls
+                t.calls
                     .range(from.to_be_bytes().to_vec()..before(Vec::new()))
                     .keys()
                     .rev()
@@ -306,7 +378,7 @@ impl Store for SledStore {
                 return Ok((found, last));
             }
             let log_key = entry?;
-            let Some(value) = self.calls.get(&log_key)? else {
+            let Some(value) = t.calls.get(&log_key)? else {
                 continue;
             };
             let call: CallRecord = decode("calls", &value)?;
@@ -327,23 +399,40 @@ impl Store for SledStore {
         from: UnixTime,
         to: UnixTime,
     ) -> Result<Vec<UsageBucket>, StoreError> {
-        self.usage
+        let t = self.trees()?;
+        t.usage
             .range(timed_key(key_id, from, "")..timed_key(key_id, to, ""))
             .map(|entry| decode("usage", &entry?.1))
             .collect()
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(name)?.map(|v| v.to_vec()))
+        let t = self.trees()?;
+        Ok(t.meta.get(name)?.map(|v| v.to_vec()))
     }
 
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.meta.insert(name, value)?;
+        let t = self.trees()?;
+        t.meta.insert(name, value)?;
         Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        let t = self.trees()?;
+        t.db.flush()?;
+        Ok(())
+    }
+
+    /// sled's I/O errors are sticky: after one (ENOSPC), every later write of that handle
+    /// fails, even once space is back. A new handle recovers what reached the disk.
+    fn reopen(&self) -> Result<(), StoreError> {
+        // Until the new handle is in place, other users get an error at once rather than
+        // wait. The directory lock is released when the last handle is dropped; a reader
+        // still holding one delays the open (which retries a held lock).
+        let old = self.trees.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(old);
+        let trees = open_trees(&self.path, self.flush_ms)?;
+        *self.trees.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(trees));
         Ok(())
     }
 }
@@ -351,31 +440,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::records::{CallOutcome, Usage};
-
-    fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallRecord {
-        CallRecord {
-            at_micros,
-            request_id: format!("req-{at_micros}"),
-            key_id: key.into(),
-            user_id: "usr_1".into(),
-            model: model.into(),
-            status: 200,
-            outcome: CallOutcome::Completed,
-            stream: false,
-            latency_ms: 3,
-            charged_request: true,
-            usage: Usage {
-                prompt_tokens: tokens,
-                completion_tokens: 1,
-            },
-            usage_estimated: false,
-            images: 0,
-            image_sizes: Vec::new(),
-            request_body: None,
-            response_body: None,
-        }
-    }
+    use crate::store::testing::call;
 
     #[test]
     fn calls_update_counters_buckets_and_log_and_survive_reopen() {
@@ -457,6 +522,52 @@ mod tests {
         assert!(
             matches!(err, StoreError::NewerSchema { found: 99 }),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_call_already_in_the_log_is_not_counted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        let first = call("key_a", 1_000_000, "m", 10);
+        let second = call("key_a", 2_000_000, "m", 20);
+        store.record_calls(std::slice::from_ref(&first)).unwrap();
+        // A retried batch that partly reached the store, with a repeat inside it.
+        store
+            .record_calls(&[first, second.clone(), second])
+            .unwrap();
+        let counters = store.load_counters().unwrap();
+        assert_eq!(counters["key_a"].requests, 2);
+        assert_eq!(counters["key_a"].prompt_tokens, 30);
+        let buckets = store.usage("key_a", 0, 7200).unwrap();
+        assert_eq!(buckets[0].requests, 2);
+    }
+
+    #[test]
+    fn a_reopened_store_keeps_what_was_flushed_and_takes_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        store.record_calls(&[call("key_a", 1, "m", 10)]).unwrap();
+        store.flush().unwrap();
+        store.reopen().unwrap();
+        store.record_calls(&[call("key_a", 2, "m", 10)]).unwrap();
+        assert_eq!(store.load_counters().unwrap()["key_a"].requests, 2);
+    }
+
+    #[test]
+    fn a_store_that_lost_its_schema_version_is_refused_not_served_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 100).unwrap();
+            store.trees().unwrap().meta.remove(SCHEMA_KEY).unwrap();
+            store.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path(), 100).err().unwrap();
+        let message = err.to_string();
+        assert!(
+            message.contains(&dir.path().display().to_string())
+                && message.contains("without a schema version"),
+            "{message}"
         );
     }
 }
