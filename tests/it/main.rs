@@ -11,6 +11,7 @@ mod binary;
 mod books;
 mod chat;
 mod common;
+mod crash;
 mod data_dir;
 mod errors;
 mod grpc;
