@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -22,6 +22,22 @@ pub struct SledStore {
     flush_ms: u64,
     /// `None` only while [`Store::reopen`] swaps the handle.
     trees: RwLock<Option<Arc<Trees>>>,
+    marks: Mutex<Marks>,
+}
+
+/// A file beside sled's own naming the last call a flush confirmed durable.
+///
+/// sled reads its log up to the first damaged byte and silently drops the rest, as it
+/// would a write torn by a crash: a flipped byte in the middle of `db` rolls the books
+/// back without an error. A call that was confirmed durable and is missing at open
+/// proves such a loss, and the store refuses to open.
+const MARK_FILE: &str = "durable-call";
+
+/// The last call written, and the one [`MARK_FILE`] names (log keys).
+#[derive(Debug, Default)]
+struct Marks {
+    written: Option<Vec<u8>>,
+    marked: Option<Vec<u8>>,
 }
 
 /// One open sled database and its trees.
@@ -51,10 +67,15 @@ impl SledStore {
     /// moment, so a locked directory is retried for up to two seconds.
     pub fn open(path: &Path, flush_ms: u64) -> Result<Self, StoreError> {
         let trees = open_trees(path, flush_ms)?;
+        let marked = read_mark(path)?;
         Ok(SledStore {
             path: path.to_owned(),
             flush_ms,
             trees: RwLock::new(Some(Arc::new(trees))),
+            marks: Mutex::new(Marks {
+                written: marked.clone(),
+                marked,
+            }),
         })
     }
 
@@ -122,7 +143,73 @@ fn open_trees(path: &Path, flush_ms: u64) -> Result<Trees, StoreError> {
         db,
     };
     trees.check_schema(path, existed)?;
+    if let Some(mark) = read_mark(path)?
+        && !trees.calls.contains_key(&mark)?
+    {
+        let (at, request_id) = mark.split_at(8.min(mark.len()));
+        let micros = i64::from_be_bytes(at.try_into().unwrap_or_default());
+        return Err(StoreError::Corrupt {
+            tree: "calls",
+            message: format!(
+                "{} lost records it had confirmed durable (call {} of {} µs since the epoch \
+                 is missing): its files were damaged or truncated, and sled drops everything \
+                 after the first damaged byte. Restore a backup, or delete {} to accept the loss",
+                path.display(),
+                String::from_utf8_lossy(request_id),
+                micros,
+                path.join(MARK_FILE).display()
+            ),
+        });
+    }
     Ok(trees)
+}
+
+fn read_mark(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    let file = path.join(MARK_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(text) => from_hex(text.trim())
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                tree: "calls",
+                message: format!("{} is not a mark this gateway wrote", file.display()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Io(format!(
+            "cannot read {}: {e}",
+            file.display()
+        ))),
+    }
+}
+
+/// Replaces the mark atomically and durably: a new file, synced, renamed, dir synced.
+fn write_mark(path: &Path, key: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let io = |e: std::io::Error| {
+        StoreError::Io(format!(
+            "cannot write {}: {e}",
+            path.join(MARK_FILE).display()
+        ))
+    };
+    let temporary = path.join(format!("{MARK_FILE}.new"));
+    let mut file = std::fs::File::create(&temporary).map_err(io)?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    file.write_all(hex.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temporary, path.join(MARK_FILE)).map_err(io)?;
+    std::fs::File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io)?;
+    Ok(())
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 impl Trees {
@@ -322,7 +409,13 @@ impl Store for SledStore {
             Ok(())
         });
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some((key, _, _)) = log.last() {
+                    self.marks.lock().unwrap_or_else(|p| p.into_inner()).written =
+                        Some(key.clone());
+                }
+                Ok(())
+            }
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -420,6 +513,13 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         let t = self.trees()?;
         t.db.flush()?;
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if marks.written != marks.marked
+            && let Some(written) = &marks.written
+        {
+            write_mark(&self.path, written)?;
+            marks.marked = Some(written.clone());
+        }
         Ok(())
     }
 
@@ -569,5 +669,33 @@ mod tests {
                 && message.contains("without a schema version"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_store_missing_a_call_it_confirmed_durable_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 100).unwrap();
+            store.record_calls(&[call("key_a", 1, "m", 10)]).unwrap();
+            store.record_calls(&[call("key_a", 2, "m", 10)]).unwrap();
+            store.flush().unwrap();
+            // What sled does to a log damaged before this call: it is simply gone.
+            store
+                .trees()
+                .unwrap()
+                .calls
+                .remove(call_key(2, "req-2"))
+                .unwrap();
+            store.trees().unwrap().db.flush().unwrap();
+        }
+        let message = SledStore::open(dir.path(), 100).err().unwrap().to_string();
+        assert!(
+            message.contains("lost records it had confirmed durable (call req-2")
+                && message.contains(&dir.path().join(MARK_FILE).display().to_string()),
+            "{message}"
+        );
+        // Deleting the mark accepts the loss.
+        std::fs::remove_file(dir.path().join(MARK_FILE)).unwrap();
+        assert!(SledStore::open(dir.path(), 100).is_ok());
     }
 }

@@ -52,7 +52,7 @@ fn last_line(stderr: &str) -> &str {
     stderr.lines().last().unwrap_or_default()
 }
 
-/// A data dir with one key and one call on the books, left by a clean stop.
+/// A data dir with one key and 150 calls on the books, left by a clean stop.
 async fn used_data_dir(dir: &Path) -> (PathBuf, PathBuf) {
     let sim = upstream(0).await;
     let data = dir.join("data");
@@ -77,14 +77,17 @@ async fn used_data_dir(dir: &Path) -> (PathBuf, PathBuf) {
         .json()
         .await
         .unwrap();
-    let response = http
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(key["secret"].as_str().unwrap())
-        .json(&chat_body("hello"))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
+    // Enough calls that sled's log spans a few hundred kilobytes.
+    for _ in 0..150 {
+        let response = http
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(key["secret"].as_str().unwrap())
+            .json(&chat_body("hello"))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
     gw.signal("TERM");
     assert!(gw.wait().await.0.success());
     (config, data)
@@ -107,6 +110,56 @@ async fn a_store_from_a_newer_schema_stops_the_start_with_a_clear_message() {
             && error.contains("newer step3-gateway (schema 99"),
         "{stderr}"
     );
+}
+
+/// Overwrites `bytes` of `file` at `offset`.
+fn damage(file: &Path, offset: u64, bytes: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.write_all(bytes).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// sled reads its log up to the first damaged byte and often silently drops the rest (as
+/// after a torn write): a few flipped bytes in the middle of `db` can roll the books back
+/// with no error. The gateway notices that a call it had confirmed durable is gone and
+/// refuses; where sled itself notices, its error names the path too.
+#[tokio::test]
+async fn a_damaged_store_stops_the_start_instead_of_serving_older_books() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, data) = used_data_dir(dir.path()).await;
+    let db = data.join("db");
+    let size = std::fs::metadata(&db).unwrap().len();
+    damage(&db, size / 2, &[0xff; 8]);
+    let error = expect_refused_as_damaged(&config, &data);
+    eprintln!("damaged in the middle: {error}");
+    // Damage at the very start: sled opens an empty database or reports the damage.
+    damage(&db, 0, &vec![0; usize::try_from(size).unwrap()]);
+    let error = expect_refused_as_damaged(&config, &data);
+    eprintln!("zeroed: {error}");
+}
+
+/// The start fails with exit code 1 and an error naming `data` and the damage. Which check
+/// catches it depends on where the bytes fall in sled's layout: sled's own (`Read corrupted
+/// data`), the schema version (sled opened an empty database), or the durable mark (sled
+/// dropped the log after the damage).
+fn expect_refused_as_damaged(config: &Path, data: &Path) -> String {
+    let (code, stderr) = serve_expecting_exit(config);
+    assert_eq!(code, Some(1), "{stderr}");
+    let error = last_line(&stderr).to_owned();
+    assert!(
+        error.contains(&data.display().to_string())
+            && [
+                "lost records it had confirmed durable",
+                "Read corrupted data",
+                "holds a store without a schema version",
+            ]
+            .iter()
+            .any(|m| error.contains(m)),
+        "{stderr}"
+    );
+    error
 }
 
 #[tokio::test]
