@@ -140,6 +140,13 @@ impl IntoResponse for GatewayError {
                 }
             }
         }
+        if let GatewayError::StoreUnavailable = &self {
+            // The usage writer tries the store again every half second.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from_static("1"),
+            );
+        }
         response
     }
 }

@@ -515,6 +515,33 @@ async fn kill_9_rounds() {
     );
     gw.signal("TERM");
     assert!(gw.wait().await.0.success());
+    let http = reqwest::Client::new();
+    let gw = Gateway::start_logging(&config, "info").await;
+    let mut logged = 0;
+    for key in keys.iter() {
+        logged += call_log(&http, &gw.url, key).await.len();
+    }
+    gw.signal("TERM");
+    assert!(gw.wait().await.0.success());
+    eprintln!(
+        "CRASH FIGURES: data dir {} KiB for {logged} calls in the log",
+        dir_bytes(&dir.path().join("data")) / 1024
+    );
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&entry.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -286,6 +286,7 @@ async fn a_full_disk_refuses_new_calls_keeps_settled_usage_and_recovers_by_itsel
         match response.status() {
             StatusCode::OK => answered += 1,
             StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(response.headers()["retry-after"], "1");
                 refusal = Some(expect_error(response, StatusCode::SERVICE_UNAVAILABLE).await);
                 break;
             }
