@@ -118,7 +118,7 @@ impl UsageSink {
 /// Owns the writer task; [`UsageWriter::stop`] drains the queue and flushes the store.
 pub struct UsageWriter {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<usize>,
 }
 
 impl UsageWriter {
@@ -146,11 +146,16 @@ impl UsageWriter {
         )
     }
 
-    /// Writes everything queued so far, flushes the store and ends the task.
-    pub async fn stop(self) {
+    /// Writes everything queued so far, flushes the store and ends the task. Returns the
+    /// number of calls whose usage could not be written (the store failed to the end).
+    pub async fn stop(self) -> usize {
         self.stop.cancel();
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "usage writer failed");
+        match self.task.await {
+            Ok(unrecorded) => unrecorded,
+            Err(e) => {
+                tracing::error!(error = %e, "usage writer failed");
+                0
+            }
         }
     }
 }
@@ -172,7 +177,7 @@ impl Writer {
         mut rx: mpsc::UnboundedReceiver<CallRecord>,
         stop: CancellationToken,
         flush_every: Duration,
-    ) {
+    ) -> usize {
         let mut next_flush = Instant::now() + flush_every;
         loop {
             if !self.health.is_available() {
@@ -230,14 +235,16 @@ impl Writer {
                 self.flush();
             }
             if self.health.is_available() {
-                return;
+                return 0;
             }
         }
+        let unrecorded = self.batch.len() + self.unflushed.len();
         tracing::error!(
-            calls = self.batch.len() + self.unflushed.len(),
+            calls = unrecorded,
             error = self.health.last_error().unwrap_or_default(),
             "the store still fails at shutdown; the usage of these calls is lost from the store"
         );
+        unrecorded
     }
 
     /// Writes up to one batch; on failure everything stays in memory.
@@ -414,6 +421,19 @@ mod tests {
         assert_eq!(sink.health().last_error(), None);
         // The call written before the failure may be written again: it is not counted twice.
         assert_eq!(store.load_counters().unwrap()["key_a"].requests, 3);
-        writer.stop().await;
+        assert_eq!(writer.stop().await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_store_failing_to_the_end_of_shutdown_reports_the_calls_it_did_not_get() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FillableStore {
+            inner: SledStore::open(dir.path(), 50).unwrap(),
+            full: AtomicBool::new(true),
+        });
+        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50));
+        sink.record(call("key_a", 1, "m", 10));
+        sink.record(call("key_a", 2, "m", 10));
+        assert_eq!(writer.stop().await, 2);
     }
 }

@@ -373,7 +373,9 @@ async fn settle_store(http: &reqwest::Client, url: &str, flush_ms: u64) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(5 * flush_ms + 500)).await;
+    // The writer and sled each flush every interval; a loaded machine delays both (one
+    // run saw a lost call 282 ms old with a 100 ms interval), so leave a wide margin.
+    tokio::time::sleep(Duration::from_millis(10 * flush_ms.max(100) + 1000)).await;
 }
 
 /// One round: load, a quiet period and an admin read, more load, `kill -9` in the middle

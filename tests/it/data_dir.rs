@@ -386,3 +386,62 @@ async fn a_full_disk_refuses_new_calls_keeps_settled_usage_and_recovers_by_itsel
     assert_eq!(gw.calls(&key.id).await.len(), n);
     eprintln!("full disk: {answered} calls answered, all on the books after recovery and restart");
 }
+
+#[tokio::test]
+async fn a_store_still_failing_at_sigterm_makes_the_exit_code_say_usage_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount_point = dir.path().join("mnt");
+    std::fs::create_dir(&mount_point).unwrap();
+    let Some(_mount) = mount_tmpfs(&mount_point, "16m") else {
+        return;
+    };
+    let sim = upstream(0).await;
+    let data = mount_point.join("data");
+    let config = write_config_with(dir.path(), &sim.url(), &data, "flush_interval_ms = 50");
+    let gw = Gateway::start_logging(&config, "info").await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        http.post(format!("{}/admin/v1{path}", gw.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let user: Value = post("/users", json!({"name": "d"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key: Value = post("/keys", json!({"user_id": user["id"]}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    fill(&mount_point.join("filler"));
+    let mut answered = 0;
+    for _ in 0..5000 {
+        let response = http
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(key["secret"].as_str().unwrap())
+            .json(&chat_body("fill"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert_eq!(response.status(), StatusCode::OK);
+        answered += 1;
+    }
+    assert!(answered > 0);
+    gw.signal("TERM");
+    let (status, logs) = gw.wait().await;
+    assert_eq!(status.code(), Some(1), "{logs:?}");
+    let last = logs.last().unwrap();
+    assert!(
+        last.contains("the store failed until the end")
+            && last.contains(&data.display().to_string()),
+        "{logs:?}"
+    );
+}
