@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Store;
+use super::{Store, StoreError};
 use crate::core::records::CallRecord;
 
 /// The most calls written in one store transaction.
@@ -214,7 +214,7 @@ impl Writer {
                     self.write();
                 }
                 () = tokio::time::sleep_until(next_flush) => {
-                    self.flush();
+                    self.flush().await;
                     next_flush = Instant::now() + flush_every;
                 }
                 () = stop.cancelled() => break,
@@ -232,7 +232,7 @@ impl Writer {
                 while !self.batch.is_empty() && self.health.is_available() {
                     self.write();
                 }
-                self.flush();
+                self.flush().await;
             }
             if self.health.is_available() {
                 return 0;
@@ -265,8 +265,15 @@ impl Writer {
     }
 
     /// Confirms what was written; what a failed flush may have lost is kept for a retry.
-    fn flush(&mut self) {
-        match self.store.flush() {
+    ///
+    /// A flush waits for the disk (fsync): it runs on a blocking thread, not on the
+    /// runtime's workers that serve calls.
+    async fn flush(&mut self) {
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("store flush failed: {e}"))));
+        match result {
             Ok(()) => self.unflushed.clear(),
             Err(e) => self
                 .health
@@ -307,7 +314,7 @@ mod tests {
     use super::*;
     use crate::core::records::{KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
     use crate::store::testing::call;
-    use crate::store::{CallCursor, CallQuery, SledStore, StoreError};
+    use crate::store::{CallCursor, CallQuery, SledStore};
 
     /// A sled store whose writes fail (as on a full disk) while `full` is set.
     struct FillableStore {
