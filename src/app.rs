@@ -44,7 +44,8 @@ pub struct RunningGateway {
     /// The in-process simulator of `--demo`.
     pub simulator: Option<RunningSimulator>,
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    /// Ends with the number of calls whose usage could not be written.
+    task: JoinHandle<usize>,
 }
 
 impl RunningGateway {
@@ -57,15 +58,21 @@ impl RunningGateway {
     }
 
     /// Stops accepting, lets calls in flight finish within the grace period, cuts the
-    /// rest (settling them), then writes all usage and flushes the store.
-    pub async fn shutdown(self) {
+    /// rest (settling them), then writes all usage and flushes the store. Returns the
+    /// number of calls whose usage could not be written (the store failed to the end).
+    pub async fn shutdown(self) -> usize {
         self.shutdown.cancel();
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "gateway task failed");
-        }
+        let unrecorded = match self.task.await {
+            Ok(unrecorded) => unrecorded,
+            Err(e) => {
+                tracing::error!(error = %e, "gateway task failed");
+                0
+            }
+        };
         if let Some(simulator) = self.simulator {
             simulator.shutdown().await;
         }
+        unrecorded
     }
 
     /// Reloads the upstream list from `config` (SIGHUP); calls in flight are not touched.
@@ -118,7 +125,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let mut secrets = FirstStartSecrets::default();
     let admin_token_hash = admin_token_hash(&config, &*store, &mut secrets)?;
 
-    let (sink, writer) = UsageWriter::spawn(store.clone());
+    let (sink, writer) = UsageWriter::spawn(
+        store.clone(),
+        Duration::from_millis(config.store.flush_interval_ms),
+    );
     let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway::load(
         store.clone(),
@@ -225,7 +235,7 @@ async fn serve(
     hard_stop: CancellationToken,
     grace: Duration,
     writer: UsageWriter,
-) {
+) -> usize {
     let cutter = {
         let shutdown = shutdown.clone();
         let hard_stop = hard_stop.clone();
@@ -258,8 +268,11 @@ async fn serve(
         () = stuck => tracing::warn!("connections still open after the grace period; leaving them"),
     }
     cutter.abort();
-    writer.stop().await;
-    tracing::info!("step3-gateway stopped; usage flushed");
+    let unrecorded = writer.stop().await;
+    if unrecorded == 0 {
+        tracing::info!("step3-gateway stopped; usage flushed");
+    }
+    unrecorded
 }
 
 fn admin_token_hash(

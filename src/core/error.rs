@@ -59,6 +59,12 @@ pub enum GatewayError {
     /// The store failed; the call cannot be recorded.
     #[error("storage error: {0}")]
     Store(String),
+    /// The store does not take writes (a full disk): a call could not be recorded, so none
+    /// is admitted until it recovers.
+    #[error(
+        "the gateway cannot record usage right now (its store fails); the call was not made. Retry later"
+    )]
+    StoreUnavailable,
 }
 
 fn describe_refusal(r: &Refusal) -> String {
@@ -94,6 +100,7 @@ impl GatewayError {
             GatewayError::RateLimited(_) => Some("rate"),
             GatewayError::QuotaExceeded { .. } => Some("quota"),
             GatewayError::ModelNotAllowed { .. } => Some("policy"),
+            GatewayError::StoreUnavailable => Some("store"),
             GatewayError::InvalidRequest { .. } | GatewayError::BodyTooLarge { .. } => {
                 Some("invalid")
             }

@@ -46,7 +46,8 @@ impl From<GatewayError> for Status {
             }
             GatewayError::UpstreamUnavailable(_)
             | GatewayError::NoHealthyBackend { .. }
-            | GatewayError::ShuttingDown => Code::Unavailable,
+            | GatewayError::ShuttingDown
+            | GatewayError::StoreUnavailable => Code::Unavailable,
             GatewayError::UpstreamTimeout => Code::DeadlineExceeded,
             GatewayError::Store(_) => Code::Internal,
         };

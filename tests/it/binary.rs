@@ -16,19 +16,25 @@ use crate::common::{ADMIN_TOKEN, chat_body, stream_body};
 
 const UPSTREAM_KEY: &str = "upstream-secret-key-9876";
 
-struct Gateway {
+/// The real `step3-gateway serve` as a child process, its stderr collected line by line.
+pub(crate) struct Gateway {
     child: Child,
-    url: String,
+    pub(crate) url: String,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Gateway {
     /// Starts `step3-gateway serve` with `config` and waits for its address in the logs.
-    async fn start(config_path: &std::path::Path) -> Gateway {
+    pub(crate) async fn start(config_path: &std::path::Path) -> Gateway {
+        Self::start_logging(config_path, "trace").await
+    }
+
+    /// As [`Gateway::start`], with `RUST_LOG=<level>` (a load test wants fewer lines).
+    pub(crate) async fn start_logging(config_path: &std::path::Path, level: &str) -> Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_step3-gateway"))
             .args(["serve", "--config"])
             .arg(config_path)
-            .env("RUST_LOG", "trace")
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -61,7 +67,7 @@ impl Gateway {
         panic!("the gateway did not start: {:?}", logs.lock().unwrap());
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
@@ -69,7 +75,7 @@ impl Gateway {
         assert!(status.success());
     }
 
-    async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    pub(crate) async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
         let status = tokio::task::spawn_blocking(move || {
             let status = self.child.wait().unwrap();
             (status, self)
@@ -84,14 +90,23 @@ impl Gateway {
 }
 
 fn write_config(dir: &std::path::Path, upstream: &str) -> std::path::PathBuf {
+    write_config_with(dir, upstream, &dir.join("data"), "")
+}
+
+/// `gateway.toml` in `dir`: data in `data`, `store` lines added to the `[store]` table.
+pub(crate) fn write_config_with(
+    dir: &std::path::Path,
+    upstream: &str,
+    data: &std::path::Path,
+    store: &str,
+) -> std::path::PathBuf {
     let path = dir.join("gateway.toml");
-    let data = dir.join("data");
     std::fs::write(
         &path,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n\
              [upstream]\nurl = \"{upstream}\"\napi_key = \"{UPSTREAM_KEY}\"\nhealth_interval_ms = 100\n\
-             [store]\npath = \"{}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[log]\nformat = \"json\"\n",
+             [store]\npath = \"{}\"\n{store}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[log]\nformat = \"json\"\n",
             data.display()
         ),
     )
@@ -99,7 +114,7 @@ fn write_config(dir: &std::path::Path, upstream: &str) -> std::path::PathBuf {
     path
 }
 
-async fn upstream(latency_ms: u64) -> RunningSimulator {
+pub(crate) async fn upstream(latency_ms: u64) -> RunningSimulator {
     Simulator::new(SimulatorConfig {
         token_latency: Duration::from_millis(latency_ms),
         reply_tokens: 12,

@@ -11,6 +11,8 @@ mod binary;
 mod books;
 mod chat;
 mod common;
+mod crash;
+mod data_dir;
 mod errors;
 mod faults;
 mod grpc;
