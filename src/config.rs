@@ -74,6 +74,14 @@ pub struct ServerConfig {
     pub response_metadata: bool,
     /// On SIGTERM/SIGINT, how long calls in flight may take before they are cut.
     pub shutdown_grace_secs: u64,
+    /// How long an HTTP/1.1 client may take to send a request's headers, counted from when
+    /// the gateway starts waiting for them (an idle keep-alive connection is closed then).
+    pub header_read_timeout_secs: u64,
+    /// How long a client may take to send a request body, counted from its headers.
+    pub body_read_timeout_secs: u64,
+    /// A connection with no request in flight for this long is closed (one that never
+    /// sends a request, an idle HTTP/2 connection).
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +92,9 @@ impl Default for ServerConfig {
             max_body_bytes: 20 * 1024 * 1024,
             response_metadata: false,
             shutdown_grace_secs: 30,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 60,
+            idle_timeout_secs: 60,
         }
     }
 }
@@ -314,6 +325,18 @@ impl GatewayConfig {
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "server.max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        let server = &self.server;
+        if [
+            server.header_read_timeout_secs,
+            server.body_read_timeout_secs,
+            server.idle_timeout_secs,
+        ]
+        .contains(&0)
+        {
+            return Err(ConfigError::Invalid(
+                "server timeouts must be at least 1 second".into(),
             ));
         }
         let upstream = &self.upstream;

@@ -16,6 +16,7 @@ mod grpc;
 mod grpc_admin;
 mod grpcurl_readme;
 mod hardening;
+mod hostile;
 mod openai_sdk;
 mod pool;
 mod reflection_client;
