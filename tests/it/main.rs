@@ -20,3 +20,4 @@ mod hostile;
 mod openai_sdk;
 mod pool;
 mod reflection_client;
+mod secrets;
