@@ -408,7 +408,11 @@ mod tests {
             )?;
             jail.set_env("STEP3GW_UPSTREAM_URL", "http://other:8000/v1");
             jail.set_env("STEP3GW_STORE_FLUSH_INTERVAL_MS", "250");
+            jail.set_env("STEP3GW_SERVER_HEADER_READ_TIMEOUT_SECS", "3");
             let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
+            assert_eq!(config.server.header_read_timeout_secs, 3);
+            assert_eq!(config.server.body_read_timeout_secs, 60);
+            assert_eq!(config.server.idle_timeout_secs, 60);
             assert_eq!(config.server.listen, "127.0.0.1:9000".parse().unwrap());
             assert_eq!(config.upstream.url, "http://other:8000/v1");
             assert_eq!(config.store.flush_interval_ms, 250);
@@ -458,6 +462,9 @@ mod tests {
         ));
         let mut config = GatewayConfig::default();
         config.upstream.url = "localhost:8000".into();
+        assert!(config.validate().is_err());
+        let mut config = GatewayConfig::default();
+        config.server.body_read_timeout_secs = 0;
         assert!(config.validate().is_err());
     }
 }
