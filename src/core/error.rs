@@ -32,6 +32,9 @@ pub enum GatewayError {
     /// The request body is larger than the configured limit.
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    /// The client did not send its request body in time.
+    #[error("the request body did not arrive within {secs} s")]
+    RequestTimeout { secs: u64 },
     /// An admin object (user, key) does not exist.
     #[error("{what} `{id}` not found")]
     NotFound { what: &'static str, id: String },
@@ -101,9 +104,9 @@ impl GatewayError {
             GatewayError::QuotaExceeded { .. } => Some("quota"),
             GatewayError::ModelNotAllowed { .. } => Some("policy"),
             GatewayError::StoreUnavailable => Some("store"),
-            GatewayError::InvalidRequest { .. } | GatewayError::BodyTooLarge { .. } => {
-                Some("invalid")
-            }
+            GatewayError::InvalidRequest { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::RequestTimeout { .. } => Some("invalid"),
             GatewayError::NotFound { .. }
             | GatewayError::Upstream { .. }
             | GatewayError::UpstreamUnavailable(_)

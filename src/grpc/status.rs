@@ -39,6 +39,7 @@ impl From<GatewayError> for Status {
                 Code::InvalidArgument
             }
             GatewayError::BodyTooLarge { .. } => Code::InvalidArgument,
+            GatewayError::RequestTimeout { .. } => Code::DeadlineExceeded,
             GatewayError::NotFound { .. } => Code::NotFound,
             GatewayError::Upstream { status, .. } => {
                 metadata.insert("x-upstream-status", MetadataValue::from(*status));

@@ -70,6 +70,12 @@ impl IntoResponse for GatewayError {
                     Some("request_too_large".into()),
                     None,
                 ),
+                GatewayError::RequestTimeout { .. } => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error".into(),
+                    Some("request_timeout".into()),
+                    None,
+                ),
                 GatewayError::NotFound { .. } => (
                     StatusCode::NOT_FOUND,
                     "invalid_request_error".into(),

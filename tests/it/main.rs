@@ -19,6 +19,8 @@ mod grpc;
 mod grpc_admin;
 mod grpcurl_readme;
 mod hardening;
+mod hostile;
 mod openai_sdk;
 mod pool;
 mod reflection_client;
+mod secrets;
