@@ -33,7 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("step3_gateway_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    let mut config = tonic_prost_build::configure();
+    // Small per-call buffers: see src/grpc/codec.rs.
+    let mut config = tonic_prost_build::configure().codec_path("crate::grpc::codec::SmallCodec");
     for name in SERIALIZED {
         config = config.type_attribute(
             format!(".step3.gateway.v1.{name}"),

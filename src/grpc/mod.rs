@@ -3,6 +3,7 @@
 
 mod admin;
 mod chat;
+pub mod codec;
 pub mod convert;
 mod status;
 
