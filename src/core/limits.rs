@@ -330,39 +330,42 @@ pub fn retry_after_secs(d: Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
+/// OpenAI's header names for a limit's figures: limit, remaining, reset.
+const REQUEST_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const TOKEN_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
 impl RateStatus {
-    fn pairs(&self, kind: &str) -> [(String, String); 3] {
+    fn pairs(&self, [limit, remaining, reset]: [&'static str; 3]) -> [(&'static str, String); 3] {
         [
-            (format!("x-ratelimit-limit-{kind}"), self.limit.to_string()),
-            (
-                format!("x-ratelimit-remaining-{kind}"),
-                self.remaining.to_string(),
-            ),
-            (
-                format!("x-ratelimit-reset-{kind}"),
-                format_reset(self.reset),
-            ),
+            (limit, self.limit.to_string()),
+            (remaining, self.remaining.to_string()),
+            (reset, format_reset(self.reset)),
         ]
     }
 }
 
 impl Refusal {
     /// The figures a refusal reports, as (header or metadata name, value) pairs, both doors.
-    pub fn pairs(&self) -> Vec<(String, String)> {
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
         let wait = self.retry_after.unwrap_or(Duration::from_secs(60));
         let mut pairs = vec![
-            ("retry-after".to_owned(), retry_after_secs(wait).to_string()),
-            (
-                "x-ratelimit-scope".to_owned(),
-                self.scope.describe().to_owned(),
-            ),
+            ("retry-after", retry_after_secs(wait).to_string()),
+            ("x-ratelimit-scope", self.scope.describe().to_owned()),
         ];
         match self.kind {
             LimitKind::Requests | LimitKind::Tokens => {
                 let kind = if self.kind == LimitKind::Requests {
-                    "requests"
+                    REQUEST_HEADERS
                 } else {
-                    "tokens"
+                    TOKEN_HEADERS
                 };
                 let status = RateStatus {
                     limit: self.limit,
@@ -372,7 +375,7 @@ impl Refusal {
                 pairs.extend(status.pairs(kind));
             }
             LimitKind::Concurrency => {
-                pairs.push(("x-concurrency-limit".to_owned(), self.limit.to_string()));
+                pairs.push(("x-concurrency-limit", self.limit.to_string()));
             }
         }
         pairs
@@ -381,13 +384,13 @@ impl Refusal {
 
 impl RateFigures {
     /// The `x-ratelimit-*` pairs for a response, both doors.
-    pub fn pairs(&self) -> Vec<(String, String)> {
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
         let mut pairs = Vec::with_capacity(6);
         if let Some(requests) = &self.requests {
-            pairs.extend(requests.pairs("requests"));
+            pairs.extend(requests.pairs(REQUEST_HEADERS));
         }
         if let Some(tokens) = &self.tokens {
-            pairs.extend(tokens.pairs("tokens"));
+            pairs.extend(tokens.pairs(TOKEN_HEADERS));
         }
         pairs
     }

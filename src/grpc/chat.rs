@@ -224,16 +224,9 @@ fn add_limit_metadata(
     figures: &crate::core::limits::RateFigures,
     remaining: &crate::core::Remaining,
 ) {
-    let quota = remaining
-        .pairs()
-        .into_iter()
-        .map(|(name, value)| (name.to_owned(), value));
-    for (name, value) in figures.pairs().into_iter().chain(quota) {
-        if let (Ok(name), Ok(value)) = (
-            name.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
-            value.parse(),
-        ) {
-            metadata.insert(name, value);
+    for (name, value) in figures.pairs().into_iter().chain(remaining.pairs()) {
+        if let Ok(value) = value.parse() {
+            metadata.insert(tonic::metadata::MetadataKey::from_static(name), value);
         }
     }
 }

@@ -16,11 +16,8 @@ impl From<GatewayError> for Status {
             GatewayError::ModelNotAllowed { .. } => Code::PermissionDenied,
             GatewayError::RateLimited(refusal) => {
                 for (name, value) in refusal.pairs() {
-                    if let (Ok(name), Ok(value)) = (
-                        name.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
-                        value.parse(),
-                    ) {
-                        metadata.insert(name, value);
+                    if let Ok(value) = value.parse() {
+                        metadata.insert(tonic::metadata::MetadataKey::from_static(name), value);
                     }
                 }
                 Code::ResourceExhausted

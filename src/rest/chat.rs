@@ -108,13 +108,9 @@ async fn complete(
 
 /// Rate-limit figures of the call and the quota the key has left.
 fn add_limit_headers(headers: &mut HeaderMap, figures: RateFigures, remaining: Remaining) {
-    let quota = remaining
-        .pairs()
-        .into_iter()
-        .map(|(name, value)| (name.to_owned(), value));
-    for (name, value) in figures.pairs().into_iter().chain(quota) {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
-            headers.insert(name, value);
+    for (name, value) in figures.pairs().into_iter().chain(remaining.pairs()) {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(HeaderName::from_static(name), value);
         }
     }
 }

@@ -139,10 +139,8 @@ impl IntoResponse for GatewayError {
         if let GatewayError::RateLimited(refusal) = &self {
             let headers = response.headers_mut();
             for (name, value) in refusal.pairs() {
-                if let (Ok(name), Ok(value)) =
-                    (HeaderName::try_from(name), HeaderValue::try_from(value))
-                {
-                    headers.insert(name, value);
+                if let Ok(value) = HeaderValue::try_from(value) {
+                    headers.insert(HeaderName::from_static(name), value);
                 }
             }
         }

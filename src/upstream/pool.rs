@@ -61,7 +61,8 @@ pub struct PoolSettings {
 #[derive(Debug)]
 pub struct Backend {
     settings: BackendSettings,
-    chat_url: String,
+    /// Parsed once: reqwest would parse a string on every call.
+    chat_url: reqwest::Url,
     models_url: String,
     health_url: String,
     authorization: Option<HeaderValue>,
@@ -99,7 +100,12 @@ impl Backend {
             None => None,
         };
         Ok(Backend {
-            chat_url: format!("{api}/chat/completions"),
+            chat_url: reqwest::Url::parse(&format!("{api}/chat/completions")).map_err(|e| {
+                GatewayError::UpstreamUnavailable(format!(
+                    "the URL of backend `{}` is not valid: {e}",
+                    settings.name
+                ))
+            })?,
             models_url: format!("{api}/models"),
             health_url: format!("{root}/health"),
             authorization,
@@ -210,6 +216,8 @@ impl UpstreamPool {
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
+            // A model server has no business redirecting a prompt elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| {
                 GatewayError::UpstreamUnavailable(format!("cannot build HTTP client: {e}"))
@@ -340,7 +348,7 @@ impl UpstreamPool {
             let lease = BackendLease::new(backend.clone());
             let mut request = self
                 .client
-                .post(&backend.chat_url)
+                .post(backend.chat_url.clone())
                 .header(CONTENT_TYPE, "application/json")
                 .header(REQUEST_ID_HEADER, request_id)
                 .body(body.clone());
