@@ -140,7 +140,10 @@ pub fn inspect(event: &[u8]) -> EventInfo {
             ..EventInfo::default()
         };
     }
-    if !is_object(&data) {
+    // Serde skips the members it does not read without checking their strings: data that
+    // is not UTF-8 is not JSON, and reading usage from it would bill usage that
+    // `without_usage` cannot then remove.
+    if !is_object(&data) || std::str::from_utf8(&data).is_err() {
         return EventInfo::default();
     }
     let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
@@ -516,6 +519,16 @@ mod tests {
         assert!(info.has_choices && info.usage.is_none());
         let info = inspect(br#"data: {"usage":[3,4],"choices":[]}"#);
         assert!(info.usage.is_none());
+    }
+
+    /// Found by the `sse_stream` fuzz target: with a key spelled with an escape (so the
+    /// usage is removed by rebuilding the object) and bytes that are not UTF-8 elsewhere,
+    /// `inspect` read the usage but `without_usage` could not remove it.
+    #[test]
+    fn data_that_is_not_utf8_is_not_read() {
+        let event = b"data: {\"id\":\"c\xff\",\"\\u0075sage\":{\"prompt_tokens\":1},\"x\":0e5}\n\n";
+        assert_eq!(inspect(event), EventInfo::default());
+        assert!(without_usage(event).is_none());
     }
 
     #[test]
