@@ -40,13 +40,14 @@ for target in "${targets[@]}"; do
         findings="CRASH: $(grep -ho 'artifacts/[^ ]*' "$log" | tail -1)"
         status=1
     fi
-    execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || true)
-    rate=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "$log" | grep -o '[0-9]*$' || true)
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)
+    rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)
     last=$(grep -E '^#[0-9]+' "$log" | tail -1)
     cov=$(grep -o 'cov: [0-9]*' <<<"$last" | grep -o '[0-9]*' || true)
     ft=$(grep -o 'ft: [0-9]*' <<<"$last" | grep -o '[0-9]*' || true)
-    corpus=$(find "corpus/$target" -type f | wc -l)
+    # Entries this run kept (the corpus directory also holds earlier runs' entries).
+    corpus=$(grep -o 'corp: [0-9]*' <<<"$last" | grep -o '[0-9]*' || true)
     printf '%-16s %12s %8s %7s %7s %8s %s\n' "$target" "${execs:-?}" "${rate:-?}" \
-        "${cov:-?}" "${ft:-?}" "$corpus" "$findings"
+        "${cov:-?}" "${ft:-?}" "${corpus:-?}" "$findings"
 done
 exit "$status"
