@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Data, Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::core::images::ImageUrlPolicy;
@@ -304,12 +304,28 @@ pub enum ConfigError {
 impl GatewayConfig {
     /// Defaults, then `file` (if given), then the `STEP3GW_*` environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = match file {
+            Some(file) if !file.exists() => return Err(ConfigError::MissingFile(file.to_owned())),
+            Some(file) => Some(Toml::file_exact(file)),
+            None => None,
+        };
+        Self::layered(file)
+    }
+
+    /// What [`GatewayConfig::load`] does with a file, given the file's text instead.
+    ///
+    /// Public only so that the fuzz targets in `fuzz/` (a separate crate) can feed arbitrary
+    /// TOML through the real layering without writing files; not part of the API.
+    #[doc(hidden)]
+    pub fn load_from_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        Self::layered(Some(Toml::string(toml)))
+    }
+
+    /// Defaults, then `file`, then the environment.
+    fn layered(file: Option<Data<Toml>>) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(GatewayConfig::default()));
         if let Some(file) = file {
-            if !file.exists() {
-                return Err(ConfigError::MissingFile(file.to_owned()));
-            }
-            figment = figment.merge(Toml::file_exact(file));
+            figment = figment.merge(file);
         }
         // `STEP3GW_CONFIG` names the file and `STEP3GW_ADMIN_URL` is read by the admin CLI;
         // neither is a setting, and an operator may export both next to the real ones.

@@ -170,7 +170,8 @@ pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, Gate
             None,
         ));
     }
-    let mut de = serde_json::Deserializer::from_slice(&body);
+    let text = require_object(&body)?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let view: RequestView<'_> = serde_path_to_error::deserialize(&mut de).map_err(body_error)?;
     de.end().map_err(|e| {
         GatewayError::invalid_request(
@@ -400,6 +401,46 @@ fn measure_messages(
     Ok(measured)
 }
 
+/// The body as text, refusing what the partial reads below would let through although it
+/// is not a JSON object: invalid UTF-8 (serde skips unknown members without checking their
+/// strings) and an array (serde reads a struct from an array too, and the rewrites below
+/// splice members into an object). Anything else that is not an object fails its
+/// deserialisation with the usual message.
+fn require_object(body: &[u8]) -> Result<&str, GatewayError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        GatewayError::invalid_request(
+            format!("We could not parse the JSON body of your request: it is not UTF-8 ({e})"),
+            None,
+        )
+    })?;
+    if text.trim_ascii_start().starts_with('[') {
+        return Err(GatewayError::invalid_request(
+            "Invalid request body: invalid type: sequence, expected a chat completion request object",
+            None,
+        ));
+    }
+    Ok(text)
+}
+
+/// `body`, a JSON object, with `"name":value` added as its first member.
+fn with_first_member(body: &[u8], name: &str, value: &[u8]) -> Vec<u8> {
+    // The body parsed as an object, so its first `{` opens it.
+    let open = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+    let (head, rest) = body.split_at(open);
+    let mut out = Vec::with_capacity(body.len() + name.len() + value.len() + 4);
+    out.extend_from_slice(head);
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(value);
+    // `{}` takes no comma after its only member.
+    if !rest.trim_ascii_start().starts_with(b"}") {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
 /// The body with `model` replaced by `served` (an alias resolved to the served name).
 pub fn with_model(body: &Bytes, served: &str) -> Result<Bytes, GatewayError> {
     #[derive(Deserialize)]
@@ -407,7 +448,7 @@ pub fn with_model(body: &Bytes, served: &str) -> Result<Bytes, GatewayError> {
         #[serde(borrow)]
         model: &'a RawValue,
     }
-    let view: ModelView<'_> = serde_json::from_slice(body).map_err(|e| {
+    let view: ModelView<'_> = serde_json::from_str(require_object(body)?).map_err(|e| {
         GatewayError::invalid_request(format!("cannot set the model: {e}"), Some("model"))
     })?;
     let span = span_of(body, view.model.get());
@@ -423,7 +464,7 @@ pub fn with_model(body: &Bytes, served: &str) -> Result<Bytes, GatewayError> {
 /// The body with its output cap set to `cap`: every cap field present is replaced, or
 /// `max_tokens` is added when there is none. The rest of the body is kept as it is.
 pub fn with_max_tokens(body: &Bytes, cap: u64) -> Result<Bytes, GatewayError> {
-    let view: CapView<'_> = serde_json::from_slice(body)
+    let view: CapView<'_> = serde_json::from_str(require_object(body)?)
         .map_err(|e| GatewayError::invalid_request(format!("cannot set max_tokens: {e}"), None))?;
     let value = cap.to_string();
     let mut spans: Vec<std::ops::Range<usize>> = [view.max_tokens, view.max_completion_tokens]
@@ -432,23 +473,21 @@ pub fn with_max_tokens(body: &Bytes, cap: u64) -> Result<Bytes, GatewayError> {
         .map(|raw| span_of(body, raw.get()))
         .collect();
     spans.sort_by_key(|span| span.start);
-    let mut out = Vec::with_capacity(body.len() + 24);
     if spans.is_empty() {
-        let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
-        out.extend_from_slice(&body[..=open]);
-        out.extend_from_slice(b"\"max_tokens\":");
-        out.extend_from_slice(value.as_bytes());
-        out.push(b',');
-        out.extend_from_slice(&body[open + 1..]);
-    } else {
-        let mut at = 0;
-        for span in spans {
-            out.extend_from_slice(&body[at..span.start]);
-            out.extend_from_slice(value.as_bytes());
-            at = span.end;
-        }
-        out.extend_from_slice(&body[at..]);
+        return Ok(Bytes::from(with_first_member(
+            body,
+            "max_tokens",
+            value.as_bytes(),
+        )));
     }
+    let mut out = Vec::with_capacity(body.len() + 24);
+    let mut at = 0;
+    for span in spans {
+        out.extend_from_slice(&body[at..span.start]);
+        out.extend_from_slice(value.as_bytes());
+        at = span.end;
+    }
+    out.extend_from_slice(&body[at..]);
     Ok(Bytes::from(out))
 }
 
@@ -477,30 +516,19 @@ fn with_stream_options(
     }
     let options = serde_json::to_vec(&options)
         .map_err(|e| GatewayError::invalid_request(e.to_string(), Some("stream_options")))?;
-    let mut out = Vec::with_capacity(body.len() + options.len() + 20);
-    match options_span {
-        Some(span) => {
-            out.extend_from_slice(&body[..span.start]);
-            out.extend_from_slice(&options);
-            out.extend_from_slice(&body[span.end..]);
-        }
-        None => {
-            // The body is an object (it parsed as one): add the field right after its `{`.
-            let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
-            out.extend_from_slice(&body[..=open]);
-            out.extend_from_slice(b"\"stream_options\":");
-            out.extend_from_slice(&options);
-            out.push(b',');
-            out.extend_from_slice(&body[open + 1..]);
-        }
-    }
+    let out = match options_span {
+        Some(span) => [&body[..span.start], &options, &body[span.end..]].concat(),
+        None => with_first_member(body, "stream_options", &options),
+    };
     Ok(Bytes::from(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::{Value, json};
+    use std::collections::BTreeMap;
 
     #[test]
     fn nesting_is_measured_outside_strings_only() {
@@ -654,5 +682,173 @@ mod tests {
             serde_json::from_slice(&with_max_tokens(&call.upstream_body, 7).unwrap()).unwrap();
         assert_eq!(added["max_tokens"], 7);
         assert_eq!(added["model"], "m");
+    }
+
+    /// A JSON array deserialises into the request struct positionally; the rewrite then put
+    /// `stream_options` into the first object it found, a message.
+    #[test]
+    fn an_array_body_is_refused() {
+        for body in [&br#"["m",[{"content":"x"}],true]"#[..], b" [\"m\",[{}]]"] {
+            let err = prepare_chat(Bytes::from_static(body), &options(true)).unwrap_err();
+            assert!(matches!(
+                err,
+                GatewayError::InvalidRequest { param: None, .. }
+            ));
+            assert!(with_model(&Bytes::from_static(body), "s").is_err());
+            assert!(with_max_tokens(&Bytes::from_static(body), 1).is_err());
+        }
+    }
+
+    /// Found by the `chat_request` fuzz target: invalid UTF-8 inside a member the gate does
+    /// not read was accepted (serde skips such members unchecked) and sent upstream as if
+    /// it were JSON.
+    #[test]
+    fn a_body_that_is_not_utf8_is_refused() {
+        let body = Bytes::from_static(
+            b"{\"model\":\"m\",\"messages\":[{\"content\":\"x\"}],\"u\":\"https://example.co\x94/a.png\"}",
+        );
+        let err = prepare_chat(body.clone(), &options(true)).unwrap_err();
+        assert!(matches!(
+            err,
+            GatewayError::InvalidRequest { param: None, .. }
+        ));
+        assert!(with_model(&body, "s").is_err());
+        assert!(with_max_tokens(&body, 1).is_err());
+    }
+
+    /// `{}` used to become `{"max_tokens":7,}`.
+    #[test]
+    fn a_cap_added_to_an_empty_object_is_valid_json() {
+        let out = with_max_tokens(&Bytes::from_static(b"{ }"), 7).unwrap();
+        assert_eq!(&out[..], b"{\"max_tokens\":7 }");
+        let out = with_max_tokens(&Bytes::from_static(b"{\"a\":1}"), 7).unwrap();
+        assert_eq!(&out[..], b"{\"max_tokens\":7,\"a\":1}");
+    }
+
+    type Members = BTreeMap<String, Box<RawValue>>;
+
+    fn members(body: &[u8]) -> Members {
+        serde_json::from_slice(body).unwrap()
+    }
+
+    /// Every member of `before` but `changed` is in `after` with the same text, and only
+    /// `changed` may be new.
+    fn only_changed(before: &Members, after: &Members, changed: &[&str]) {
+        for (key, value) in before {
+            if !changed.contains(&key.as_str()) {
+                assert_eq!(after.get(key).map(|v| v.get()), Some(value.get()), "{key}");
+            }
+        }
+        assert!(
+            after
+                .keys()
+                .all(|k| before.contains_key(k) || changed.contains(&k.as_str()))
+        );
+    }
+
+    /// A request body: the members the gate reads, in any order, spelled as clients do
+    /// (with odd whitespace, `null`s and unknown fields next to them).
+    fn request_body() -> impl Strategy<Value = (String, bool)> {
+        let optional =
+            |values: &'static [&'static str]| prop::option::of(prop::sample::select(values));
+        (
+            prop::sample::select(&["\"m\"", "\"st\\u0065p3\""][..]),
+            optional(&["true", "false", "null"]),
+            optional(&[
+                "null",
+                "{}",
+                "{\"include_usage\":false,\"x\":[1e400]}",
+                "{\"include_usage\":true}",
+                "{\"continuous_usage_stats\":true,\"include_usage\":true}",
+            ]),
+            optional(&["null", "0", "5", "18446744073709551615"]),
+            optional(&["null", "7"]),
+            prop::sample::subsequence(
+                &[
+                    "\"top_k\":20",
+                    "\"x\":{\"max_tokens\":1}",
+                    "\"n\":2",
+                    "\"u\":1.5e300",
+                ][..],
+                0..=3,
+            ),
+            any::<prop::sample::Index>(),
+            prop::sample::select(&["", " ", "\n\t", "\r\n "][..]),
+        )
+            .prop_map(
+                |(model, stream, options, max, completion, extra, order, space)| {
+                    let mut fields = vec![
+                        format!("\"model\"{space}:{model}"),
+                        format!("\"messages\":[{space}{{\"role\":\"user\",\"content\":\"hi\"}}]"),
+                    ];
+                    let named = [
+                        ("stream", stream),
+                        ("stream_options", options),
+                        ("max_tokens", max),
+                        ("max_completion_tokens", completion),
+                    ];
+                    for (name, value) in named {
+                        if let Some(value) = value {
+                            fields.push(format!("\"{name}\":{space}{value}"));
+                        }
+                    }
+                    fields.extend(extra.into_iter().map(str::to_owned));
+                    let rotate = order.index(fields.len());
+                    fields.rotate_left(rotate);
+                    let body = format!(
+                        "{space}{{{space}{}{space}}}{space}",
+                        fields.join(format!("{space},").as_str())
+                    );
+                    (body, stream == Some("true"))
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn rewrites_change_only_their_own_member(
+            (body, stream) in request_body(),
+            continuous in any::<bool>(),
+            served in prop::sample::select(&["served/name", "q\"uote\\", "ü\u{2028}x"][..]),
+            cap in any::<u64>(),
+        ) {
+            let body = Bytes::from(body);
+            let call = prepare_chat(body.clone(), &options(continuous)).unwrap();
+            prop_assert_eq!(call.stream, stream);
+            let before = members(&body);
+            let sent = members(&call.upstream_body);
+            if call.upstream_body != body {
+                prop_assert!(stream);
+                only_changed(&before, &sent, &["stream_options"]);
+                let options: Value = serde_json::from_str(sent["stream_options"].get()).unwrap();
+                prop_assert_eq!(&options["include_usage"], &json!(true));
+                if continuous {
+                    prop_assert_eq!(&options["continuous_usage_stats"], &json!(true));
+                }
+            }
+
+            let renamed = with_model(&call.upstream_body, served).unwrap();
+            let renamed_members = members(&renamed);
+            only_changed(&sent, &renamed_members, &["model"]);
+            prop_assert_eq!(
+                serde_json::from_str::<String>(renamed_members["model"].get()).unwrap(),
+                served
+            );
+
+            let capped = with_max_tokens(&renamed, cap).unwrap();
+            let capped_members = members(&capped);
+            only_changed(&renamed_members, &capped_members, &["max_tokens", "max_completion_tokens"]);
+            // Every cap present is replaced, or `max_tokens` is added when there is none.
+            let had_completion = renamed_members.contains_key("max_completion_tokens");
+            let add_max = renamed_members.contains_key("max_tokens") || !had_completion;
+            let cap_text = cap.to_string();
+            for (name, present) in [("max_tokens", add_max), ("max_completion_tokens", had_completion)] {
+                let expected = present.then_some(cap_text.as_str());
+                prop_assert_eq!(capped_members.get(name).map(|v| v.get()), expected, "{}", name);
+            }
+            let again = prepare_chat(capped, &options(continuous)).unwrap();
+            prop_assert_eq!((again.max_tokens, again.stream), (Some(cap), stream));
+            prop_assert_eq!(again.model, served);
+        }
     }
 }

@@ -191,7 +191,8 @@ impl From<UsageView> for pb::Usage {
         pb::Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
+            // Counts come from the upstream's JSON: near u64::MAX the sum must not overflow.
+            total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
         }
     }
 }
@@ -510,6 +511,22 @@ mod tests {
             StreamEvent::Error("boom".into())
         );
         assert_eq!(stream_event(b": ping\n\n").unwrap(), StreamEvent::Nothing);
+    }
+
+    /// Found by the `grpc_chunk` fuzz target: `total_tokens` overflowed (a panic in a debug
+    /// build, a wrong total in release) on counts near `u64::MAX` from the upstream.
+    #[test]
+    fn huge_token_counts_from_the_upstream_do_not_overflow() {
+        let data = br#"{"choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":1}}"#;
+        let answer = response_proto(data).unwrap();
+        assert_eq!(answer.usage.unwrap().total_tokens, u64::MAX);
+        let mut event = b"data: ".to_vec();
+        event.extend_from_slice(data);
+        event.extend_from_slice(b"\n\n");
+        let StreamEvent::Chunk(chunk) = stream_event(&event).unwrap() else {
+            panic!("not a chunk")
+        };
+        assert_eq!(chunk.usage.unwrap().total_tokens, u64::MAX);
     }
 
     #[test]

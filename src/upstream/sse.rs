@@ -35,10 +35,18 @@ impl SseFramer {
         self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
         while let Some(end) = event_end(&self.buf, self.scanned) {
-            events.push(self.buf.split_to(end).freeze());
             self.scanned = 0;
+            let event = self.buf.split_to(end).freeze();
+            // An event that arrived whole in one chunk is held to the same limit.
+            if event.len() > self.max_event {
+                return Err(OversizedEvent {
+                    limit: self.max_event,
+                });
+            }
+            events.push(event);
         }
-        // A terminator may begin in the last two bytes and end in the next chunk.
+        // A terminator is at most three bytes: one may start in the last two and end in
+        // the next chunk.
         self.scanned = self.buf.len().saturating_sub(2);
         if self.buf.len() > self.max_event {
             return Err(OversizedEvent {
@@ -107,8 +115,9 @@ pub struct EventInfo {
 struct ChunkView<'a> {
     #[serde(default, borrow)]
     choices: Option<&'a RawValue>,
-    #[serde(default)]
-    usage: Option<UsageView>,
+    /// Read on its own, so that a malformed `usage` does not hide the choices or the error.
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
 }
@@ -158,8 +167,10 @@ pub fn inspect(event: &[u8]) -> EventInfo {
             ..EventInfo::default()
         };
     }
-    // serde reads a struct from an array too; a chunk is only ever an object.
-    if !data.trim_ascii_start().starts_with(b"{") {
+    // Serde skips the members it does not read without checking their strings: data that
+    // is not UTF-8 is not JSON, and reading usage from it would bill usage that
+    // `without_usage` cannot then remove.
+    if !is_object(&data) || std::str::from_utf8(&data).is_err() {
         return EventInfo::default();
     }
     let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
@@ -168,10 +179,14 @@ pub fn inspect(event: &[u8]) -> EventInfo {
     EventInfo {
         done: false,
         readable: true,
-        usage: chunk.usage.map(|u| Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-        }),
+        usage: chunk
+            .usage
+            .filter(|raw| is_object(raw.get().as_bytes()))
+            .and_then(|raw| serde_json::from_str::<UsageView>(raw.get()).ok())
+            .map(|u| Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            }),
         has_choices: chunk.choices.is_some_and(|c| c.get().trim() != "[]"),
         error: chunk.error.map(|raw| {
             serde_json::from_str::<ErrorView>(raw.get())
@@ -194,6 +209,9 @@ pub fn without_usage(event: &[u8]) -> Option<Bytes> {
         usage: Option<&'a RawValue>,
     }
     let data = event_data(event)?;
+    if !is_object(&data) {
+        return None;
+    }
     let span = serde_json::from_slice::<UsageSpan<'_>>(&data)
         .ok()?
         .usage
@@ -204,9 +222,20 @@ pub fn without_usage(event: &[u8]) -> Option<Bytes> {
     let kept = cut_member(&data, span).map_or_else(|| reserialized_without_usage(&data), Some)?;
     let mut out = Vec::with_capacity(kept.len() + 8);
     out.extend_from_slice(b"data: ");
-    out.extend_from_slice(&kept);
+    // Line breaks in JSON are whitespace between tokens (strings cannot hold them raw), but
+    // in SSE they end the `data:` line: as spaces, the data is one line meaning the same.
+    out.extend(
+        kept.iter()
+            .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+    );
     out.extend_from_slice(b"\n\n");
     Some(Bytes::from(out))
+}
+
+/// Whether `data` starts like a JSON object: serde reads a struct from an array too, and an
+/// array chunk is not one the gate understands.
+fn is_object(data: &[u8]) -> bool {
+    data.trim_ascii_start().starts_with(b"{")
 }
 
 /// `data` without the `"usage": <value>` member whose value sits at `value`, and without
@@ -240,11 +269,48 @@ fn cut_member(data: &[u8], value: std::ops::Range<usize>) -> Option<Vec<u8>> {
     Some(kept)
 }
 
+/// `data` rebuilt without `usage`: the other members in order, their values as sent (a
+/// `Value` would round numbers and could grow the text), keys re-escaped minimally.
 fn reserialized_without_usage(data: &[u8]) -> Option<Vec<u8>> {
-    let mut value: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(data).ok()?;
-    value.remove("usage");
-    serde_json::to_vec(&value).ok()
+    let RawMembers(members) = serde_json::from_slice(data).ok()?;
+    let mut out = Vec::with_capacity(data.len());
+    out.push(b'{');
+    for (key, value) in members.iter().filter(|(key, _)| key != "usage") {
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, key).ok()?;
+        out.push(b':');
+        out.extend_from_slice(value.get().as_bytes());
+    }
+    out.push(b'}');
+    Some(out)
+}
+
+/// The members of a JSON object in order, values unparsed.
+struct RawMembers<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for RawMembers<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> serde::de::Visitor<'de> for MembersVisitor {
+            type Value = RawMembers<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(RawMembers(members))
+            }
+        }
+        de.deserialize_map(MembersVisitor)
+    }
 }
 
 /// A well-formed end for a stream the upstream broke off: an error event, then `[DONE]`.
@@ -258,6 +324,7 @@ pub fn error_end(code: &str, message: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn framer_joins_split_events_and_handles_crlf() {
@@ -356,6 +423,194 @@ mod tests {
         // A key spelled with an escape is still removed, by re-serialising.
         let odd = without_usage(br#"data: {"id":"c","\u0075sage":{"prompt_tokens":1}}"#).unwrap();
         assert!(inspect(&odd).usage.is_none());
+    }
+
+    /// Frames `pieces` in order: the events and what is left, or `None` on an error.
+    fn frame(pieces: &[&[u8]]) -> Option<(Vec<Bytes>, Vec<u8>)> {
+        let mut framer = SseFramer::default();
+        let mut events = Vec::new();
+        for piece in pieces {
+            events.extend(framer.push(piece).ok()?);
+        }
+        Some((events, framer.remainder().to_vec()))
+    }
+
+    /// The checks the gate relies on when it strips usage from an event for a client that
+    /// did not ask for it (also run by the `sse_stream` fuzz target).
+    fn check_without_usage(event: &[u8]) -> Result<(), TestCaseError> {
+        type Members = std::collections::BTreeMap<String, Box<RawValue>>;
+        let info = inspect(event);
+        let Some(stripped) = without_usage(event) else {
+            prop_assert!(info.usage.is_none(), "usage read but not removed");
+            return Ok(());
+        };
+        prop_assert!(stripped.len() <= event.len());
+        prop_assert_eq!(
+            frame(&[&stripped]),
+            Some((vec![stripped.clone()], Vec::new()))
+        );
+        let before: Members = serde_json::from_slice(&event_data(event).unwrap()).unwrap();
+        let after: Members = serde_json::from_slice(&event_data(&stripped).unwrap()).unwrap();
+        prop_assert!(!after.contains_key("usage"));
+        prop_assert_eq!(
+            after.len(),
+            before.len() - usize::from(before.contains_key("usage"))
+        );
+        for (key, value) in &after {
+            prop_assert_eq!(before.get(key).map(|v| v.get()), Some(value.get()));
+        }
+        let info_after = inspect(&stripped);
+        prop_assert_eq!(
+            (info_after.usage, info_after.has_choices, info_after.error),
+            (None, info.has_choices, info.error)
+        );
+        Ok(())
+    }
+
+    /// An event's data: a JSON object with members from a small, awkward set, spread over
+    /// several `data:` lines where its whitespace has line breaks.
+    fn chunk_event() -> impl Strategy<Value = Vec<u8>> {
+        let key = prop::sample::select(
+            &[
+                "\"id\"",
+                "\"choices\"",
+                "\"usage\"",
+                "\"\\u0075sage\"",
+                "\"x\\\"usage\"",
+                "\"error\"",
+            ][..],
+        );
+        let value = prop::sample::select(
+            &[
+                "1",
+                "1e5",
+                "-0.0",
+                "18446744073709551616",
+                "\"u\\n\"",
+                "[]",
+                "[{\"delta\":{}}]",
+                "{\"prompt_tokens\":3,\"completion_tokens\":1}",
+                "{\"message\":\"boom\"}",
+                "null",
+            ][..],
+        );
+        let space = prop::sample::select(&["", " ", "\n", "\r\n", "\n\n"][..]);
+        proptest::collection::vec((space.clone(), key, space.clone(), value, space), 0..6).prop_map(
+            |members| {
+                let mut json = String::from("{");
+                for (i, (a, key, b, value, c)) in members.into_iter().enumerate() {
+                    if i > 0 {
+                        json.push(',');
+                    }
+                    json.push_str(&format!("{a}{key}{b}:{value}{c}"));
+                }
+                json.push('}');
+                // A blank line would end the event early: keep line breaks single.
+                let json = json.replace("\n\n", "\n");
+                format!("data: {}\n\n", json.replace('\n', "\ndata: ")).into_bytes()
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn framing_does_not_depend_on_chunk_boundaries(
+            stream in proptest::collection::vec(
+                prop::sample::select(&b"\n\n\r:data {}x"[..]), 0..300),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for cut in cuts {
+                pieces.push(&stream[at..cut]);
+                at = cut;
+            }
+            pieces.push(&stream[at..]);
+            let whole = frame(&[&stream]).unwrap();
+            prop_assert_eq!(frame(&pieces).unwrap(), whole.clone());
+            let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+            prop_assert_eq!(frame(&bytes).unwrap(), whole.clone());
+            let (events, rest) = whole;
+            let mut joined = events.concat();
+            joined.extend_from_slice(&rest);
+            prop_assert_eq!(joined, stream);
+            for event in &events {
+                prop_assert!(event.ends_with(b"\n\n") || event.ends_with(b"\n\r\n"));
+                prop_assert!(event_end(&event[..event.len() - 1], 0).is_none());
+            }
+        }
+
+        #[test]
+        fn usage_is_removed_keeping_everything_else(event in chunk_event()) {
+            check_without_usage(&event)?;
+        }
+    }
+
+    /// Found by the `sse_stream` fuzz target: the fallback for an escaped `usage` key went
+    /// through `serde_json::Value`, which rewrote numbers (`1e5` became `100000.0`, longer and
+    /// no longer what the model server sent).
+    #[test]
+    fn the_escaped_key_fallback_keeps_values_as_sent() {
+        let event: &[u8] =
+            br#"data: {"id":"c","\u0075sage":{"prompt_tokens":1},"x":1e5,"big":18446744073709551616}"#;
+        let stripped = without_usage(event).unwrap();
+        assert_eq!(
+            &stripped[..],
+            b"data: {\"id\":\"c\",\"x\":1e5,\"big\":18446744073709551616}\n\n"
+        );
+        assert!(stripped.len() <= event.len());
+    }
+
+    /// Data spread over several `data:` lines keeps line breaks between its JSON tokens;
+    /// written back on one `data:` line they would have cut the JSON short for the client.
+    #[test]
+    fn usage_cut_from_multi_line_data_stays_one_data_line() {
+        let event = b"data: {\"a\":1,\ndata: \"b\":2,\"usage\":{\"completion_tokens\":2}}\n\n";
+        let stripped = without_usage(event).unwrap();
+        assert_eq!(&stripped[..], b"data: {\"a\":1, \"b\":2}\n\n");
+    }
+
+    /// An array chunk is not a chunk: serde reads the struct from it positionally, so usage
+    /// was billed from `[null, {...}]` but could not be cut from it.
+    #[test]
+    fn array_data_is_not_read_as_a_chunk() {
+        let event = br#"data: [null, {"prompt_tokens":5,"completion_tokens":1}]"#;
+        assert_eq!(inspect(event), EventInfo::default());
+        assert!(without_usage(event).is_none());
+    }
+
+    /// Found by `usage_is_removed_keeping_everything_else`: a `usage` that is not a usage
+    /// object made the whole chunk unreadable, so its choices and error went unseen.
+    #[test]
+    fn a_malformed_usage_does_not_hide_the_rest_of_the_chunk() {
+        let info = inspect(br#"data: {"usage":1,"error":{"message":"boom"},"choices":[{}]}"#);
+        assert_eq!(info.error.as_deref(), Some("boom"));
+        assert!(info.has_choices && info.usage.is_none());
+        let info = inspect(br#"data: {"usage":[3,4],"choices":[]}"#);
+        assert!(info.usage.is_none());
+    }
+
+    /// Found by the `sse_stream` fuzz target: with a key spelled with an escape (so the
+    /// usage is removed by rebuilding the object) and bytes that are not UTF-8 elsewhere,
+    /// `inspect` read the usage but `without_usage` could not remove it.
+    #[test]
+    fn data_that_is_not_utf8_is_not_read() {
+        let event = b"data: {\"id\":\"c\xff\",\"\\u0075sage\":{\"prompt_tokens\":1},\"x\":0e5}\n\n";
+        assert_eq!(inspect(event), EventInfo::default());
+        assert!(without_usage(event).is_none());
+    }
+
+    #[test]
+    fn an_oversized_event_is_refused_whole_or_in_pieces() {
+        let mut event = b"data: ".to_vec();
+        event.resize(DEFAULT_MAX_EVENT_BYTES + 1, b'x');
+        event.extend_from_slice(b"\n\n");
+        assert!(SseFramer::default().push(&event).is_err());
+        let mut framer = SseFramer::default();
+        let pushed: Result<Vec<_>, _> = event.chunks(64 * 1024).map(|c| framer.push(c)).collect();
+        assert!(pushed.is_err());
     }
 
     #[test]
