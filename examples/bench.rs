@@ -456,6 +456,20 @@ fn chat_body(stream: bool) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
+/// The gRPC form of [`chat_body`].
+fn grpc_request() -> pb::ChatRequest {
+    pb::ChatRequest {
+        model: MODEL.into(),
+        messages: vec![pb::Message {
+            role: "user".into(),
+            text: "Describe the picture in one sentence, please.".into(),
+            ..Default::default()
+        }],
+        max_tokens: Some(20),
+        ..Default::default()
+    }
+}
+
 /// Latencies (µs; for streams: to the first chunk) of one load run.
 struct Run {
     latencies: Vec<u64>,
@@ -524,16 +538,7 @@ async fn load(kind: Kind, url: &str, key: &str, conns: usize, seconds: f64) -> a
                             Ok(r)
                         },
                     );
-                    let request = pb::ChatRequest {
-                        model: MODEL.into(),
-                        messages: vec![pb::Message {
-                            role: "user".into(),
-                            text: "Describe the picture in one sentence, please.".into(),
-                            ..Default::default()
-                        }],
-                        max_tokens: Some(20),
-                        ..Default::default()
-                    };
+                    let request = grpc_request();
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
                         let took = if kind == Kind::GrpcUnary {
@@ -816,16 +821,7 @@ async fn open_grpc_streams(
     n: usize,
 ) -> anyhow::Result<Vec<tonic::Streaming<pb::ChatChunk>>> {
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", s.key).parse()?;
-    let request = pb::ChatRequest {
-        model: MODEL.into(),
-        messages: vec![pb::Message {
-            role: "user".into(),
-            text: "Describe the picture in one sentence, please.".into(),
-            ..Default::default()
-        }],
-        max_tokens: Some(20),
-        ..Default::default()
-    };
+    let request = grpc_request();
     let mut held = Vec::with_capacity(n);
     for batch in (0..n).collect::<Vec<_>>().chunks(100) {
         let channel = tonic::transport::Endpoint::from_shared(s.gateway_url.clone())?

@@ -131,6 +131,25 @@ impl ChatPath {
         }
     }
 
+    /// Admits a call and forwards it within the total time limit (returned as a deadline
+    /// for the rest of the call); a call that fails here is settled.
+    async fn start(
+        &self,
+        caller: &Caller,
+        call: ChatCall,
+        origin: &Origin,
+    ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
+        let request_body = self.logged_body(&call);
+        let mut admission = self.admit(caller, &call, origin, request_body)?;
+        let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
+        let sent = self.send(&mut admission, call, &origin.request_id);
+        match tokio::time::timeout_at(deadline, sent).await {
+            Ok(Ok(answer)) => Ok((admission, answer, deadline)),
+            Ok(Err(e)) => Err(settle_failed(admission, e)),
+            Err(_) => Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
+        }
+    }
+
     /// A non-streaming call: forwarded, read whole, metered and settled. `read` is the
     /// door's reading of the answer; an answer it cannot read settles as the upstream's
     /// failure, not as a completed call.
@@ -142,17 +161,9 @@ impl ChatPath {
         read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
     ) -> Result<Completion<T>, GatewayError> {
         let request_id = origin.request_id.as_str();
-        let request_body = self.logged_body(&call);
-        let mut admission = self.admit(caller, &call, origin, request_body)?;
-        let figures = admission.figures();
         let settings = self.upstream.settings();
-        let deadline = tokio::time::Instant::now() + settings.total_timeout;
-        let sent = tokio::time::timeout_at(deadline, self.send(&mut admission, call, request_id));
-        let answer = match sent.await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => return Err(settle_failed(admission, e)),
-            Err(_) => return Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
-        };
+        let (mut admission, answer, deadline) = self.start(caller, call, origin).await?;
+        let figures = admission.figures();
         let UpstreamAnswer { response, lease } = answer;
         // The answer is JSON whatever the upstream called it (an odd proxy may say HTML).
         let content_type = response
@@ -217,16 +228,8 @@ impl ChatPath {
         view: UsageView,
     ) -> Result<StreamStart, GatewayError> {
         let request_id = origin.request_id.as_str();
-        let request_body = self.logged_body(&call);
-        let mut admission = self.admit(caller, &call, origin, request_body)?;
         let settings = self.upstream.settings();
-        let deadline = tokio::time::Instant::now() + settings.total_timeout;
-        let sent = tokio::time::timeout_at(deadline, self.send(&mut admission, call, request_id));
-        let answer = match sent.await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => return Err(settle_failed(admission, e)),
-            Err(_) => return Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
-        };
+        let (admission, answer, deadline) = self.start(caller, call, origin).await?;
         let UpstreamAnswer { response, lease } = answer;
         // An HTML page or a JSON answer is no stream: the client gets an error, not its bytes.
         if let Some(other) = response
