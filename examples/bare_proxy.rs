@@ -46,20 +46,18 @@ async fn forward(State(up): State<Upstream>, request: Request) -> Response {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:8090".into());
-    let base = args.next().unwrap_or_else(|| "http://127.0.0.1:8000".into());
+    let base = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:8000".into());
     let upstream = Upstream {
         client: reqwest::Client::builder().tcp_nodelay(true).build()?,
         base,
     };
-    let app = axum::Router::new()
-        .fallback(forward)
-        .with_state(upstream);
+    let app = axum::Router::new().fallback(forward).with_state(upstream);
     // As the gateway does: answers are small, and Nagle would hold them back.
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await?
-        .tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+    let listener = tokio::net::TcpListener::bind(&listen).await?.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -380,7 +380,7 @@ async fn many_keys(cpu: &str, n: usize, seconds: f64, rounds: usize) -> anyhow::
         big.gateway.rss_mib(),
         small.gateway.rss_mib()
     );
-        // The first start above replays the burst of writes that filled the store; a restart
+    // The first start above replays the burst of writes that filled the store; a restart
     // is what an operator sees after that.
     let Setup {
         gateway,

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +16,7 @@ use crate::core::{GateSettings, Gateway, keys};
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::rest::{self, AppState, RestSettings};
+use crate::server::ConnectionLimits;
 use crate::sim::{RunningSimulator, Simulator, SimulatorConfig};
 use crate::store::{SledStore, Store, UsageWriter};
 use crate::upstream::UpstreamPool;
@@ -44,7 +44,8 @@ pub struct RunningGateway {
     /// The in-process simulator of `--demo`.
     pub simulator: Option<RunningSimulator>,
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    /// Ends with the number of calls whose usage could not be written.
+    task: JoinHandle<usize>,
 }
 
 impl RunningGateway {
@@ -57,15 +58,21 @@ impl RunningGateway {
     }
 
     /// Stops accepting, lets calls in flight finish within the grace period, cuts the
-    /// rest (settling them), then writes all usage and flushes the store.
-    pub async fn shutdown(self) {
+    /// rest (settling them), then writes all usage and flushes the store. Returns the
+    /// number of calls whose usage could not be written (the store failed to the end).
+    pub async fn shutdown(self) -> usize {
         self.shutdown.cancel();
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "gateway task failed");
-        }
+        let unrecorded = match self.task.await {
+            Ok(unrecorded) => unrecorded,
+            Err(e) => {
+                tracing::error!(error = %e, "gateway task failed");
+                0
+            }
+        };
         if let Some(simulator) = self.simulator {
             simulator.shutdown().await;
         }
+        unrecorded
     }
 
     /// Reloads the upstream list from `config` (SIGHUP); calls in flight are not touched.
@@ -118,7 +125,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let mut secrets = FirstStartSecrets::default();
     let admin_token_hash = admin_token_hash(&config, &*store, &mut secrets)?;
 
-    let (sink, writer) = UsageWriter::spawn(store.clone());
+    let (sink, writer) = UsageWriter::spawn(
+        store.clone(),
+        Duration::from_millis(config.store.flush_interval_ms),
+    );
     let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway::load(
         store.clone(),
@@ -178,8 +188,14 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             servers.push((listener, rest::grpc_only(grpc, gateway.metrics().clone())));
         }
     }
+    let limits = ConnectionLimits {
+        header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
+        body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
+        idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),
+    };
     let task = tokio::spawn(serve(
         servers,
+        limits,
         shutdown.clone(),
         hard_stop,
         config.shutdown_grace(),
@@ -210,22 +226,16 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Without TCP_NODELAY a response written in two pieces waits ~40 ms on Nagle.
-fn set_nodelay(stream: &mut tokio::net::TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "could not set TCP_NODELAY");
-    }
-}
-
 /// Serves every listener until `shutdown`, then lets calls in flight finish within
 /// `grace`, cuts the rest (their guards settle them), and drains the usage writer.
 async fn serve(
     servers: Vec<(tokio::net::TcpListener, axum::Router)>,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     grace: Duration,
     writer: UsageWriter,
-) {
+) -> usize {
     let cutter = {
         let shutdown = shutdown.clone();
         let hard_stop = hard_stop.clone();
@@ -236,11 +246,10 @@ async fn serve(
             hard_stop.cancel();
         })
     };
-    let servers = servers.into_iter().map(|(listener, router)| {
-        let listener = listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream));
-        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    });
-    let all = futures_util::future::join_all(servers.map(std::future::IntoFuture::into_future));
+    let servers = servers
+        .into_iter()
+        .map(|(listener, router)| crate::server::serve(listener, router, limits, shutdown.clone()));
+    let all = futures_util::future::join_all(servers);
     // A connection that never finishes (a stalled upload, a reader that stopped reading)
     // must not keep the usage from being written: after the cut, wait only briefly.
     let stuck = async {
@@ -248,18 +257,15 @@ async fn serve(
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
     tokio::select! {
-        results = all => {
-            for result in results {
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "server error");
-                }
-            }
-        }
+        _ = all => {}
         () = stuck => tracing::warn!("connections still open after the grace period; leaving them"),
     }
     cutter.abort();
-    writer.stop().await;
-    tracing::info!("step3-gateway stopped; usage flushed");
+    let unrecorded = writer.stop().await;
+    if unrecorded == 0 {
+        tracing::info!("step3-gateway stopped; usage flushed");
+    }
+    unrecorded
 }
 
 fn admin_token_hash(

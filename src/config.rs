@@ -74,6 +74,14 @@ pub struct ServerConfig {
     pub response_metadata: bool,
     /// On SIGTERM/SIGINT, how long calls in flight may take before they are cut.
     pub shutdown_grace_secs: u64,
+    /// How long an HTTP/1.1 client may take to send a request's headers, counted from when
+    /// the gateway starts waiting for them (an idle keep-alive connection is closed then).
+    pub header_read_timeout_secs: u64,
+    /// How long a client may take to send a request body, counted from its headers.
+    pub body_read_timeout_secs: u64,
+    /// A connection with no request in flight for this long is closed (one that never
+    /// sends a request, an idle HTTP/2 connection).
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +92,9 @@ impl Default for ServerConfig {
             max_body_bytes: 20 * 1024 * 1024,
             response_metadata: false,
             shutdown_grace_secs: 30,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 60,
+            idle_timeout_secs: 60,
         }
     }
 }
@@ -327,6 +338,18 @@ impl GatewayConfig {
                 "server.max_body_bytes must be at least 1024".into(),
             ));
         }
+        let server = &self.server;
+        if [
+            server.header_read_timeout_secs,
+            server.body_read_timeout_secs,
+            server.idle_timeout_secs,
+        ]
+        .contains(&0)
+        {
+            return Err(ConfigError::Invalid(
+                "server timeouts must be at least 1 second".into(),
+            ));
+        }
         let upstream = &self.upstream;
         if [
             upstream.connect_timeout_secs,
@@ -402,7 +425,11 @@ mod tests {
             )?;
             jail.set_env("STEP3GW_UPSTREAM_URL", "http://other:8000/v1");
             jail.set_env("STEP3GW_STORE_FLUSH_INTERVAL_MS", "250");
+            jail.set_env("STEP3GW_SERVER_HEADER_READ_TIMEOUT_SECS", "3");
             let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
+            assert_eq!(config.server.header_read_timeout_secs, 3);
+            assert_eq!(config.server.body_read_timeout_secs, 60);
+            assert_eq!(config.server.idle_timeout_secs, 60);
             assert_eq!(config.server.listen, "127.0.0.1:9000".parse().unwrap());
             assert_eq!(config.upstream.url, "http://other:8000/v1");
             assert_eq!(config.store.flush_interval_ms, 250);
@@ -452,6 +479,9 @@ mod tests {
         ));
         let mut config = GatewayConfig::default();
         config.upstream.url = "localhost:8000".into();
+        assert!(config.validate().is_err());
+        let mut config = GatewayConfig::default();
+        config.server.body_read_timeout_secs = 0;
         assert!(config.validate().is_err());
     }
 

@@ -10,6 +10,7 @@ pub mod core;
 pub mod grpc;
 pub mod metrics;
 pub mod rest;
+pub mod server;
 pub mod sim;
 pub mod store;
 pub mod upstream;

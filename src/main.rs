@@ -79,7 +79,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down: finishing calls in flight");
-    running.shutdown().await;
+    let unrecorded = running.shutdown().await;
+    if unrecorded > 0 {
+        anyhow::bail!(
+            "the store failed until the end: the usage of {unrecorded} calls could not be written to {}",
+            config.store.path.display()
+        );
+    }
     Ok(())
 }
 

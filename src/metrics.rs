@@ -153,6 +153,19 @@ pub struct BackendFigures {
     pub errors: u64,
 }
 
+/// The store's figures at scrape time (the usage writer's own state).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreFigures {
+    /// Finished calls queued for the store (including those held while it fails).
+    pub backlog: u64,
+    /// Whether the store takes writes (calls are refused while it does not).
+    pub available: bool,
+    /// Settled calls held in memory because the store failed.
+    pub unrecorded: u64,
+    /// Failed store writes and flushes since start.
+    pub failures: u64,
+}
+
 /// One gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -263,7 +276,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything, plus the figures read at scrape time.
-    pub fn render(&self, backends: &[BackendFigures], store_backlog: u64) -> String {
+    pub fn render(&self, backends: &[BackendFigures], store: &StoreFigures) -> String {
         let mut out = String::with_capacity(8192);
         counter(
             &mut out,
@@ -366,7 +379,23 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP step3gw_store_write_backlog Finished calls queued for the store.\n# TYPE step3gw_store_write_backlog gauge\nstep3gw_store_write_backlog {store_backlog}"
+            "# HELP step3gw_store_write_backlog Finished calls queued for the store.\n# TYPE step3gw_store_write_backlog gauge\nstep3gw_store_write_backlog {}",
+            store.backlog
+        );
+        let _ = writeln!(
+            out,
+            "# HELP step3gw_store_available 1 while the store takes writes; 0 while it fails and calls are refused.\n# TYPE step3gw_store_available gauge\nstep3gw_store_available {}",
+            u8::from(store.available)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP step3gw_store_unrecorded_calls Settled calls held in memory because the store fails.\n# TYPE step3gw_store_unrecorded_calls gauge\nstep3gw_store_unrecorded_calls {}",
+            store.unrecorded
+        );
+        let _ = writeln!(
+            out,
+            "# HELP step3gw_store_write_failures_total Failed store writes and flushes.\n# TYPE step3gw_store_write_failures_total counter\nstep3gw_store_write_failures_total {}",
+            store.failures
         );
         out
     }
@@ -458,7 +487,12 @@ mod tests {
                 in_flight: 2,
                 errors: 1,
             }],
-            3,
+            &StoreFigures {
+                backlog: 3,
+                available: false,
+                unrecorded: 2,
+                failures: 4,
+            },
         );
         assert!(text.contains(
             "step3gw_requests_total{door=\"rest\",route=\"/v1/models\",model=\"\",status=\"200\"} 2"
@@ -475,5 +509,8 @@ mod tests {
         );
         assert!(text.contains("step3gw_backend_healthy{backend=\"gpu-a\"} 1"));
         assert!(text.contains("step3gw_store_write_backlog 3"));
+        assert!(text.contains("step3gw_store_available 0"));
+        assert!(text.contains("step3gw_store_unrecorded_calls 2"));
+        assert!(text.contains("step3gw_store_write_failures_total 4"));
     }
 }

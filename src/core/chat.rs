@@ -162,6 +162,14 @@ struct StreamOptionsView {
 /// `continuous_usage_stats`) is set so that usage is known however the stream ends.
 pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, GatewayError> {
     let continuous_usage = options.continuous_usage;
+    // Fields the gate does not read are skipped without a depth limit and passed on: the
+    // model server's parser must not be the one to meet a hostile nesting.
+    if nests_deeper_than(&body, MAX_JSON_DEPTH) {
+        return Err(GatewayError::invalid_request(
+            format!("The JSON body is nested deeper than {MAX_JSON_DEPTH} levels."),
+            None,
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(&body);
     let view: RequestView<'_> = serde_path_to_error::deserialize(&mut de).map_err(body_error)?;
     de.end().map_err(|e| {
@@ -239,6 +247,48 @@ pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, Gate
         upstream_body,
         client_body: body,
     })
+}
+
+/// The deepest nesting of arrays and objects a request may have (serde_json's own limit
+/// when it builds values).
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether arrays and objects in `json` nest deeper than `limit`. One pass; the insides of
+/// strings (inline images) are skipped with `memchr`. `json` need not be valid.
+pub fn nests_deeper_than(json: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&byte) = json.get(i) {
+        match byte {
+            b'"' => {
+                // To the closing quote, past escaped characters.
+                i += 1;
+                loop {
+                    match json
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    {
+                        Some(k) if json[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k;
+                            break;
+                        }
+                        None => return false,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> GatewayError {
@@ -451,6 +501,18 @@ fn with_stream_options(
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn nesting_is_measured_outside_strings_only() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(!nests_deeper_than(deep(128).as_bytes(), 128));
+        assert!(nests_deeper_than(deep(129).as_bytes(), 128));
+        assert!(nests_deeper_than(&b"{".repeat(100_000), 128));
+        let in_string = format!(r#"{{"a":"{}","b":"\\\"[[["}}"#, "[".repeat(1000));
+        assert!(!nests_deeper_than(in_string.as_bytes(), 2));
+        assert!(nests_deeper_than(br#"{"a":"\"",[[["#, 3));
+        assert!(!nests_deeper_than(br#"{"a":"\"[[[[["#, 3));
+    }
 
     fn options(continuous: bool) -> ChatOptions {
         ChatOptions {

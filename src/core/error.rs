@@ -32,6 +32,9 @@ pub enum GatewayError {
     /// The request body is larger than the configured limit.
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    /// The client did not send its request body in time.
+    #[error("the request body did not arrive within {secs} s")]
+    RequestTimeout { secs: u64 },
     /// An admin object (user, key) does not exist.
     #[error("{what} `{id}` not found")]
     NotFound { what: &'static str, id: String },
@@ -59,6 +62,12 @@ pub enum GatewayError {
     /// The store failed; the call cannot be recorded.
     #[error("storage error: {0}")]
     Store(String),
+    /// The store does not take writes (a full disk): a call could not be recorded, so none
+    /// is admitted until it recovers.
+    #[error(
+        "the gateway cannot record usage right now (its store fails); the call was not made. Retry later"
+    )]
+    StoreUnavailable,
 }
 
 fn describe_refusal(r: &Refusal) -> String {
@@ -94,9 +103,10 @@ impl GatewayError {
             GatewayError::RateLimited(_) => Some("rate"),
             GatewayError::QuotaExceeded { .. } => Some("quota"),
             GatewayError::ModelNotAllowed { .. } => Some("policy"),
-            GatewayError::InvalidRequest { .. } | GatewayError::BodyTooLarge { .. } => {
-                Some("invalid")
-            }
+            GatewayError::StoreUnavailable => Some("store"),
+            GatewayError::InvalidRequest { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::RequestTimeout { .. } => Some("invalid"),
             GatewayError::NotFound { .. }
             | GatewayError::Upstream { .. }
             | GatewayError::UpstreamUnavailable(_)

@@ -15,8 +15,8 @@ use super::quota::{self, TokenAsk};
 use super::records::{
     CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UserRecord, now_micros, now_unix,
 };
-use crate::metrics::{Door, Metrics, SettledCall};
-use crate::store::{Store, UsageSink};
+use crate::metrics::{Door, Metrics, SettledCall, StoreFigures};
+use crate::store::{Store, StoreHealth, UsageSink};
 
 /// A key as the gate holds it: the record plus live counters and its limiter.
 #[derive(Debug)]
@@ -377,6 +377,21 @@ impl Gateway {
         self.sink.backlog()
     }
 
+    /// Whether the store takes writes, and what it holds back when it does not.
+    pub fn store_health(&self) -> &StoreHealth {
+        self.sink.health()
+    }
+
+    pub fn store_figures(&self) -> StoreFigures {
+        let health = self.sink.health();
+        StoreFigures {
+            backlog: self.sink.backlog(),
+            available: health.is_available(),
+            unrecorded: health.unrecorded(),
+            failures: health.failures(),
+        }
+    }
+
     /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `).
     pub fn authenticate(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
         self.check_key(secret).map_err(|e| self.refused(e))
@@ -455,6 +470,11 @@ impl Gateway {
     }
 
     fn reserve(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
+        // A call that could not be recorded is not made (its usage would be held in memory
+        // only): refused while the store fails, at the cost of one atomic load.
+        if !self.sink.health().is_available() {
+            return Err(GatewayError::StoreUnavailable);
+        }
         self.authorize_model(caller, &facts.model)?;
         let record = &caller.record;
         let per_request = [

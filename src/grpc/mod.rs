@@ -51,6 +51,7 @@ pub fn routes(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let upstream = chat.upstream.clone();
     let gateway = chat.gateway.clone();
+    let store_gateway = gateway.clone();
     tokio::spawn(async move {
         let chat_name =
             <pb::chat_server::ChatServer<ChatService> as tonic::server::NamedService>::NAME;
@@ -60,12 +61,13 @@ pub fn routes(
             .set_service_status(admin_name, ServingStatus::Serving)
             .await;
         loop {
-            let status = if upstream.any_healthy() {
+            let status = if upstream.any_healthy() && store_gateway.store_health().is_available() {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             };
-            // Without a model server the gateway cannot answer chats: report it overall too.
+            // Without a model server, or with a store that fails, the gateway cannot answer
+            // chats: report it overall too.
             health.set_service_status("", status).await;
             health.set_service_status(chat_name, status).await;
             tokio::select! {

@@ -39,6 +39,7 @@ impl From<GatewayError> for Status {
                 Code::InvalidArgument
             }
             GatewayError::BodyTooLarge { .. } => Code::InvalidArgument,
+            GatewayError::RequestTimeout { .. } => Code::DeadlineExceeded,
             GatewayError::NotFound { .. } => Code::NotFound,
             GatewayError::Upstream { status, .. } => {
                 metadata.insert("x-upstream-status", MetadataValue::from(*status));
@@ -46,7 +47,8 @@ impl From<GatewayError> for Status {
             }
             GatewayError::UpstreamUnavailable(_)
             | GatewayError::NoHealthyBackend { .. }
-            | GatewayError::ShuttingDown => Code::Unavailable,
+            | GatewayError::ShuttingDown
+            | GatewayError::StoreUnavailable => Code::Unavailable,
             GatewayError::UpstreamTimeout => Code::DeadlineExceeded,
             GatewayError::Store(_) => Code::Internal,
         };

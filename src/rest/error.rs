@@ -70,6 +70,12 @@ impl IntoResponse for GatewayError {
                     Some("request_too_large".into()),
                     None,
                 ),
+                GatewayError::RequestTimeout { .. } => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error".into(),
+                    Some("request_timeout".into()),
+                    None,
+                ),
                 GatewayError::NotFound { .. } => (
                     StatusCode::NOT_FOUND,
                     "invalid_request_error".into(),
@@ -115,6 +121,12 @@ impl IntoResponse for GatewayError {
                     Some("shutting_down".into()),
                     None,
                 ),
+                GatewayError::StoreUnavailable => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error".into(),
+                    Some("store_unavailable".into()),
+                    None,
+                ),
                 GatewayError::Store(_) => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error".into(),
@@ -133,6 +145,13 @@ impl IntoResponse for GatewayError {
                     headers.insert(name, value);
                 }
             }
+        }
+        if let GatewayError::StoreUnavailable = &self {
+            // The usage writer tries the store again every half second.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from_static("1"),
+            );
         }
         response
     }

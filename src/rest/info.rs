@@ -29,12 +29,18 @@ pub async fn root() -> Json<Value> {
 }
 
 /// Always 200 while the gateway runs; `status` says how many model servers answer:
-/// `ok` (all), `degraded` (some), `unavailable` (none). The figures are those of the last
+/// `ok` (all), `degraded` (some), `unavailable` (none, or the store fails: calls are then
+/// refused with `store_unavailable`, and `store.status` is `failing`). The figures are those of the last
 /// health check (every `upstream.health_interval_ms`), so this costs the backends nothing.
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let backends = state.chat.upstream.status();
     let healthy = backends.iter().filter(|b| b.healthy).count();
-    let status = if healthy == backends.len() {
+    let gateway = state.gateway();
+    let store = gateway.store_health();
+    // A failing store refuses every call, as surely as having no model server.
+    let status = if !store.is_available() {
+        "unavailable"
+    } else if healthy == backends.len() {
         "ok"
     } else if healthy > 0 {
         "degraded"
@@ -46,7 +52,12 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         "service": SERVICE,
         "version": VERSION,
         "upstreams": backends,
-        "store": {"usage_backlog": state.gateway().usage_backlog()},
+        "store": {
+            "status": if store.is_available() { "ok" } else { "failing" },
+            "usage_backlog": gateway.usage_backlog(),
+            "unrecorded_calls": store.unrecorded(),
+            "error": store.last_error(),
+        },
     }))
 }
 
@@ -68,7 +79,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let text = state
         .gateway()
         .metrics()
-        .render(&backends, state.gateway().usage_backlog());
+        .render(&backends, &state.gateway().store_figures());
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -226,28 +226,22 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
-/// How long a client may take to send its request body.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Reads a request body up to `limit` bytes, within [`BODY_READ_TIMEOUT`].
+/// Reads a request body up to `limit` bytes. The connection's body deadline
+/// (`server.body_read_timeout_secs`) bounds how long that may take.
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
-    let Ok(read) = read.await else {
-        return Err(GatewayError::invalid_request(
-            format!(
-                "the request body did not arrive within {} s",
-                BODY_READ_TIMEOUT.as_secs()
-            ),
-            None,
-        ));
-    };
-    read.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            GatewayError::BodyTooLarge { limit }
-        } else {
-            GatewayError::invalid_request(format!("could not read the request body: {e}"), None)
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            if cause.is::<http_body_util::LengthLimitError>() {
+                return GatewayError::BodyTooLarge { limit };
+            }
+            if let Some(timeout) = cause.downcast_ref::<crate::server::BodyReadTimeout>() {
+                return GatewayError::RequestTimeout {
+                    secs: timeout.limit.as_secs(),
+                };
+            }
+            source = cause.source();
         }
+        GatewayError::invalid_request(format!("could not read the request body: {e}"), None)
     })
 }

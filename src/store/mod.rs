@@ -7,7 +7,66 @@ mod writer;
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
 
 pub use sled_store::SledStore;
-pub use writer::{UsageSink, UsageWriter};
+pub use writer::{StoreHealth, UsageSink, UsageWriter};
+
+/// Records for the store's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::core::records::{CallOutcome, CallRecord, KeyRecord, Usage};
+
+    pub(crate) fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallRecord {
+        CallRecord {
+            at_micros,
+            request_id: format!("req-{at_micros}"),
+            key_id: key.into(),
+            user_id: "usr_1".into(),
+            model: model.into(),
+            status: 200,
+            outcome: CallOutcome::Completed,
+            stream: false,
+            latency_ms: 3,
+            charged_request: true,
+            usage: Usage {
+                prompt_tokens: tokens,
+                completion_tokens: 1,
+            },
+            usage_estimated: false,
+            images: 0,
+            image_sizes: Vec::new(),
+            request_body: None,
+            response_body: None,
+        }
+    }
+
+    pub(crate) fn key(id: &str, secret: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            user_id: "usr_1".into(),
+            name: "k".into(),
+            prefix: "sk-step3-x".into(),
+            hash: hex_of(secret),
+            rpm_limit: None,
+            tpm_limit: None,
+            max_concurrent: None,
+            request_quota: None,
+            token_quota: None,
+            image_quota: None,
+            max_images_per_request: None,
+            expires_at: None,
+            models: None,
+            active: true,
+            created_at: 0,
+            updated_at: 0,
+            revoked_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+        }
+    }
+
+    pub(crate) fn hex_of(secret: &str) -> String {
+        crate::core::keys::to_hex(&crate::core::keys::hash_secret(secret))
+    }
+}
 
 /// The schema this build writes; a store written by a newer build is refused at open.
 /// 2: keys are found by the hash of their secret through an index tree (1 had none, and
@@ -80,6 +139,8 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a key and points the hashes of its secrets (current and previous) at it.
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// Applies a batch of finished calls: counters, hourly usage and the call log, atomically.
+    /// Idempotent: a call already in the log (same time and request id) is skipped, so a
+    /// batch whose fate is unknown after a failure can be written again.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;
     /// Calls newest first: a key's (or everyone's), strictly before `cursor`, at or after
     /// `from_micros`, that pass `filter`. Scans at most `scan_limit` entries; the cursor
@@ -100,4 +161,9 @@ pub trait Store: Send + Sync + 'static {
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// After a failed write: closes and reopens the store, keeping only what reached the
+    /// disk, so that it takes writes again once the cause (a full disk) is gone.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

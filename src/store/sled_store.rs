@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -18,6 +19,30 @@ const SCHEMA_KEY: &str = "schema_version";
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 pub struct SledStore {
+    path: PathBuf,
+    flush_ms: u64,
+    /// `None` only while [`Store::reopen`] swaps the handle.
+    trees: RwLock<Option<Arc<Trees>>>,
+    marks: Mutex<Marks>,
+}
+
+/// A file beside sled's own naming the last call a flush confirmed durable.
+///
+/// sled reads its log up to the first damaged byte and silently drops the rest, as it
+/// would a write torn by a crash: a flipped byte in the middle of `db` rolls the books
+/// back without an error. A call that was confirmed durable and is missing at open
+/// proves such a loss, and the store refuses to open.
+const MARK_FILE: &str = "durable-call";
+
+/// The last call written, and the one [`MARK_FILE`] names (log keys).
+#[derive(Debug, Default)]
+struct Marks {
+    written: Option<Vec<u8>>,
+    marked: Option<Vec<u8>>,
+}
+
+/// One open sled database and its trees.
+struct Trees {
     db: sled::Db,
     users: sled::Tree,
     keys: sled::Tree,
@@ -45,66 +70,191 @@ impl SledStore {
     /// sled locks the directory; a process that is still exiting holds the lock for a
     /// moment, so a locked directory is retried for up to two seconds.
     pub fn open(path: &Path, flush_ms: u64) -> Result<Self, StoreError> {
-        let config = sled::Config::new()
-            .path(path)
-            // sled would cache up to 1 GiB; the records the gateway reads back are few.
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(Some(flush_ms.max(1)));
-        let mut attempts = 0;
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(e) if is_lock_error(&e) && attempts < 100 => {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) if is_lock_error(&e) => {
-                    return Err(StoreError::Io(format!(
-                        "{} is locked: is another step3-gateway running on this data directory?",
-                        path.display()
-                    )));
-                }
-                Err(e) => {
-                    return Err(StoreError::Io(format!(
-                        "cannot open {}: {e}",
-                        path.display()
-                    )));
-                }
-            }
-        };
-        let store = SledStore {
-            users: db.open_tree("users")?,
-            keys: db.open_tree("keys")?,
-            key_hashes: db.open_tree("key_hashes")?,
-            counters: db.open_tree("counters")?,
-            usage: db.open_tree("usage")?,
-            calls: db.open_tree("calls")?,
-            calls_by_key: db.open_tree("calls_by_key")?,
-            meta: db.open_tree("meta")?,
-            db,
-        };
-        store.check_schema()?;
-        Ok(store)
+        let trees = open_trees(path, flush_ms)?;
+        let marked = read_mark(path)?;
+        Ok(SledStore {
+            path: path.to_owned(),
+            flush_ms,
+            trees: RwLock::new(Some(Arc::new(trees))),
+            marks: Mutex::new(Marks {
+                written: marked.clone(),
+                marked,
+            }),
+        })
     }
 
-    fn check_schema(&self) -> Result<(), StoreError> {
-        let found: u32 = match self.meta.get(SCHEMA_KEY)? {
-            Some(bytes) => decode("meta", &bytes)?,
-            None => SCHEMA_VERSION,
-        };
-        if found > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema { found });
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.trees
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Io(format!("{} is being reopened", self.path.display())))
+    }
+}
+
+fn open_trees(path: &Path, flush_ms: u64) -> Result<Trees, StoreError> {
+    let config = sled::Config::new()
+        .path(path)
+        // sled would cache up to 1 GiB; the records the gateway reads back are few.
+        .cache_capacity(CACHE_BYTES)
+        .flush_every_ms(Some(flush_ms.max(1)));
+    // A store that existed must still hold its schema version once opened: sled opens
+    // some damaged logs as an empty database, and empty books must not be served.
+    let existed = path.join("conf").exists() || path.join("db").exists();
+    let mut attempts = 0;
+    let db = loop {
+        // sled panics on some damaged files instead of returning an error.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                StoreError::Corrupt {
+                    tree: "sled",
+                    message: format!("sled failed reading {}: {message}", path.display()),
+                }
+            })?;
+        match opened {
+            Ok(db) => break db,
+            Err(e) if is_lock_error(&e) && attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) if is_lock_error(&e) => {
+                return Err(StoreError::Io(format!(
+                    "{} is locked: is another step3-gateway running on this data directory?",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(StoreError::Io(format!(
+                    "cannot open {}: {e}",
+                    path.display()
+                )));
+            }
         }
-        if found < 2 {
-            self.index_key_hashes()?;
-        }
-        if found != SCHEMA_VERSION || self.meta.get(SCHEMA_KEY)?.is_none() {
-            self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
-            self.db.flush()?;
+    };
+    let trees = Trees {
+        users: db.open_tree("users")?,
+        keys: db.open_tree("keys")?,
+        key_hashes: db.open_tree("key_hashes")?,
+        counters: db.open_tree("counters")?,
+        usage: db.open_tree("usage")?,
+        calls: db.open_tree("calls")?,
+        calls_by_key: db.open_tree("calls_by_key")?,
+        meta: db.open_tree("meta")?,
+        db,
+    };
+    trees.check_schema(path, existed)?;
+    if let Some(mark) = read_mark(path)?
+        && !trees.calls.contains_key(&mark)?
+    {
+        let (at, request_id) = mark.split_at(8.min(mark.len()));
+        let micros = i64::from_be_bytes(at.try_into().unwrap_or_default());
+        return Err(StoreError::Corrupt {
+            tree: "calls",
+            message: format!(
+                "{} lost records it had confirmed durable (call {} of {} µs since the epoch \
+                 is missing): its files were damaged or truncated, and sled drops everything \
+                 after the first damaged byte. Restore a backup, or delete {} to accept the loss",
+                path.display(),
+                String::from_utf8_lossy(request_id),
+                micros,
+                path.join(MARK_FILE).display()
+            ),
+        });
+    }
+    Ok(trees)
+}
+
+fn read_mark(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    let file = path.join(MARK_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(text) => from_hex(text.trim())
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                tree: "calls",
+                message: format!("{} is not a mark this gateway wrote", file.display()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Io(format!(
+            "cannot read {}: {e}",
+            file.display()
+        ))),
+    }
+}
+
+/// Replaces the mark atomically and durably: a new file, synced, renamed, dir synced.
+fn write_mark(path: &Path, key: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let io = |e: std::io::Error| {
+        StoreError::Io(format!(
+            "cannot write {}: {e}",
+            path.join(MARK_FILE).display()
+        ))
+    };
+    let temporary = path.join(format!("{MARK_FILE}.new"));
+    let mut file = std::fs::File::create(&temporary).map_err(io)?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    file.write_all(hex.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temporary, path.join(MARK_FILE)).map_err(io)?;
+    std::fs::File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io)?;
+    Ok(())
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Trees {
+    fn check_schema(&self, path: &Path, existed: bool) -> Result<(), StoreError> {
+        match self.meta.get(SCHEMA_KEY)? {
+            Some(bytes) => {
+                let found: u32 = decode("meta", &bytes)?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema { found });
+                }
+                if found < 2 {
+                    self.index_key_hashes()?;
+                }
+                if found < SCHEMA_VERSION {
+                    self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
+                    self.db.flush()?;
+                }
+            }
+            None if existed => {
+                return Err(StoreError::Corrupt {
+                    tree: "meta",
+                    message: format!(
+                        "{} holds a store without a schema version: it is damaged (or was \
+                         left by a first start killed within milliseconds); refusing to \
+                         serve with empty books. Move it away to start afresh",
+                        path.display()
+                    ),
+                });
+            }
+            None => {
+                // Durable at once, so that a store without it is known to be damaged.
+                self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
+                self.db.flush()?;
+            }
         }
         Ok(())
     }
+}
 
+impl Trees {
     /// Schema 1 → 2: builds the hash index from the keys.
     fn index_key_hashes(&self) -> Result<(), StoreError> {
         for value in self.keys.iter().values() {
@@ -194,19 +344,21 @@ fn hour_of(micros: i64) -> UnixTime {
 
 impl Store for SledStore {
     fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        load_all(&self.users, "users")
+        let t = self.trees()?;
+        load_all(&t.users, "users")
     }
 
     fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .key_hashes
+        let t = self.trees()?;
+        Ok(t.key_hashes
             .get(hash)?
             .map(|id| String::from_utf8_lossy(&id).into_owned()))
     }
 
     fn load_key(&self, id: &str) -> Result<Option<(KeyRecord, KeyCounters)>, StoreError> {
-        match self.keys.get(id.as_bytes())? {
-            Some(bytes) => Ok(Some((decode("keys", &bytes)?, self.counters_of(id)?))),
+        let t = self.trees()?;
+        match t.keys.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some((decode("keys", &bytes)?, t.counters_of(id)?))),
             None => Ok(None),
         }
     }
@@ -216,15 +368,16 @@ impl Store for SledStore {
         after: Option<&str>,
         visit: &mut dyn FnMut(KeyRecord, KeyCounters) -> bool,
     ) -> Result<(), StoreError> {
+        let t = self.trees()?;
         let entries = match after {
-            Some(after) => self
+            Some(after) => t
                 .keys
                 .range::<&[u8], _>((Bound::Excluded(after.as_bytes()), Bound::Unbounded)),
-            None => self.keys.iter(),
+            None => t.keys.iter(),
         };
         for value in entries.values() {
             let key: KeyRecord = decode("keys", &value?)?;
-            let counters = self.counters_of(&key.id)?;
+            let counters = t.counters_of(&key.id)?;
             if !visit(key, counters) {
                 break;
             }
@@ -233,14 +386,16 @@ impl Store for SledStore {
     }
 
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
-        self.users.insert(user.id.as_bytes(), encode(user)?)?;
+        let t = self.trees()?;
+        t.users.insert(user.id.as_bytes(), encode(user)?)?;
         Ok(())
     }
 
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let t = self.trees()?;
         let value = encode(key)?;
         let hashes = secret_hashes(key)?;
-        let result = (&self.keys, &self.key_hashes).transaction(|(keys, index)| {
+        let result = (&t.keys, &t.key_hashes).transaction(|(keys, index)| {
             // Secrets the key no longer has (forgotten by a rotation) stop finding it.
             if let Some(old) = keys.insert(key.id.as_bytes(), value.as_slice())? {
                 let old: KeyRecord =
@@ -264,11 +419,20 @@ impl Store for SledStore {
     }
 
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        let t = self.trees()?;
         // Fold the batch first, so each counter and bucket is read and written once.
         let mut counters: HashMap<&str, KeyCounters> = HashMap::new();
         let mut buckets: HashMap<Vec<u8>, UsageBucket> = HashMap::new();
         let mut log = Vec::with_capacity(calls.len());
+        let mut seen = std::collections::HashSet::with_capacity(calls.len());
         for call in calls {
+            // A call already in the log is not counted again: a batch retried after a
+            // failure may have reached the disk before it. Read outside the transaction:
+            // the usage writer is the only writer of the log.
+            let key = call_key(call.at_micros, &call.request_id);
+            if !seen.insert(key.clone()) || t.calls.contains_key(&key)? {
+                continue;
+            }
             counters
                 .entry(&call.key_id)
                 .or_default()
@@ -287,12 +451,12 @@ impl Store for SledStore {
             bucket.completion_tokens += call.usage.completion_tokens;
             bucket.images += u64::from(call.images);
             log.push((
-                call_key(call.at_micros, &call.request_id),
+                key,
                 timed_key(&call.key_id, call.at_micros, &call.request_id),
                 encode(call)?,
             ));
         }
-        let trees = (&self.counters, &self.usage, &self.calls, &self.calls_by_key);
+        let trees = (&t.counters, &t.usage, &t.calls, &t.calls_by_key);
         let result = trees.transaction(|(counter_tree, usage_tree, call_tree, by_key_tree)| {
             for (key_id, delta) in &counters {
                 let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
@@ -331,7 +495,13 @@ impl Store for SledStore {
             Ok(())
         });
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some((key, _, _)) = log.last() {
+                    self.marks.lock().unwrap_or_else(|p| p.into_inner()).written =
+                        Some(key.clone());
+                }
+                Ok(())
+            }
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -342,6 +512,7 @@ impl Store for SledStore {
         query: &CallQuery<'_>,
         filter: &dyn Fn(&CallRecord) -> bool,
     ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError> {
+        let t = self.trees()?;
         // Keys order as unsigned bytes, so times below zero would sort last: there are none.
         let from = query.from_micros.unwrap_or(0).max(0);
         let before = |prefix: Vec<u8>| match &query.before {
@@ -364,7 +535,7 @@ impl Store for SledStore {
                 start.extend_from_slice(&from.to_be_bytes());
                 let skip = prefix.len();
                 Box::new(
-                    self.calls_by_key
+                    t.calls_by_key
                         .range(start..before(prefix))
                         .keys()
                         .rev()
@@ -372,7 +543,7 @@ impl Store for SledStore {
                 )
             }
             None => Box::new(
-                self.calls
+                t.calls
                     .range(from.to_be_bytes().to_vec()..before(Vec::new()))
                     .keys()
                     .rev()
@@ -386,7 +557,7 @@ impl Store for SledStore {
                 return Ok((found, last));
             }
             let log_key = entry?;
-            let Some(value) = self.calls.get(&log_key)? else {
+            let Some(value) = t.calls.get(&log_key)? else {
                 continue;
             };
             let call: CallRecord = decode("calls", &value)?;
@@ -407,23 +578,47 @@ impl Store for SledStore {
         from: UnixTime,
         to: UnixTime,
     ) -> Result<Vec<UsageBucket>, StoreError> {
-        self.usage
+        let t = self.trees()?;
+        t.usage
             .range(timed_key(key_id, from, "")..timed_key(key_id, to, ""))
             .map(|entry| decode("usage", &entry?.1))
             .collect()
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(name)?.map(|v| v.to_vec()))
+        let t = self.trees()?;
+        Ok(t.meta.get(name)?.map(|v| v.to_vec()))
     }
 
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.meta.insert(name, value)?;
+        let t = self.trees()?;
+        t.meta.insert(name, value)?;
         Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        let t = self.trees()?;
+        t.db.flush()?;
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if marks.written != marks.marked
+            && let Some(written) = &marks.written
+        {
+            write_mark(&self.path, written)?;
+            marks.marked = Some(written.clone());
+        }
+        Ok(())
+    }
+
+    /// sled's I/O errors are sticky: after one (ENOSPC), every later write of that handle
+    /// fails, even once space is back. A new handle recovers what reached the disk.
+    fn reopen(&self) -> Result<(), StoreError> {
+        // Until the new handle is in place, other users get an error at once rather than
+        // wait. The directory lock is released when the last handle is dropped; a reader
+        // still holding one delays the open (which retries a held lock).
+        let old = self.trees.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(old);
+        let trees = open_trees(&self.path, self.flush_ms)?;
+        *self.trees.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(trees));
         Ok(())
     }
 }
@@ -431,31 +626,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::records::{CallOutcome, Usage};
-
-    fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallRecord {
-        CallRecord {
-            at_micros,
-            request_id: format!("req-{at_micros}"),
-            key_id: key.into(),
-            user_id: "usr_1".into(),
-            model: model.into(),
-            status: 200,
-            outcome: CallOutcome::Completed,
-            stream: false,
-            latency_ms: 3,
-            charged_request: true,
-            usage: Usage {
-                prompt_tokens: tokens,
-                completion_tokens: 1,
-            },
-            usage_estimated: false,
-            images: 0,
-            image_sizes: Vec::new(),
-            request_body: None,
-            response_body: None,
-        }
-    }
+    use crate::store::testing::{call, hex_of, key};
 
     #[test]
     fn calls_update_counters_buckets_and_log_and_survive_reopen() {
@@ -476,7 +647,7 @@ mod tests {
             store.flush().unwrap();
         }
         let store = SledStore::open(dir.path(), 100).unwrap();
-        let counters = |id| store.counters_of(id).unwrap();
+        let counters = |id| counters_of(&store, id);
         assert_eq!(counters("key_a").requests, 3);
         assert_eq!(counters("key_a").prompt_tokens, 31);
         assert_eq!(counters("key_a").completion_tokens, 3);
@@ -523,35 +694,6 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-    }
-
-    fn key(id: &str, secret: &str) -> KeyRecord {
-        KeyRecord {
-            id: id.into(),
-            user_id: "usr_1".into(),
-            name: "k".into(),
-            prefix: "sk-step3-x".into(),
-            hash: hex_of(secret),
-            rpm_limit: None,
-            tpm_limit: None,
-            max_concurrent: None,
-            request_quota: None,
-            token_quota: None,
-            image_quota: None,
-            max_images_per_request: None,
-            expires_at: None,
-            models: None,
-            active: true,
-            created_at: 0,
-            updated_at: 0,
-            revoked_at: None,
-            previous_hash: None,
-            previous_valid_until: None,
-        }
-    }
-
-    fn hex_of(secret: &str) -> String {
-        crate::core::keys::to_hex(&crate::core::keys::hash_secret(secret))
     }
 
     fn found(store: &SledStore, secret: &str) -> Option<String> {
@@ -619,7 +761,7 @@ mod tests {
             let store = SledStore::open(dir.path(), 100).unwrap();
             store.put_key(&key("key_a", "one")).unwrap();
             // What a schema-1 build left: keys, no index.
-            store.key_hashes.clear().unwrap();
+            store.trees().unwrap().key_hashes.clear().unwrap();
             store.put_meta(SCHEMA_KEY, b"1").unwrap();
             store.flush().unwrap();
             assert_eq!(found(&store, "one"), None);
@@ -630,6 +772,10 @@ mod tests {
             store.meta(SCHEMA_KEY).unwrap().as_deref(),
             Some(SCHEMA_VERSION.to_string().as_bytes())
         );
+    }
+
+    fn counters_of(store: &SledStore, id: &str) -> KeyCounters {
+        store.trees().unwrap().counters_of(id).unwrap()
     }
 
     #[test]
@@ -645,5 +791,79 @@ mod tests {
             matches!(err, StoreError::NewerSchema { found: 99 }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_call_already_in_the_log_is_not_counted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        let first = call("key_a", 1_000_000, "m", 10);
+        let second = call("key_a", 2_000_000, "m", 20);
+        store.record_calls(std::slice::from_ref(&first)).unwrap();
+        // A retried batch that partly reached the store, with a repeat inside it.
+        store
+            .record_calls(&[first, second.clone(), second])
+            .unwrap();
+        let counters = counters_of(&store, "key_a");
+        assert_eq!(counters.requests, 2);
+        assert_eq!(counters.prompt_tokens, 30);
+        let buckets = store.usage("key_a", 0, 7200).unwrap();
+        assert_eq!(buckets[0].requests, 2);
+    }
+
+    #[test]
+    fn a_reopened_store_keeps_what_was_flushed_and_takes_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        store.record_calls(&[call("key_a", 1, "m", 10)]).unwrap();
+        store.flush().unwrap();
+        store.reopen().unwrap();
+        store.record_calls(&[call("key_a", 2, "m", 10)]).unwrap();
+        assert_eq!(counters_of(&store, "key_a").requests, 2);
+    }
+
+    #[test]
+    fn a_store_that_lost_its_schema_version_is_refused_not_served_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 100).unwrap();
+            store.trees().unwrap().meta.remove(SCHEMA_KEY).unwrap();
+            store.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path(), 100).err().unwrap();
+        let message = err.to_string();
+        assert!(
+            message.contains(&dir.path().display().to_string())
+                && message.contains("without a schema version"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_store_missing_a_call_it_confirmed_durable_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 100).unwrap();
+            store.record_calls(&[call("key_a", 1, "m", 10)]).unwrap();
+            store.record_calls(&[call("key_a", 2, "m", 10)]).unwrap();
+            store.flush().unwrap();
+            // What sled does to a log damaged before this call: it is simply gone.
+            store
+                .trees()
+                .unwrap()
+                .calls
+                .remove(call_key(2, "req-2"))
+                .unwrap();
+            store.trees().unwrap().db.flush().unwrap();
+        }
+        let message = SledStore::open(dir.path(), 100).err().unwrap().to_string();
+        assert!(
+            message.contains("lost records it had confirmed durable (call req-2")
+                && message.contains(&dir.path().join(MARK_FILE).display().to_string()),
+            "{message}"
+        );
+        // Deleting the mark accepts the loss.
+        std::fs::remove_file(dir.path().join(MARK_FILE)).unwrap();
+        assert!(SledStore::open(dir.path(), 100).is_ok());
     }
 }

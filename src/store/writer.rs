@@ -1,27 +1,98 @@
 //! The background writer: finished calls are queued in memory and written in batches, so a
-//! request never waits for the store.
+//! request never waits for the store. When the store fails (a full disk), the calls it
+//! could not take stay in memory and are written again until it recovers; meanwhile
+//! [`StoreHealth`] tells the gate to refuse new calls.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Store;
+use super::{Store, StoreError};
 use crate::core::records::CallRecord;
 
 /// The most calls written in one store transaction.
 const MAX_BATCH: usize = 1024;
 
 /// How long the writer gathers calls before writing them in one transaction.
-const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// How often a failing store is tried again.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+
+/// How long shutdown keeps trying a failing store before it gives up on the calls it holds.
+const SHUTDOWN_RETRIES: u32 = 6;
+
+/// Whether the store takes writes: set by the writer, read by the gate on every call.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    failing: AtomicBool,
+    /// Settled calls held in memory because the store failed.
+    unrecorded: AtomicU64,
+    /// Failed writes and flushes since start.
+    failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl StoreHealth {
+    /// False while the store fails; one atomic load.
+    pub fn is_available(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+
+    pub fn unrecorded(&self) -> u64 {
+        self.unrecorded.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The error of the last failed write, while the store fails.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, error: &str, unrecorded: usize) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.unrecorded.store(unrecorded as u64, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                error,
+                unrecorded,
+                "the store fails: new calls are refused (503 store_unavailable) until it \
+                 takes writes again; the usage of calls already settled is kept in memory \
+                 and written as soon as it can be"
+            );
+        }
+    }
+
+    fn recover(&self, recorded: usize) {
+        self.unrecorded.store(0, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if self.failing.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                recorded,
+                "the store takes writes again: calls are accepted; the usage kept in memory is recorded"
+            );
+        }
+    }
+}
 
 /// Where finished calls go. Cloning is cheap; sending never blocks.
 #[derive(Clone, Debug)]
 pub struct UsageSink {
     tx: mpsc::UnboundedSender<CallRecord>,
     backlog: Arc<AtomicU64>,
+    health: Arc<StoreHealth>,
 }
 
 impl UsageSink {
@@ -34,89 +105,352 @@ impl UsageSink {
         }
     }
 
-    /// Calls queued but not yet written.
+    /// Calls queued but not yet written (including those held while the store fails).
     pub fn backlog(&self) -> u64 {
         self.backlog.load(Ordering::Relaxed)
+    }
+
+    pub fn health(&self) -> &StoreHealth {
+        &self.health
     }
 }
 
 /// Owns the writer task; [`UsageWriter::stop`] drains the queue and flushes the store.
 pub struct UsageWriter {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<usize>,
 }
 
 impl UsageWriter {
-    pub fn spawn(store: Arc<dyn Store>) -> (UsageSink, UsageWriter) {
+    /// Starts the writer; it confirms durability with a flush every `flush_every`.
+    pub fn spawn(store: Arc<dyn Store>, flush_every: Duration) -> (UsageSink, UsageWriter) {
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicU64::new(0));
+        let health = Arc::new(StoreHealth::default());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(store, rx, backlog.clone(), stop.clone()));
-        (UsageSink { tx, backlog }, UsageWriter { stop, task })
+        let writer = Writer {
+            store,
+            backlog: backlog.clone(),
+            health: health.clone(),
+            batch: Vec::with_capacity(MAX_BATCH),
+            unflushed: Vec::new(),
+        };
+        let task = tokio::spawn(writer.run(rx, stop.clone(), flush_every));
+        (
+            UsageSink {
+                tx,
+                backlog,
+                health,
+            },
+            UsageWriter { stop, task },
+        )
     }
 
-    /// Writes everything queued so far, flushes the store and ends the task.
-    pub async fn stop(self) {
+    /// Writes everything queued so far, flushes the store and ends the task. Returns the
+    /// number of calls whose usage could not be written (the store failed to the end).
+    pub async fn stop(self) -> usize {
         self.stop.cancel();
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "usage writer failed");
+        match self.task.await {
+            Ok(unrecorded) => unrecorded,
+            Err(e) => {
+                tracing::error!(error = %e, "usage writer failed");
+                0
+            }
         }
     }
 }
 
-async fn run(
+struct Writer {
     store: Arc<dyn Store>,
-    mut rx: mpsc::UnboundedReceiver<CallRecord>,
     backlog: Arc<AtomicU64>,
-    stop: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        tokio::select! {
-            received = rx.recv_many(&mut batch, MAX_BATCH) => {
-                if received == 0 {
-                    break;
+    health: Arc<StoreHealth>,
+    /// Calls received and not yet written (all of them while the store fails).
+    batch: Vec<CallRecord>,
+    /// Calls written since the last successful flush. Kept until a flush confirms them:
+    /// a store that fails before may lose them and is given them again.
+    unflushed: Vec<CallRecord>,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<CallRecord>,
+        stop: CancellationToken,
+        flush_every: Duration,
+    ) -> usize {
+        let mut next_flush = Instant::now() + flush_every;
+        loop {
+            if !self.health.is_available() {
+                tokio::select! {
+                    () = tokio::time::sleep(RETRY_EVERY) => {}
+                    () = stop.cancelled() => break,
                 }
-                // One store transaction per call costs more than the call itself: gather
-                // what arrives within a short window (well inside the flush interval, so
-                // no more can be lost on a hard kill) and write it together.
-                if batch.len() < MAX_BATCH {
-                    tokio::select! {
-                        () = tokio::time::sleep(BATCH_WINDOW) => {}
-                        () = stop.cancelled() => {}
+                while let Ok(call) = rx.try_recv() {
+                    self.batch.push(call);
+                }
+                self.retry();
+                continue;
+            }
+            tokio::select! {
+                received = rx.recv_many(&mut self.batch, MAX_BATCH) => {
+                    if received == 0 {
+                        break;
                     }
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(call) => batch.push(call),
-                            Err(_) => break,
+                    // One store transaction per call costs more than the call itself: gather
+                    // what arrives within a short window (well inside the flush interval, so
+                    // no more can be lost on a hard kill) and write it together.
+                    if self.batch.len() < MAX_BATCH {
+                        tokio::select! {
+                            () = tokio::time::sleep(BATCH_WINDOW) => {}
+                            () = stop.cancelled() => {}
+                        }
+                        while self.batch.len() < MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(call) => self.batch.push(call),
+                                Err(_) => break,
+                            }
                         }
                     }
+                    self.write();
                 }
-                write(&*store, &mut batch, &backlog);
+                () = tokio::time::sleep_until(next_flush) => {
+                    self.flush().await;
+                    next_flush = Instant::now() + flush_every;
+                }
+                () = stop.cancelled() => break,
             }
-            () = stop.cancelled() => break,
+        }
+        // Drain what is still queued, then make it all durable.
+        while let Ok(call) = rx.try_recv() {
+            self.batch.push(call);
+        }
+        for attempt in 0..=SHUTDOWN_RETRIES {
+            if attempt > 0 {
+                tokio::time::sleep(RETRY_EVERY).await;
+                self.retry();
+            } else {
+                while !self.batch.is_empty() && self.health.is_available() {
+                    self.write();
+                }
+                self.flush().await;
+            }
+            if self.health.is_available() {
+                return 0;
+            }
+        }
+        let unrecorded = self.batch.len() + self.unflushed.len();
+        tracing::error!(
+            calls = unrecorded,
+            error = self.health.last_error().unwrap_or_default(),
+            "the store still fails at shutdown; the usage of these calls is lost from the store"
+        );
+        unrecorded
+    }
+
+    /// Writes up to one batch; on failure everything stays in memory.
+    fn write(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let n = self.batch.len().min(MAX_BATCH);
+        match self.store.record_calls(&self.batch[..n]) {
+            Ok(()) => {
+                self.backlog.fetch_sub(n as u64, Ordering::Relaxed);
+                self.unflushed.extend(self.batch.drain(..n));
+            }
+            Err(e) => self
+                .health
+                .fail(&e.to_string(), self.batch.len() + self.unflushed.len()),
         }
     }
-    // Drain what is still queued, then make it all durable.
-    while let Ok(call) = rx.try_recv() {
-        batch.push(call);
-        if batch.len() == MAX_BATCH {
-            write(&*store, &mut batch, &backlog);
+
+    /// Confirms what was written; what a failed flush may have lost is kept for a retry.
+    ///
+    /// A flush waits for the disk (fsync): it runs on a blocking thread, not on the
+    /// runtime's workers that serve calls.
+    async fn flush(&mut self) {
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("store flush failed: {e}"))));
+        match result {
+            Ok(()) => self.unflushed.clear(),
+            Err(e) => self
+                .health
+                .fail(&e.to_string(), self.batch.len() + self.unflushed.len()),
         }
     }
-    write(&*store, &mut batch, &backlog);
-    if let Err(e) = store.flush() {
-        tracing::error!(error = %e, "final store flush failed");
+
+    /// Reopens the failing store and writes again everything not known to be durable;
+    /// calls that did reach the disk are skipped by the store, so none is counted twice.
+    fn retry(&mut self) {
+        let held = self.batch.len() + self.unflushed.len();
+        let result = self.store.reopen().and_then(|()| {
+            for chunk in self.unflushed.chunks(MAX_BATCH) {
+                self.store.record_calls(chunk)?;
+            }
+            for chunk in self.batch.chunks(MAX_BATCH) {
+                self.store.record_calls(chunk)?;
+            }
+            self.store.flush()
+        });
+        match result {
+            Ok(()) => {
+                self.backlog
+                    .fetch_sub(self.batch.len() as u64, Ordering::Relaxed);
+                self.batch.clear();
+                self.unflushed.clear();
+                self.health.recover(held);
+            }
+            Err(e) => self.health.fail(&e.to_string(), held),
+        }
     }
 }
 
-fn write(store: &dyn Store, batch: &mut Vec<CallRecord>, backlog: &AtomicU64) {
-    if batch.is_empty() {
-        return;
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+    use crate::core::records::{KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
+    use crate::store::testing::call;
+    use crate::store::{CallCursor, CallQuery, SledStore};
+
+    /// A sled store whose writes fail (as on a full disk) while `full` is set.
+    struct FillableStore {
+        inner: SledStore,
+        full: AtomicBool,
     }
-    if let Err(e) = store.record_calls(batch) {
-        tracing::error!(error = %e, calls = batch.len(), "could not record calls; their usage is lost from the store");
+
+    impl FillableStore {
+        fn check(&self) -> Result<(), StoreError> {
+            if self.full.load(Ordering::Relaxed) {
+                Err(StoreError::Io(
+                    "No space left on device (os error 28)".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        }
     }
-    backlog.fetch_sub(batch.len() as u64, Ordering::Relaxed);
-    batch.clear();
+
+    impl Store for FillableStore {
+        fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+            self.inner.load_users()
+        }
+        fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
+            self.inner.key_id_by_hash(hash)
+        }
+        fn load_key(&self, id: &str) -> Result<Option<(KeyRecord, KeyCounters)>, StoreError> {
+            self.inner.load_key(id)
+        }
+        fn scan_keys(
+            &self,
+            after: Option<&str>,
+            visit: &mut dyn FnMut(KeyRecord, KeyCounters) -> bool,
+        ) -> Result<(), StoreError> {
+            self.inner.scan_keys(after, visit)
+        }
+        fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+            self.inner.put_user(user)
+        }
+        fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+            self.inner.put_key(key)
+        }
+        fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+            self.check()?;
+            self.inner.record_calls(calls)
+        }
+        fn calls(
+            &self,
+            query: &CallQuery<'_>,
+            filter: &dyn Fn(&CallRecord) -> bool,
+        ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError> {
+            self.inner.calls(query, filter)
+        }
+        fn usage(
+            &self,
+            key_id: &str,
+            from: UnixTime,
+            to: UnixTime,
+        ) -> Result<Vec<UsageBucket>, StoreError> {
+            self.inner.usage(key_id, from, to)
+        }
+        fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.meta(name)
+        }
+        fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_meta(name, value)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.check()?;
+            self.inner.flush()
+        }
+        fn reopen(&self) -> Result<(), StoreError> {
+            self.check()?;
+            self.inner.reopen()
+        }
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_store_keeps_the_calls_in_memory_and_gets_them_once_it_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FillableStore {
+            inner: SledStore::open(dir.path(), 50).unwrap(),
+            full: AtomicBool::new(false),
+        });
+        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50));
+        sink.record(call("key_a", 1, "m", 10));
+        until("the first call is written", || sink.backlog() == 0).await;
+        assert!(sink.health().is_available());
+
+        store.full.store(true, Ordering::Relaxed);
+        sink.record(call("key_a", 2, "m", 10));
+        sink.record(call("key_a", 3, "m", 10));
+        until("the failure is seen", || !sink.health().is_available()).await;
+        assert!(sink.health().unrecorded() >= 2);
+        assert!(sink.health().failures() >= 1);
+        assert!(
+            sink.health()
+                .last_error()
+                .unwrap()
+                .contains("No space left")
+        );
+        assert_eq!(sink.backlog(), 2);
+
+        store.full.store(false, Ordering::Relaxed);
+        until("the store recovers", || sink.health().is_available()).await;
+        assert_eq!(sink.backlog(), 0);
+        assert_eq!(sink.health().unrecorded(), 0);
+        assert_eq!(sink.health().last_error(), None);
+        // The call written before the failure may be written again: it is not counted twice.
+        store
+            .put_key(&crate::store::testing::key("key_a", "secret"))
+            .unwrap();
+        let (_, counters) = store.load_key("key_a").unwrap().unwrap();
+        assert_eq!(counters.requests, 3);
+        assert_eq!(writer.stop().await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_store_failing_to_the_end_of_shutdown_reports_the_calls_it_did_not_get() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FillableStore {
+            inner: SledStore::open(dir.path(), 50).unwrap(),
+            full: AtomicBool::new(true),
+        });
+        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50));
+        sink.record(call("key_a", 1, "m", 10));
+        sink.record(call("key_a", 2, "m", 10));
+        assert_eq!(writer.stop().await, 2);
+    }
 }

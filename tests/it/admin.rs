@@ -5,6 +5,34 @@ use serde_json::{Value, json};
 
 use crate::common::{ADMIN_TOKEN, TestGateway, chat_body, expect_error};
 
+/// Every admin route and method, with a body where it takes one.
+fn admin_routes(user_id: &str, key_id: &str) -> Vec<(Method, String, Option<Value>)> {
+    let user = format!("/users/{user_id}");
+    let key = format!("/keys/{key_id}");
+    let new_key = json!({"user_id": user_id});
+    vec![
+        (Method::GET, "/users".into(), None),
+        (
+            Method::POST,
+            "/users".into(),
+            Some(json!({"name": "intruder"})),
+        ),
+        (Method::GET, user.clone(), None),
+        (Method::PATCH, user.clone(), Some(json!({"active": true}))),
+        (Method::DELETE, user.clone(), None),
+        (Method::GET, format!("{user}/usage"), None),
+        (Method::GET, "/keys".into(), None),
+        (Method::POST, "/keys".into(), Some(new_key)),
+        (Method::GET, key.clone(), None),
+        (Method::PATCH, key.clone(), Some(json!({"rpm_limit": 1}))),
+        (Method::DELETE, key.clone(), None),
+        (Method::POST, format!("{key}/rotate"), Some(json!({}))),
+        (Method::GET, format!("{key}/usage"), None),
+        (Method::GET, format!("{key}/calls"), None),
+        (Method::GET, "/calls".into(), None),
+    ]
+}
+
 #[tokio::test]
 async fn admin_routes_open_only_with_the_admin_token() {
     let gw = TestGateway::start().await;
@@ -13,14 +41,29 @@ async fn admin_routes_open_only_with_the_admin_token() {
         None,
         Some(key.secret.as_str()),
         Some("wrong-admin-token-123"),
+        Some(""),
     ] {
-        let mut request = gw.http.get(gw.url("/admin/v1/users"));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
+        for (method, path, body) in admin_routes(&key.user_id, &key.id) {
+            let mut request = gw
+                .http
+                .request(method.clone(), gw.url(&format!("/admin/v1{path}")));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let error = expect_error(request.send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
+            assert_eq!(error["code"], "invalid_admin_token", "{method} {path}");
         }
-        let error = expect_error(request.send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
-        assert_eq!(error["code"], "invalid_admin_token");
     }
+    // Nothing was changed: the key still works, with its limits, and nobody was added.
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("hi")).await.status(),
+        StatusCode::OK
+    );
+    let (_, users) = gw.admin(Method::GET, "/users", None).await;
+    assert_eq!(users["users"].as_array().unwrap().len(), 1, "{users}");
     // And the admin token is no client key.
     let error = expect_error(
         gw.chat(ADMIN_TOKEN, &chat_body("hi")).await,

@@ -16,19 +16,25 @@ use crate::common::{ADMIN_TOKEN, chat_body, stream_body};
 
 const UPSTREAM_KEY: &str = "upstream-secret-key-9876";
 
-struct Gateway {
+/// The real `step3-gateway serve` as a child process, its stderr collected line by line.
+pub(crate) struct Gateway {
     child: Child,
-    url: String,
+    pub(crate) url: String,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Gateway {
     /// Starts `step3-gateway serve` with `config` and waits for its address in the logs.
-    async fn start(config_path: &std::path::Path) -> Gateway {
+    pub(crate) async fn start(config_path: &std::path::Path) -> Gateway {
+        Self::start_logging(config_path, "trace").await
+    }
+
+    /// As [`Gateway::start`], with `RUST_LOG=<level>` (a load test wants fewer lines).
+    pub(crate) async fn start_logging(config_path: &std::path::Path, level: &str) -> Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_step3-gateway"))
             .args(["serve", "--config"])
             .arg(config_path)
-            .env("RUST_LOG", "trace")
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -61,7 +67,7 @@ impl Gateway {
         panic!("the gateway did not start: {:?}", logs.lock().unwrap());
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
@@ -69,7 +75,7 @@ impl Gateway {
         assert!(status.success());
     }
 
-    async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    pub(crate) async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
         let status = tokio::task::spawn_blocking(move || {
             let status = self.child.wait().unwrap();
             (status, self)
@@ -84,14 +90,23 @@ impl Gateway {
 }
 
 fn write_config(dir: &std::path::Path, upstream: &str) -> std::path::PathBuf {
+    write_config_with(dir, upstream, &dir.join("data"), "")
+}
+
+/// `gateway.toml` in `dir`: data in `data`, `store` lines added to the `[store]` table.
+pub(crate) fn write_config_with(
+    dir: &std::path::Path,
+    upstream: &str,
+    data: &std::path::Path,
+    store: &str,
+) -> std::path::PathBuf {
     let path = dir.join("gateway.toml");
-    let data = dir.join("data");
     std::fs::write(
         &path,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n\
              [upstream]\nurl = \"{upstream}\"\napi_key = \"{UPSTREAM_KEY}\"\nhealth_interval_ms = 100\n\
-             [store]\npath = \"{}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[log]\nformat = \"json\"\n",
+             [store]\npath = \"{}\"\n{store}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[log]\nformat = \"json\"\n",
             data.display()
         ),
     )
@@ -99,7 +114,7 @@ fn write_config(dir: &std::path::Path, upstream: &str) -> std::path::PathBuf {
     path
 }
 
-async fn upstream(latency_ms: u64) -> RunningSimulator {
+pub(crate) async fn upstream(latency_ms: u64) -> RunningSimulator {
     Simulator::new(SimulatorConfig {
         token_latency: Duration::from_millis(latency_ms),
         reply_tokens: 12,
@@ -160,6 +175,19 @@ async fn sigterm_drains_a_stream_exits_0_keeps_the_books_and_logs_no_secret() {
             .status(),
         StatusCode::UNAUTHORIZED
     );
+    // A 100 KB key, and a client key at an admin route: refused, and logged nowhere.
+    let huge_key = format!("sk-step3-{}", "h".repeat(100 * 1024));
+    assert_eq!(
+        chat(&huge_key, &chat_body("three")).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let admin_as_client = http
+        .get(format!("{}/admin/v1/calls", gw.url))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin_as_client.status(), StatusCode::UNAUTHORIZED);
 
     let body = stream_body("drain me");
     let mut stream = chat(&secret, &body).await.unwrap().bytes_stream();
@@ -179,6 +207,7 @@ async fn sigterm_drains_a_stream_exits_0_keeps_the_books_and_logs_no_secret() {
             ADMIN_TOKEN,
             UPSTREAM_KEY,
             "sk-step3-wrong-key",
+            &huge_key[..64],
         ] {
             assert!(!line.contains(secret), "a secret in the log: {line}");
         }
@@ -245,4 +274,188 @@ async fn sighup_reloads_the_upstream_list() {
     let (status, logs) = gw.wait().await;
     assert!(status.success());
     assert!(logs.iter().any(|l| l.contains("upstream list reloaded")));
+}
+
+/// The resident memory (KiB) and open descriptors of a process.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (rss, fds)
+}
+
+/// CPU time (user + system) a process has used, in milliseconds (at 100 ticks a second).
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which ends with the last `)`.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks * 10
+}
+
+/// Starts the binary with short connection timeouts in front of `sim`.
+async fn impatient_binary(
+    dir: &std::path::Path,
+    sim: &RunningSimulator,
+    idle_timeout_secs: u64,
+) -> Gateway {
+    let path = write_config(dir, &sim.url());
+    let config = std::fs::read_to_string(&path).unwrap().replace(
+        "shutdown_grace_secs = 10\n",
+        &format!(
+            "shutdown_grace_secs = 10\nheader_read_timeout_secs = 10\n\
+             idle_timeout_secs = {idle_timeout_secs}\n"
+        ),
+    );
+    std::fs::write(&path, config).unwrap();
+    Gateway::start(&path).await
+}
+
+/// Run by hand (`cargo test --release --test it -- --ignored --nocapture ten_thousand`):
+/// prints the gateway's memory and descriptors with 10,000 idle connections.
+#[tokio::test]
+#[ignore = "opens 10,000 connections; run by hand"]
+async fn ten_thousand_idle_connections_against_the_binary() {
+    let sim = upstream(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = impatient_binary(dir.path(), &sim, 120).await;
+    let pid = gw.child.id();
+    let http = reqwest::Client::new();
+    let secret = make_key(&http, &gw.url).await;
+    let call = || {
+        http.post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&secret)
+            .json(&chat_body("hi"))
+            .send()
+    };
+    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    let before = rss_and_fds(pid);
+    let addr: SocketAddr = gw.url.trim_start_matches("http://").parse().unwrap();
+    let mut idle = Vec::new();
+    let cpu_before = cpu_ms(pid);
+    let started_connecting = std::time::Instant::now();
+    // In batches: one connect at a time waits on the gateway's accept loop each time.
+    for _ in 0..50 {
+        let batch = (0..200).map(|_| tokio::net::TcpStream::connect(addr));
+        for socket in futures_util::future::join_all(batch).await {
+            idle.push(socket.unwrap());
+        }
+    }
+    // Let the gateway accept them all.
+    let mut held = rss_and_fds(pid);
+    for _ in 0..200 {
+        if held.1 >= before.1 + 10_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held = rss_and_fds(pid);
+    }
+    let connected = started_connecting.elapsed();
+    let accept_cpu = cpu_ms(pid) - cpu_before;
+    let started = std::time::Instant::now();
+    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    let call_time = started.elapsed();
+    let opened = std::time::Instant::now();
+    let mut after = held;
+    for _ in 0..3000 {
+        after = rss_and_fds(pid);
+        if after.1 <= before.1 + 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "10,000 idle connections (opened in {connected:?}, gateway CPU {accept_cpu} ms): before {} KiB RSS / {} fds; \
+         held {} KiB / {} fds ({:.1} KiB per connection); a call meanwhile took \
+         {call_time:?}; all closed {:?} later: {} KiB / {} fds",
+        before.0,
+        before.1,
+        held.0,
+        held.1,
+        (held.0.saturating_sub(before.0)) as f64 / 10_000.0,
+        opened.elapsed(),
+        after.0,
+        after.1
+    );
+    assert!(
+        after.1 <= before.1 + 10,
+        "idle connections not closed: {after:?}"
+    );
+    drop(idle);
+    gw.signal("TERM");
+    assert!(gw.wait().await.0.success());
+}
+
+/// Run by hand (`cargo test --release --test it -- --ignored --nocapture slow_reader`):
+/// prints the gateway's memory while a client reads a 200,000-token stream a few bytes at
+/// a time.
+#[tokio::test]
+#[ignore = "streams ~60 MB; run by hand"]
+async fn a_slow_reader_against_the_binary() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TOKENS: u32 = 200_000;
+    let sim = Simulator::new(SimulatorConfig {
+        reply_tokens: TOKENS,
+        reasoning_tokens: 0,
+        max_model_len: 10_000_000,
+        api_key: Some(UPSTREAM_KEY.into()),
+        record_requests: false,
+        ..SimulatorConfig::default()
+    })
+    .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = impatient_binary(dir.path(), &sim, 5).await;
+    let pid = gw.child.id();
+    let http = reqwest::Client::new();
+    let secret = make_key(&http, &gw.url).await;
+    let before = rss_and_fds(pid);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: SocketAddr = gw.url.trim_start_matches("http://").parse().unwrap();
+    let mut socket = socket.connect(addr).await.unwrap();
+    let body = stream_body("long").to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\n\
+         content-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 8];
+    let mut read = 0usize;
+    let mut peak = before.0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        for _ in 0..128 {
+            read += socket.read(&mut buf).await.unwrap();
+        }
+        peak = peak.max(rss_and_fds(pid).0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = sim.simulator.stats().completion_tokens_sent;
+    let mut rest = Vec::new();
+    socket.read_to_end(&mut rest).await.unwrap();
+    let total = read + rest.len();
+    eprintln!(
+        "slow reader: gateway RSS {} KiB before, peak {peak} KiB while {read} bytes were read \
+         in 8-byte reads over 10 s; the upstream had sent {sent} of {TOKENS} tokens by then; \
+         the whole stream was {total} bytes; RSS at the end {} KiB",
+        before.0,
+        rss_and_fds(pid).0
+    );
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n\r\n0\r\n\r\n"));
+    gw.signal("TERM");
+    assert!(gw.wait().await.0.success());
 }

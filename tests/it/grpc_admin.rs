@@ -304,11 +304,96 @@ async fn admin_methods_refuse_client_keys_and_missing_tokens() {
         channel.clone(),
         Bearer(key.secret.clone()),
     );
-    let status = as_client
-        .list_users(pb::ListUsersRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated);
+    // Every method, with real ids, so that only the token stands in the way.
+    let (user, key_id) = (key.user_id.clone(), key.id.clone());
+    let codes = [
+        as_client
+            .create_user(pb::CreateUserRequest {
+                name: "intruder".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        as_client
+            .get_user(pb::GetUserRequest { id: user.clone() })
+            .await
+            .map(drop),
+        as_client
+            .list_users(pb::ListUsersRequest {})
+            .await
+            .map(drop),
+        as_client
+            .update_user(pb::UpdateUserRequest {
+                id: user.clone(),
+                active: Some(true),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        as_client
+            .deactivate_user(pb::DeactivateUserRequest { id: user.clone() })
+            .await
+            .map(drop),
+        as_client
+            .create_key(pb::CreateKeyRequest {
+                user_id: user.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        as_client
+            .get_key(pb::GetKeyRequest { id: key_id.clone() })
+            .await
+            .map(drop),
+        as_client
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .map(drop),
+        as_client
+            .update_key(pb::UpdateKeyRequest {
+                id: key_id.clone(),
+                rpm_limit: Some(1),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        as_client
+            .revoke_key(pb::RevokeKeyRequest { id: key_id.clone() })
+            .await
+            .map(drop),
+        as_client
+            .rotate_key(pb::RotateKeyRequest {
+                id: key_id.clone(),
+                grace_seconds: Some(0),
+            })
+            .await
+            .map(drop),
+        as_client
+            .get_usage(pb::GetUsageReportRequest {
+                subject: Some(pb::get_usage_report_request::Subject::KeyId(key_id.clone())),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        as_client
+            .list_calls(pb::ListCallsRequest::default())
+            .await
+            .map(drop),
+    ];
+    assert_eq!(codes.len(), 13, "one call per Admin method");
+    for (i, result) in codes.into_iter().enumerate() {
+        let status = result.expect_err("a client key opened an admin method");
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "method {i}: {status:?}"
+        );
+    }
+    // Nothing changed: the key still works.
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("hi")).await.status(),
+        reqwest::StatusCode::OK
+    );
     let mut anonymous = pb::admin_client::AdminClient::new(channel);
     let status = anonymous
         .create_key(pb::CreateKeyRequest {
