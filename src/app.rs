@@ -128,6 +128,9 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let (sink, writer) = UsageWriter::spawn(
         store.clone(),
         Duration::from_millis(config.store.flush_interval_ms),
+        (config.store.call_log_retention_days > 0).then(|| {
+            Duration::from_secs(config.store.call_log_retention_days.saturating_mul(86_400))
+        }),
     );
     let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway::load(

@@ -230,6 +230,9 @@ pub struct StoreConfig {
     pub flush_interval_ms: u64,
     /// Keep request and response bodies in the call log.
     pub log_bodies: bool,
+    /// Calls older than this many days leave the call log (counters and hourly usage
+    /// stay); 0 keeps them forever.
+    pub call_log_retention_days: u64,
 }
 
 impl Default for StoreConfig {
@@ -238,6 +241,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("./data"),
             flush_interval_ms: 500,
             log_bodies: false,
+            call_log_retention_days: 90,
         }
     }
 }

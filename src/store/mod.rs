@@ -159,6 +159,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<UsageBucket>, StoreError>;
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Removes up to `limit` calls older than `before_micros` from the call log (counters
+    /// and hourly usage are kept); returns how many went.
+    fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
     /// After a failed write: closes and reopens the store, keeping only what reached the

@@ -596,6 +596,28 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError> {
+        let t = self.trees()?;
+        let mut end = before_micros.max(0).to_be_bytes().to_vec();
+        // The call the durability mark names must stay: the next start looks for it.
+        if let Some(marked) = &self.marks.lock().unwrap_or_else(|p| p.into_inner()).marked
+            && *marked < end
+        {
+            end.clone_from(marked);
+        }
+        let mut pruned = 0;
+        for entry in t.calls.range(..end).take(limit) {
+            let (log_key, value) = entry?;
+            if let Ok(call) = decode::<CallRecord>("calls", &value) {
+                t.calls_by_key
+                    .remove(timed_key(&call.key_id, call.at_micros, &call.request_id))?;
+            }
+            t.calls.remove(log_key)?;
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         let t = self.trees()?;
         t.db.flush()?;
@@ -776,6 +798,56 @@ mod tests {
 
     fn counters_of(store: &SledStore, id: &str) -> KeyCounters {
         store.trees().unwrap().counters_of(id).unwrap()
+    }
+
+    #[test]
+    fn pruning_removes_old_calls_from_the_log_and_keeps_the_books() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        let hour = 3_600_000_000;
+        store
+            .record_calls(&[
+                call("key_a", hour + 1, "m", 10),
+                call("key_a", hour + 2, "m", 10),
+                call("key_b", hour + 3, "m", 10),
+                call("key_a", 3 * hour, "m", 10),
+            ])
+            .unwrap();
+        assert_eq!(store.prune_calls(2 * hour, 2).unwrap(), 2);
+        assert_eq!(store.prune_calls(2 * hour, 100).unwrap(), 1);
+        assert_eq!(store.prune_calls(2 * hour, 100).unwrap(), 0);
+        let query = |key_id| CallQuery {
+            key_id,
+            before: None,
+            from_micros: None,
+            limit: 10,
+            scan_limit: 1000,
+        };
+        let times = |key_id| {
+            let (calls, _) = store.calls(&query(key_id), &|_: &CallRecord| true).unwrap();
+            calls.iter().map(|c| c.at_micros).collect::<Vec<_>>()
+        };
+        assert_eq!(times(None), [3 * hour]);
+        assert_eq!(times(Some("key_a")), [3 * hour]);
+        assert!(times(Some("key_b")).is_empty());
+        assert_eq!(counters_of(&store, "key_a").requests, 3);
+        assert_eq!(store.usage("key_b", 0, 7200).unwrap()[0].requests, 1);
+    }
+
+    #[test]
+    fn pruning_keeps_the_call_the_durability_mark_names() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 100).unwrap();
+            store.record_calls(&[call("key_a", 5, "m", 1)]).unwrap();
+            store.flush().unwrap();
+            assert_eq!(store.prune_calls(i64::MAX, 100).unwrap(), 0);
+            store.record_calls(&[call("key_a", 6, "m", 1)]).unwrap();
+            store.flush().unwrap();
+            assert_eq!(store.prune_calls(i64::MAX, 100).unwrap(), 1);
+        }
+        // The start-up check still finds the marked call.
+        SledStore::open(dir.path(), 100).unwrap();
     }
 
     #[test]

@@ -21,6 +21,10 @@ const MAX_BATCH: usize = 1024;
 /// How long the writer gathers calls before writing them in one transaction.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
+/// How often old calls are looked for in the call log, and the most removed at once.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_BATCH: usize = 10_000;
+
 /// How often a failing store is tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 
@@ -122,8 +126,13 @@ pub struct UsageWriter {
 }
 
 impl UsageWriter {
-    /// Starts the writer; it confirms durability with a flush every `flush_every`.
-    pub fn spawn(store: Arc<dyn Store>, flush_every: Duration) -> (UsageSink, UsageWriter) {
+    /// Starts the writer; it confirms durability with a flush every `flush_every`, and
+    /// removes calls older than `retention` (if any) from the call log.
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        flush_every: Duration,
+        retention: Option<Duration>,
+    ) -> (UsageSink, UsageWriter) {
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicU64::new(0));
         let health = Arc::new(StoreHealth::default());
@@ -134,6 +143,7 @@ impl UsageWriter {
             health: health.clone(),
             batch: Vec::with_capacity(MAX_BATCH),
             unflushed: Vec::new(),
+            retention,
         };
         let task = tokio::spawn(writer.run(rx, stop.clone(), flush_every));
         (
@@ -169,6 +179,7 @@ struct Writer {
     /// Calls written since the last successful flush. Kept until a flush confirms them:
     /// a store that fails before may lose them and is given them again.
     unflushed: Vec<CallRecord>,
+    retention: Option<Duration>,
 }
 
 impl Writer {
@@ -179,6 +190,7 @@ impl Writer {
         flush_every: Duration,
     ) -> usize {
         let mut next_flush = Instant::now() + flush_every;
+        let mut next_prune = Instant::now() + PRUNE_EVERY;
         loop {
             if !self.health.is_available() {
                 tokio::select! {
@@ -217,6 +229,12 @@ impl Writer {
                     self.flush().await;
                     next_flush = Instant::now() + flush_every;
                 }
+                () = tokio::time::sleep_until(next_prune), if self.retention.is_some() => {
+                    // A long backlog of old calls goes a batch at a time, between writes.
+                    let pruned = self.prune();
+                    next_prune = Instant::now()
+                        + if pruned == PRUNE_BATCH { BATCH_WINDOW } else { PRUNE_EVERY };
+                }
                 () = stop.cancelled() => break,
             }
         }
@@ -245,6 +263,24 @@ impl Writer {
             "the store still fails at shutdown; the usage of these calls is lost from the store"
         );
         unrecorded
+    }
+
+    /// Removes one batch of calls older than the retention from the call log.
+    fn prune(&self) -> usize {
+        let Some(retention) = self.retention else {
+            return 0;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let before = i64::try_from(now.saturating_sub(retention).as_micros()).unwrap_or(0);
+        match self.store.prune_calls(before, PRUNE_BATCH) {
+            Ok(pruned) => pruned,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not remove old calls from the call log");
+                0
+            }
+        }
     }
 
     /// Writes up to one batch; on failure everything stays in memory.
@@ -378,6 +414,9 @@ mod tests {
         fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
             self.inner.meta(name)
         }
+        fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError> {
+            self.inner.prune_calls(before_micros, limit)
+        }
         fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
             self.inner.put_meta(name, value)
         }
@@ -408,7 +447,7 @@ mod tests {
             inner: SledStore::open(dir.path(), 50).unwrap(),
             full: AtomicBool::new(false),
         });
-        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50));
+        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50), None);
         sink.record(call("key_a", 1, "m", 10));
         until("the first call is written", || sink.backlog() == 0).await;
         assert!(sink.health().is_available());
@@ -448,7 +487,7 @@ mod tests {
             inner: SledStore::open(dir.path(), 50).unwrap(),
             full: AtomicBool::new(true),
         });
-        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50));
+        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50), None);
         sink.record(call("key_a", 1, "m", 10));
         sink.record(call("key_a", 2, "m", 10));
         assert_eq!(writer.stop().await, 2);
