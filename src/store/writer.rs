@@ -21,8 +21,10 @@ const MAX_BATCH: usize = 1024;
 /// How long the writer gathers calls before writing them in one transaction.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
-/// How often old calls are looked for in the call log, and the most removed at once.
+/// How often old calls are looked for in the call log (the first time soon after start),
+/// and the most removed at once.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const FIRST_PRUNE: Duration = Duration::from_secs(1);
 const PRUNE_BATCH: usize = 10_000;
 
 /// How often a failing store is tried again.
@@ -190,7 +192,7 @@ impl Writer {
         flush_every: Duration,
     ) -> usize {
         let mut next_flush = Instant::now() + flush_every;
-        let mut next_prune = Instant::now() + PRUNE_EVERY;
+        let mut next_prune = Instant::now() + FIRST_PRUNE;
         loop {
             if !self.health.is_available() {
                 tokio::select! {

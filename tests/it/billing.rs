@@ -218,3 +218,71 @@ async fn a_graceful_stop_lets_a_stream_finish_and_keeps_its_usage() {
     assert_eq!(usage["requests"]["used"], 1);
     assert_eq!(usage["tokens"]["completion"], 10);
 }
+
+#[tokio::test]
+async fn calls_older_than_the_retention_leave_the_log_and_the_books_stay() {
+    use step3_gateway::core::records::{CallOutcome, CallRecord, Usage};
+    use step3_gateway::store::{SledStore, Store};
+
+    let mut gw = TestGateway::builder()
+        .config(|c| c.store.call_log_retention_days = 30)
+        .start()
+        .await;
+    let key = gw.create_key(json!({})).await;
+    let ok = gw.chat(&key.secret, &chat_body("recent")).await.status();
+    assert_eq!(ok, StatusCode::OK);
+    gw.stop().await;
+    // Two calls from 100 days ago, as the gateway running then recorded them.
+    {
+        let store = SledStore::open(&gw.config.store.path, 50).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let old = i64::try_from(now.as_micros()).unwrap() - 100 * 86_400 * 1_000_000;
+        let call = |n: i64| CallRecord {
+            at_micros: old + n,
+            request_id: format!("old-{n}"),
+            key_id: key.id.clone(),
+            user_id: key.user_id.clone(),
+            model: "stepfun-ai/Step3-VL-10B".into(),
+            status: 200,
+            outcome: CallOutcome::Completed,
+            stream: false,
+            latency_ms: 5,
+            charged_request: true,
+            usage: Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3,
+            },
+            usage_estimated: false,
+            images: 0,
+            image_sizes: Vec::new(),
+            request_body: None,
+            response_body: None,
+        };
+        store.record_calls(&[call(1), call(2)]).unwrap();
+        store.flush().unwrap();
+    }
+    gw.restart().await;
+    assert_eq!(gw.calls(&key.id).await.len(), 3);
+    let ok = gw.chat(&key.secret, &chat_body("new")).await.status();
+    assert_eq!(ok, StatusCode::OK);
+
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = gw.calls(&key.id).await;
+        if left.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ids: Vec<&str> = left
+        .iter()
+        .filter_map(|c| c["request_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.iter().all(|id| !id.starts_with("old-")), "{ids:?}");
+    // The books keep what the pruned calls used.
+    let usage = gw.usage(&key.secret).await;
+    assert_eq!(usage["requests"]["used"], 4);
+}
