@@ -172,7 +172,19 @@ pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, Gate
     }
     let text = require_object(&body)?;
     let mut de = serde_json::Deserializer::from_str(text);
-    let view: RequestView<'_> = serde_path_to_error::deserialize(&mut de).map_err(body_error)?;
+    // The plain parse is the fast path; a refused body is read again to name the field.
+    let Ok(view) = RequestView::deserialize(&mut de) else {
+        let mut again = serde_json::Deserializer::from_str(text);
+        return Err(
+            match serde_path_to_error::deserialize::<_, RequestView<'_>>(&mut again) {
+                Err(e) => body_error(e),
+                Ok(_) => GatewayError::invalid_request(
+                    "We could not parse the JSON body of your request.",
+                    None,
+                ),
+            },
+        );
+    };
     de.end().map_err(|e| {
         GatewayError::invalid_request(
             format!("We could not parse the JSON body of your request: {e}"),

@@ -67,6 +67,7 @@ async fn complete(
         ));
         let mut response = Response::new(body);
         let headers = response.headers_mut();
+        headers.reserve(16);
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream"),
@@ -93,6 +94,8 @@ async fn complete(
     };
     let mut response = Response::new(Body::from(body));
     let headers = response.headers_mut();
+    // Room for the limit and quota headers at once, instead of growing the map repeatedly.
+    headers.reserve(16);
     let content_type = completion
         .content_type
         .and_then(|v| HeaderValue::from_str(&v).ok())
