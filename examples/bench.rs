@@ -12,9 +12,8 @@
 //! alternating rounds, and prints one table.
 #![expect(clippy::print_stdout, reason = "a benchmark prints its report")]
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +22,10 @@ use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use step3_gateway::grpc::pb;
+
+#[allow(dead_code, reason = "shared with the soak run, which uses other parts")]
+mod common;
+use common::{Proc, Servers, free_port, pinned, start_gateway, start_servers, wait_for};
 use tokio::sync::Mutex;
 
 const MODEL: &str = "stepfun-ai/Step3-VL-10B";
@@ -44,98 +47,6 @@ impl Kind {
             Kind::GrpcUnary => "gRPC unary",
             Kind::GrpcStream => "gRPC stream (20 chunks)",
         }
-    }
-}
-
-/// A process under measurement.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    /// CPU seconds used so far by the process and its children (nginx workers).
-    fn cpu_seconds(&self) -> f64 {
-        let ticks = |pid: u32| -> u64 {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-                    Some(
-                        fields.get(11)?.parse::<u64>().ok()?
-                            + fields.get(12)?.parse::<u64>().ok()?,
-                    )
-                })
-                .unwrap_or(0)
-        };
-        let pid = self.child.id();
-        let children: u64 = children(pid).into_iter().map(ticks).sum();
-        (ticks(pid) + children) as f64 / 100.0
-    }
-
-    /// Resident memory of the process and its children, in MiB.
-    fn rss_mib(&self) -> f64 {
-        let rss = |pid: u32| -> u64 {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| {
-                    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-                    line.split_whitespace().nth(1)?.parse().ok()
-                })
-                .unwrap_or(0)
-        };
-        let pid = self.child.id();
-        let total: u64 = rss(pid) + children(pid).into_iter().map(rss).sum::<u64>();
-        total as f64 / 1024.0
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn wait_for(url: &str) -> anyhow::Result<()> {
-    // A minute: a gateway on a store of a million keys is measured from its start.
-    for _ in 0..3000 {
-        if reqwest::get(url).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("{url} never answered")
-}
-
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/examples/bench → target/<profile>/step3-gateway
-    exe.parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("step3-gateway"))
-        .unwrap_or_else(|| PathBuf::from("step3-gateway"))
-}
-
-/// Runs `command` pinned to `cpu` when `taskset` exists.
-fn pinned(cpu: &str, program: &Path) -> Command {
-    if Path::new("/usr/bin/taskset").exists() {
-        let mut command = Command::new("/usr/bin/taskset");
-        command.args(["-c", cpu]).arg(program);
-        command
-    } else {
-        Command::new(program)
     }
 }
 
@@ -169,38 +80,14 @@ async fn setup_with_keys(
     if extra_keys > 0 {
         fill_store(&dir.path().join("data"), extra_keys)?;
     }
-    let bin = binary();
-    let sim_port = free_port()?;
-    let upstream = Proc {
-        child: pinned(cpu, &bin)
-            .args([
-                "simulate",
-                "--listen",
-                &format!("127.0.0.1:{sim_port}"),
-                "--token-latency-ms",
-                &token_latency_ms.to_string(),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start the simulator (build with `cargo build --release --examples`)")?,
-    };
-    let upstream_url = format!("http://127.0.0.1:{sim_port}");
-    wait_for(&format!("{upstream_url}/health")).await?;
-
-    let gw_port = free_port()?;
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{gw_port}\"\n[upstream]\nurl = \"{upstream_url}\"\n\
-             [store]\npath = \"{}\"\n[admin]\ntoken = \"{ADMIN}\"\n[log]\nlevel = \"warn\"\n",
-            dir.path().join("data").display()
-        ),
-    )?;
-    let gateway_url = format!("http://127.0.0.1:{gw_port}");
-    let (gateway, start_up) = start_gateway(cpu, &config, &gateway_url).await?;
+    let Servers {
+        upstream,
+        upstream_url,
+        gateway,
+        gateway_url,
+        start_up,
+        ..
+    } = start_servers(dir.path(), Some(cpu), token_latency_ms, ADMIN).await?;
     let http = reqwest::Client::new();
     let user: Value = http
         .post(format!("{gateway_url}/admin/v1/users"))
@@ -225,7 +112,7 @@ async fn setup_with_keys(
         .await?;
     let key = key["secret"].as_str().context("no key")?.to_owned();
 
-    let (nginx, nginx_url) = match start_nginx(cpu, dir.path(), sim_port).await {
+    let (nginx, nginx_url) = match start_nginx(cpu, dir.path(), &upstream_url).await {
         Ok((proc, url)) => (Some(proc), Some(url)),
         Err(e) => {
             println!("(nginx not measured: {e:#})");
@@ -253,22 +140,6 @@ async fn setup_with_keys(
         },
         start_up,
     ))
-}
-
-/// Starts the gateway on `config` and waits until it answers at `url`; returns it and the
-/// time that took.
-async fn start_gateway(cpu: &str, config: &Path, url: &str) -> anyhow::Result<(Proc, Duration)> {
-    let starting = Instant::now();
-    let gateway = Proc {
-        child: pinned(cpu, &binary())
-            .args(["serve", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    };
-    wait_for(&format!("{url}/health")).await?;
-    Ok((gateway, starting.elapsed()))
 }
 
 /// Writes one user and `n` keys (each with limits and quotas, as an operator would give)
@@ -390,7 +261,7 @@ async fn many_keys(cpu: &str, n: usize, seconds: f64, rounds: usize) -> anyhow::
     } = big;
     drop(gateway);
     let (_gateway, restart) =
-        start_gateway(cpu, &dir.path().join("gateway.toml"), &gateway_url).await?;
+        start_gateway(Some(cpu), &dir.path().join("gateway.toml"), &gateway_url).await?;
     println!(
         "restart to /health with {n} keys: {:.2} s",
         restart.as_secs_f64()
@@ -401,7 +272,7 @@ async fn many_keys(cpu: &str, n: usize, seconds: f64, rounds: usize) -> anyhow::
 async fn start_bare(cpu: &str, upstream_url: &str) -> anyhow::Result<(Proc, String)> {
     let program = std::env::current_exe()?.with_file_name("bare_proxy");
     let port = free_port()?;
-    let child = pinned(cpu, &program)
+    let child = pinned(Some(cpu), &program)
         .arg(format!("127.0.0.1:{port}"))
         .arg(upstream_url)
         .stdout(Stdio::null())
@@ -413,7 +284,8 @@ async fn start_bare(cpu: &str, upstream_url: &str) -> anyhow::Result<(Proc, Stri
     Ok((Proc { child }, url))
 }
 
-async fn start_nginx(cpu: &str, dir: &Path, upstream_port: u16) -> anyhow::Result<(Proc, String)> {
+async fn start_nginx(cpu: &str, dir: &Path, upstream_url: &str) -> anyhow::Result<(Proc, String)> {
+    let upstream = upstream_url.trim_start_matches("http://");
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .map(Path::new)
@@ -427,13 +299,13 @@ async fn start_nginx(cpu: &str, dir: &Path, upstream_port: u16) -> anyhow::Resul
             "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.err warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
-             upstream sim {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}\n\
+             upstream sim {{ server {upstream}; keepalive 64; }}\n\
              server {{\n listen 127.0.0.1:{port};\n location / {{\n  proxy_pass http://sim;\n\
              proxy_http_version 1.1;\n  proxy_set_header Connection \"\";\n  proxy_buffering off;\n }}\n }}\n}}\n",
             dir = dir.display()
         ),
     )?;
-    let child = pinned(cpu, nginx)
+    let child = pinned(Some(cpu), nginx)
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
@@ -802,9 +674,7 @@ async fn report_streams<T>(
     let opened_in = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let open = s.gateway.rss_mib();
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", s.gateway.child.id()))
-        .map(Iterator::count)
-        .unwrap_or(0);
+    let fds = s.gateway.fds();
     println!(
         "{n} open {door} streams (opened in {:.1} s): gateway RSS {idle:.1} MiB idle, {open:.1} MiB with them open, {:.1} KiB per stream, {fds} fds",
         opened_in.as_secs_f64(),

@@ -22,17 +22,22 @@
 //! gateway to these CPUs with taskset; unset: no pinning), `SOAK_TOKEN_LATENCY_MS` (5).
 #![expect(clippy::print_stdout, reason = "a soak run prints its report")]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use step3_gateway::grpc::pb;
+
+#[allow(
+    dead_code,
+    reason = "shared with the benchmark, which uses other parts"
+)]
+mod common;
+use common::{Proc, Servers, start_servers};
 
 const MODEL: &str = "stepfun-ai/Step3-VL-10B";
 const ADMIN: &str = "soak-admin-token-0123456789";
@@ -46,92 +51,6 @@ const QUOTA_KEY: usize = 17;
 const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
 
 // ---------------------------------------------------------------- processes
-
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn status_field(&self, field: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with(field))?;
-                line.split_whitespace().nth(1)?.parse().ok()
-            })
-            .unwrap_or(0)
-    }
-
-    fn rss_mib(&self) -> f64 {
-        self.status_field("VmRSS:") as f64 / 1024.0
-    }
-
-    fn threads(&self) -> u64 {
-        self.status_field("Threads:")
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(Iterator::count)
-            .unwrap_or(0)
-    }
-
-    fn cpu_seconds(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
-            .ok()
-            .and_then(|stat| {
-                let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-                Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-            })
-            .unwrap_or(0) as f64
-            / 100.0
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn wait_for(url: &str) -> anyhow::Result<()> {
-    for _ in 0..1500 {
-        if reqwest::get(url).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("{url} never answered")
-}
-
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/examples/soak → target/<profile>/step3-gateway
-    exe.parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("step3-gateway"))
-        .unwrap_or_else(|| PathBuf::from("step3-gateway"))
-}
-
-fn command(program: &Path) -> Command {
-    match std::env::var("SOAK_SERVER_CPU") {
-        Ok(cpus) if Path::new("/usr/bin/taskset").exists() => {
-            let mut command = Command::new("/usr/bin/taskset");
-            command.args(["-c", &cpus]).arg(program);
-            command
-        }
-        _ => Command::new(program),
-    }
-}
 
 fn dir_size(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
@@ -529,47 +448,14 @@ struct Setup {
 
 async fn setup(token_latency_ms: u64, secs: u64, rate: u64) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
-    let bin = binary();
-    let sim_port = free_port()?;
-    let upstream = Proc {
-        child: command(&bin)
-            .args([
-                "simulate",
-                "--listen",
-                &format!("127.0.0.1:{sim_port}"),
-                "--token-latency-ms",
-                &token_latency_ms.to_string(),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start the simulator (build with `cargo build --release --bins`)")?,
-    };
-    let upstream_url = format!("http://127.0.0.1:{sim_port}");
-    wait_for(&format!("{upstream_url}/health")).await?;
-
-    let gw_port = free_port()?;
-    let data_dir = dir.path().join("data");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{gw_port}\"\n[upstream]\nurl = \"{upstream_url}\"\n\
-             [store]\npath = \"{}\"\n[admin]\ntoken = \"{ADMIN}\"\n[log]\nlevel = \"warn\"\n",
-            data_dir.display()
-        ),
-    )?;
-    let url = format!("http://127.0.0.1:{gw_port}");
-    let gateway = Proc {
-        child: command(&bin)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    };
-    wait_for(&format!("{url}/health")).await?;
+    let cpu = std::env::var("SOAK_SERVER_CPU").ok();
+    let Servers {
+        upstream,
+        gateway,
+        gateway_url: url,
+        data_dir,
+        ..
+    } = start_servers(dir.path(), cpu.as_deref(), token_latency_ms, ADMIN).await?;
 
     let http = reqwest::Client::new();
     let admin = |path: &str, body: Value| {
