@@ -126,7 +126,8 @@ pub(crate) async fn upstream(latency_ms: u64) -> RunningSimulator {
     .unwrap()
 }
 
-async fn make_key(http: &reqwest::Client, url: &str) -> String {
+/// A user and a key made through the admin API; the key's secret.
+pub(crate) async fn make_key(http: &reqwest::Client, url: &str) -> String {
     let user: Value = http
         .post(format!("{url}/admin/v1/users"))
         .bearer_auth(ADMIN_TOKEN)

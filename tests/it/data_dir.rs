@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use step3_gateway::grpc::pb;
 use step3_gateway::store::{SledStore, Store};
 
-use crate::binary::{Gateway, upstream, write_config_with};
-use crate::common::{ADMIN_TOKEN, MODEL, TestGateway, chat_body, expect_error};
+use crate::binary::{Gateway, make_key, upstream, write_config_with};
+use crate::common::{MODEL, TestGateway, chat_body, expect_error};
 
 /// Runs `serve` and expects it to exit by itself; returns the exit code and stderr.
 fn serve_expecting_exit(config: &Path) -> (Option<i32>, String) {
@@ -59,29 +59,12 @@ async fn used_data_dir(dir: &Path) -> (PathBuf, PathBuf) {
     let config = write_config_with(dir, &sim.url(), &data, "flush_interval_ms = 50");
     let gw = Gateway::start_logging(&config, "info").await;
     let http = reqwest::Client::new();
-    let admin = |path: &str, body: Value| {
-        http.post(format!("{}/admin/v1{path}", gw.url))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-    };
-    let user: Value = admin("/users", json!({"name": "d"}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key: Value = admin("/keys", json!({"user_id": user["id"]}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let secret = make_key(&http, &gw.url).await;
     // Enough calls that sled's log spans a few hundred kilobytes.
     for _ in 0..150 {
         let response = http
             .post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(key["secret"].as_str().unwrap())
+            .bearer_auth(&secret)
             .json(&chat_body("hello"))
             .send()
             .await
@@ -400,30 +383,13 @@ async fn a_store_still_failing_at_sigterm_makes_the_exit_code_say_usage_was_lost
     let config = write_config_with(dir.path(), &sim.url(), &data, "flush_interval_ms = 50");
     let gw = Gateway::start_logging(&config, "info").await;
     let http = reqwest::Client::new();
-    let post = |path: &str, body: Value| {
-        http.post(format!("{}/admin/v1{path}", gw.url))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-    };
-    let user: Value = post("/users", json!({"name": "d"}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key: Value = post("/keys", json!({"user_id": user["id"]}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let secret = make_key(&http, &gw.url).await;
     fill(&mount_point.join("filler"));
     let mut answered = 0;
     for _ in 0..5000 {
         let response = http
             .post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(key["secret"].as_str().unwrap())
+            .bearer_auth(&secret)
             .json(&chat_body("fill"))
             .send()
             .await
