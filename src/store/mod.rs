@@ -142,6 +142,11 @@ pub trait Store: Send + Sync + 'static {
     /// Idempotent: a call already in the log (same time and request id) is skipped, so a
     /// batch whose fate is unknown after a failure can be written again.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;
+    /// [`Store::record_calls`] for calls never given to the store before, which need no
+    /// look-up in the log (one read per call saved on the usage writer's normal path).
+    fn record_new_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        self.record_calls(calls)
+    }
     /// Calls newest first: a key's (or everyone's), strictly before `cursor`, at or after
     /// `from_micros`, that pass `filter`. Scans at most `scan_limit` entries; the cursor
     /// returned is where a next page starts, `None` when the log is exhausted.

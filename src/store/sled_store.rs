@@ -65,6 +65,97 @@ impl From<sled::Error> for StoreError {
 }
 
 impl SledStore {
+    /// Writes a batch; `dedupe` skips calls already in the log (a retried batch).
+    fn record(&self, calls: &[CallRecord], dedupe: bool) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        // Fold the batch first, so each counter and bucket is read and written once.
+        let mut counters: HashMap<&str, KeyCounters> = HashMap::new();
+        let mut buckets: HashMap<Vec<u8>, UsageBucket> = HashMap::new();
+        let mut log = Vec::with_capacity(calls.len());
+        let mut seen =
+            std::collections::HashSet::with_capacity(if dedupe { calls.len() } else { 0 });
+        for call in calls {
+            // A call already in the log is not counted again: a batch retried after a
+            // failure may have reached the disk before it. Read outside the transaction:
+            // the usage writer is the only writer of the log.
+            let key = call_key(call.at_micros, &call.request_id);
+            if dedupe && (!seen.insert(key.clone()) || t.calls.contains_key(&key)?) {
+                continue;
+            }
+            counters
+                .entry(&call.key_id)
+                .or_default()
+                .add(&call.counters());
+            let hour = hour_of(call.at_micros);
+            let bucket = buckets
+                .entry(timed_key(&call.key_id, hour, &call.model))
+                .or_insert_with(|| UsageBucket {
+                    hour,
+                    model: call.model.clone(),
+                    ..UsageBucket::default()
+                });
+            bucket.requests += u64::from(call.charged_request);
+            bucket.errors += u64::from(call.status >= 400);
+            bucket.prompt_tokens += call.usage.prompt_tokens;
+            bucket.completion_tokens += call.usage.completion_tokens;
+            bucket.images += u64::from(call.images);
+            log.push((
+                key,
+                timed_key(&call.key_id, call.at_micros, &call.request_id),
+                encode(call)?,
+            ));
+        }
+        let trees = (&t.counters, &t.usage, &t.calls, &t.calls_by_key);
+        let result = trees.transaction(|(counter_tree, usage_tree, call_tree, by_key_tree)| {
+            for (key_id, delta) in &counters {
+                let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
+                    Some(bytes) => {
+                        decode("counters", &bytes).map_err(ConflictableTransactionError::Abort)?
+                    }
+                    None => KeyCounters::default(),
+                };
+                total.add(delta);
+                let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
+                counter_tree.insert(key_id.as_bytes(), bytes)?;
+            }
+            for (key, delta) in &buckets {
+                let mut bucket: UsageBucket = match usage_tree.get(key)? {
+                    Some(bytes) => {
+                        decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
+                    }
+                    None => UsageBucket {
+                        hour: delta.hour,
+                        model: delta.model.clone(),
+                        ..UsageBucket::default()
+                    },
+                };
+                bucket.requests += delta.requests;
+                bucket.errors += delta.errors;
+                bucket.prompt_tokens += delta.prompt_tokens;
+                bucket.completion_tokens += delta.completion_tokens;
+                bucket.images += delta.images;
+                let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
+                usage_tree.insert(key.as_slice(), bytes)?;
+            }
+            for (key, by_key, value) in &log {
+                call_tree.insert(key.as_slice(), value.as_slice())?;
+                by_key_tree.insert(by_key.as_slice(), &[])?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                if let Some((key, _, _)) = log.last() {
+                    self.marks.lock().unwrap_or_else(|p| p.into_inner()).written =
+                        Some(key.clone());
+                }
+                Ok(())
+            }
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
     /// Opens (or creates) the store in `path`; sled makes writes durable every `flush_ms`.
     ///
     /// sled locks the directory; a process that is still exiting holds the lock for a
@@ -419,92 +510,11 @@ impl Store for SledStore {
     }
 
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
-        let t = self.trees()?;
-        // Fold the batch first, so each counter and bucket is read and written once.
-        let mut counters: HashMap<&str, KeyCounters> = HashMap::new();
-        let mut buckets: HashMap<Vec<u8>, UsageBucket> = HashMap::new();
-        let mut log = Vec::with_capacity(calls.len());
-        let mut seen = std::collections::HashSet::with_capacity(calls.len());
-        for call in calls {
-            // A call already in the log is not counted again: a batch retried after a
-            // failure may have reached the disk before it. Read outside the transaction:
-            // the usage writer is the only writer of the log.
-            let key = call_key(call.at_micros, &call.request_id);
-            if !seen.insert(key.clone()) || t.calls.contains_key(&key)? {
-                continue;
-            }
-            counters
-                .entry(&call.key_id)
-                .or_default()
-                .add(&call.counters());
-            let hour = hour_of(call.at_micros);
-            let bucket = buckets
-                .entry(timed_key(&call.key_id, hour, &call.model))
-                .or_insert_with(|| UsageBucket {
-                    hour,
-                    model: call.model.clone(),
-                    ..UsageBucket::default()
-                });
-            bucket.requests += u64::from(call.charged_request);
-            bucket.errors += u64::from(call.status >= 400);
-            bucket.prompt_tokens += call.usage.prompt_tokens;
-            bucket.completion_tokens += call.usage.completion_tokens;
-            bucket.images += u64::from(call.images);
-            log.push((
-                key,
-                timed_key(&call.key_id, call.at_micros, &call.request_id),
-                encode(call)?,
-            ));
-        }
-        let trees = (&t.counters, &t.usage, &t.calls, &t.calls_by_key);
-        let result = trees.transaction(|(counter_tree, usage_tree, call_tree, by_key_tree)| {
-            for (key_id, delta) in &counters {
-                let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
-                    Some(bytes) => {
-                        decode("counters", &bytes).map_err(ConflictableTransactionError::Abort)?
-                    }
-                    None => KeyCounters::default(),
-                };
-                total.add(delta);
-                let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
-                counter_tree.insert(key_id.as_bytes(), bytes)?;
-            }
-            for (key, delta) in &buckets {
-                let mut bucket: UsageBucket = match usage_tree.get(key)? {
-                    Some(bytes) => {
-                        decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
-                    }
-                    None => UsageBucket {
-                        hour: delta.hour,
-                        model: delta.model.clone(),
-                        ..UsageBucket::default()
-                    },
-                };
-                bucket.requests += delta.requests;
-                bucket.errors += delta.errors;
-                bucket.prompt_tokens += delta.prompt_tokens;
-                bucket.completion_tokens += delta.completion_tokens;
-                bucket.images += delta.images;
-                let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
-                usage_tree.insert(key.as_slice(), bytes)?;
-            }
-            for (key, by_key, value) in &log {
-                call_tree.insert(key.as_slice(), value.as_slice())?;
-                by_key_tree.insert(by_key.as_slice(), &[])?;
-            }
-            Ok(())
-        });
-        match result {
-            Ok(()) => {
-                if let Some((key, _, _)) = log.last() {
-                    self.marks.lock().unwrap_or_else(|p| p.into_inner()).written =
-                        Some(key.clone());
-                }
-                Ok(())
-            }
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        self.record(calls, true)
+    }
+
+    fn record_new_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        self.record(calls, false)
     }
 
     fn calls(

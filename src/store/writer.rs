@@ -291,7 +291,7 @@ impl Writer {
             return;
         }
         let n = self.batch.len().min(MAX_BATCH);
-        match self.store.record_calls(&self.batch[..n]) {
+        match self.store.record_new_calls(&self.batch[..n]) {
             Ok(()) => {
                 self.backlog.fetch_sub(n as u64, Ordering::Relaxed);
                 self.unflushed.extend(self.batch.drain(..n));
