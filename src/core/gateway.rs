@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use super::error::GatewayError;
 use super::images::ImageSize;
 use super::keys::{self, SecretHash};
-use super::limits::{Grant, LimitScope, LimitSpec, Limiter, RateFigures};
+use super::limits::{Figure, Grant, LimitScope, LimitSpec, Limiter, RateFigures};
 use super::quota::{self, TokenAsk};
 use super::records::{
     CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UserRecord, now_micros, now_unix,
@@ -124,15 +124,14 @@ pub struct Remaining {
 
 impl Remaining {
     /// The `x-quota-remaining-*` pairs, both doors.
-    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, Figure)> + use<> {
         [
             ("x-quota-remaining-requests", self.requests),
             ("x-quota-remaining-tokens", self.tokens),
             ("x-quota-remaining-images", self.images),
         ]
         .into_iter()
-        .filter_map(|(name, value)| Some((name, value?.to_string())))
-        .collect()
+        .filter_map(|(name, value)| Some((name, Figure::Count(value?))))
     }
 }
 

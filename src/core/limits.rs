@@ -313,15 +313,30 @@ impl Limiter {
     }
 }
 
-/// A reset time as OpenAI writes it: `120ms`, `12s`, `6m0s`.
-pub fn format_reset(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs == 0 {
-        format!("{}ms", d.subsec_millis())
-    } else if secs < 60 {
-        format!("{secs}s")
-    } else {
-        format!("{}m{}s", secs / 60, secs % 60)
+/// One figure of the limit headers: a count, or the time until a limit resets, which
+/// OpenAI writes as `120ms`, `12s`, `6m0s`. Kept as a number until a door writes it, so a
+/// response's headers cost no string building.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Figure {
+    Count(u64),
+    Reset(Duration),
+}
+
+impl std::fmt::Display for Figure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Figure::Count(n) => write!(f, "{n}"),
+            Figure::Reset(d) => {
+                let secs = d.as_secs();
+                if secs == 0 {
+                    write!(f, "{}ms", d.subsec_millis())
+                } else if secs < 60 {
+                    write!(f, "{secs}s")
+                } else {
+                    write!(f, "{}m{}s", secs / 60, secs % 60)
+                }
+            }
+        }
     }
 }
 
@@ -343,11 +358,11 @@ const TOKEN_HEADERS: [&str; 3] = [
 ];
 
 impl RateStatus {
-    fn pairs(&self, [limit, remaining, reset]: [&'static str; 3]) -> [(&'static str, String); 3] {
+    fn pairs(&self, [limit, remaining, reset]: [&'static str; 3]) -> [(&'static str, Figure); 3] {
         [
-            (limit, self.limit.to_string()),
-            (remaining, self.remaining.to_string()),
-            (reset, format_reset(self.reset)),
+            (limit, Figure::Count(self.limit)),
+            (remaining, Figure::Count(self.remaining)),
+            (reset, Figure::Reset(self.reset)),
         ]
     }
 }
@@ -372,7 +387,11 @@ impl Refusal {
                     remaining: 0,
                     reset: wait,
                 };
-                pairs.extend(status.pairs(kind));
+                pairs.extend(
+                    status
+                        .pairs(kind)
+                        .map(|(name, figure)| (name, figure.to_string())),
+                );
             }
             LimitKind::Concurrency => {
                 pairs.push(("x-concurrency-limit", self.limit.to_string()));
@@ -384,15 +403,10 @@ impl Refusal {
 
 impl RateFigures {
     /// The `x-ratelimit-*` pairs for a response, both doors.
-    pub fn pairs(&self) -> Vec<(&'static str, String)> {
-        let mut pairs = Vec::with_capacity(6);
-        if let Some(requests) = &self.requests {
-            pairs.extend(requests.pairs(REQUEST_HEADERS));
-        }
-        if let Some(tokens) = &self.tokens {
-            pairs.extend(tokens.pairs(TOKEN_HEADERS));
-        }
-        pairs
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, Figure)> + use<> {
+        let requests = self.requests.map(|s| s.pairs(REQUEST_HEADERS));
+        let tokens = self.tokens.map(|s| s.pairs(TOKEN_HEADERS));
+        requests.into_iter().chain(tokens).flatten()
     }
 
     /// The tighter of the key's and the user's figures.
@@ -421,6 +435,20 @@ impl RateFigures {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn figures_are_written_as_openai_writes_them() {
+        let text = |f: Figure| f.to_string();
+        assert_eq!(text(Figure::Count(0)), "0");
+        assert_eq!(
+            text(Figure::Count(18_446_744_073_709_551_615)),
+            "18446744073709551615"
+        );
+        assert_eq!(text(Figure::Reset(Duration::from_millis(120))), "120ms");
+        assert_eq!(text(Figure::Reset(Duration::from_millis(12_400))), "12s");
+        assert_eq!(text(Figure::Reset(Duration::from_secs(360))), "6m0s");
+        assert_eq!(text(Figure::Reset(Duration::from_secs(3599))), "59m59s");
+    }
 
     fn admitted(window: &mut SlidingWindow, limit: u64, at: u64, tries: u32) -> u32 {
         (0..tries)

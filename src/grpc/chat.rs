@@ -224,8 +224,8 @@ fn add_limit_metadata(
     figures: &crate::core::limits::RateFigures,
     remaining: &crate::core::Remaining,
 ) {
-    for (name, value) in figures.pairs().into_iter().chain(remaining.pairs()) {
-        if let Ok(value) = value.parse() {
+    for (name, figure) in figures.pairs().chain(remaining.pairs()) {
+        if let Ok(value) = figure.to_string().parse() {
             metadata.insert(tonic::metadata::MetadataKey::from_static(name), value);
         }
     }

@@ -1,6 +1,7 @@
 //! `POST /v1/chat/completions`: the REST adapter over the shared chat path.
 
 use std::convert::Infallible;
+use std::io::Write as _;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -10,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{AppState, ModelLabel, RequestId, bearer, read_body};
 use crate::chat::{Origin, UsageView};
-use crate::core::limits::RateFigures;
+use crate::core::limits::{Figure, RateFigures};
 use crate::core::{GatewayError, Remaining};
 use crate::metrics::Door;
 
@@ -111,10 +112,24 @@ async fn complete(
 
 /// Rate-limit figures of the call and the quota the key has left.
 fn add_limit_headers(headers: &mut HeaderMap, figures: RateFigures, remaining: Remaining) {
-    for (name, value) in figures.pairs().into_iter().chain(remaining.pairs()) {
-        if let Ok(value) = HeaderValue::try_from(value) {
-            headers.insert(HeaderName::from_static(name), value);
-        }
+    for (name, figure) in figures.pairs().chain(remaining.pairs()) {
+        let value = match figure {
+            Figure::Count(n) => HeaderValue::from(n),
+            Figure::Reset(_) => {
+                // "59m59s" at most: written on the stack, copied once into the header.
+                let mut text = [0u8; 32];
+                let mut cursor = std::io::Cursor::new(&mut text[..]);
+                if write!(cursor, "{figure}").is_err() {
+                    continue;
+                }
+                let len = usize::try_from(cursor.position()).unwrap_or(0);
+                match HeaderValue::from_bytes(&text[..len]) {
+                    Ok(value) => value,
+                    Err(_) => continue,
+                }
+            }
+        };
+        headers.insert(HeaderName::from_static(name), value);
     }
 }
 
