@@ -1,6 +1,8 @@
 //! Proto ⇄ OpenAI JSON: requests become the JSON body the REST door would have received,
 //! answers and stream chunks are read back into proto messages.
 
+use std::borrow::Cow;
+
 use base64::Engine;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -251,6 +253,94 @@ pub enum StreamEvent {
 }
 
 pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
+    let Some(data) = event_data(event) else {
+        return Ok(StreamEvent::Nothing);
+    };
+    if data.trim_ascii() == b"[DONE]" {
+        return Ok(StreamEvent::Done);
+    }
+    // The usual chunk, read once: `sse::inspect` (the error) and the chunk itself would each
+    // parse it again. Whatever this one parse does not take falls to `stream_event_slow`, so
+    // every odd event (not an object, not UTF-8, a field of the wrong type) reads as before:
+    // when this parse succeeds, both of the slow path's succeed on the same members.
+    if data.trim_ascii_start().starts_with(b"{")
+        && let Ok(text) = std::str::from_utf8(&data)
+        && let Ok(view) = serde_json::from_str::<ChunkView<'_>>(text)
+    {
+        return Ok(match view.error {
+            Some(raw) => StreamEvent::Error(error_message(raw)),
+            None => StreamEvent::Chunk(chunk_proto(CompletionView {
+                id: view.id,
+                model: view.model,
+                created: view.created,
+                choices: view.choices,
+                usage: view.usage,
+            })),
+        });
+    }
+    stream_event_slow(event)
+}
+
+/// [`CompletionView`] with the `error` member `sse::inspect` looks for (not `flatten`ed:
+/// that would read through serde's buffered map).
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    created: i64,
+    #[serde(default)]
+    choices: Vec<ChoiceView>,
+    #[serde(default)]
+    usage: Option<UsageView>,
+    #[serde(default, borrow)]
+    error: Option<&'a serde_json::value::RawValue>,
+}
+
+/// An error event's message as `sse::inspect` reads it: `error.message`, else the raw value.
+fn error_message(raw: &serde_json::value::RawValue) -> String {
+    #[derive(Deserialize)]
+    struct ErrorView {
+        #[serde(default)]
+        message: Option<String>,
+    }
+    serde_json::from_str::<ErrorView>(raw.get())
+        .ok()
+        .and_then(|e| e.message)
+        .unwrap_or_else(|| raw.get().to_owned())
+}
+
+/// The joined `data:` lines of an event, as `sse::event_data` joins them, borrowed when
+/// there is one line (vLLM sends one).
+fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    let mut rest = event;
+    while !rest.is_empty() {
+        let (line, next) = match memchr::memchr(b'\n', rest) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = next;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            match &mut data {
+                Some(existing) => {
+                    let existing = existing.to_mut();
+                    existing.push(b'\n');
+                    existing.extend_from_slice(value);
+                }
+                None => data = Some(Cow::Borrowed(value)),
+            }
+        }
+    }
+    data
+}
+
+/// The reading of an event the one-parse path of [`stream_event`] does not take.
+fn stream_event_slow(event: &[u8]) -> Result<StreamEvent, GatewayError> {
     let Some(data) = sse::event_data(event) else {
         return Ok(StreamEvent::Nothing);
     };
@@ -263,7 +353,11 @@ pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
     }
     let view: CompletionView =
         serde_json::from_slice(&data).map_err(|e| unreadable("stream chunk", &e))?;
-    Ok(StreamEvent::Chunk(pb::ChatChunk {
+    Ok(StreamEvent::Chunk(chunk_proto(view)))
+}
+
+fn chunk_proto(view: CompletionView) -> pb::ChatChunk {
+    pb::ChatChunk {
         id: view.id,
         model: view.model,
         created: view.created,
@@ -286,7 +380,7 @@ pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
             })
             .collect(),
         usage: view.usage.map(Into::into),
-    }))
+    }
 }
 
 /// Holds back a chunk that finishes a choice so the usage chunk after it can join it: the
@@ -511,6 +605,93 @@ mod tests {
             StreamEvent::Error("boom".into())
         );
         assert_eq!(stream_event(b": ping\n\n").unwrap(), StreamEvent::Nothing);
+    }
+
+    /// The one-parse reading of stream events gives what the old reading (now the slow path:
+    /// `sse::event_data`, `sse::inspect`, then the chunk) gives, odd events included.
+    #[test]
+    fn stream_events_read_once_as_they_were_read_before() {
+        let events: &[&[u8]] = &[
+            b"data: {\"id\":\"c1\",\"model\":\"m\",\"created\":7,\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"x\",\"reasoning_content\":\"r\"},\"finish_reason\":null}]}\n\n",
+            b"data: {\"id\":\"c1\",\"choices\":[{\"index\":1,\"message\":{\"content\":\"y\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n",
+            b"data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
+            b"data: {\"choices\":[{\"index\":0},{\"index\":1,\"delta\":{}}]}\r\n\r\n",
+            b"data:{\"id\":\"no space\"}\n\n",
+            b": comment\nevent: x\ndata: {\"id\":\"a\",\ndata: \"model\":\"two lines\"}\n\n",
+            b"data: {\"error\":{\"message\":\"boom\",\"code\":1}}\n\n",
+            b"data: {\"error\":\"plain\"}\n\n",
+            b"data: {\"error\":{\"code\":500}}\n\n",
+            b"data: {\"error\":{\"message\":5}}\n\n",
+            b"data: {\"error\":null,\"choices\":[]}\n\n",
+            b"data: {\"error\":{\"message\":\"typed wrong\"},\"id\":5}\n\n",
+            b"data: {\"error\":\"a\",\"error\":\"b\"}\n\n",
+            b"data: {\"id\":\"a\",\"id\":\"b\"}\n\n",
+            b"data: {\"usage\":\"lots\"}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":-1}}\n\n",
+            b"data: [\"c1\",\"m\",1,[],null]\n\n",
+            b"data: {\"id\":\"c1\",\"x\":\"\xff\"}\n\n",
+            b"data: {\"id\":\"c1\"\n\n",
+            b"data: {\"id\":\"c1\"} trailing\n\n",
+            b"data:  [DONE] \n\n",
+            b"data: [DONE]\r\n\r\n",
+            b"data:\n\n",
+            b"data: \n\n",
+            b": ping\n\n",
+            b"",
+            b"id: 3\n\n",
+            b"data: {\"id\":\"\\u00e9\\n\",\"choices\":[{\"delta\":{\"content\":\"\\\"q\\\"\"}}]}\n\n",
+        ];
+        for event in events {
+            assert_same_reading(event);
+        }
+    }
+
+    fn assert_same_reading(event: &[u8]) {
+        assert_eq!(
+            format!("{:?}", stream_event(event)),
+            format!("{:?}", stream_event_slow(event)),
+            "{}",
+            String::from_utf8_lossy(event)
+        );
+        assert_eq!(
+            event_data(event).map(Cow::into_owned),
+            sse::event_data(event),
+            "{}",
+            String::from_utf8_lossy(event)
+        );
+    }
+
+    proptest::proptest! {
+        /// Events put together from pieces of chunks, errors and SSE framing.
+        #[test]
+        fn any_event_reads_as_before(pieces in proptest::collection::vec(proptest::sample::select(vec![
+            "data: ", "data:", "\n", "\r\n", "\n\n", ": c\n", "{", "}", "[", "]", ",", ":", "\"", "null",
+            "\"id\"", "\"model\"", "\"created\"", "\"choices\"", "\"usage\"", "\"error\"",
+            "\"message\"", "\"delta\"", "\"content\"", "\"finish_reason\"", "\"index\"",
+            "\"prompt_tokens\"", "\"completion_tokens\"", "\"x\"", "1", "-2", "1.5", "true",
+            "[DONE]", " ", "\u{e9}", "\\",
+        ]), 0..40)) {
+            let event = pieces.concat();
+            assert_same_reading(event.as_bytes());
+        }
+
+        /// Well-formed objects of known and unknown members, each of any type, some twice.
+        #[test]
+        fn any_chunk_object_reads_as_before(members in proptest::collection::vec((
+            proptest::sample::select(vec!["id", "model", "created", "choices", "usage", "error", "object", "x"]),
+            proptest::sample::select(vec![
+                "null", "\"s\"", "3", "-3", "2.5", "true", "[]", "{}", "\"\\u00ff\"",
+                "[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":null}]",
+                "[{\"index\":2,\"message\":{\"content\":\"a\",\"reasoning_content\":\"b\"},\"finish_reason\":\"stop\"}]",
+                "[{\"index\":\"0\"}]",
+                "{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":1}",
+                "{\"message\":\"boom\"}", "{\"message\":null}", "{\"message\":[1]}",
+            ]),
+        ), 0..6)) {
+            let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            let event = format!("data: {{{}}}\n\n", body.join(","));
+            assert_same_reading(event.as_bytes());
+        }
     }
 
     /// Found by the `grpc_chunk` fuzz target: `total_tokens` overflowed (a panic in a debug
