@@ -58,11 +58,7 @@ impl pb::chat_server::Chat for ChatService {
         };
         let mut response = Response::new(completion.answer);
         response.extensions_mut().insert(ModelLabel(label));
-        add_limit_metadata(
-            response.metadata_mut(),
-            &completion.figures,
-            &completion.remaining,
-        );
+        *response.metadata_mut() = limit_metadata(&completion.figures, &completion.remaining);
         Ok(response)
     }
 
@@ -97,7 +93,7 @@ impl pb::chat_server::Chat for ChatService {
         };
         let mut response = Response::new(chunks(start.relay, deadline));
         response.extensions_mut().insert(ModelLabel(label));
-        add_limit_metadata(response.metadata_mut(), &start.figures, &start.remaining);
+        *response.metadata_mut() = limit_metadata(&start.figures, &start.remaining);
         Ok(response)
     }
 
@@ -219,14 +215,20 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
     ))
 }
 
-fn add_limit_metadata(
-    metadata: &mut tonic::metadata::MetadataMap,
+/// The rate-limit figures and remaining quota as response metadata. Built as a header map,
+/// which takes each value string as it is (as the REST door does), instead of parsing a
+/// `MetadataValue` copy of each; the values are digits and units (`6m0s`), valid metadata.
+fn limit_metadata(
     figures: &crate::core::limits::RateFigures,
     remaining: &crate::core::Remaining,
-) {
-    for (name, value) in figures.pairs().into_iter().chain(remaining.pairs()) {
-        if let Ok(value) = value.parse() {
-            metadata.insert(tonic::metadata::MetadataKey::from_static(name), value);
+) -> tonic::metadata::MetadataMap {
+    use axum::http::{HeaderMap, HeaderName, HeaderValue};
+    let (figures, remaining) = (figures.pairs(), remaining.pairs());
+    let mut headers = HeaderMap::with_capacity(figures.len() + remaining.len());
+    for (name, value) in figures.into_iter().chain(remaining) {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(HeaderName::from_static(name), value);
         }
     }
+    tonic::metadata::MetadataMap::from_headers(headers)
 }
