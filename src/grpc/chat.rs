@@ -189,9 +189,10 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
                 };
                 for event in events {
                     match convert::stream_event(&event) {
-                        Ok(StreamEvent::Chunk(chunk)) => state
-                            .queue
-                            .extend(state.merger.push(chunk).into_iter().map(Ok)),
+                        Ok(StreamEvent::Chunk(chunk)) => {
+                            let queue = &mut state.queue;
+                            state.merger.push_to(chunk, |c| queue.push_back(Ok(c)));
+                        }
                         Ok(StreamEvent::Done) => {
                             state.queue.extend(state.merger.finish().map(Ok));
                         }

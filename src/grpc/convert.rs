@@ -568,23 +568,31 @@ impl ChunkMerger {
     /// The messages to send for this chunk.
     pub fn push(&mut self, chunk: pb::ChatChunk) -> Vec<pb::ChatChunk> {
         let mut out = Vec::with_capacity(2);
+        self.push_to(chunk, |c| out.push(c));
+        out
+    }
+
+    /// [`push`](Self::push) handing the messages to `send`: a stream queues them without a
+    /// `Vec` per chunk.
+    pub fn push_to(&mut self, chunk: pb::ChatChunk, mut send: impl FnMut(pb::ChatChunk)) {
         if chunk.choices.is_empty() && chunk.usage.is_some() {
             match self.pending.take() {
                 Some(mut pending) => {
                     pending.usage = chunk.usage;
-                    out.push(pending);
+                    send(pending);
                 }
-                None => out.push(chunk),
+                None => send(chunk),
             }
-            return out;
+            return;
         }
-        out.extend(self.pending.take());
+        if let Some(pending) = self.pending.take() {
+            send(pending);
+        }
         if chunk.choices.iter().any(|c| !c.finish_reason.is_empty()) {
             self.pending = Some(chunk);
         } else {
-            out.push(chunk);
+            send(chunk);
         }
-        out
     }
 
     /// What is still held back, at the end of the stream.
