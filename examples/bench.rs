@@ -503,6 +503,9 @@ async fn main() -> anyhow::Result<()> {
         let grpc = args.get(3).map(String::as_str) == Some("grpc");
         return open_streams(&server_cpu, n, grpc).await;
     }
+    if args.get(1).map(String::as_str) == Some("calls") {
+        return calls(&args[2..]).await;
+    }
     if args.get(1).map(String::as_str) == Some("keys") {
         let n: usize = args
             .get(2)
@@ -719,6 +722,63 @@ async fn open_grpc_streams(
         }
     }
     Ok(held)
+}
+
+/// `calls <json|sse|grpc-unary|grpc-stream> <gateway url> <key> <n>`: `n` sequential calls
+/// on one connection, for a profiler attached to a gateway started elsewhere (callgrind
+/// counts instructions per call).
+async fn calls(args: &[String]) -> anyhow::Result<()> {
+    let [kind, url, key, n] = args else {
+        bail!("usage: bench calls <json|sse|grpc-unary|grpc-stream> <url> <key> <n>");
+    };
+    let n: usize = n.parse()?;
+    match kind.as_str() {
+        "json" | "sse" => {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .tcp_nodelay(true)
+                .build()?;
+            let body = chat_body(kind == "sse");
+            for _ in 0..n {
+                let response = client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(key)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                if !response.status().is_success() {
+                    bail!("{url}: HTTP {}", response.status());
+                }
+                response.bytes().await?;
+            }
+        }
+        "grpc-unary" | "grpc-stream" => {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse()?;
+            let mut client = pb::chat_client::ChatClient::with_interceptor(
+                channel,
+                move |mut r: tonic::Request<()>| {
+                    r.metadata_mut().insert("authorization", bearer.clone());
+                    Ok(r)
+                },
+            );
+            let request = grpc_request();
+            for _ in 0..n {
+                if kind == "grpc-unary" {
+                    client.complete(request.clone()).await?;
+                } else {
+                    let mut stream = client.stream_complete(request.clone()).await?.into_inner();
+                    while stream.message().await?.is_some() {}
+                }
+            }
+        }
+        other => bail!("unknown kind {other}"),
+    }
+    Ok(())
 }
 
 trait RestBaseline {

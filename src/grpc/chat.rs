@@ -58,11 +58,7 @@ impl pb::chat_server::Chat for ChatService {
         };
         let mut response = Response::new(completion.answer);
         response.extensions_mut().insert(ModelLabel(label));
-        add_limit_metadata(
-            response.metadata_mut(),
-            &completion.figures,
-            &completion.remaining,
-        );
+        *response.metadata_mut() = limit_metadata(&completion.figures, &completion.remaining);
         Ok(response)
     }
 
@@ -97,7 +93,7 @@ impl pb::chat_server::Chat for ChatService {
         };
         let mut response = Response::new(chunks(start.relay, deadline));
         response.extensions_mut().insert(ModelLabel(label));
-        add_limit_metadata(response.metadata_mut(), &start.figures, &start.remaining);
+        *response.metadata_mut() = limit_metadata(&start.figures, &start.remaining);
         Ok(response)
     }
 
@@ -193,9 +189,10 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
                 };
                 for event in events {
                     match convert::stream_event(&event) {
-                        Ok(StreamEvent::Chunk(chunk)) => state
-                            .queue
-                            .extend(state.merger.push(chunk).into_iter().map(Ok)),
+                        Ok(StreamEvent::Chunk(chunk)) => {
+                            let queue = &mut state.queue;
+                            state.merger.push_to(chunk, |c| queue.push_back(Ok(c)));
+                        }
                         Ok(StreamEvent::Done) => {
                             state.queue.extend(state.merger.finish().map(Ok));
                         }
@@ -219,14 +216,14 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
     ))
 }
 
-fn add_limit_metadata(
-    metadata: &mut tonic::metadata::MetadataMap,
+/// The rate-limit figures and remaining quota as response metadata: written as the REST
+/// door writes its headers, then taken whole as metadata (no `MetadataValue` parsed per
+/// figure); the values are digits and units (`6m0s`), valid metadata.
+fn limit_metadata(
     figures: &crate::core::limits::RateFigures,
     remaining: &crate::core::Remaining,
-) {
-    for (name, figure) in figures.pairs().chain(remaining.pairs()) {
-        if let Ok(value) = figure.to_string().parse() {
-            metadata.insert(tonic::metadata::MetadataKey::from_static(name), value);
-        }
-    }
+) -> tonic::metadata::MetadataMap {
+    let mut headers = axum::http::HeaderMap::with_capacity(9);
+    crate::rest::add_limit_headers(&mut headers, *figures, *remaining);
+    tonic::metadata::MetadataMap::from_headers(headers)
 }

@@ -1,144 +1,320 @@
 //! Proto ⇄ OpenAI JSON: requests become the JSON body the REST door would have received,
 //! answers and stream chunks are read back into proto messages.
 
-use base64::Engine;
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use super::pb;
 use crate::core::GatewayError;
 use crate::upstream::sse;
 
 /// The JSON body for a proto request; `stream` also asks for the final usage chunk.
+///
+/// Written straight from the proto (no `Value` tree), byte for byte what a `serde_json::Map`
+/// of the same members would give: members in key order, `extra`'s members where the typed
+/// fields do not set the same key.
 pub fn request_json(request: &pb::ChatRequest, stream: bool) -> Result<Bytes, GatewayError> {
-    let mut body = match &request.extra {
-        Some(extra) => struct_to_json(extra),
-        None => Map::new(),
-    };
-    body.insert("model".into(), request.model.clone().into());
-    let messages: Vec<Value> = request
+    check_parts(request)?;
+    let mut out = Vec::with_capacity(body_size_hint(request));
+    serde_json::to_writer(&mut out, &RequestBody { request, stream })
+        .map_err(|e| GatewayError::invalid_request(e.to_string(), None))?;
+    Ok(Bytes::from(out))
+}
+
+/// Refuses the parts that cannot become JSON, the first one first.
+fn check_parts(request: &pb::ChatRequest) -> Result<(), GatewayError> {
+    for (i, message) in request.messages.iter().enumerate() {
+        for (j, part) in message.parts.iter().enumerate() {
+            let field = || format!("messages[{i}].parts[{j}]");
+            match &part.part {
+                Some(pb::content_part::Part::Image(image))
+                    if !image.mime_type.starts_with("image/") =>
+                {
+                    return Err(GatewayError::invalid_request(
+                        format!(
+                            "`{}.image.mime_type` must be an image type such as image/png",
+                            field()
+                        ),
+                        Some(&format!("{}.image.mime_type", field())),
+                    ));
+                }
+                None => {
+                    return Err(GatewayError::invalid_request(
+                        format!("`{}` has no content", field()),
+                        Some(&field()),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Room for the body, so that it is written without growing (inline images dominate).
+fn body_size_hint(request: &pb::ChatRequest) -> usize {
+    let parts: usize = request
         .messages
         .iter()
-        .enumerate()
-        .map(|(i, m)| message_json(i, m))
-        .collect::<Result<_, _>>()?;
-    body.insert("messages".into(), messages.into());
-    let mut set = |name: &str, value: Option<Value>| {
-        if let Some(value) = value {
-            body.insert(name.into(), value);
-        }
-    };
-    set("max_tokens", request.max_tokens.map(Value::from));
-    set("temperature", request.temperature.map(|v| json!(v)));
-    set("top_p", request.top_p.map(|v| json!(v)));
-    set("seed", request.seed.map(Value::from));
-    set(
-        "presence_penalty",
-        request.presence_penalty.map(|v| json!(v)),
-    );
-    set(
-        "frequency_penalty",
-        request.frequency_penalty.map(|v| json!(v)),
-    );
-    set("n", request.n.map(Value::from));
-    if !request.stop.is_empty() {
-        set("stop", Some(request.stop.clone().into()));
-    }
-    if stream {
-        set("stream", Some(true.into()));
-        set("stream_options", Some(json!({"include_usage": true})));
-    } else {
-        body.remove("stream");
-        body.remove("stream_options");
-    }
-    serde_json::to_vec(&body)
-        .map(Bytes::from)
-        .map_err(|e| GatewayError::invalid_request(e.to_string(), None))
-}
-
-fn message_json(index: usize, message: &pb::Message) -> Result<Value, GatewayError> {
-    let content = if message.parts.is_empty() {
-        Value::from(message.text.clone())
-    } else {
-        let parts: Vec<Value> = message
-            .parts
-            .iter()
-            .enumerate()
-            .map(|(j, part)| part_json(index, j, part))
-            .collect::<Result<_, _>>()?;
-        parts.into()
-    };
-    let mut object = Map::new();
-    object.insert("role".into(), message.role.clone().into());
-    object.insert("content".into(), content);
-    if let Some(name) = &message.name {
-        object.insert("name".into(), name.clone().into());
-    }
-    Ok(object.into())
-}
-
-fn part_json(message: usize, index: usize, part: &pb::ContentPart) -> Result<Value, GatewayError> {
-    let field = || format!("messages[{message}].parts[{index}]");
-    match &part.part {
-        Some(pb::content_part::Part::Text(text)) => Ok(json!({"type": "text", "text": text})),
-        Some(pb::content_part::Part::ImageUrl(image)) => {
-            let mut url = json!({"url": image.url});
-            if let Some(detail) = &image.detail {
-                url["detail"] = detail.clone().into();
+        .flat_map(|m| &m.parts)
+        .map(|part| match &part.part {
+            Some(pb::content_part::Part::Text(text)) => text.len() + 32,
+            Some(pb::content_part::Part::ImageUrl(image)) => image.url.len() + 64,
+            Some(pb::content_part::Part::Image(image)) => {
+                image.data.len().div_ceil(3) * 4 + image.mime_type.len() + 64
             }
-            Ok(json!({"type": "image_url", "image_url": url}))
-        }
-        Some(pb::content_part::Part::Image(image)) => {
-            if !image.mime_type.starts_with("image/") {
-                return Err(GatewayError::invalid_request(
-                    format!(
-                        "`{}.image.mime_type` must be an image type such as image/png",
-                        field()
-                    ),
-                    Some(&format!("{}.image.mime_type", field())),
-                ));
-            }
-            let data = base64::engine::general_purpose::STANDARD.encode(&image.data);
-            let url = format!("data:{};base64,{data}", image.mime_type);
-            Ok(json!({"type": "image_url", "image_url": {"url": url}}))
-        }
-        None => Err(GatewayError::invalid_request(
-            format!("`{}` has no content", field()),
-            Some(&field()),
-        )),
-    }
+            None => 0,
+        })
+        .sum();
+    let messages: usize = request.messages.iter().map(|m| m.text.len() + 48).sum();
+    let extra = request.extra.as_ref().map_or(0, |e| e.fields.len() * 32);
+    256 + request.model.len() + messages + parts + extra
 }
 
-pub fn struct_to_json(value: &prost_types::Struct) -> Map<String, Value> {
-    value
-        .fields
-        .iter()
-        .map(|(k, v)| (k.clone(), value_to_json(v)))
-        .collect()
+struct RequestBody<'a> {
+    request: &'a pb::ChatRequest,
+    stream: bool,
 }
 
-fn value_to_json(value: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match &value.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::NumberValue(n)) => {
-            // Protobuf numbers are doubles; integral ones go out as integers (`top_k: 20`).
-            if n.fract() == 0.0 && n.abs() < 9.0e15 {
-                Value::from(*n as i64)
-            } else {
-                json!(n)
+/// A top-level member the typed fields decide.
+enum Member<'a> {
+    /// Not set: `extra`'s member of that name, if any, goes out.
+    Unset,
+    /// Left out, `extra`'s too (`stream` of a unary call).
+    Removed,
+    Str(&'a str),
+    /// `float` fields go out as the `f64` they widen to, as `json!` wrote them.
+    Float(f32),
+    U32(u32),
+    I64(i64),
+    Messages(&'a [pb::Message]),
+    Stop(&'a [String]),
+    True,
+    IncludeUsage,
+}
+
+impl serde::Serialize for Member<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Member::Unset | Member::Removed => s.serialize_unit(),
+            Member::Str(v) => s.serialize_str(v),
+            Member::Float(v) => s.serialize_f64(f64::from(*v)),
+            Member::U32(v) => s.serialize_u32(*v),
+            Member::I64(v) => s.serialize_i64(*v),
+            Member::Messages(messages) => s.collect_seq(messages.iter().map(MessageJson)),
+            Member::Stop(stop) => s.collect_seq(stop.iter()),
+            Member::True => s.serialize_bool(true),
+            Member::IncludeUsage => {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry("include_usage", &true)?;
+                map.end()
             }
         }
-        Some(Kind::StringValue(s)) => s.clone().into(),
-        Some(Kind::BoolValue(b)) => (*b).into(),
-        Some(Kind::StructValue(s)) => struct_to_json(s).into(),
-        Some(Kind::ListValue(list)) => list
-            .values
-            .iter()
-            .map(value_to_json)
-            .collect::<Vec<_>>()
-            .into(),
+    }
+}
+
+impl serde::Serialize for RequestBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.request;
+        let float = |v: Option<f32>| v.map_or(Member::Unset, Member::Float);
+        let (stream, stream_options) = if self.stream {
+            (Member::True, Member::IncludeUsage)
+        } else {
+            (Member::Removed, Member::Removed)
+        };
+        // In key order, to merge with `extra`'s (a BTreeMap, in the same order).
+        let typed = [
+            ("frequency_penalty", float(r.frequency_penalty)),
+            (
+                "max_tokens",
+                r.max_tokens.map_or(Member::Unset, Member::U32),
+            ),
+            ("messages", Member::Messages(&r.messages)),
+            ("model", Member::Str(&r.model)),
+            ("n", r.n.map_or(Member::Unset, Member::U32)),
+            ("presence_penalty", float(r.presence_penalty)),
+            ("seed", r.seed.map_or(Member::Unset, Member::I64)),
+            (
+                "stop",
+                if r.stop.is_empty() {
+                    Member::Unset
+                } else {
+                    Member::Stop(&r.stop)
+                },
+            ),
+            ("stream", stream),
+            ("stream_options", stream_options),
+            ("temperature", float(r.temperature)),
+            ("top_p", float(r.top_p)),
+        ];
+        let mut extra = r.extra.iter().flat_map(|e| &e.fields).peekable();
+        let mut map = s.serialize_map(None)?;
+        for (name, member) in &typed {
+            while let Some((k, v)) = extra.next_if(|(k, _)| k.as_str() < *name) {
+                map.serialize_entry(k, &ValueJson(v))?;
+            }
+            let shadowed = extra.next_if(|(k, _)| k.as_str() == *name);
+            match member {
+                Member::Unset => {
+                    if let Some((k, v)) = shadowed {
+                        map.serialize_entry(k, &ValueJson(v))?;
+                    }
+                }
+                Member::Removed => {}
+                member => map.serialize_entry(name, member)?,
+            }
+        }
+        for (k, v) in extra {
+            map.serialize_entry(k, &ValueJson(v))?;
+        }
+        map.end()
+    }
+}
+
+/// A message as `{"content", "name"?, "role"}`.
+struct MessageJson<'a>(&'a pb::Message);
+
+impl serde::Serialize for MessageJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let m = self.0;
+        let mut map = s.serialize_map(None)?;
+        if m.parts.is_empty() {
+            map.serialize_entry("content", &m.text)?;
+        } else {
+            map.serialize_entry("content", &Parts(&m.parts))?;
+        }
+        if let Some(name) = &m.name {
+            map.serialize_entry("name", name)?;
+        }
+        map.serialize_entry("role", &m.role)?;
+        map.end()
+    }
+}
+
+struct Parts<'a>(&'a [pb::ContentPart]);
+
+impl serde::Serialize for Parts<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(PartJson))
+    }
+}
+
+struct PartJson<'a>(&'a pb::ContentPart);
+
+impl serde::Serialize for PartJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(2))?;
+        match &self.0.part {
+            Some(pb::content_part::Part::Text(text)) => {
+                map.serialize_entry("text", text)?;
+                map.serialize_entry("type", "text")?;
+            }
+            Some(pb::content_part::Part::ImageUrl(image)) => {
+                map.serialize_entry(
+                    "image_url",
+                    &ImageUrlJson {
+                        detail: image.detail.as_deref(),
+                        url: UrlJson::Text(&image.url),
+                    },
+                )?;
+                map.serialize_entry("type", "image_url")?;
+            }
+            Some(pb::content_part::Part::Image(image)) => {
+                map.serialize_entry(
+                    "image_url",
+                    &ImageUrlJson {
+                        detail: None,
+                        url: UrlJson::Data(image),
+                    },
+                )?;
+                map.serialize_entry("type", "image_url")?;
+            }
+            // Refused by `check_parts` before writing.
+            None => return Err(serde::ser::Error::custom("a content part has no content")),
+        }
+        map.end()
+    }
+}
+
+struct ImageUrlJson<'a> {
+    detail: Option<&'a str>,
+    url: UrlJson<'a>,
+}
+
+enum UrlJson<'a> {
+    Text(&'a str),
+    /// An inline image as a `data:` URL, base64 written straight into the body.
+    Data(&'a pb::InlineImage),
+}
+
+impl serde::Serialize for ImageUrlJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        if let Some(detail) = self.detail {
+            map.serialize_entry("detail", detail)?;
+        }
+        map.serialize_entry("url", &self.url)?;
+        map.end()
+    }
+}
+
+impl serde::Serialize for UrlJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UrlJson::Text(url) => s.serialize_str(url),
+            UrlJson::Data(image) => s.collect_str(&DataUrl(image)),
+        }
+    }
+}
+
+struct DataUrl<'a>(&'a pb::InlineImage);
+
+impl std::fmt::Display for DataUrl<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let data = base64::display::Base64Display::new(
+            &self.0.data,
+            &base64::engine::general_purpose::STANDARD,
+        );
+        write!(f, "data:{};base64,{data}", self.0.mime_type)
+    }
+}
+
+/// A `google.protobuf.Value` as JSON.
+struct ValueJson<'a>(&'a prost_types::Value);
+
+impl serde::Serialize for ValueJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use prost_types::value::Kind;
+        use serde::ser::SerializeMap;
+        match &self.0.kind {
+            None | Some(Kind::NullValue(_)) => s.serialize_unit(),
+            Some(Kind::NumberValue(n)) => {
+                // Protobuf numbers are doubles; integral ones go out as integers (`top_k: 20`).
+                if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                    s.serialize_i64(*n as i64)
+                } else {
+                    s.serialize_f64(*n)
+                }
+            }
+            Some(Kind::StringValue(v)) => s.serialize_str(v),
+            Some(Kind::BoolValue(v)) => s.serialize_bool(*v),
+            Some(Kind::StructValue(v)) => {
+                let mut map = s.serialize_map(Some(v.fields.len()))?;
+                for (k, v) in &v.fields {
+                    map.serialize_entry(k, &ValueJson(v))?;
+                }
+                map.end()
+            }
+            Some(Kind::ListValue(list)) => s.collect_seq(list.values.iter().map(ValueJson)),
+        }
     }
 }
 
@@ -251,6 +427,94 @@ pub enum StreamEvent {
 }
 
 pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
+    let Some(data) = event_data(event) else {
+        return Ok(StreamEvent::Nothing);
+    };
+    if data.trim_ascii() == b"[DONE]" {
+        return Ok(StreamEvent::Done);
+    }
+    // The usual chunk, read once: `sse::inspect` (the error) and the chunk itself would each
+    // parse it again. Whatever this one parse does not take falls to `stream_event_slow`, so
+    // every odd event (not an object, not UTF-8, a field of the wrong type) reads as before:
+    // when this parse succeeds, both of the slow path's succeed on the same members.
+    if data.trim_ascii_start().starts_with(b"{")
+        && let Ok(text) = std::str::from_utf8(&data)
+        && let Ok(view) = serde_json::from_str::<ChunkView<'_>>(text)
+    {
+        return Ok(match view.error {
+            Some(raw) => StreamEvent::Error(error_message(raw)),
+            None => StreamEvent::Chunk(chunk_proto(CompletionView {
+                id: view.id,
+                model: view.model,
+                created: view.created,
+                choices: view.choices,
+                usage: view.usage,
+            })),
+        });
+    }
+    stream_event_slow(event)
+}
+
+/// [`CompletionView`] with the `error` member `sse::inspect` looks for (not `flatten`ed:
+/// that would read through serde's buffered map).
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    created: i64,
+    #[serde(default)]
+    choices: Vec<ChoiceView>,
+    #[serde(default)]
+    usage: Option<UsageView>,
+    #[serde(default, borrow)]
+    error: Option<&'a serde_json::value::RawValue>,
+}
+
+/// An error event's message as `sse::inspect` reads it: `error.message`, else the raw value.
+fn error_message(raw: &serde_json::value::RawValue) -> String {
+    #[derive(Deserialize)]
+    struct ErrorView {
+        #[serde(default)]
+        message: Option<String>,
+    }
+    serde_json::from_str::<ErrorView>(raw.get())
+        .ok()
+        .and_then(|e| e.message)
+        .unwrap_or_else(|| raw.get().to_owned())
+}
+
+/// The joined `data:` lines of an event, as `sse::event_data` joins them, borrowed when
+/// there is one line (vLLM sends one).
+fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    let mut rest = event;
+    while !rest.is_empty() {
+        let (line, next) = match memchr::memchr(b'\n', rest) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = next;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            match &mut data {
+                Some(existing) => {
+                    let existing = existing.to_mut();
+                    existing.push(b'\n');
+                    existing.extend_from_slice(value);
+                }
+                None => data = Some(Cow::Borrowed(value)),
+            }
+        }
+    }
+    data
+}
+
+/// The reading of an event the one-parse path of [`stream_event`] does not take.
+fn stream_event_slow(event: &[u8]) -> Result<StreamEvent, GatewayError> {
     let Some(data) = sse::event_data(event) else {
         return Ok(StreamEvent::Nothing);
     };
@@ -263,7 +527,11 @@ pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
     }
     let view: CompletionView =
         serde_json::from_slice(&data).map_err(|e| unreadable("stream chunk", &e))?;
-    Ok(StreamEvent::Chunk(pb::ChatChunk {
+    Ok(StreamEvent::Chunk(chunk_proto(view)))
+}
+
+fn chunk_proto(view: CompletionView) -> pb::ChatChunk {
+    pb::ChatChunk {
         id: view.id,
         model: view.model,
         created: view.created,
@@ -286,7 +554,7 @@ pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
             })
             .collect(),
         usage: view.usage.map(Into::into),
-    }))
+    }
 }
 
 /// Holds back a chunk that finishes a choice so the usage chunk after it can join it: the
@@ -300,23 +568,31 @@ impl ChunkMerger {
     /// The messages to send for this chunk.
     pub fn push(&mut self, chunk: pb::ChatChunk) -> Vec<pb::ChatChunk> {
         let mut out = Vec::with_capacity(2);
+        self.push_to(chunk, |c| out.push(c));
+        out
+    }
+
+    /// [`push`](Self::push) handing the messages to `send`: a stream queues them without a
+    /// `Vec` per chunk.
+    pub fn push_to(&mut self, chunk: pb::ChatChunk, mut send: impl FnMut(pb::ChatChunk)) {
         if chunk.choices.is_empty() && chunk.usage.is_some() {
             match self.pending.take() {
                 Some(mut pending) => {
                     pending.usage = chunk.usage;
-                    out.push(pending);
+                    send(pending);
                 }
-                None => out.push(chunk),
+                None => send(chunk),
             }
-            return out;
+            return;
         }
-        out.extend(self.pending.take());
+        if let Some(pending) = self.pending.take() {
+            send(pending);
+        }
         if chunk.choices.iter().any(|c| !c.finish_reason.is_empty()) {
             self.pending = Some(chunk);
         } else {
-            out.push(chunk);
+            send(chunk);
         }
-        out
     }
 
     /// What is still held back, at the end of the stream.
@@ -356,6 +632,8 @@ pub fn models_proto(list: &Value) -> pb::ListModelsResponse {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn request() -> pb::ChatRequest {
@@ -429,6 +707,157 @@ mod tests {
         }
     }
 
+    /// The `Value`-tree conversion `request_json` replaced, kept to show the same bytes.
+    mod reference {
+        use base64::Engine;
+        use bytes::Bytes;
+        use serde_json::{Map, Value, json};
+
+        use super::super::pb;
+        use crate::core::GatewayError;
+
+        /// The JSON body for a proto request; `stream` also asks for the final usage chunk.
+        pub fn request_json(
+            request: &pb::ChatRequest,
+            stream: bool,
+        ) -> Result<Bytes, GatewayError> {
+            let mut body = match &request.extra {
+                Some(extra) => struct_to_json(extra),
+                None => Map::new(),
+            };
+            body.insert("model".into(), request.model.clone().into());
+            let messages: Vec<Value> = request
+                .messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| message_json(i, m))
+                .collect::<Result<_, _>>()?;
+            body.insert("messages".into(), messages.into());
+            let mut set = |name: &str, value: Option<Value>| {
+                if let Some(value) = value {
+                    body.insert(name.into(), value);
+                }
+            };
+            set("max_tokens", request.max_tokens.map(Value::from));
+            set("temperature", request.temperature.map(|v| json!(v)));
+            set("top_p", request.top_p.map(|v| json!(v)));
+            set("seed", request.seed.map(Value::from));
+            set(
+                "presence_penalty",
+                request.presence_penalty.map(|v| json!(v)),
+            );
+            set(
+                "frequency_penalty",
+                request.frequency_penalty.map(|v| json!(v)),
+            );
+            set("n", request.n.map(Value::from));
+            if !request.stop.is_empty() {
+                set("stop", Some(request.stop.clone().into()));
+            }
+            if stream {
+                set("stream", Some(true.into()));
+                set("stream_options", Some(json!({"include_usage": true})));
+            } else {
+                body.remove("stream");
+                body.remove("stream_options");
+            }
+            serde_json::to_vec(&body)
+                .map(Bytes::from)
+                .map_err(|e| GatewayError::invalid_request(e.to_string(), None))
+        }
+
+        fn message_json(index: usize, message: &pb::Message) -> Result<Value, GatewayError> {
+            let content = if message.parts.is_empty() {
+                Value::from(message.text.clone())
+            } else {
+                let parts: Vec<Value> = message
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .map(|(j, part)| part_json(index, j, part))
+                    .collect::<Result<_, _>>()?;
+                parts.into()
+            };
+            let mut object = Map::new();
+            object.insert("role".into(), message.role.clone().into());
+            object.insert("content".into(), content);
+            if let Some(name) = &message.name {
+                object.insert("name".into(), name.clone().into());
+            }
+            Ok(object.into())
+        }
+
+        fn part_json(
+            message: usize,
+            index: usize,
+            part: &pb::ContentPart,
+        ) -> Result<Value, GatewayError> {
+            let field = || format!("messages[{message}].parts[{index}]");
+            match &part.part {
+                Some(pb::content_part::Part::Text(text)) => {
+                    Ok(json!({"type": "text", "text": text}))
+                }
+                Some(pb::content_part::Part::ImageUrl(image)) => {
+                    let mut url = json!({"url": image.url});
+                    if let Some(detail) = &image.detail {
+                        url["detail"] = detail.clone().into();
+                    }
+                    Ok(json!({"type": "image_url", "image_url": url}))
+                }
+                Some(pb::content_part::Part::Image(image)) => {
+                    if !image.mime_type.starts_with("image/") {
+                        return Err(GatewayError::invalid_request(
+                            format!(
+                                "`{}.image.mime_type` must be an image type such as image/png",
+                                field()
+                            ),
+                            Some(&format!("{}.image.mime_type", field())),
+                        ));
+                    }
+                    let data = base64::engine::general_purpose::STANDARD.encode(&image.data);
+                    let url = format!("data:{};base64,{data}", image.mime_type);
+                    Ok(json!({"type": "image_url", "image_url": {"url": url}}))
+                }
+                None => Err(GatewayError::invalid_request(
+                    format!("`{}` has no content", field()),
+                    Some(&field()),
+                )),
+            }
+        }
+
+        fn struct_to_json(value: &prost_types::Struct) -> Map<String, Value> {
+            value
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), value_to_json(v)))
+                .collect()
+        }
+
+        fn value_to_json(value: &prost_types::Value) -> Value {
+            use prost_types::value::Kind;
+            match &value.kind {
+                None | Some(Kind::NullValue(_)) => Value::Null,
+                Some(Kind::NumberValue(n)) => {
+                    // Protobuf numbers are doubles; integral ones go out as integers (`top_k: 20`).
+                    if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                        Value::from(*n as i64)
+                    } else {
+                        json!(n)
+                    }
+                }
+                Some(Kind::StringValue(s)) => s.clone().into(),
+                Some(Kind::BoolValue(b)) => (*b).into(),
+                Some(Kind::StructValue(s)) => struct_to_json(s).into(),
+                Some(Kind::ListValue(list)) => list
+                    .values
+                    .iter()
+                    .map(value_to_json)
+                    .collect::<Vec<_>>()
+                    .into(),
+            }
+        }
+    }
+
     #[test]
     fn a_proto_request_becomes_the_openai_json_body() {
         let body: Value =
@@ -460,6 +889,199 @@ mod tests {
             serde_json::from_slice(&request_json(&request(), true).unwrap()).unwrap();
         assert_eq!(streamed["stream"], true);
         assert_eq!(streamed["stream_options"]["include_usage"], true);
+    }
+
+    fn value(kind: prost_types::value::Kind) -> prost_types::Value {
+        prost_types::Value { kind: Some(kind) }
+    }
+
+    fn assert_same_body(request: &pb::ChatRequest) {
+        for stream in [false, true] {
+            let new = request_json(request, stream);
+            let old = reference::request_json(request, stream);
+            match (&new, &old) {
+                (Ok(new), Ok(old)) => assert_eq!(
+                    String::from_utf8_lossy(new),
+                    String::from_utf8_lossy(old),
+                    "{request:?}"
+                ),
+                _ => assert_eq!(format!("{new:?}"), format!("{old:?}")),
+            }
+        }
+    }
+
+    /// The body is written byte for byte as the `Value` tree wrote it: member order, numbers,
+    /// escapes, `extra` members the typed fields shadow or leave, `stream` of a unary call.
+    #[test]
+    fn request_bodies_are_the_bytes_the_value_tree_gave() {
+        use prost_types::value::Kind;
+        assert_same_body(&request());
+        assert_same_body(&pb::ChatRequest::default());
+        let numbers = [
+            20.0,
+            0.5,
+            -3.0,
+            -0.0,
+            1e300,
+            9.1e15,
+            -8.9e15,
+            1.5e-7,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        let extra = |typed_set: bool| {
+            let mut fields: std::collections::BTreeMap<String, prost_types::Value> = [
+                ("a", Kind::StringValue("first \"quoted\" \u{1}\n é".into())),
+                ("model", Kind::StringValue("from extra".into())),
+                ("messages", Kind::NullValue(0)),
+                ("max_tokens", Kind::NumberValue(99.0)),
+                ("temperature", Kind::NumberValue(1.25)),
+                ("stop", Kind::StringValue("x".into())),
+                ("stream", Kind::BoolValue(true)),
+                (
+                    "stream_options",
+                    Kind::StructValue(prost_types::Struct::default()),
+                ),
+                ("stream_x", Kind::BoolValue(false)),
+                (
+                    "n_best",
+                    Kind::ListValue(prost_types::ListValue {
+                        values: numbers
+                            .iter()
+                            .map(|n| value(Kind::NumberValue(*n)))
+                            .collect(),
+                    }),
+                ),
+                ("seed", Kind::NumberValue(-5.0)),
+                ("top_p", Kind::NumberValue(0.25)),
+                (
+                    "zzz",
+                    Kind::StructValue(prost_types::Struct {
+                        fields: [
+                            ("b".to_owned(), prost_types::Value { kind: None }),
+                            (
+                                "a".to_owned(),
+                                value(Kind::ListValue(prost_types::ListValue::default())),
+                            ),
+                        ]
+                        .into(),
+                    }),
+                ),
+                ("", Kind::BoolValue(true)),
+                ("\u{7f}", Kind::NumberValue(1.0)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), value(v)))
+            .collect();
+            if typed_set {
+                fields.remove("a");
+            }
+            Some(prost_types::Struct { fields })
+        };
+        let mut full = request();
+        full.extra = extra(false);
+        full.top_p = Some(0.7);
+        full.presence_penalty = Some(-1.5);
+        full.frequency_penalty = Some(f32::NAN);
+        full.n = Some(3);
+        full.stop = vec!["a\"b".into(), String::new()];
+        full.seed = Some(i64::MIN);
+        full.messages[0].name = Some("\u{2028}bob\\".into());
+        full.messages[1].parts.push(pb::ContentPart {
+            part: Some(pb::content_part::Part::Image(pb::InlineImage {
+                data: (0..=255).collect(),
+                mime_type: "image/\"odd\"\n".into(),
+            })),
+        });
+        full.messages[1].parts.push(pb::ContentPart {
+            part: Some(pb::content_part::Part::ImageUrl(pb::ImageUrl {
+                url: "https://example.com/b.png".into(),
+                detail: None,
+            })),
+        });
+        assert_same_body(&full);
+        // The typed fields unset: `extra`'s members of the same names stay.
+        let mut sparse = pb::ChatRequest {
+            model: "m".into(),
+            extra: extra(true),
+            temperature: Some(f32::MAX),
+            ..Default::default()
+        };
+        assert_same_body(&sparse);
+        sparse.extra = None;
+        sparse.temperature = Some(f32::INFINITY);
+        assert_same_body(&sparse);
+        // Refusals come out the same, the first bad part first.
+        let mut bad = request();
+        bad.messages[1]
+            .parts
+            .insert(0, pb::ContentPart { part: None });
+        assert_same_body(&bad);
+        let mut bad = request();
+        bad.messages[1].parts[1] = pb::ContentPart {
+            part: Some(pb::content_part::Part::Image(pb::InlineImage {
+                data: vec![],
+                mime_type: String::new(),
+            })),
+        };
+        bad.messages[1].parts.push(pb::ContentPart { part: None });
+        assert_same_body(&bad);
+    }
+
+    proptest::proptest! {
+        /// Requests of every shape: typed fields set or not, `extra` members of any name
+        /// (the typed ones included) and type.
+        #[test]
+        fn any_request_body_is_the_bytes_the_value_tree_gave(
+            model in ".{0,8}",
+            texts in proptest::collection::vec(("[a-z]{1,6}", ".{0,12}", proptest::option::of(".{0,4}")), 0..3),
+            floats in proptest::collection::vec(proptest::option::of(proptest::num::f32::ANY), 4),
+            ints in (proptest::option::of(proptest::num::u32::ANY), proptest::option::of(proptest::num::i64::ANY), proptest::option::of(proptest::num::u32::ANY)),
+            stop in proptest::collection::vec(".{0,4}", 0..3),
+            extra in proptest::option::of(proptest::collection::btree_map(
+                proptest::sample::select(vec![
+                    "frequency_penalty", "max_tokens", "messages", "model", "n", "presence_penalty",
+                    "seed", "stop", "stream", "stream_options", "temperature", "top_p", "top_k",
+                    "a", "z", "mo", "streams", "",
+                ]),
+                (proptest::num::f64::ANY, ".{0,6}", proptest::num::u8::ANY),
+                0..8,
+            )),
+        ) {
+            use prost_types::value::Kind;
+            let request = pb::ChatRequest {
+                model,
+                messages: texts
+                    .into_iter()
+                    .map(|(role, text, name)| pb::Message { role, text, name, ..Default::default() })
+                    .collect(),
+                temperature: floats[0],
+                top_p: floats[1],
+                presence_penalty: floats[2],
+                frequency_penalty: floats[3],
+                max_tokens: ints.0,
+                seed: ints.1,
+                n: ints.2,
+                stop,
+                extra: extra.map(|fields| prost_types::Struct {
+                    fields: fields
+                        .into_iter()
+                        .map(|(k, (n, text, pick))| {
+                            let kind = match pick % 5 {
+                                0 => Kind::NumberValue(n),
+                                1 => Kind::NumberValue(n.trunc()),
+                                2 => Kind::StringValue(text),
+                                3 => Kind::BoolValue(pick > 128),
+                                _ => Kind::NullValue(0),
+                            };
+                            (k.to_owned(), value(kind))
+                        })
+                        .collect(),
+                }),
+            };
+            assert_same_body(&request);
+        }
     }
 
     #[test]
@@ -511,6 +1133,93 @@ mod tests {
             StreamEvent::Error("boom".into())
         );
         assert_eq!(stream_event(b": ping\n\n").unwrap(), StreamEvent::Nothing);
+    }
+
+    /// The one-parse reading of stream events gives what the old reading (now the slow path:
+    /// `sse::event_data`, `sse::inspect`, then the chunk) gives, odd events included.
+    #[test]
+    fn stream_events_read_once_as_they_were_read_before() {
+        let events: &[&[u8]] = &[
+            b"data: {\"id\":\"c1\",\"model\":\"m\",\"created\":7,\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"x\",\"reasoning_content\":\"r\"},\"finish_reason\":null}]}\n\n",
+            b"data: {\"id\":\"c1\",\"choices\":[{\"index\":1,\"message\":{\"content\":\"y\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n",
+            b"data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
+            b"data: {\"choices\":[{\"index\":0},{\"index\":1,\"delta\":{}}]}\r\n\r\n",
+            b"data:{\"id\":\"no space\"}\n\n",
+            b": comment\nevent: x\ndata: {\"id\":\"a\",\ndata: \"model\":\"two lines\"}\n\n",
+            b"data: {\"error\":{\"message\":\"boom\",\"code\":1}}\n\n",
+            b"data: {\"error\":\"plain\"}\n\n",
+            b"data: {\"error\":{\"code\":500}}\n\n",
+            b"data: {\"error\":{\"message\":5}}\n\n",
+            b"data: {\"error\":null,\"choices\":[]}\n\n",
+            b"data: {\"error\":{\"message\":\"typed wrong\"},\"id\":5}\n\n",
+            b"data: {\"error\":\"a\",\"error\":\"b\"}\n\n",
+            b"data: {\"id\":\"a\",\"id\":\"b\"}\n\n",
+            b"data: {\"usage\":\"lots\"}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":-1}}\n\n",
+            b"data: [\"c1\",\"m\",1,[],null]\n\n",
+            b"data: {\"id\":\"c1\",\"x\":\"\xff\"}\n\n",
+            b"data: {\"id\":\"c1\"\n\n",
+            b"data: {\"id\":\"c1\"} trailing\n\n",
+            b"data:  [DONE] \n\n",
+            b"data: [DONE]\r\n\r\n",
+            b"data:\n\n",
+            b"data: \n\n",
+            b": ping\n\n",
+            b"",
+            b"id: 3\n\n",
+            b"data: {\"id\":\"\\u00e9\\n\",\"choices\":[{\"delta\":{\"content\":\"\\\"q\\\"\"}}]}\n\n",
+        ];
+        for event in events {
+            assert_same_reading(event);
+        }
+    }
+
+    fn assert_same_reading(event: &[u8]) {
+        assert_eq!(
+            format!("{:?}", stream_event(event)),
+            format!("{:?}", stream_event_slow(event)),
+            "{}",
+            String::from_utf8_lossy(event)
+        );
+        assert_eq!(
+            event_data(event).map(Cow::into_owned),
+            sse::event_data(event),
+            "{}",
+            String::from_utf8_lossy(event)
+        );
+    }
+
+    proptest::proptest! {
+        /// Events put together from pieces of chunks, errors and SSE framing.
+        #[test]
+        fn any_event_reads_as_before(pieces in proptest::collection::vec(proptest::sample::select(vec![
+            "data: ", "data:", "\n", "\r\n", "\n\n", ": c\n", "{", "}", "[", "]", ",", ":", "\"", "null",
+            "\"id\"", "\"model\"", "\"created\"", "\"choices\"", "\"usage\"", "\"error\"",
+            "\"message\"", "\"delta\"", "\"content\"", "\"finish_reason\"", "\"index\"",
+            "\"prompt_tokens\"", "\"completion_tokens\"", "\"x\"", "1", "-2", "1.5", "true",
+            "[DONE]", " ", "\u{e9}", "\\",
+        ]), 0..40)) {
+            let event = pieces.concat();
+            assert_same_reading(event.as_bytes());
+        }
+
+        /// Well-formed objects of known and unknown members, each of any type, some twice.
+        #[test]
+        fn any_chunk_object_reads_as_before(members in proptest::collection::vec((
+            proptest::sample::select(vec!["id", "model", "created", "choices", "usage", "error", "object", "x"]),
+            proptest::sample::select(vec![
+                "null", "\"s\"", "3", "-3", "2.5", "true", "[]", "{}", "\"\\u00ff\"",
+                "[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":null}]",
+                "[{\"index\":2,\"message\":{\"content\":\"a\",\"reasoning_content\":\"b\"},\"finish_reason\":\"stop\"}]",
+                "[{\"index\":\"0\"}]",
+                "{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":1}",
+                "{\"message\":\"boom\"}", "{\"message\":null}", "{\"message\":[1]}",
+            ]),
+        ), 0..6)) {
+            let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            let event = format!("data: {{{}}}\n\n", body.join(","));
+            assert_same_reading(event.as_bytes());
+        }
     }
 
     /// Found by the `grpc_chunk` fuzz target: `total_tokens` overflowed (a panic in a debug

@@ -111,7 +111,12 @@ async fn complete(
 }
 
 /// Rate-limit figures of the call and the quota the key has left.
-fn add_limit_headers(headers: &mut HeaderMap, figures: RateFigures, remaining: Remaining) {
+/// The `x-ratelimit-*` and `x-quota-remaining-*` headers; the gRPC door sends them as metadata.
+pub(crate) fn add_limit_headers(
+    headers: &mut HeaderMap,
+    figures: RateFigures,
+    remaining: Remaining,
+) {
     for (name, figure) in figures.pairs().chain(remaining.pairs()) {
         let value = match figure {
             Figure::Count(n) => HeaderValue::from(n),

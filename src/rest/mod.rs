@@ -5,6 +5,8 @@ mod chat;
 pub mod error;
 mod info;
 
+pub(crate) use chat::add_limit_headers;
+
 use std::sync::Arc;
 use std::time::Duration;
 
