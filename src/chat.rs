@@ -1,14 +1,17 @@
 //! The chat call both doors share: admit, forward, meter and settle. The REST and gRPC
 //! handlers only translate their protocol to and from this.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
+use tokio::time::Sleep;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::core::chat::{ChatCall, ChatOptions, prepare_chat, with_max_tokens, with_model};
 use crate::core::limits::RateFigures;
@@ -245,20 +248,25 @@ impl ChatPath {
         }
         let figures = admission.figures();
         let remaining = admission.remaining();
+        let now = tokio::time::Instant::now();
         Ok(StreamStart {
             relay: Relay {
                 upstream: response.bytes_stream().boxed(),
+                held: None,
                 lease: Some(lease),
                 pool: self.upstream.clone(),
                 idle_timeout: settings.idle_timeout,
-                last_event: tokio::time::Instant::now(),
-                deadline,
+                idle: Box::pin(tokio::time::sleep_until(now + settings.idle_timeout)),
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
                 framer: SseFramer::new(settings.max_event_bytes),
+                events: Vec::new(),
+                out: BytesMut::new(),
+                ends: Vec::new(),
                 admission: Some(admission),
                 view,
                 draining: false,
                 junk: 0,
-                hard_stop: self.hard_stop.clone(),
+                hard_stop: Box::pin(self.hard_stop.clone().cancelled_owned()),
             },
             figures,
             remaining,
@@ -330,157 +338,285 @@ fn usage_of(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
 /// Carries a stream from the upstream to the client, metering each event and hiding
 /// usage the client did not ask for. Dropping it (the client left) drops the upstream
 /// request, which stops the generation, and settles the call through the admission.
+///
+/// This runs for every chunk of every stream, so the timers and the shutdown signal are
+/// made once per stream (the idle timer is moved, not remade, when an event arrives) and
+/// the events for the client are written into one reused buffer.
 pub struct Relay {
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    /// The upstream's end or failure, read while taking the chunks that had already
+    /// arrived: handled on the next call, after the events before it are out.
+    held: Option<Option<reqwest::Result<Bytes>>>,
     /// Counts the call on its backend until the relay ends.
     lease: Option<BackendLease>,
     pool: Arc<UpstreamPool>,
     /// The longest wait for the next whole event: bytes that never complete one (a
     /// trickle) do not keep the stream alive.
     idle_timeout: Duration,
-    /// When the last whole event arrived.
-    last_event: tokio::time::Instant,
-    deadline: tokio::time::Instant,
+    /// Fires `idle_timeout` after the last whole event arrived.
+    idle: Pin<Box<Sleep>>,
+    /// Fires at the call's total time limit.
+    deadline: Pin<Box<Sleep>>,
     framer: SseFramer,
+    /// The events of the chunk being read (kept for its allocation).
+    events: Vec<Bytes>,
+    /// The bytes for the client not handed out yet, whole events only.
+    out: BytesMut,
+    /// Where each event in `out` ends.
+    ends: Vec<usize>,
     admission: Option<Admission>,
     view: UsageView,
     /// `[DONE]` was seen and settled; what is left of the upstream body is read and dropped.
     draining: bool,
     /// Events dropped as unreadable (comments, junk lines, data that is not JSON).
     junk: u64,
-    hard_stop: CancellationToken,
+    /// Resolves when the shutdown grace period is over.
+    hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
+
+/// What ended a wait for the upstream.
+enum Wake {
+    Item(Option<reqwest::Result<Bytes>>),
+    Idle,
+    Deadline,
+    Stop,
+}
+
+/// The most bytes gathered from chunks that had already arrived before they are handed on.
+const GATHER_LIMIT: usize = 16 * 1024;
+
+/// Room made in the output buffer at a time: a few chunks' worth, so that it is not grown
+/// for every event, and little held by an idle stream.
+const OUT_RESERVE: usize = 1024;
 
 impl Relay {
     /// The next whole SSE events (each with its blank-line terminator), `None` at the end.
     /// A stream the upstream breaks off ends with an error event and `[DONE]`.
     pub async fn next_events(&mut self) -> Option<Vec<Bytes>> {
-        loop {
-            let Some(admission) = self.admission.as_mut() else {
-                self.drain().await;
-                return None;
-            };
-            let next =
-                tokio::time::timeout_at(self.last_event + self.idle_timeout, self.upstream.next());
-            let item = tokio::select! {
-                item = next => item,
-                () = tokio::time::sleep_until(self.deadline) => {
-                    return Some(self.break_off(504, "upstream_timeout", "the call ran past the gateway's total time limit"));
-                }
-                () = self.hard_stop.cancelled() => {
-                    self.finish(CallOutcome::Cancelled, 200);
-                    return Some(vec![sse::error_end("stream_incomplete", "the gateway is shutting down; the stream was cut short")]);
-                }
-            };
-            let chunk = match item {
-                Ok(Some(Ok(chunk))) => chunk,
-                Ok(Some(Err(e))) => {
-                    let message = format!("the model server's stream broke off: {e}");
-                    return Some(self.break_off(200, "stream_incomplete", &message));
-                }
-                Ok(None) => {
-                    return Some(self.break_off(
-                        200,
-                        "stream_incomplete",
-                        "the model server ended the stream without finishing it",
-                    ));
-                }
-                Err(_) => {
-                    return Some(self.break_off(
-                        504,
-                        "upstream_timeout",
-                        "the model server went silent in the middle of the stream",
-                    ));
-                }
-            };
-            let events = match self.framer.push(&chunk) {
-                Ok(events) => events,
-                Err(e) => {
-                    tracing::warn!(request_id = admission.request_id(), error = %e, "stream cut");
-                    let message = e.to_string();
-                    return Some(self.break_off(502, "upstream_response_too_large", &message));
-                }
-            };
-            if !events.is_empty() {
-                self.last_event = tokio::time::Instant::now();
-            }
-            let mut out = Vec::with_capacity(events.len());
-            let mut done = false;
-            let mut failed = false;
-            for event in events {
-                let info = sse::inspect(&event);
-                if !info.readable {
-                    // Clients parse every `data:` line as JSON: junk stays here.
-                    if self.junk == 0 {
-                        tracing::warn!(request_id = admission.request_id(), event = %String::from_utf8_lossy(&event[..event.len().min(200)]), "dropped an unreadable stream event");
-                    }
-                    self.junk += 1;
-                    continue;
-                }
-                if info.done {
-                    out.push(event);
-                    done = true;
-                    break;
-                }
-                if info.has_choices {
-                    admission.observe_chunk();
-                }
-                if let Some(error) = info.error {
-                    // The upstream's error ends the stream here, for either door: the client
-                    // gets it and `[DONE]`, the call is settled now, the rest is drained.
-                    tracing::warn!(request_id = admission.request_id(), %error, "the model server failed mid-stream");
-                    if let Some(usage) = info.usage {
-                        admission.observe_usage(usage);
-                    }
-                    out.push(event);
-                    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                    failed = true;
-                    break;
-                }
-                let Some(usage) = info.usage else {
-                    out.push(event);
-                    continue;
-                };
-                admission.observe_usage(usage);
-                if !info.has_choices {
-                    // The final usage chunk: only for clients that asked for it.
-                    if self.view.final_chunk {
-                        out.push(event);
-                    }
-                } else if self.view.every_chunk {
-                    out.push(event);
-                } else {
-                    out.push(sse::without_usage(&event).unwrap_or(event));
-                }
-            }
-            // Settle now, before the client can read `[DONE]` and ask for its usage.
-            if failed {
-                self.draining = true;
-                self.finish(CallOutcome::StreamIncomplete, 200);
-            } else if done {
-                if let Some(admission) = self.admission.as_mut() {
-                    admission.mark_upstream_done();
-                }
-                self.draining = true;
-                self.finish(CallOutcome::Completed, 200);
-            }
-            if !out.is_empty() {
-                return Some(out);
-            }
+        if !self.fill().await {
+            return None;
         }
+        let mut events = Vec::with_capacity(self.ends.len());
+        let mut start = 0;
+        for end in self.ends.drain(..) {
+            events.push(self.out.split_to(end - start).freeze());
+            start = end;
+        }
+        Some(events)
     }
 
     /// The next events as one buffer (what an SSE body writes).
     pub async fn next_bytes(&mut self) -> Option<Bytes> {
-        let mut events = self.next_events().await?;
-        if events.len() == 1 {
-            return events.pop();
+        if !self.fill().await {
+            return None;
         }
-        let mut out = BytesMut::with_capacity(events.iter().map(Bytes::len).sum());
-        for event in events {
-            out.extend_from_slice(&event);
+        self.ends.clear();
+        Some(self.out.split().freeze())
+    }
+
+    /// Reads the upstream until `out` holds at least one event for the client (`true`),
+    /// or the stream is over (`false`). Chunks that have already arrived when one is read
+    /// are taken too, so that events sent together reach the client together.
+    ///
+    /// Cancel-safe: it waits only while `out` is empty.
+    async fn fill(&mut self) -> bool {
+        loop {
+            if self.admission.is_none() {
+                self.drain().await;
+                return false;
+            }
+            let wake = match self.held.take() {
+                Some(item) => Wake::Item(item),
+                None => self.wait().await,
+            };
+            let chunk = match wake {
+                Wake::Item(Some(Ok(chunk))) => chunk,
+                Wake::Item(Some(Err(e))) => {
+                    let message = format!("the model server's stream broke off: {e}");
+                    self.break_off(200, "stream_incomplete", &message);
+                    return true;
+                }
+                Wake::Item(None) => {
+                    self.break_off(
+                        200,
+                        "stream_incomplete",
+                        "the model server ended the stream without finishing it",
+                    );
+                    return true;
+                }
+                Wake::Idle => {
+                    self.break_off(
+                        504,
+                        "upstream_timeout",
+                        "the model server went silent in the middle of the stream",
+                    );
+                    return true;
+                }
+                Wake::Deadline => {
+                    self.break_off(
+                        504,
+                        "upstream_timeout",
+                        "the call ran past the gateway's total time limit",
+                    );
+                    return true;
+                }
+                Wake::Stop => {
+                    self.finish(CallOutcome::Cancelled, 200);
+                    self.emit(&sse::error_end(
+                        "stream_incomplete",
+                        "the gateway is shutting down; the stream was cut short",
+                    ));
+                    return true;
+                }
+            };
+            if self.take_chunk(chunk) {
+                return true;
+            }
+            while self.out.len() < GATHER_LIMIT {
+                let ready =
+                    std::future::poll_fn(|cx| Poll::Ready(self.upstream.poll_next_unpin(cx))).await;
+                match ready {
+                    Poll::Ready(Some(Ok(chunk))) => {
+                        if self.take_chunk(chunk) {
+                            return true;
+                        }
+                    }
+                    Poll::Ready(end) => {
+                        self.held = Some(end);
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if !self.ends.is_empty() {
+                return true;
+            }
         }
-        Some(out.freeze())
+    }
+
+    /// Waits for the next upstream item, the idle or total time limit, or the shutdown;
+    /// the limits and the shutdown come first when they are due together with a chunk.
+    async fn wait(&mut self) -> Wake {
+        std::future::poll_fn(|cx| {
+            if self.hard_stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Stop);
+            }
+            if self.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Deadline);
+            }
+            if let Poll::Ready(item) = self.upstream.poll_next_unpin(cx) {
+                return Poll::Ready(Wake::Item(item));
+            }
+            if self.idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Idle);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Frames a chunk and takes its events; `true` when the stream ended with them.
+    fn take_chunk(&mut self, chunk: Bytes) -> bool {
+        let mut events = std::mem::take(&mut self.events);
+        let ended = match self.framer.push_bytes(chunk, &mut events) {
+            Ok(()) => {
+                if !events.is_empty() {
+                    let now = tokio::time::Instant::now();
+                    self.idle.as_mut().reset(now + self.idle_timeout);
+                }
+                self.take_events(&mut events)
+            }
+            Err(e) => {
+                if let Some(admission) = &self.admission {
+                    tracing::warn!(request_id = admission.request_id(), error = %e, "stream cut");
+                }
+                let message = e.to_string();
+                self.break_off(502, "upstream_response_too_large", &message);
+                true
+            }
+        };
+        events.clear();
+        self.events = events;
+        ended
+    }
+
+    /// Meters whole events and writes what the client gets of them to `out`; `true` when
+    /// the stream ended with them.
+    fn take_events(&mut self, events: &mut Vec<Bytes>) -> bool {
+        let Some(admission) = self.admission.as_mut() else {
+            return true;
+        };
+        let mut done = false;
+        let mut failed = false;
+        for event in events.drain(..) {
+            let read = sse::read_event(&event);
+            let info = &read.info;
+            if !info.readable {
+                // Clients parse every `data:` line as JSON: junk stays here.
+                if self.junk == 0 {
+                    tracing::warn!(request_id = admission.request_id(), event = %String::from_utf8_lossy(&event[..event.len().min(200)]), "dropped an unreadable stream event");
+                }
+                self.junk += 1;
+                continue;
+            }
+            if info.done {
+                emit(&mut self.out, &mut self.ends, &event);
+                done = true;
+                break;
+            }
+            if info.has_choices {
+                admission.observe_chunk();
+            }
+            if let Some(error) = &info.error {
+                // The upstream's error ends the stream here, for either door: the client
+                // gets it and `[DONE]`, the call is settled now, the rest is drained.
+                tracing::warn!(request_id = admission.request_id(), %error, "the model server failed mid-stream");
+                if let Some(usage) = info.usage {
+                    admission.observe_usage(usage);
+                }
+                emit(&mut self.out, &mut self.ends, &event);
+                emit(&mut self.out, &mut self.ends, b"data: [DONE]\n\n");
+                failed = true;
+                break;
+            }
+            let Some(usage) = info.usage else {
+                emit(&mut self.out, &mut self.ends, &event);
+                continue;
+            };
+            admission.observe_usage(usage);
+            if !info.has_choices {
+                // The final usage chunk: only for clients that asked for it.
+                if self.view.final_chunk {
+                    emit(&mut self.out, &mut self.ends, &event);
+                }
+            } else if self.view.every_chunk {
+                emit(&mut self.out, &mut self.ends, &event);
+            } else {
+                // The event without its usage is no longer than the event.
+                make_room(&mut self.out, event.len());
+                if read.write_without_usage(&mut self.out) {
+                    self.ends.push(self.out.len());
+                } else {
+                    emit(&mut self.out, &mut self.ends, &event);
+                }
+            }
+        }
+        // Settle now, before the client can read `[DONE]` and ask for its usage.
+        if failed {
+            self.draining = true;
+            self.finish(CallOutcome::StreamIncomplete, 200);
+        } else if done {
+            if let Some(admission) = self.admission.as_mut() {
+                admission.mark_upstream_done();
+            }
+            self.draining = true;
+            self.finish(CallOutcome::Completed, 200);
+        }
+        failed || done
+    }
+
+    fn emit(&mut self, event: &[u8]) {
+        emit(&mut self.out, &mut self.ends, event);
     }
 
     /// After `[DONE]`, reads the upstream body to its end so its connection can be reused.
@@ -493,24 +629,43 @@ impl Relay {
     }
 
     /// Ends the stream because a door cannot translate an event the upstream sent (a chunk
-    /// of the wrong shape): settled like any stream the upstream broke off.
-    pub fn fail(&mut self, message: &str) {
-        let _ = self.break_off(502, "upstream_invalid_response", message);
+    /// of the wrong shape): settled like any stream the upstream broke off. The door tells
+    /// the client; `_message` is what it says.
+    pub fn fail(&mut self, _message: &str) {
+        self.settle_broken(502);
     }
 
     /// Ends a stream the upstream failed: the backend's failure counts against its health,
     /// the call is settled with what was seen, and the client gets a well-formed end.
-    fn break_off(&mut self, status: u16, code: &str, message: &str) -> Vec<Bytes> {
+    fn break_off(&mut self, status: u16, code: &str, message: &str) {
+        self.settle_broken(status);
+        self.emit(&sse::error_end(code, message));
+    }
+
+    fn settle_broken(&mut self, status: u16) {
         if let Some(lease) = self.lease.take() {
             self.pool.record_stream_failure(&lease);
         }
         self.finish(CallOutcome::StreamIncomplete, status);
-        vec![sse::error_end(code, message)]
     }
 
     fn finish(&mut self, outcome: CallOutcome, status: u16) {
         if let Some(admission) = self.admission.take() {
             admission.settle(outcome, status);
         }
+    }
+}
+
+/// Appends a whole event to the client's bytes.
+fn emit(out: &mut BytesMut, ends: &mut Vec<usize>, event: &[u8]) {
+    make_room(out, event.len());
+    out.extend_from_slice(event);
+    ends.push(out.len());
+}
+
+/// Makes room for `len` more bytes in `out`, at least [`OUT_RESERVE`] when it grows.
+fn make_room(out: &mut BytesMut, len: usize) {
+    if out.capacity() - out.len() < len {
+        out.reserve(len.max(OUT_RESERVE));
     }
 }

@@ -1,6 +1,9 @@
 //! Server-sent events from the upstream: framing into events, and reading the little that
 //! metering needs from each (`usage`, whether it carries choices, errors, `[DONE]`).
 
+use std::borrow::Cow;
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -32,16 +35,56 @@ impl SseFramer {
 
     /// Adds bytes and returns the events completed by them, each with its terminator.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Bytes>, OversizedEvent> {
-        self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
+        self.push_buffered(chunk, &mut events)?;
+        Ok(events)
+    }
+
+    /// As [`SseFramer::push`], adding the events to `events`; on an error `events` is left
+    /// as it was. While no event is half-read (nearly always: upstreams write whole events)
+    /// the events are slices of `chunk`, not copies.
+    pub fn push_bytes(
+        &mut self,
+        chunk: Bytes,
+        events: &mut Vec<Bytes>,
+    ) -> Result<(), OversizedEvent> {
+        if !self.buf.is_empty() {
+            return self.push_buffered(&chunk, events);
+        }
+        let before = events.len();
+        let mut start = 0;
+        while let Some(end) = event_end(&chunk, start) {
+            if end - start > self.max_event {
+                events.truncate(before);
+                return Err(self.oversized());
+            }
+            events.push(chunk.slice(start..end));
+            start = end;
+        }
+        let rest = &chunk[start..];
+        if rest.len() > self.max_event {
+            events.truncate(before);
+            return Err(self.oversized());
+        }
+        self.buf.extend_from_slice(rest);
+        self.scanned = rest.len().saturating_sub(2);
+        Ok(())
+    }
+
+    fn push_buffered(
+        &mut self,
+        chunk: &[u8],
+        events: &mut Vec<Bytes>,
+    ) -> Result<(), OversizedEvent> {
+        let before = events.len();
+        self.buf.extend_from_slice(chunk);
         while let Some(end) = event_end(&self.buf, self.scanned) {
             self.scanned = 0;
             let event = self.buf.split_to(end).freeze();
             // An event that arrived whole in one chunk is held to the same limit.
             if event.len() > self.max_event {
-                return Err(OversizedEvent {
-                    limit: self.max_event,
-                });
+                events.truncate(before);
+                return Err(self.oversized());
             }
             events.push(event);
         }
@@ -49,11 +92,16 @@ impl SseFramer {
         // the next chunk.
         self.scanned = self.buf.len().saturating_sub(2);
         if self.buf.len() > self.max_event {
-            return Err(OversizedEvent {
-                limit: self.max_event,
-            });
+            events.truncate(before);
+            return Err(self.oversized());
         }
-        Ok(events)
+        Ok(())
+    }
+
+    fn oversized(&self) -> OversizedEvent {
+        OversizedEvent {
+            limit: self.max_event,
+        }
     }
 
     /// Bytes of an event that never got its terminator.
@@ -78,19 +126,18 @@ pub struct OversizedEvent {
 }
 
 /// The index just past the first event terminator (`\n\n` or `\n\r\n`) at or after
-/// `from` in `buf`.
+/// `from` in `buf`. Only line feeds are looked at (with memchr): this runs over every byte
+/// the upstream sends.
 fn event_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' {
-            if buf[i + 1] == b'\n' {
-                return Some(i + 2);
-            }
-            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
-                return Some(i + 3);
-            }
+    while let Some(at) = memchr::memchr(b'\n', buf.get(i..)?) {
+        let lf = i + at;
+        match buf.get(lf + 1) {
+            Some(b'\n') => return Some(lf + 2),
+            Some(b'\r') if buf.get(lf + 2) == Some(&b'\n') => return Some(lf + 3),
+            Some(_) => i = lf + 1,
+            None => return None,
         }
-        i += 1;
     }
     None
 }
@@ -138,17 +185,34 @@ struct ErrorView {
 
 /// The joined `data:` lines of an event (SSE allows several; vLLM sends one).
 pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
-    let mut data: Option<Vec<u8>> = None;
-    for line in event.split(|&b| b == b'\n') {
+    data_of(event).map(Cow::into_owned)
+}
+
+/// [`event_data`] borrowed from the event when it has one `data:` line, as vLLM's have.
+fn data_of(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    let mut rest = Some(event);
+    while let Some(text) = rest {
+        let line = match memchr::memchr(b'\n', text) {
+            Some(lf) => {
+                rest = text.get(lf + 1..);
+                &text[..lf]
+            }
+            None => {
+                rest = None;
+                text
+            }
+        };
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(value) = line.strip_prefix(b"data:") {
             let value = value.strip_prefix(b" ").unwrap_or(value);
             match &mut data {
                 Some(existing) => {
+                    let existing = existing.to_mut();
                     existing.push(b'\n');
                     existing.extend_from_slice(value);
                 }
-                None => data = Some(value.to_vec()),
+                None => data = Some(Cow::Borrowed(value)),
             }
         }
     }
@@ -157,26 +221,62 @@ pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
 
 /// Reads an event; comments, unknown lines and unparsable data give an empty `EventInfo`.
 pub fn inspect(event: &[u8]) -> EventInfo {
-    let Some(data) = event_data(event) else {
-        return EventInfo::default();
+    read_event(event).info
+}
+
+/// An event read once: what [`inspect`] says of it, and where its usage sits so that the
+/// relay can cut it out without reading the event again.
+pub struct ReadEvent<'a> {
+    pub info: EventInfo,
+    data: Cow<'a, [u8]>,
+    /// The span of the `usage` member's value in `data`.
+    usage: Option<Range<usize>>,
+}
+
+impl ReadEvent<'_> {
+    /// Appends the event without its `usage` member to `out`, byte for byte what
+    /// [`without_usage`] makes of it; `false` (nothing appended) when there is no usage to
+    /// cut. Only for readable events.
+    pub fn write_without_usage(&self, out: &mut BytesMut) -> bool {
+        match &self.usage {
+            Some(span) if self.info.readable => write_cut(&self.data, span.clone(), out),
+            _ => false,
+        }
+    }
+}
+
+/// [`inspect`], keeping the data and the usage span. One parse of the data, which is
+/// borrowed from the event when it is one line: this runs for every chunk of every stream.
+pub fn read_event(event: &[u8]) -> ReadEvent<'_> {
+    let unreadable = |data| ReadEvent {
+        info: EventInfo::default(),
+        data,
+        usage: None,
+    };
+    let Some(data) = data_of(event) else {
+        return unreadable(Cow::Borrowed(&[]));
     };
     if data.trim_ascii() == b"[DONE]" {
-        return EventInfo {
-            done: true,
-            readable: true,
-            ..EventInfo::default()
+        return ReadEvent {
+            info: EventInfo {
+                done: true,
+                readable: true,
+                ..EventInfo::default()
+            },
+            data,
+            usage: None,
         };
     }
     // Serde skips the members it does not read without checking their strings: data that
     // is not UTF-8 is not JSON, and reading usage from it would bill usage that
-    // `without_usage` cannot then remove.
-    if !is_object(&data) || std::str::from_utf8(&data).is_err() {
-        return EventInfo::default();
+    // `without_usage` cannot then remove. (ASCII, the usual case, is checked faster.)
+    if !is_object(&data) || (!data.is_ascii() && std::str::from_utf8(&data).is_err()) {
+        return unreadable(data);
     }
     let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
-        return EventInfo::default();
+        return unreadable(data);
     };
-    EventInfo {
+    let info = EventInfo {
         done: false,
         readable: true,
         usage: chunk
@@ -194,7 +294,15 @@ pub fn inspect(event: &[u8]) -> EventInfo {
                 .and_then(|e| e.message)
                 .unwrap_or_else(|| raw.get().to_owned())
         }),
-    }
+    };
+    let usage = chunk.usage.map(|raw| span_in(&data, raw));
+    ReadEvent { info, data, usage }
+}
+
+/// Where `raw`, borrowed from `data`, sits in it.
+fn span_in(data: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - data.as_ptr() as usize;
+    start..start + raw.get().len()
 }
 
 /// The event with its `usage` field removed (for clients that did not ask for usage).
@@ -208,28 +316,46 @@ pub fn without_usage(event: &[u8]) -> Option<Bytes> {
         #[serde(default, borrow)]
         usage: Option<&'a RawValue>,
     }
-    let data = event_data(event)?;
+    let data = data_of(event)?;
     if !is_object(&data) {
         return None;
     }
     let span = serde_json::from_slice::<UsageSpan<'_>>(&data)
         .ok()?
         .usage
-        .map(|raw| {
-            let start = raw.get().as_ptr() as usize - data.as_ptr() as usize;
-            start..start + raw.get().len()
-        })?;
-    let kept = cut_member(&data, span).map_or_else(|| reserialized_without_usage(&data), Some)?;
-    let mut out = Vec::with_capacity(kept.len() + 8);
+        .map(|raw| span_in(&data, raw))?;
+    let mut out = BytesMut::new();
+    write_cut(&data, span, &mut out).then(|| out.freeze())
+}
+
+/// Appends `data: <data without the member whose value is at value>\n\n` to `out`;
+/// `false`, with nothing appended, if the member cannot be removed.
+fn write_cut(data: &[u8], value: Range<usize>, out: &mut BytesMut) -> bool {
+    let rebuilt;
+    let (head, tail) = match cut_member(data, value) {
+        Some(parts) => parts,
+        None => match reserialized_without_usage(data) {
+            Some(kept) => {
+                rebuilt = kept;
+                (&rebuilt[..], &[][..])
+            }
+            None => return false,
+        },
+    };
+    out.reserve(head.len() + tail.len() + 8);
     out.extend_from_slice(b"data: ");
+    let start = out.len();
+    out.extend_from_slice(head);
+    out.extend_from_slice(tail);
     // Line breaks in JSON are whitespace between tokens (strings cannot hold them raw), but
     // in SSE they end the `data:` line: as spaces, the data is one line meaning the same.
-    out.extend(
-        kept.iter()
-            .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
-    );
+    let mut from = start;
+    while let Some(at) = memchr::memchr2(b'\n', b'\r', &out[from..]) {
+        out[from + at] = b' ';
+        from += at + 1;
+    }
     out.extend_from_slice(b"\n\n");
-    Some(Bytes::from(out))
+    true
 }
 
 /// Whether `data` starts like a JSON object: serde reads a struct from an array too, and an
@@ -239,34 +365,32 @@ fn is_object(data: &[u8]) -> bool {
 }
 
 /// `data` without the `"usage": <value>` member whose value sits at `value`, and without
-/// the comma that joined it to its neighbour; `None` if the bytes around it are not the
-/// plain `"usage"` key and a colon.
-fn cut_member(data: &[u8], value: std::ops::Range<usize>) -> Option<Vec<u8>> {
+/// the comma that joined it to its neighbour, as the parts before and after the cut;
+/// `None` if the bytes around it are not the plain `"usage"` key and a colon.
+fn cut_member(data: &[u8], value: Range<usize>) -> Option<(&[u8], &[u8])> {
     const KEY: &[u8] = b"\"usage\"";
     let before = data.get(..value.start)?;
-    let key = before.windows(KEY.len()).rposition(|w| w == KEY)?;
-    let between = before.get(key + KEY.len()..)?;
-    if between.iter().filter(|&&b| b == b':').count() != 1
-        || !between
-            .iter()
-            .all(|&b| b == b':' || b.is_ascii_whitespace())
-    {
+    // What separates the key from the value: whitespace and one colon. (Searched from the
+    // value back; the key is the last `"usage"` before the value, or there is none.)
+    let key_end = before
+        .iter()
+        .rposition(|&b| b != b':' && !b.is_ascii_whitespace())
+        .map_or(0, |last| last + 1);
+    let between = &before[key_end..];
+    if between.iter().filter(|&&b| b == b':').count() != 1 {
         return None;
     }
-    let head = before.get(..key)?.trim_ascii_end();
+    let key = before[..key_end].strip_suffix(KEY)?;
+    let head = key.trim_ascii_end();
     let tail = data.get(value.end..)?;
-    let (head, tail) = match head.strip_suffix(b",") {
+    Some(match head.strip_suffix(b",") {
         Some(head) => (head, tail),
         // The first member: drop the comma after it instead.
         None => (
             head,
             tail.trim_ascii_start().strip_prefix(b",").unwrap_or(tail),
         ),
-    };
-    let mut kept = Vec::with_capacity(head.len() + tail.len());
-    kept.extend_from_slice(head);
-    kept.extend_from_slice(tail);
-    Some(kept)
+    })
 }
 
 /// `data` rebuilt without `usage`: the other members in order, their values as sent (a
@@ -512,6 +636,235 @@ mod tests {
         )
     }
 
+    /// The readers as they were before they were made cheaper (one parse per event,
+    /// borrowed data, memchr), to show the new ones give the same results.
+    mod before {
+        use super::super::{ChunkView, ErrorView, RawMembers, UsageView, is_object};
+        use crate::core::records::Usage;
+        use serde::Deserialize;
+        use serde_json::value::RawValue;
+
+        use super::EventInfo;
+
+        pub fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+            let mut i = from;
+            while i + 1 < buf.len() {
+                if buf[i] == b'\n' {
+                    if buf[i + 1] == b'\n' {
+                        return Some(i + 2);
+                    }
+                    if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                        return Some(i + 3);
+                    }
+                }
+                i += 1;
+            }
+            None
+        }
+
+        pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+            let mut data: Option<Vec<u8>> = None;
+            for line in event.split(|&b| b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if let Some(value) = line.strip_prefix(b"data:") {
+                    let value = value.strip_prefix(b" ").unwrap_or(value);
+                    match &mut data {
+                        Some(existing) => {
+                            existing.push(b'\n');
+                            existing.extend_from_slice(value);
+                        }
+                        None => data = Some(value.to_vec()),
+                    }
+                }
+            }
+            data
+        }
+
+        pub fn inspect(event: &[u8]) -> EventInfo {
+            let Some(data) = event_data(event) else {
+                return EventInfo::default();
+            };
+            if data.trim_ascii() == b"[DONE]" {
+                return EventInfo {
+                    done: true,
+                    readable: true,
+                    ..EventInfo::default()
+                };
+            }
+            if !is_object(&data) || std::str::from_utf8(&data).is_err() {
+                return EventInfo::default();
+            }
+            let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
+                return EventInfo::default();
+            };
+            EventInfo {
+                done: false,
+                readable: true,
+                usage: chunk
+                    .usage
+                    .filter(|raw| is_object(raw.get().as_bytes()))
+                    .and_then(|raw| serde_json::from_str::<UsageView>(raw.get()).ok())
+                    .map(|u| Usage {
+                        prompt_tokens: u.prompt_tokens,
+                        completion_tokens: u.completion_tokens,
+                    }),
+                has_choices: chunk.choices.is_some_and(|c| c.get().trim() != "[]"),
+                error: chunk.error.map(|raw| {
+                    serde_json::from_str::<ErrorView>(raw.get())
+                        .ok()
+                        .and_then(|e| e.message)
+                        .unwrap_or_else(|| raw.get().to_owned())
+                }),
+            }
+        }
+
+        pub fn without_usage(event: &[u8]) -> Option<Vec<u8>> {
+            #[derive(Deserialize)]
+            struct UsageSpan<'a> {
+                #[serde(default, borrow)]
+                usage: Option<&'a RawValue>,
+            }
+            let data = event_data(event)?;
+            if !is_object(&data) {
+                return None;
+            }
+            let span = serde_json::from_slice::<UsageSpan<'_>>(&data)
+                .ok()?
+                .usage
+                .map(|raw| {
+                    let start = raw.get().as_ptr() as usize - data.as_ptr() as usize;
+                    start..start + raw.get().len()
+                })?;
+            let kept = cut_member(&data, span).map_or_else(|| reserialized(&data), Some)?;
+            let mut out = Vec::with_capacity(kept.len() + 8);
+            out.extend_from_slice(b"data: ");
+            out.extend(
+                kept.iter()
+                    .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+            );
+            out.extend_from_slice(b"\n\n");
+            Some(out)
+        }
+
+        fn cut_member(data: &[u8], value: std::ops::Range<usize>) -> Option<Vec<u8>> {
+            const KEY: &[u8] = b"\"usage\"";
+            let before = data.get(..value.start)?;
+            let key = before.windows(KEY.len()).rposition(|w| w == KEY)?;
+            let between = before.get(key + KEY.len()..)?;
+            if between.iter().filter(|&&b| b == b':').count() != 1
+                || !between
+                    .iter()
+                    .all(|&b| b == b':' || b.is_ascii_whitespace())
+            {
+                return None;
+            }
+            let head = before.get(..key)?.trim_ascii_end();
+            let tail = data.get(value.end..)?;
+            let (head, tail) = match head.strip_suffix(b",") {
+                Some(head) => (head, tail),
+                None => (
+                    head,
+                    tail.trim_ascii_start().strip_prefix(b",").unwrap_or(tail),
+                ),
+            };
+            let mut kept = Vec::with_capacity(head.len() + tail.len());
+            kept.extend_from_slice(head);
+            kept.extend_from_slice(tail);
+            Some(kept)
+        }
+
+        fn reserialized(data: &[u8]) -> Option<Vec<u8>> {
+            let RawMembers(members) = serde_json::from_slice(data).ok()?;
+            let mut out = Vec::with_capacity(data.len());
+            out.push(b'{');
+            for (key, value) in members.iter().filter(|(key, _)| key != "usage") {
+                if out.len() > 1 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut out, key).ok()?;
+                out.push(b':');
+                out.extend_from_slice(value.get().as_bytes());
+            }
+            out.push(b'}');
+            Some(out)
+        }
+    }
+
+    /// What the relay makes of an event for a client that did not ask for usage, the new
+    /// way (one read) and the old (`inspect`, then `without_usage`), must match.
+    fn check_same_as_before(event: &[u8]) -> Result<(), TestCaseError> {
+        prop_assert_eq!(event_data(event), before::event_data(event));
+        let info = inspect(event);
+        prop_assert_eq!(&info, &before::inspect(event));
+        let stripped = without_usage(event).map(|b| b.to_vec());
+        prop_assert_eq!(&stripped, &before::without_usage(event));
+        let read = read_event(event);
+        prop_assert_eq!(&read.info, &info);
+        let mut out = BytesMut::from(&b"x"[..]);
+        if read.write_without_usage(&mut out) {
+            prop_assert_eq!(Some(&out[1..]), stripped.as_deref());
+        } else {
+            prop_assert_eq!(&out[..], b"x");
+            prop_assert!(!info.readable || stripped.is_none());
+        }
+        Ok(())
+    }
+
+    /// Representative chunks (vLLM's, with and without usage, role, finish, error, usage
+    /// only) and odd ones, each also mangled byte by byte.
+    #[test]
+    fn the_readers_give_what_they_gave_before() {
+        let chunks: &[&[u8]] = &[
+            br#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":16,"total_tokens":16,"completion_tokens":0}}
+
+"#,
+            br#"data: {"choices":[{"delta":{"reasoning_content":" me"},"finish_reason":null,"index":0,"logprobs":null,"stop_reason":null}],"created":1795727216,"id":"chatcmpl-25bb","model":"stepfun-ai/Step3-VL-10B","object":"chat.completion.chunk","usage":{"completion_tokens":2,"prompt_tokens":16,"prompt_tokens_details":null,"total_tokens":18}}
+
+"#,
+            b"data: {\"choices\":[],\"usage\":{\"completion_tokens\":20,\"prompt_tokens\":16}}\r\n\r\n",
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n",
+            b"data: {\"error\":{\"message\":\"boom\",\"code\":500}}\n\n",
+            b"data: {\"error\":\"plain\"}\n\n",
+            b"data: [DONE]\n\n",
+            b"data:[DONE]\r\n\r\n",
+            b": keep-alive\n\n",
+            b"event: ping\ndata: {\"usage\":{\"prompt_tokens\":1},\"choices\":[1]}\n\n",
+            b"data: {\"a\":1,\ndata: \"usage\":{\"completion_tokens\":2},\"choices\":[0]}\n\n",
+            b"data: {\"usage\":{\"completion_tokens\":2},\r\ndata: \"choices\":[0]}\r\n\r\n",
+            b"data: {\"usage\" :\r{\"prompt_tokens\":1}, \"choices\":[{}]}\n\n",
+            b"data: {\"usage\"::{\"prompt_tokens\":1},\"choices\":[{}]}\n\n",
+            br#"data: {"\u0075sage":{"prompt_tokens":1},"choices":[{}]}"#,
+            br#"data: {"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2},"choices":[{}]}"#,
+            br#"data: {"x":"\"usage\":","usage":{"prompt_tokens":1},"choices":[ ]}"#,
+            br#"data: {"choices":null,"usage":null,"error":null}"#,
+            br#"data: {"usage":[3,4],"choices":[]}"#,
+            b"data: {\"id\":\"c\xff\",\"usage\":{\"prompt_tokens\":1}}\n\n",
+            b"data: {\"id\":\"\xc3\xa9\",\"usage\":{\"prompt_tokens\":1},\"choices\":[1]}\n\n",
+            b"data: \x0c{\"usage\":{\"prompt_tokens\":1},\"choices\":[1]}\n\n",
+            b"data: {\"choices\":[1]} x\n\n",
+            b"data:\n\n",
+            b"data\n\n",
+            b"",
+        ];
+        for chunk in chunks {
+            check_same_as_before(chunk).unwrap();
+            for at in 0..chunk.len() {
+                for byte in [
+                    b'"', b'\\', b' ', b'\n', b'\r', b',', b':', b'}', b'0', 0x01,
+                ] {
+                    let mut changed = chunk.to_vec();
+                    changed[at] = byte;
+                    check_same_as_before(&changed).unwrap();
+                    changed.insert(at, byte);
+                    check_same_as_before(&changed).unwrap();
+                }
+                let mut cut = chunk.to_vec();
+                cut.remove(at);
+                check_same_as_before(&cut).unwrap();
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn framing_does_not_depend_on_chunk_boundaries(
@@ -545,6 +898,53 @@ mod tests {
         #[test]
         fn usage_is_removed_keeping_everything_else(event in chunk_event()) {
             check_without_usage(&event)?;
+            check_same_as_before(&event)?;
+        }
+
+        #[test]
+        fn the_readers_agree_with_before_on_any_bytes(
+            event in proptest::collection::vec(
+                prop::sample::select(&b"\n\r:data [DONE]{}\"usage,1"[..]), 0..120),
+        ) {
+            check_same_as_before(&event)?;
+        }
+
+        /// Framing a chunk in place gives what copying it into the buffer gave, wherever
+        /// the chunks are cut.
+        #[test]
+        fn framing_in_place_is_framing(
+            stream in proptest::collection::vec(
+                prop::sample::select(&b"\n\n\r:data {}x"[..]), 0..300),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+            limit in 1usize..64,
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.push(stream.len());
+            let (mut copied, mut in_place) = (SseFramer::new(limit), SseFramer::new(limit));
+            let mut at = 0;
+            for cut in cuts {
+                let piece = &stream[at..cut];
+                at = cut;
+                let mut events = vec![Bytes::from_static(b"before")];
+                let framed = in_place.push_bytes(Bytes::copy_from_slice(piece), &mut events);
+                match copied.push(piece) {
+                    Ok(expected) => {
+                        prop_assert!(framed.is_ok());
+                        prop_assert_eq!(&events[0][..], b"before");
+                        prop_assert_eq!(&events[1..], &expected[..]);
+                        prop_assert_eq!(in_place.remainder(), copied.remainder());
+                    }
+                    Err(_) => {
+                        prop_assert!(framed.is_err());
+                        prop_assert_eq!(events.len(), 1);
+                        break;
+                    }
+                }
+            }
+            for from in 0..=stream.len() + 1 {
+                prop_assert_eq!(event_end(&stream, from), before::event_end(&stream, from));
+            }
         }
     }
 
