@@ -630,8 +630,8 @@ impl Relay {
 
     /// Ends the stream because a door cannot translate an event the upstream sent (a chunk
     /// of the wrong shape): settled like any stream the upstream broke off. The door tells
-    /// the client; `_message` is what it says.
-    pub fn fail(&mut self, _message: &str) {
+    /// the client what went wrong.
+    pub fn fail(&mut self) {
         self.settle_broken(502);
     }
 

@@ -204,7 +204,7 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
                         }
                         Err(e) => {
                             // Settled here: dropping the relay would book a client that left.
-                            state.relay.fail(&e.to_string());
+                            state.relay.fail();
                             state.ended = true;
                             state.queue.push_back(Err(e.into()));
                             break;
