@@ -397,19 +397,7 @@ async fn load(kind: Kind, url: &str, key: &str, conns: usize, seconds: f64) -> a
                     }
                 }
                 Kind::GrpcUnary | Kind::GrpcStream => {
-                    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-                        .tcp_nodelay(true)
-                        .connect()
-                        .await?;
-                    let bearer: tonic::metadata::MetadataValue<_> =
-                        format!("Bearer {key}").parse()?;
-                    let mut client = pb::chat_client::ChatClient::with_interceptor(
-                        channel,
-                        move |mut r: tonic::Request<()>| {
-                            r.metadata_mut().insert("authorization", bearer.clone());
-                            Ok(r)
-                        },
-                    );
+                    let mut client = grpc_client(&url, &key).await?;
                     let request = grpc_request();
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
@@ -754,18 +742,7 @@ async fn calls(args: &[String]) -> anyhow::Result<()> {
             }
         }
         "grpc-unary" | "grpc-stream" => {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-                .tcp_nodelay(true)
-                .connect()
-                .await?;
-            let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse()?;
-            let mut client = pb::chat_client::ChatClient::with_interceptor(
-                channel,
-                move |mut r: tonic::Request<()>| {
-                    r.metadata_mut().insert("authorization", bearer.clone());
-                    Ok(r)
-                },
-            );
+            let mut client = grpc_client(url, key).await?;
             let request = grpc_request();
             for _ in 0..n {
                 if kind == "grpc-unary" {
@@ -779,6 +756,32 @@ async fn calls(args: &[String]) -> anyhow::Result<()> {
         other => bail!("unknown kind {other}"),
     }
     Ok(())
+}
+
+/// A Chat client on its own HTTP/2 connection, sending `key` with every call.
+async fn grpc_client(
+    url: &str,
+    key: &str,
+) -> anyhow::Result<
+    pb::chat_client::ChatClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl tonic::service::Interceptor,
+        >,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse()?;
+    Ok(pb::chat_client::ChatClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        },
+    ))
 }
 
 trait RestBaseline {
