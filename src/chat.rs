@@ -49,6 +49,20 @@ pub struct Completion<T> {
     pub remaining: Remaining,
 }
 
+/// A door's reading of a whole answer: its protocol's form of it, and the usage the
+/// answer reports (read in the same pass, so the answer is parsed once).
+pub struct Reading<T> {
+    pub answer: T,
+    pub usage: Option<Usage>,
+}
+
+/// The REST door's reading: the bytes go out as they came; only the usage is read, which
+/// also proves the answer is a JSON object.
+pub fn read_usage(body: &Bytes) -> Result<Reading<()>, GatewayError> {
+    let usage = usage_of(body).map_err(|e| invalid_response(&e.to_string()))?;
+    Ok(Reading { answer: (), usage })
+}
+
 /// A stream in progress, with the limits as they stood when it started.
 pub struct StreamStart {
     pub relay: Relay,
@@ -154,14 +168,14 @@ impl ChatPath {
     }
 
     /// A non-streaming call: forwarded, read whole, metered and settled. `read` is the
-    /// door's reading of the answer; an answer it cannot read settles as the upstream's
-    /// failure, not as a completed call.
+    /// door's reading of the answer and its usage; an answer it cannot read settles as the
+    /// upstream's failure, not as a completed call.
     pub async fn complete<T>(
         &self,
         caller: &Caller,
         call: ChatCall,
         origin: &Origin,
-        read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
+        read: impl FnOnce(&Bytes) -> Result<Reading<T>, GatewayError>,
     ) -> Result<Completion<T>, GatewayError> {
         let request_id = origin.request_id.as_str();
         let settings = self.upstream.settings();
@@ -189,20 +203,30 @@ impl ChatPath {
                 return Err(settle_failed(admission, e));
             }
         };
-        // A 200 whose body is not a JSON object is the upstream's failure, not an answer.
-        match usage_of(&body) {
-            Ok(Some(usage)) => admission.observe_usage(usage),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(request_id, error = %e, "the model server sent an unreadable answer");
-                self.upstream.record_stream_failure(&lease);
-                return Err(settle_failed(admission, invalid_response(&e.to_string())));
-            }
-        }
         let answer = match read(&body) {
-            Ok(answer) => answer,
+            Ok(Reading { answer, usage }) => {
+                if let Some(usage) = usage {
+                    admission.observe_usage(usage);
+                }
+                answer
+            }
             Err(e) => {
-                tracing::warn!(request_id, error = %e, "the model server sent an answer the door cannot read");
+                // Read again for which failure it is and what to bill: a 200 whose body is not
+                // a JSON object is the upstream's failure; a JSON answer the door cannot
+                // translate is billed the usage it reports.
+                let e = match usage_of(&body) {
+                    Ok(usage) => {
+                        if let Some(usage) = usage {
+                            admission.observe_usage(usage);
+                        }
+                        tracing::warn!(request_id, error = %e, "the model server sent an answer the door cannot read");
+                        e
+                    }
+                    Err(json) => {
+                        tracing::warn!(request_id, error = %json, "the model server sent an unreadable answer");
+                        invalid_response(&json.to_string())
+                    }
+                };
                 self.upstream.record_stream_failure(&lease);
                 return Err(settle_failed(admission, e));
             }
@@ -667,5 +691,38 @@ fn emit(out: &mut BytesMut, ends: &mut Vec<usize>, event: &[u8]) {
 fn make_room(out: &mut BytesMut, len: usize) {
     if out.capacity() - out.len() < len {
         out.reserve(len.max(OUT_RESERVE));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gRPC door bills from its own reading of the answer; whenever that reading
+    /// succeeds it must find the usage the REST door's reading finds.
+    #[test]
+    fn both_doors_read_the_same_usage_from_an_answer() {
+        let answers = [
+            r#"{"id":"a","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#,
+            r#"{"id":"a","usage":{"prompt_tokens":12}}"#,
+            r#"{"id":"a","usage":{}}"#,
+            r#"{"id":"a","usage":null}"#,
+            r#"{"id":"a"}"#,
+            r#"  {"usage":{"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":1}},"model":"m"}"#,
+            r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"{\"usage\":{\"prompt_tokens\":99}}"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+        ];
+        for answer in answers {
+            let body = Bytes::from(answer);
+            let rest = read_usage(&body).unwrap().usage;
+            let grpc = crate::grpc::convert::read_answer(&body).unwrap().usage;
+            assert_eq!(rest, grpc, "{answer}");
+            assert_eq!(rest, usage_of(answer.as_bytes()).unwrap(), "{answer}");
+        }
+        // What is not a JSON object is refused by both.
+        for answer in [r#"["id","m",0,[],null]"#, "null", "<html>", ""] {
+            let body = Bytes::from(answer);
+            assert!(read_usage(&body).is_err(), "{answer}");
+            assert!(crate::grpc::convert::read_answer(&body).is_err(), "{answer}");
+        }
     }
 }

@@ -48,7 +48,7 @@ impl pb::chat_server::Chat for ChatService {
         };
         let completion = self
             .chat
-            .complete(&caller, call, &origin, |body| convert::response_proto(body));
+            .complete(&caller, call, &origin, convert::read_answer);
         let completion = match deadline {
             // Dropping the call at the deadline cancels the upstream request and settles it.
             Some(deadline) => tokio::time::timeout(deadline, completion)

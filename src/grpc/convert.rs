@@ -1,15 +1,15 @@
 //! Proto ⇄ OpenAI JSON: requests become the JSON body the REST door would have received,
 //! answers and stream chunks are read back into proto messages.
 
-use std::borrow::Cow;
-
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::pb;
+use crate::chat::Reading;
 use crate::core::GatewayError;
-use crate::upstream::sse;
+use crate::core::records::Usage;
+use crate::upstream::{invalid_response, sse};
 
 /// The JSON body for a proto request; `stream` also asks for the final usage chunk.
 ///
@@ -384,6 +384,20 @@ fn unreadable(what: &str, e: &serde_json::Error) -> GatewayError {
 }
 
 /// A whole OpenAI chat completion as a proto answer.
+/// The gRPC door's reading of a whole answer: the proto, and the usage it carries (one
+/// parse for both). What is not a JSON object is left for the chat path to refuse.
+pub fn read_answer(body: &Bytes) -> Result<Reading<pb::ChatResponse>, GatewayError> {
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(invalid_response("the answer is not a JSON object"));
+    }
+    let answer = response_proto(body)?;
+    let usage = answer.usage.as_ref().map(|u| Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+    });
+    Ok(Reading { answer, usage })
+}
+
 pub fn response_proto(body: &[u8]) -> Result<pb::ChatResponse, GatewayError> {
     let view: CompletionView =
         serde_json::from_slice(body).map_err(|e| unreadable("answer", &e))?;
@@ -427,7 +441,7 @@ pub enum StreamEvent {
 }
 
 pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
-    let Some(data) = event_data(event) else {
+    let Some(data) = sse::data_of(event) else {
         return Ok(StreamEvent::Nothing);
     };
     if data.trim_ascii() == b"[DONE]" {
@@ -484,33 +498,6 @@ fn error_message(raw: &serde_json::value::RawValue) -> String {
         .ok()
         .and_then(|e| e.message)
         .unwrap_or_else(|| raw.get().to_owned())
-}
-
-/// The joined `data:` lines of an event, as `sse::event_data` joins them, borrowed when
-/// there is one line (vLLM sends one).
-fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
-    let mut data: Option<Cow<'_, [u8]>> = None;
-    let mut rest = event;
-    while !rest.is_empty() {
-        let (line, next) = match memchr::memchr(b'\n', rest) {
-            Some(i) => (&rest[..i], &rest[i + 1..]),
-            None => (rest, &rest[rest.len()..]),
-        };
-        rest = next;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(value) = line.strip_prefix(b"data:") {
-            let value = value.strip_prefix(b" ").unwrap_or(value);
-            match &mut data {
-                Some(existing) => {
-                    let existing = existing.to_mut();
-                    existing.push(b'\n');
-                    existing.extend_from_slice(value);
-                }
-                None => data = Some(Cow::Borrowed(value)),
-            }
-        }
-    }
-    data
 }
 
 /// The reading of an event the one-parse path of [`stream_event`] does not take.
@@ -1178,12 +1165,6 @@ mod tests {
         assert_eq!(
             format!("{:?}", stream_event(event)),
             format!("{:?}", stream_event_slow(event)),
-            "{}",
-            String::from_utf8_lossy(event)
-        );
-        assert_eq!(
-            event_data(event).map(Cow::into_owned),
-            sse::event_data(event),
             "{}",
             String::from_utf8_lossy(event)
         );

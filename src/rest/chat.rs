@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 
 use super::{AppState, ModelLabel, RequestId, bearer, read_body};
-use crate::chat::{Origin, UsageView};
+use crate::chat::{Origin, UsageView, read_usage};
 use crate::core::limits::{Figure, RateFigures};
 use crate::core::{GatewayError, Remaining};
 use crate::metrics::Door;
@@ -82,7 +82,7 @@ async fn complete(
 
     let completion = state
         .chat
-        .complete(&caller, call, &origin, |_| Ok(()))
+        .complete(&caller, call, &origin, read_usage)
         .await?;
     let body = if state.settings.response_metadata {
         with_metadata(

@@ -189,7 +189,7 @@ pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// [`event_data`] borrowed from the event when it has one `data:` line, as vLLM's have.
-fn data_of(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+pub fn data_of(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     let mut data: Option<Cow<'_, [u8]>> = None;
     let mut rest = Some(event);
     while let Some(text) = rest {
