@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::io::Write as _;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -15,12 +15,15 @@ use crate::core::limits::{Figure, RateFigures};
 use crate::core::{GatewayError, Remaining};
 use crate::metrics::Door;
 
-pub async fn chat_completions(
-    State(state): State<AppState>,
-    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Response {
+    // Taken apart rather than extracted: extractors would copy the header map and the id.
+    let (mut parts, body) = request.into_parts();
+    let request_id = parts
+        .extensions
+        .remove::<RequestId>()
+        .map(|RequestId(id)| id)
+        .unwrap_or_default();
+    let headers = parts.headers;
     let mut label = None;
     let mut response = match complete(state, request_id, headers, body, &mut label).await {
         Ok(response) => response,
