@@ -81,9 +81,10 @@ pub fn grpc_only(grpc: Router, metrics: Arc<Metrics>) -> Router {
 
 fn with_common_layers(router: Router, metrics: Arc<Metrics>) -> Router {
     router
-        .layer(middleware::from_fn_with_state(metrics, count_request))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(middleware::from_fn(request_id))
+        // One middleware for the id and the metrics: each layer of `from_fn` boxes a future
+        // per request. Outside the panic guard, so a panic is counted as the 500 it becomes.
+        .layer(middleware::from_fn_with_state(metrics, track_request))
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
         ]))
@@ -139,14 +140,16 @@ const KNOWN_GRPC_PREFIXES: [&str; 4] = [
     "/grpc.reflection.v1alpha.",
 ];
 
-/// Counts every request by door, route, model and status, and times those that are not
-/// chat calls (a chat call is timed whole, stream included, when it settles).
-async fn count_request(
+/// Gives every request its id (echoed in the response), counts it by door, route, model
+/// and status, and times those that are not chat calls (a chat call is timed whole, stream
+/// included, when it settles).
+async fn track_request(
     axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let started = std::time::Instant::now();
+    let id_header = give_request_id(&mut request);
     let grpc = crate::grpc::is_grpc(request.headers());
     let route = if grpc {
         let path = request.uri().path();
@@ -161,7 +164,7 @@ async fn count_request(
             .get::<axum::extract::MatchedPath>()
             .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
     };
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     let door = if grpc { Door::Grpc } else { Door::Rest };
     // A gRPC error without a body says so in its headers; otherwise the call began well.
     let status = if grpc {
@@ -190,11 +193,15 @@ async fn count_request(
     if !chat {
         metrics.request_duration(door, &route, started.elapsed());
     }
+    if let Some(value) = id_header {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
     response
 }
 
-/// Takes `x-request-id` from the request when it is sane, else makes one, and echoes it.
-async fn request_id(mut request: Request, next: Next) -> Response {
+/// Takes `x-request-id` from the request when it is sane, else makes one; returns the
+/// header that echoes it.
+fn give_request_id(request: &mut Request) -> Option<HeaderValue> {
     let id = request
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -207,11 +214,7 @@ async fn request_id(mut request: Request, next: Next) -> Response {
         });
     let value = HeaderValue::from_str(&id).ok();
     request.extensions_mut().insert(RequestId(id));
-    let mut response = next.run(request).await;
-    if let Some(value) = value {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
-    }
-    response
+    value
 }
 
 fn is_sane_request_id(id: &str) -> bool {
