@@ -372,16 +372,7 @@ async fn load(kind: Kind, url: &str, key: &str, conns: usize, seconds: f64) -> a
                     let body = chat_body(kind == Kind::Sse);
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
-                        let response = client
-                            .post(format!("{url}/v1/chat/completions"))
-                            .bearer_auth(&key)
-                            .header("content-type", "application/json")
-                            .body(body.clone())
-                            .send()
-                            .await?;
-                        if !response.status().is_success() {
-                            bail!("{url}: HTTP {}", response.status());
-                        }
+                        let response = post_chat(&client, &url, &key, body.clone()).await?;
                         let mut stream = response.bytes_stream();
                         let mut first = None;
                         while let Some(chunk) = stream.next().await {
@@ -728,17 +719,10 @@ async fn calls(args: &[String]) -> anyhow::Result<()> {
                 .build()?;
             let body = chat_body(kind == "sse");
             for _ in 0..n {
-                let response = client
-                    .post(format!("{url}/v1/chat/completions"))
-                    .bearer_auth(key)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
+                post_chat(&client, url, key, body.clone())
+                    .await?
+                    .bytes()
                     .await?;
-                if !response.status().is_success() {
-                    bail!("{url}: HTTP {}", response.status());
-                }
-                response.bytes().await?;
             }
         }
         "grpc-unary" | "grpc-stream" => {
@@ -756,6 +740,26 @@ async fn calls(args: &[String]) -> anyhow::Result<()> {
         other => bail!("unknown kind {other}"),
     }
     Ok(())
+}
+
+/// One chat call over REST; a refusal ends the run.
+async fn post_chat(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: impl Into<reqwest::Body>,
+) -> anyhow::Result<reqwest::Response> {
+    let response = client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("{url}: HTTP {}", response.status());
+    }
+    Ok(response)
 }
 
 /// A Chat client on its own HTTP/2 connection, sending `key` with every call.
