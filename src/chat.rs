@@ -722,7 +722,10 @@ mod tests {
         for answer in [r#"["id","m",0,[],null]"#, "null", "<html>", ""] {
             let body = Bytes::from(answer);
             assert!(read_usage(&body).is_err(), "{answer}");
-            assert!(crate::grpc::convert::read_answer(&body).is_err(), "{answer}");
+            assert!(
+                crate::grpc::convert::read_answer(&body).is_err(),
+                "{answer}"
+            );
         }
     }
 }
