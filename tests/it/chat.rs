@@ -282,15 +282,7 @@ async fn service_info_health_and_unknown_routes() {
     assert_eq!(info["service"], "step3-gateway");
     assert_eq!(info["endpoints"]["chat"], "POST /v1/chat/completions");
 
-    let health: Value = gw
-        .http
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = gw.health().await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["upstreams"][0]["healthy"], true);
 

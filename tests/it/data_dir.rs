@@ -282,15 +282,7 @@ async fn a_full_disk_refuses_new_calls_keeps_settled_usage_and_recovers_by_itsel
         (Some("server_error"), Some("store_unavailable")),
         "{error}"
     );
-    let health: Value = gw
-        .http
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = gw.health().await;
     eprintln!("health with a full disk: {health}");
     assert_eq!(health["status"], "unavailable", "{health}");
     assert_eq!(health["store"]["status"], "failing", "{health}");
@@ -300,15 +292,7 @@ async fn a_full_disk_refuses_new_calls_keeps_settled_usage_and_recovers_by_itsel
             .is_some_and(|e| e.contains("No space left on device")),
         "{health}"
     );
-    let metrics = gw
-        .http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("step3gw_store_available 0"), "{metrics}");
     assert!(metrics.contains("step3gw_refusals_total{reason=\"store\"} 1"));
     let mut grpc = gw.grpc_chat(&key.secret).await;
@@ -335,15 +319,7 @@ async fn a_full_disk_refuses_new_calls_keeps_settled_usage_and_recovers_by_itsel
     std::fs::remove_file(&filler).unwrap();
     let mut recovered = false;
     for _ in 0..400 {
-        let health: Value = gw
-            .http
-            .get(gw.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health: Value = gw.health().await;
         if health["store"]["status"] == "ok" {
             recovered = true;
             break;

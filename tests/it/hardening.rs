@@ -102,15 +102,7 @@ async fn made_up_grpc_paths_share_one_metrics_label() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
     }
-    let text = gw
-        .http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     let series = text
         .lines()
         .filter(|l| l.starts_with("step3gw_requests_total") && l.contains("Nope"))
@@ -267,15 +259,7 @@ async fn a_long_made_up_grpc_path_is_not_kept_in_metrics() {
         .await
         .unwrap();
     assert_eq!(response.headers()["grpc-status"], "12");
-    let text = gw
-        .http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert!(text.len() < 60_000, "/metrics is {} bytes", text.len());
 }
 

@@ -77,15 +77,7 @@ async fn traffic_moves_off_a_backend_that_dies_and_nothing_is_lost() {
     assert_eq!(usage["requests"]["used"], 30);
     assert_eq!(gw.wait_for_calls(&key.id, 30).await.len(), 30);
     // The dead backend is reported, and ejected after its failures.
-    let health: Value = gw
-        .http
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = gw.health().await;
     assert_eq!(health["status"], "degraded", "{health}");
 }
 
@@ -118,15 +110,7 @@ async fn a_backend_answering_503_is_retried_elsewhere_and_ejected() {
     // Two 503s eject `a`; after that it gets nothing.
     assert_eq!(a.simulator.stats().chat_requests, 2);
     assert_eq!(b.simulator.stats().chat_requests, 10);
-    let metrics = gw
-        .http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("step3gw_backend_healthy{backend=\"a\"} 0"),
         "{metrics}"
@@ -159,15 +143,7 @@ async fn a_backend_that_is_never_healthy_gets_nothing() {
             .all(|s| *s == StatusCode::OK)
     );
     assert_eq!(b.simulator.stats().chat_requests, 8);
-    let health: Value = gw
-        .http
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = gw.health().await;
     let dead = health["upstreams"]
         .as_array()
         .unwrap()
@@ -309,15 +285,7 @@ async fn metrics_count_a_known_sequence_of_calls() {
         gw.chat("sk-step3-bad", &chat_body("who")).await.status(),
         StatusCode::UNAUTHORIZED
     );
-    let text = gw
-        .http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     let ok = format!(
         "step3gw_requests_total{{door=\"rest\",route=\"/v1/chat/completions\",model=\"{MODEL}\",status=\"200\"}}"
     );
@@ -348,14 +316,6 @@ async fn metrics_count_a_known_sequence_of_calls() {
     let made_up =
         json!({"model": "made-up-model-123", "messages": [{"role": "user", "content": "x"}]});
     gw.chat(&key.secret, &made_up).await;
-    let text = gw
-        .http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert!(!text.contains("made-up-model-123"));
 }

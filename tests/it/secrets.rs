@@ -89,15 +89,7 @@ async fn no_secret_reaches_answers_metrics_the_call_log_or_the_upstream() {
         .unwrap()
         .into_inner();
     seen.push(format!("{grpc_calls:?}"));
-    let metrics = gw
-        .http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("step3gw_requests_total"));
     seen.push(metrics);
 

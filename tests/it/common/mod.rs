@@ -183,6 +183,18 @@ impl TestGateway {
         response.json().await.unwrap()
     }
 
+    /// `/health`'s body, whatever its status (a gateway that cannot serve answers 503).
+    pub async fn health(&self) -> Value {
+        let response = self.http.get(self.url("/health")).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
+    /// `/metrics`, as Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     /// The key's call log, newest first.
     pub async fn calls(&self, key_id: &str) -> Vec<Value> {
         let (status, body) = self
