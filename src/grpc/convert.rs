@@ -456,7 +456,7 @@ pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
         && let Ok(view) = serde_json::from_str::<ChunkView<'_>>(text)
     {
         return Ok(match view.error {
-            Some(raw) => StreamEvent::Error(error_message(raw)),
+            Some(raw) => StreamEvent::Error(sse::error_message(raw)),
             None => StreamEvent::Chunk(chunk_proto(CompletionView {
                 id: view.id,
                 model: view.model,
@@ -485,19 +485,6 @@ struct ChunkView<'a> {
     usage: Option<UsageView>,
     #[serde(default, borrow)]
     error: Option<&'a serde_json::value::RawValue>,
-}
-
-/// An error event's message as `sse::inspect` reads it: `error.message`, else the raw value.
-fn error_message(raw: &serde_json::value::RawValue) -> String {
-    #[derive(Deserialize)]
-    struct ErrorView {
-        #[serde(default)]
-        message: Option<String>,
-    }
-    serde_json::from_str::<ErrorView>(raw.get())
-        .ok()
-        .and_then(|e| e.message)
-        .unwrap_or_else(|| raw.get().to_owned())
 }
 
 /// The reading of an event the one-parse path of [`stream_event`] does not take.

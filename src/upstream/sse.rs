@@ -288,15 +288,18 @@ pub fn read_event(event: &[u8]) -> ReadEvent<'_> {
                 completion_tokens: u.completion_tokens,
             }),
         has_choices: chunk.choices.is_some_and(|c| c.get().trim() != "[]"),
-        error: chunk.error.map(|raw| {
-            serde_json::from_str::<ErrorView>(raw.get())
-                .ok()
-                .and_then(|e| e.message)
-                .unwrap_or_else(|| raw.get().to_owned())
-        }),
+        error: chunk.error.map(error_message),
     };
     let usage = chunk.usage.map(|raw| span_in(&data, raw));
     ReadEvent { info, data, usage }
+}
+
+/// An error member's message: `error.message`, else the member as sent.
+pub fn error_message(raw: &RawValue) -> String {
+    serde_json::from_str::<ErrorView>(raw.get())
+        .ok()
+        .and_then(|e| e.message)
+        .unwrap_or_else(|| raw.get().to_owned())
 }
 
 /// Where `raw`, borrowed from `data`, sits in it.
