@@ -146,8 +146,10 @@ async fn setup_with_keys(
 /// straight into a new store at `path`.
 fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
     use step3_gateway::core::keys;
-    use step3_gateway::core::records::{KeyRecord, UserRecord, now_unix};
-    use step3_gateway::store::Store;
+    use step3_gateway::core::limits::{KeyLimits, UserLimits};
+    use step3_gateway::core::records::{KeyRecord, UserRecord};
+    use step3_gateway::core::store::Store;
+    use step3_gateway::core::time::now_unix;
     let store = step3_gateway::store::SledStore::open(path, 500)?;
     let now = now_unix();
     let user = UserRecord {
@@ -155,9 +157,11 @@ fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
         name: "filler".into(),
         email: None,
         active: true,
-        rpm_limit: Some(600),
-        tpm_limit: None,
-        max_concurrent: Some(8),
+        limits: UserLimits {
+            rpm_limit: Some(600),
+            tpm_limit: None,
+            max_concurrent: Some(8),
+        },
         created_at: now,
         updated_at: now,
     };
@@ -170,13 +174,15 @@ fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
             name: format!("filler-{i}"),
             prefix: keys::display_prefix(&secret),
             hash: keys::to_hex(&keys::hash_secret(&secret)),
-            rpm_limit: Some(60),
-            tpm_limit: Some(100_000),
-            max_concurrent: Some(4),
-            request_quota: Some(1_000),
-            token_quota: Some(1_000_000),
-            image_quota: None,
-            max_images_per_request: None,
+            limits: KeyLimits {
+                rpm_limit: Some(60),
+                tpm_limit: Some(100_000),
+                max_concurrent: Some(4),
+                request_quota: Some(1_000),
+                token_quota: Some(1_000_000),
+                image_quota: None,
+                max_images_per_request: None,
+            },
             expires_at: None,
             models: None,
             active: true,

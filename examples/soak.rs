@@ -857,7 +857,7 @@ async fn main() -> anyhow::Result<()> {
 /// along the way, to tell the store's growth from the gateway's.
 fn store_only(calls: u64) -> anyhow::Result<()> {
     use step3_gateway::core::records::{CallOutcome, CallRecord, Usage};
-    use step3_gateway::store::Store;
+    use step3_gateway::core::store::Store;
     let dir = tempfile::tempdir()?;
     let store = step3_gateway::store::SledStore::open(dir.path(), 500)?;
     let self_rss = || {

@@ -73,8 +73,8 @@ impl From<UsersCommand> for AdminRequest {
                     .clear_email
                     .then_some("email")
                     .into_iter()
-                    .chain(args.clear.iter().map(|f| f.as_str()))
                     .map(str::to_owned)
+                    .chain(args.clear)
                     .collect(),
             }),
             UsersCommand::Deactivate { id } => {
@@ -148,7 +148,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_in,
                     models,
                     active: args.active,
-                    clear: args.clear.iter().map(|f| f.as_str().to_owned()).collect(),
+                    clear: args.clear,
                 })
             }
             KeysCommand::Revoke { id } => AdminRequest::RevokeKey(pb::RevokeKeyRequest { id }),
@@ -463,7 +463,7 @@ mod tests {
         );
         assert_eq!(
             usage_error(&["keys", "update", "k", "--clear", "name"]),
-            ErrorKind::InvalidValue
+            ErrorKind::ValueValidation
         );
     }
 

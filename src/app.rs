@@ -1,4 +1,5 @@
-//! Wiring: store, gate, upstream and REST router, one listener, and graceful shutdown.
+//! Wiring: store, gate, upstream, the doors' routes on one listener (or two), and
+//! graceful shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,17 +9,21 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::chat::ChatPath;
+use crate::call::CallPath;
 use crate::config::GatewayConfig;
 use crate::core::admin::{NewKey, NewUser};
-use crate::core::chat::ChatOptions;
+use crate::core::limits::KeyLimits;
+use crate::core::request::ChatOptions;
+use crate::core::store::Store;
+use crate::core::usage_sink::usage_channel;
 use crate::core::{GateSettings, Gateway, keys};
+use crate::edge;
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::rest::{self, AppState, RestSettings};
 use crate::server::ConnectionLimits;
 use crate::sim::{RunningSimulator, Simulator, SimulatorConfig};
-use crate::store::{SledStore, Store, UsageWriter};
+use crate::store::{SledStore, UsageWriter};
 use crate::upstream::UpstreamPool;
 
 const ADMIN_TOKEN_META: &str = "admin_token_hash";
@@ -125,8 +130,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let mut secrets = FirstStartSecrets::default();
     let admin_token_hash = admin_token_hash(&config, &*store, &mut secrets)?;
 
-    let (sink, writer) = UsageWriter::spawn(
+    let (sink, queue) = usage_channel();
+    let writer = UsageWriter::spawn(
         store.clone(),
+        queue,
         Duration::from_millis(config.store.flush_interval_ms),
         (config.store.call_log_retention_days > 0).then(|| {
             Duration::from_secs(config.store.call_log_retention_days.saturating_mul(86_400))
@@ -136,7 +143,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let gateway = Arc::new(Gateway::load(
         store.clone(),
         sink,
-        metrics,
+        metrics.clone(),
         admin_token_hash,
         GateSettings {
             log_bodies: config.store.log_bodies,
@@ -150,7 +157,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
 
     let upstream = Arc::new(UpstreamPool::new(config.upstream.pool_settings())?);
     let hard_stop = CancellationToken::new();
-    let chat = ChatPath {
+    let call = CallPath {
         gateway: gateway.clone(),
         upstream: upstream.clone(),
         options: Arc::new(ChatOptions {
@@ -161,12 +168,13 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     };
     let shutdown = CancellationToken::new();
     // Know the backends' health before the first call, then keep checking.
-    chat.upstream.check_health().await;
-    chat.upstream.spawn_health_checks(shutdown.clone());
-    let grpc = grpc::routes(chat.clone(), shutdown.clone(), config.server.max_body_bytes)
+    call.upstream.check_health().await;
+    call.upstream.spawn_health_checks(shutdown.clone());
+    let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
     let state = AppState {
-        chat,
+        call,
+        metrics: metrics.clone(),
         settings: Arc::new(RestSettings {
             max_body_bytes: config.server.max_body_bytes,
             response_metadata: config.server.response_metadata,
@@ -180,15 +188,19 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         None => {
             let listener = bind(config.server.listen).await?;
             addr = listener.local_addr()?;
-            servers.push((listener, rest::router(state, Some(grpc))));
+            let routes = rest::routes(state).merge(grpc);
+            servers.push((listener, edge::router::serve(routes, metrics)));
         }
         Some(grpc_listen) => {
             let listener = bind(config.server.listen).await?;
             addr = listener.local_addr()?;
-            servers.push((listener, rest::router(state, None)));
+            servers.push((
+                listener,
+                edge::router::serve(rest::routes(state), metrics.clone()),
+            ));
             let listener = bind(grpc_listen).await?;
             grpc_addr = Some(listener.local_addr()?);
-            servers.push((listener, rest::grpc_only(grpc, gateway.metrics().clone())));
+            servers.push((listener, edge::router::serve(grpc, metrics)));
         }
     }
     let limits = ConnectionLimits {
@@ -306,9 +318,13 @@ fn ensure_demo_key(gateway: &Gateway, store: &dyn Store) -> anyhow::Result<Optio
     let created = gateway.create_key(NewKey {
         user_id: user.id,
         name: Some("demo".into()),
-        rpm_limit: Some(60),
-        request_quota: Some(1000),
-        token_quota: Some(1_000_000),
+        limits: KeyLimits {
+            rpm_limit: Some(60),
+            request_quota: Some(1000),
+            token_quota: Some(1_000_000),
+            ..KeyLimits::default()
+        }
+        .into(),
         ..NewKey::default()
     })?;
     store.put_meta(DEMO_KEY_META, created.key.id.as_bytes())?;

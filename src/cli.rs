@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{ArgGroup, Parser, Subcommand};
 
 use crate::config::LogFormat;
+use crate::core::limits::{KeyLimits, Limits, UserLimits};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -144,8 +145,8 @@ pub struct UserUpdateArgs {
     #[command(flatten)]
     pub limits: UserLimitArgs,
     /// Remove a limit (repeat for several).
-    #[arg(long, value_enum, value_name = "FIELD")]
-    pub clear: Vec<UserField>,
+    #[arg(long, value_name = "LIMIT", value_parser = user_limit_name)]
+    pub clear: Vec<String>,
 }
 
 /// Limits on the sum of a user's keys.
@@ -162,22 +163,26 @@ pub struct UserLimitArgs {
     pub max_concurrent: Option<u32>,
 }
 
-/// The user fields `users update --clear` removes; the names are the proto's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-#[value(rename_all = "snake_case")]
-pub enum UserField {
-    RpmLimit,
-    TpmLimit,
-    MaxConcurrent,
+/// A user limit `users update --clear` removes: a name of core's `UserLimits`.
+fn user_limit_name(name: &str) -> Result<String, String> {
+    clearable(name, UserLimits::field_names())
 }
 
-impl UserField {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UserField::RpmLimit => "rpm_limit",
-            UserField::TpmLimit => "tpm_limit",
-            UserField::MaxConcurrent => "max_concurrent",
-        }
+/// A key field `keys update --clear` removes: a limit, `expires_at` or `models`.
+fn key_field_name(name: &str) -> Result<String, String> {
+    let mut names = KeyLimits::field_names();
+    names.extend(["expires_at".to_owned(), "models".to_owned()]);
+    clearable(name, names)
+}
+
+fn clearable(name: &str, names: Vec<String>) -> Result<String, String> {
+    if names.iter().any(|n| n == name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "not a field to clear; one of: {}",
+            names.join(", ")
+        ))
     }
 }
 
@@ -264,40 +269,8 @@ pub struct KeyUpdateArgs {
     #[arg(long)]
     pub active: Option<bool>,
     /// A limit to remove (repeat for several).
-    #[arg(long, value_enum, value_name = "FIELD")]
-    pub clear: Vec<KeyField>,
-}
-
-/// The key fields `keys update --clear` removes; the names are the proto's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-#[value(rename_all = "snake_case")]
-pub enum KeyField {
-    RpmLimit,
-    TpmLimit,
-    MaxConcurrent,
-    RequestQuota,
-    TokenQuota,
-    ImageQuota,
-    MaxImagesPerRequest,
-    ExpiresAt,
-    Models,
-}
-
-impl KeyField {
-    /// The field name the Admin service expects in `UpdateKeyRequest.clear`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyField::RpmLimit => "rpm_limit",
-            KeyField::TpmLimit => "tpm_limit",
-            KeyField::MaxConcurrent => "max_concurrent",
-            KeyField::RequestQuota => "request_quota",
-            KeyField::TokenQuota => "token_quota",
-            KeyField::ImageQuota => "image_quota",
-            KeyField::MaxImagesPerRequest => "max_images_per_request",
-            KeyField::ExpiresAt => "expires_at",
-            KeyField::Models => "models",
-        }
-    }
+    #[arg(long, value_name = "FIELD", value_parser = key_field_name)]
+    pub clear: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]

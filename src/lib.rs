@@ -3,10 +3,11 @@
 
 pub mod admin_client;
 pub mod app;
-pub mod chat;
+pub mod call;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod edge;
 pub mod grpc;
 pub mod metrics;
 pub mod rest;

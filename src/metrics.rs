@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::core::events::{Door, GateEvents, SettledCall};
+use crate::core::usage_sink::StoreFigures;
+
 /// Seconds; the whole call, from milliseconds to the longest streams.
 const CALL_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -20,22 +23,6 @@ const CALL_BUCKETS: &[f64] = &[
 const OVERHEAD_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 ];
-
-/// Which door a call came through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Door {
-    Rest,
-    Grpc,
-}
-
-impl Door {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Door::Rest => "rest",
-            Door::Grpc => "grpc",
-        }
-    }
-}
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -151,19 +138,6 @@ pub struct BackendFigures {
     pub healthy: bool,
     pub in_flight: u32,
     pub errors: u64,
-}
-
-/// The store's figures at scrape time (the usage writer's own state).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StoreFigures {
-    /// Finished calls queued for the store (including those held while it fails).
-    pub backlog: u64,
-    /// Whether the store takes writes (calls are refused while it does not).
-    pub available: bool,
-    /// Settled calls held in memory because the store failed.
-    pub unrecorded: u64,
-    /// Failed store writes and flushes since start.
-    pub failures: u64,
 }
 
 /// One gateway's metrics.
@@ -401,18 +375,23 @@ impl Metrics {
     }
 }
 
-/// What a settled call reports.
-#[derive(Debug)]
-pub struct SettledCall<'a> {
-    pub door: Door,
-    pub model: &'a str,
-    pub outcome: &'a str,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub images: u64,
-    pub total: Duration,
-    /// `None` when the call never reached a model server.
-    pub overhead: Option<Duration>,
+impl GateEvents for Metrics {
+    fn call_started(&self, door: Door) {
+        Metrics::call_started(self, door);
+    }
+
+    fn call_settled(&self, call: &SettledCall<'_>) {
+        self.call_ended(call.door);
+        Metrics::call_settled(self, call);
+    }
+
+    fn first_chunk(&self, door: Door, model: &str, after: Duration) {
+        self.time_to_first_token(door, model, after);
+    }
+
+    fn refused(&self, reason: &'static str) {
+        self.refusal(reason);
+    }
 }
 
 fn escape(value: &str) -> String {

@@ -30,48 +30,14 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::edge::BodyReadTimeout;
+
 /// How long clients may take, per connection and per request.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
-}
-
-/// A request body that did not arrive within `body_read_timeout` of its head.
-#[derive(Debug)]
-pub struct BodyReadTimeout {
-    pub limit: Duration,
-    /// What the gRPC door answers (tonic finds a `Status` in an error's source chain).
-    status: tonic::Status,
-}
-
-impl BodyReadTimeout {
-    fn new(limit: Duration) -> Self {
-        BodyReadTimeout {
-            limit,
-            status: tonic::Status::deadline_exceeded(format!(
-                "the request body did not arrive within {} s",
-                limit.as_secs()
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for BodyReadTimeout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the request body did not arrive within {} s",
-            self.limit.as_secs()
-        )
-    }
-}
-
-impl std::error::Error for BodyReadTimeout {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.status)
-    }
 }
 
 /// Serves `router` on `listener` until `shutdown`; then stops accepting, asks every

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
 use step3_gateway::core::GatewayError;
-use step3_gateway::core::chat::{ChatOptions, prepare_chat, with_max_tokens, with_model};
+use step3_gateway::core::request::{ChatOptions, prepare_chat, with_max_tokens, with_model};
 use step3_gateway::core::images::ImageUrlPolicy;
 
 const SERVED: [&str; 4] = [

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use prost_types::value::Kind;
 use step3_gateway::core::GatewayError;
-use step3_gateway::core::chat::{ChatOptions, prepare_chat};
+use step3_gateway::core::request::{ChatOptions, prepare_chat};
 use step3_gateway::grpc::convert::request_json;
 use step3_gateway::grpc::pb;
 

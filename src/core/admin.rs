@@ -1,14 +1,17 @@
 //! Admin operations on users and keys, as core functions both doors call.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::error::GatewayError;
-use std::sync::Arc;
-
-use super::gateway::{Gateway, KeyState, UserState};
+use super::gateway::Gateway;
+use super::key_index::{KeyState, UserState};
 use super::keys;
-use super::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UserRecord, now_unix};
-use crate::store::{CallCursor, CallQuery};
+use super::limits::{KeyLimits, LimitChanges, UserLimits};
+use super::records::{CallRecord, KeyCounters, KeyRecord, UserRecord};
+use super::store::{CallCursor, CallQuery};
+use super::time::{UnixTime, now_unix};
 
 /// A time given either as seconds since the epoch or as an RFC 3339 string.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -50,22 +53,17 @@ fn parse_duration(text: &str, field: &str) -> Result<i64, GatewayError> {
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NewUser {
     pub name: String,
     #[serde(default)]
     pub email: Option<String>,
-    /// Limits on the sum of the user's keys.
-    #[serde(default)]
-    pub rpm_limit: Option<u32>,
-    #[serde(default)]
-    pub tpm_limit: Option<u64>,
-    #[serde(default)]
-    pub max_concurrent: Option<u32>,
+    /// Limits on the sum of the user's keys: every other member, checked (an unknown
+    /// member is refused there, by name).
+    #[serde(flatten)]
+    pub limits: LimitChanges,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UserPatch {
     #[serde(default)]
     pub name: Option<String>,
@@ -74,35 +72,20 @@ pub struct UserPatch {
     pub email: Option<Option<String>>,
     #[serde(default)]
     pub active: Option<bool>,
-    #[serde(default, with = "double_option")]
-    pub rpm_limit: Option<Option<u32>>,
-    #[serde(default, with = "double_option")]
-    pub tpm_limit: Option<Option<u64>>,
-    #[serde(default, with = "double_option")]
-    pub max_concurrent: Option<Option<u32>>,
+    /// Every other member: a limit to set, or to remove when `null`.
+    #[serde(flatten)]
+    pub limits: LimitChanges,
 }
 
 /// A new key's settings; absent limits are unlimited.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NewKey {
     pub user_id: String,
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
-    pub rpm_limit: Option<u32>,
-    #[serde(default)]
-    pub tpm_limit: Option<u64>,
-    #[serde(default)]
-    pub max_concurrent: Option<u32>,
-    #[serde(default)]
-    pub request_quota: Option<u64>,
-    #[serde(default)]
-    pub token_quota: Option<u64>,
-    #[serde(default)]
-    pub image_quota: Option<u64>,
-    #[serde(default)]
-    pub max_images_per_request: Option<u32>,
+    /// Every other member: a limit, checked (an unknown member is refused, by name).
+    #[serde(flatten)]
+    pub limits: LimitChanges,
     #[serde(default)]
     pub expires_at: Option<TimeInput>,
     /// A lifetime such as "30d", instead of `expires_at`.
@@ -114,24 +97,12 @@ pub struct NewKey {
 
 /// Changes to a key; a field set to `null` removes that limit.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeyPatch {
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default, with = "double_option")]
-    pub rpm_limit: Option<Option<u32>>,
-    #[serde(default, with = "double_option")]
-    pub tpm_limit: Option<Option<u64>>,
-    #[serde(default, with = "double_option")]
-    pub max_concurrent: Option<Option<u32>>,
-    #[serde(default, with = "double_option")]
-    pub request_quota: Option<Option<u64>>,
-    #[serde(default, with = "double_option")]
-    pub token_quota: Option<Option<u64>>,
-    #[serde(default, with = "double_option")]
-    pub image_quota: Option<Option<u64>>,
-    #[serde(default, with = "double_option")]
-    pub max_images_per_request: Option<Option<u32>>,
+    /// Every other member: a limit to set, or to remove when `null`.
+    #[serde(flatten)]
+    pub limits: LimitChanges,
     #[serde(default, with = "double_option")]
     pub expires_at: Option<Option<TimeInput>>,
     #[serde(default)]
@@ -162,13 +133,8 @@ pub struct KeyView {
     pub user_id: String,
     pub name: String,
     pub prefix: String,
-    pub rpm_limit: Option<u32>,
-    pub tpm_limit: Option<u64>,
-    pub max_concurrent: Option<u32>,
-    pub request_quota: Option<u64>,
-    pub token_quota: Option<u64>,
-    pub image_quota: Option<u64>,
-    pub max_images_per_request: Option<u32>,
+    #[serde(flatten)]
+    pub limits: KeyLimits,
     pub expires_at: Option<UnixTime>,
     pub models: Option<Vec<String>>,
     pub active: bool,
@@ -333,9 +299,7 @@ impl Gateway {
             name: check_name(&new.name, "name")?,
             email: new.email.filter(|e| !e.trim().is_empty()),
             active: true,
-            rpm_limit: check_positive(new.rpm_limit, "rpm_limit")?,
-            tpm_limit: check_positive(new.tpm_limit, "tpm_limit")?,
-            max_concurrent: check_positive(new.max_concurrent, "max_concurrent")?,
+            limits: new.limits.apply(UserLimits::default())?,
             created_at: now,
             updated_at: now,
         };
@@ -373,15 +337,7 @@ impl Gateway {
         if let Some(active) = patch.active {
             user.active = active;
         }
-        if let Some(rpm) = patch.rpm_limit {
-            user.rpm_limit = check_positive(rpm, "rpm_limit")?;
-        }
-        if let Some(tpm) = patch.tpm_limit {
-            user.tpm_limit = check_positive(tpm, "tpm_limit")?;
-        }
-        if let Some(concurrent) = patch.max_concurrent {
-            user.max_concurrent = check_positive(concurrent, "max_concurrent")?;
-        }
+        user.limits = patch.limits.apply(user.limits)?;
         user.updated_at = now_unix();
         self.store.put_user(&user)?;
         if let Some(state) = self.users.get(&user.id) {
@@ -417,13 +373,7 @@ impl Gateway {
             name: check_name(new.name.as_deref().unwrap_or("default"), "name")?,
             prefix: keys::display_prefix(&secret),
             hash: keys::to_hex(&keys::hash_secret(&secret)),
-            rpm_limit: check_positive(new.rpm_limit, "rpm_limit")?,
-            tpm_limit: check_positive(new.tpm_limit, "tpm_limit")?,
-            max_concurrent: check_positive(new.max_concurrent, "max_concurrent")?,
-            request_quota: new.request_quota,
-            token_quota: new.token_quota,
-            image_quota: new.image_quota,
-            max_images_per_request: new.max_images_per_request,
+            limits: new.limits.apply(KeyLimits::default())?,
             expires_at: resolve_expiry(new.expires_at.as_ref(), new.expires_in.as_deref(), now)?,
             models: check_models(new.models)?,
             active: true,
@@ -498,27 +448,7 @@ impl Gateway {
         if let Some(name) = patch.name {
             record.name = check_name(&name, "name")?;
         }
-        if let Some(rpm) = patch.rpm_limit {
-            record.rpm_limit = check_positive(rpm, "rpm_limit")?;
-        }
-        if let Some(tpm) = patch.tpm_limit {
-            record.tpm_limit = check_positive(tpm, "tpm_limit")?;
-        }
-        if let Some(concurrent) = patch.max_concurrent {
-            record.max_concurrent = check_positive(concurrent, "max_concurrent")?;
-        }
-        if let Some(quota) = patch.image_quota {
-            record.image_quota = quota;
-        }
-        if let Some(cap) = patch.max_images_per_request {
-            record.max_images_per_request = cap;
-        }
-        if let Some(quota) = patch.request_quota {
-            record.request_quota = quota;
-        }
-        if let Some(quota) = patch.token_quota {
-            record.token_quota = quota;
-        }
+        record.limits = patch.limits.apply(record.limits)?;
         if patch.expires_at.is_some() || patch.expires_in.is_some() {
             let at = patch.expires_at.clone().flatten();
             record.expires_at = resolve_expiry(at.as_ref(), patch.expires_in.as_deref(), now)?;
@@ -697,20 +627,6 @@ impl Gateway {
     }
 }
 
-/// A limit of zero would refuse everything; `null` is how to say "no limit".
-fn check_positive<T: PartialEq + Default>(
-    limit: Option<T>,
-    field: &str,
-) -> Result<Option<T>, GatewayError> {
-    match limit {
-        Some(value) if value == T::default() => Err(GatewayError::invalid_request(
-            format!("`{field}` must be at least 1 (or null for no limit)"),
-            Some(field),
-        )),
-        other => Ok(other),
-    }
-}
-
 fn check_models(models: Option<Vec<String>>) -> Result<Option<Vec<String>>, GatewayError> {
     match models {
         Some(models) if models.iter().any(|m| m.trim().is_empty()) => Err(
@@ -726,13 +642,7 @@ pub fn key_view(record: &KeyRecord, used: KeyCounters) -> KeyView {
         user_id: record.user_id.clone(),
         name: record.name.clone(),
         prefix: record.prefix.clone(),
-        rpm_limit: record.rpm_limit,
-        tpm_limit: record.tpm_limit,
-        max_concurrent: record.max_concurrent,
-        request_quota: record.request_quota,
-        token_quota: record.token_quota,
-        image_quota: record.image_quota,
-        max_images_per_request: record.max_images_per_request,
+        limits: record.limits,
         expires_at: record.expires_at,
         models: record.models.clone(),
         active: record.active,

@@ -1,6 +1,6 @@
 //! The one error type a caller can be told about; each door maps it exhaustively.
 
-use super::limits::Refusal;
+use super::rate_limit::Refusal;
 
 /// Everything that can go wrong in a call, in terms of the domain, not of a protocol.
 ///
@@ -125,8 +125,8 @@ impl GatewayError {
     }
 }
 
-impl From<crate::store::StoreError> for GatewayError {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<super::store::StoreError> for GatewayError {
+    fn from(e: super::store::StoreError) -> Self {
         GatewayError::Store(e.to_string())
     }
 }

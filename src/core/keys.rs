@@ -23,7 +23,7 @@ pub fn generate_secret() -> String {
 /// increasing within the process), so ids sort in creation order, then 32 random bits.
 pub fn generate_id(kind: &str) -> String {
     static LAST: AtomicI64 = AtomicI64::new(0);
-    let now = super::records::now_micros();
+    let now = super::time::now_micros();
     let stamp = LAST
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
             Some(now.max(last + 1))

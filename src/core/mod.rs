@@ -1,15 +1,28 @@
 //! The gate: protocol-free authentication, policy, limits, quotas and metering, shared by
-//! the REST and gRPC doors. Nothing here knows HTTP, axum, tonic or sled.
+//! every door, and the ports through which it keeps its books (`store`, `usage_sink`) and
+//! reports what happens (`events`). Nothing here knows HTTP, axum, tonic or sled.
 
 pub mod admin;
-pub mod chat;
+pub mod admission;
 pub mod error;
+pub mod events;
 pub mod gateway;
 pub mod images;
+pub mod key_index;
 pub mod keys;
 pub mod limits;
 pub mod quota;
+pub mod rate_limit;
 pub mod records;
+pub mod request;
+mod settlement;
+pub mod store;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod time;
+pub mod usage_sink;
 
+pub use admission::{Admission, CallFacts};
 pub use error::GatewayError;
-pub use gateway::{Admission, CallFacts, Caller, GateSettings, Gateway, Remaining};
+pub use gateway::{GateSettings, Gateway};
+pub use key_index::{Caller, Remaining};

@@ -3,22 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::images::ImageSize;
-
-/// Seconds since the Unix epoch, the unit of every stored and shown time.
-pub type UnixTime = i64;
-
-/// Now, in seconds since the Unix epoch.
-pub fn now_unix() -> UnixTime {
-    now_micros() / 1_000_000
-}
-
-/// Now, in microseconds since the Unix epoch (call-log ordering).
-pub fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use super::keys::hex_matches;
+use super::limits::{KeyLimits, UserLimits};
+use super::time::UnixTime;
 
 /// A person or service that owns keys.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,13 +15,9 @@ pub struct UserRecord {
     #[serde(default)]
     pub email: Option<String>,
     pub active: bool,
-    /// Limits on the sum of the user's keys; `None` is unlimited.
-    #[serde(default)]
-    pub rpm_limit: Option<u32>,
-    #[serde(default)]
-    pub tpm_limit: Option<u64>,
-    #[serde(default)]
-    pub max_concurrent: Option<u32>,
+    /// Limits on the sum of the user's keys.
+    #[serde(flatten)]
+    pub limits: UserLimits,
     pub created_at: UnixTime,
     pub updated_at: UnixTime,
 }
@@ -49,27 +32,9 @@ pub struct KeyRecord {
     pub prefix: String,
     /// Hex SHA-256 of the secret.
     pub hash: String,
-    /// Requests per minute; `None` is unlimited.
-    #[serde(default)]
-    pub rpm_limit: Option<u32>,
-    /// Tokens per minute (reserved at admission, corrected at settlement).
-    #[serde(default)]
-    pub tpm_limit: Option<u64>,
-    /// Calls in flight at once.
-    #[serde(default)]
-    pub max_concurrent: Option<u32>,
-    /// Total requests this key may make; `None` is unlimited.
-    #[serde(default)]
-    pub request_quota: Option<u64>,
-    /// Total tokens (prompt + completion) this key may use; `None` is unlimited.
-    #[serde(default)]
-    pub token_quota: Option<u64>,
-    /// Total images this key may send; `None` is unlimited.
-    #[serde(default)]
-    pub image_quota: Option<u64>,
-    /// Images one request may carry.
-    #[serde(default)]
-    pub max_images_per_request: Option<u32>,
+    /// Stored flat, as the fields were before they were gathered into one struct.
+    #[serde(flatten)]
+    pub limits: KeyLimits,
     #[serde(default)]
     pub expires_at: Option<UnixTime>,
     /// Models this key may use; `None` allows every model the upstream serves.
@@ -91,7 +56,6 @@ impl KeyRecord {
     /// Whether `hash` opens this key at `now`: the current secret, or the previous one
     /// within its grace period.
     pub fn is_current_secret(&self, hash: &[u8; 32], now: UnixTime) -> bool {
-        use crate::core::keys::hex_matches;
         if hex_matches(&self.hash, hash) {
             return true;
         }
@@ -108,10 +72,14 @@ impl KeyRecord {
     }
 }
 
-/// Tokens the upstream reported for one call.
+/// Tokens the upstream reported for one call. The one reading of every answer's and
+/// stream chunk's `usage` member, both doors: chat and text completions name the counts
+/// prompt/completion, the Responses API input/output; a count left out is zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
 }
 

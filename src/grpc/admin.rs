@@ -9,6 +9,7 @@ use crate::core::admin::{
     CallFilter, CreatedKey, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, KeyView, NewKey,
     NewUser, TimeInput, UsageGrouping, UsageQuery, UsageReport, UsageSubject, UserPatch,
 };
+use crate::core::limits::{KeyLimits, LimitChanges, UserLimits};
 use crate::core::records::{CallRecord, UserRecord};
 use crate::core::{Gateway, GatewayError};
 
@@ -36,12 +37,15 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
         let r = self.authorize(request)?;
-        let user = self.gateway.create_user(NewUser {
-            name: r.name,
-            email: r.email,
+        let limits = UserLimits {
             rpm_limit: r.rpm_limit,
             tpm_limit: r.tpm_limit,
             max_concurrent: r.max_concurrent,
+        };
+        let user = self.gateway.create_user(NewUser {
+            name: r.name,
+            email: r.email,
+            limits: limits.into(),
         })?;
         Ok(Response::new(user_proto(user)))
     }
@@ -73,38 +77,25 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
         let r = self.authorize(request)?;
-        check_clear_conflicts(
-            &r.clear,
-            &[
-                ("email", r.email.is_some()),
-                ("rpm_limit", r.rpm_limit.is_some()),
-                ("tpm_limit", r.tpm_limit.is_some()),
-                ("max_concurrent", r.max_concurrent.is_some()),
-            ],
-        )?;
-        let mut patch = UserPatch {
-            name: r.name,
-            email: r.email.map(Some),
-            active: r.active,
-            rpm_limit: r.rpm_limit.map(Some),
-            tpm_limit: r.tpm_limit.map(Some),
-            max_concurrent: r.max_concurrent.map(Some),
+        let set = UserLimits {
+            rpm_limit: r.rpm_limit,
+            tpm_limit: r.tpm_limit,
+            max_concurrent: r.max_concurrent,
         };
-        for field in &r.clear {
-            match field.as_str() {
-                "email" => patch.email = Some(None),
-                "rpm_limit" => patch.rpm_limit = Some(None),
-                "tpm_limit" => patch.tpm_limit = Some(None),
-                "max_concurrent" => patch.max_concurrent = Some(None),
-                other => {
-                    return Err(unknown_clear(
-                        other,
-                        "email, rpm_limit, tpm_limit, max_concurrent",
-                    )
-                    .into());
-                }
-            }
+        let (clear_email, clear_limits) = take_clear(&r.clear, "email");
+        if clear_email && r.email.is_some() {
+            return Err(both_set_and_cleared("email").into());
         }
+        let patch = UserPatch {
+            name: r.name,
+            email: if clear_email {
+                Some(None)
+            } else {
+                r.email.map(Some)
+            },
+            active: r.active,
+            limits: LimitChanges::from_parts(&set, &clear_limits)?,
+        };
         Ok(Response::new(user_proto(
             self.gateway.update_user(&r.id, patch)?,
         )))
@@ -125,9 +116,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreatedKey>, Status> {
         let r = self.authorize(request)?;
-        let created = self.gateway.create_key(NewKey {
-            user_id: r.user_id,
-            name: Some(r.name).filter(|n| !n.is_empty()),
+        let limits = KeyLimits {
             rpm_limit: r.rpm_limit,
             tpm_limit: r.tpm_limit,
             max_concurrent: r.max_concurrent,
@@ -135,6 +124,11 @@ impl pb::admin_server::Admin for AdminService {
             token_quota: r.token_quota,
             image_quota: r.image_quota,
             max_images_per_request: r.max_images_per_request,
+        };
+        let created = self.gateway.create_key(NewKey {
+            user_id: r.user_id,
+            name: Some(r.name).filter(|n| !n.is_empty()),
+            limits: limits.into(),
             expires_at: r.expires_at.map(TimeInput::Unix),
             expires_in: r.expires_in,
             models: Some(r.models).filter(|m| !m.is_empty()),
@@ -172,54 +166,39 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let r = self.authorize(request)?;
-        check_clear_conflicts(
-            &r.clear,
-            &[
-                ("name", r.name.is_some()),
-                ("rpm_limit", r.rpm_limit.is_some()),
-                ("tpm_limit", r.tpm_limit.is_some()),
-                ("max_concurrent", r.max_concurrent.is_some()),
-                ("request_quota", r.request_quota.is_some()),
-                ("token_quota", r.token_quota.is_some()),
-                ("image_quota", r.image_quota.is_some()),
-                ("max_images_per_request", r.max_images_per_request.is_some()),
-                (
-                    "expires_at",
-                    r.expires_at.is_some() || r.expires_in.is_some(),
-                ),
-                ("models", !r.models.is_empty()),
-            ],
-        )?;
-        let mut patch = KeyPatch {
+        let set = KeyLimits {
+            rpm_limit: r.rpm_limit,
+            tpm_limit: r.tpm_limit,
+            max_concurrent: r.max_concurrent,
+            request_quota: r.request_quota,
+            token_quota: r.token_quota,
+            image_quota: r.image_quota,
+            max_images_per_request: r.max_images_per_request,
+        };
+        let (clear_expiry, clear) = take_clear(&r.clear, "expires_at");
+        let (clear_models, clear_limits) = take_clear(&clear, "models");
+        if clear_expiry && (r.expires_at.is_some() || r.expires_in.is_some()) {
+            return Err(both_set_and_cleared("expires_at").into());
+        }
+        if clear_models && !r.models.is_empty() {
+            return Err(both_set_and_cleared("models").into());
+        }
+        let patch = KeyPatch {
             name: r.name,
-            rpm_limit: r.rpm_limit.map(Some),
-            tpm_limit: r.tpm_limit.map(Some),
-            max_concurrent: r.max_concurrent.map(Some),
-            request_quota: r.request_quota.map(Some),
-            token_quota: r.token_quota.map(Some),
-            image_quota: r.image_quota.map(Some),
-            max_images_per_request: r.max_images_per_request.map(Some),
-            expires_at: r.expires_at.map(|t| Some(TimeInput::Unix(t))),
+            limits: LimitChanges::from_parts(&set, &clear_limits)?,
+            expires_at: if clear_expiry {
+                Some(None)
+            } else {
+                r.expires_at.map(|t| Some(TimeInput::Unix(t)))
+            },
             expires_in: r.expires_in,
-            models: Some(Some(r.models)).filter(|m| m.as_ref().is_some_and(|m| !m.is_empty())),
+            models: if clear_models {
+                Some(None)
+            } else {
+                Some(Some(r.models)).filter(|m| m.as_ref().is_some_and(|m| !m.is_empty()))
+            },
             active: r.active,
         };
-        for field in &r.clear {
-            match field.as_str() {
-                "rpm_limit" => patch.rpm_limit = Some(None),
-                "request_quota" => patch.request_quota = Some(None),
-                "token_quota" => patch.token_quota = Some(None),
-                "expires_at" => patch.expires_at = Some(None),
-                "models" => patch.models = Some(None),
-                other => {
-                    return Err(unknown_clear(
-                        other,
-                        "rpm_limit, request_quota, token_quota, expires_at, models",
-                    )
-                    .into());
-                }
-            }
-        }
         Ok(Response::new(key_proto(
             self.gateway.update_key(&r.id, patch)?,
         )))
@@ -306,25 +285,15 @@ impl pb::admin_server::Admin for AdminService {
     }
 }
 
-/// A field both set and cleared in one request is a mistake, not a choice to guess at.
-fn check_clear_conflicts(clear: &[String], set: &[(&str, bool)]) -> Result<(), GatewayError> {
-    match set
-        .iter()
-        .find(|(name, is_set)| *is_set && clear.iter().any(|c| c == name))
-    {
-        Some((name, _)) => Err(GatewayError::invalid_request(
-            format!("`{name}` is both set and cleared"),
-            Some("clear"),
-        )),
-        None => Ok(()),
-    }
+/// Whether `field` is among the names to clear, and the other names.
+fn take_clear(clear: &[String], field: &str) -> (bool, Vec<String>) {
+    let others: Vec<String> = clear.iter().filter(|c| *c != field).cloned().collect();
+    (others.len() < clear.len(), others)
 }
 
-fn unknown_clear(field: &str, known: &str) -> GatewayError {
-    GatewayError::invalid_request(
-        format!("cannot clear `{field}`; clearable: {known}"),
-        Some("clear"),
-    )
+/// A field both set and cleared in one request is a mistake, not a choice to guess at.
+fn both_set_and_cleared(field: &str) -> GatewayError {
+    GatewayError::invalid_request(format!("`{field}` is both set and cleared"), Some("clear"))
 }
 
 fn user_proto(user: UserRecord) -> pb::User {
@@ -335,21 +304,30 @@ fn user_proto(user: UserRecord) -> pb::User {
         active: user.active,
         created_at: user.created_at,
         updated_at: user.updated_at,
-        rpm_limit: user.rpm_limit,
-        tpm_limit: user.tpm_limit,
-        max_concurrent: user.max_concurrent,
+        rpm_limit: user.limits.rpm_limit,
+        tpm_limit: user.limits.tpm_limit,
+        max_concurrent: user.limits.max_concurrent,
     }
 }
 
 fn key_proto(key: KeyView) -> pb::Key {
+    let KeyLimits {
+        rpm_limit,
+        tpm_limit,
+        max_concurrent,
+        request_quota,
+        token_quota,
+        image_quota,
+        max_images_per_request,
+    } = key.limits;
     pb::Key {
         id: key.id,
         user_id: key.user_id,
         name: key.name,
         prefix: key.prefix,
-        rpm_limit: key.rpm_limit,
-        request_quota: key.request_quota,
-        token_quota: key.token_quota,
+        rpm_limit,
+        request_quota,
+        token_quota,
         expires_at: key.expires_at,
         models: key.models.unwrap_or_default(),
         active: key.active,
@@ -360,10 +338,10 @@ fn key_proto(key: KeyView) -> pb::Key {
         requests_used: key.used.requests,
         prompt_tokens_used: key.used.prompt_tokens,
         completion_tokens_used: key.used.completion_tokens,
-        tpm_limit: key.tpm_limit,
-        max_concurrent: key.max_concurrent,
-        image_quota: key.image_quota,
-        max_images_per_request: key.max_images_per_request,
+        tpm_limit,
+        max_concurrent,
+        image_quota,
+        max_images_per_request,
         images_used: key.used.images,
     }
 }

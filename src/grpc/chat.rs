@@ -5,20 +5,21 @@ use std::pin::Pin;
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, ChunkMerger, StreamEvent};
+use super::convert::{self, ChunkMerger};
 use super::pb;
 use super::{bearer, caller_deadline, request_id};
-use crate::chat::{ChatPath, Origin, Relay, UsageView};
-use crate::core::Caller;
-use crate::metrics::Door;
-use crate::rest::ModelLabel;
+use crate::call::{CallPath, Origin, Relay, RelayEvent, UsageView};
+use crate::core::events::Door;
+use crate::core::rate_limit::RateFigures;
+use crate::core::{Caller, Remaining};
+use crate::edge::{ModelLabel, add_limit_headers};
 
 pub struct ChatService {
-    chat: ChatPath,
+    chat: CallPath,
 }
 
 impl ChatService {
-    pub fn new(chat: ChatPath) -> Self {
+    pub fn new(chat: CallPath) -> Self {
         ChatService { chat }
     }
 
@@ -48,7 +49,7 @@ impl pb::chat_server::Chat for ChatService {
         };
         let completion = self
             .chat
-            .complete(&caller, call, &origin, convert::read_answer);
+            .complete(&caller, call, &origin, |body| convert::response_proto(body));
         let completion = match deadline {
             // Dropping the call at the deadline cancels the upstream request and settles it.
             Some(deadline) => tokio::time::timeout(deadline, completion)
@@ -188,25 +189,26 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
                     continue;
                 };
                 for event in events {
-                    match convert::stream_event(&event) {
-                        Ok(StreamEvent::Chunk(chunk)) => {
-                            let queue = &mut state.queue;
-                            state.merger.push_to(chunk, |c| queue.push_back(Ok(c)));
-                        }
-                        Ok(StreamEvent::Done) => {
+                    match event {
+                        RelayEvent::Chunk(data) => match convert::chunk_proto(&data) {
+                            Ok(chunk) => {
+                                let queue = &mut state.queue;
+                                state.merger.push_to(chunk, |c| queue.push_back(Ok(c)));
+                            }
+                            Err(e) => {
+                                // Settled here: dropping the relay would book a client that left.
+                                state.relay.fail();
+                                state.ended = true;
+                                state.queue.push_back(Err(e.into()));
+                                break;
+                            }
+                        },
+                        RelayEvent::Done => {
                             state.queue.extend(state.merger.finish().map(Ok));
                         }
-                        Ok(StreamEvent::Nothing) => {}
-                        Ok(StreamEvent::Error(message)) => {
+                        RelayEvent::Error(message) => {
                             state.ended = true;
                             state.queue.push_back(Err(Status::unavailable(message)));
-                            break;
-                        }
-                        Err(e) => {
-                            // Settled here: dropping the relay would book a client that left.
-                            state.relay.fail();
-                            state.ended = true;
-                            state.queue.push_back(Err(e.into()));
                             break;
                         }
                     }
@@ -219,11 +221,8 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
 /// The rate-limit figures and remaining quota as response metadata: written as the REST
 /// door writes its headers, then taken whole as metadata (no `MetadataValue` parsed per
 /// figure); the values are digits and units (`6m0s`), valid metadata.
-fn limit_metadata(
-    figures: &crate::core::limits::RateFigures,
-    remaining: &crate::core::Remaining,
-) -> tonic::metadata::MetadataMap {
+fn limit_metadata(figures: &RateFigures, remaining: &Remaining) -> tonic::metadata::MetadataMap {
     let mut headers = axum::http::HeaderMap::with_capacity(9);
-    crate::rest::add_limit_headers(&mut headers, *figures, *remaining);
+    add_limit_headers(&mut headers, *figures, *remaining);
     tonic::metadata::MetadataMap::from_headers(headers)
 }

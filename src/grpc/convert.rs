@@ -6,10 +6,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::pb;
-use crate::chat::Reading;
 use crate::core::GatewayError;
 use crate::core::records::Usage;
-use crate::upstream::{invalid_response, sse};
 
 /// The JSON body for a proto request; `stream` also asks for the final usage chunk.
 ///
@@ -329,7 +327,7 @@ struct CompletionView {
     #[serde(default)]
     choices: Vec<ChoiceView>,
     #[serde(default)]
-    usage: Option<UsageView>,
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -354,22 +352,12 @@ struct MessageView {
     reasoning_content: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct UsageView {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-}
-
-impl From<UsageView> for pb::Usage {
-    fn from(u: UsageView) -> Self {
-        pb::Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            // Counts come from the upstream's JSON: near u64::MAX the sum must not overflow.
-            total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
-        }
+fn usage_proto(u: Usage) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        // Counts come from the upstream's JSON: near u64::MAX the sum must not overflow.
+        total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
     }
 }
 
@@ -384,20 +372,6 @@ fn unreadable(what: &str, e: &serde_json::Error) -> GatewayError {
 }
 
 /// A whole OpenAI chat completion as a proto answer.
-/// The gRPC door's reading of a whole answer: the proto, and the usage it carries (one
-/// parse for both). What is not a JSON object is left for the chat path to refuse.
-pub fn read_answer(body: &Bytes) -> Result<Reading<pb::ChatResponse>, GatewayError> {
-    if !body.trim_ascii_start().starts_with(b"{") {
-        return Err(invalid_response("the answer is not a JSON object"));
-    }
-    let answer = response_proto(body)?;
-    let usage = answer.usage.as_ref().map(|u| Usage {
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-    });
-    Ok(Reading { answer, usage })
-}
-
 pub fn response_proto(body: &[u8]) -> Result<pb::ChatResponse, GatewayError> {
     let view: CompletionView =
         serde_json::from_slice(body).map_err(|e| unreadable("answer", &e))?;
@@ -425,86 +399,25 @@ pub fn response_proto(body: &[u8]) -> Result<pb::ChatResponse, GatewayError> {
                 }
             })
             .collect(),
-        usage: view.usage.map(Into::into),
+        usage: view.usage.map(usage_proto),
     })
 }
 
-/// One SSE event of a stream, read for the gRPC door.
-#[derive(Debug, PartialEq)]
-pub enum StreamEvent {
-    Chunk(pb::ChatChunk),
-    /// The upstream (or the gateway) ended the stream with an error.
-    Error(String),
-    Done,
-    /// A comment or keep-alive.
-    Nothing,
-}
-
-pub fn stream_event(event: &[u8]) -> Result<StreamEvent, GatewayError> {
-    let Some(data) = sse::data_of(event) else {
-        return Ok(StreamEvent::Nothing);
-    };
-    if data.trim_ascii() == b"[DONE]" {
-        return Ok(StreamEvent::Done);
-    }
-    // The usual chunk, read once: `sse::inspect` (the error) and the chunk itself would each
-    // parse it again. Whatever this one parse does not take falls to `stream_event_slow`, so
-    // every odd event (not an object, not UTF-8, a field of the wrong type) reads as before:
-    // when this parse succeeds, both of the slow path's succeed on the same members.
-    if data.trim_ascii_start().starts_with(b"{")
-        && let Ok(text) = std::str::from_utf8(&data)
-        && let Ok(view) = serde_json::from_str::<ChunkView<'_>>(text)
-    {
-        return Ok(match view.error {
-            Some(raw) => StreamEvent::Error(sse::error_message(raw)),
-            None => StreamEvent::Chunk(chunk_proto(CompletionView {
-                id: view.id,
-                model: view.model,
-                created: view.created,
-                choices: view.choices,
-                usage: view.usage,
-            })),
-        });
-    }
-    stream_event_slow(event)
-}
-
-/// [`CompletionView`] with the `error` member `sse::inspect` looks for (not `flatten`ed:
-/// that would read through serde's buffered map).
-#[derive(Deserialize)]
-struct ChunkView<'a> {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    model: String,
-    #[serde(default)]
-    created: i64,
-    #[serde(default)]
-    choices: Vec<ChoiceView>,
-    #[serde(default)]
-    usage: Option<UsageView>,
-    #[serde(default, borrow)]
-    error: Option<&'a serde_json::value::RawValue>,
-}
-
-/// The reading of an event the one-parse path of [`stream_event`] does not take.
-fn stream_event_slow(event: &[u8]) -> Result<StreamEvent, GatewayError> {
-    let Some(data) = sse::event_data(event) else {
-        return Ok(StreamEvent::Nothing);
-    };
-    if data.trim_ascii() == b"[DONE]" {
-        return Ok(StreamEvent::Done);
-    }
-    let info = sse::inspect(event);
-    if let Some(message) = info.error {
-        return Ok(StreamEvent::Error(message));
+/// One stream chunk (the `data:` JSON of an event) as a proto chunk.
+pub fn chunk_proto(data: &[u8]) -> Result<pb::ChatChunk, GatewayError> {
+    // serde reads a struct from an array too; a chunk is an object.
+    if !data.trim_ascii_start().starts_with(b"{") {
+        return Err(unreadable(
+            "stream chunk",
+            &serde::de::Error::custom("not a JSON object"),
+        ));
     }
     let view: CompletionView =
-        serde_json::from_slice(&data).map_err(|e| unreadable("stream chunk", &e))?;
-    Ok(StreamEvent::Chunk(chunk_proto(view)))
+        serde_json::from_slice(data).map_err(|e| unreadable("stream chunk", &e))?;
+    Ok(chunk_from_view(view))
 }
 
-fn chunk_proto(view: CompletionView) -> pb::ChatChunk {
+fn chunk_from_view(view: CompletionView) -> pb::ChatChunk {
     pb::ChatChunk {
         id: view.id,
         model: view.model,
@@ -527,7 +440,7 @@ fn chunk_proto(view: CompletionView) -> pb::ChatChunk {
                 }
             })
             .collect(),
-        usage: view.usage.map(Into::into),
+        usage: view.usage.map(usage_proto),
     }
 }
 
@@ -1093,101 +1006,9 @@ mod tests {
         );
         assert_eq!(proto.usage.unwrap().total_tokens, 5);
 
-        let chunk = stream_event(b"data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"},\"finish_reason\":null}]}\n\n").unwrap();
-        let StreamEvent::Chunk(chunk) = chunk else {
-            panic!("{chunk:?}")
-        };
+        let chunk = chunk_proto(b"{\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"},\"finish_reason\":null}]}").unwrap();
         assert_eq!(chunk.choices[0].content, "x");
-        assert_eq!(
-            stream_event(b"data: [DONE]\n\n").unwrap(),
-            StreamEvent::Done
-        );
-        assert_eq!(
-            stream_event(b"data: {\"error\":{\"message\":\"boom\"}}\n\n").unwrap(),
-            StreamEvent::Error("boom".into())
-        );
-        assert_eq!(stream_event(b": ping\n\n").unwrap(), StreamEvent::Nothing);
-    }
-
-    /// The one-parse reading of stream events gives what the old reading (now the slow path:
-    /// `sse::event_data`, `sse::inspect`, then the chunk) gives, odd events included.
-    #[test]
-    fn stream_events_read_once_as_they_were_read_before() {
-        let events: &[&[u8]] = &[
-            b"data: {\"id\":\"c1\",\"model\":\"m\",\"created\":7,\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"x\",\"reasoning_content\":\"r\"},\"finish_reason\":null}]}\n\n",
-            b"data: {\"id\":\"c1\",\"choices\":[{\"index\":1,\"message\":{\"content\":\"y\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n",
-            b"data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
-            b"data: {\"choices\":[{\"index\":0},{\"index\":1,\"delta\":{}}]}\r\n\r\n",
-            b"data:{\"id\":\"no space\"}\n\n",
-            b": comment\nevent: x\ndata: {\"id\":\"a\",\ndata: \"model\":\"two lines\"}\n\n",
-            b"data: {\"error\":{\"message\":\"boom\",\"code\":1}}\n\n",
-            b"data: {\"error\":\"plain\"}\n\n",
-            b"data: {\"error\":{\"code\":500}}\n\n",
-            b"data: {\"error\":{\"message\":5}}\n\n",
-            b"data: {\"error\":null,\"choices\":[]}\n\n",
-            b"data: {\"error\":{\"message\":\"typed wrong\"},\"id\":5}\n\n",
-            b"data: {\"error\":\"a\",\"error\":\"b\"}\n\n",
-            b"data: {\"id\":\"a\",\"id\":\"b\"}\n\n",
-            b"data: {\"usage\":\"lots\"}\n\n",
-            b"data: {\"usage\":{\"prompt_tokens\":-1}}\n\n",
-            b"data: [\"c1\",\"m\",1,[],null]\n\n",
-            b"data: {\"id\":\"c1\",\"x\":\"\xff\"}\n\n",
-            b"data: {\"id\":\"c1\"\n\n",
-            b"data: {\"id\":\"c1\"} trailing\n\n",
-            b"data:  [DONE] \n\n",
-            b"data: [DONE]\r\n\r\n",
-            b"data:\n\n",
-            b"data: \n\n",
-            b": ping\n\n",
-            b"",
-            b"id: 3\n\n",
-            b"data: {\"id\":\"\\u00e9\\n\",\"choices\":[{\"delta\":{\"content\":\"\\\"q\\\"\"}}]}\n\n",
-        ];
-        for event in events {
-            assert_same_reading(event);
-        }
-    }
-
-    fn assert_same_reading(event: &[u8]) {
-        assert_eq!(
-            format!("{:?}", stream_event(event)),
-            format!("{:?}", stream_event_slow(event)),
-            "{}",
-            String::from_utf8_lossy(event)
-        );
-    }
-
-    proptest::proptest! {
-        /// Events put together from pieces of chunks, errors and SSE framing.
-        #[test]
-        fn any_event_reads_as_before(pieces in proptest::collection::vec(proptest::sample::select(vec![
-            "data: ", "data:", "\n", "\r\n", "\n\n", ": c\n", "{", "}", "[", "]", ",", ":", "\"", "null",
-            "\"id\"", "\"model\"", "\"created\"", "\"choices\"", "\"usage\"", "\"error\"",
-            "\"message\"", "\"delta\"", "\"content\"", "\"finish_reason\"", "\"index\"",
-            "\"prompt_tokens\"", "\"completion_tokens\"", "\"x\"", "1", "-2", "1.5", "true",
-            "[DONE]", " ", "\u{e9}", "\\",
-        ]), 0..40)) {
-            let event = pieces.concat();
-            assert_same_reading(event.as_bytes());
-        }
-
-        /// Well-formed objects of known and unknown members, each of any type, some twice.
-        #[test]
-        fn any_chunk_object_reads_as_before(members in proptest::collection::vec((
-            proptest::sample::select(vec!["id", "model", "created", "choices", "usage", "error", "object", "x"]),
-            proptest::sample::select(vec![
-                "null", "\"s\"", "3", "-3", "2.5", "true", "[]", "{}", "\"\\u00ff\"",
-                "[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":null}]",
-                "[{\"index\":2,\"message\":{\"content\":\"a\",\"reasoning_content\":\"b\"},\"finish_reason\":\"stop\"}]",
-                "[{\"index\":\"0\"}]",
-                "{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":1}",
-                "{\"message\":\"boom\"}", "{\"message\":null}", "{\"message\":[1]}",
-            ]),
-        ), 0..6)) {
-            let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
-            let event = format!("data: {{{}}}\n\n", body.join(","));
-            assert_same_reading(event.as_bytes());
-        }
+        assert!(chunk_proto(b"[\"c1\"]").is_err());
     }
 
     /// Found by the `grpc_chunk` fuzz target: `total_tokens` overflowed (a panic in a debug
@@ -1197,12 +1018,7 @@ mod tests {
         let data = br#"{"choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":1}}"#;
         let answer = response_proto(data).unwrap();
         assert_eq!(answer.usage.unwrap().total_tokens, u64::MAX);
-        let mut event = b"data: ".to_vec();
-        event.extend_from_slice(data);
-        event.extend_from_slice(b"\n\n");
-        let StreamEvent::Chunk(chunk) = stream_event(&event).unwrap() else {
-            panic!("not a chunk")
-        };
+        let chunk = chunk_proto(data).unwrap();
         assert_eq!(chunk.usage.unwrap().total_tokens, u64::MAX);
     }
 

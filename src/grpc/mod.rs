@@ -9,16 +9,13 @@ mod status;
 
 use std::time::Duration;
 
-use axum::http::HeaderValue;
-use axum::response::{IntoResponse, Response};
-use rand::RngExt;
+use axum::response::Response;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic_health::ServingStatus;
 
-use crate::chat::ChatPath;
-use crate::core::keys;
-use crate::rest::RequestId;
+use crate::call::CallPath;
+use crate::edge::{RequestId, bearer_token, grpc_status_response};
 
 pub use admin::AdminService;
 pub use chat::ChatService;
@@ -38,7 +35,7 @@ pub mod pb {
 /// `max_message_bytes` bounds a request as `server.max_body_bytes` bounds a REST body
 /// (tonic's own default, 4 MiB, would refuse inline images REST accepts).
 pub fn routes(
-    chat: ChatPath,
+    call: CallPath,
     stop: CancellationToken,
     max_message_bytes: usize,
 ) -> Result<axum::Router, tonic_reflection::server::Error> {
@@ -50,8 +47,8 @@ pub fn routes(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let upstream = chat.upstream.clone();
-    let gateway = chat.gateway.clone();
+    let upstream = call.upstream.clone();
+    let gateway = call.gateway.clone();
     let store_gateway = gateway.clone();
     tokio::spawn(async move {
         let chat_name =
@@ -80,7 +77,7 @@ pub fn routes(
     });
     Ok(tonic::service::Routes::from(axum::Router::new())
         .add_service(
-            pb::chat_server::ChatServer::new(ChatService::new(chat))
+            pb::chat_server::ChatServer::new(ChatService::new(call))
                 .max_decoding_message_size(max_message_bytes),
         )
         .add_service(pb::admin_server::AdminServer::new(AdminService::new(
@@ -97,51 +94,21 @@ pub fn routes(
 }
 
 fn panic_status(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    status_response(tonic::Status::internal(
+    grpc_status_response(tonic::Status::internal(
         "the gateway hit an internal error; the call was not completed",
     ))
 }
 
-/// A gRPC answer that is only a status (trailers-only).
-fn status_response(status: tonic::Status) -> Response {
-    let mut response = status.into_http::<axum::body::Body>().into_response();
-    response.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    response
-}
-
-/// Whether a request speaks gRPC (`content-type: application/grpc…`).
-pub fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
-    headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-/// The answer to an unknown gRPC method.
-pub fn unimplemented(path: &str) -> Response {
-    status_response(tonic::Status::unimplemented(format!(
-        "unknown method {path}"
-    )))
-}
-
 /// The token of `authorization: Bearer <token>` metadata.
 pub fn bearer(metadata: &MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+    bearer_token(metadata.get("authorization")?.to_str().ok()?)
 }
 
-/// The request id the REST middleware gave this call, or a new one on a gRPC-only port.
+/// The request id the port's middleware gave this call (a new one if none did).
 fn request_id<T>(request: &tonic::Request<T>) -> String {
     match request.extensions().get::<RequestId>() {
         Some(RequestId(id)) => id.clone(),
-        None => {
-            let bytes: [u8; 12] = rand::rng().random();
-            format!("req_{}", keys::to_hex(&bytes))
-        }
+        None => RequestId::generate().0,
     }
 }
 

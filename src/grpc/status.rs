@@ -72,7 +72,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::core::limits::{LimitKind, LimitScope, Refusal};
+    use crate::core::rate_limit::{LimitKind, LimitScope, Refusal};
 
     #[test]
     fn each_error_gets_its_code_and_retry_figures() {

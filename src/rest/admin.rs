@@ -12,13 +12,14 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::{AppState, bearer};
+use super::AppState;
 use crate::core::GatewayError;
 use crate::core::admin::{
     CallFilter, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, NewKey, NewUser, UsageGrouping,
     UsageQuery, UsageSubject, UserPatch,
 };
-use crate::core::records::UnixTime;
+use crate::core::time::UnixTime;
+use crate::edge::bearer;
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -1,19 +1,18 @@
 //! `POST /v1/chat/completions`: the REST adapter over the shared chat path.
 
 use std::convert::Infallible;
-use std::io::Write as _;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 
-use super::{AppState, ModelLabel, RequestId, bearer, read_body};
-use crate::chat::{Origin, UsageView, read_usage};
-use crate::core::limits::{Figure, RateFigures};
+use super::{AppState, read_body};
+use crate::call::{Origin, UsageView};
+use crate::core::events::Door;
 use crate::core::{GatewayError, Remaining};
-use crate::metrics::Door;
+use crate::edge::{ModelLabel, RequestId, add_limit_headers, bearer};
 
 pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Response {
     // Taken apart rather than extracted: extractors would copy the header map and the id.
@@ -46,8 +45,8 @@ async fn complete(
     let body = read_body(body, state.settings.max_body_bytes)
         .await
         .map_err(|e| state.gateway().refused(e))?;
-    let call = state.chat.prepare(body)?;
-    *label = Some(state.chat.metric_model(&call.model));
+    let call = state.call.prepare(body)?;
+    *label = Some(state.call.metric_model(&call.model));
     let origin = Origin {
         request_id,
         door: Door::Rest,
@@ -58,7 +57,7 @@ async fn complete(
             final_chunk: call.client_wants_usage,
             every_chunk: call.client_wants_continuous_usage,
         };
-        let start = state.chat.stream(&caller, call, &origin, view).await?;
+        let start = state.call.stream(&caller, call, &origin, view).await?;
         let relay = start.relay;
         let body = Body::from_stream(futures_util::stream::unfold(
             relay,
@@ -84,8 +83,9 @@ async fn complete(
     }
 
     let completion = state
-        .chat
-        .complete(&caller, call, &origin, read_usage)
+        .call
+        // The bytes go out as they came: the answer needs no reading of its own.
+        .complete(&caller, call, &origin, |_| Ok(()))
         .await?;
     let body = if state.settings.response_metadata {
         with_metadata(
@@ -111,34 +111,6 @@ async fn complete(
     );
     add_limit_headers(headers, completion.figures, completion.remaining);
     Ok(response)
-}
-
-/// Rate-limit figures of the call and the quota the key has left.
-/// The `x-ratelimit-*` and `x-quota-remaining-*` headers; the gRPC door sends them as metadata.
-pub(crate) fn add_limit_headers(
-    headers: &mut HeaderMap,
-    figures: RateFigures,
-    remaining: Remaining,
-) {
-    for (name, figure) in figures.pairs().chain(remaining.pairs()) {
-        let value = match figure {
-            Figure::Count(n) => HeaderValue::from(n),
-            Figure::Reset(_) => {
-                // "59m59s" at most: written on the stack, copied once into the header.
-                let mut text = [0u8; 32];
-                let mut cursor = std::io::Cursor::new(&mut text[..]);
-                if write!(cursor, "{figure}").is_err() {
-                    continue;
-                }
-                let len = usize::try_from(cursor.position()).unwrap_or(0);
-                match HeaderValue::from_bytes(&text[..len]) {
-                    Ok(value) => value,
-                    Err(_) => continue,
-                }
-            }
-        };
-        headers.insert(HeaderName::from_static(name), value);
-    }
 }
 
 /// The tutorial's `metadata` object, spliced into the answer without re-serialising it.

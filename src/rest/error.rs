@@ -3,20 +3,10 @@
 use axum::Json;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::core::GatewayError;
-use crate::core::limits::LimitKind;
-
-/// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
-pub fn error_body(
-    message: &str,
-    kind: &str,
-    param: Option<&str>,
-    code: Option<&str>,
-) -> serde_json::Value {
-    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
-}
+use crate::core::rate_limit::LimitKind;
+use crate::edge::error_body;
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {

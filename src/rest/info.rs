@@ -6,8 +6,9 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{AppState, RequestId, bearer};
+use super::AppState;
 use crate::core::GatewayError;
+use crate::edge::{RequestId, bearer};
 use crate::metrics::BackendFigures;
 
 pub const SERVICE: &str = "step3-gateway";
@@ -33,7 +34,7 @@ pub async fn root() -> Json<Value> {
 /// refused with `store_unavailable`, and `store.status` is `failing`). The figures are those of the last
 /// health check (every `upstream.health_interval_ms`), so this costs the backends nothing.
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
-    let backends = state.chat.upstream.status();
+    let backends = state.call.upstream.status();
     let healthy = backends.iter().filter(|b| b.healthy).count();
     let gateway = state.gateway();
     let store = gateway.store_health();
@@ -54,7 +55,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         "upstreams": backends,
         "store": {
             "status": if store.is_available() { "ok" } else { "failing" },
-            "usage_backlog": gateway.usage_backlog(),
+            "usage_backlog": gateway.store_figures().backlog,
             "unrecorded_calls": store.unrecorded(),
             "error": store.last_error(),
         },
@@ -65,7 +66,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
 /// public side of the proxy in front (the nginx site in `deploy/` answers 404 for it).
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let backends: Vec<BackendFigures> = state
-        .chat
+        .call
         .upstream
         .status()
         .into_iter()
@@ -77,8 +78,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         })
         .collect();
     let text = state
-        .gateway()
-        .metrics()
+        .metrics
         .render(&backends, &state.gateway().store_figures());
     (
         [(
@@ -97,7 +97,7 @@ pub async fn models(
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
     let caller = state.gateway().authenticate(bearer(&headers))?;
-    Ok(Json(state.chat.models(&caller, &request_id).await?))
+    Ok(Json(state.call.models(&caller, &request_id).await?))
 }
 
 /// The caller's own key: what it used, what remains, its limits and lifetime.

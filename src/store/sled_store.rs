@@ -10,8 +10,10 @@ use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::{CallCursor, CallQuery, SCHEMA_VERSION, Store, StoreError};
-use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
+use super::SCHEMA_VERSION;
+use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
+use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
+use crate::core::time::UnixTime;
 
 const SCHEMA_KEY: &str = "schema_version";
 
@@ -314,7 +316,10 @@ impl Trees {
             Some(bytes) => {
                 let found: u32 = decode("meta", &bytes)?;
                 if found > SCHEMA_VERSION {
-                    return Err(StoreError::NewerSchema { found });
+                    return Err(StoreError::NewerSchema {
+                        found,
+                        known: SCHEMA_VERSION,
+                    });
                 }
                 if found < 2 {
                     self.index_key_hashes()?;
@@ -658,7 +663,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::{call, hex_of, key};
+    use crate::core::testing::{call, hex_of, key};
 
     #[test]
     fn calls_update_counters_buckets_and_log_and_survive_reopen() {
@@ -870,7 +875,7 @@ mod tests {
         }
         let err = SledStore::open(dir.path(), 100).err().unwrap();
         assert!(
-            matches!(err, StoreError::NewerSchema { found: 99 }),
+            matches!(err, StoreError::NewerSchema { found: 99, .. }),
             "{err}"
         );
     }

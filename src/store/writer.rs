@@ -1,19 +1,18 @@
-//! The background writer: finished calls are queued in memory and written in batches, so a
-//! request never waits for the store. When the store fails (a full disk), the calls it
-//! could not take stay in memory and are written again until it recovers; meanwhile
-//! [`StoreHealth`] tells the gate to refuse new calls.
+//! The background writer: it drains the gate's usage queue and writes finished calls in
+//! batches, so a request never waits for the store. When the store fails (a full disk),
+//! the calls it could not take stay in memory and are written again until it recovers;
+//! meanwhile the queue's [`StoreHealth`] tells the gate to refuse new calls.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Store, StoreError};
 use crate::core::records::CallRecord;
+use crate::core::store::{Store, StoreError};
+use crate::core::usage_sink::{StoreHealth, UsageQueue};
 
 /// The most calls written in one store transaction.
 const MAX_BATCH: usize = 1024;
@@ -33,94 +32,6 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// How long shutdown keeps trying a failing store before it gives up on the calls it holds.
 const SHUTDOWN_RETRIES: u32 = 6;
 
-/// Whether the store takes writes: set by the writer, read by the gate on every call.
-#[derive(Debug, Default)]
-pub struct StoreHealth {
-    failing: AtomicBool,
-    /// Settled calls held in memory because the store failed.
-    unrecorded: AtomicU64,
-    /// Failed writes and flushes since start.
-    failures: AtomicU64,
-    last_error: Mutex<Option<String>>,
-}
-
-impl StoreHealth {
-    /// False while the store fails; one atomic load.
-    pub fn is_available(&self) -> bool {
-        !self.failing.load(Ordering::Relaxed)
-    }
-
-    pub fn unrecorded(&self) -> u64 {
-        self.unrecorded.load(Ordering::Relaxed)
-    }
-
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
-    }
-
-    /// The error of the last failed write, while the store fails.
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn fail(&self, error: &str, unrecorded: usize) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        self.unrecorded.store(unrecorded as u64, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
-        if !self.failing.swap(true, Ordering::Relaxed) {
-            tracing::error!(
-                error,
-                unrecorded,
-                "the store fails: new calls are refused (503 store_unavailable) until it \
-                 takes writes again; the usage of calls already settled is kept in memory \
-                 and written as soon as it can be"
-            );
-        }
-    }
-
-    fn recover(&self, recorded: usize) {
-        self.unrecorded.store(0, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if self.failing.swap(false, Ordering::Relaxed) {
-            tracing::warn!(
-                recorded,
-                "the store takes writes again: calls are accepted; the usage kept in memory is recorded"
-            );
-        }
-    }
-}
-
-/// Where finished calls go. Cloning is cheap; sending never blocks.
-#[derive(Clone, Debug)]
-pub struct UsageSink {
-    tx: mpsc::UnboundedSender<CallRecord>,
-    backlog: Arc<AtomicU64>,
-    health: Arc<StoreHealth>,
-}
-
-impl UsageSink {
-    pub fn record(&self, call: CallRecord) {
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(call).is_err() {
-            // Only after shutdown has drained the writer; the counters in memory still hold it.
-            self.backlog.fetch_sub(1, Ordering::Relaxed);
-            tracing::error!("usage writer has stopped; a finished call was not recorded");
-        }
-    }
-
-    /// Calls queued but not yet written (including those held while the store fails).
-    pub fn backlog(&self) -> u64 {
-        self.backlog.load(Ordering::Relaxed)
-    }
-
-    pub fn health(&self) -> &StoreHealth {
-        &self.health
-    }
-}
-
 /// Owns the writer task; [`UsageWriter::stop`] drains the queue and flushes the store.
 pub struct UsageWriter {
     stop: CancellationToken,
@@ -132,30 +43,20 @@ impl UsageWriter {
     /// removes calls older than `retention` (if any) from the call log.
     pub fn spawn(
         store: Arc<dyn Store>,
+        queue: UsageQueue,
         flush_every: Duration,
         retention: Option<Duration>,
-    ) -> (UsageSink, UsageWriter) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let backlog = Arc::new(AtomicU64::new(0));
-        let health = Arc::new(StoreHealth::default());
+    ) -> UsageWriter {
         let stop = CancellationToken::new();
         let writer = Writer {
             store,
-            backlog: backlog.clone(),
-            health: health.clone(),
+            queue,
             batch: Vec::with_capacity(MAX_BATCH),
             unflushed: Vec::new(),
             retention,
         };
-        let task = tokio::spawn(writer.run(rx, stop.clone(), flush_every));
-        (
-            UsageSink {
-                tx,
-                backlog,
-                health,
-            },
-            UsageWriter { stop, task },
-        )
+        let task = tokio::spawn(writer.run(stop.clone(), flush_every));
+        UsageWriter { stop, task }
     }
 
     /// Writes everything queued so far, flushes the store and ends the task. Returns the
@@ -174,8 +75,7 @@ impl UsageWriter {
 
 struct Writer {
     store: Arc<dyn Store>,
-    backlog: Arc<AtomicU64>,
-    health: Arc<StoreHealth>,
+    queue: UsageQueue,
     /// Calls received and not yet written (all of them while the store fails).
     batch: Vec<CallRecord>,
     /// Calls written since the last successful flush. Kept until a flush confirms them:
@@ -185,28 +85,27 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<CallRecord>,
-        stop: CancellationToken,
-        flush_every: Duration,
-    ) -> usize {
+    fn health(&self) -> &StoreHealth {
+        self.queue.health()
+    }
+
+    async fn run(mut self, stop: CancellationToken, flush_every: Duration) -> usize {
         let mut next_flush = Instant::now() + flush_every;
         let mut next_prune = Instant::now() + FIRST_PRUNE;
         loop {
-            if !self.health.is_available() {
+            if !self.health().is_available() {
                 tokio::select! {
                     () = tokio::time::sleep(RETRY_EVERY) => {}
                     () = stop.cancelled() => break,
                 }
-                while let Ok(call) = rx.try_recv() {
+                while let Some(call) = self.queue.try_recv() {
                     self.batch.push(call);
                 }
                 self.retry();
                 continue;
             }
             tokio::select! {
-                received = rx.recv_many(&mut self.batch, MAX_BATCH) => {
+                received = self.queue.recv_many(&mut self.batch, MAX_BATCH) => {
                     if received == 0 {
                         break;
                     }
@@ -219,9 +118,9 @@ impl Writer {
                             () = stop.cancelled() => {}
                         }
                         while self.batch.len() < MAX_BATCH {
-                            match rx.try_recv() {
-                                Ok(call) => self.batch.push(call),
-                                Err(_) => break,
+                            match self.queue.try_recv() {
+                                Some(call) => self.batch.push(call),
+                                None => break,
                             }
                         }
                     }
@@ -241,7 +140,7 @@ impl Writer {
             }
         }
         // Drain what is still queued, then make it all durable.
-        while let Ok(call) = rx.try_recv() {
+        while let Some(call) = self.queue.try_recv() {
             self.batch.push(call);
         }
         for attempt in 0..=SHUTDOWN_RETRIES {
@@ -249,19 +148,19 @@ impl Writer {
                 tokio::time::sleep(RETRY_EVERY).await;
                 self.retry();
             } else {
-                while !self.batch.is_empty() && self.health.is_available() {
+                while !self.batch.is_empty() && self.health().is_available() {
                     self.write();
                 }
                 self.flush().await;
             }
-            if self.health.is_available() {
+            if self.health().is_available() {
                 return 0;
             }
         }
         let unrecorded = self.batch.len() + self.unflushed.len();
         tracing::error!(
             calls = unrecorded,
-            error = self.health.last_error().unwrap_or_default(),
+            error = self.health().last_error().unwrap_or_default(),
             "the store still fails at shutdown; the usage of these calls is lost from the store"
         );
         unrecorded
@@ -293,11 +192,11 @@ impl Writer {
         let n = self.batch.len().min(MAX_BATCH);
         match self.store.record_new_calls(&self.batch[..n]) {
             Ok(()) => {
-                self.backlog.fetch_sub(n as u64, Ordering::Relaxed);
+                self.queue.written(n);
                 self.unflushed.extend(self.batch.drain(..n));
             }
             Err(e) => self
-                .health
+                .health()
                 .fail(&e.to_string(), self.batch.len() + self.unflushed.len()),
         }
     }
@@ -314,7 +213,7 @@ impl Writer {
         match result {
             Ok(()) => self.unflushed.clear(),
             Err(e) => self
-                .health
+                .health()
                 .fail(&e.to_string(), self.batch.len() + self.unflushed.len()),
         }
     }
@@ -334,13 +233,12 @@ impl Writer {
         });
         match result {
             Ok(()) => {
-                self.backlog
-                    .fetch_sub(self.batch.len() as u64, Ordering::Relaxed);
+                self.queue.written(self.batch.len());
                 self.batch.clear();
                 self.unflushed.clear();
-                self.health.recover(held);
+                self.health().recover(held);
             }
-            Err(e) => self.health.fail(&e.to_string(), held),
+            Err(e) => self.health().fail(&e.to_string(), held),
         }
     }
 }
@@ -349,9 +247,14 @@ impl Writer {
 mod tests {
 
     use super::*;
-    use crate::core::records::{KeyCounters, KeyRecord, UnixTime, UsageBucket, UserRecord};
-    use crate::store::testing::call;
-    use crate::store::{CallCursor, CallQuery, SledStore};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::core::records::{KeyCounters, KeyRecord, UsageBucket, UserRecord};
+    use crate::core::store::{CallCursor, CallQuery};
+    use crate::core::testing::call;
+    use crate::core::time::UnixTime;
+    use crate::core::usage_sink::usage_channel;
+    use crate::store::SledStore;
 
     /// A sled store whose writes fail (as on a full disk) while `full` is set.
     struct FillableStore {
@@ -449,7 +352,8 @@ mod tests {
             inner: SledStore::open(dir.path(), 50).unwrap(),
             full: AtomicBool::new(false),
         });
-        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50), None);
+        let (sink, queue) = usage_channel();
+        let writer = UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None);
         sink.record(call("key_a", 1, "m", 10));
         until("the first call is written", || sink.backlog() == 0).await;
         assert!(sink.health().is_available());
@@ -475,7 +379,7 @@ mod tests {
         assert_eq!(sink.health().last_error(), None);
         // The call written before the failure may be written again: it is not counted twice.
         store
-            .put_key(&crate::store::testing::key("key_a", "secret"))
+            .put_key(&crate::core::testing::key("key_a", "secret"))
             .unwrap();
         let (_, counters) = store.load_key("key_a").unwrap().unwrap();
         assert_eq!(counters.requests, 3);
@@ -489,7 +393,8 @@ mod tests {
             inner: SledStore::open(dir.path(), 50).unwrap(),
             full: AtomicBool::new(true),
         });
-        let (sink, writer) = UsageWriter::spawn(store.clone(), Duration::from_millis(50), None);
+        let (sink, queue) = usage_channel();
+        let writer = UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None);
         sink.record(call("key_a", 1, "m", 10));
         sink.record(call("key_a", 2, "m", 10));
         assert_eq!(writer.stop().await, 2);

@@ -1,6 +1,8 @@
 //! The model servers: a pool of backends behind one HTTP client, routing by model,
-//! health, retries, timeouts, error normalisation and SSE parsing.
+//! health, retries, timeouts, error normalisation, and answers handed on read (JSON) or
+//! framed (SSE events).
 
+mod answer;
 mod pool;
 pub mod sse;
 
@@ -8,9 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use pool::{
-    BackendLease, BackendSettings, BackendStatus, PoolSettings, UpstreamAnswer, UpstreamPool,
-};
+pub use answer::{EventStream, JsonAnswer, StreamStep, UpstreamAnswer, usage_of};
+pub use pool::{BackendLease, BackendSettings, BackendStatus, PoolSettings, UpstreamPool};
 
 use crate::core::error::GatewayError;
 

@@ -12,9 +12,10 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::answer::UpstreamAnswer;
 use super::{REQUEST_ID_HEADER, error_from_response, read_bounded, transport_error};
 use crate::core::error::GatewayError;
-use crate::core::limits::monotonic_ms;
+use crate::core::time::monotonic_ms;
 
 /// One backend as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,16 +163,26 @@ impl Backend {
 #[derive(Debug)]
 pub struct BackendLease {
     backend: Arc<Backend>,
+    /// The pool's ejection settings when the call began.
+    eject_after: u32,
+    eject_for: Duration,
 }
 
 impl BackendLease {
-    fn new(backend: Arc<Backend>) -> Self {
+    fn new(backend: Arc<Backend>, settings: &PoolSettings) -> Self {
         backend.in_flight.fetch_add(1, Ordering::AcqRel);
-        BackendLease { backend }
+        BackendLease {
+            backend,
+            eject_after: settings.eject_after_failures,
+            eject_for: settings.eject_for,
+        }
     }
 
-    pub fn backend_name(&self) -> &str {
-        self.backend.name()
+    /// The backend failed this call after its answer began (a stream broken off, an
+    /// unreadable answer): it counts towards ejecting the backend.
+    pub fn fail(&self) {
+        self.backend
+            .record_failure(self.eject_after, self.eject_for);
     }
 }
 
@@ -193,12 +204,6 @@ pub struct BackendStatus {
     pub in_flight: u32,
     pub errors: u64,
     pub models: Vec<String>,
-}
-
-/// A chat answer whose headers arrived, with the backend it came from.
-pub struct UpstreamAnswer {
-    pub response: reqwest::Response,
-    pub lease: BackendLease,
 }
 
 /// The backends and the one HTTP client to all of them.
@@ -345,7 +350,7 @@ impl UpstreamPool {
                 break;
             };
             tried.push(backend.clone());
-            let lease = BackendLease::new(backend.clone());
+            let lease = BackendLease::new(backend.clone(), &settings);
             let mut request = self
                 .client
                 .post(backend.chat_url.clone())
@@ -519,14 +524,6 @@ impl UpstreamPool {
                 }
             }
         });
-    }
-
-    /// Marks a backend's failure seen after its answer began (a stream broken off).
-    pub fn record_stream_failure(&self, lease: &BackendLease) {
-        let settings = self.settings();
-        lease
-            .backend
-            .record_failure(settings.eject_after_failures, settings.eject_for);
     }
 }
 

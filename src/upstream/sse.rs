@@ -440,12 +440,16 @@ impl<'de> Deserialize<'de> for RawMembers<'de> {
     }
 }
 
-/// A well-formed end for a stream the upstream broke off: an error event, then `[DONE]`.
-pub fn error_end(code: &str, message: &str) -> Bytes {
+/// The event that ends every stream.
+pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+
+/// The error event the gateway sends, before [`DONE_EVENT`], to end a stream it could
+/// not finish (the model server broke it off, a limit cut it).
+pub fn error_event(code: &str, message: &str) -> Bytes {
     let error = serde_json::json!({
         "error": {"message": message, "type": "upstream_error", "param": null, "code": code}
     });
-    Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n"))
+    Bytes::from(format!("data: {error}\n\n"))
 }
 
 #[cfg(test)]

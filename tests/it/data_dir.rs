@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use step3_gateway::core::store::Store;
 use step3_gateway::grpc::pb;
-use step3_gateway::store::{SledStore, Store};
+use step3_gateway::store::SledStore;
 
 use crate::binary::{Gateway, make_key, upstream, write_config_with};
 use crate::common::{MODEL, TestGateway, chat_body, expect_error};

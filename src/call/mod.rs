@@ -1,0 +1,249 @@
+//! One call's life, the same for every door: admit, forward, then read the answer or relay
+//! the stream, and settle exactly once. The doors only translate their protocol to and
+//! from this; the model server's wire is `upstream`'s.
+
+mod relay;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+pub use relay::{Relay, RelayEvent, UsageView};
+
+use crate::core::events::Door;
+use crate::core::rate_limit::RateFigures;
+use crate::core::records::CallOutcome;
+use crate::core::request::{ChatCall, ChatOptions, prepare_chat, with_max_tokens, with_model};
+use crate::core::{Admission, CallFacts, Caller, Gateway, GatewayError, Remaining};
+use crate::upstream::{UpstreamAnswer, UpstreamPool};
+
+/// What every door needs to run a call.
+#[derive(Clone)]
+pub struct CallPath {
+    pub gateway: Arc<Gateway>,
+    pub upstream: Arc<UpstreamPool>,
+    /// How requests are read and rewritten.
+    pub options: Arc<ChatOptions>,
+    /// Cancelled when the shutdown grace period is over: calls still running end now.
+    pub hard_stop: CancellationToken,
+}
+
+/// A whole JSON answer, already settled, with what the door read of it.
+#[derive(Debug)]
+pub struct Completion<T> {
+    pub body: Bytes,
+    /// The door's reading of `body` (its protocol's answer), made before the call settled.
+    pub answer: T,
+    pub content_type: Option<String>,
+    pub processing_ms: u64,
+    pub figures: RateFigures,
+    /// What the key has left after this call.
+    pub remaining: Remaining,
+}
+
+/// A stream in progress, with the limits as they stood when it started.
+pub struct StreamStart {
+    pub relay: Relay,
+    pub figures: RateFigures,
+    pub remaining: Remaining,
+}
+
+/// Where a call came from: its request id and its door.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub request_id: String,
+    pub door: Door,
+}
+
+impl CallPath {
+    /// `model` as a metrics label: a name the configuration or a backend knows, else `other`
+    /// (a client could otherwise invent a new label value with every request).
+    pub fn metric_model(&self, model: &str) -> String {
+        if self.upstream.knows_model(model) {
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
+    /// Reads a chat request body as the client sent it.
+    pub fn prepare(&self, body: Bytes) -> Result<ChatCall, GatewayError> {
+        prepare_chat(body, &self.options).map_err(|e| self.gateway.refused(e))
+    }
+
+    fn admit(
+        &self,
+        caller: &Caller,
+        call: &ChatCall,
+        origin: &Origin,
+    ) -> Result<Admission, GatewayError> {
+        let request_body = self
+            .gateway
+            .logs_bodies()
+            .then(|| String::from_utf8_lossy(&call.client_body).into_owned());
+        self.gateway.admit(
+            caller,
+            CallFacts {
+                request_id: origin.request_id.clone(),
+                model: call.model.clone(),
+                stream: call.stream,
+                prompt_estimate: call.prompt_estimate,
+                client_cap: call.max_tokens,
+                choices: call.choices,
+                door: origin.door,
+                metric_model: self.metric_model(&call.model),
+                images: call.images,
+                image_sizes: call.image_sizes.clone(),
+                request_body,
+            },
+        )
+    }
+
+    async fn send(
+        &self,
+        admission: &mut Admission,
+        call: ChatCall,
+        request_id: &str,
+    ) -> Result<UpstreamAnswer, GatewayError> {
+        let served = self.upstream.resolve_model(&call.model).into_owned();
+        let mut body = call.upstream_body;
+        if served != call.model {
+            body = with_model(&body, &served)?;
+        }
+        // The quota may hold the answer to fewer tokens than the client asked for.
+        if let Some(cap) = admission.upstream_cap() {
+            body = with_max_tokens(&body, cap)?;
+        }
+        admission.mark_forwarded();
+        tokio::select! {
+            sent = self.upstream.chat(&served, body, request_id) => sent,
+            () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
+        }
+    }
+
+    /// Admits a call and forwards it within the total time limit (returned as a deadline
+    /// for the rest of the call); a call that fails here is settled.
+    async fn start(
+        &self,
+        caller: &Caller,
+        call: ChatCall,
+        origin: &Origin,
+    ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
+        let mut admission = self.admit(caller, &call, origin)?;
+        let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
+        let sent = self.send(&mut admission, call, &origin.request_id);
+        match tokio::time::timeout_at(deadline, sent).await {
+            Ok(Ok(answer)) => Ok((admission, answer, deadline)),
+            Ok(Err(e)) => Err(settle_failed(admission, e)),
+            Err(_) => Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
+        }
+    }
+
+    /// A non-streaming call: forwarded, read whole, metered and settled. `read` is the
+    /// door's reading of the answer; an answer it cannot read settles as the model
+    /// server's failure (billed the usage it reports), not as a completed call.
+    pub async fn complete<T>(
+        &self,
+        caller: &Caller,
+        call: ChatCall,
+        origin: &Origin,
+        read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
+    ) -> Result<Completion<T>, GatewayError> {
+        let settings = self.upstream.settings();
+        let (mut admission, answer, deadline) = self.start(caller, call, origin).await?;
+        let figures = admission.figures();
+        let reading =
+            answer.read_json(deadline, settings.idle_timeout, settings.max_response_bytes);
+        let json = tokio::select! {
+            json = reading => json,
+            () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
+        };
+        let json = match json {
+            Ok(json) => json,
+            Err(e) => return Err(settle_failed(admission, e)),
+        };
+        if let Some(usage) = json.usage {
+            admission.observe_usage(usage);
+        }
+        let answer = match read(&json.body) {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(request_id = %origin.request_id, error = %e, "the model server sent an answer the door cannot read");
+                json.fail();
+                return Err(settle_failed(admission, e));
+            }
+        };
+        admission.mark_upstream_done();
+        admission.keep_response_body(&json.body);
+        let processing_ms = admission.elapsed_ms();
+        admission.settle(CallOutcome::Completed, 200);
+        Ok(Completion {
+            body: json.body,
+            answer,
+            content_type: json.content_type,
+            processing_ms,
+            figures,
+            remaining: caller.remaining(),
+        })
+    }
+
+    /// A streaming call: forwarded, then relayed event by event by the returned [`Relay`].
+    pub async fn stream(
+        &self,
+        caller: &Caller,
+        call: ChatCall,
+        origin: &Origin,
+        view: UsageView,
+    ) -> Result<StreamStart, GatewayError> {
+        let settings = self.upstream.settings();
+        let (admission, answer, deadline) = self.start(caller, call, origin).await?;
+        let events = match answer.into_events(settings.max_event_bytes) {
+            Ok(events) => events,
+            Err(e) => return Err(settle_failed(admission, e)),
+        };
+        let figures = admission.figures();
+        let remaining = admission.remaining();
+        Ok(StreamStart {
+            relay: Relay::new(
+                events,
+                admission,
+                view,
+                settings.idle_timeout,
+                deadline,
+                &self.hard_stop,
+            ),
+            figures,
+            remaining,
+        })
+    }
+
+    /// The upstream's model list (OpenAI JSON), keeping the models `caller` may use.
+    pub async fn models(
+        &self,
+        caller: &Caller,
+        request_id: &str,
+    ) -> Result<serde_json::Value, GatewayError> {
+        let mut list = self.upstream.models(request_id).await?;
+        if let Some(serde_json::Value::Array(models)) = list.get_mut("data") {
+            models.retain(|m| {
+                m.get("id")
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(|id| caller.record.allows_model(id))
+            });
+        }
+        Ok(list)
+    }
+}
+
+/// Settles a call that failed before its answer, and passes the error on.
+fn settle_failed(admission: Admission, e: GatewayError) -> GatewayError {
+    let (outcome, status) = match &e {
+        GatewayError::Upstream { status, .. } => (CallOutcome::UpstreamError, *status),
+        GatewayError::UpstreamTimeout => (CallOutcome::TimedOut, 504),
+        GatewayError::ShuttingDown => (CallOutcome::Cancelled, 503),
+        _ => (CallOutcome::UpstreamFailed, 502),
+    };
+    admission.settle(outcome, status);
+    e
+}

@@ -1,0 +1,400 @@
+//! Admission: policy, quotas and per-minute limits for one call, all or nothing, and the
+//! reservation an admitted call carries until it settles.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use super::error::GatewayError;
+use super::events::{Door, GateEvents};
+use super::gateway::Gateway;
+use super::images::ImageSize;
+use super::key_index::{Caller, Remaining};
+use super::limits::KeyLimits;
+use super::quota::{self, TokenAsk};
+use super::rate_limit::{Grant, LimitScope, LimitSpec, RateFigures};
+use super::records::Usage;
+use super::usage_sink::UsageSink;
+
+/// What the gate knows of a call before it is forwarded.
+#[derive(Clone, Debug)]
+pub struct CallFacts {
+    pub request_id: String,
+    pub model: String,
+    pub stream: bool,
+    /// Prompt tokens estimated from the text and images.
+    pub prompt_estimate: u64,
+    /// The client's output cap (`max_tokens` / `max_completion_tokens`).
+    pub client_cap: Option<u64>,
+    /// Choices to generate (`n`).
+    pub choices: u64,
+    pub door: Door,
+    /// The model as a metrics label: a configured name, or `other`.
+    pub metric_model: String,
+    pub images: u32,
+    /// Sizes of the inline images, as read from their headers.
+    pub image_sizes: Vec<ImageSize>,
+    /// The request body, kept only when the call log stores bodies.
+    pub request_body: Option<String>,
+}
+
+/// What an admission holds until it settles.
+#[derive(Debug, Default)]
+pub(super) struct Reserved {
+    pub(super) request: bool,
+    pub(super) tokens: u64,
+    pub(super) images: u64,
+    pub(super) key_grant: Option<Grant>,
+    pub(super) user_grant: Option<Grant>,
+}
+
+/// An admitted call's reservation; it is settled exactly once, by [`Admission::settle`]
+/// or, if the call is abandoned (client gone, task cancelled), by `Drop`. A call refused
+/// half-way through admission gives back what it had reserved, and is not recorded.
+#[derive(Debug)]
+pub struct Admission {
+    pub(super) caller: Caller,
+    pub(super) key_limits: LimitSpec,
+    pub(super) user_limits: LimitSpec,
+    pub(super) facts: CallFacts,
+    pub(super) sink: UsageSink,
+    pub(super) events: Arc<dyn GateEvents>,
+    pub(super) log_bodies: bool,
+    pub(super) started: Instant,
+    pub(super) reserved: Reserved,
+    pub(super) upstream_cap: Option<u64>,
+    pub(super) figures: RateFigures,
+    pub(super) admitted: bool,
+    /// When the request went to the model server.
+    pub(super) forwarded: Option<Instant>,
+    /// When the model server's answer ended.
+    pub(super) upstream_done: Option<Instant>,
+    pub(super) usage: Option<Usage>,
+    pub(super) chunks_seen: u64,
+    pub(super) response_body: Option<String>,
+    pub(super) settled: bool,
+}
+
+impl Gateway {
+    /// Policy, quotas and limits for one call, all or nothing. On success the call's
+    /// request, tokens and images are reserved, and the returned [`Admission`] must travel
+    /// with the call until it ends.
+    pub fn admit(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
+        self.reserve(caller, facts).map_err(|e| self.refused(e))
+    }
+
+    fn reserve(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
+        // A call that could not be recorded is not made (its usage would be held in memory
+        // only): refused while the store fails, at the cost of one atomic load.
+        if !self.sink.health().is_available() {
+            return Err(GatewayError::StoreUnavailable);
+        }
+        self.authorize_model(caller, &facts.model)?;
+        let limits: &KeyLimits = &caller.record.limits;
+        let per_request = [
+            limits.max_images_per_request,
+            self.settings.max_images_per_request,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(cap) = per_request
+            && facts.images > cap
+        {
+            return Err(GatewayError::invalid_request(
+                format!(
+                    "this request has {} images; at most {cap} are allowed per request",
+                    facts.images
+                ),
+                Some("messages"),
+            ));
+        }
+        let key = &caller.key;
+        let mut admission = Admission {
+            caller: caller.clone(),
+            key_limits: limits.rate(),
+            user_limits: caller.user_record.limits.rate(),
+            facts,
+            sink: self.sink.clone(),
+            events: self.events.clone(),
+            log_bodies: self.settings.log_bodies,
+            started: Instant::now(),
+            reserved: Reserved::default(),
+            upstream_cap: None,
+            figures: RateFigures::default(),
+            admitted: false,
+            forwarded: None,
+            upstream_done: None,
+            usage: None,
+            chunks_seen: 0,
+            response_body: None,
+            settled: false,
+        };
+
+        // Quotas first, so a call they refuse takes nothing from the per-minute limits.
+        let mut plan = None;
+        let choices = admission.facts.choices.max(1);
+        // A tokens-per-minute limit below the default cap would refuse every call that gives
+        // no cap: such calls get the room under the limit as their cap instead.
+        let tpm = [admission.key_limits.tpm, admission.user_limits.tpm]
+            .into_iter()
+            .flatten()
+            .min();
+        let ask = TokenAsk {
+            prompt_estimate: admission.facts.prompt_estimate,
+            client_cap: admission.facts.client_cap,
+            choices,
+            default_cap: self.settings.default_max_tokens,
+            default_ceiling: tpm
+                .map(|t| t.saturating_sub(admission.facts.prompt_estimate) / choices),
+        };
+        let tokens =
+            key.tokens_committed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |committed| {
+                    plan = quota::plan_tokens(quota::remaining(limits.token_quota, committed), ask);
+                    plan.map(|p| committed.saturating_add(p.reserve))
+                });
+        let plan = match (tokens, plan) {
+            (Ok(_), Some(plan)) => plan,
+            _ => {
+                return Err(GatewayError::QuotaExceeded {
+                    what: "tokens",
+                    limit: limits.token_quota.unwrap_or_default(),
+                });
+            }
+        };
+        admission.reserved.tokens = plan.reserve;
+        admission.upstream_cap = plan.upstream_cap;
+        reserve_one(&key.requests_reserved, limits.request_quota, 1).map_err(|limit| {
+            GatewayError::QuotaExceeded {
+                what: "requests",
+                limit,
+            }
+        })?;
+        admission.reserved.request = true;
+        let images = u64::from(admission.facts.images);
+        if images > 0 {
+            reserve_one(&key.images_committed, limits.image_quota, images).map_err(|limit| {
+                GatewayError::QuotaExceeded {
+                    what: "images",
+                    limit,
+                }
+            })?;
+            admission.reserved.images = images;
+        }
+
+        let key_grant = key
+            .limiter
+            .acquire(&admission.key_limits, LimitScope::Key, plan.reserve)
+            .map_err(GatewayError::from)?;
+        admission.reserved.key_grant = Some(key_grant);
+        let user_grant = caller
+            .user
+            .limiter
+            .acquire(&admission.user_limits, LimitScope::User, plan.reserve)
+            .map_err(GatewayError::from)?;
+        admission.reserved.user_grant = Some(user_grant);
+        admission.figures = RateFigures::from_grants(&key_grant, &user_grant);
+        admission.admitted = true;
+        self.events.call_started(admission.facts.door);
+        Ok(admission)
+    }
+}
+
+/// Adds `amount` to `counter` if the result stays within `quota`; else the quota.
+fn reserve_one(counter: &AtomicU64, quota: Option<u64>, amount: u64) -> Result<(), u64> {
+    match quota {
+        None => {
+            counter.fetch_add(amount, Ordering::AcqRel);
+            Ok(())
+        }
+        Some(quota) => counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(amount).filter(|&total| total <= quota)
+            })
+            .map(drop)
+            .map_err(|_| quota),
+    }
+}
+
+impl Admission {
+    pub fn request_id(&self) -> &str {
+        &self.facts.request_id
+    }
+
+    /// The per-minute standing after this call was admitted (`x-ratelimit-*`).
+    pub fn figures(&self) -> RateFigures {
+        self.figures
+    }
+
+    /// The `max_tokens` the upstream must be held to, when the client's must change.
+    pub fn upstream_cap(&self) -> Option<u64> {
+        self.upstream_cap
+    }
+
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The quotas left with this call's reservation counted.
+    pub fn remaining(&self) -> Remaining {
+        self.caller.remaining()
+    }
+
+    /// The upstream has the request: from now on an abandoned call is charged.
+    pub fn mark_forwarded(&mut self) {
+        self.forwarded.get_or_insert_with(Instant::now);
+    }
+
+    /// The model server's answer has ended (its last byte arrived).
+    pub fn mark_upstream_done(&mut self) {
+        self.upstream_done.get_or_insert_with(Instant::now);
+    }
+
+    /// Usage reported by the upstream (cumulative; the latest report wins).
+    pub fn observe_usage(&mut self, usage: Usage) {
+        self.usage = Some(usage);
+    }
+
+    /// A streamed chunk with choices reached the gate (the estimate when usage never comes).
+    pub fn observe_chunk(&mut self) {
+        if self.chunks_seen == 0 {
+            self.events.first_chunk(
+                self.facts.door,
+                &self.facts.metric_model,
+                self.started.elapsed(),
+            );
+        }
+        self.chunks_seen += 1;
+    }
+
+    pub fn keep_response_body(&mut self, body: &[u8]) {
+        if self.log_bodies {
+            self.response_body = Some(String::from_utf8_lossy(body).into_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::core::GateSettings;
+    use crate::core::testing::{MemoryStore, gate, key, user};
+
+    pub(crate) fn facts(images: u32, client_cap: Option<u64>) -> CallFacts {
+        CallFacts {
+            request_id: "req_1".into(),
+            model: "m".into(),
+            stream: false,
+            prompt_estimate: 10,
+            client_cap,
+            choices: 1,
+            door: Door::Rest,
+            metric_model: "m".into(),
+            images,
+            image_sizes: Vec::new(),
+            request_body: None,
+        }
+    }
+
+    fn gate_with(limits: KeyLimits) -> (Gateway, crate::core::usage_sink::UsageQueue) {
+        let mut record = key("key_a", "sk-step3-a");
+        record.limits = limits;
+        let (gateway, queue, _) = gate(
+            MemoryStore::with(vec![user("usr_1")], vec![record]),
+            GateSettings::default(),
+        );
+        (gateway, queue)
+    }
+
+    #[test]
+    fn an_admission_reserves_its_request_tokens_and_images() {
+        let (gateway, _queue) = gate_with(KeyLimits {
+            request_quota: Some(5),
+            token_quota: Some(1000),
+            image_quota: Some(3),
+            ..KeyLimits::default()
+        });
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let admission = gateway.admit(&caller, facts(2, Some(90))).unwrap();
+        assert_eq!(
+            admission.remaining(),
+            Remaining {
+                requests: Some(4),
+                tokens: Some(900),
+                images: Some(1),
+            }
+        );
+        assert_eq!(admission.upstream_cap(), None);
+    }
+
+    #[test]
+    fn a_refusal_half_way_gives_back_what_it_had_taken() {
+        let (gateway, _queue) = gate_with(KeyLimits {
+            request_quota: Some(5),
+            image_quota: Some(1),
+            ..KeyLimits::default()
+        });
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let e = gateway.admit(&caller, facts(2, None)).unwrap_err();
+        assert!(
+            matches!(e, GatewayError::QuotaExceeded { what: "images", .. }),
+            "{e:?}"
+        );
+        // The request reserved before the images were refused is back.
+        assert_eq!(caller.remaining().requests, Some(5));
+        assert_eq!(caller.remaining().images, Some(1));
+    }
+
+    #[test]
+    fn a_token_quota_lowers_the_cap_sent_upstream_or_refuses() {
+        let (gateway, _queue) = gate_with(KeyLimits {
+            token_quota: Some(100),
+            ..KeyLimits::default()
+        });
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let admission = gateway.admit(&caller, facts(0, Some(500))).unwrap();
+        assert_eq!(admission.upstream_cap(), Some(90));
+        let e = gateway.admit(&caller, facts(0, Some(500))).unwrap_err();
+        assert!(matches!(
+            e,
+            GatewayError::QuotaExceeded { what: "tokens", .. }
+        ));
+    }
+
+    #[test]
+    fn images_over_the_per_request_cap_and_models_off_the_list_are_refused() {
+        let mut record = key("key_a", "sk-step3-a");
+        record.limits.max_images_per_request = Some(4);
+        record.models = Some(vec!["other".into()]);
+        let (gateway, _queue, _) = gate(
+            MemoryStore::with(vec![user("usr_1")], vec![record]),
+            GateSettings {
+                max_images_per_request: Some(2),
+                ..GateSettings::default()
+            },
+        );
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let e = gateway.admit(&caller, facts(0, None)).unwrap_err();
+        assert!(matches!(e, GatewayError::ModelNotAllowed { .. }), "{e:?}");
+        let mut three = facts(3, None);
+        three.model = "other".into();
+        let e = gateway.admit(&caller, three).unwrap_err();
+        assert!(e.to_string().contains("at most 2"), "{e}");
+    }
+
+    #[test]
+    fn no_call_is_admitted_while_the_store_fails() {
+        let (gateway, _queue) = gate_with(KeyLimits::default());
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        gateway.store_health().fail("disk full", 0);
+        let e = gateway.admit(&caller, facts(0, None)).unwrap_err();
+        assert!(matches!(e, GatewayError::StoreUnavailable));
+        gateway.store_health().recover(0);
+        assert!(gateway.admit(&caller, facts(0, None)).is_ok());
+    }
+}

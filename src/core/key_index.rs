@@ -1,0 +1,424 @@
+//! The keys and users the gate holds in memory, found by the hash of a secret, and the
+//! authentication of callers. A key is loaded from the store the first time it is used,
+//! so start-up and memory do not grow with the keys issued; each key has exactly one live
+//! state (counters in flight, limiter) however it is found.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use super::error::GatewayError;
+use super::gateway::Gateway;
+use super::keys::{self, SecretHash};
+use super::quota;
+use super::rate_limit::{Figure, LimitSpec, Limiter, RateFigures};
+use super::records::{KeyCounters, KeyRecord, UserRecord};
+use super::time::now_unix;
+
+/// A key as the gate holds it: the record plus live counters and its limiter.
+#[derive(Debug)]
+pub struct KeyState {
+    record: RwLock<Arc<KeyRecord>>,
+    /// Requests charged so far plus those admitted and not yet settled.
+    pub(super) requests_reserved: AtomicU64,
+    pub(super) requests_used: AtomicU64,
+    /// Tokens charged so far plus those reserved by calls in flight.
+    pub(super) tokens_committed: AtomicU64,
+    pub(super) prompt_tokens_used: AtomicU64,
+    pub(super) completion_tokens_used: AtomicU64,
+    /// Images charged so far plus those of calls in flight.
+    pub(super) images_committed: AtomicU64,
+    pub(super) images_used: AtomicU64,
+    pub(super) limiter: Limiter,
+}
+
+impl KeyState {
+    fn new(record: KeyRecord, counters: KeyCounters) -> Self {
+        KeyState {
+            record: RwLock::new(Arc::new(record)),
+            requests_reserved: AtomicU64::new(counters.requests),
+            requests_used: AtomicU64::new(counters.requests),
+            tokens_committed: AtomicU64::new(counters.tokens()),
+            prompt_tokens_used: AtomicU64::new(counters.prompt_tokens),
+            completion_tokens_used: AtomicU64::new(counters.completion_tokens),
+            images_committed: AtomicU64::new(counters.images),
+            images_used: AtomicU64::new(counters.images),
+            limiter: Limiter::default(),
+        }
+    }
+
+    pub fn record(&self) -> Arc<KeyRecord> {
+        self.record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the record in place, keeping the counters and the limiter.
+    pub(super) fn replace(&self, record: KeyRecord) {
+        *self.record.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(record);
+    }
+
+    /// What the key has been charged so far (settled calls only).
+    pub fn counters(&self) -> KeyCounters {
+        KeyCounters {
+            requests: self.requests_used.load(Ordering::Acquire),
+            prompt_tokens: self.prompt_tokens_used.load(Ordering::Acquire),
+            completion_tokens: self.completion_tokens_used.load(Ordering::Acquire),
+            images: self.images_used.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// A user as the gate holds it: the record and the limits summed over the user's keys.
+#[derive(Debug)]
+pub struct UserState {
+    record: RwLock<Arc<UserRecord>>,
+    pub(super) limiter: Limiter,
+}
+
+impl UserState {
+    pub(super) fn new(record: UserRecord) -> Self {
+        UserState {
+            record: RwLock::new(Arc::new(record)),
+            limiter: Limiter::default(),
+        }
+    }
+
+    pub fn record(&self) -> Arc<UserRecord> {
+        self.record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(super) fn replace(&self, record: UserRecord) {
+        *self.record.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(record);
+    }
+}
+
+fn parse_hash(id: &str, hex: &str) -> Result<SecretHash, GatewayError> {
+    keys::from_hex(hex)
+        .ok_or_else(|| GatewayError::Store(format!("key `{id}` has a malformed hash")))
+}
+
+/// An authenticated caller: the key and its owner at the time of the call.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub key: Arc<KeyState>,
+    pub record: Arc<KeyRecord>,
+    pub user: Arc<UserState>,
+    pub user_record: Arc<UserRecord>,
+}
+
+/// What is left of a key's quotas; `None` is unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Remaining {
+    pub requests: Option<u64>,
+    pub tokens: Option<u64>,
+    pub images: Option<u64>,
+}
+
+impl Remaining {
+    /// The `x-quota-remaining-*` pairs, both doors.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, Figure)> + use<> {
+        [
+            ("x-quota-remaining-requests", self.requests),
+            ("x-quota-remaining-tokens", self.tokens),
+            ("x-quota-remaining-images", self.images),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, Figure::Count(value?))))
+    }
+}
+
+/// A key's own view of itself: what `GET /v1/usage` and `Chat.GetUsage` show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageSummary {
+    pub key_id: String,
+    pub key_name: String,
+    pub key_prefix: String,
+    pub user_id: String,
+    pub user_name: String,
+    pub used: KeyCounters,
+    pub request_quota: Option<u64>,
+    pub token_quota: Option<u64>,
+    pub image_quota: Option<u64>,
+    pub remaining: Remaining,
+    pub limits: LimitSpec,
+    pub figures: RateFigures,
+    pub models: Option<Vec<String>>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+impl Caller {
+    pub fn usage_summary(&self) -> UsageSummary {
+        let record = &self.record;
+        UsageSummary {
+            key_id: record.id.clone(),
+            key_name: record.name.clone(),
+            key_prefix: record.prefix.clone(),
+            user_id: self.user_record.id.clone(),
+            user_name: self.user_record.name.clone(),
+            used: self.key.counters(),
+            request_quota: record.limits.request_quota,
+            token_quota: record.limits.token_quota,
+            image_quota: record.limits.image_quota,
+            remaining: self.remaining(),
+            limits: record.limits.rate(),
+            figures: self.figures(),
+            models: record.models.clone(),
+            created_at: record.created_at,
+            expires_at: record.expires_at,
+        }
+    }
+
+    pub fn remaining(&self) -> Remaining {
+        let key = &self.key;
+        let limits = &self.record.limits;
+        Remaining {
+            requests: quota::remaining(
+                limits.request_quota,
+                key.requests_reserved.load(Ordering::Acquire),
+            ),
+            tokens: quota::remaining(
+                limits.token_quota,
+                key.tokens_committed.load(Ordering::Acquire),
+            ),
+            images: quota::remaining(
+                limits.image_quota,
+                key.images_committed.load(Ordering::Acquire),
+            ),
+        }
+    }
+
+    /// The per-minute standing of the key and its user, without taking anything.
+    pub fn figures(&self) -> RateFigures {
+        RateFigures::tighter(
+            self.key.limiter.figures(&self.record.limits.rate()),
+            self.user.limiter.figures(&self.user_record.limits.rate()),
+        )
+    }
+}
+
+impl Gateway {
+    /// Makes `record` (just stored, or just read from the store with its `counters`) the
+    /// key's live state. When another call loaded the key meanwhile, that state stays: it
+    /// may already carry calls in flight.
+    pub(super) fn index_key(
+        &self,
+        record: KeyRecord,
+        counters: KeyCounters,
+    ) -> Result<Arc<KeyState>, GatewayError> {
+        let hash = parse_hash(&record.id, &record.hash)?;
+        let previous = match &record.previous_hash {
+            Some(previous) => Some(parse_hash(&record.id, previous)?),
+            None => None,
+        };
+        let state = match self.keys_by_id.entry(record.id.clone()) {
+            dashmap::Entry::Occupied(live) => return Ok(live.get().clone()),
+            dashmap::Entry::Vacant(slot) => slot
+                .insert(Arc::new(KeyState::new(record, counters)))
+                .clone(),
+        };
+        self.keys_by_hash.insert(hash, state.clone());
+        if let Some(previous) = previous {
+            self.keys_by_hash.insert(previous, state.clone());
+        }
+        Ok(state)
+    }
+
+    /// A key's live state by id, loaded from the store on first use.
+    pub(super) fn key_state(&self, id: &str) -> Result<Arc<KeyState>, GatewayError> {
+        if let Some(state) = self.keys_by_id.get(id) {
+            return Ok(state.value().clone());
+        }
+        match self.store.load_key(id)? {
+            Some((record, counters)) => self.index_key(record, counters),
+            None => Err(GatewayError::NotFound {
+                what: "key",
+                id: id.to_owned(),
+            }),
+        }
+    }
+
+    /// The key a secret's hash opens, if any: from memory, else from the store's index.
+    fn key_by_hash(&self, hash: &SecretHash) -> Result<Option<Arc<KeyState>>, GatewayError> {
+        if let Some(state) = self.keys_by_hash.get(hash) {
+            return Ok(Some(state.value().clone()));
+        }
+        let Some(id) = self.store.key_id_by_hash(hash)? else {
+            return Ok(None);
+        };
+        match self.key_state(&id) {
+            Ok(state) => Ok(Some(state)),
+            Err(GatewayError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Points a key's new secret (`hash`, hex) at it and forgets the secret before the
+    /// previous one.
+    pub(super) fn index_rotated_secret(
+        &self,
+        id: &str,
+        hash: &str,
+        forgotten: Option<&str>,
+    ) -> Result<(), GatewayError> {
+        let state = self.key_state(id)?;
+        self.keys_by_hash.insert(parse_hash(id, hash)?, state);
+        if let Some(forgotten) = forgotten.and_then(keys::from_hex) {
+            self.keys_by_hash.remove(&forgotten);
+        }
+        Ok(())
+    }
+
+    /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `).
+    pub fn authenticate(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
+        self.check_key(secret).map_err(|e| self.refused(e))
+    }
+
+    fn check_key(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
+        let secret =
+            secret
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .ok_or(GatewayError::InvalidApiKey(
+                    "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+                ))?;
+        const UNKNOWN: &str = "Incorrect API key provided.";
+        let hash = keys::hash_secret(secret);
+        let state = self
+            .key_by_hash(&hash)?
+            .ok_or(GatewayError::InvalidApiKey(UNKNOWN))?;
+        let record = state.record();
+        if !record.is_current_secret(&hash, now_unix()) {
+            return Err(GatewayError::InvalidApiKey(
+                "This API key was rotated and its grace period is over.",
+            ));
+        }
+        if !record.active || record.revoked_at.is_some() {
+            return Err(GatewayError::InvalidApiKey(
+                "This API key has been revoked or deactivated.",
+            ));
+        }
+        if record.expires_at.is_some_and(|at| at <= now_unix()) {
+            return Err(GatewayError::InvalidApiKey("This API key has expired."));
+        }
+        let user = self
+            .users
+            .get(&record.user_id)
+            .map(|entry| entry.value().clone())
+            .ok_or(GatewayError::InvalidApiKey(UNKNOWN))?;
+        let user_record = user.record();
+        if !user_record.active {
+            return Err(GatewayError::InvalidApiKey(
+                "The user owning this API key is deactivated.",
+            ));
+        }
+        Ok(Caller {
+            key: state,
+            record,
+            user,
+            user_record,
+        })
+    }
+
+    /// Checks the admin token in constant time.
+    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), GatewayError> {
+        match token {
+            Some(token) if keys::secret_matches(token.trim(), &self.admin_token_hash) => Ok(()),
+            _ => Err(self.refused(GatewayError::InvalidAdminToken)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::GateSettings;
+    use crate::core::testing::{MemoryStore, gate, key, user};
+
+    fn seen(events: &crate::core::testing::SeenEvents) -> Vec<String> {
+        events.0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn a_key_is_found_by_its_secret_and_loaded_once() {
+        let (gateway, _queue, events) = gate(
+            MemoryStore::with(vec![user("usr_1")], vec![key("key_a", "sk-step3-a")]),
+            GateSettings::default(),
+        );
+        let first = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let again = gateway.authenticate(Some(" sk-step3-a ")).unwrap();
+        assert_eq!(first.record.id, "key_a");
+        assert!(
+            Arc::ptr_eq(&first.key, &again.key),
+            "one live state per key"
+        );
+        assert!(seen(&events).is_empty());
+    }
+
+    #[test]
+    fn missing_unknown_revoked_expired_and_orphaned_keys_are_refused_and_counted() {
+        let mut revoked = key("key_r", "sk-step3-r");
+        revoked.revoked_at = Some(1);
+        let mut expired = key("key_e", "sk-step3-e");
+        expired.expires_at = Some(1);
+        let mut orphan = key("key_o", "sk-step3-o");
+        orphan.user_id = "usr_gone".into();
+        let mut idle_user = user("usr_2");
+        idle_user.active = false;
+        let mut idle = key("key_i", "sk-step3-i");
+        idle.user_id = "usr_2".into();
+        let (gateway, _queue, events) = gate(
+            MemoryStore::with(
+                vec![user("usr_1"), idle_user],
+                vec![revoked, expired, orphan, idle],
+            ),
+            GateSettings::default(),
+        );
+        for (secret, message) in [
+            (None, "didn't provide"),
+            (Some("  "), "didn't provide"),
+            (Some("sk-step3-nope"), "Incorrect"),
+            (Some("sk-step3-r"), "revoked"),
+            (Some("sk-step3-e"), "expired"),
+            (Some("sk-step3-o"), "Incorrect"),
+            (Some("sk-step3-i"), "deactivated"),
+        ] {
+            let e = gateway.authenticate(secret).unwrap_err();
+            assert!(e.to_string().contains(message), "{secret:?}: {e}");
+        }
+        assert_eq!(seen(&events), vec!["refused auth"; 7]);
+    }
+
+    #[test]
+    fn a_rotated_secret_works_only_within_its_grace() {
+        let mut rotated = key("key_a", "sk-step3-new");
+        rotated.previous_hash = Some(crate::core::testing::hex_of("sk-step3-old"));
+        rotated.previous_valid_until = Some(now_unix() + 60);
+        let mut ended = key("key_b", "sk-step3-new-b");
+        ended.previous_hash = Some(crate::core::testing::hex_of("sk-step3-old-b"));
+        ended.previous_valid_until = Some(now_unix() - 1);
+        let (gateway, _queue, _) = gate(
+            MemoryStore::with(vec![user("usr_1")], vec![rotated, ended]),
+            GateSettings::default(),
+        );
+        assert!(gateway.authenticate(Some("sk-step3-old")).is_ok());
+        assert!(gateway.authenticate(Some("sk-step3-new")).is_ok());
+        let e = gateway.authenticate(Some("sk-step3-old-b")).unwrap_err();
+        assert!(e.to_string().contains("grace period is over"), "{e}");
+    }
+
+    #[test]
+    fn the_admin_token_is_checked_and_a_client_key_is_not_one() {
+        let (gateway, _queue, _) = gate(
+            MemoryStore::with(vec![user("usr_1")], vec![key("key_a", "sk-step3-a")]),
+            GateSettings::default(),
+        );
+        assert!(gateway.authenticate_admin(Some("admin-token")).is_ok());
+        assert!(gateway.authenticate_admin(Some("sk-step3-a")).is_err());
+        assert!(gateway.authenticate_admin(None).is_err());
+    }
+}

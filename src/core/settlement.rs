@@ -1,0 +1,238 @@
+//! Settlement: every admitted call gives back its reservation and is charged its real
+//! usage exactly once — on success, on the model server's failure, on timeout, and when
+//! the client goes away (the admission's `Drop`) — then reported and recorded.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::admission::Admission;
+use super::events::SettledCall;
+use super::records::{CallOutcome, CallRecord, Usage};
+use super::time::now_micros;
+
+impl Admission {
+    /// Ends the call with the real outcome.
+    pub fn settle(mut self, outcome: CallOutcome, status: u16) {
+        self.finish(outcome, status);
+    }
+
+    /// Gives back every reservation, charging `charged` (and the request, if `charge_request`).
+    fn release(&mut self, charged: Usage, charge_request: bool) {
+        let key = &self.caller.key;
+        let reserved = std::mem::take(&mut self.reserved);
+        if reserved.request {
+            if charge_request {
+                key.requests_used.fetch_add(1, Ordering::AcqRel);
+            } else {
+                key.requests_reserved.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        settle_counter(&key.tokens_committed, reserved.tokens, charged.total());
+        key.prompt_tokens_used
+            .fetch_add(charged.prompt_tokens, Ordering::AcqRel);
+        key.completion_tokens_used
+            .fetch_add(charged.completion_tokens, Ordering::AcqRel);
+        let images = if charge_request { reserved.images } else { 0 };
+        settle_counter(&key.images_committed, reserved.images, images);
+        key.images_used.fetch_add(images, Ordering::AcqRel);
+        let refused = !self.admitted;
+        if let Some(grant) = reserved.key_grant {
+            key.limiter
+                .release(&grant, &self.key_limits, charged.total(), refused);
+        }
+        if let Some(grant) = reserved.user_grant {
+            self.caller
+                .user
+                .limiter
+                .release(&grant, &self.user_limits, charged.total(), refused);
+        }
+    }
+
+    fn finish(&mut self, outcome: CallOutcome, status: u16) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        if !self.admitted {
+            self.release(Usage::default(), false);
+            return;
+        }
+        let charged_request = self.forwarded.is_some() && outcome.charges_request();
+        let (usage, usage_estimated) = match self.usage {
+            Some(usage) => (usage, false),
+            // Served but never told how much: charge what the gate saw of it.
+            None if charged_request => (
+                Usage {
+                    prompt_tokens: self.facts.prompt_estimate,
+                    completion_tokens: self.chunks_seen,
+                },
+                true,
+            ),
+            None => (Usage::default(), false),
+        };
+        self.release(usage, charged_request);
+        let images = if charged_request {
+            self.facts.images
+        } else {
+            0
+        };
+        let total = self.started.elapsed();
+        let latency_ms = u64::try_from(total.as_millis()).unwrap_or(u64::MAX);
+        self.events.call_settled(&SettledCall {
+            door: self.facts.door,
+            model: &self.facts.metric_model,
+            outcome: outcome.as_str(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            images: u64::from(images),
+            total,
+            // The gateway's own share: all but the time the model server held the call.
+            overhead: match (self.forwarded, self.upstream_done) {
+                (Some(sent), Some(done)) => {
+                    Some(total.saturating_sub(done.saturating_duration_since(sent)))
+                }
+                _ => None,
+            },
+        });
+        tracing::info!(
+            request_id = %self.facts.request_id,
+            key_id = %self.caller.record.id,
+            model = %self.facts.model,
+            stream = self.facts.stream,
+            status,
+            outcome = outcome.as_str(),
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            images = self.facts.images,
+            estimated = usage_estimated,
+            latency_ms,
+            "call"
+        );
+        self.sink.record(CallRecord {
+            at_micros: now_micros(),
+            request_id: std::mem::take(&mut self.facts.request_id),
+            key_id: self.caller.record.id.clone(),
+            user_id: self.caller.record.user_id.clone(),
+            model: std::mem::take(&mut self.facts.model),
+            status,
+            outcome,
+            stream: self.facts.stream,
+            latency_ms,
+            charged_request,
+            usage,
+            usage_estimated,
+            images,
+            image_sizes: std::mem::take(&mut self.facts.image_sizes),
+            request_body: self.facts.request_body.take(),
+            response_body: self.response_body.take(),
+        });
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // 499: the client closed the request (nginx's convention).
+        self.finish(CallOutcome::ClientDisconnected, 499);
+    }
+}
+
+/// Moves `counter` from `reserved` to `charged`.
+fn settle_counter(counter: &AtomicU64, reserved: u64, charged: u64) {
+    if charged >= reserved {
+        counter.fetch_add(charged - reserved, Ordering::AcqRel);
+    } else {
+        counter.fetch_sub(reserved - charged, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::admission::tests::facts;
+    use crate::core::limits::KeyLimits;
+    use crate::core::records::{CallOutcome, Usage};
+    use crate::core::testing::{MemoryStore, gate, key, user};
+    use crate::core::{GateSettings, Remaining};
+
+    fn quota_gate() -> (
+        crate::core::Gateway,
+        crate::core::usage_sink::UsageQueue,
+        std::sync::Arc<crate::core::testing::SeenEvents>,
+    ) {
+        let mut record = key("key_a", "sk-step3-a");
+        record.limits = KeyLimits {
+            request_quota: Some(10),
+            token_quota: Some(1000),
+            image_quota: Some(10),
+            ..KeyLimits::default()
+        };
+        gate(
+            MemoryStore::with(vec![user("usr_1")], vec![record]),
+            GateSettings::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_settled_call_is_charged_its_real_usage_and_recorded_once() {
+        let (gateway, mut queue, events) = quota_gate();
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let mut admission = gateway.admit(&caller, facts(1, Some(100))).unwrap();
+        admission.mark_forwarded();
+        admission.observe_usage(Usage {
+            prompt_tokens: 12,
+            completion_tokens: 30,
+        });
+        admission.settle(CallOutcome::Completed, 200);
+        assert_eq!(
+            caller.remaining(),
+            Remaining {
+                requests: Some(9),
+                tokens: Some(958),
+                images: Some(9),
+            }
+        );
+        let call = queue.try_recv().unwrap();
+        assert_eq!((call.usage.total(), call.images, call.status), (42, 1, 200));
+        assert!(!call.usage_estimated);
+        assert!(queue.try_recv().is_none(), "recorded once");
+        assert_eq!(
+            *events.0.lock().unwrap(),
+            ["started rest", "settled completed"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_after_forwarding_is_charged_as_the_client_leaving() {
+        let (gateway, mut queue, _) = quota_gate();
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let mut admission = gateway.admit(&caller, facts(0, Some(100))).unwrap();
+        admission.mark_forwarded();
+        admission.observe_chunk();
+        admission.observe_chunk();
+        drop(admission);
+        let call = queue.try_recv().unwrap();
+        assert_eq!(call.outcome, CallOutcome::ClientDisconnected);
+        assert_eq!(call.status, 499);
+        // No usage came: the estimate (prompt) and the chunks seen are charged.
+        assert!(call.usage_estimated);
+        assert_eq!(call.usage.total(), 10 + 2);
+        assert_eq!(caller.remaining().requests, Some(9));
+        assert!(queue.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_call_that_never_reached_the_model_costs_nothing() {
+        let (gateway, mut queue, _) = quota_gate();
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let admission = gateway.admit(&caller, facts(2, Some(100))).unwrap();
+        admission.settle(CallOutcome::UpstreamFailed, 502);
+        assert_eq!(
+            caller.remaining(),
+            Remaining {
+                requests: Some(10),
+                tokens: Some(1000),
+                images: Some(10),
+            }
+        );
+        let call = queue.try_recv().unwrap();
+        assert!(!call.charged_request);
+        assert_eq!((call.usage.total(), call.images), (0, 0));
+    }
+}

@@ -1,0 +1,108 @@
+//! The store port: what the gate needs kept across restarts, whatever keeps it. `store/`
+//! implements it (sled today); core reads and writes only through this trait.
+
+use super::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
+use super::time::UnixTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("corrupt record in `{tree}`: {message}")]
+    Corrupt { tree: &'static str, message: String },
+    #[error(
+        "the data directory was written by a newer step3-gateway (schema {found}, this build knows {known}); upgrade the binary or use another directory"
+    )]
+    NewerSchema { found: u32, known: u32 },
+}
+
+/// A position in the call log: the time and request id of a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallCursor {
+    pub at_micros: i64,
+    pub request_id: String,
+}
+
+impl CallCursor {
+    /// The opaque page token form: `<micros>-<request id>`.
+    pub fn to_token(&self) -> String {
+        format!("{}-{}", self.at_micros, self.request_id)
+    }
+
+    pub fn from_token(token: &str) -> Option<Self> {
+        let (at, request_id) = token.split_once('-')?;
+        Some(CallCursor {
+            at_micros: at.parse().ok()?,
+            request_id: request_id.to_owned(),
+        })
+    }
+}
+
+/// Which part of the call log to read.
+#[derive(Clone, Debug, Default)]
+pub struct CallQuery<'a> {
+    pub key_id: Option<&'a str>,
+    pub before: Option<CallCursor>,
+    pub from_micros: Option<i64>,
+    pub limit: usize,
+    pub scan_limit: usize,
+}
+
+/// Everything the gateway keeps across restarts.
+///
+/// Users are loaded whole at start and keys on first use, then written through on every
+/// admin change; call records arrive in batches from the usage writer and update the
+/// per-key counters, the hourly aggregates and the call log together.
+pub trait Store: Send + Sync + 'static {
+    fn load_users(&self) -> Result<Vec<UserRecord>, StoreError>;
+    /// The id of the key whose current or previous secret hashes to `hash`.
+    fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError>;
+    /// One key and its counters as last recorded.
+    fn load_key(&self, id: &str) -> Result<Option<(KeyRecord, KeyCounters)>, StoreError>;
+    /// Keys in id order (which is creation order) strictly after `after`, each with its
+    /// counters, until `visit` returns `false`.
+    fn scan_keys(
+        &self,
+        after: Option<&str>,
+        visit: &mut dyn FnMut(KeyRecord, KeyCounters) -> bool,
+    ) -> Result<(), StoreError>;
+    fn put_user(&self, user: &UserRecord) -> Result<(), StoreError>;
+    /// Writes a key and points the hashes of its secrets (current and previous) at it.
+    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// Applies a batch of finished calls: counters, hourly usage and the call log, atomically.
+    /// Idempotent: a call already in the log (same time and request id) is skipped, so a
+    /// batch whose fate is unknown after a failure can be written again.
+    fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;
+    /// [`Store::record_calls`] for calls never given to the store before, which need no
+    /// look-up in the log (one read per call saved on the usage writer's normal path).
+    fn record_new_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        self.record_calls(calls)
+    }
+    /// Calls newest first: a key's (or everyone's), strictly before `cursor`, at or after
+    /// `from_micros`, that pass `filter`. Scans at most `scan_limit` entries; the cursor
+    /// returned is where a next page starts, `None` when the log is exhausted.
+    fn calls(
+        &self,
+        query: &CallQuery<'_>,
+        filter: &dyn Fn(&CallRecord) -> bool,
+    ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError>;
+    /// A key's hourly usage buckets with `from <= hour < to`, oldest first.
+    fn usage(
+        &self,
+        key_id: &str,
+        from: UnixTime,
+        to: UnixTime,
+    ) -> Result<Vec<UsageBucket>, StoreError>;
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Removes up to `limit` calls older than `before_micros` from the call log (counters
+    /// and hourly usage are kept); returns how many went.
+    fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError>;
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// After a failed write: closes and reopens the store, keeping only what reached the
+    /// disk, so that it takes writes again once the cause (a full disk) is gone.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

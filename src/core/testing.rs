@@ -1,0 +1,222 @@
+//! Records and an in-memory store for unit tests of the gate and of the store
+//! implementations.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use super::events::{Door, GateEvents, SettledCall};
+use super::gateway::{GateSettings, Gateway};
+use super::keys;
+use super::limits::{KeyLimits, UserLimits};
+use super::records::{
+    CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UsageBucket, UserRecord,
+};
+use super::store::{CallCursor, CallQuery, Store, StoreError};
+use super::time::UnixTime;
+use super::usage_sink::{UsageQueue, usage_channel};
+
+pub(crate) fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallRecord {
+    CallRecord {
+        at_micros,
+        request_id: format!("req-{at_micros}"),
+        key_id: key.into(),
+        user_id: "usr_1".into(),
+        model: model.into(),
+        status: 200,
+        outcome: CallOutcome::Completed,
+        stream: false,
+        latency_ms: 3,
+        charged_request: true,
+        usage: Usage {
+            prompt_tokens: tokens,
+            completion_tokens: 1,
+        },
+        usage_estimated: false,
+        images: 0,
+        image_sizes: Vec::new(),
+        request_body: None,
+        response_body: None,
+    }
+}
+
+pub(crate) fn key(id: &str, secret: &str) -> KeyRecord {
+    KeyRecord {
+        id: id.into(),
+        user_id: "usr_1".into(),
+        name: "k".into(),
+        prefix: "sk-step3-x".into(),
+        hash: hex_of(secret),
+        limits: KeyLimits::default(),
+        expires_at: None,
+        models: None,
+        active: true,
+        created_at: 0,
+        updated_at: 0,
+        revoked_at: None,
+        previous_hash: None,
+        previous_valid_until: None,
+    }
+}
+
+pub(crate) fn user(id: &str) -> UserRecord {
+    UserRecord {
+        id: id.into(),
+        name: "u".into(),
+        email: None,
+        active: true,
+        limits: UserLimits::default(),
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+pub(crate) fn hex_of(secret: &str) -> String {
+    keys::to_hex(&keys::hash_secret(secret))
+}
+
+/// A store kept in memory: enough of the port for the gate's own tests.
+#[derive(Default)]
+pub(crate) struct MemoryStore {
+    users: Mutex<BTreeMap<String, UserRecord>>,
+    keys: Mutex<BTreeMap<String, (KeyRecord, KeyCounters)>>,
+    meta: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl MemoryStore {
+    pub(crate) fn with(users: Vec<UserRecord>, keys: Vec<KeyRecord>) -> Self {
+        let store = MemoryStore::default();
+        for u in users {
+            store.put_user(&u).unwrap();
+        }
+        for k in keys {
+            store.put_key(&k).unwrap();
+        }
+        store
+    }
+}
+
+impl Store for MemoryStore {
+    fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        Ok(self.users.lock().unwrap().values().cloned().collect())
+    }
+    fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
+        let hex = keys::to_hex(hash);
+        Ok(self
+            .keys
+            .lock()
+            .unwrap()
+            .values()
+            .find(|(k, _)| k.hash == hex || k.previous_hash.as_deref() == Some(hex.as_str()))
+            .map(|(k, _)| k.id.clone()))
+    }
+    fn load_key(&self, id: &str) -> Result<Option<(KeyRecord, KeyCounters)>, StoreError> {
+        Ok(self.keys.lock().unwrap().get(id).cloned())
+    }
+    fn scan_keys(
+        &self,
+        after: Option<&str>,
+        visit: &mut dyn FnMut(KeyRecord, KeyCounters) -> bool,
+    ) -> Result<(), StoreError> {
+        let keys = self.keys.lock().unwrap().clone();
+        for (id, (record, counters)) in keys {
+            if after.is_some_and(|a| id.as_str() <= a) {
+                continue;
+            }
+            if !visit(record, counters) {
+                break;
+            }
+        }
+        Ok(())
+    }
+    fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        self.users
+            .lock()
+            .unwrap()
+            .insert(user.id.clone(), user.clone());
+        Ok(())
+    }
+    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let mut keys = self.keys.lock().unwrap();
+        let counters = keys.get(&key.id).map(|(_, c)| *c).unwrap_or_default();
+        keys.insert(key.id.clone(), (key.clone(), counters));
+        Ok(())
+    }
+    fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        let mut keys = self.keys.lock().unwrap();
+        for call in calls {
+            if let Some((_, counters)) = keys.get_mut(&call.key_id) {
+                counters.add(&call.counters());
+            }
+        }
+        Ok(())
+    }
+    fn calls(
+        &self,
+        _: &CallQuery<'_>,
+        _: &dyn Fn(&CallRecord) -> bool,
+    ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError> {
+        Ok((Vec::new(), None))
+    }
+    fn usage(&self, _: &str, _: UnixTime, _: UnixTime) -> Result<Vec<UsageBucket>, StoreError> {
+        Ok(Vec::new())
+    }
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.lock().unwrap().get(name).cloned())
+    }
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), value.to_vec());
+        Ok(())
+    }
+    fn prune_calls(&self, _: i64, _: usize) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// What the gate told its watcher, in order.
+#[derive(Debug, Default)]
+pub(crate) struct SeenEvents(pub(crate) Mutex<Vec<String>>);
+
+impl GateEvents for SeenEvents {
+    fn call_started(&self, door: Door) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("started {}", door.as_str()));
+    }
+    fn call_settled(&self, call: &SettledCall<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("settled {}", call.outcome));
+    }
+    fn first_chunk(&self, _: Door, _: &str, _: std::time::Duration) {
+        self.0.lock().unwrap().push("first chunk".into());
+    }
+    fn refused(&self, reason: &'static str) {
+        self.0.lock().unwrap().push(format!("refused {reason}"));
+    }
+}
+
+/// A gate over `store`, the queue its settled calls go to, and what it reported.
+pub(crate) fn gate(
+    store: MemoryStore,
+    settings: GateSettings,
+) -> (Gateway, UsageQueue, Arc<SeenEvents>) {
+    let (sink, queue) = usage_channel();
+    let events = Arc::new(SeenEvents::default());
+    let gateway = Gateway::load(
+        Arc::new(store),
+        sink,
+        events.clone(),
+        keys::hash_secret("admin-token"),
+        settings,
+    )
+    .unwrap();
+    (gateway, queue, events)
+}
