@@ -304,13 +304,15 @@ impl Gateway {
             updated_at: now,
         };
         self.store.put_user(&user)?;
-        self.users
+        self.keys
+            .users
             .insert(user.id.clone(), Arc::new(UserState::new(user.clone())));
         Ok(user)
     }
 
     pub fn get_user(&self, id: &str) -> Result<UserRecord, GatewayError> {
-        self.users
+        self.keys
+            .users
             .get(id)
             .map(|u| (*u.record()).clone())
             .ok_or_else(|| GatewayError::NotFound {
@@ -321,7 +323,12 @@ impl Gateway {
 
     /// Every user, oldest first.
     pub fn list_users(&self) -> Vec<UserRecord> {
-        let mut users: Vec<UserRecord> = self.users.iter().map(|u| (*u.record()).clone()).collect();
+        let mut users: Vec<UserRecord> = self
+            .keys
+            .users
+            .iter()
+            .map(|u| (*u.record()).clone())
+            .collect();
         users.sort_by(|a, b| a.id.cmp(&b.id));
         users
     }
@@ -340,7 +347,7 @@ impl Gateway {
         user.limits = patch.limits.apply(user.limits)?;
         user.updated_at = now_unix();
         self.store.put_user(&user)?;
-        if let Some(state) = self.users.get(&user.id) {
+        if let Some(state) = self.keys.users.get(&user.id) {
             state.replace(user.clone());
         }
         Ok(user)
@@ -385,12 +392,12 @@ impl Gateway {
         };
         self.store.put_key(&record)?;
         let view = key_view(&record, KeyCounters::default());
-        self.index_key(record, KeyCounters::default())?;
+        self.keys.index_key(record, KeyCounters::default())?;
         Ok(CreatedKey { key: view, secret })
     }
 
     pub fn get_key(&self, id: &str) -> Result<KeyView, GatewayError> {
-        let state = self.key_state(id)?;
+        let state = self.keys.key_state(id)?;
         Ok(key_view(&state.record(), state.counters()))
     }
 
@@ -432,7 +439,7 @@ impl Gateway {
                 .as_deref()
                 .is_none_or(|u| record.user_id == u)
             {
-                keys.push(match self.keys_by_id.get(&record.id) {
+                keys.push(match self.keys.keys_by_id.get(&record.id) {
                     Some(live) => key_view(&live.record(), live.counters()),
                     None => key_view(&record, counters),
                 });
@@ -471,7 +478,7 @@ impl Gateway {
 
     /// Revokes a key for good; its usage history stays.
     pub fn revoke_key(&self, id: &str) -> Result<KeyView, GatewayError> {
-        let state = self.key_state(id)?;
+        let state = self.keys.key_state(id)?;
         let mut record = (*state.record()).clone();
         let now = now_unix();
         record.active = false;
@@ -486,7 +493,7 @@ impl Gateway {
         id: &str,
         action: &str,
     ) -> Result<(Arc<KeyState>, KeyRecord), GatewayError> {
-        let state = self.key_state(id)?;
+        let state = self.keys.key_state(id)?;
         let record = (*state.record()).clone();
         if record.revoked_at.is_some() {
             return Err(GatewayError::invalid_request(
@@ -521,7 +528,8 @@ impl Gateway {
         record.updated_at = now;
         let hash = record.hash.clone();
         let view = self.store_key(&state, record)?;
-        self.index_rotated_secret(&view.id, &hash, forgotten.as_deref())?;
+        self.keys
+            .index_rotated_secret(&view.id, &hash, forgotten.as_deref())?;
         Ok(CreatedKey { key: view, secret })
     }
 

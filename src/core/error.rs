@@ -124,9 +124,3 @@ impl GatewayError {
         }
     }
 }
-
-impl From<super::store::StoreError> for GatewayError {
-    fn from(e: super::store::StoreError) -> Self {
-        GatewayError::Store(e.to_string())
-    }
-}

@@ -4,11 +4,9 @@
 
 use std::sync::Arc;
 
-use dashmap::DashMap;
-
 use super::error::GatewayError;
 use super::events::GateEvents;
-use super::key_index::{Caller, KeyState, UserState};
+use super::key_index::{Caller, KeyIndex};
 use super::keys::SecretHash;
 use super::store::Store;
 use super::usage_sink::{StoreFigures, StoreHealth, UsageSink};
@@ -39,13 +37,7 @@ pub struct Gateway {
     pub(super) store: Arc<dyn Store>,
     pub(super) sink: UsageSink,
     pub(super) events: Arc<dyn GateEvents>,
-    /// Keys in use, by the hashes of their secrets: the current one, and the previous one
-    /// while a rotation's grace period may still run.
-    pub(super) keys_by_hash: DashMap<SecretHash, Arc<KeyState>>,
-    /// The same keys by id: each key's one live state (counters in flight, limiter).
-    pub(super) keys_by_id: DashMap<String, Arc<KeyState>>,
-    pub(super) users: DashMap<String, Arc<UserState>>,
-    pub(super) admin_token_hash: SecretHash,
+    pub(super) keys: KeyIndex,
     pub(super) settings: GateSettings,
 }
 
@@ -58,22 +50,25 @@ impl Gateway {
         admin_token_hash: SecretHash,
         settings: GateSettings,
     ) -> Result<Self, GatewayError> {
-        let gateway = Gateway {
+        Ok(Gateway {
             events,
-            keys_by_hash: DashMap::new(),
-            keys_by_id: DashMap::new(),
-            users: DashMap::new(),
+            keys: KeyIndex::load(store.clone(), admin_token_hash)?,
             store,
             sink,
-            admin_token_hash,
             settings,
-        };
-        for user in gateway.store.load_users()? {
-            gateway
-                .users
-                .insert(user.id.clone(), Arc::new(UserState::new(user)));
-        }
-        Ok(gateway)
+        })
+    }
+
+    /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `).
+    pub fn authenticate(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
+        self.keys.authenticate(secret).map_err(|e| self.refused(e))
+    }
+
+    /// Checks the admin token in constant time.
+    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), GatewayError> {
+        self.keys
+            .authenticate_admin(token)
+            .map_err(|e| self.refused(e))
     }
 
     /// Tells the watchers of a refusal by the gate, and passes it on.

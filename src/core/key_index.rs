@@ -6,12 +6,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use dashmap::DashMap;
+
 use super::error::GatewayError;
-use super::gateway::Gateway;
 use super::keys::{self, SecretHash};
 use super::quota;
 use super::rate_limit::{Figure, LimitSpec, Limiter, RateFigures};
 use super::records::{KeyCounters, KeyRecord, UserRecord};
+use super::store::Store;
 use super::time::now_unix;
 
 /// A key as the gate holds it: the record plus live counters and its limiter.
@@ -201,7 +203,34 @@ impl Caller {
     }
 }
 
-impl Gateway {
+/// The keys and users in memory, and the admin token's hash.
+pub struct KeyIndex {
+    store: Arc<dyn Store>,
+    /// Keys in use, by the hashes of their secrets: the current one, and the previous one
+    /// while a rotation's grace period may still run.
+    keys_by_hash: DashMap<SecretHash, Arc<KeyState>>,
+    /// The same keys by id: each key's one live state (counters in flight, limiter).
+    pub(super) keys_by_id: DashMap<String, Arc<KeyState>>,
+    pub(super) users: DashMap<String, Arc<UserState>>,
+    admin_token_hash: SecretHash,
+}
+
+impl KeyIndex {
+    /// Loads the users from `store`; keys are loaded when first used.
+    pub fn load(store: Arc<dyn Store>, admin_token_hash: SecretHash) -> Result<Self, GatewayError> {
+        let users = DashMap::new();
+        for user in store.load_users()? {
+            users.insert(user.id.clone(), Arc::new(UserState::new(user)));
+        }
+        Ok(KeyIndex {
+            store,
+            keys_by_hash: DashMap::new(),
+            keys_by_id: DashMap::new(),
+            users,
+            admin_token_hash,
+        })
+    }
+
     /// Makes `record` (just stored, or just read from the store with its `counters`) the
     /// key's live state. When another call loaded the key meanwhile, that state stays: it
     /// may already carry calls in flight.
@@ -273,12 +302,9 @@ impl Gateway {
         Ok(())
     }
 
-    /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `).
+    /// The caller a secret (the value after `Bearer `) opens: an active, unexpired,
+    /// unrevoked key of an active user.
     pub fn authenticate(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
-        self.check_key(secret).map_err(|e| self.refused(e))
-    }
-
-    fn check_key(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
         let secret =
             secret
                 .map(str::trim)
@@ -328,7 +354,7 @@ impl Gateway {
     pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), GatewayError> {
         match token {
             Some(token) if keys::secret_matches(token.trim(), &self.admin_token_hash) => Ok(()),
-            _ => Err(self.refused(GatewayError::InvalidAdminToken)),
+            _ => Err(GatewayError::InvalidAdminToken),
         }
     }
 }

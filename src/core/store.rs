@@ -1,6 +1,7 @@
 //! The store port: what the gate needs kept across restarts, whatever keeps it. `store/`
 //! implements it (sled today); core reads and writes only through this trait.
 
+use super::error::GatewayError;
 use super::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
 use super::time::UnixTime;
 
@@ -14,6 +15,12 @@ pub enum StoreError {
         "the data directory was written by a newer step3-gateway (schema {found}, this build knows {known}); upgrade the binary or use another directory"
     )]
     NewerSchema { found: u32, known: u32 },
+}
+
+impl From<StoreError> for GatewayError {
+    fn from(e: StoreError) -> Self {
+        GatewayError::Store(e.to_string())
+    }
 }
 
 /// A position in the call log: the time and request id of a call.

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use serde::Deserialize;
 
-use super::pool::BackendLease;
+use super::backend::BackendLease;
 use super::sse::SseFramer;
 use super::{invalid_response, read_body};
 use crate::core::GatewayError;

@@ -3,6 +3,7 @@
 //! framed (SSE events).
 
 mod answer;
+mod backend;
 mod pool;
 pub mod sse;
 
@@ -11,7 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use answer::{EventStream, JsonAnswer, StreamStep, UpstreamAnswer, usage_of};
-pub use pool::{BackendLease, BackendSettings, BackendStatus, PoolSettings, UpstreamPool};
+pub use backend::{BackendLease, BackendSettings};
+pub use pool::{BackendStatus, PoolSettings, UpstreamPool};
 
 use crate::core::error::GatewayError;
 
