@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 use step3_gateway::grpc::pb;
 use step3_gateway::sim::Fault;
 
-use crate::common::{MODEL, TestGateway, chat_body, expect_error, sse_payloads, stream_body};
+use crate::common::{
+    MODEL, RestApi, TestGateway, chat_body, expect_error, sse_payloads, stream_body,
+};
 
 fn with_cap(text: &str, max_tokens: u64) -> Value {
     let mut body = chat_body(text);

@@ -4,7 +4,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, TestGateway, chat_body, sse_payloads, stream_body};
+use crate::common::{MODEL, RestApi, TestGateway, chat_body, sse_payloads, stream_body};
 
 #[tokio::test]
 async fn json_completion_passes_through_and_charges_its_usage() {

@@ -6,7 +6,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use step3_gateway::sim::Fault;
 
-use crate::common::{MODEL, TestGateway, chat_body, expect_error};
+use crate::common::{MODEL, RestApi, TestGateway, chat_body, expect_error};
 
 async fn assert_nothing_charged(gw: &TestGateway, secret: &str) {
     let usage = gw.usage(secret).await;

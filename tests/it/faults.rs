@@ -13,7 +13,8 @@ use step3_gateway::sim::Fault;
 use tonic::Code;
 
 use crate::common::{
-    Builder, MODEL, TestGateway, TestKey, chat_body, expect_error, sse_payloads, stream_body,
+    Builder, MODEL, RestApi, TestGateway, TestKey, chat_body, expect_error, sse_payloads,
+    stream_body,
 };
 
 fn text_request(text: &str) -> pb::ChatRequest {

@@ -10,7 +10,7 @@ use step3_gateway::grpc::pb;
 use step3_gateway::sim::Fault;
 use tonic::Code;
 
-use crate::common::{MODEL, TestGateway, chat_body};
+use crate::common::{MODEL, RestApi, TestGateway, chat_body};
 
 fn text_request(text: &str) -> pb::ChatRequest {
     pb::ChatRequest {

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use step3_gateway::sim::Fault;
 use tokio::io::AsyncWriteExt;
 
-use crate::common::{MODEL, TestGateway, chat_body, stream_body};
+use crate::common::{MODEL, RestApi, TestGateway, chat_body, stream_body};
 
 /// `"max_tokens": null` must be replaced, not shadowed: the upstream keeps the last of two
 /// duplicate keys (as Python's json and vLLM do), so a prepended cap would be ignored.

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{MODEL, TestGateway, TestKey, chat_body, expect_error, stream_body};
+use crate::common::{MODEL, RestApi, TestGateway, TestKey, chat_body, expect_error, stream_body};
 
 /// A bound for things that should take about a second: generous, since this machine is
 /// shared; the tests check that a connection is closed, not how fast.

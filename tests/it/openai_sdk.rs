@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::common::{TestGateway, python};
+use crate::common::{RestApi, TestGateway, python};
 
 #[tokio::test]
 async fn the_readme_sdk_examples_run_with_the_official_openai_package() {

@@ -12,7 +12,7 @@ use step3_gateway::config::BackendConfig;
 use step3_gateway::sim::{Fault, RunningSimulator, Simulator, SimulatorConfig};
 
 use crate::common::{
-    ADMIN_TOKEN, MODEL, TestGateway, chat_body, expect_error, sse_payloads, stream_body,
+    ADMIN_TOKEN, MODEL, RestApi, TestGateway, chat_body, expect_error, sse_payloads, stream_body,
 };
 
 async fn sim(config: SimulatorConfig) -> RunningSimulator {
