@@ -253,6 +253,14 @@ pub fn chat_request(text: &str) -> pb::ChatRequest {
     }
 }
 
+/// Asserts the status, naming the body when it differs; returns the body.
+pub async fn expect_status(response: reqwest::Response, status: StatusCode) -> String {
+    let actual = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, status, "{text}");
+    text
+}
+
 /// Asserts the OpenAI error shape and returns the error object.
 pub async fn expect_error(response: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(response.status(), status);

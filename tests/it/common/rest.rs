@@ -83,11 +83,35 @@ pub trait RestApi {
             .unwrap()
     }
 
+    /// `POST /v1/chat/completions` with `body` sent as it is, labelled `application/json`.
+    async fn chat_raw(&self, secret: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http()
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(secret)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `/v1/usage` of the key (asserted to answer 200).
     async fn usage(&self, secret: &str) -> Value {
         let (status, usage) = self.get("/v1/usage", Some(secret)).await;
         assert_eq!(status, StatusCode::OK, "{usage}");
         usage
+    }
+
+    /// The model ids `/v1/models` lists for the key (asserted to answer 200).
+    async fn models(&self, secret: &str) -> Vec<String> {
+        let (status, models) = self.get("/v1/models", Some(secret)).await;
+        assert_eq!(status, StatusCode::OK, "{models}");
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// `/health`'s body, whatever its status (a gateway that cannot serve answers 503).
