@@ -80,19 +80,23 @@ async fn a_refusal_by_the_user_limit_gives_the_key_its_request_back() {
     expect_status(second, StatusCode::OK).await;
 }
 
+/// An unauthenticated gRPC-looking POST to `path`.
+async fn post_as_grpc(gw: &TestGateway, path: &str) -> reqwest::Response {
+    gw.http
+        .post(gw.url(path))
+        .header("content-type", "application/grpc")
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Unauthenticated requests to made-up gRPC methods must not each make a metrics series.
 #[tokio::test]
 async fn made_up_grpc_paths_share_one_metrics_label() {
     let gw = TestGateway::start().await;
     for i in 0..50 {
         let path = format!("/step3.gateway.v1.Chat/Nope{i}{}", "x".repeat(2000));
-        let response = gw
-            .http
-            .post(gw.url(&path))
-            .header("content-type", "application/grpc")
-            .send()
-            .await
-            .unwrap();
+        let response = post_as_grpc(&gw, &path).await;
         assert_eq!(response.status(), StatusCode::OK);
     }
     let text = gw.metrics().await;
@@ -227,13 +231,7 @@ async fn a_null_max_tokens_in_grpc_extra_is_still_capped() {
 async fn a_long_made_up_grpc_path_is_not_kept_in_metrics() {
     let gw = TestGateway::start().await;
     let path = format!("/step3.gateway.v1.{}", "y".repeat(60_000));
-    let response = gw
-        .http
-        .post(gw.url(&path))
-        .header("content-type", "application/grpc")
-        .send()
-        .await
-        .unwrap();
+    let response = post_as_grpc(&gw, &path).await;
     assert_eq!(response.headers()["grpc-status"], "12");
     let text = gw.metrics().await;
     assert!(text.len() < 60_000, "/metrics is {} bytes", text.len());

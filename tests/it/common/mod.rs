@@ -194,6 +194,29 @@ pub fn python() -> PathBuf {
     python
 }
 
+/// Runs `script` (a path from the crate root) with the virtualenv's Python and `env` added
+/// to the child's environment; asserts it succeeded and returns its stdout and stderr.
+pub async fn run_python(script: &str, env: Vec<(&'static str, String)>) -> (String, String) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
+    let python = python();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
 /// A program installed next to `python()` in the virtualenv's `bin` (e.g. `grpcurl`).
 pub fn venv_program(name: &str) -> PathBuf {
     let python = python();
