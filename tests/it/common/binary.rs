@@ -145,15 +145,17 @@ impl GatewayProcess {
         panic!("the gateway did not start: {:?}", logs.lock().unwrap());
     }
 
-    /// `http://<addr>`, where both doors listen.
+    /// `http://<addr>`.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
 
+    /// The address both doors listen on.
     pub fn addr(&self) -> SocketAddr {
         self.base_url.trim_start_matches("http://").parse().unwrap()
     }
 
+    /// The process id, for reading its figures under `/proc`.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
