@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::common::{ADMIN_TOKEN, TestGateway, chat_body, expect_error};
+use crate::common::{ADMIN_TOKEN, RestApi, TestGateway, chat_body, expect_error};
 
 /// Every admin route and method, with a body where it takes one.
 fn admin_routes(user_id: &str, key_id: &str) -> Vec<(Method, String, Option<Value>)> {

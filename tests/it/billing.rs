@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::sim::Fault;
 
-use crate::common::{TestGateway, chat_body, sse_payloads, stream_body};
+use crate::common::{RestApi, TestGateway, chat_body, sse_payloads, stream_body};
 
 #[tokio::test]
 async fn concurrent_calls_on_one_key_never_pass_its_request_quota() {

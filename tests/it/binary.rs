@@ -1,200 +1,47 @@
 //! The real binary: SIGTERM drains a stream in flight and exits 0 with nothing lost,
 //! SIGHUP reloads the upstream list, and no secret reaches a log line at any level.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use step3_gateway::sim::{RunningSimulator, Simulator, SimulatorConfig};
+use step3_gateway::sim::{RunningSimulator, SimulatorConfig};
 
-use crate::common::{ADMIN_TOKEN, chat_body, stream_body};
-
-const UPSTREAM_KEY: &str = "upstream-secret-key-9876";
-
-/// The real `step3-gateway serve` as a child process, its stderr collected line by line.
-pub(crate) struct Gateway {
-    child: Child,
-    pub(crate) url: String,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Gateway {
-    /// Starts `step3-gateway serve` with `config` and waits for its address in the logs.
-    pub(crate) async fn start(config_path: &std::path::Path) -> Gateway {
-        Self::start_logging(config_path, "trace").await
-    }
-
-    /// As [`Gateway::start`], with `RUST_LOG=<level>` (a load test wants fewer lines).
-    pub(crate) async fn start_logging(config_path: &std::path::Path, level: &str) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_step3-gateway"))
-            .args(["serve", "--config"])
-            .arg(config_path)
-            .env("RUST_LOG", level)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        for _ in 0..500 {
-            let found = logs.lock().unwrap().iter().find_map(|line| {
-                let v: Value = serde_json::from_str(line).ok()?;
-                (v["fields"]["message"] == "step3-gateway listening")
-                    .then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
-            });
-            if let Some(addr) = found {
-                return Gateway {
-                    child,
-                    url: format!("http://{addr}"),
-                    logs,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the gateway did not start: {:?}", logs.lock().unwrap());
-    }
-
-    pub(crate) fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    pub(crate) async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let status = tokio::task::spawn_blocking(move || {
-            let status = self.child.wait().unwrap();
-            (status, self)
-        })
-        .await
-        .unwrap();
-        // Let the reader thread take the last lines.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let logs = status.1.logs.lock().unwrap().clone();
-        (status.0, logs)
-    }
-}
-
-fn write_config(dir: &std::path::Path, upstream: &str) -> std::path::PathBuf {
-    write_config_with(dir, upstream, &dir.join("data"), "")
-}
-
-/// `gateway.toml` in `dir`: data in `data`, `store` lines added to the `[store]` table.
-pub(crate) fn write_config_with(
-    dir: &std::path::Path,
-    upstream: &str,
-    data: &std::path::Path,
-    store: &str,
-) -> std::path::PathBuf {
-    let path = dir.join("gateway.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n\
-             [upstream]\nurl = \"{upstream}\"\napi_key = \"{UPSTREAM_KEY}\"\nhealth_interval_ms = 100\n\
-             [store]\npath = \"{}\"\n{store}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[log]\nformat = \"json\"\n",
-            data.display()
-        ),
-    )
-    .unwrap();
-    path
-}
-
-pub(crate) async fn upstream(latency_ms: u64) -> RunningSimulator {
-    Simulator::new(SimulatorConfig {
-        token_latency: Duration::from_millis(latency_ms),
-        reply_tokens: 12,
-        api_key: Some(UPSTREAM_KEY.into()),
-        ..SimulatorConfig::default()
-    })
-    .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-    .await
-    .unwrap()
-}
-
-/// A user and a key made through the admin API; the key's secret.
-pub(crate) async fn make_key(http: &reqwest::Client, url: &str) -> String {
-    let user: Value = http
-        .post(format!("{url}/admin/v1/users"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "ops"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key: Value = http
-        .post(format!("{url}/admin/v1/keys"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"user_id": user["id"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    key["secret"].as_str().unwrap().to_owned()
-}
+use crate::common::binary::{ConfigFile, GatewayProcess, UPSTREAM_KEY, upstream};
+use crate::common::{ADMIN_TOKEN, RestApi, chat_body, read_rest, spawn_sim, stream_body};
 
 #[tokio::test]
 async fn sigterm_drains_a_stream_exits_0_keeps_the_books_and_logs_no_secret() {
     let sim = upstream(60).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &sim.url());
-    let gw = Gateway::start(&config).await;
-    let http = reqwest::Client::new();
-    let secret = make_key(&http, &gw.url).await;
-    let chat = |secret: &str, body: &Value| {
-        http.post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(secret)
-            .json(body)
-            .send()
-    };
+    let config = ConfigFile::new(&sim.url()).write(dir.path());
+    let gw = GatewayProcess::start(&config).await;
+    let secret = gw.create_key(json!({})).await.secret;
     assert_eq!(
-        chat(&secret, &chat_body("one")).await.unwrap().status(),
+        gw.chat(&secret, &chat_body("one")).await.status(),
         StatusCode::OK
     );
     assert_eq!(
-        chat("sk-step3-wrong-key", &chat_body("two"))
+        gw.chat("sk-step3-wrong-key", &chat_body("two"))
             .await
-            .unwrap()
             .status(),
         StatusCode::UNAUTHORIZED
     );
     // A 100 KB key, and a client key at an admin route: refused, and logged nowhere.
     let huge_key = format!("sk-step3-{}", "h".repeat(100 * 1024));
     assert_eq!(
-        chat(&huge_key, &chat_body("three")).await.unwrap().status(),
+        gw.chat(&huge_key, &chat_body("three")).await.status(),
         StatusCode::UNAUTHORIZED
     );
-    let admin_as_client = http
-        .get(format!("{}/admin/v1/calls", gw.url))
-        .bearer_auth(&secret)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(admin_as_client.status(), StatusCode::UNAUTHORIZED);
+    let (status, _) = gw.get("/admin/v1/calls", Some(&secret)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     let body = stream_body("drain me");
-    let mut stream = chat(&secret, &body).await.unwrap().bytes_stream();
+    let mut stream = gw.chat(&secret, &body).await.bytes_stream();
     stream.next().await.unwrap().unwrap();
     gw.signal("TERM");
-    let rest = crate::common::read_rest(&mut stream).await;
+    let rest = read_rest(&mut stream).await;
     assert!(
         rest.ends_with("data: [DONE]\n\n"),
         "the stream was cut: {rest}"
@@ -227,16 +74,8 @@ async fn sigterm_drains_a_stream_exits_0_keeps_the_books_and_logs_no_secret() {
     );
 
     // Restarted on the same data: both calls are on the books.
-    let gw = Gateway::start(&config).await;
-    let usage: Value = http
-        .get(format!("{}/v1/usage", gw.url))
-        .bearer_auth(&secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let gw = GatewayProcess::start(&config).await;
+    let usage = gw.usage(&secret).await;
     assert_eq!(usage["requests"]["used"], 2);
     assert_eq!(usage["tokens"]["completion"], 24);
     gw.signal("INT");
@@ -248,22 +87,17 @@ async fn sighup_reloads_the_upstream_list() {
     let first = upstream(0).await;
     let second = upstream(0).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &first.url());
-    let gw = Gateway::start(&config).await;
-    let http = reqwest::Client::new();
-    let secret = make_key(&http, &gw.url).await;
-    let call = || {
-        http.post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(&secret)
-            .json(&chat_body("hi"))
-            .send()
-    };
-    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
-    write_config(dir.path(), &second.url());
+    let config = ConfigFile::new(&first.url()).write(dir.path());
+    let gw = GatewayProcess::start(&config).await;
+    let secret = gw.create_key(json!({})).await.secret;
+    let hi = chat_body("hi");
+    let call = || gw.chat(&secret, &hi);
+    assert_eq!(call().await.status(), StatusCode::OK);
+    ConfigFile::new(&second.url()).write(dir.path());
     gw.signal("HUP");
     let mut moved = false;
     for _ in 0..100 {
-        assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(call().await.status(), StatusCode::OK);
         if second.simulator.stats().chat_requests > 0 {
             moved = true;
             break;
@@ -310,17 +144,13 @@ async fn impatient_binary(
     dir: &std::path::Path,
     sim: &RunningSimulator,
     idle_timeout_secs: u64,
-) -> Gateway {
-    let path = write_config(dir, &sim.url());
-    let config = std::fs::read_to_string(&path).unwrap().replace(
-        "shutdown_grace_secs = 10\n",
-        &format!(
-            "shutdown_grace_secs = 10\nheader_read_timeout_secs = 10\n\
-             idle_timeout_secs = {idle_timeout_secs}\n"
-        ),
-    );
-    std::fs::write(&path, config).unwrap();
-    Gateway::start(&path).await
+) -> GatewayProcess {
+    let config = ConfigFile::new(&sim.url())
+        .server(&format!(
+            "header_read_timeout_secs = 10\nidle_timeout_secs = {idle_timeout_secs}"
+        ))
+        .write(dir);
+    GatewayProcess::start(&config).await
 }
 
 /// Run by hand (`cargo test --release --test it -- --ignored --nocapture ten_thousand`):
@@ -331,18 +161,13 @@ async fn ten_thousand_idle_connections_against_the_binary() {
     let sim = upstream(0).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = impatient_binary(dir.path(), &sim, 120).await;
-    let pid = gw.child.id();
-    let http = reqwest::Client::new();
-    let secret = make_key(&http, &gw.url).await;
-    let call = || {
-        http.post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(&secret)
-            .json(&chat_body("hi"))
-            .send()
-    };
-    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    let pid = gw.pid();
+    let secret = gw.create_key(json!({})).await.secret;
+    let hi = chat_body("hi");
+    let call = || gw.chat(&secret, &hi);
+    assert_eq!(call().await.status(), StatusCode::OK);
     let before = rss_and_fds(pid);
-    let addr: SocketAddr = gw.url.trim_start_matches("http://").parse().unwrap();
+    let addr = gw.addr();
     let mut idle = Vec::new();
     let cpu_before = cpu_ms(pid);
     let started_connecting = std::time::Instant::now();
@@ -365,7 +190,7 @@ async fn ten_thousand_idle_connections_against_the_binary() {
     let connected = started_connecting.elapsed();
     let accept_cpu = cpu_ms(pid) - cpu_before;
     let started = std::time::Instant::now();
-    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(call().await.status(), StatusCode::OK);
     let call_time = started.elapsed();
     let opened = std::time::Instant::now();
     let mut after = held;
@@ -406,7 +231,7 @@ async fn ten_thousand_idle_connections_against_the_binary() {
 async fn a_slow_reader_against_the_binary() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const TOKENS: u32 = 200_000;
-    let sim = Simulator::new(SimulatorConfig {
+    let sim = spawn_sim(SimulatorConfig {
         reply_tokens: TOKENS,
         reasoning_tokens: 0,
         max_model_len: 10_000_000,
@@ -414,19 +239,15 @@ async fn a_slow_reader_against_the_binary() {
         record_requests: false,
         ..SimulatorConfig::default()
     })
-    .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let gw = impatient_binary(dir.path(), &sim, 5).await;
-    let pid = gw.child.id();
-    let http = reqwest::Client::new();
-    let secret = make_key(&http, &gw.url).await;
+    let pid = gw.pid();
+    let secret = gw.create_key(json!({})).await.secret;
     let before = rss_and_fds(pid);
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let addr: SocketAddr = gw.url.trim_start_matches("http://").parse().unwrap();
-    let mut socket = socket.connect(addr).await.unwrap();
+    let mut socket = socket.connect(gw.addr()).await.unwrap();
     let body = stream_body("long").to_string();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\n\

@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 use step3_gateway::grpc::pb;
 use step3_gateway::sim::Fault;
 
-use crate::common::{MODEL, TestGateway, chat_body, expect_error, sse_payloads, stream_body};
+use crate::common::{
+    MODEL, RestApi, TestGateway, chat_body, chat_request, expect_error, sse_payloads, stream_body,
+};
 
 fn with_cap(text: &str, max_tokens: u64) -> Value {
     let mut body = chat_body(text);
@@ -263,15 +265,9 @@ async fn a_concurrency_cap_refuses_the_call_over_it_and_frees_its_slot() {
 #[tokio::test]
 async fn a_user_limit_is_shared_by_all_of_the_users_keys() {
     let gw = TestGateway::start().await;
-    let (status, user) = gw
-        .admin(
-            Method::POST,
-            "/users",
-            Some(json!({"name": "team", "rpm_limit": 3})),
-        )
+    let user_id = &gw
+        .create_user(json!({"name": "team", "rpm_limit": 3}))
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{user}");
-    let user_id = user["id"].as_str().unwrap();
     let first = gw.create_key_for(user_id, json!({"rpm_limit": 100})).await;
     let second = gw.create_key_for(user_id, json!({})).await;
     for key in [&first, &second, &first] {
@@ -333,14 +329,8 @@ async fn grpc_calls_carry_the_same_figures_in_metadata() {
         .await;
     let mut chat = gw.grpc_chat(&key.secret).await;
     let request = pb::ChatRequest {
-        model: MODEL.into(),
-        messages: vec![pb::Message {
-            role: "user".into(),
-            text: "hi".into(),
-            ..Default::default()
-        }],
         max_tokens: Some(20),
-        ..Default::default()
+        ..chat_request("hi")
     };
     let response = chat.complete(request.clone()).await.unwrap();
     let metadata = response.metadata();

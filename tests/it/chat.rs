@@ -4,7 +4,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, TestGateway, chat_body, sse_payloads, stream_body};
+use crate::common::{MODEL, RestApi, TestGateway, chat_body, sse_payloads, stream_body};
 
 #[tokio::test]
 async fn json_completion_passes_through_and_charges_its_usage() {
@@ -57,15 +57,7 @@ async fn unknown_fields_and_images_reach_the_upstream_byte_for_byte() {
         "max_tokens": 8
     });
     let raw = serde_json::to_vec(&body).unwrap();
-    let response = gw
-        .http
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key.secret)
-        .header("content-type", "application/json")
-        .body(raw.clone())
-        .send()
-        .await
-        .unwrap();
+    let response = gw.chat_raw(&key.secret, raw.clone()).await;
     assert_eq!(response.status(), StatusCode::OK);
     let answer: Value = response.json().await.unwrap();
     // Two images at the simulator's 256 tokens each, plus the text.
@@ -223,30 +215,10 @@ async fn models_are_filtered_by_the_key_allowlist() {
     let gw = TestGateway::start().await;
     let open = gw.create_key(json!({})).await;
     let narrow = gw.create_key(json!({"models": ["some-other-model"]})).await;
-    let list = |secret: String| {
-        let gw = &gw;
-        async move {
-            let response = gw
-                .http
-                .get(gw.url("/v1/models"))
-                .bearer_auth(secret)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
-            let body: Value = response.json().await.unwrap();
-            body["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["id"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
-    assert_eq!(list(open.secret.clone()).await, vec![MODEL.to_owned()]);
-    assert!(list(narrow.secret.clone()).await.is_empty());
-    let response = gw.http.get(gw.url("/v1/models")).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(gw.models(&open.secret).await, vec![MODEL.to_owned()]);
+    assert!(gw.models(&narrow.secret).await.is_empty());
+    let (status, _) = gw.get("/v1/models", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
@@ -270,15 +242,8 @@ async fn metadata_is_added_to_the_body_only_when_configured() {
 #[tokio::test]
 async fn service_info_health_and_unknown_routes() {
     let gw = TestGateway::start().await;
-    let info: Value = gw
-        .http
-        .get(gw.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, info) = gw.get("/", None).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(info["service"], "step3-gateway");
     assert_eq!(info["endpoints"]["chat"], "POST /v1/chat/completions");
 
@@ -304,9 +269,8 @@ async fn health_reports_a_dead_upstream_without_failing() {
         .config(|c| c.upstream.url = "http://127.0.0.1:9".into())
         .start()
         .await;
-    let response = gw.http.get(gw.url("/health")).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let health: Value = response.json().await.unwrap();
+    let (status, health) = gw.get("/health", None).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(health["status"], "unavailable");
     assert_eq!(health["upstreams"][0]["healthy"], false);
 }

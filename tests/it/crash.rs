@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use step3_gateway::grpc::pb;
 
-use crate::binary::{Gateway, upstream, write_config_with};
-use crate::common::{ADMIN_TOKEN, MODEL, chat_body, sse_payloads, stream_body};
+use crate::common::binary::{ConfigFile, GatewayProcess, upstream};
+use crate::common::{RestApi, chat_body, chat_request, sse_payloads, stream_body};
 
 /// The configured `store.flush_interval_ms` of the CI tests.
 const FLUSH_MS: u64 = 100;
@@ -161,15 +161,7 @@ async fn grpc_call(
     secret: &str,
     request_id: &str,
 ) -> Option<(u64, u64)> {
-    let mut request = tonic::Request::new(pb::ChatRequest {
-        model: MODEL.into(),
-        messages: vec![pb::Message {
-            role: "user".into(),
-            text: request_id.into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(chat_request(request_id));
     let metadata = request.metadata_mut();
     metadata.insert("authorization", format!("Bearer {secret}").parse().ok()?);
     metadata.insert("x-request-id", request_id.parse().ok()?);
@@ -177,33 +169,26 @@ async fn grpc_call(
     Some((usage.prompt_tokens, usage.completion_tokens))
 }
 
-async fn admin(http: &reqwest::Client, url: &str, path: &str, body: Option<Value>) -> Value {
-    let request = match body {
-        Some(body) => http.post(format!("{url}/admin/v1{path}")).json(&body),
-        None => http.get(format!("{url}/admin/v1{path}")),
-    };
-    let response = request.bearer_auth(ADMIN_TOKEN).send().await.unwrap();
-    assert!(response.status().is_success(), "{path}: {response:?}");
-    response.json().await.unwrap()
+/// `GET /admin/v1<path>`, asserted to succeed.
+async fn admin_get(gw: &GatewayProcess, path: &str) -> Value {
+    let (status, body) = gw.admin(Method::GET, path, None).await;
+    assert!(status.is_success(), "{path}: {status} {body}");
+    body
 }
 
 /// Three keys: no quota, a request quota the load uses up, a token quota.
-async fn make_keys(http: &reqwest::Client, url: &str) -> Vec<Key> {
-    let user = admin(http, url, "/users", Some(json!({"name": "crash"}))).await;
+async fn make_keys(gw: &GatewayProcess) -> Vec<Key> {
+    let user_id = gw.create_user(json!({"name": "crash"})).await;
     let mut keys = Vec::new();
     for (settings, request_quota) in [
         (json!({}), None),
         (json!({"request_quota": 150}), Some(150)),
         (json!({"token_quota": 50_000_000}), None),
     ] {
-        let mut body = json!({"user_id": user["id"]});
-        body.as_object_mut()
-            .unwrap()
-            .extend(settings.as_object().unwrap().clone());
-        let key = admin(http, url, "/keys", Some(body)).await;
+        let key = gw.create_key_for(&user_id, settings).await;
         keys.push(Key {
-            id: key["id"].as_str().unwrap().to_owned(),
-            secret: key["secret"].as_str().unwrap().to_owned(),
+            id: key.id,
+            secret: key.secret,
             request_quota,
         });
     }
@@ -226,16 +211,8 @@ impl Counters {
     }
 }
 
-async fn counters(http: &reqwest::Client, url: &str, key: &Key) -> Counters {
-    let usage: Value = http
-        .get(format!("{url}/v1/usage"))
-        .bearer_auth(&key.secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+async fn counters(gw: &GatewayProcess, key: &Key) -> Counters {
+    let usage = gw.usage(&key.secret).await;
     Counters {
         requests: usage["requests"]["used"].as_u64().unwrap(),
         prompt: usage["tokens"]["prompt"].as_u64().unwrap(),
@@ -244,17 +221,12 @@ async fn counters(http: &reqwest::Client, url: &str, key: &Key) -> Counters {
 }
 
 /// A key's whole call log, all pages.
-async fn call_log(http: &reqwest::Client, url: &str, key: &Key) -> Vec<Value> {
+async fn call_log(gw: &GatewayProcess, key: &Key) -> Vec<Value> {
     let mut calls = Vec::new();
     let mut token = String::new();
     loop {
-        let page = admin(
-            http,
-            url,
-            &format!("/keys/{}/calls?limit=1000&page_token={token}", key.id),
-            None,
-        )
-        .await;
+        let path = format!("/keys/{}/calls?limit=1000&page_token={token}", key.id);
+        let page = admin_get(gw, &path).await;
         calls.extend(page["calls"].as_array().unwrap().iter().cloned());
         token = page["next_page_token"].as_str().unwrap().to_owned();
         if token.is_empty() {
@@ -278,8 +250,7 @@ struct Round {
 /// `safe` calls (finished before a quiet period longer than the flush interval) must all be
 /// there, and the counters may not be below `before` (an admin read made at that point).
 async fn check_books(
-    http: &reqwest::Client,
-    url: &str,
+    gw: &GatewayProcess,
     keys: &[Key],
     seen: &Seen,
     safe: &HashSet<String>,
@@ -288,7 +259,7 @@ async fn check_books(
 ) -> Round {
     let mut logged: HashMap<String, Value> = HashMap::new();
     for (i, key) in keys.iter().enumerate() {
-        let log = call_log(http, url, key).await;
+        let log = call_log(gw, key).await;
         let mut sum = Counters::default();
         for call in &log {
             let id = call["request_id"].as_str().unwrap().to_owned();
@@ -301,9 +272,9 @@ async fn check_books(
                 "a call counted twice: {call}"
             );
         }
-        let now = counters(http, url, key).await;
+        let now = counters(gw, key).await;
         assert_eq!(now, sum, "{}: counters differ from the call log", key.id);
-        let report = admin(http, url, &format!("/keys/{}/usage", key.id), None).await;
+        let report = admin_get(gw, &format!("/keys/{}/usage", key.id)).await;
         assert_eq!(
             (
                 report["requests"].as_u64().unwrap(),
@@ -358,17 +329,9 @@ async fn check_books(
 }
 
 /// Waits (bounded) until the writer has nothing queued, then a few flush intervals more.
-async fn settle_store(http: &reqwest::Client, url: &str, flush_ms: u64) {
+async fn settle_store(gw: &GatewayProcess, flush_ms: u64) {
     for _ in 0..500 {
-        let health: Value = http
-            .get(format!("{url}/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if health["store"]["usage_backlog"] == 0 {
+        if gw.health().await["store"]["usage_backlog"] == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -382,22 +345,21 @@ async fn settle_store(http: &reqwest::Client, url: &str, flush_ms: u64) {
 /// of it, a restart on the same data dir, and the books checked. Returns the restarted
 /// gateway and the round's figures.
 async fn kill_round(
-    gw: Gateway,
+    gw: GatewayProcess,
     config: &Path,
     keys: &Arc<Vec<Key>>,
     seen: &Arc<Mutex<Seen>>,
     tag: &str,
     load_for: Duration,
     flush_ms: u64,
-) -> (Gateway, Round) {
-    let http = reqwest::Client::new();
-    let load = Load::start(&gw.url, keys, seen, &format!("{tag}a"));
+) -> (GatewayProcess, Round) {
+    let load = Load::start(gw.base_url(), keys, seen, &format!("{tag}a"));
     tokio::time::sleep(load_for / 2).await;
     load.stop().await;
-    settle_store(&http, &gw.url, flush_ms).await;
+    settle_store(&gw, flush_ms).await;
     let mut before = Vec::new();
     for key in keys.iter() {
-        before.push(counters(&http, &gw.url, key).await);
+        before.push(counters(&gw, key).await);
     }
     let safe: HashSet<String> = seen
         .lock()
@@ -407,7 +369,7 @@ async fn kill_round(
         .map(|c| c.request_id.clone())
         .collect();
 
-    let load = Load::start(&gw.url, keys, seen, &format!("{tag}b"));
+    let load = Load::start(gw.base_url(), keys, seen, &format!("{tag}b"));
     tokio::time::sleep(load_for).await;
     let kill_at = Instant::now();
     gw.signal("KILL");
@@ -415,7 +377,7 @@ async fn kill_round(
     assert_eq!(status.code(), None, "not killed: {status:?}");
     load.stop().await;
 
-    let gw = Gateway::start_logging(config, "info").await;
+    let gw = GatewayProcess::start_logging(config, "info").await;
     let snapshot = {
         let seen = seen.lock().unwrap();
         Seen {
@@ -423,24 +385,21 @@ async fn kill_round(
             completed: seen.completed.clone(),
         }
     };
-    let round = check_books(&http, &gw.url, keys, &snapshot, &safe, &before, kill_at).await;
+    let round = check_books(&gw, keys, &snapshot, &safe, &before, kill_at).await;
     // The next round counts its own calls only.
     seen.lock().unwrap().completed.clear();
     (gw, round)
 }
 
-async fn start(dir: &Path, flush_ms: u64) -> (Gateway, std::path::PathBuf, Arc<Vec<Key>>) {
+async fn start(dir: &Path, flush_ms: u64) -> (GatewayProcess, std::path::PathBuf, Arc<Vec<Key>>) {
     let sim = upstream(1).await;
-    let config = write_config_with(
-        dir,
-        &sim.url(),
-        &dir.join("data"),
-        &format!("flush_interval_ms = {flush_ms}"),
-    );
+    let config = ConfigFile::new(&sim.url())
+        .store(&format!("flush_interval_ms = {flush_ms}"))
+        .write(dir);
     // The simulator lives as long as the test process; it is small.
     std::mem::forget(sim);
-    let gw = Gateway::start_logging(&config, "info").await;
-    let keys = Arc::new(make_keys(&reqwest::Client::new(), &gw.url).await);
+    let gw = GatewayProcess::start_logging(&config, "info").await;
+    let keys = Arc::new(make_keys(&gw).await);
     (gw, config, keys)
 }
 
@@ -517,11 +476,10 @@ async fn kill_9_rounds() {
     );
     gw.signal("TERM");
     assert!(gw.wait().await.0.success());
-    let http = reqwest::Client::new();
-    let gw = Gateway::start_logging(&config, "info").await;
+    let gw = GatewayProcess::start_logging(&config, "info").await;
     let mut logged = 0;
     for key in keys.iter() {
-        logged += call_log(&http, &gw.url, key).await.len();
+        logged += call_log(&gw, key).await.len();
     }
     gw.signal("TERM");
     assert!(gw.wait().await.0.success());
@@ -551,8 +509,7 @@ async fn sigterm_under_mixed_load_exits_0_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (gw, config, keys) = start(dir.path(), FLUSH_MS).await;
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let http = reqwest::Client::new();
-    let load = Load::start(&gw.url, &keys, &seen, "t");
+    let load = Load::start(gw.base_url(), &keys, &seen, "t");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.signal("TERM");
     let (status, logs) = gw.wait().await;
@@ -560,7 +517,7 @@ async fn sigterm_under_mixed_load_exits_0_and_loses_nothing() {
     assert!(status.success(), "{status:?}");
     assert!(logs.iter().any(|l| l.contains("usage flushed")));
 
-    let gw = Gateway::start_logging(&config, "info").await;
+    let gw = GatewayProcess::start_logging(&config, "info").await;
     let seen = Arc::try_unwrap(seen).ok().unwrap().into_inner().unwrap();
     let everything: HashSet<String> = seen
         .completed
@@ -568,16 +525,7 @@ async fn sigterm_under_mixed_load_exits_0_and_loses_nothing() {
         .map(|c| c.request_id.clone())
         .collect();
     let zero = vec![Counters::default(); keys.len()];
-    let round = check_books(
-        &http,
-        &gw.url,
-        &keys,
-        &seen,
-        &everything,
-        &zero,
-        Instant::now(),
-    )
-    .await;
+    let round = check_books(&gw, &keys, &seen, &everything, &zero, Instant::now()).await;
     assert_eq!(round.lost, 0);
     assert!(round.completed > 0);
     gw.signal("TERM");

@@ -5,28 +5,20 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::core::store::Store;
-use step3_gateway::grpc::pb;
 use step3_gateway::store::SledStore;
 
-use crate::binary::{Gateway, make_key, upstream, write_config_with};
-use crate::common::{MODEL, TestGateway, chat_body, expect_error};
+use crate::common::binary::{ConfigFile, GatewayProcess, serve_command, upstream};
+use crate::common::{RestApi, TestGateway, chat_body, chat_request, expect_error};
 
 /// Runs `serve` and expects it to exit by itself; returns the exit code and stderr.
 fn serve_expecting_exit(config: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_step3-gateway"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve_command(config, "info").spawn().unwrap();
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -57,19 +49,15 @@ fn last_line(stderr: &str) -> &str {
 async fn used_data_dir(dir: &Path) -> (PathBuf, PathBuf) {
     let sim = upstream(0).await;
     let data = dir.join("data");
-    let config = write_config_with(dir, &sim.url(), &data, "flush_interval_ms = 50");
-    let gw = Gateway::start_logging(&config, "info").await;
-    let http = reqwest::Client::new();
-    let secret = make_key(&http, &gw.url).await;
+    let config = ConfigFile::new(&sim.url())
+        .data(&data)
+        .store("flush_interval_ms = 50")
+        .write(dir);
+    let gw = GatewayProcess::start_logging(&config, "info").await;
+    let secret = gw.create_key(json!({})).await.secret;
     // Enough calls that sled's log spans a few hundred kilobytes.
     for _ in 0..150 {
-        let response = http
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(&secret)
-            .json(&chat_body("hello"))
-            .send()
-            .await
-            .unwrap();
+        let response = gw.chat(&secret, &chat_body("hello")).await;
         assert!(response.status().is_success());
     }
     gw.signal("TERM");
@@ -153,7 +141,9 @@ async fn a_data_dir_that_cannot_be_created_stops_the_start_with_a_clear_message(
     let blocker = dir.path().join("not-a-dir");
     std::fs::write(&blocker, b"x").unwrap();
     let data = blocker.join("data");
-    let config = write_config_with(dir.path(), "http://127.0.0.1:9", &data, "");
+    let config = ConfigFile::new("http://127.0.0.1:9")
+        .data(&data)
+        .write(dir.path());
     let (code, stderr) = serve_expecting_exit(&config);
     assert_eq!(code, Some(1), "{stderr}");
     let error = last_line(&stderr);
@@ -297,18 +287,7 @@ async fn a_full_disk_refuses_new_calls_keeps_settled_usage_and_recovers_by_itsel
     assert!(metrics.contains("step3gw_store_available 0"), "{metrics}");
     assert!(metrics.contains("step3gw_refusals_total{reason=\"store\"} 1"));
     let mut grpc = gw.grpc_chat(&key.secret).await;
-    let status = grpc
-        .complete(pb::ChatRequest {
-            model: MODEL.into(),
-            messages: vec![pb::Message {
-                role: "user".into(),
-                text: "grpc".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let status = grpc.complete(chat_request("grpc")).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(
         gw.usage(&key.secret).await["requests"]["used"],
@@ -357,20 +336,16 @@ async fn a_store_still_failing_at_sigterm_makes_the_exit_code_say_usage_was_lost
     };
     let sim = upstream(0).await;
     let data = mount_point.join("data");
-    let config = write_config_with(dir.path(), &sim.url(), &data, "flush_interval_ms = 50");
-    let gw = Gateway::start_logging(&config, "info").await;
-    let http = reqwest::Client::new();
-    let secret = make_key(&http, &gw.url).await;
+    let config = ConfigFile::new(&sim.url())
+        .data(&data)
+        .store("flush_interval_ms = 50")
+        .write(dir.path());
+    let gw = GatewayProcess::start_logging(&config, "info").await;
+    let secret = gw.create_key(json!({})).await.secret;
     fill(&mount_point.join("filler"));
     let mut answered = 0;
     for _ in 0..5000 {
-        let response = http
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(&secret)
-            .json(&chat_body("fill"))
-            .send()
-            .await
-            .unwrap();
+        let response = gw.chat(&secret, &chat_body("fill")).await;
         if response.status() == StatusCode::SERVICE_UNAVAILABLE {
             break;
         }

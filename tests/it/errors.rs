@@ -6,7 +6,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use step3_gateway::sim::Fault;
 
-use crate::common::{MODEL, TestGateway, chat_body, expect_error};
+use crate::common::{MODEL, RestApi, TestGateway, chat_body, expect_error};
 
 async fn assert_nothing_charged(gw: &TestGateway, secret: &str) {
     let usage = gw.usage(secret).await;
@@ -149,16 +149,8 @@ async fn exhausted_request_and_token_quotas_answer_insufficient_quota() {
 async fn malformed_bodies_get_400_naming_the_problem() {
     let gw = TestGateway::start().await;
     let key = gw.create_key(json!({})).await;
-    let send_raw = |body: &'static str| {
-        gw.http
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(&key.secret)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-    };
     let error = expect_error(
-        send_raw("{\"model\": ").await.unwrap(),
+        gw.chat_raw(&key.secret, "{\"model\": ").await,
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -169,7 +161,11 @@ async fn malformed_bodies_get_400_naming_the_problem() {
             .contains("parse the JSON"),
         "{error}"
     );
-    let error = expect_error(send_raw("[1,2,3]").await.unwrap(), StatusCode::BAD_REQUEST).await;
+    let error = expect_error(
+        gw.chat_raw(&key.secret, "[1,2,3]").await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     assert_eq!(error["type"], "invalid_request_error");
 
     let cases = [

@@ -10,26 +10,14 @@ use step3_gateway::grpc::pb;
 use step3_gateway::sim::Fault;
 use tonic::Code;
 
-use crate::common::{MODEL, TestGateway, chat_body};
-
-fn text_request(text: &str) -> pb::ChatRequest {
-    pb::ChatRequest {
-        model: MODEL.into(),
-        messages: vec![pb::Message {
-            role: "user".into(),
-            text: text.into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
+use crate::common::{MODEL, RestApi, TestGateway, chat_body, chat_request};
 
 #[tokio::test]
 async fn complete_answers_typed_and_charges_the_same_books_as_rest() {
     let gw = TestGateway::start().await;
     let key = gw.create_key(json!({"request_quota": 10})).await;
     let mut chat = gw.grpc_chat(&key.secret).await;
-    let mut request = text_request("Describe a bee");
+    let mut request = chat_request("Describe a bee");
     request.max_tokens = Some(6);
     request.temperature = Some(0.2);
     request.extra = Some(prost_types::Struct {
@@ -133,7 +121,7 @@ async fn a_stream_sends_one_message_per_chunk_and_ends_with_finish_reason_and_us
     let key = gw.create_key(json!({})).await;
     let mut chat = gw.grpc_chat(&key.secret).await;
     let mut stream = chat
-        .stream_complete(text_request("stream it"))
+        .stream_complete(chat_request("stream it"))
         .await
         .unwrap()
         .into_inner();
@@ -190,7 +178,7 @@ async fn models_are_listed_through_the_allowlist() {
 async fn each_refusal_has_its_grpc_code() {
     let gw = TestGateway::start().await;
     let mut nobody = gw.grpc_chat("sk-step3-nope").await;
-    let status = nobody.complete(text_request("hi")).await.unwrap_err();
+    let status = nobody.complete(chat_request("hi")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     let mut anonymous = pb::chat_client::ChatClient::new(gw.channel().await);
     assert_eq!(
@@ -206,15 +194,15 @@ async fn each_refusal_has_its_grpc_code() {
     let status = gw
         .grpc_chat(&narrow.secret)
         .await
-        .complete(text_request("hi"))
+        .complete(chat_request("hi"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 
     let limited = gw.create_key(json!({"rpm_limit": 1})).await;
     let mut chat = gw.grpc_chat(&limited.secret).await;
-    chat.complete(text_request("one")).await.unwrap();
-    let status = chat.complete(text_request("two")).await.unwrap_err();
+    chat.complete(chat_request("one")).await.unwrap();
+    let status = chat.complete(chat_request("two")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     let retry: u64 = status
         .metadata()
@@ -232,8 +220,8 @@ async fn each_refusal_has_its_grpc_code() {
 
     let spent = gw.create_key(json!({"request_quota": 1})).await;
     let mut chat = gw.grpc_chat(&spent.secret).await;
-    chat.complete(text_request("one")).await.unwrap();
-    let status = chat.complete(text_request("two")).await.unwrap_err();
+    chat.complete(chat_request("one")).await.unwrap();
+    let status = chat.complete(chat_request("two")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(
         status.metadata().get("x-quota-exceeded").unwrap(),
@@ -255,7 +243,7 @@ async fn each_refusal_has_its_grpc_code() {
     let status = chat
         .complete(pb::ChatRequest {
             model: "no-such-model".into(),
-            ..text_request("hi")
+            ..chat_request("hi")
         })
         .await
         .unwrap_err();
@@ -264,7 +252,7 @@ async fn each_refusal_has_its_grpc_code() {
     gw.sim
         .simulator
         .push_fault(Fault::Delay(Duration::from_secs(5)));
-    let mut request = tonic::Request::new(text_request("slow"));
+    let mut request = tonic::Request::new(chat_request("slow"));
     request.set_timeout(Duration::from_secs(2));
     let status = chat.complete(request).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -280,7 +268,7 @@ async fn upstream_failures_are_unavailable_or_deadline_exceeded() {
     let status = dead
         .grpc_chat(&key.secret)
         .await
-        .complete(text_request("hi"))
+        .complete(chat_request("hi"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -296,7 +284,7 @@ async fn upstream_failures_are_unavailable_or_deadline_exceeded() {
     let status = slow
         .grpc_chat(&key.secret)
         .await
-        .complete(text_request("hi"))
+        .complete(chat_request("hi"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
@@ -319,7 +307,7 @@ async fn a_cancelled_stream_stops_the_upstream_and_is_charged_what_was_generated
     let key = gw.create_key(json!({})).await;
     let mut chat = gw.grpc_chat(&key.secret).await;
     let mut stream = chat
-        .stream_complete(text_request("long"))
+        .stream_complete(chat_request("long"))
         .await
         .unwrap()
         .into_inner();
@@ -350,13 +338,13 @@ async fn one_key_has_one_budget_across_rest_and_grpc() {
         gw.chat(&key.secret, &chat_body("rest 1")).await.status(),
         StatusCode::OK
     );
-    chat.complete(text_request("grpc 1")).await.unwrap();
+    chat.complete(chat_request("grpc 1")).await.unwrap();
     assert_eq!(
         gw.chat(&key.secret, &chat_body("rest 2")).await.status(),
         StatusCode::OK
     );
     assert_eq!(
-        chat.complete(text_request("grpc 2"))
+        chat.complete(chat_request("grpc 2"))
             .await
             .unwrap_err()
             .code(),
@@ -376,13 +364,13 @@ async fn one_key_has_one_budget_across_rest_and_grpc() {
 
     let quota = gw.create_key(json!({"request_quota": 2})).await;
     let mut chat = gw.grpc_chat(&quota.secret).await;
-    chat.complete(text_request("grpc")).await.unwrap();
+    chat.complete(chat_request("grpc")).await.unwrap();
     assert_eq!(
         gw.chat(&quota.secret, &chat_body("rest")).await.status(),
         StatusCode::OK
     );
     assert_eq!(
-        chat.complete(text_request("grpc"))
+        chat.complete(chat_request("grpc"))
             .await
             .unwrap_err()
             .code(),
@@ -540,7 +528,7 @@ async fn grpc_can_have_a_port_of_its_own() {
     let key = gw.create_key(json!({})).await;
     gw.grpc_chat(&key.secret)
         .await
-        .complete(text_request("hi"))
+        .complete(chat_request("hi"))
         .await
         .unwrap();
     // The REST port no longer serves gRPC.

@@ -4,7 +4,7 @@ use serde_json::json;
 use step3_gateway::grpc::pb;
 use tonic::Code;
 
-use crate::common::{Bearer, TestGateway, chat_body};
+use crate::common::{Bearer, RestApi, TestGateway, chat_body};
 
 #[tokio::test]
 async fn users_are_managed_over_grpc() {

@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::common::{ADMIN_TOKEN, TestGateway, venv_program};
+use crate::common::{ADMIN_TOKEN, RestApi, TestGateway, venv_program};
 
 const SECTION: &str = "## Using it (gRPC)";
 const README_ADDR: &str = "localhost:8080";

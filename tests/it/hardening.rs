@@ -4,12 +4,14 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::sim::Fault;
 use tokio::io::AsyncWriteExt;
 
-use crate::common::{MODEL, TestGateway, chat_body, stream_body};
+use crate::common::{
+    MODEL, RestApi, TestGateway, chat_body, chat_request, expect_status, stream_body,
+};
 
 /// `"max_tokens": null` must be replaced, not shadowed: the upstream keeps the last of two
 /// duplicate keys (as Python's json and vLLM do), so a prepended cap would be ignored.
@@ -58,17 +60,10 @@ async fn a_refusal_by_the_user_limit_gives_the_key_its_request_back() {
         .sim(|s| s.token_latency = Duration::from_millis(40))
         .start()
         .await;
-    let (status, user) = gw
-        .admin(
-            Method::POST,
-            "/users",
-            Some(json!({"name": "u", "max_concurrent": 1})),
-        )
+    let user_id = gw
+        .create_user(json!({"name": "u", "max_concurrent": 1}))
         .await;
-    assert_eq!(status, StatusCode::CREATED);
-    let key = gw
-        .create_key_for(user["id"].as_str().unwrap(), json!({"rpm_limit": 2}))
-        .await;
+    let key = gw.create_key_for(&user_id, json!({"rpm_limit": 2})).await;
     let mut stream_body = chat_body("long");
     stream_body["stream"] = json!(true);
     let stream = gw.chat(&key.secret, &stream_body).await;
@@ -82,9 +77,17 @@ async fn a_refusal_by_the_user_limit_gives_the_key_its_request_back() {
     while bytes.next().await.is_some() {}
     tokio::time::sleep(Duration::from_millis(100)).await;
     let second = gw.chat(&key.secret, &chat_body("c")).await;
-    let status = second.status();
-    let text = second.text().await.unwrap();
-    assert_eq!(status, StatusCode::OK, "{text}");
+    expect_status(second, StatusCode::OK).await;
+}
+
+/// An unauthenticated gRPC-looking POST to `path`.
+async fn post_as_grpc(gw: &TestGateway, path: &str) -> reqwest::Response {
+    gw.http
+        .post(gw.url(path))
+        .header("content-type", "application/grpc")
+        .send()
+        .await
+        .unwrap()
 }
 
 /// Unauthenticated requests to made-up gRPC methods must not each make a metrics series.
@@ -93,13 +96,7 @@ async fn made_up_grpc_paths_share_one_metrics_label() {
     let gw = TestGateway::start().await;
     for i in 0..50 {
         let path = format!("/step3.gateway.v1.Chat/Nope{i}{}", "x".repeat(2000));
-        let response = gw
-            .http
-            .post(gw.url(&path))
-            .header("content-type", "application/grpc")
-            .send()
-            .await
-            .unwrap();
+        let response = post_as_grpc(&gw, &path).await;
         assert_eq!(response.status(), StatusCode::OK);
     }
     let text = gw.metrics().await;
@@ -173,19 +170,10 @@ async fn a_stalled_upload_does_not_block_shutdown() {
 /// not a panic.
 #[tokio::test]
 async fn an_absurd_grpc_timeout_is_ignored_not_a_panic() {
-    use step3_gateway::grpc::pb;
     let gw = TestGateway::start().await;
     let key = gw.create_key(json!({})).await;
     let mut client = gw.grpc_chat(&key.secret).await;
-    let mut request = tonic::Request::new(pb::ChatRequest {
-        model: MODEL.into(),
-        messages: vec![pb::Message {
-            role: "user".into(),
-            text: "hi".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(chat_request("hi"));
     request
         .metadata_mut()
         .insert("grpc-timeout", "18446744073709551615S".parse().unwrap());
@@ -206,9 +194,7 @@ async fn a_small_tpm_limit_caps_calls_that_give_no_max_tokens() {
     let gw = TestGateway::start().await;
     let key = gw.create_key(json!({"tpm_limit": 2000})).await;
     let response = gw.chat(&key.secret, &chat_body("hi")).await;
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    assert_eq!(status, StatusCode::OK, "{text}");
+    expect_status(response, StatusCode::OK).await;
 }
 
 /// The gRPC door: `extra: {"max_tokens": null}` is capped like REST's null.
@@ -230,14 +216,8 @@ async fn a_null_max_tokens_in_grpc_extra_is_still_capped() {
     );
     let answer = client
         .complete(pb::ChatRequest {
-            model: MODEL.into(),
-            messages: vec![pb::Message {
-                role: "user".into(),
-                text: "hi".into(),
-                ..Default::default()
-            }],
             extra: Some(extra),
-            ..Default::default()
+            ..chat_request("hi")
         })
         .await
         .unwrap()
@@ -251,13 +231,7 @@ async fn a_null_max_tokens_in_grpc_extra_is_still_capped() {
 async fn a_long_made_up_grpc_path_is_not_kept_in_metrics() {
     let gw = TestGateway::start().await;
     let path = format!("/step3.gateway.v1.{}", "y".repeat(60_000));
-    let response = gw
-        .http
-        .post(gw.url(&path))
-        .header("content-type", "application/grpc")
-        .send()
-        .await
-        .unwrap();
+    let response = post_as_grpc(&gw, &path).await;
     assert_eq!(response.headers()["grpc-status"], "12");
     let text = gw.metrics().await;
     assert!(text.len() < 60_000, "/metrics is {} bytes", text.len());

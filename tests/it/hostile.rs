@@ -9,7 +9,10 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{MODEL, TestGateway, TestKey, chat_body, expect_error, stream_body};
+use crate::common::{
+    MODEL, RestApi, TestGateway, TestKey, chat_body, chat_request, expect_error, expect_status,
+    stream_body,
+};
 
 /// A bound for things that should take about a second: generous, since this machine is
 /// shared; the tests check that a connection is closed, not how fast.
@@ -46,27 +49,38 @@ async fn read_until_closed(
     read.ok().map(|()| received)
 }
 
-/// A client that opens a connection per request.
-fn unpooled() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
+/// The gateway through a client that opens a connection per request. (Not one from the
+/// shared pool: a pooled connection idle for a second is being closed by these impatient
+/// gateways.)
+struct Unpooled<'a> {
+    gw: &'a TestGateway,
+    http: reqwest::Client,
 }
 
-/// A normal call on a connection of its own succeeds. (Not one from the shared pool: a
-/// pooled connection idle for a second is being closed by these impatient gateways.)
-async fn assert_served(gw: &TestGateway, key: &TestKey) {
-    let response = unpooled()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key.secret)
-        .json(&chat_body("meanwhile"))
-        .send()
-        .await
+fn unpooled(gw: &TestGateway) -> Unpooled<'_> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
         .unwrap();
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    assert_eq!(status, StatusCode::OK, "{text}");
+    Unpooled { gw, http }
+}
+
+impl RestApi for Unpooled<'_> {
+    fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    fn url(&self, path: &str) -> String {
+        self.gw.url(path)
+    }
+}
+
+/// A normal call on a connection of its own succeeds.
+async fn assert_served(gw: &TestGateway, key: &TestKey) {
+    let response = unpooled(gw)
+        .chat(&key.secret, &chat_body("meanwhile"))
+        .await;
+    expect_status(response, StatusCode::OK).await;
 }
 
 #[tokio::test]
@@ -134,15 +148,7 @@ async fn a_trickled_body_gets_408_and_its_connection_is_closed() {
     // Only the normal call reached the model server; the one that never arrived is not
     // charged.
     assert_eq!(gw.sim.simulator.stats().chat_requests, 1);
-    let usage: Value = unpooled()
-        .get(gw.url("/v1/usage"))
-        .bearer_auth(&key.secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = unpooled(&gw).usage(&key.secret).await;
     assert_eq!(usage["requests"]["used"], 1, "{usage}");
 }
 
@@ -274,18 +280,6 @@ async fn a_reader_that_barely_reads_holds_back_the_upstream() {
     );
 }
 
-/// Sends `body` as a chat request with the key.
-async fn send_raw(gw: &TestGateway, key: &TestKey, body: Vec<u8>) -> reqwest::Response {
-    gw.http
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key.secret)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 fn nested(depth: usize) -> String {
     format!("{}{}", "[".repeat(depth), "]".repeat(depth))
 }
@@ -314,7 +308,7 @@ async fn deeply_nested_json_is_a_400_wherever_it_hides() {
     ];
     for body in bodies {
         let error = expect_error(
-            send_raw(&gw, &key, body.clone().into_bytes()).await,
+            gw.chat_raw(&key.secret, body.clone().into_bytes()).await,
             StatusCode::BAD_REQUEST,
         )
         .await;
@@ -343,7 +337,7 @@ async fn deeply_nested_json_is_a_400_wherever_it_hides() {
         nested(20)
     );
     assert_eq!(
-        send_raw(&gw, &key, fine.into_bytes()).await.status(),
+        gw.chat_raw(&key.secret, fine.into_bytes()).await.status(),
         StatusCode::OK
     );
 }
@@ -370,14 +364,8 @@ async fn a_deep_struct_over_grpc_is_refused_and_the_door_stays_open() {
         let mut extra = prost_types::Struct::default();
         extra.fields.insert("deep".into(), value);
         pb::ChatRequest {
-            model: MODEL.into(),
-            messages: vec![pb::Message {
-                role: "user".into(),
-                text: "hi".into(),
-                ..Default::default()
-            }],
             extra: Some(extra),
-            ..Default::default()
+            ..chat_request("hi")
         }
     };
     let status = client.complete(request(500)).await.unwrap_err();
@@ -455,14 +443,22 @@ async fn invalid_utf8_in_body_or_headers_gets_an_openai_error() {
     let mut body =
         format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"#).into_bytes();
     body.extend_from_slice(b"\"\xff\xfe\"}]}");
-    let error = expect_error(send_raw(&gw, &key, body).await, StatusCode::BAD_REQUEST).await;
+    let error = expect_error(
+        gw.chat_raw(&key.secret, body).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     assert!(
         error["message"].as_str().unwrap().contains("parse"),
         "{error}"
     );
     let mut model = br#"{"messages":[{"role":"user","content":"hi"}],"model":"#.to_vec();
     model.extend_from_slice(b"\"\xc3\x28\"}");
-    expect_error(send_raw(&gw, &key, model).await, StatusCode::BAD_REQUEST).await;
+    expect_error(
+        gw.chat_raw(&key.secret, model).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
 
     // Header values are bytes on the wire. A key that is not text is refused like any
     // wrong key; another header that is not text is ignored (a request id is made).

@@ -2,35 +2,20 @@
 //! gateway. `scripts/test.sh` makes the virtualenv; this test fails without it.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use serde_json::json;
 
-use crate::common::{TestGateway, python};
+use crate::common::{RestApi, TestGateway, run_python};
 
 #[tokio::test]
 async fn the_readme_sdk_examples_run_with_the_official_openai_package() {
     let gw = TestGateway::start().await;
     let key = gw.create_key(json!({})).await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python/openai_sdk.py");
-    let python = python();
-    let base_url = gw.url("/v1");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .env("STEP3GW_BASE_URL", base_url)
-            .env("STEP3GW_API_KEY", key.secret)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let env = vec![
+        ("STEP3GW_BASE_URL", gw.url("/v1")),
+        ("STEP3GW_API_KEY", key.secret),
+    ];
+    let (stdout, stderr) = run_python("examples/python/openai_sdk.py", env).await;
     for example in ["plain: ok", "stream: ok", "image: ok", "errors: ok"] {
         assert!(
             stdout.contains(example),

@@ -1,7 +1,6 @@
 //! Several model servers: routing, failover, retries, ejection, timeouts, aliases, reload,
 //! metrics, and the binary's own signals and logs.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -9,18 +8,12 @@ use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::config::BackendConfig;
-use step3_gateway::sim::{Fault, RunningSimulator, Simulator, SimulatorConfig};
+use step3_gateway::sim::{Fault, SimulatorConfig};
 
 use crate::common::{
-    ADMIN_TOKEN, MODEL, TestGateway, chat_body, expect_error, sse_payloads, stream_body,
+    ADMIN_TOKEN, MODEL, RestApi, TestGateway, chat_body, expect_error, spawn_sim, sse_payloads,
+    stream_body,
 };
-
-async fn sim(config: SimulatorConfig) -> RunningSimulator {
-    Simulator::new(config)
-        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap()
-}
 
 fn backend(name: &str, url: String) -> BackendConfig {
     BackendConfig {
@@ -43,8 +36,8 @@ async fn served(gw: &TestGateway, secret: &str, n: usize) -> Vec<StatusCode> {
 
 #[tokio::test]
 async fn traffic_moves_off_a_backend_that_dies_and_nothing_is_lost() {
-    let a = sim(SimulatorConfig::default()).await;
-    let b = sim(SimulatorConfig::default()).await;
+    let a = spawn_sim(SimulatorConfig::default()).await;
+    let b = spawn_sim(SimulatorConfig::default()).await;
     let (a_url, b_url) = (a.url(), b.url());
     let gw = TestGateway::builder()
         .config(move |c| c.upstream.backends = vec![backend("a", a_url), backend("b", b_url)])
@@ -83,8 +76,8 @@ async fn traffic_moves_off_a_backend_that_dies_and_nothing_is_lost() {
 
 #[tokio::test]
 async fn a_backend_answering_503_is_retried_elsewhere_and_ejected() {
-    let a = sim(SimulatorConfig::default()).await;
-    let b = sim(SimulatorConfig::default()).await;
+    let a = spawn_sim(SimulatorConfig::default()).await;
+    let b = spawn_sim(SimulatorConfig::default()).await;
     for _ in 0..50 {
         a.simulator.push_fault(Fault::Status {
             status: 503,
@@ -124,7 +117,7 @@ async fn a_backend_answering_503_is_retried_elsewhere_and_ejected() {
 
 #[tokio::test]
 async fn a_backend_that_is_never_healthy_gets_nothing() {
-    let b = sim(SimulatorConfig::default()).await;
+    let b = spawn_sim(SimulatorConfig::default()).await;
     let b_url = b.url();
     let gw = TestGateway::builder()
         .config(move |c| {
@@ -204,24 +197,8 @@ async fn an_alias_is_resolved_to_the_served_name_and_listed() {
     let body = json!({"model": "step3-vl", "messages": [{"role": "user", "content": "hi"}]});
     assert_eq!(gw.chat(&key.secret, &body).await.status(), StatusCode::OK);
     assert_eq!(gw.sim.simulator.requests()[0].body["model"], MODEL);
-    let models: Value = gw
-        .http
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&key.secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        ids,
+        gw.models(&key.secret).await,
         vec!["step3-vl"],
         "the key sees only the name it may use"
     );
@@ -229,7 +206,7 @@ async fn an_alias_is_resolved_to_the_served_name_and_listed() {
 
 #[tokio::test]
 async fn a_reload_moves_new_calls_and_lets_calls_in_flight_finish() {
-    let b = sim(SimulatorConfig::default()).await;
+    let b = spawn_sim(SimulatorConfig::default()).await;
     let gw = TestGateway::builder()
         .sim(|s| {
             s.token_latency = Duration::from_millis(50);

@@ -2,10 +2,7 @@
 //! descriptors from the gateway's reflection service) makes a key over `Admin` and chats,
 //! streams and reads its usage over `Chat`, like grpcurl would.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use crate::common::{ADMIN_TOKEN, MODEL, TestGateway, python};
+use crate::common::{ADMIN_TOKEN, MODEL, TestGateway, run_python};
 
 #[tokio::test]
 async fn a_client_knowing_only_reflection_makes_a_key_and_chats() {
@@ -15,27 +12,13 @@ async fn a_client_knowing_only_reflection_makes_a_key_and_chats() {
         .grpc_url()
         .trim_start_matches("http://")
         .to_owned();
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/reflection_client.py");
-    let python = python();
     // The variables are the child's alone: the test process's environment stays untouched.
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .env("STEP3GW_GRPC_TARGET", target)
-            .env("STEP3GW_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("STEP3GW_MODEL", MODEL)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let env = vec![
+        ("STEP3GW_GRPC_TARGET", target),
+        ("STEP3GW_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        ("STEP3GW_MODEL", MODEL.to_owned()),
+    ];
+    let (stdout, stderr) = run_python("tests/python/reflection_client.py", env).await;
     for step in [
         "reflection: ok",
         "health: ok",

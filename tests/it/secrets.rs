@@ -7,7 +7,7 @@ use serde_json::json;
 use step3_gateway::grpc::pb;
 use step3_gateway::sim::Fault;
 
-use crate::common::{ADMIN_TOKEN, TestGateway, chat_body, stream_body};
+use crate::common::{ADMIN_TOKEN, RestApi, TestGateway, chat_body, stream_body};
 
 const UPSTREAM_KEY: &str = "upstream-secret-key-5a5a5a5a";
 const WRONG_KEY: &str = "sk-step3-0123456789abcdef0123456789abcdef01234567";

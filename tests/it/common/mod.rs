@@ -1,11 +1,15 @@
 //! The test harness: a real gateway on 127.0.0.1:0 with a fresh sled directory, in front
 //! of the simulated STEP3-VL server (also on port 0) whose faults each test scripts.
+//! [`binary`] starts the compiled binary instead; [`RestApi`] calls either over REST.
+
+pub mod binary;
+mod rest;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::app::{self, RunningGateway};
 use step3_gateway::config::GatewayConfig;
@@ -14,6 +18,8 @@ use step3_gateway::sim::{DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorCo
 use tempfile::TempDir;
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+pub use rest::RestApi;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const MODEL: &str = DEFAULT_MODEL;
@@ -37,10 +43,7 @@ impl Builder {
     }
 
     pub async fn start(self) -> TestGateway {
-        let sim = Simulator::new(self.sim)
-            .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
+        let sim = spawn_sim(self.sim).await;
         let dir = tempfile::tempdir().unwrap();
         let mut config = GatewayConfig::default();
         config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -96,10 +99,6 @@ impl TestGateway {
         self.gateway.as_ref().unwrap()
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.running().url())
-    }
-
     /// Stops the gateway (graceful, flushing) and starts it again on the same data dir.
     pub async fn restart(&mut self) {
         self.stop().await;
@@ -118,107 +117,15 @@ impl TestGateway {
             gateway.shutdown().await;
         }
     }
+}
 
-    pub async fn admin(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = self
-            .http
-            .request(method, self.url(&format!("/admin/v1{path}")))
-            .bearer_auth(ADMIN_TOKEN);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
+impl RestApi for TestGateway {
+    fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
-    /// A new user with one key; `settings` are merged into the key's creation body.
-    pub async fn create_key(&self, settings: Value) -> TestKey {
-        let (status, user) = self
-            .admin(Method::POST, "/users", Some(json!({"name": "tester"})))
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{user}");
-        let user_id = user["id"].as_str().unwrap().to_owned();
-        self.create_key_for(&user_id, settings).await
-    }
-
-    pub async fn create_key_for(&self, user_id: &str, settings: Value) -> TestKey {
-        let mut body = json!({"user_id": user_id, "name": "test key"});
-        if let (Some(body), Some(extra)) = (body.as_object_mut(), settings.as_object()) {
-            body.extend(extra.clone());
-        }
-        let (status, key) = self.admin(Method::POST, "/keys", Some(body)).await;
-        assert_eq!(status, StatusCode::CREATED, "{key}");
-        TestKey {
-            id: key["id"].as_str().unwrap().to_owned(),
-            user_id: user_id.to_owned(),
-            secret: key["secret"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    pub async fn chat(&self, secret: &str, body: &Value) -> reqwest::Response {
-        self.http
-            .post(self.url("/v1/chat/completions"))
-            .bearer_auth(secret)
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    pub async fn usage(&self, secret: &str) -> Value {
-        let response = self
-            .http
-            .get(self.url("/v1/usage"))
-            .bearer_auth(secret)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        response.json().await.unwrap()
-    }
-
-    /// `/health`'s body, whatever its status (a gateway that cannot serve answers 503).
-    pub async fn health(&self) -> Value {
-        let response = self.http.get(self.url("/health")).send().await.unwrap();
-        response.json().await.unwrap()
-    }
-
-    /// `/metrics`, as Prometheus text.
-    pub async fn metrics(&self) -> String {
-        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
-        response.text().await.unwrap()
-    }
-
-    /// The key's call log, newest first.
-    pub async fn calls(&self, key_id: &str) -> Vec<Value> {
-        let (status, body) = self
-            .admin(
-                Method::GET,
-                &format!("/keys/{key_id}/calls?limit=1000"),
-                None,
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        body["calls"].as_array().unwrap().clone()
-    }
-
-    /// Waits (bounded) until the key's call log has `n` entries: settlement of abandoned
-    /// streams and the background writer both run after the client has its answer.
-    pub async fn wait_for_calls(&self, key_id: &str, n: usize) -> Vec<Value> {
-        for _ in 0..200 {
-            let calls = self.calls(key_id).await;
-            if calls.len() >= n {
-                return calls;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the call log of {key_id} never reached {n} entries");
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.running().url())
     }
 }
 
@@ -264,6 +171,14 @@ impl TestGateway {
     }
 }
 
+/// The simulated model server on a port of its own.
+pub async fn spawn_sim(config: SimulatorConfig) -> RunningSimulator {
+    Simulator::new(config)
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap()
+}
+
 /// The virtualenv's Python (`STEP3_TEST_PYTHON`, else `.venv/bin/python`), made by
 /// `scripts/test.sh`; the real-client tests fail loudly without it.
 pub fn python() -> PathBuf {
@@ -277,6 +192,29 @@ pub fn python() -> PathBuf {
         python.display()
     );
     python
+}
+
+/// Runs `script` (a path from the crate root) with the virtualenv's Python and `env` added
+/// to the child's environment; asserts it succeeded and returns its stdout and stderr.
+pub async fn run_python(script: &str, env: Vec<(&'static str, String)>) -> (String, String) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
+    let python = python();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (stdout, stderr)
 }
 
 /// A program installed next to `python()` in the virtualenv's `bin` (e.g. `grpcurl`).
@@ -323,6 +261,27 @@ pub fn stream_body(text: &str) -> Value {
 /// A one-message text request.
 pub fn chat_body(text: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": text}]})
+}
+
+/// A one-message text request for the gRPC door.
+pub fn chat_request(text: &str) -> pb::ChatRequest {
+    pb::ChatRequest {
+        model: MODEL.into(),
+        messages: vec![pb::Message {
+            role: "user".into(),
+            text: text.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Asserts the status, naming the body when it differs; returns the body.
+pub async fn expect_status(response: reqwest::Response, status: StatusCode) -> String {
+    let actual = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, status, "{text}");
+    text
 }
 
 /// Asserts the OpenAI error shape and returns the error object.
