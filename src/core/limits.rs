@@ -65,21 +65,24 @@ pub trait Limits: Copy + Default + Serialize + DeserializeOwned {
 }
 
 impl KeyLimits {
+    /// The per-minute and concurrency part, which has a user's limits' shape.
+    fn per_minute(&self) -> UserLimits {
+        UserLimits {
+            rpm_limit: self.rpm_limit,
+            tpm_limit: self.tpm_limit,
+            max_concurrent: self.max_concurrent,
+        }
+    }
+
     /// The per-minute and concurrency part, as the rate limiter takes it.
     pub fn rate(&self) -> LimitSpec {
-        LimitSpec {
-            rpm: self.rpm_limit,
-            tpm: self.tpm_limit,
-            concurrent: self.max_concurrent,
-        }
+        self.per_minute().rate()
     }
 }
 
 impl Limits for KeyLimits {
     fn validate(&self) -> Result<(), GatewayError> {
-        check_positive(self.rpm_limit, "rpm_limit")?;
-        check_positive(self.tpm_limit, "tpm_limit")?;
-        check_positive(self.max_concurrent, "max_concurrent")
+        self.per_minute().validate()
     }
 }
 

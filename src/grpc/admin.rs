@@ -13,6 +13,21 @@ use crate::core::limits::{KeyLimits, LimitChanges, UserLimits};
 use crate::core::records::{CallRecord, UserRecord};
 use crate::core::{Gateway, GatewayError};
 
+/// The limits a `CreateKeyRequest` or `UpdateKeyRequest` gives (they name them alike).
+macro_rules! key_limits_of {
+    ($r:expr) => {
+        KeyLimits {
+            rpm_limit: $r.rpm_limit,
+            tpm_limit: $r.tpm_limit,
+            max_concurrent: $r.max_concurrent,
+            request_quota: $r.request_quota,
+            token_quota: $r.token_quota,
+            image_quota: $r.image_quota,
+            max_images_per_request: $r.max_images_per_request,
+        }
+    };
+}
+
 pub struct AdminService {
     gateway: Arc<Gateway>,
 }
@@ -116,15 +131,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreatedKey>, Status> {
         let r = self.authorize(request)?;
-        let limits = KeyLimits {
-            rpm_limit: r.rpm_limit,
-            tpm_limit: r.tpm_limit,
-            max_concurrent: r.max_concurrent,
-            request_quota: r.request_quota,
-            token_quota: r.token_quota,
-            image_quota: r.image_quota,
-            max_images_per_request: r.max_images_per_request,
-        };
+        let limits = key_limits_of!(r);
         let created = self.gateway.create_key(NewKey {
             user_id: r.user_id,
             name: Some(r.name).filter(|n| !n.is_empty()),
@@ -166,15 +173,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let r = self.authorize(request)?;
-        let set = KeyLimits {
-            rpm_limit: r.rpm_limit,
-            tpm_limit: r.tpm_limit,
-            max_concurrent: r.max_concurrent,
-            request_quota: r.request_quota,
-            token_quota: r.token_quota,
-            image_quota: r.image_quota,
-            max_images_per_request: r.max_images_per_request,
-        };
+        let set = key_limits_of!(r);
         let (clear_expiry, clear) = take_clear(&r.clear, "expires_at");
         let (clear_models, clear_limits) = take_clear(&clear, "models");
         if clear_expiry && (r.expires_at.is_some() || r.expires_in.is_some()) {
