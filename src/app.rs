@@ -13,7 +13,7 @@ use crate::call::CallPath;
 use crate::config::GatewayConfig;
 use crate::core::admin::{NewKey, NewUser};
 use crate::core::limits::KeyLimits;
-use crate::core::request::ChatOptions;
+use crate::core::request::RequestOptions;
 use crate::core::store::Store;
 use crate::core::usage_sink::usage_channel;
 use crate::core::{GateSettings, Gateway, keys};
@@ -160,7 +160,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let call = CallPath {
         gateway: gateway.clone(),
         upstream: upstream.clone(),
-        options: Arc::new(ChatOptions {
+        options: Arc::new(RequestOptions {
             continuous_usage: config.upstream.continuous_usage_stats,
             image_policy: config.image_policy.clone(),
         }),

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
 use step3_gateway::core::GatewayError;
-use step3_gateway::core::request::{ChatOptions, prepare_chat, with_max_tokens, with_model};
+use step3_gateway::core::request::{RequestOptions, prepare_chat, with_max_tokens, with_model};
 use step3_gateway::core::images::ImageUrlPolicy;
 
 const SERVED: [&str; 4] = [
@@ -78,7 +78,7 @@ fuzz_target!(|input: &[u8]| {
         image_policy.allow_private_hosts = true;
         image_policy.allowed_schemes.push("file".into());
     }
-    let options = ChatOptions {
+    let options = RequestOptions {
         continuous_usage: continuous,
         image_policy,
     };

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use prost_types::value::Kind;
 use step3_gateway::core::GatewayError;
-use step3_gateway::core::request::{ChatOptions, prepare_chat};
+use step3_gateway::core::request::{RequestOptions, prepare_chat};
 use step3_gateway::grpc::convert::request_json;
 use step3_gateway::grpc::pb;
 
@@ -204,9 +204,9 @@ fuzz_target!(|input: Input| {
         serde_json::from_slice(&body).expect("request_json gives a JSON object");
     assert_eq!(json.get("model"), Some(&request.model.clone().into()));
 
-    let options = ChatOptions {
+    let options = RequestOptions {
         continuous_usage: input.continuous,
-        ..ChatOptions::default()
+        ..RequestOptions::default()
     };
     let call = match prepare_chat(Bytes::clone(&body), &options) {
         Ok(call) => call,

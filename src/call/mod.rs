@@ -14,7 +14,10 @@ pub use relay::{Relay, RelayEvent, UsageView};
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
 use crate::core::records::CallOutcome;
-use crate::core::request::{ChatCall, ChatOptions, prepare_chat, with_max_tokens, with_model};
+use crate::core::request::{
+    Endpoint, PreparedCall, RequestOptions, prepare_chat, prepare_completion, prepare_embedding,
+    prepare_response, with_model, with_output_cap,
+};
 use crate::core::{Admission, CallFacts, Caller, Gateway, GatewayError, Remaining};
 use crate::upstream::{UpstreamAnswer, UpstreamPool};
 
@@ -24,7 +27,7 @@ pub struct CallPath {
     pub gateway: Arc<Gateway>,
     pub upstream: Arc<UpstreamPool>,
     /// How requests are read and rewritten.
-    pub options: Arc<ChatOptions>,
+    pub options: Arc<RequestOptions>,
     /// Cancelled when the shutdown grace period is over: calls still running end now.
     pub hard_stop: CancellationToken,
 }
@@ -67,15 +70,21 @@ impl CallPath {
         }
     }
 
-    /// Reads a chat request body as the client sent it.
-    pub fn prepare(&self, body: Bytes) -> Result<ChatCall, GatewayError> {
-        prepare_chat(body, &self.options).map_err(|e| self.gateway.refused(e))
+    /// Reads a request body of `endpoint` as the client sent it.
+    pub fn prepare(&self, endpoint: Endpoint, body: Bytes) -> Result<PreparedCall, GatewayError> {
+        let prepared = match endpoint {
+            Endpoint::ChatCompletions => prepare_chat(body, &self.options),
+            Endpoint::Completions => prepare_completion(body, &self.options),
+            Endpoint::Embeddings => prepare_embedding(body, &self.options),
+            Endpoint::Responses => prepare_response(body, &self.options),
+        };
+        prepared.map_err(|e| self.gateway.refused(e))
     }
 
     fn admit(
         &self,
         caller: &Caller,
-        call: &ChatCall,
+        call: &PreparedCall,
         origin: &Origin,
     ) -> Result<Admission, GatewayError> {
         let request_body = self
@@ -103,7 +112,7 @@ impl CallPath {
     async fn send(
         &self,
         admission: &mut Admission,
-        call: ChatCall,
+        call: PreparedCall,
         request_id: &str,
     ) -> Result<UpstreamAnswer, GatewayError> {
         let served = self.upstream.resolve_model(&call.model).into_owned();
@@ -113,11 +122,11 @@ impl CallPath {
         }
         // The quota may hold the answer to fewer tokens than the client asked for.
         if let Some(cap) = admission.upstream_cap() {
-            body = with_max_tokens(&body, cap)?;
+            body = with_output_cap(&body, call.endpoint, cap)?;
         }
         admission.mark_forwarded();
         tokio::select! {
-            sent = self.upstream.chat(&served, body, request_id) => sent,
+            sent = self.upstream.send(call.endpoint, &served, body, request_id) => sent,
             () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
         }
     }
@@ -127,7 +136,7 @@ impl CallPath {
     async fn start(
         &self,
         caller: &Caller,
-        call: ChatCall,
+        call: PreparedCall,
         origin: &Origin,
     ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
         let mut admission = self.admit(caller, &call, origin)?;
@@ -146,7 +155,7 @@ impl CallPath {
     pub async fn complete<T>(
         &self,
         caller: &Caller,
-        call: ChatCall,
+        call: PreparedCall,
         origin: &Origin,
         read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
     ) -> Result<Completion<T>, GatewayError> {
@@ -192,11 +201,12 @@ impl CallPath {
     pub async fn stream(
         &self,
         caller: &Caller,
-        call: ChatCall,
+        call: PreparedCall,
         origin: &Origin,
         view: UsageView,
     ) -> Result<StreamStart, GatewayError> {
         let settings = self.upstream.settings();
+        let endpoint = call.endpoint;
         let (admission, answer, deadline) = self.start(caller, call, origin).await?;
         let events = match answer.into_events(settings.max_event_bytes) {
             Ok(events) => events,
@@ -208,6 +218,7 @@ impl CallPath {
             relay: Relay::new(
                 events,
                 admission,
+                endpoint,
                 view,
                 settings.idle_timeout,
                 deadline,

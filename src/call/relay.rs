@@ -12,6 +12,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::core::Admission;
 use crate::core::records::CallOutcome;
+use crate::core::request::Endpoint;
 use crate::upstream::sse::{self, DONE_EVENT};
 use crate::upstream::{EventStream, StreamStep};
 
@@ -72,6 +73,8 @@ pub struct Relay {
     /// Where each event in `out` ends, and what it is.
     ends: Vec<(usize, Kind)>,
     admission: Option<Admission>,
+    /// Chat and text completion chunks, or the Responses API's typed events.
+    endpoint: Endpoint,
     view: UsageView,
     /// `[DONE]` was seen and settled; what is left of the upstream body is read and dropped.
     draining: bool,
@@ -93,6 +96,7 @@ impl Relay {
     pub(super) fn new(
         upstream: EventStream,
         admission: Admission,
+        endpoint: Endpoint,
         view: UsageView,
         idle_timeout: Duration,
         deadline: tokio::time::Instant,
@@ -108,7 +112,16 @@ impl Relay {
             out: BytesMut::new(),
             ends: Vec::new(),
             admission: Some(admission),
-            view,
+            endpoint,
+            // The Responses API always streams its usage, in the event that ends the stream.
+            view: if endpoint.streams_chunks() {
+                view
+            } else {
+                UsageView {
+                    final_chunk: true,
+                    every_chunk: true,
+                }
+            },
             draining: false,
             junk: 0,
             hard_stop: Box::pin(hard_stop.clone().cancelled_owned()),
@@ -250,8 +263,13 @@ impl Relay {
         };
         let mut done = false;
         let mut failed = false;
+        let chunks = self.endpoint.streams_chunks();
         for event in events.drain(..) {
-            let read = sse::read_event(&event);
+            let read = if chunks {
+                sse::read_event(&event)
+            } else {
+                sse::read_response_event(&event)
+            };
             let info = &read.info;
             if !info.readable {
                 // Clients parse every `data:` line as JSON: junk stays here.
@@ -282,7 +300,9 @@ impl Relay {
                     &event,
                     Kind::Error(error.clone()),
                 );
-                emit(&mut self.out, &mut self.ends, DONE_EVENT, Kind::Done);
+                if chunks {
+                    emit(&mut self.out, &mut self.ends, DONE_EVENT, Kind::Done);
+                }
                 failed = true;
                 break;
             }
@@ -321,16 +341,23 @@ impl Relay {
         }
     }
 
-    /// A well-formed end the gateway writes: an error event, then `[DONE]`.
+    /// A well-formed end the gateway writes: an error event, then `[DONE]` (the Responses
+    /// API's error event is its own end).
     fn end_with_error(&mut self, code: &str, message: &str) {
-        let error = sse::error_event(code, message);
+        let error = if self.endpoint.streams_chunks() {
+            sse::error_event(code, message)
+        } else {
+            sse::response_error_event(code, message)
+        };
         emit(
             &mut self.out,
             &mut self.ends,
             &error,
             Kind::Error(message.to_owned()),
         );
-        emit(&mut self.out, &mut self.ends, DONE_EVENT, Kind::Done);
+        if self.endpoint.streams_chunks() {
+            emit(&mut self.out, &mut self.ends, DONE_EVENT, Kind::Done);
+        }
     }
 
     /// Ends the stream because a door cannot translate an event the upstream sent (a chunk

@@ -118,9 +118,13 @@ async fn track_request(
         .get::<ModelLabel>()
         .map_or("", |m| m.0.as_str());
     metrics.request(door, &route, model, &status);
-    let chat = route == "/v1/chat/completions"
-        || route.starts_with("/step3.gateway.v1.Chat/") && route.ends_with("Complete");
-    if !chat {
+    // A model call is timed whole, stream included, when it settles.
+    let model_call = matches!(
+        route.as_str(),
+        "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/responses"
+    ) || route.starts_with("/step3.gateway.v1.Chat/")
+        && route.ends_with("Complete");
+    if !model_call {
         metrics.request_duration(door, &route, started.elapsed());
     }
     if let Some(value) = id_header {

@@ -11,6 +11,7 @@ use super::{bearer, caller_deadline, request_id};
 use crate::call::{CallPath, Origin, Relay, RelayEvent, UsageView};
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
+use crate::core::request::Endpoint;
 use crate::core::{Caller, Remaining};
 use crate::edge::{ModelLabel, add_limit_headers};
 
@@ -39,9 +40,10 @@ impl pb::chat_server::Chat for ChatService {
         let caller = self.authenticate(&request)?;
         let request_id = request_id(&request);
         let deadline = caller_deadline(request.metadata());
-        let call = self
-            .chat
-            .prepare(convert::request_json(request.get_ref(), false)?)?;
+        let call = self.chat.prepare(
+            Endpoint::ChatCompletions,
+            convert::request_json(request.get_ref(), false)?,
+        )?;
         let label = self.chat.metric_model(&call.model);
         let origin = Origin {
             request_id,
@@ -72,9 +74,10 @@ impl pb::chat_server::Chat for ChatService {
         let caller = self.authenticate(&request)?;
         let request_id = request_id(&request);
         let deadline = caller_deadline(request.metadata()).map(|d| tokio::time::Instant::now() + d);
-        let call = self
-            .chat
-            .prepare(convert::request_json(request.get_ref(), true)?)?;
+        let call = self.chat.prepare(
+            Endpoint::ChatCompletions,
+            convert::request_json(request.get_ref(), true)?,
+        )?;
         let label = self.chat.metric_model(&call.model);
         // The last message always carries the usage: the final usage chunk is wanted.
         let view = UsageView {

@@ -21,7 +21,10 @@ pub async fn root() -> Json<Value> {
         "description": "OpenAI-compatible gateway in front of a STEP3-VL model server",
         "endpoints": {
             "chat": "POST /v1/chat/completions",
-            "models": "GET /v1/models",
+            "completions": "POST /v1/completions",
+            "embeddings": "POST /v1/embeddings",
+            "responses": "POST /v1/responses",
+            "models": "GET /v1/models[/{id}]",
             "usage": "GET /v1/usage",
             "health": "GET /health",
             "admin": "/admin/v1/{users,keys}",
@@ -98,6 +101,28 @@ pub async fn models(
 ) -> Result<Json<Value>, GatewayError> {
     let caller = state.gateway().authenticate(bearer(&headers))?;
     Ok(Json(state.call.models(&caller, &request_id).await?))
+}
+
+/// One model of the list (the SDKs' `models.retrieve`); ids may hold slashes
+/// (`stepfun-ai/Step3-VL-10B`). A model the key may not use is as unknown as one nobody
+/// serves.
+pub async fn model(
+    State(state): State<AppState>,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, GatewayError> {
+    let caller = state.gateway().authenticate(bearer(&headers))?;
+    let list = state.call.models(&caller, &request_id).await?;
+    list.get("data")
+        .and_then(Value::as_array)
+        .and_then(|models| {
+            models
+                .iter()
+                .find(|m| m.get("id").and_then(Value::as_str) == Some(id.as_str()))
+        })
+        .map(|model| Json(model.clone()))
+        .ok_or(GatewayError::ModelNotAllowed { model: id })
 }
 
 /// The caller's own key: what it used, what remains, its limits and lifetime.

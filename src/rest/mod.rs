@@ -2,7 +2,7 @@
 //! shared call path and core. It knows nothing of the gRPC door.
 
 mod admin;
-mod chat;
+mod calls;
 pub mod error;
 mod info;
 
@@ -53,8 +53,12 @@ pub fn routes(state: AppState) -> Router {
         .route("/health", get(info::health))
         .route("/metrics", get(info::metrics))
         .route("/v1/models", get(info::models))
+        .route("/v1/models/{*id}", get(info::model))
         .route("/v1/usage", get(info::usage))
-        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/chat/completions", post(calls::chat_completions))
+        .route("/v1/completions", post(calls::completions))
+        .route("/v1/embeddings", post(calls::embeddings))
+        .route("/v1/responses", post(calls::responses))
         .nest("/admin/v1", admin::router())
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

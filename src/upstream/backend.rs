@@ -9,6 +9,7 @@ use std::time::Duration;
 use reqwest::header::HeaderValue;
 
 use crate::core::GatewayError;
+use crate::core::request::Endpoint;
 use crate::core::time::monotonic_ms;
 
 /// One backend as configured.
@@ -28,8 +29,9 @@ pub struct BackendSettings {
 #[derive(Debug)]
 pub struct Backend {
     pub(super) settings: BackendSettings,
-    /// Parsed once: reqwest would parse a string on every call.
-    pub(super) chat_url: reqwest::Url,
+    /// Where each API is, parsed once (reqwest would parse a string on every call), in the
+    /// order of [`Backend::url`].
+    api_urls: [reqwest::Url; 4],
     pub(super) models_url: String,
     pub(super) health_url: String,
     pub(super) authorization: Option<HeaderValue>,
@@ -66,13 +68,21 @@ impl Backend {
             }
             None => None,
         };
-        Ok(Backend {
-            chat_url: reqwest::Url::parse(&format!("{api}/chat/completions")).map_err(|e| {
+        let url = |endpoint: Endpoint| {
+            reqwest::Url::parse(&format!("{api}/{}", endpoint.path())).map_err(|e| {
                 GatewayError::UpstreamUnavailable(format!(
                     "the URL of backend `{}` is not valid: {e}",
                     settings.name
                 ))
-            })?,
+            })
+        };
+        Ok(Backend {
+            api_urls: [
+                url(Endpoint::ChatCompletions)?,
+                url(Endpoint::Completions)?,
+                url(Endpoint::Embeddings)?,
+                url(Endpoint::Responses)?,
+            ],
             models_url: format!("{api}/models"),
             health_url: format!("{root}/health"),
             authorization,
@@ -84,6 +94,17 @@ impl Backend {
             reported_models: RwLock::new(Vec::new()),
             errors: AtomicU64::new(0),
         })
+    }
+
+    /// The URL of `endpoint` on this backend.
+    pub(super) fn url(&self, endpoint: Endpoint) -> &reqwest::Url {
+        let i = match endpoint {
+            Endpoint::ChatCompletions => 0,
+            Endpoint::Completions => 1,
+            Endpoint::Embeddings => 2,
+            Endpoint::Responses => 3,
+        };
+        &self.api_urls[i]
     }
 
     pub fn name(&self) -> &str {

@@ -16,6 +16,7 @@ use super::answer::UpstreamAnswer;
 use super::backend::{Backend, BackendLease, BackendSettings};
 use super::{REQUEST_ID_HEADER, error_from_response, read_bounded, transport_error};
 use crate::core::error::GatewayError;
+use crate::core::request::Endpoint;
 use crate::core::time::monotonic_ms;
 
 /// How the pool behaves.
@@ -187,11 +188,12 @@ impl UpstreamPool {
         Some(best.clone())
     }
 
-    /// Sends a chat completion for `model` (the served name). Retries on another backend
+    /// Sends a call of `endpoint` for `model` (the served name). Retries on another backend
     /// when the attempt failed before any answer (refused, reset, 502, 503); a non-2xx answer
     /// becomes [`GatewayError::Upstream`].
-    pub async fn chat(
+    pub async fn send(
         &self,
+        endpoint: Endpoint,
         model: &str,
         body: Bytes,
         request_id: &str,
@@ -211,7 +213,7 @@ impl UpstreamPool {
             );
             let mut request = self
                 .client
-                .post(backend.chat_url.clone())
+                .post(backend.url(endpoint).clone())
                 .header(CONTENT_TYPE, "application/json")
                 .header(REQUEST_ID_HEADER, request_id)
                 .body(body.clone());

@@ -294,6 +294,69 @@ pub fn read_event(event: &[u8]) -> ReadEvent<'_> {
     ReadEvent { info, data, usage }
 }
 
+/// A Responses API event (`data: {"type": "response.…", …}`), read for what the gate
+/// needs: the final usage (`response.completed`, `.incomplete`, `.failed`), whether it
+/// carries generated output (`….delta`), and errors. Its stream has no `[DONE]`: the
+/// terminal response event ends it.
+pub fn read_response_event(event: &[u8]) -> ReadEvent<'_> {
+    #[derive(Deserialize)]
+    struct TypedView<'a> {
+        #[serde(default, borrow, rename = "type")]
+        kind: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        response: Option<ResponseView<'a>>,
+        #[serde(default, borrow)]
+        message: Option<Cow<'a, str>>,
+    }
+    #[derive(Deserialize)]
+    struct ResponseView<'a> {
+        #[serde(default)]
+        usage: Option<Usage>,
+        #[serde(default, borrow)]
+        error: Option<&'a RawValue>,
+    }
+    let unreadable = |data| ReadEvent {
+        info: EventInfo::default(),
+        data,
+        usage: None,
+    };
+    let Some(data) = data_of(event) else {
+        return unreadable(Cow::Borrowed(&[]));
+    };
+    if !is_object(&data) || (!data.is_ascii() && std::str::from_utf8(&data).is_err()) {
+        return unreadable(data);
+    }
+    let Ok(view) = serde_json::from_slice::<TypedView<'_>>(&data) else {
+        return unreadable(data);
+    };
+    let kind = view.kind.as_deref().unwrap_or_default();
+    let (usage, failure) = match view.response {
+        Some(response) => (response.usage, response.error.map(error_message)),
+        None => (None, None),
+    };
+    let info = EventInfo {
+        readable: true,
+        done: matches!(kind, "response.completed" | "response.incomplete"),
+        usage,
+        has_choices: kind.ends_with(".delta"),
+        error: match kind {
+            "error" => Some(
+                view.message
+                    .map_or_else(|| "the model server failed".to_owned(), Cow::into_owned),
+            ),
+            "response.failed" => {
+                Some(failure.unwrap_or_else(|| "the model server failed the response".to_owned()))
+            }
+            _ => None,
+        },
+    };
+    ReadEvent {
+        info,
+        data,
+        usage: None,
+    }
+}
+
 /// An error member's message: `error.message`, else the member as sent.
 pub fn error_message(raw: &RawValue) -> String {
     serde_json::from_str::<ErrorView>(raw.get())
@@ -450,6 +513,14 @@ pub fn error_event(code: &str, message: &str) -> Bytes {
         "error": {"message": message, "type": "upstream_error", "param": null, "code": code}
     });
     Bytes::from(format!("data: {error}\n\n"))
+}
+
+/// [`error_event`] in the Responses API's form, which ends its stream (it has no `[DONE]`).
+pub fn response_error_event(code: &str, message: &str) -> Bytes {
+    let error = serde_json::json!({
+        "type": "error", "code": code, "message": message, "param": null
+    });
+    Bytes::from(format!("event: error\ndata: {error}\n\n"))
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! `POST /v1/chat/completions`: the REST adapter over the shared chat path.
+//! The model calls: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and
+//! `/v1/responses`, each a thin adapter over the shared call path.
 
 use std::convert::Infallible;
 
@@ -11,10 +12,27 @@ use bytes::{Bytes, BytesMut};
 use super::{AppState, read_body};
 use crate::call::{Origin, UsageView};
 use crate::core::events::Door;
+use crate::core::request::Endpoint;
 use crate::core::{GatewayError, Remaining};
 use crate::edge::{ModelLabel, RequestId, add_limit_headers, bearer};
 
 pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Response {
+    call(state, Endpoint::ChatCompletions, request).await
+}
+
+pub async fn completions(State(state): State<AppState>, request: Request) -> Response {
+    call(state, Endpoint::Completions, request).await
+}
+
+pub async fn embeddings(State(state): State<AppState>, request: Request) -> Response {
+    call(state, Endpoint::Embeddings, request).await
+}
+
+pub async fn responses(State(state): State<AppState>, request: Request) -> Response {
+    call(state, Endpoint::Responses, request).await
+}
+
+async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response {
     // Taken apart rather than extracted: extractors would copy the header map and the id.
     let (mut parts, body) = request.into_parts();
     let request_id = parts
@@ -24,7 +42,8 @@ pub async fn chat_completions(State(state): State<AppState>, request: Request) -
         .unwrap_or_default();
     let headers = parts.headers;
     let mut label = None;
-    let mut response = match complete(state, request_id, headers, body, &mut label).await {
+    let answer = complete(state, endpoint, request_id, headers, body, &mut label).await;
+    let mut response = match answer {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
@@ -36,6 +55,7 @@ pub async fn chat_completions(State(state): State<AppState>, request: Request) -
 
 async fn complete(
     state: AppState,
+    endpoint: Endpoint,
     request_id: String,
     headers: HeaderMap,
     body: Body,
@@ -45,7 +65,7 @@ async fn complete(
     let body = read_body(body, state.settings.max_body_bytes)
         .await
         .map_err(|e| state.gateway().refused(e))?;
-    let call = state.call.prepare(body)?;
+    let call = state.call.prepare(endpoint, body)?;
     *label = Some(state.call.metric_model(&call.model));
     let origin = Origin {
         request_id,
@@ -87,7 +107,7 @@ async fn complete(
         // The bytes go out as they came: the answer needs no reading of its own.
         .complete(&caller, call, &origin, |_| Ok(()))
         .await?;
-    let body = if state.settings.response_metadata {
+    let body = if state.settings.response_metadata && endpoint == Endpoint::ChatCompletions {
         with_metadata(
             completion.body,
             completion.processing_ms,

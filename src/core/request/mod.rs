@@ -1,5 +1,11 @@
-//! Reading a chat completion request: the few fields the gate needs, read without building
-//! a tree, and the body rewritten for the upstream only where a rewrite is required.
+//! Reading a call's request: the few fields the gate needs (model, stream, output cap,
+//! images, a prompt estimate), read without building a tree, and the body rewritten for
+//! the upstream only where a rewrite is required. Chat completions are read here (the hot
+//! path); the other OpenAI APIs in `apis`.
+
+mod apis;
+
+pub use apis::{prepare_completion, prepare_embedding, prepare_response};
 
 use std::borrow::Cow;
 
@@ -12,16 +18,57 @@ use super::images::{ImageSize, ImageUrlPolicy, estimate_image_tokens};
 
 /// How requests are read and rewritten, from configuration.
 #[derive(Clone, Debug, Default)]
-pub struct ChatOptions {
+pub struct RequestOptions {
     /// Ask the upstream for usage on every stream chunk (vLLM `continuous_usage_stats`).
     pub continuous_usage: bool,
     /// Which image URLs may reach the upstream.
     pub image_policy: ImageUrlPolicy,
 }
 
-/// A chat request as the gate sees it, with the body to send upstream.
+/// Which OpenAI API a call uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`
+    ChatCompletions,
+    /// `POST /v1/completions` (legacy text completions)
+    Completions,
+    /// `POST /v1/embeddings`
+    Embeddings,
+    /// `POST /v1/responses`
+    Responses,
+}
+
+impl Endpoint {
+    /// The path under the model server's `/v1`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat/completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+        }
+    }
+
+    /// The member that caps the output, when the API has one.
+    fn cap_member(self) -> Option<&'static str> {
+        match self {
+            Endpoint::ChatCompletions | Endpoint::Completions => Some("max_tokens"),
+            Endpoint::Responses => Some("max_output_tokens"),
+            Endpoint::Embeddings => None,
+        }
+    }
+
+    /// Streams end with `data: [DONE]` and carry `usage` beside `choices` (chat and text
+    /// completions); the Responses API's stream is typed events instead.
+    pub fn streams_chunks(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+    }
+}
+
+/// A request as the gate sees it, with the body to send upstream.
 #[derive(Debug)]
-pub struct ChatCall {
+pub struct PreparedCall {
+    pub endpoint: Endpoint,
     pub model: String,
     pub stream: bool,
     /// The client asked for the final usage chunk (`stream_options.include_usage`).
@@ -88,6 +135,8 @@ struct CapView<'a> {
     max_tokens: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present_raw")]
     max_completion_tokens: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present_raw")]
+    max_output_tokens: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -160,7 +209,7 @@ struct StreamOptionsView {
 /// Unknown fields are not looked at and reach the upstream untouched. For streams,
 /// `stream_options.include_usage` (and, when `continuous_usage` is set, vLLM's
 /// `continuous_usage_stats`) is set so that usage is known however the stream ends.
-pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, GatewayError> {
+pub fn prepare_chat(body: Bytes, options: &RequestOptions) -> Result<PreparedCall, GatewayError> {
     let continuous_usage = options.continuous_usage;
     // Fields the gate does not read are skipped without a depth limit and passed on: the
     // model server's parser must not be the one to meet a hostile nesting.
@@ -225,7 +274,40 @@ pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, Gate
     };
 
     let stream = view.stream.unwrap_or(false);
-    let client_options = match view.stream_options {
+    let usage = stream_usage(&body, stream, view.stream_options, continuous_usage)?;
+    Ok(PreparedCall {
+        endpoint: Endpoint::ChatCompletions,
+        model: view.model.into_owned(),
+        stream,
+        client_wants_usage: usage.client_wants_usage,
+        client_wants_continuous_usage: usage.client_wants_continuous_usage,
+        images: measured.images,
+        image_sizes: measured.image_sizes,
+        max_tokens,
+        choices,
+        prompt_estimate,
+        upstream_body: usage.upstream_body,
+        client_body: body,
+    })
+}
+
+/// What a stream's client asked of usage, and the body that asks the upstream for all of it.
+struct StreamUsage {
+    client_wants_usage: bool,
+    client_wants_continuous_usage: bool,
+    upstream_body: Bytes,
+}
+
+/// Reads `stream_options` (raw, as present in `body`); for a stream, sets
+/// `include_usage` (and, when `continuous_usage` is set, vLLM's `continuous_usage_stats`)
+/// so that usage is known however the stream ends.
+fn stream_usage(
+    body: &Bytes,
+    stream: bool,
+    stream_options: Option<&RawValue>,
+    continuous_usage: bool,
+) -> Result<StreamUsage, GatewayError> {
+    let client_options = match stream_options {
         Some(raw) if raw.get() != "null" => serde_json::from_str::<StreamOptionsView>(raw.get())
             .map_err(|e| {
                 GatewayError::invalid_request(
@@ -237,28 +319,18 @@ pub fn prepare_chat(body: Bytes, options: &ChatOptions) -> Result<ChatCall, Gate
     };
     let client_wants_usage = client_options.include_usage.unwrap_or(false);
     let client_wants_continuous_usage = client_options.continuous_usage_stats.unwrap_or(false);
-
     let needs_rewrite =
         stream && (!client_wants_usage || (continuous_usage && !client_wants_continuous_usage));
-    let model = view.model.into_owned();
     let upstream_body = if needs_rewrite {
-        let options_span = view.stream_options.map(|raw| span_of(&body, raw.get()));
-        with_stream_options(&body, options_span, continuous_usage)?
+        let options_span = stream_options.map(|raw| span_of(body, raw.get()));
+        with_stream_options(body, options_span, continuous_usage)?
     } else {
         body.clone()
     };
-    Ok(ChatCall {
-        model,
-        stream,
+    Ok(StreamUsage {
         client_wants_usage,
         client_wants_continuous_usage,
-        images: measured.images,
-        image_sizes: measured.image_sizes,
-        max_tokens,
-        choices,
-        prompt_estimate,
         upstream_body,
-        client_body: body,
     })
 }
 
@@ -476,19 +548,37 @@ pub fn with_model(body: &Bytes, served: &str) -> Result<Bytes, GatewayError> {
 /// The body with its output cap set to `cap`: every cap field present is replaced, or
 /// `max_tokens` is added when there is none. The rest of the body is kept as it is.
 pub fn with_max_tokens(body: &Bytes, cap: u64) -> Result<Bytes, GatewayError> {
+    with_cap(body, cap, "max_tokens")
+}
+
+/// The body of an `endpoint` call with its output cap set to `cap` (an API without an
+/// output cap is left as it is).
+pub fn with_output_cap(body: &Bytes, endpoint: Endpoint, cap: u64) -> Result<Bytes, GatewayError> {
+    match endpoint.cap_member() {
+        Some(member) => with_cap(body, cap, member),
+        None => Ok(body.clone()),
+    }
+}
+
+/// [`with_max_tokens`], adding `member` when the body has no cap.
+fn with_cap(body: &Bytes, cap: u64, member: &str) -> Result<Bytes, GatewayError> {
     let view: CapView<'_> = serde_json::from_str(require_object(body)?)
-        .map_err(|e| GatewayError::invalid_request(format!("cannot set max_tokens: {e}"), None))?;
+        .map_err(|e| GatewayError::invalid_request(format!("cannot set {member}: {e}"), None))?;
     let value = cap.to_string();
-    let mut spans: Vec<std::ops::Range<usize>> = [view.max_tokens, view.max_completion_tokens]
-        .into_iter()
-        .flatten()
-        .map(|raw| span_of(body, raw.get()))
-        .collect();
+    let mut spans: Vec<std::ops::Range<usize>> = [
+        view.max_tokens,
+        view.max_completion_tokens,
+        view.max_output_tokens,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|raw| span_of(body, raw.get()))
+    .collect();
     spans.sort_by_key(|span| span.start);
     if spans.is_empty() {
         return Ok(Bytes::from(with_first_member(
             body,
-            "max_tokens",
+            member,
             value.as_bytes(),
         )));
     }
@@ -554,18 +644,18 @@ mod tests {
         assert!(!nests_deeper_than(br#"{"a":"\"[[[[["#, 3));
     }
 
-    fn options(continuous: bool) -> ChatOptions {
-        ChatOptions {
+    fn options(continuous: bool) -> RequestOptions {
+        RequestOptions {
             continuous_usage: continuous,
-            ..ChatOptions::default()
+            ..RequestOptions::default()
         }
     }
 
-    fn prepare(body: Value, continuous: bool) -> Result<ChatCall, GatewayError> {
+    fn prepare(body: Value, continuous: bool) -> Result<PreparedCall, GatewayError> {
         prepare_chat(Bytes::from(body.to_string()), &options(continuous))
     }
 
-    fn upstream_json(call: &ChatCall) -> Value {
+    fn upstream_json(call: &PreparedCall) -> Value {
         serde_json::from_slice(&call.upstream_body).unwrap()
     }
 
