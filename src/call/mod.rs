@@ -247,14 +247,15 @@ impl CallPath {
     }
 }
 
-/// Settles a call that failed before its answer, and passes the error on.
+/// Settles a call that failed before its answer with the status the client is told, and
+/// passes the error on.
 fn settle_failed(admission: Admission, e: GatewayError) -> GatewayError {
-    let (outcome, status) = match &e {
-        GatewayError::Upstream { status, .. } => (CallOutcome::UpstreamError, *status),
-        GatewayError::UpstreamTimeout => (CallOutcome::TimedOut, 504),
-        GatewayError::ShuttingDown => (CallOutcome::Cancelled, 503),
-        _ => (CallOutcome::UpstreamFailed, 502),
+    let outcome = match &e {
+        GatewayError::Upstream { .. } => CallOutcome::UpstreamError,
+        GatewayError::UpstreamTimeout => CallOutcome::TimedOut,
+        GatewayError::ShuttingDown => CallOutcome::Cancelled,
+        _ => CallOutcome::UpstreamFailed,
     };
-    admission.settle(outcome, status);
+    admission.settle(outcome, e.http_status());
     e
 }

@@ -117,6 +117,27 @@ impl GatewayError {
         }
     }
 
+    /// The HTTP status the client is told (the REST door answers with it, and the call log
+    /// records it for calls of every door, so that one call tells one story).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            GatewayError::InvalidApiKey(_) | GatewayError::InvalidAdminToken => 401,
+            GatewayError::ModelNotAllowed { .. } | GatewayError::NotFound { .. } => 404,
+            GatewayError::RateLimited(_) | GatewayError::QuotaExceeded { .. } => 429,
+            GatewayError::InvalidRequest { .. } => 400,
+            GatewayError::BodyTooLarge { .. } => 413,
+            GatewayError::RequestTimeout { .. } => 408,
+            // The model server's own status, when it is an error status.
+            GatewayError::Upstream { status, .. } if (400..=599).contains(status) => *status,
+            GatewayError::Upstream { .. } | GatewayError::UpstreamUnavailable(_) => 502,
+            GatewayError::NoHealthyBackend { .. }
+            | GatewayError::ShuttingDown
+            | GatewayError::StoreUnavailable => 503,
+            GatewayError::UpstreamTimeout => 504,
+            GatewayError::Store(_) => 500,
+        }
+    }
+
     pub fn invalid_request(message: impl Into<String>, param: Option<&str>) -> Self {
         GatewayError::InvalidRequest {
             message: message.into(),

@@ -2,15 +2,16 @@
 //! lease a call holds on it.
 
 use std::sync::Arc;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use reqwest::header::HeaderValue;
+use tokio::sync::Notify;
 
 use crate::core::GatewayError;
 use crate::core::request::Endpoint;
-use crate::core::time::monotonic_ms;
+use crate::core::time::{UnixTime, monotonic_ms};
 
 /// One backend as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,10 +44,26 @@ pub struct Backend {
     /// The models the backend listed at its last health check (bounded, for metric labels).
     pub(super) reported_models: RwLock<Vec<String>>,
     pub(super) errors: AtomicU64,
+    /// What the last active health check found, for `/health`.
+    pub(super) last_check: Mutex<HealthCheck>,
+    /// Wakes the pool's health checks: a backend that failed a call is checked at once.
+    recheck: Arc<Notify>,
+}
+
+/// The result of a backend's last active health check.
+#[derive(Clone, Debug, Default)]
+pub struct HealthCheck {
+    /// When it ran (seconds since the epoch).
+    pub at: Option<UnixTime>,
+    /// Why it failed; `None` when it passed.
+    pub error: Option<String>,
 }
 
 impl Backend {
-    pub(super) fn new(settings: BackendSettings) -> Result<Self, GatewayError> {
+    pub(super) fn new(
+        settings: BackendSettings,
+        recheck: Arc<Notify>,
+    ) -> Result<Self, GatewayError> {
         let base = settings.url.trim_end_matches('/');
         // Accept both `http://host:8000` and `http://host:8000/v1`.
         let api = if base.ends_with("/v1") {
@@ -93,6 +110,8 @@ impl Backend {
             checked_healthy: AtomicBool::new(true),
             reported_models: RwLock::new(Vec::new()),
             errors: AtomicU64::new(0),
+            last_check: Mutex::new(HealthCheck::default()),
+            recheck,
         })
     }
 
@@ -127,6 +146,7 @@ impl Backend {
     /// A connect error, reset or 5xx: enough of them in a row eject the backend for a while.
     pub(super) fn record_failure(&self, eject_after: u32, eject_for: Duration) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        self.recheck.notify_one();
         let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures >= eject_after {
             let until = monotonic_ms() + u64::try_from(eject_for.as_millis()).unwrap_or(u64::MAX);

@@ -164,6 +164,17 @@ pub fn parse_error_body(status: u16, body: &[u8]) -> GatewayError {
             .unwrap_or("error");
         format!("the model server answered HTTP {status} ({reason})")
     });
+    // vLLM says a model it does not serve is `NotFoundError` with code 404; the gateway's
+    // own refusal of a model says `model_not_found`: the SDKs see one error either way.
+    if status == 404 && message.to_ascii_lowercase().contains("model") {
+        return GatewayError::Upstream {
+            status,
+            message,
+            kind: Some("invalid_request_error".into()),
+            param: Some("model".into()),
+            code: Some("model_not_found".into()),
+        };
+    }
     GatewayError::Upstream {
         status,
         message,
@@ -205,8 +216,13 @@ mod tests {
         );
         let flat = br#"{"object":"error","message":"The model `x` does not exist.","type":"NotFoundError","param":null,"code":404}"#;
         assert_eq!(
-            fields(parse_error_body(404, flat)).1,
-            "The model `x` does not exist."
+            fields(parse_error_body(404, flat)),
+            (
+                404,
+                "The model `x` does not exist.".into(),
+                Some("invalid_request_error".into()),
+                Some("model_not_found".into())
+            )
         );
         let html = b"<html><body>502 Bad Gateway</body></html>";
         let (status, message, kind, _) = fields(parse_error_body(502, html));

@@ -10,14 +10,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde::Serialize;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::answer::UpstreamAnswer;
-use super::backend::{Backend, BackendLease, BackendSettings};
+use super::backend::{Backend, BackendLease, BackendSettings, HealthCheck};
 use super::{REQUEST_ID_HEADER, error_from_response, read_bounded, transport_error};
 use crate::core::error::GatewayError;
 use crate::core::request::Endpoint;
-use crate::core::time::monotonic_ms;
+use crate::core::time::{monotonic_ms, now_unix};
 
 /// How the pool behaves.
 #[derive(Clone, Debug)]
@@ -47,6 +48,9 @@ pub struct PoolSettings {
     pub health_timeout: Duration,
 }
 
+/// The least time between two health checks that failed calls ask for.
+const RECHECK_GAP: Duration = Duration::from_millis(250);
+
 /// What `/health`, metrics and the admin API show of a backend.
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendStatus {
@@ -59,6 +63,10 @@ pub struct BackendStatus {
     pub in_flight: u32,
     pub errors: u64,
     pub models: Vec<String>,
+    /// When the last active health check ran (seconds since the epoch).
+    pub checked_at: Option<i64>,
+    /// Why the last health check failed (no address, no secret); `None` when it passed.
+    pub last_error: Option<String>,
 }
 
 /// The backends and the one HTTP client to all of them.
@@ -68,6 +76,8 @@ pub struct UpstreamPool {
     backends: RwLock<Arc<Vec<Arc<Backend>>>>,
     /// Spreads ties between equally loaded backends.
     next: AtomicUsize,
+    /// Rings when a backend failed a call: its health is checked at once.
+    recheck: Arc<Notify>,
 }
 
 impl UpstreamPool {
@@ -82,12 +92,14 @@ impl UpstreamPool {
             .map_err(|e| {
                 GatewayError::UpstreamUnavailable(format!("cannot build HTTP client: {e}"))
             })?;
-        let backends = build_backends(&settings.backends, &[])?;
+        let recheck = Arc::new(Notify::new());
+        let backends = build_backends(&settings.backends, &[], &recheck)?;
         Ok(UpstreamPool {
             client,
             settings: RwLock::new(Arc::new(settings)),
             backends: RwLock::new(Arc::new(backends)),
             next: AtomicUsize::new(0),
+            recheck,
         })
     }
 
@@ -109,7 +121,7 @@ impl UpstreamPool {
     /// with the same name and URL keeps its health and counters.
     pub fn reload(&self, settings: PoolSettings) -> Result<(), GatewayError> {
         let current = self.backends();
-        let backends = build_backends(&settings.backends, &current)?;
+        let backends = build_backends(&settings.backends, &current, &self.recheck)?;
         *self.backends.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(backends);
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
         tracing::info!(backends = self.backends().len(), "upstream list reloaded");
@@ -148,14 +160,23 @@ impl UpstreamPool {
         let now = monotonic_ms();
         self.backends()
             .iter()
-            .map(|b| BackendStatus {
-                name: b.settings.name.clone(),
-                url: b.settings.url.clone(),
-                healthy: b.is_healthy(now),
-                ejected: b.ejected_until_ms.load(Ordering::Acquire) > now,
-                in_flight: b.in_flight.load(Ordering::Acquire),
-                errors: b.errors.load(Ordering::Relaxed),
-                models: b.settings.models.clone(),
+            .map(|b| {
+                let check = b
+                    .last_check
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                BackendStatus {
+                    name: b.settings.name.clone(),
+                    url: b.settings.url.clone(),
+                    healthy: b.is_healthy(now),
+                    ejected: b.ejected_until_ms.load(Ordering::Acquire) > now,
+                    in_flight: b.in_flight.load(Ordering::Acquire),
+                    errors: b.errors.load(Ordering::Relaxed),
+                    models: b.settings.models.clone(),
+                    checked_at: check.at,
+                    last_error: check.error,
+                }
             })
             .collect()
     }
@@ -358,28 +379,52 @@ impl UpstreamPool {
                 if let Some(authorization) = &backend.authorization {
                     request = request.header(AUTHORIZATION, authorization.clone());
                 }
-                let healthy = matches!(request.send().await, Ok(r) if r.status().is_success());
+                let error = match request.send().await {
+                    Ok(r) if r.status().is_success() => None,
+                    Ok(r) => Some(format!("its /health answered HTTP {}", r.status().as_u16())),
+                    Err(e) if e.is_timeout() => Some(format!(
+                        "its /health did not answer within {} ms",
+                        timeout.as_millis()
+                    )),
+                    // The address stays out of what `/health` shows.
+                    Err(e) => Some(transport_error(e).to_string()),
+                };
+                let healthy = error.is_none();
                 if healthy {
                     refresh_models(&client, &backend, timeout, limit).await;
                 }
                 let was = backend.checked_healthy.swap(healthy, Ordering::AcqRel);
                 if was != healthy {
-                    tracing::warn!(backend = %backend.name(), healthy, "backend health changed");
+                    tracing::warn!(backend = %backend.name(), healthy, error = error.as_deref().unwrap_or_default(), "backend health changed");
                 }
+                *backend
+                    .last_check
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = HealthCheck {
+                    at: Some(now_unix()),
+                    error,
+                };
             }
         });
         futures_util::future::join_all(checks).await;
     }
 
-    /// Checks health every `health_interval` until `stop`.
+    /// Checks health every `health_interval` until `stop`, and at once (at most every
+    /// [`RECHECK_GAP`]) when a backend failed a call, so that a dead backend is known dead
+    /// before the next call finds out.
     pub fn spawn_health_checks(self: &Arc<Self>, stop: CancellationToken) {
         let pool = Arc::clone(self);
         tokio::spawn(async move {
             loop {
                 pool.check_health().await;
                 let interval = pool.settings().health_interval;
+                let next = tokio::time::sleep(interval);
                 tokio::select! {
-                    () = tokio::time::sleep(interval) => {}
+                    () = next => {}
+                    () = async {
+                        tokio::time::sleep(RECHECK_GAP.min(interval)).await;
+                        pool.recheck.notified().await;
+                    } => {}
                     () = stop.cancelled() => break,
                 }
             }
@@ -424,6 +469,7 @@ async fn refresh_models(
 fn build_backends(
     settings: &[BackendSettings],
     current: &[Arc<Backend>],
+    recheck: &Arc<Notify>,
 ) -> Result<Vec<Arc<Backend>>, GatewayError> {
     settings
         .iter()
@@ -433,7 +479,7 @@ fn build_backends(
                 .find(|b| b.settings.name == s.name && b.settings.url == s.url && b.settings == *s)
             {
                 Some(existing) => Ok(existing.clone()),
-                None => Backend::new(s.clone()).map(Arc::new),
+                None => Backend::new(s.clone(), recheck.clone()).map(Arc::new),
             }
         })
         .collect()

@@ -24,3 +24,4 @@ mod openai_sdk;
 mod pool;
 mod reflection_client;
 mod secrets;
+mod surface;
