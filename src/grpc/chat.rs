@@ -12,7 +12,7 @@ use crate::call::{CallPath, Origin, Relay, RelayEvent, UsageView};
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
 use crate::core::request::Endpoint;
-use crate::core::{Caller, Remaining};
+use crate::core::{Caller, GatewayError, Remaining};
 use crate::edge::{ModelLabel, add_limit_headers};
 
 pub struct ChatService {
@@ -27,31 +27,26 @@ impl ChatService {
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         Ok(self.chat.gateway.authenticate(bearer(request.metadata()))?)
     }
-}
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChatChunk, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::chat_server::Chat for ChatService {
-    async fn complete(
+    /// A unary model call: the request as the JSON the REST door would have received
+    /// (`to_json`, once the caller is known) through the shared call path, the answer read
+    /// into its proto by `read` before the call settles, within the caller's deadline.
+    async fn unary<T, A>(
         &self,
-        request: Request<pb::ChatRequest>,
-    ) -> Result<Response<pb::ChatResponse>, Status> {
-        let caller = self.authenticate(&request)?;
-        let request_id = request_id(&request);
+        request: &Request<T>,
+        endpoint: Endpoint,
+        to_json: impl FnOnce(&T) -> Result<bytes::Bytes, GatewayError>,
+        read: impl FnOnce(&bytes::Bytes) -> Result<A, GatewayError>,
+    ) -> Result<Response<A>, Status> {
+        let caller = self.authenticate(request)?;
         let deadline = caller_deadline(request.metadata());
-        let call = self.chat.prepare(
-            Endpoint::ChatCompletions,
-            convert::request_json(request.get_ref(), false)?,
-        )?;
+        let call = self.chat.prepare(endpoint, to_json(request.get_ref())?)?;
         let label = self.chat.metric_model(&call.model);
         let origin = Origin {
-            request_id,
+            request_id: request_id(request),
             door: Door::Grpc,
         };
-        let completion = self
-            .chat
-            .complete(&caller, call, &origin, |body| convert::response_proto(body));
+        let completion = self.chat.complete(&caller, call, &origin, read);
         let completion = match deadline {
             // Dropping the call at the deadline cancels the upstream request and settles it.
             Some(deadline) => tokio::time::timeout(deadline, completion)
@@ -63,6 +58,24 @@ impl pb::chat_server::Chat for ChatService {
         response.extensions_mut().insert(ModelLabel(label));
         *response.metadata_mut() = limit_metadata(&completion.figures, &completion.remaining);
         Ok(response)
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChatChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::chat_server::Chat for ChatService {
+    async fn complete(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<pb::ChatResponse>, Status> {
+        self.unary(
+            &request,
+            Endpoint::ChatCompletions,
+            |r| convert::request_json(r, false),
+            |answer| convert::response_proto(answer),
+        )
+        .await
     }
 
     type StreamCompleteStream = ChunkStream;
@@ -99,6 +112,19 @@ impl pb::chat_server::Chat for ChatService {
         response.extensions_mut().insert(ModelLabel(label));
         *response.metadata_mut() = limit_metadata(&start.figures, &start.remaining);
         Ok(response)
+    }
+
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        self.unary(
+            &request,
+            Endpoint::Embeddings,
+            convert::embed_json,
+            |answer| convert::embed_proto(answer),
+        )
+        .await
     }
 
     async fn list_models(

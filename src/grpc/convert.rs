@@ -488,6 +488,56 @@ impl ChunkMerger {
     }
 }
 
+/// The JSON body of `POST /v1/embeddings` for a proto request (vectors as floats).
+pub fn embed_json(request: &pb::EmbedRequest) -> Result<Bytes, GatewayError> {
+    let mut body = serde_json::json!({
+        "model": request.model,
+        "input": request.inputs,
+        "encoding_format": "float",
+    });
+    if let Some(dimensions) = request.dimensions {
+        body["dimensions"] = dimensions.into();
+    }
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(|e| GatewayError::invalid_request(e.to_string(), None))
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsView {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    data: Vec<EmbeddingView>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingView {
+    #[serde(default)]
+    index: u32,
+    embedding: Vec<f32>,
+}
+
+/// An embeddings answer (OpenAI JSON, vectors as floats) as a proto answer.
+pub fn embed_proto(body: &[u8]) -> Result<pb::EmbedResponse, GatewayError> {
+    let view: EmbeddingsView =
+        serde_json::from_slice(body).map_err(|e| unreadable("embeddings answer", &e))?;
+    Ok(pb::EmbedResponse {
+        model: view.model,
+        data: view
+            .data
+            .into_iter()
+            .map(|e| pb::Embedding {
+                index: e.index,
+                values: e.embedding,
+            })
+            .collect(),
+        usage: view.usage.map(usage_proto),
+    })
+}
+
 /// The proto form of the upstream's model list (OpenAI JSON).
 pub fn models_proto(list: &Value) -> pb::ListModelsResponse {
     let models = list
@@ -989,6 +1039,27 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn embeddings_go_as_json_and_come_back_as_vectors() {
+        let body = embed_json(&pb::EmbedRequest {
+            model: "e".into(),
+            inputs: vec!["a".into(), "b".into()],
+            dimensions: Some(8),
+        })
+        .unwrap();
+        let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            sent,
+            json!({"model": "e", "input": ["a", "b"], "encoding_format": "float", "dimensions": 8})
+        );
+        let answer = br#"{"object":"list","model":"e","data":[{"object":"embedding","index":0,"embedding":[0.5,-1]},{"object":"embedding","index":1,"embedding":[2]}],"usage":{"prompt_tokens":3,"total_tokens":3}}"#;
+        let proto = embed_proto(answer).unwrap();
+        assert_eq!(proto.data[0].values, [0.5, -1.0]);
+        assert_eq!(proto.data[1].index, 1);
+        assert_eq!(proto.usage.unwrap().total_tokens, 3);
+        assert!(embed_proto(br#"{"data":[{"embedding":"AAAA"}]}"#).is_err());
     }
 
     #[test]
