@@ -6,6 +6,7 @@
 //! `other`), backends are configured names. No label ever carries a key or a secret.
 
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -37,8 +38,26 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 /// A label value learnt at run time (a route, a model, a status, an outcome), stored once and
 /// shared by every series that carries it: finding a series clones a reference, never a
 /// string.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+///
+/// Invariant: made only by [`Labels::get`], so within one [`Metrics`] equal texts are one
+/// allocation; a series is therefore found by hashing and comparing an address (one word),
+/// not the text.
+#[derive(Clone, Debug)]
 struct Label(Arc<str>);
+
+impl PartialEq for Label {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Label {}
+
+impl Hash for Label {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(Arc::as_ptr(&self.0).cast::<u8>().addr());
+    }
+}
 
 impl EncodeLabelValue for Label {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -53,8 +72,10 @@ impl EncodeLabelValue for Door {
 }
 
 /// Every label value seen, each kept once; it grows only as far as the values are bounded.
+/// FNV rather than the default keyed hash: the values are few, short and the gateway's own
+/// (never a client's text), and this lookup runs several times per call.
 #[derive(Debug, Default)]
-struct Labels(RwLock<HashSet<Arc<str>>>);
+struct Labels(RwLock<HashSet<Arc<str>, fnv::FnvBuildHasher>>);
 
 impl Labels {
     fn get(&self, value: &str) -> Label {
