@@ -1,18 +1,29 @@
-//! Prometheus metrics: counters, gauges and histograms kept in atomics, per gateway (no
-//! global recorder, so several gateways can live in one process), rendered as text.
+//! Prometheus metrics: one `prometheus_client` registry per gateway (no global registry, so
+//! several gateways can live in one process), rendered in the Prometheus text format.
 //!
 //! Every label value is bounded: doors and outcomes are enums, routes are the router's
 //! patterns or known gRPC methods, models are those named in the configuration (else
 //! `other`), backends are configured names. No label ever carries a key or a secret.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
+
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, prometheus_text,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::core::events::{Door, GateEvents, SettledCall};
 use crate::core::usage_sink::StoreFigures;
+
+/// The `content-type` of [`Metrics::render`]'s text (Prometheus text format 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Seconds; the whole call, from milliseconds to the longest streams.
 const CALL_BUCKETS: &[f64] = &[
@@ -24,111 +35,124 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 ];
 
-type Labels = Vec<(&'static str, String)>;
+/// A label value learnt at run time (a route, a model, a status, an outcome), stored once and
+/// shared by every series that carries it: finding a series clones a reference, never a
+/// string.
+///
+/// Invariant: made only by [`Labels::get`], so within one [`Metrics`] equal texts are one
+/// allocation; a series is therefore found by hashing and comparing an address (one word),
+/// not the text.
+#[derive(Clone, Debug)]
+struct Label(Arc<str>);
 
-#[derive(Debug)]
-struct Histogram {
-    buckets: &'static [f64],
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    count: AtomicU64,
+impl PartialEq for Label {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
-impl Histogram {
-    fn new(buckets: &'static [f64]) -> Self {
-        Histogram {
-            buckets,
-            counts: buckets.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
+impl Eq for Label {}
+
+impl Hash for Label {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(Arc::as_ptr(&self.0).cast::<u8>().addr());
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+impl EncodeLabelValue for Door {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// Every label value seen, each kept once; it grows only as far as the values are bounded.
+/// FNV rather than the default keyed hash: the values are few, short and the gateway's own
+/// (never a client's text), and this lookup runs several times per call.
+#[derive(Debug, Default)]
+struct Labels(RwLock<HashSet<Arc<str>, fnv::FnvBuildHasher>>);
+
+impl Labels {
+    fn get(&self, value: &str) -> Label {
+        let known = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = known.get(value) {
+            return Label(found.clone());
         }
-    }
-
-    fn observe(&self, value: Duration) {
-        let secs = value.as_secs_f64();
-        if let Some(i) = self.buckets.iter().position(|&bound| secs <= bound)
-            && let Some(count) = self.counts.get(i)
-        {
-            count.fetch_add(1, Ordering::Relaxed);
+        drop(known);
+        let mut known = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = known.get(value) {
+            return Label(found.clone());
         }
-        self.sum_micros.fetch_add(
-            u64::try_from(value.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let new: Arc<str> = Arc::from(value);
+        known.insert(new.clone());
+        Label(new)
     }
 }
 
-/// A family of series of one kind, by label values. A lookup builds its key in a reused
-/// per-thread buffer, so counting a known series allocates nothing.
-#[derive(Debug)]
-struct Family<T> {
-    names: &'static [&'static str],
-    /// Label values joined by `SEPARATOR` → the series.
-    series: RwLock<HashMap<String, Arc<T>>>,
+// Label sets: the fields' order is the labels' order in the text.
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    door: Door,
+    route: Label,
+    model: Label,
+    status: Label,
 }
 
-const SEPARATOR: char = '\u{1f}';
-
-thread_local! {
-    static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CallLabels {
+    door: Door,
+    model: Label,
+    outcome: Label,
 }
 
-impl<T> Family<T> {
-    fn new(names: &'static [&'static str]) -> Self {
-        Family {
-            names,
-            series: RwLock::new(HashMap::new()),
-        }
-    }
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    door: Door,
+    route: Label,
+}
 
-    /// The series with these label values (in the order of `names`), made on first use.
-    fn get(&self, values: &[&str], make: impl FnOnce() -> T) -> Arc<T> {
-        KEY.with(|key| {
-            let mut key = key.borrow_mut();
-            key.clear();
-            for (i, value) in values.iter().enumerate() {
-                if i > 0 {
-                    key.push(SEPARATOR);
-                }
-                key.push_str(value);
-            }
-            if let Some(found) = self
-                .series
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(key.as_str())
-            {
-                return found.clone();
-            }
-            let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
-            series
-                .entry(key.clone())
-                .or_insert_with(|| Arc::new(make()))
-                .clone()
-        })
-    }
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DoorModelLabels {
+    door: Door,
+    model: Label,
+}
 
-    /// Every series with its labels, in a stable order.
-    fn snapshot(&self) -> Vec<(Labels, Arc<T>)> {
-        let mut all: Vec<(Labels, Arc<T>)> = self
-            .series
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(key, value)| {
-                let labels = self
-                    .names
-                    .iter()
-                    .copied()
-                    .zip(key.split(SEPARATOR).map(str::to_owned))
-                    .collect();
-                (labels, value.clone())
-            })
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
-    }
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TokenLabels {
+    kind: &'static str,
+    model: Label,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ModelLabels {
+    model: Label,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DoorLabels {
+    door: Door,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendErrorLabels {
+    backend: String,
+    kind: &'static str,
 }
 
 /// A backend's figures at scrape time (the pool's own state).
@@ -140,34 +164,108 @@ pub struct BackendFigures {
     pub errors: u64,
 }
 
-/// One gateway's metrics.
+/// One gateway's metrics. The families below are handles on the series in `registry`.
 #[derive(Debug)]
 pub struct Metrics {
-    requests: Family<AtomicU64>,
-    calls: Family<AtomicU64>,
-    request_duration: Family<Histogram>,
-    overhead: Family<Histogram>,
-    ttft: Family<Histogram>,
-    tokens: Family<AtomicU64>,
-    images: Family<AtomicU64>,
-    refusals: Family<AtomicU64>,
-    in_flight: [AtomicI64; 2],
+    registry: Registry,
+    labels: Labels,
+    /// The route of every chat call's duration, looked up once.
+    chat: Label,
+    requests: Family<RequestLabels, Counter>,
+    calls: Family<CallLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram>,
+    overhead: Family<RouteLabels, Histogram>,
+    ttft: Family<DoorModelLabels, Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    images: Family<ModelLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
+    /// Both doors' series, made at start so that an idle door shows 0.
+    in_flight: [Gauge; 2],
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let labels = Labels::default();
+        let chat = labels.get("chat");
+        let requests = Family::default();
+        let calls = Family::default();
+        let request_duration = Family::new_with_constructor(call_histogram as fn() -> Histogram);
+        let overhead = Family::new_with_constructor(overhead_histogram as fn() -> Histogram);
+        let ttft = Family::new_with_constructor(call_histogram as fn() -> Histogram);
+        let tokens = Family::default();
+        let images = Family::default();
+        let refusals = Family::default();
+        let in_flight = Family::<DoorLabels, Gauge>::default();
+        let in_flight_by_door = [Door::Rest, Door::Grpc]
+            .map(|door| in_flight.get_or_create(&DoorLabels { door }).clone());
+
+        // Names of counters go without `_total` and help texts without their full stop: the
+        // encoder adds the one and the registry the other.
+        let mut registry = Registry::default();
+        registry.register(
+            "step3gw_requests",
+            "Requests answered, by door, route, model and status",
+            requests.clone(),
+        );
+        registry.register(
+            "step3gw_calls",
+            "Chat calls settled, by door, model and outcome",
+            calls.clone(),
+        );
+        registry.register(
+            "step3gw_request_duration_seconds",
+            "Request time (chat: the whole call, stream included)",
+            request_duration.clone(),
+        );
+        registry.register(
+            "step3gw_gateway_overhead_seconds",
+            "The gateway's own share of a chat call: total minus model-server time",
+            overhead.clone(),
+        );
+        registry.register(
+            "step3gw_time_to_first_token_seconds",
+            "From the request to the first streamed chunk",
+            ttft.clone(),
+        );
+        registry.register(
+            "step3gw_tokens",
+            "Tokens charged, by kind (prompt, completion) and model",
+            tokens.clone(),
+        );
+        registry.register("step3gw_images", "Images charged, by model", images.clone());
+        registry.register(
+            "step3gw_refusals",
+            "Calls refused by the gateway, by reason",
+            refusals.clone(),
+        );
+        registry.register(
+            "step3gw_in_flight",
+            "Chat calls in flight, by door",
+            in_flight,
+        );
         Metrics {
-            requests: Family::new(&["door", "route", "model", "status"]),
-            calls: Family::new(&["door", "model", "outcome"]),
-            request_duration: Family::new(&["door", "route"]),
-            overhead: Family::new(&["door", "route"]),
-            ttft: Family::new(&["door", "model"]),
-            tokens: Family::new(&["kind", "model"]),
-            images: Family::new(&["model"]),
-            refusals: Family::new(&["reason"]),
-            in_flight: [AtomicI64::new(0), AtomicI64::new(0)],
+            registry,
+            labels,
+            chat,
+            requests,
+            calls,
+            request_duration,
+            overhead,
+            ttft,
+            tokens,
+            images,
+            refusals,
+            in_flight: in_flight_by_door,
         }
     }
+}
+
+fn call_histogram() -> Histogram {
+    Histogram::new(CALL_BUCKETS.iter().copied())
+}
+
+fn overhead_histogram() -> Histogram {
+    Histogram::new(OVERHEAD_BUCKETS.iter().copied())
 }
 
 fn door_index(door: Door) -> usize {
@@ -180,199 +278,160 @@ fn door_index(door: Door) -> usize {
 impl Metrics {
     /// A request answered by either door (for a stream: when its answer began).
     pub fn request(&self, door: Door, route: &str, model: &str, status: &str) {
-        self.requests
-            .get(&[door.as_str(), route, model, status], || AtomicU64::new(0))
-            .fetch_add(1, Ordering::Relaxed);
+        let labels = RequestLabels {
+            door,
+            route: self.labels.get(route),
+            model: self.labels.get(model),
+            status: self.labels.get(status),
+        };
+        self.requests.get_or_create(&labels).inc();
     }
 
     /// How long a request took (for chat calls: the whole call, stream included).
     pub fn request_duration(&self, door: Door, route: &str, took: Duration) {
+        self.observe_duration(door, self.labels.get(route), took);
+    }
+
+    fn observe_duration(&self, door: Door, route: Label, took: Duration) {
         self.request_duration
-            .get(&[door.as_str(), route], || Histogram::new(CALL_BUCKETS))
-            .observe(took);
+            .get_or_create(&RouteLabels { door, route })
+            .observe(took.as_secs_f64());
     }
 
     /// A settled chat call: its outcome, tokens, images, and the gateway's own time in it.
     pub fn call_settled(&self, settled: &SettledCall<'_>) {
-        let door = settled.door.as_str();
+        let door = settled.door;
+        let model = self.labels.get(settled.model);
+        let outcome = self.labels.get(settled.outcome);
         self.calls
-            .get(&[door, settled.model, settled.outcome], || {
-                AtomicU64::new(0)
+            .get_or_create(&CallLabels {
+                door,
+                model: model.clone(),
+                outcome,
             })
-            .fetch_add(1, Ordering::Relaxed);
+            .inc();
         for (kind, amount) in [
             ("prompt", settled.prompt_tokens),
             ("completion", settled.completion_tokens),
         ] {
             if amount > 0 {
                 self.tokens
-                    .get(&[kind, settled.model], || AtomicU64::new(0))
-                    .fetch_add(amount, Ordering::Relaxed);
+                    .get_or_create(&TokenLabels {
+                        kind,
+                        model: model.clone(),
+                    })
+                    .inc_by(amount);
             }
         }
         if settled.images > 0 {
             self.images
-                .get(&[settled.model], || AtomicU64::new(0))
-                .fetch_add(settled.images, Ordering::Relaxed);
+                .get_or_create(&ModelLabels { model })
+                .inc_by(settled.images);
         }
-        self.request_duration(settled.door, "chat", settled.total);
+        self.observe_duration(door, self.chat.clone(), settled.total);
         if let Some(overhead) = settled.overhead {
             self.overhead
-                .get(&[door, "chat"], || Histogram::new(OVERHEAD_BUCKETS))
-                .observe(overhead);
+                .get_or_create(&RouteLabels {
+                    door,
+                    route: self.chat.clone(),
+                })
+                .observe(overhead.as_secs_f64());
         }
     }
 
     /// The first chunk of a stream reached the gateway.
     pub fn time_to_first_token(&self, door: Door, model: &str, took: Duration) {
         self.ttft
-            .get(&[door.as_str(), model], || Histogram::new(CALL_BUCKETS))
-            .observe(took);
+            .get_or_create(&DoorModelLabels {
+                door,
+                model: self.labels.get(model),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// A call refused before it reached a model server.
     pub fn refusal(&self, reason: &'static str) {
-        self.refusals
-            .get(&[reason], || AtomicU64::new(0))
-            .fetch_add(1, Ordering::Relaxed);
+        self.refusals.get_or_create(&RefusalLabels { reason }).inc();
     }
 
     pub fn call_started(&self, door: Door) {
         if let Some(gauge) = self.in_flight.get(door_index(door)) {
-            gauge.fetch_add(1, Ordering::Relaxed);
+            gauge.inc();
         }
     }
 
     pub fn call_ended(&self, door: Door) {
         if let Some(gauge) = self.in_flight.get(door_index(door)) {
-            gauge.fetch_sub(1, Ordering::Relaxed);
+            gauge.dec();
         }
     }
 
     /// The Prometheus text exposition of everything, plus the figures read at scrape time.
     pub fn render(&self, backends: &[BackendFigures], store: &StoreFigures) -> String {
         let mut out = String::with_capacity(8192);
-        counter(
-            &mut out,
-            "step3gw_requests_total",
-            "Requests answered, by door, route, model and status.",
-            &self.requests,
-        );
-        counter(
-            &mut out,
-            "step3gw_calls_total",
-            "Chat calls settled, by door, model and outcome.",
-            &self.calls,
-        );
-        histogram(
-            &mut out,
-            "step3gw_request_duration_seconds",
-            "Request time (chat: the whole call, stream included).",
-            &self.request_duration,
-        );
-        histogram(
-            &mut out,
-            "step3gw_gateway_overhead_seconds",
-            "The gateway's own share of a chat call: total minus model-server time.",
-            &self.overhead,
-        );
-        histogram(
-            &mut out,
-            "step3gw_time_to_first_token_seconds",
-            "From the request to the first streamed chunk.",
-            &self.ttft,
-        );
-        counter(
-            &mut out,
-            "step3gw_tokens_total",
-            "Tokens charged, by kind (prompt, completion) and model.",
-            &self.tokens,
-        );
-        counter(
-            &mut out,
-            "step3gw_images_total",
-            "Images charged, by model.",
-            &self.images,
-        );
-        counter(
-            &mut out,
-            "step3gw_refusals_total",
-            "Calls refused by the gateway, by reason.",
-            &self.refusals,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP step3gw_in_flight Chat calls in flight, by door.\n# TYPE step3gw_in_flight gauge"
-        );
-        for door in [Door::Rest, Door::Grpc] {
-            let value = self
-                .in_flight
-                .get(door_index(door))
-                .map_or(0, |g| g.load(Ordering::Relaxed));
-            let _ = writeln!(
-                out,
-                "step3gw_in_flight{{door=\"{}\"}} {value}",
-                door.as_str()
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP step3gw_backend_healthy Whether a backend takes calls (1) or not (0).\n# TYPE step3gw_backend_healthy gauge"
-        );
-        for b in backends {
-            let _ = writeln!(
-                out,
-                "step3gw_backend_healthy{{backend=\"{}\"}} {}",
-                escape(&b.name),
-                u8::from(b.healthy)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP step3gw_backend_in_flight Calls in flight on a backend.\n# TYPE step3gw_backend_in_flight gauge"
-        );
-        for b in backends {
-            let _ = writeln!(
-                out,
-                "step3gw_backend_in_flight{{backend=\"{}\"}} {}",
-                escape(&b.name),
-                b.in_flight
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP step3gw_backend_errors_total Connect errors, resets, timeouts and 5xx of a backend.\n# TYPE step3gw_backend_errors_total counter"
-        );
-        for b in backends {
-            let _ = writeln!(
-                out,
-                "step3gw_backend_errors_total{{backend=\"{}\",kind=\"any\"}} {}",
-                escape(&b.name),
-                b.errors
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP step3gw_store_write_backlog Finished calls queued for the store.\n# TYPE step3gw_store_write_backlog gauge\nstep3gw_store_write_backlog {}",
-            store.backlog
-        );
-        let _ = writeln!(
-            out,
-            "# HELP step3gw_store_available 1 while the store takes writes; 0 while it fails and calls are refused.\n# TYPE step3gw_store_available gauge\nstep3gw_store_available {}",
-            u8::from(store.available)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP step3gw_store_unrecorded_calls Settled calls held in memory because the store fails.\n# TYPE step3gw_store_unrecorded_calls gauge\nstep3gw_store_unrecorded_calls {}",
-            store.unrecorded
-        );
-        let _ = writeln!(
-            out,
-            "# HELP step3gw_store_write_failures_total Failed store writes and flushes.\n# TYPE step3gw_store_write_failures_total counter\nstep3gw_store_write_failures_total {}",
-            store.failures
-        );
+        // Writing into a `String` cannot fail, and no value here is one the encoder refuses.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        let _ = prometheus_text::encode(&mut out, &scrape_registry(backends, store));
         out
     }
+}
+
+/// The figures that others own (the pool, the usage writer), in a registry made for one
+/// scrape: a backend gone from the configuration is gone from the next scrape.
+fn scrape_registry(backends: &[BackendFigures], store: &StoreFigures) -> Registry {
+    let healthy = Family::<BackendLabels, Gauge>::default();
+    let in_flight = Family::<BackendLabels, Gauge>::default();
+    let errors = Family::<BackendErrorLabels, Counter>::default();
+    for b in backends {
+        let labels = BackendLabels {
+            backend: b.name.clone(),
+        };
+        healthy.get_or_create(&labels).set(i64::from(b.healthy));
+        in_flight.get_or_create(&labels).set(i64::from(b.in_flight));
+        errors
+            .get_or_create(&BackendErrorLabels {
+                backend: b.name.clone(),
+                kind: "any",
+            })
+            .inc_by(b.errors);
+    }
+    let mut registry = Registry::default();
+    registry.register(
+        "step3gw_backend_healthy",
+        "Whether a backend takes calls (1) or not (0)",
+        healthy,
+    );
+    registry.register(
+        "step3gw_backend_in_flight",
+        "Calls in flight on a backend",
+        in_flight,
+    );
+    registry.register(
+        "step3gw_backend_errors",
+        "Connect errors, resets, timeouts and 5xx of a backend",
+        errors,
+    );
+    registry.register(
+        "step3gw_store_write_backlog",
+        "Finished calls queued for the store",
+        ConstGauge::new(store.backlog),
+    );
+    registry.register(
+        "step3gw_store_available",
+        "1 while the store takes writes; 0 while it fails and calls are refused",
+        ConstGauge::new(i64::from(store.available)),
+    );
+    registry.register(
+        "step3gw_store_unrecorded_calls",
+        "Settled calls held in memory because the store fails",
+        ConstGauge::new(store.unrecorded),
+    );
+    registry.register(
+        "step3gw_store_write_failures",
+        "Failed store writes and flushes",
+        ConstCounter::new(store.failures),
+    );
+    registry
 }
 
 impl GateEvents for Metrics {
@@ -394,53 +453,39 @@ impl GateEvents for Metrics {
     }
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn label_text(labels: &Labels) -> String {
-    labels
-        .iter()
-        .map(|(name, value)| format!("{name}=\"{}\"", escape(value)))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn counter(out: &mut String, name: &str, help: &str, family: &Family<AtomicU64>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (labels, value) in family.snapshot() {
-        let _ = writeln!(
-            out,
-            "{name}{{{}}} {}",
-            label_text(&labels),
-            value.load(Ordering::Relaxed)
-        );
-    }
-}
-
-fn histogram(out: &mut String, name: &str, help: &str, family: &Family<Histogram>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (labels, histogram) in family.snapshot() {
-        let labels = label_text(&labels);
-        let mut cumulative = 0;
-        for (bound, count) in histogram.buckets.iter().zip(&histogram.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let count = histogram.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let sum = histogram.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settled(door: Door, model: &str) -> SettledCall<'_> {
+        SettledCall {
+            door,
+            model,
+            outcome: "completed",
+            prompt_tokens: 5,
+            completion_tokens: 7,
+            images: 1,
+            total: Duration::from_millis(30),
+            overhead: Some(Duration::from_micros(40)),
+        }
+    }
+
+    fn figures() -> (Vec<BackendFigures>, StoreFigures) {
+        (
+            vec![BackendFigures {
+                name: "gpu-a".into(),
+                healthy: true,
+                in_flight: 2,
+                errors: 1,
+            }],
+            StoreFigures {
+                backlog: 3,
+                available: false,
+                unrecorded: 2,
+                failures: 4,
+            },
+        )
+    }
 
     #[test]
     fn counters_histograms_and_gauges_render_as_prometheus_text() {
@@ -449,47 +494,228 @@ mod tests {
         metrics.request(Door::Rest, "/v1/models", "", "200");
         metrics.refusal("quota");
         metrics.call_started(Door::Grpc);
-        metrics.call_settled(&SettledCall {
-            door: Door::Grpc,
-            model: "m",
-            outcome: "completed",
-            prompt_tokens: 5,
-            completion_tokens: 7,
-            images: 1,
-            total: Duration::from_millis(30),
-            overhead: Some(Duration::from_micros(40)),
-        });
-        let text = metrics.render(
-            &[BackendFigures {
-                name: "gpu-a".into(),
-                healthy: true,
-                in_flight: 2,
-                errors: 1,
-            }],
-            &StoreFigures {
-                backlog: 3,
-                available: false,
-                unrecorded: 2,
-                failures: 4,
-            },
-        );
-        assert!(text.contains(
-            "step3gw_requests_total{door=\"rest\",route=\"/v1/models\",model=\"\",status=\"200\"} 2"
-        ));
-        assert!(text.contains("step3gw_refusals_total{reason=\"quota\"} 1"));
-        assert!(text.contains("step3gw_tokens_total{kind=\"completion\",model=\"m\"} 7"));
-        assert!(text.contains("step3gw_images_total{model=\"m\"} 1"));
-        assert!(text.contains("step3gw_in_flight{door=\"grpc\"} 1"));
-        assert!(text.contains(
-            "step3gw_gateway_overhead_seconds_bucket{door=\"grpc\",route=\"chat\",le=\"0.00005\"} 1"
-        ));
+        metrics.call_settled(&settled(Door::Grpc, "m"));
+        let (backends, store) = figures();
+        let text = metrics.render(&backends, &store);
+        for line in [
+            "step3gw_requests_total{door=\"rest\",route=\"/v1/models\",model=\"\",status=\"200\"} 2",
+            "step3gw_calls_total{door=\"grpc\",model=\"m\",outcome=\"completed\"} 1",
+            "step3gw_refusals_total{reason=\"quota\"} 1",
+            "step3gw_tokens_total{kind=\"prompt\",model=\"m\"} 5",
+            "step3gw_tokens_total{kind=\"completion\",model=\"m\"} 7",
+            "step3gw_images_total{model=\"m\"} 1",
+            "step3gw_in_flight{door=\"rest\"} 0",
+            "step3gw_in_flight{door=\"grpc\"} 1",
+            // Go's float format, as Go clients write it (Prometheus 3 stores this form).
+            "step3gw_gateway_overhead_seconds_bucket{door=\"grpc\",route=\"chat\",le=\"2.5e-05\"} 0",
+            "step3gw_gateway_overhead_seconds_bucket{door=\"grpc\",route=\"chat\",le=\"5e-05\"} 1",
+            "step3gw_request_duration_seconds_bucket{door=\"grpc\",route=\"chat\",le=\"0.025\"} 0",
+            "step3gw_request_duration_seconds_bucket{door=\"grpc\",route=\"chat\",le=\"0.05\"} 1",
+            "step3gw_request_duration_seconds_bucket{door=\"grpc\",route=\"chat\",le=\"+Inf\"} 1",
+            "step3gw_request_duration_seconds_sum{door=\"grpc\",route=\"chat\"} 0.03",
+            "step3gw_request_duration_seconds_count{door=\"grpc\",route=\"chat\"} 1",
+            "step3gw_backend_healthy{backend=\"gpu-a\"} 1",
+            "step3gw_backend_in_flight{backend=\"gpu-a\"} 2",
+            "step3gw_backend_errors_total{backend=\"gpu-a\",kind=\"any\"} 1",
+            "step3gw_store_write_backlog 3",
+            "step3gw_store_available 0",
+            "step3gw_store_unrecorded_calls 2",
+            "step3gw_store_write_failures_total 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+    }
+
+    /// The names, types and help that the dashboard, the README and Prometheus rely on.
+    #[test]
+    fn each_metric_is_described_once_with_its_type_and_help() {
+        let metrics = Metrics::default();
+        metrics.request(Door::Rest, "/v1/models", "", "200");
+        metrics.request_duration(Door::Rest, "/v1/models", Duration::from_millis(1));
+        metrics.refusal("auth");
+        metrics.time_to_first_token(Door::Rest, "m", Duration::from_millis(5));
+        metrics.call_settled(&settled(Door::Rest, "m"));
+        let (backends, store) = figures();
+        let text = metrics.render(&backends, &store);
+        let expected = [
+            (
+                "step3gw_requests_total",
+                "counter",
+                "Requests answered, by door, route, model and status.",
+            ),
+            (
+                "step3gw_calls_total",
+                "counter",
+                "Chat calls settled, by door, model and outcome.",
+            ),
+            (
+                "step3gw_request_duration_seconds",
+                "histogram",
+                "Request time (chat: the whole call, stream included).",
+            ),
+            (
+                "step3gw_gateway_overhead_seconds",
+                "histogram",
+                "The gateway's own share of a chat call: total minus model-server time.",
+            ),
+            (
+                "step3gw_time_to_first_token_seconds",
+                "histogram",
+                "From the request to the first streamed chunk.",
+            ),
+            (
+                "step3gw_tokens_total",
+                "counter",
+                "Tokens charged, by kind (prompt, completion) and model.",
+            ),
+            (
+                "step3gw_images_total",
+                "counter",
+                "Images charged, by model.",
+            ),
+            (
+                "step3gw_refusals_total",
+                "counter",
+                "Calls refused by the gateway, by reason.",
+            ),
+            (
+                "step3gw_in_flight",
+                "gauge",
+                "Chat calls in flight, by door.",
+            ),
+            (
+                "step3gw_backend_healthy",
+                "gauge",
+                "Whether a backend takes calls (1) or not (0).",
+            ),
+            (
+                "step3gw_backend_in_flight",
+                "gauge",
+                "Calls in flight on a backend.",
+            ),
+            (
+                "step3gw_backend_errors_total",
+                "counter",
+                "Connect errors, resets, timeouts and 5xx of a backend.",
+            ),
+            (
+                "step3gw_store_write_backlog",
+                "gauge",
+                "Finished calls queued for the store.",
+            ),
+            (
+                "step3gw_store_available",
+                "gauge",
+                "1 while the store takes writes; 0 while it fails and calls are refused.",
+            ),
+            (
+                "step3gw_store_unrecorded_calls",
+                "gauge",
+                "Settled calls held in memory because the store fails.",
+            ),
+            (
+                "step3gw_store_write_failures_total",
+                "counter",
+                "Failed store writes and flushes.",
+            ),
+        ];
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        assert_eq!(types.len(), expected.len(), "{text}");
+        for (name, kind, help) in expected {
+            assert!(
+                types.contains(&format!("# TYPE {name} {kind}").as_str()),
+                "{name}\n{text}"
+            );
+            assert!(
+                text.lines().any(|l| l == format!("# HELP {name} {help}")),
+                "{name}\n{text}"
+            );
+        }
+        // Text format 0.0.4: no OpenMetrics trailer or unit lines.
         assert!(
-            text.contains("step3gw_request_duration_seconds_count{door=\"grpc\",route=\"chat\"} 1")
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
         );
-        assert!(text.contains("step3gw_backend_healthy{backend=\"gpu-a\"} 1"));
-        assert!(text.contains("step3gw_store_write_backlog 3"));
-        assert!(text.contains("step3gw_store_available 0"));
-        assert!(text.contains("step3gw_store_unrecorded_calls 2"));
-        assert!(text.contains("step3gw_store_write_failures_total 4"));
+    }
+
+    /// Prometheus rejects a scrape whose family is split or whose sample has no family.
+    #[test]
+    fn every_sample_follows_its_own_family_header() {
+        let metrics = Metrics::default();
+        for door in [Door::Rest, Door::Grpc] {
+            metrics.request(door, "/a", "m", "200");
+            metrics.request(door, "/b", "other", "500");
+            metrics.call_settled(&settled(door, "m"));
+            metrics.call_settled(&settled(door, "other"));
+        }
+        let (backends, store) = figures();
+        let text = metrics.render(&backends, &store);
+        let mut family = "";
+        let mut seen = HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap_or_default();
+                assert!(seen.insert(family), "{family} described twice:\n{text}");
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                let of_family = name == family
+                    || ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix) == Some(family));
+                assert!(of_family, "`{line}` outside its family:\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let metrics = Metrics::default();
+        let backends = [BackendFigures {
+            name: "a\"b\\c\nd".into(),
+            healthy: false,
+            in_flight: 0,
+            errors: 0,
+        }];
+        let text = metrics.render(&backends, &StoreFigures::default());
+        assert!(
+            text.contains("step3gw_backend_healthy{backend=\"a\\\"b\\\\c\\nd\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn two_gateways_in_one_process_count_apart() {
+        let a = Metrics::default();
+        let b = Metrics::default();
+        a.refusal("rate");
+        a.call_started(Door::Rest);
+        let store = StoreFigures::default();
+        assert!(
+            a.render(&[], &store)
+                .contains("step3gw_refusals_total{reason=\"rate\"} 1")
+        );
+        let text = b.render(&[], &store);
+        assert!(!text.contains("step3gw_refusals_total"), "{text}");
+        assert!(
+            text.contains("step3gw_in_flight{door=\"rest\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_label_value_is_stored_once_however_often_it_is_counted() {
+        let labels = Labels::default();
+        let first = labels.get("/v1/chat/completions");
+        let again = labels.get(&String::from("/v1/chat/completions"));
+        assert!(Arc::ptr_eq(&first.0, &again.0));
+        assert!(!Arc::ptr_eq(&first.0, &labels.get("/v1/models").0));
+    }
+
+    #[test]
+    fn a_backend_gone_from_the_pool_is_gone_from_the_next_scrape() {
+        let metrics = Metrics::default();
+        let (backends, store) = figures();
+        assert!(metrics.render(&backends, &store).contains("gpu-a"));
+        assert!(!metrics.render(&[], &store).contains("gpu-a"));
     }
 }
