@@ -248,11 +248,6 @@ impl ReadEvent<'_> {
 /// [`inspect`], keeping the data and the usage span. One parse of the data, which is
 /// borrowed from the event when it is one line: this runs for every chunk of every stream.
 pub fn read_event(event: &[u8]) -> ReadEvent<'_> {
-    let unreadable = |data| ReadEvent {
-        info: EventInfo::default(),
-        data,
-        usage: None,
-    };
     let Some(data) = data_of(event) else {
         return unreadable(Cow::Borrowed(&[]));
     };
@@ -267,10 +262,7 @@ pub fn read_event(event: &[u8]) -> ReadEvent<'_> {
             usage: None,
         };
     }
-    // Serde skips the members it does not read without checking their strings: data that
-    // is not UTF-8 is not JSON, and reading usage from it would bill usage that
-    // `without_usage` cannot then remove. (ASCII, the usual case, is checked faster.)
-    if !is_object(&data) || (!data.is_ascii() && std::str::from_utf8(&data).is_err()) {
+    if !is_object_text(&data) {
         return unreadable(data);
     }
     let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
@@ -315,15 +307,10 @@ pub fn read_response_event(event: &[u8]) -> ReadEvent<'_> {
         #[serde(default, borrow)]
         error: Option<&'a RawValue>,
     }
-    let unreadable = |data| ReadEvent {
-        info: EventInfo::default(),
-        data,
-        usage: None,
-    };
     let Some(data) = data_of(event) else {
         return unreadable(Cow::Borrowed(&[]));
     };
-    if !is_object(&data) || (!data.is_ascii() && std::str::from_utf8(&data).is_err()) {
+    if !is_object_text(&data) {
         return unreadable(data);
     }
     let Ok(view) = serde_json::from_slice::<TypedView<'_>>(&data) else {
@@ -355,6 +342,23 @@ pub fn read_response_event(event: &[u8]) -> ReadEvent<'_> {
         data,
         usage: None,
     }
+}
+
+/// An event no client could read, with its data.
+fn unreadable(data: Cow<'_, [u8]>) -> ReadEvent<'_> {
+    ReadEvent {
+        info: EventInfo::default(),
+        data,
+        usage: None,
+    }
+}
+
+/// Whether `data` is a JSON object in UTF-8 as far as a reader that skips members can
+/// tell. Serde skips the members it does not read without checking their strings: data
+/// that is not UTF-8 is not JSON, and reading usage from it would bill usage that
+/// `without_usage` cannot then remove. (ASCII, the usual case, is checked faster.)
+fn is_object_text(data: &[u8]) -> bool {
+    is_object(data) && (data.is_ascii() || std::str::from_utf8(data).is_ok())
 }
 
 /// An error member's message: `error.message`, else the member as sent.
@@ -527,6 +531,30 @@ pub fn response_error_event(code: &str, message: &str) -> Bytes {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn responses_api_events_are_read_for_their_end_output_usage_and_errors() {
+        let delta = read_response_event(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n").info;
+        assert!(delta.readable && delta.has_choices && !delta.done);
+        let completed = read_response_event(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"usage\":{\"input_tokens\":7,\"output_tokens\":3,\"total_tokens\":10}}}\n\n").info;
+        assert!(completed.done);
+        assert_eq!(
+            completed.usage,
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3
+            })
+        );
+        let failed = read_response_event(b"data: {\"type\":\"response.failed\",\"response\":{\"error\":{\"message\":\"boom\"}}}\n\n").info;
+        assert_eq!(failed.error.as_deref(), Some("boom"));
+        let error = read_response_event(
+            b"event: error\ndata: {\"type\":\"error\",\"message\":\"bad\"}\n\n",
+        )
+        .info;
+        assert_eq!(error.error.as_deref(), Some("bad"));
+        assert!(!read_response_event(b": ping\n\n").info.readable);
+        assert!(!read_response_event(b"data: [1]\n\n").info.readable);
+    }
 
     #[test]
     fn framer_joins_split_events_and_handles_crlf() {
