@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
@@ -16,35 +16,18 @@ use rand::RngExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::config::SimulatorConfig;
+use super::fault::Fault;
 use super::raw::{self, Tail};
 use super::request::{ChatRequest, Reply};
+use super::state::{AppState, SimState};
 use super::stream::{StreamFault, StreamPlan};
-use super::{Fault, Inner, SimulatorConfig};
+use super::wire::{ApiError, unix_now, usage_json};
 
 /// vLLM has no body limit of its own and base64 images are large, so allow plenty.
 const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 
-/// Per-router state: the shared simulator plus the shutdown signal of the server it runs in.
-#[derive(Clone)]
-pub(super) struct AppState {
-    pub sim: Arc<Inner>,
-    pub shutdown: CancellationToken,
-}
-
-impl AppState {
-    /// Sleeps for `duration`; `false` if the server began shutting down meanwhile.
-    pub async fn pause(&self, duration: Duration) -> bool {
-        if duration.is_zero() {
-            return true;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(duration) => true,
-            () = self.shutdown.cancelled() => false,
-        }
-    }
-}
-
-pub(super) fn router(sim: Arc<Inner>, shutdown: CancellationToken) -> Router {
+pub(super) fn router(sim: Arc<SimState>, shutdown: CancellationToken) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(list_models))
@@ -226,24 +209,8 @@ fn completion_json(id: &str, model: &str, reply: &Reply, with_usage: bool) -> Va
     completion
 }
 
-/// vLLM's `UsageInfo`, shared by JSON replies and stream chunks.
-pub(super) fn usage_json(prompt_tokens: u32, completion_tokens: u32) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": u64::from(prompt_tokens) + u64::from(completion_tokens),
-        "completion_tokens": completion_tokens,
-        "prompt_tokens_details": null,
-    })
-}
-
 fn completion_id() -> String {
     format!("chatcmpl-{:032x}", rand::rng().random::<u128>())
-}
-
-pub(super) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 fn authorize(config: &SimulatorConfig, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -281,7 +248,7 @@ fn status_response(status: u16, body: String) -> Response {
 /// hyper buffers the status line and headers until the first body frame, so a body that
 /// errors immediately makes it close the connection with nothing written: the client sees
 /// a connection error rather than a status (see the `drop_connection_*` tests).
-pub(super) fn drop_connection() -> Response {
+fn drop_connection() -> Response {
     let body = futures_util::stream::once(async {
         Err::<Bytes, _>(io::Error::new(
             io::ErrorKind::ConnectionAborted,
@@ -289,59 +256,4 @@ pub(super) fn drop_connection() -> Response {
         ))
     });
     Response::new(Body::from_stream(body))
-}
-
-/// An OpenAI-style error reply: `{"error":{"message","type","param","code"}}`.
-#[derive(Debug)]
-pub(super) struct ApiError {
-    status: StatusCode,
-    message: String,
-    param: Option<&'static str>,
-}
-
-impl ApiError {
-    pub fn new(
-        status: StatusCode,
-        message: impl Into<String>,
-        param: Option<&'static str>,
-    ) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            param,
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message, param)
-    }
-}
-
-/// The error body vLLM uses, for JSON replies and in-stream error events alike.
-pub(super) fn error_json(status: StatusCode, message: &str, param: Option<&str>) -> Value {
-    // vLLM names the type after the HTTP status, mirroring OpenAI's SDK exception names.
-    let kind = match status {
-        StatusCode::BAD_REQUEST => "BadRequestError",
-        StatusCode::UNAUTHORIZED => "AuthenticationError",
-        StatusCode::NOT_FOUND => "NotFoundError",
-        _ => "InternalServerError",
-    };
-    json!({
-        "error": {
-            "message": message,
-            "type": kind,
-            "param": param,
-            "code": status.as_u16(),
-        }
-    })
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(error_json(self.status, &self.message, self.param)),
-        )
-            .into_response()
-    }
 }

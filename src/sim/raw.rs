@@ -4,7 +4,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -13,8 +12,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 
-use super::Inner;
-use super::handlers::AppState;
+use super::state::{AppState, SimState};
 
 /// What an oversized body is filled with, handed out without allocating.
 static FILL: [u8; 64 * 1024] = [b'a'; 64 * 1024];
@@ -77,7 +75,7 @@ pub(super) fn oversized(state: AppState, stream: bool, total: u64) -> Response {
         ("application/json", vec![JSON_HEAD], JSON_TAIL)
     };
     struct Fill {
-        sim: Arc<Inner>,
+        sim: Arc<SimState>,
         heads: std::vec::IntoIter<&'static str>,
         left: u64,
         tail: Option<&'static str>,
@@ -100,10 +98,7 @@ pub(super) fn oversized(state: AppState, stream: bool, total: u64) -> Response {
         } else {
             Bytes::from_static(fill.tail.take()?.as_bytes())
         };
-        fill.sim
-            .counters
-            .fault_bytes_sent
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        fill.sim.add_fault_bytes_sent(bytes.len());
         Some((Ok::<_, io::Error>(bytes), fill))
     });
     ok_body(content_type, Body::from_stream(body))
@@ -134,11 +129,7 @@ fn trickled(state: AppState, head: String, every: Duration) -> Body {
         if !state.pause(every).await {
             return None;
         }
-        state
-            .sim
-            .counters
-            .fault_bytes_sent
-            .fetch_add(1, Ordering::Relaxed);
+        state.sim.add_fault_bytes_sent(1);
         Some((Ok(Bytes::from_static(b"a")), state))
     });
     Body::from_stream(futures_util::StreamExt::chain(first, bytes))

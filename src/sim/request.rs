@@ -3,8 +3,8 @@
 use axum::http::StatusCode;
 use serde_json::{Map, Value};
 
-use super::SimulatorConfig;
-use super::handlers::ApiError;
+use super::config::SimulatorConfig;
+use super::wire::ApiError;
 
 /// Chat-template overhead charged per message (role markers and separators).
 pub(super) const TOKENS_PER_MESSAGE: u64 = 4;

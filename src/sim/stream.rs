@@ -2,7 +2,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,9 +11,9 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::Inner;
-use super::handlers::{AppState, error_json, usage_json};
 use super::request::Reply;
+use super::state::{AppState, SimState};
+use super::wire::{error_json, usage_json};
 
 /// A stream-only fault, armed for one response.
 #[derive(Clone, Copy, Debug)]
@@ -89,17 +88,14 @@ enum Phase {
 /// Counts a stream as cancelled unless it was settled (finished or ended on purpose)
 /// before being dropped; hyper drops the body when the client disconnects.
 struct StreamGuard {
-    sim: Arc<Inner>,
+    sim: Arc<SimState>,
     settled: bool,
 }
 
 impl StreamGuard {
     fn finish(&mut self) {
         self.settled = true;
-        self.sim
-            .counters
-            .streams_finished
-            .fetch_add(1, Ordering::Relaxed);
+        self.sim.count_stream_finished();
     }
 
     fn settle(&mut self) {
@@ -110,10 +106,7 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if !self.settled {
-            self.sim
-                .counters
-                .streams_cancelled
-                .fetch_add(1, Ordering::Relaxed);
+            self.sim.count_stream_cancelled();
         }
     }
 }
