@@ -12,17 +12,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use rand::RngExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::chat::ChatRequest;
 use super::config::SimulatorConfig;
 use super::fault::Fault;
 use super::raw::{self, Tail};
-use super::request::{ChatRequest, Reply};
 use super::state::{AppState, SimState};
 use super::stream::{StreamFault, StreamPlan};
-use super::wire::{ApiError, unix_now, usage_json};
+use super::wire::{ApiError, random_id, unix_now};
 
 /// vLLM has no body limit of its own and base64 images are large, so allow plenty.
 const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
@@ -125,16 +124,12 @@ async fn chat_completions(
         Some(BodyFault::Trickle(every)) => return raw::trickle(state, request.stream, every),
         _ => {}
     }
-    let id = completion_id();
+    let id = random_id("chatcmpl-");
     let model = state.sim.config.model.clone();
+    let with_usage = !no_usage;
     if request.stream {
         let plan = StreamPlan {
-            id,
-            created: unix_now(),
-            model,
-            reply: request.reply,
-            include_usage: request.include_usage && !no_usage,
-            continuous_usage: request.continuous_usage && !no_usage,
+            format: Box::new(request.into_stream(id, model, with_usage)),
             fault: stream_fault,
             inject,
             token_latency: state.sim.config.token_latency,
@@ -142,28 +137,41 @@ async fn chat_completions(
         return plan.into_response(state);
     }
 
-    let reply = request.reply;
+    // The choices are generated side by side, so the wait is one choice's length.
     let generation = state
         .sim
         .config
         .token_latency
-        .saturating_mul(reply.completion_tokens);
+        .saturating_mul(request.reply.completion_tokens);
     if !state.pause(generation).await {
         return drop_connection();
     }
-    let json = completion_json(&id, &model, &reply, !no_usage);
-    let partial = |len: usize, tail: Tail| {
-        let bytes = Bytes::from(json.to_string());
-        let head = bytes.slice(..len.min(bytes.len()));
-        raw::partial(state.clone(), "application/json", head, tail)
-    };
+    let value = request.json(&id, &model, with_usage);
+    // Serialising a `Value` cannot fail.
+    let json = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
     match body_fault {
-        Some(BodyFault::StallHalfway) => return partial(json.to_string().len() / 2, Tail::Stall),
-        Some(BodyFault::CutAfter(n)) => return partial(n, Tail::Abort),
+        Some(BodyFault::StallHalfway) => {
+            let half = json.slice(..json.len() / 2);
+            return raw::partial(state, "application/json", half, Tail::Stall);
+        }
+        Some(BodyFault::CutAfter(n)) => {
+            let head = json.slice(..n.min(json.len()));
+            return raw::partial(state, "application/json", head, Tail::Abort);
+        }
         _ => {}
     }
-    state.sim.add_tokens_sent(reply.completion_tokens);
-    Json(json).into_response()
+    state
+        .sim
+        .add_tokens_sent(request.reply.total_completion_tokens());
+    json_response(json)
+}
+
+fn json_response(json: Bytes) -> Response {
+    let mut response = Response::new(Body::from(json));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// A non-streaming fault that shapes the body's bytes.
@@ -173,44 +181,6 @@ enum BodyFault {
     CutAfter(usize),
     Oversized(u64),
     Trickle(Duration),
-}
-
-/// The non-streaming `chat.completion` object.
-fn completion_json(id: &str, model: &str, reply: &Reply, with_usage: bool) -> Value {
-    let reasoning = reply.reasoning_text();
-    // vLLM's reasoning parser leaves content null when everything was reasoning.
-    let content = match (reply.content_text(), &reasoning) {
-        (Some(content), _) => Value::String(content),
-        (None, Some(_)) => Value::Null,
-        (None, None) => Value::String(String::new()),
-    };
-    let mut completion = json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": unix_now(),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": content,
-                "reasoning_content": reasoning,
-                "tool_calls": [],
-            },
-            "logprobs": null,
-            "finish_reason": reply.finish_reason,
-            "stop_reason": null,
-        }],
-        "prompt_logprobs": null,
-    });
-    if with_usage {
-        completion["usage"] = usage_json(reply.prompt_tokens, reply.completion_tokens);
-    }
-    completion
-}
-
-fn completion_id() -> String {
-    format!("chatcmpl-{:032x}", rand::rng().random::<u128>())
 }
 
 fn authorize(config: &SimulatorConfig, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -2,20 +2,26 @@
 //! server, with scriptable faults, used by `serve --demo`, integration tests and benchmarks.
 //!
 //! The simulator speaks the subset of vLLM's API the gateway relies on: `GET /health`,
-//! `GET /v1/models` and `POST /v1/chat/completions` (JSON and SSE streaming, with
-//! `stream_options.include_usage` / `continuous_usage_stats` and STEP3-VL's
-//! `reasoning_content`). Replies are deterministic apart from ids and timestamps; see
-//! [`SimulatorConfig`] for the knobs and [`Fault`] for scripted misbehaviour.
+//! `GET /v1/models` and `POST /v1/chat/completions` (JSON and SSE, `n` choices, tool
+//! calls, STEP3-VL's `reasoning_content` and `chat_template_kwargs.enable_thinking`,
+//! `stream_options.include_usage` / `continuous_usage_stats`). Answers are deterministic
+//! apart from ids and timestamps and follow the question (its topic, its images, a simple
+//! sum, a tool's result); see [`SimulatorConfig`] for the knobs and [`Fault`] for
+//! scripted misbehaviour.
 //!
-//! Module layering (each imports only those below it): `handlers` (routes, auth, faults)
-//! → `raw`, `stream`, `request` → `state`, `wire`, `config`, `fault`. This file is the
-//! public face and only wires `handlers` to a socket.
+//! Module layering, each importing only modules further down: `handlers` (routes, auth,
+//! faults) → `raw` and `chat` → `stream`, `reply` → `answer` → `prompt`; at the bottom
+//! `state`, `wire`, `config`, `fault`. This file is the public face and only puts
+//! `handlers` on a socket.
 
+mod answer;
+mod chat;
 mod config;
 mod fault;
 mod handlers;
+mod prompt;
 mod raw;
-mod request;
+mod reply;
 mod state;
 mod stream;
 #[cfg(test)]

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use super::request::estimate_prompt_tokens;
+use super::prompt::estimate_prompt_tokens;
 use super::*;
 
 async fn start(config: SimulatorConfig) -> RunningSimulator {
@@ -149,12 +149,14 @@ async fn json_completion_shape_and_usage() {
     assert_eq!(choice["index"], 0);
     assert_eq!(choice["finish_reason"], "stop");
     assert_eq!(choice["message"]["role"], "assistant");
-    assert_eq!(choice["message"]["reasoning_content"], "Let me look at");
+    assert_eq!(choice["message"]["reasoning_content"], "Let me think about");
     let content = choice["message"]["content"].as_str().unwrap();
     assert!(
-        content.starts_with("The image shows a red bicycle"),
+        content.starts_with("The question was about this picture. This reply comes"),
         "{content}"
     );
+    // One word per token: 24 tokens, 4 of them reasoning.
+    assert_eq!(content.split_whitespace().count(), 20, "{content}");
     assert_eq!(choice["message"]["tool_calls"], json!([]));
 
     let usage = &body["usage"];
@@ -178,7 +180,7 @@ async fn max_tokens_cuts_with_length() {
         .unwrap();
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     assert_eq!(body["usage"]["completion_tokens"], 6);
-    assert_eq!(body["choices"][0]["message"]["content"], "The image");
+    assert_eq!(body["choices"][0]["message"]["content"], "The question");
 
     // max_completion_tokens wins over max_tokens; all-reasoning leaves content null.
     let body: Value = post(
@@ -192,7 +194,7 @@ async fn max_tokens_cuts_with_length() {
     assert_eq!(body["usage"]["completion_tokens"], 3);
     assert_eq!(
         body["choices"][0]["message"]["reasoning_content"],
-        "Let me look"
+        "Let me think"
     );
     assert_eq!(body["choices"][0]["message"]["content"], Value::Null);
 
@@ -251,7 +253,7 @@ async fn stream_without_usage() {
         ]
     );
     assert_eq!(collect_delta(&chunks, "reasoning_content"), "Let me");
-    assert_eq!(collect_delta(&chunks, "content"), "The image shows a");
+    assert_eq!(collect_delta(&chunks, "content"), "The question was about");
     let finish = &chunks[7]["choices"][0];
     assert_eq!(finish["delta"], json!({}));
     assert_eq!(finish["finish_reason"], "stop");
@@ -751,5 +753,244 @@ async fn oversized_and_cut_json_faults_shape_the_body() {
     };
     assert!(err.is_body() || err.is_decode(), "{err:?}");
     assert_eq!(received.len(), 10);
+    sim.shutdown().await;
+}
+
+// --- Answers in keeping with the question ------------------------------------------
+
+async fn post_to(sim: &RunningSimulator, path: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}{path}", sim.url()))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn json_from(sim: &RunningSimulator, path: &str, body: &Value) -> Value {
+    let response = post_to(sim, path, body).await;
+    assert_eq!(response.status(), StatusCode::OK, "{body}");
+    response.json().await.unwrap()
+}
+
+fn user(content: Value) -> Value {
+    json!({"messages": [{"role": "user", "content": content}]})
+}
+
+#[tokio::test]
+async fn answers_follow_the_question() {
+    let sim = start(SimulatorConfig {
+        reply_tokens: 24,
+        reasoning_tokens: 8,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let image = json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}});
+    let tool_turns = json!({"messages": [
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{
+            "id": "call-1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"},
+        }]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "sunny, 21 C"},
+    ]});
+    // (request, reasoning, start of the answer)
+    let cases = [
+        (
+            user(json!("What is 2+2?")),
+            "Let me work out 2+2.",
+            "The answer is 4.",
+        ),
+        (
+            user(json!("what's 12 * 7")),
+            "Let me work out 12 * 7.",
+            "The answer is 84.",
+        ),
+        (
+            user(json!("Compute 7/2, please")),
+            "Let me work out 7/2.",
+            "The answer is 3.5.",
+        ),
+        (
+            user(json!("What is 0.1 + 0.2?")),
+            "Let me work out 0.1 + 0.2.",
+            "The answer is 0.3.",
+        ),
+        (
+            user(json!("What is -3 - 4?")),
+            "Let me work out -3 - 4.",
+            "The answer is -7.",
+        ),
+        (
+            user(json!("What is 5 / 0?")),
+            "Let me work out 5 / 0.",
+            "The answer is undefined",
+        ),
+        // Not trivial arithmetic: answered by topic.
+        (
+            user(json!("What is 1+2+3?")),
+            "Let me think about 1+2+3.",
+            "The question was about 1+2+3.",
+        ),
+        (
+            user(json!("Please tell me about the history of Rome, please!")),
+            "Let me think about the history",
+            "The question was about the history of Rome.",
+        ),
+        (
+            user(json!("")),
+            "Let me think about your message.",
+            "The question was about your message.",
+        ),
+        (
+            user(json!([image, {"type": "text", "text": "What is in this picture?"}])),
+            "Let me look at the image first.",
+            "The image you shared arrived; you asked about this picture.",
+        ),
+        (
+            user(json!([image, image, image])),
+            "Let me look at the three images first.",
+            "The three images you shared arrived; you asked about what it shows.",
+        ),
+        (
+            tool_turns,
+            "Let me read what the tool",
+            "The get_weather tool returned sunny, 21 C.",
+        ),
+    ];
+    for (request, reasoning, answer) in cases {
+        let body = json_from(&sim, "/v1/chat/completions", &request).await;
+        let message = &body["choices"][0]["message"];
+        let content = message["content"].as_str().unwrap();
+        assert!(content.starts_with(answer), "{request}: {content}");
+        let thought = message["reasoning_content"].as_str().unwrap();
+        assert!(thought.starts_with(reasoning), "{request}: {thought}");
+        assert_eq!(thought.split_whitespace().count(), 8, "{thought}");
+        // One word per token, whatever the question.
+        assert_eq!(content.split_whitespace().count(), 16, "{content}");
+    }
+    // Deterministic: the same question gets the same words.
+    let once = json_from(&sim, "/v1/chat/completions", &hello(json!({}))).await;
+    let twice = json_from(&sim, "/v1/chat/completions", &hello(json!({}))).await;
+    assert_eq!(once["choices"], twice["choices"]);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn long_replies_go_on_past_the_answer() {
+    let sim = start(SimulatorConfig {
+        reply_tokens: 500,
+        reasoning_tokens: 50,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let body = json_from(&sim, "/v1/chat/completions", &hello(json!({}))).await;
+    let message = &body["choices"][0]["message"];
+    let reasoning = message["reasoning_content"].as_str().unwrap();
+    let content = message["content"].as_str().unwrap();
+    assert_eq!(reasoning.split_whitespace().count(), 50);
+    assert_eq!(content.split_whitespace().count(), 450);
+    assert!(content.contains("STEP3-VL simulator"), "{content}");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn enable_thinking_false_turns_reasoning_off() {
+    let sim = start(SimulatorConfig::default()).await;
+    let off = hello(json!({"chat_template_kwargs": {"enable_thinking": false}}));
+    let body = json_from(&sim, "/v1/chat/completions", &off).await;
+    let message = &body["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], Value::Null);
+    let content = message["content"].as_str().unwrap();
+    assert_eq!(content.split_whitespace().count(), 24, "{content}");
+    assert_eq!(body["usage"]["completion_tokens"], 24);
+
+    let mut stream = off.clone();
+    stream["stream"] = json!(true);
+    let chunks = json_events(&stream_events(&sim, &stream).await);
+    assert_eq!(collect_delta(&chunks, "reasoning_content"), "");
+    assert!(collect_delta(&chunks, "content").starts_with("The question was about"));
+
+    // vLLM ignores unknown top-level fields, and so does the simulator.
+    let top_level = hello(json!({"enable_thinking": false}));
+    let body = json_from(&sim, "/v1/chat/completions", &top_level).await;
+    assert!(body["choices"][0]["message"]["reasoning_content"].is_string());
+
+    let bad = hello(json!({"chat_template_kwargs": "no"}));
+    assert_eq!(post(&sim, &bad).await.status(), StatusCode::BAD_REQUEST);
+    sim.shutdown().await;
+}
+
+// --- n choices ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn n_choices_share_the_answer_and_add_up_in_usage() {
+    let sim = start(SimulatorConfig::default()).await;
+    let body = json_from(&sim, "/v1/chat/completions", &hello(json!({"n": 3}))).await;
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["message"], choices[0]["message"]);
+        assert_eq!(choice["finish_reason"], "stop");
+    }
+    assert_eq!(body["usage"]["completion_tokens"], 3 * 24);
+    assert_eq!(body["usage"]["prompt_tokens"], PROMPT);
+    assert_eq!(sim.simulator.stats().completion_tokens_sent, 3 * 24);
+
+    for bad in [json!(0), json!(-1), json!(129), json!("2")] {
+        let response = post(&sim, &hello(json!({ "n": bad }))).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "n = {bad}");
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn n_choices_stream_interleaved_by_index() {
+    let sim = start(SimulatorConfig {
+        reply_tokens: 3,
+        reasoning_tokens: 1,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let body = hello(json!({
+        "n": 2,
+        "stream": true,
+        "stream_options": {"include_usage": true, "continuous_usage_stats": true},
+    }));
+    let events = stream_events(&sim, &body).await;
+    let chunks = json_events(&events);
+    // 2 role chunks, 2 x 3 tokens, 2 finish chunks, usage.
+    assert_eq!(chunks.len(), 2 + 6 + 2 + 1, "{events:?}");
+    let indices: Vec<u64> = chunks[..10]
+        .iter()
+        .map(|c| c["choices"][0]["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]);
+    let seen: Vec<u64> = chunks[..10]
+        .iter()
+        .map(|c| c["usage"]["completion_tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seen, [0, 0, 1, 1, 2, 2, 3, 3, 3, 3], "per-choice counts");
+    for index in 0..2 {
+        let mine: Vec<&Value> = chunks[2..8]
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == index)
+            .collect();
+        let text: String = mine
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "The question", "choice {index}");
+    }
+    assert_eq!(chunks[8]["choices"][0]["finish_reason"], "stop");
+    assert_eq!(chunks[9]["choices"][0]["finish_reason"], "stop");
+    assert_eq!(chunks[10]["usage"]["completion_tokens"], 6);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let stats = wait_for(&sim.simulator, "finished stream", |s| {
+        s.streams_finished == 1
+    })
+    .await;
+    assert_eq!(stats.completion_tokens_sent, 6);
     sim.shutdown().await;
 }

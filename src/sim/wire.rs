@@ -5,7 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use rand::RngExt;
+use serde_json::{Map, Value, json};
 
 /// vLLM's `UsageInfo`, shared by JSON replies and stream chunks.
 pub(super) fn usage_json(prompt_tokens: u32, completion_tokens: u32) -> Value {
@@ -76,4 +77,20 @@ impl IntoResponse for ApiError {
         )
             .into_response()
     }
+}
+
+/// A JSON object from `(key, value)` pairs, moving the values in (`json!` would clone
+/// every value given as an expression, which matters for long texts).
+pub(super) fn object<const N: usize>(pairs: [(&'static str, Value); N]) -> Value {
+    // Inserted one by one like `json!` does: collecting would sort through a scratch Vec.
+    let mut map = Map::new();
+    for (key, value) in pairs {
+        map.insert(key.to_owned(), value);
+    }
+    Value::Object(map)
+}
+
+/// A random id in vLLM's style: `prefix` and 32 hex digits.
+pub(super) fn random_id(prefix: &str) -> String {
+    format!("{prefix}{:032x}", rand::rng().random::<u128>())
 }
