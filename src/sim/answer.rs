@@ -7,6 +7,9 @@
 //! borrowed from the request body; nothing here allocates for a plain text question.
 
 use std::borrow::Cow;
+use std::ops::Range;
+
+use serde_json::Value;
 
 use super::prompt::Question;
 
@@ -26,12 +29,105 @@ const REASONING_TAIL: &str = "I should keep the answer short and on topic.";
 #[derive(Clone, Debug)]
 pub(super) struct Answer<'a> {
     pub reasoning: Script<'a>,
-    pub text: Script<'a>,
+    pub body: Body<'a>,
 }
 
-/// Builds what the model says to `question`.
-pub(super) fn answer<'a>(question: &Question<'a>) -> Answer<'a> {
+/// What follows the reasoning: text, or a call of one of the offered tools.
+#[derive(Clone, Debug)]
+pub(super) enum Body<'a> {
+    Text(Script<'a>),
+    Call(ToolCall<'a>),
+}
+
+/// A function call the model makes instead of answering.
+#[derive(Clone, Debug)]
+pub(super) struct ToolCall<'a> {
+    pub name: Cow<'a, str>,
+    /// The arguments as a JSON object in a string, as OpenAI's API carries them.
+    pub arguments: String,
+    /// `finish_reason` of a completed call: `tool_calls` when the model chose to call,
+    /// `stop` when the request named the function (vLLM and OpenAI both report it so).
+    pub finish_reason: &'static str,
+}
+
+/// The tool a request makes the model call.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ToolChoice<'a> {
+    pub name: &'a str,
+    /// The function's JSON-schema `parameters`, if it has any.
+    pub parameters: Option<&'a Value>,
+    /// The request named this function (`tool_choice: {"function": {"name": …}}`).
+    pub named: bool,
+}
+
+/// Tokens (characters) of a call's arguments per streamed delta.
+const ARGUMENT_CHARS_PER_TOKEN: usize = 4;
+
+impl ToolCall<'_> {
+    /// Tokens the call takes: one for the function name, then the arguments four
+    /// characters a token (as the streamed deltas carry them).
+    pub fn tokens(&self) -> u32 {
+        let pieces = self
+            .arguments
+            .chars()
+            .count()
+            .div_ceil(ARGUMENT_CHARS_PER_TOKEN);
+        u32::try_from(pieces.max(1)).map_or(u32::MAX, |pieces| pieces.saturating_add(1))
+    }
+
+    /// The arguments' characters that token `index` (1-based: token 0 is the name) carries.
+    pub fn argument_piece(&self, index: u32) -> &str {
+        let start = (index.saturating_sub(1) as usize).saturating_mul(ARGUMENT_CHARS_PER_TOKEN);
+        self.char_slice(start..start.saturating_add(ARGUMENT_CHARS_PER_TOKEN))
+    }
+
+    /// The arguments as far as the first `tokens` tokens of the call got.
+    pub fn arguments_after(&self, tokens: u32) -> &str {
+        let chars = (tokens.saturating_sub(1) as usize).saturating_mul(ARGUMENT_CHARS_PER_TOKEN);
+        self.char_slice(0..chars)
+    }
+
+    fn char_slice(&self, chars: Range<usize>) -> &str {
+        let byte = |n: usize| {
+            self.arguments
+                .char_indices()
+                .nth(n)
+                .map_or(self.arguments.len(), |(at, _)| at)
+        };
+        &self.arguments[byte(chars.start)..byte(chars.end)]
+    }
+
+    pub fn into_owned(self) -> ToolCall<'static> {
+        ToolCall {
+            name: Cow::Owned(self.name.into_owned()),
+            arguments: self.arguments,
+            finish_reason: self.finish_reason,
+        }
+    }
+}
+
+/// Builds what the model says to `question`, calling `tool` when one is to be called.
+pub(super) fn answer<'a>(question: &Question<'a>, tool: Option<ToolChoice<'a>>) -> Answer<'a> {
     let topic = topic(question.text);
+    if let Some(tool) = tool {
+        let reasoning = Script::new(
+            [
+                Piece::fixed("Let me call"),
+                Piece::quote(tool.name, ""),
+                Piece::fixed("to answer this."),
+            ],
+            REASONING_TAIL,
+        );
+        let call = ToolCall {
+            name: Cow::Borrowed(tool.name),
+            arguments: tool_arguments(tool.parameters, topic),
+            finish_reason: if tool.named { "stop" } else { "tool_calls" },
+        };
+        return Answer {
+            reasoning,
+            body: Body::Call(call),
+        };
+    }
     let (reasoning, text) = if let Some(result) = question.tool_result {
         let output = Piece::quote_or(result.output, "nothing", ".");
         let text = match result.name {
@@ -107,7 +203,10 @@ pub(super) fn answer<'a>(question: &Question<'a>) -> Answer<'a> {
             ),
         )
     };
-    Answer { reasoning, text }
+    Answer {
+        reasoning,
+        body: Body::Text(text),
+    }
 }
 
 /// A run of words: fixed text, a quote from the prompt, or a computed value, with the
@@ -481,4 +580,95 @@ fn float_arithmetic(a: f64, op: char, b: f64) -> Option<Option<String>> {
     let text = format!("{value:.6}");
     let text = text.trim_end_matches('0').trim_end_matches('.');
     Some(Some(if text == "-0" { "0" } else { text }.to_owned()))
+}
+
+/// The arguments of a call to a function with this JSON-schema `parameters`: every
+/// required property, in the order `required` lists them, with a value of its type
+/// (strings say the question's topic), written with the separators of Python's
+/// `json.dumps`, as vLLM's tool parsers write them (`{"city": "Paris"}`).
+pub(super) fn tool_arguments(parameters: Option<&Value>, topic: &str) -> String {
+    let mut out = String::new();
+    match parameters {
+        Some(schema) => write_value(schema, topic, &mut out),
+        None => out.push_str("{}"),
+    }
+    out
+}
+
+fn write_value(schema: &Value, topic: &str, out: &mut String) {
+    let listed = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|values| values.first());
+    if let Some(value) = listed.or_else(|| schema.get("const")) {
+        return write_json(value, out);
+    }
+    let kind = match schema.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        // A list of types: the first that is not "null".
+        Some(Value::Array(kinds)) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|k| *k != "null")
+            .unwrap_or("null"),
+        _ if schema.get("properties").is_some() => "object",
+        _ => "string",
+    };
+    match kind {
+        "object" => write_object(schema, topic, out),
+        "array" => out.push_str("[]"),
+        "integer" | "number" => out.push('1'),
+        "boolean" => out.push_str("true"),
+        "null" => out.push_str("null"),
+        _ => write_json(
+            &Value::from(if topic.is_empty() { "example" } else { topic }),
+            out,
+        ),
+    }
+}
+
+fn write_object(schema: &Value, topic: &str, out: &mut String) {
+    let properties = schema.get("properties");
+    let required = schema.get("required").and_then(Value::as_array);
+    out.push('{');
+    let names = required.into_iter().flatten().filter_map(Value::as_str);
+    for (i, name) in names.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        write_json(&Value::from(name), out);
+        out.push_str(": ");
+        let property = properties.and_then(|p| p.get(name)).unwrap_or(&Value::Null);
+        write_value(property, topic, out);
+    }
+    out.push('}');
+}
+
+/// A JSON value with `json.dumps` separators.
+fn write_json(value: &Value, out: &mut String) {
+    match value {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_json(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (key, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_json(&Value::from(key.as_str()), out);
+                out.push_str(": ");
+                write_json(item, out);
+            }
+            out.push('}');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
 }

@@ -1,12 +1,12 @@
 //! `POST /v1/chat/completions`: validation as vLLM does it, the `chat.completion` object
-//! and its `chat.completion.chunk` stream, with STEP3-VL's `reasoning_content` and `n`
-//! choices.
+//! and its `chat.completion.chunk` stream, with STEP3-VL's `reasoning_content`, `n`
+//! choices and tool calls.
 
 use axum::http::StatusCode;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use super::answer::answer;
+use super::answer::{ToolChoice, answer};
 use super::config::SimulatorConfig;
 use super::prompt::{Question, estimate_prompt_tokens};
 use super::reply::{
@@ -14,7 +14,7 @@ use super::reply::{
     stream_options,
 };
 use super::stream::{DONE, StreamFormat, error_then_done, push_sse};
-use super::wire::{ApiError, object, unix_now, usage_json};
+use super::wire::{ApiError, object, random_id, unix_now, usage_json};
 
 /// The fields of a chat request the simulator acts on.
 #[derive(Debug)]
@@ -90,6 +90,7 @@ impl<'a> ChatRequest<'a> {
         let stream = optional_bool(body, "stream")?.unwrap_or(false);
         let (include_usage, continuous_usage) = stream_options(body, stream)?;
         let question = Question::from_messages(messages);
+        let tool = tool_choice(body, &question)?;
         let thinking = if thinking_disabled(body)? {
             0
         } else {
@@ -99,7 +100,7 @@ impl<'a> ChatRequest<'a> {
         let prompt_tokens = estimate_prompt_tokens(messages);
         let limit = completion_limit(prompt_tokens, max_tokens, u64::from(config.max_model_len))?;
         let reply = Reply::plan(
-            answer(&question),
+            answer(&question, tool),
             saturate_u32(prompt_tokens),
             choices,
             limit,
@@ -121,8 +122,10 @@ impl<'a> ChatRequest<'a> {
         let reasoning = reply.reasoning_text();
         let content = match (reply.content_text(false), &reasoning) {
             (Some(content), _) => Value::String(content),
-            // vLLM's reasoning parser leaves content null when everything was reasoning.
+            // vLLM's reasoning parser leaves content null when everything was reasoning,
+            // and a tool call has none either.
             (None, Some(_)) => Value::Null,
+            (None, None) if reply.call().is_some() => Value::Null,
             (None, None) => Value::String(String::new()),
         };
         let message = object([
@@ -134,7 +137,14 @@ impl<'a> ChatRequest<'a> {
             ),
             ("tool_calls", Value::Array(Vec::new())),
         ]);
-        let choice = |index: u32, message: Value| {
+        let choice = |index: u32, mut message: Value| {
+            if let Some(call) = reply.call() {
+                message["tool_calls"] = json!([{
+                    "id": tool_call_id(),
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }]);
+            }
             object([
                 ("index", Value::from(index)),
                 ("message", message),
@@ -165,6 +175,11 @@ impl<'a> ChatRequest<'a> {
     pub fn into_stream(self, id: String, model: String, with_usage: bool) -> ChatStream {
         let reply = self.reply.into_owned();
         ChatStream {
+            tool_call_ids: if reply.is_call() {
+                (0..reply.choices).map(|_| tool_call_id()).collect()
+            } else {
+                Vec::new()
+            },
             id,
             created: unix_now(),
             model,
@@ -191,6 +206,116 @@ fn thinking_disabled(body: &Map<String, Value>) -> Result<bool, ApiError> {
     }
 }
 
+/// The tool the model calls, after vLLM's checks of `tools` and `tool_choice`.
+///
+/// Offered tools default `tool_choice` to `"auto"`, under which the model calls the first
+/// tool unless the conversation ends with a tool's result (then it answers with it);
+/// `"required"` calls the first tool, a named function that one, `"none"` nothing. The
+/// simulator stands for a vLLM started with `--enable-auto-tool-choice`.
+fn tool_choice<'a>(
+    body: &'a Map<String, Value>,
+    question: &Question<'_>,
+) -> Result<Option<ToolChoice<'a>>, ApiError> {
+    let tools = match body.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(tools)) if tools.is_empty() => {
+            return Err(ApiError::bad_request(
+                "`tools` must not be an empty array. Either provide at least one tool or omit \
+                 the field entirely.",
+                Some("tools"),
+            ));
+        }
+        Some(Value::Array(tools)) => Some(tools),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "tools: Input should be a valid list",
+                Some("tools"),
+            ));
+        }
+    };
+    let functions = tools
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(index, tool)| {
+            let function = tool.get("function");
+            match function.and_then(|f| f.get("name")).and_then(Value::as_str) {
+                Some(name) => Ok((name, function.and_then(|f| f.get("parameters")))),
+                None => Err(ApiError::bad_request(
+                    format!("tools.{index}.function.name: Field required"),
+                    Some("tools"),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let call = |(name, parameters): (&'a str, Option<&'a Value>), named| ToolChoice {
+        name,
+        parameters,
+        named,
+    };
+    let usage =
+        "Correct usage: `{\"type\": \"function\", \"function\": {\"name\": \"my_function\"}}`";
+    match body.get("tool_choice") {
+        Some(Value::String(choice)) if choice == "none" => Ok(None),
+        None | Some(Value::Null) if functions.is_empty() => Ok(None),
+        Some(_) if functions.is_empty() => Err(ApiError::bad_request(
+            "When using `tool_choice`, `tools` must be set.",
+            Some("tool_choice"),
+        )),
+        None | Some(Value::Null) => Ok(auto(&functions, question).map(|f| call(f, false))),
+        Some(Value::String(choice)) if choice == "auto" => {
+            Ok(auto(&functions, question).map(|f| call(f, false)))
+        }
+        Some(Value::String(choice)) if choice == "required" => {
+            Ok(functions.first().map(|f| call(*f, false)))
+        }
+        Some(Value::Object(named)) => {
+            let name = named
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|name| !name.is_empty())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        format!("Expected field `name` in `function` in `tool_choice`! {usage}"),
+                        Some("tool_choice"),
+                    )
+                })?;
+            let function = functions.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+                ApiError::bad_request(
+                    "The tool specified in `tool_choice` does not match any of the specified \
+                     `tools`",
+                    Some("tool_choice"),
+                )
+            })?;
+            Ok(Some(call(*function, true)))
+        }
+        Some(other) => Err(ApiError::bad_request(
+            format!(
+                "Invalid value for `tool_choice`: {other}! Only named tools, \"none\", \"auto\" \
+                 or \"required\" are supported."
+            ),
+            Some("tool_choice"),
+        )),
+    }
+}
+
+/// Under `"auto"` the model calls the first tool, unless it was just given a tool's result.
+fn auto<'a>(
+    functions: &[(&'a str, Option<&'a Value>)],
+    question: &Question<'_>,
+) -> Option<(&'a str, Option<&'a Value>)> {
+    match question.tool_result {
+        Some(_) => None,
+        None => functions.first().copied(),
+    }
+}
+
+/// vLLM's tool-call ids.
+fn tool_call_id() -> String {
+    random_id("chatcmpl-tool-")
+}
+
 /// A chat completion as `chat.completion.chunk` events: a role chunk per choice, then
 /// one chunk per token with the choices taking turns, a finish chunk per choice, the
 /// usage chunk if asked for, and `[DONE]`.
@@ -201,6 +326,8 @@ pub(super) struct ChatStream {
     reply: Reply<'static>,
     include_usage: bool,
     continuous_usage: bool,
+    /// One per choice; sent with the call's first delta.
+    tool_call_ids: Vec<String>,
 }
 
 impl ChatStream {
@@ -240,12 +367,27 @@ impl ChatStream {
         ])
     }
 
-    fn delta(&self, token: Token) -> Value {
-        let field = match token {
-            Token::Reasoning { .. } => "reasoning_content",
-            Token::Text { .. } => "content",
-        };
-        object([(field, Value::String(self.reply.word(token, false)))])
+    fn delta(&self, choice: u32, token: Token<'_>) -> Value {
+        match token {
+            Token::Reasoning { .. } => object([(
+                "reasoning_content",
+                Value::String(self.reply.word(token, false)),
+            )]),
+            Token::Text { .. } => {
+                object([("content", Value::String(self.reply.word(token, false)))])
+            }
+            // The first delta of a call names it, as vLLM's tool parsers stream it.
+            Token::CallName(name) => json!({"tool_calls": [{
+                "id": self.tool_call_ids.get(choice as usize),
+                "type": "function",
+                "index": 0,
+                "function": {"name": name},
+            }]}),
+            Token::CallArguments(arguments) => json!({"tool_calls": [{
+                "index": 0,
+                "function": {"arguments": arguments},
+            }]}),
+        }
     }
 }
 
@@ -266,7 +408,7 @@ impl StreamFormat for ChatStream {
     fn token(&mut self, step: u32) -> Bytes {
         let choice = step % self.reply.choices;
         let token = step / self.reply.choices;
-        let delta = self.delta(self.reply.token(token));
+        let delta = self.delta(choice, self.reply.token(token));
         let mut out = String::new();
         self.chunk(&mut out, choice, delta, None, token + 1);
         Bytes::from(out)

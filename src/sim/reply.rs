@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::answer::{Answer, Script};
+use super::answer::{Answer, Body, Script, ToolCall};
 use super::wire::ApiError;
 
 /// Most choices (`n`) one request may ask for; a bound of the simulator, not of vLLM,
@@ -24,12 +24,12 @@ pub(super) struct Reply<'a> {
     pub reasoning_tokens: u32,
     pub finish_reason: &'static str,
     pub reasoning: Script<'a>,
-    pub text: Script<'a>,
+    pub body: Body<'a>,
 }
 
 /// What one token of a choice is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Token {
+pub(super) enum Token<'r> {
     /// A word of reasoning or of the answer; `first` when it opens its part (no space).
     Reasoning {
         index: u32,
@@ -39,11 +39,16 @@ pub(super) enum Token {
         index: u32,
         first: bool,
     },
+    /// The function name of a tool call.
+    CallName(&'r str),
+    /// Characters of a tool call's arguments.
+    CallArguments(&'r str),
 }
 
 impl<'a> Reply<'a> {
-    /// Cuts `answer` to `limit` tokens per choice. It wants `reply_tokens` tokens, the
-    /// first `thinking_tokens` of them reasoning; less ends with `finish_reason: "length"`.
+    /// Cuts `answer` to `limit` tokens per choice. A text answer wants `reply_tokens`
+    /// tokens, the first `thinking_tokens` of them reasoning; a tool call wants its
+    /// reasoning plus the call. Less than wanted ends with `finish_reason: "length"`.
     pub fn plan(
         answer: Answer<'a>,
         prompt_tokens: u32,
@@ -52,12 +57,18 @@ impl<'a> Reply<'a> {
         reply_tokens: u32,
         thinking_tokens: u32,
     ) -> Self {
-        let wanted = u64::from(reply_tokens);
+        let (wanted, complete) = match &answer.body {
+            Body::Text(_) => (u64::from(reply_tokens), "stop"),
+            Body::Call(call) => (
+                u64::from(thinking_tokens) + u64::from(call.tokens()),
+                call.finish_reason,
+            ),
+        };
         let completion = wanted.min(limit);
         let finish_reason = if completion < wanted {
             "length"
         } else {
-            "stop"
+            complete
         };
         let completion_tokens = saturate_u32(completion);
         Self {
@@ -67,7 +78,7 @@ impl<'a> Reply<'a> {
             reasoning_tokens: thinking_tokens.min(completion_tokens),
             finish_reason,
             reasoning: answer.reasoning,
-            text: answer.text,
+            body: answer.body,
         }
     }
 
@@ -76,27 +87,32 @@ impl<'a> Reply<'a> {
         self.completion_tokens.saturating_mul(self.choices)
     }
 
-    pub fn token(&self, index: u32) -> Token {
+    pub fn token(&self, index: u32) -> Token<'_> {
         if index < self.reasoning_tokens {
-            Token::Reasoning {
+            return Token::Reasoning {
                 index,
                 first: index == 0,
-            }
-        } else {
-            let index = index - self.reasoning_tokens;
-            Token::Text {
+            };
+        }
+        let index = index - self.reasoning_tokens;
+        match &self.body {
+            Body::Text(_) => Token::Text {
                 index,
                 first: index == 0,
-            }
+            },
+            Body::Call(call) if index == 0 => Token::CallName(&call.name),
+            Body::Call(call) => Token::CallArguments(call.argument_piece(index)),
         }
     }
 
-    /// The text of a token as streamed: the word and its punctuation, after a space
+    /// The text of a word token as streamed: the word and its punctuation, after a space
     /// unless it opens its part and `space_first` is false.
-    pub fn word(&self, token: Token, space_first: bool) -> String {
-        let (script, index, first) = match token {
-            Token::Reasoning { index, first } => (&self.reasoning, index, first),
-            Token::Text { index, first } => (&self.text, index, first),
+    pub fn word(&self, token: Token<'_>, space_first: bool) -> String {
+        let (script, index, first) = match (token, &self.body) {
+            (Token::Reasoning { index, first }, _) => (&self.reasoning, index, first),
+            (Token::Text { index, first }, Body::Text(text)) => (text, index, first),
+            (Token::CallName(text) | Token::CallArguments(text), _) => return text.to_owned(),
+            (Token::Text { .. }, Body::Call(_)) => return String::new(),
         };
         let mut out = String::new();
         if !first || space_first {
@@ -118,12 +134,33 @@ impl<'a> Reply<'a> {
         (self.reasoning_tokens > 0).then(|| self.reasoning.text(self.reasoning_tokens, false))
     }
 
-    /// The answer's text, or `None` when every token was reasoning. `space_first`: the
-    /// first word too comes after a space, as in a legacy completion, which continues its
-    /// prompt.
+    /// The answer's text, or `None` when every token was reasoning or a tool was called.
+    /// A call cut short by the token limit is not a call (vLLM's tool parsers only find
+    /// complete ones): its arguments so far come back as text.
+    /// `space_first`: the first word too comes after a space, as in a legacy completion,
+    /// which continues its prompt.
     pub fn content_text(&self, space_first: bool) -> Option<String> {
         let tokens = self.body_tokens();
-        (tokens > 0).then(|| self.text.text(tokens, space_first))
+        if tokens == 0 {
+            return None;
+        }
+        match &self.body {
+            Body::Text(text) => Some(text.text(tokens, space_first)),
+            Body::Call(_) if self.call().is_some() => None,
+            Body::Call(call) => Some(call.arguments_after(tokens).to_owned()),
+        }
+    }
+
+    /// The tool call, when the reply is one and it was not cut short.
+    pub fn call(&self) -> Option<&ToolCall<'a>> {
+        match &self.body {
+            Body::Call(call) if self.body_tokens() >= call.tokens() => Some(call),
+            _ => None,
+        }
+    }
+
+    pub fn is_call(&self) -> bool {
+        matches!(self.body, Body::Call(_))
     }
 
     pub fn into_owned(self) -> Reply<'static> {
@@ -134,7 +171,10 @@ impl<'a> Reply<'a> {
             reasoning_tokens: self.reasoning_tokens,
             finish_reason: self.finish_reason,
             reasoning: self.reasoning.into_owned(),
-            text: self.text.into_owned(),
+            body: match self.body {
+                Body::Text(text) => Body::Text(text.into_owned()),
+                Body::Call(call) => Body::Call(call.into_owned()),
+            },
         }
     }
 }

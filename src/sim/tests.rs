@@ -994,3 +994,218 @@ async fn n_choices_stream_interleaved_by_index() {
     assert_eq!(stats.completion_tokens_sent, 6);
     sim.shutdown().await;
 }
+
+// --- Tools ---------------------------------------------------------------------------
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The weather somewhere",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                    "days": {"type": "integer"},
+                    "hourly": {"type": "boolean"},
+                },
+                "required": ["unit", "city", "days", "hourly"],
+            },
+        }},
+        {"type": "function", "function": {"name": "get_time"}},
+    ])
+}
+
+fn weather_question(extra: Value) -> Value {
+    let mut body = json!({
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": "What's the weather in Paris?"}],
+        "tools": weather_tools(),
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        body[key] = value.clone();
+    }
+    body
+}
+
+#[tokio::test]
+async fn offered_tools_get_called() {
+    let sim = start(SimulatorConfig::default()).await;
+    let body = json_from(&sim, "/v1/chat/completions", &weather_question(json!({}))).await;
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    assert_eq!(
+        choice["message"]["reasoning_content"],
+        "Let me call get_weather"
+    );
+    let calls = choice["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert!(call["id"].as_str().unwrap().starts_with("chatcmpl-tool-"));
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    // The required properties, in the schema's order, as vLLM's parsers write them.
+    let arguments = call["function"]["arguments"].as_str().unwrap();
+    assert_eq!(
+        arguments,
+        r#"{"unit": "celsius", "city": "the weather in Paris", "days": 1, "hourly": true}"#
+    );
+    // Reasoning, then one token for the name and one per four characters of arguments.
+    let tokens = 4 + 1 + arguments.chars().count().div_ceil(4) as u64;
+    assert_eq!(body["usage"]["completion_tokens"], tokens);
+
+    // A named function is called even when it is not the first, and ends with "stop".
+    let named = weather_question(json!({
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+    }));
+    let body = json_from(&sim, "/v1/chat/completions", &named).await;
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"],
+        "get_time"
+    );
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["arguments"],
+        "{}"
+    );
+
+    let required = weather_question(json!({"tool_choice": "required"}));
+    let body = json_from(&sim, "/v1/chat/completions", &required).await;
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+
+    let none = weather_question(json!({"tool_choice": "none"}));
+    let body = json_from(&sim, "/v1/chat/completions", &none).await;
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["choices"][0]["message"]["tool_calls"], json!([]));
+    assert!(body["choices"][0]["message"]["content"].is_string());
+
+    // n choices each call, with ids of their own.
+    let body = json_from(
+        &sim,
+        "/v1/chat/completions",
+        &weather_question(json!({"n": 2})),
+    )
+    .await;
+    let ids: Vec<&str> = body["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"]["tool_calls"][0]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tool_result_gets_a_text_answer() {
+    let sim = start(SimulatorConfig::default()).await;
+    let mut body = weather_question(json!({}));
+    body["messages"] = json!([
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{
+            "id": "call-1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"},
+        }]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "sunny, 21 C"},
+    ]);
+    let answer = json_from(&sim, "/v1/chat/completions", &body).await;
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(choice["message"]["tool_calls"], json!([]));
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(
+        content.starts_with("The get_weather tool returned sunny, 21 C."),
+        "{content}"
+    );
+
+    // "required" still forces another call.
+    body["tool_choice"] = json!("required");
+    let answer = json_from(&sim, "/v1/chat/completions", &body).await;
+    assert_eq!(answer["choices"][0]["finish_reason"], "tool_calls");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tool_call_cut_by_max_tokens_is_text() {
+    let sim = start(SimulatorConfig::default()).await;
+    let body = json_from(
+        &sim,
+        "/v1/chat/completions",
+        &weather_question(json!({"max_tokens": 7})),
+    )
+    .await;
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(choice["message"]["tool_calls"], json!([]));
+    // Reasoning (4), the name (1), then two four-character pieces of arguments.
+    assert_eq!(choice["message"]["content"], r#"{"unit":"#);
+    assert_eq!(body["usage"]["completion_tokens"], 7);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn tool_calls_stream_as_vllm_streams_them() {
+    let sim = start(SimulatorConfig {
+        reasoning_tokens: 1,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let body = weather_question(json!({"stream": true}));
+    let events = stream_events(&sim, &body).await;
+    let chunks = json_events(&events);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(
+        chunks[1]["choices"][0]["delta"],
+        json!({"reasoning_content": "Let"})
+    );
+    let first = &chunks[2]["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(first["index"], 0);
+    assert_eq!(first["type"], "function");
+    assert_eq!(first["function"], json!({"name": "get_weather"}));
+    assert!(first["id"].as_str().unwrap().starts_with("chatcmpl-tool-"));
+    let arguments: String = chunks[3..]
+        .iter()
+        .filter_map(|c| {
+            let call = &c["choices"][0]["delta"]["tool_calls"][0];
+            assert!(call.is_null() || call.get("id").is_none(), "{c}");
+            call["function"]["arguments"].as_str()
+        })
+        .collect();
+    let arguments: Value = serde_json::from_str(&arguments).unwrap();
+    assert_eq!(arguments["unit"], "celsius");
+    let finish = &chunks[chunks.len() - 1]["choices"][0];
+    assert_eq!(finish["delta"], json!({}));
+    assert_eq!(finish["finish_reason"], "tool_calls");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn tool_requests_get_vllm_errors() {
+    let sim = start(SimulatorConfig::default()).await;
+    let cases = [
+        weather_question(json!({"tools": []})),
+        weather_question(json!({"tools": "get_weather"})),
+        weather_question(json!({"tools": [{"type": "function", "function": {}}]})),
+        hello(json!({"tool_choice": "auto"})),
+        weather_question(json!({"tool_choice": "sometimes"})),
+        weather_question(
+            json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+        ),
+        weather_question(json!({"tool_choice": {"type": "function"}})),
+    ];
+    for case in cases {
+        let response = post(&sim, &case).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{case}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "BadRequestError", "{case}");
+    }
+    // "none" needs no tools.
+    let none = hello(json!({"tool_choice": "none"}));
+    assert_eq!(post(&sim, &none).await.status(), StatusCode::OK);
+    sim.shutdown().await;
+}
