@@ -2,12 +2,12 @@
 //! and its `chat.completion.chunk` stream, with STEP3-VL's `reasoning_content`, `n`
 //! choices and tool calls.
 
-use axum::http::StatusCode;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::answer::{ToolChoice, answer};
 use super::config::SimulatorConfig;
+use super::models::check_model;
 use super::prompt::{Question, estimate_prompt_tokens};
 use super::reply::{
     Reply, Token, choices, completion_limit, optional_bool, optional_u64, saturate_u32,
@@ -34,24 +34,7 @@ impl<'a> ChatRequest<'a> {
                 None,
             ));
         };
-        // vLLM treats a missing model as "the served model".
-        match body.get("model") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(model)) if *model == config.model => {}
-            Some(Value::String(model)) => {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!("The model `{model}` does not exist."),
-                    Some("model"),
-                ));
-            }
-            Some(_) => {
-                return Err(ApiError::bad_request(
-                    "model: must be a string",
-                    Some("model"),
-                ));
-            }
-        }
+        check_model(body, config)?;
 
         let messages = match body.get("messages") {
             Some(Value::Array(messages)) => messages,

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-/// One scripted behaviour for the next authorised chat request.
+/// One scripted behaviour for the next authorised POST request.
 ///
-/// Faults form a FIFO queue; each `POST /v1/chat/completions` that passes the API-key
-/// check pops one (before its body is validated). With the queue empty the simulator
-/// behaves normally.
+/// Faults form a FIFO queue; each POST to one of the APIs (`/v1/chat/completions`,
+/// `/v1/completions`) that passes the API-key check pops one (before its body is
+/// validated). With the queue empty the simulator behaves normally.
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Reply with this status and body (`content-type: application/json`).
@@ -52,13 +52,14 @@ pub enum Fault {
     /// A non-streaming request consumes the fault and is answered normally.
     StreamInject { after: u32, raw: String },
     /// A 200 far larger than any real answer, made as it is sent (chunked, no length):
-    /// non-streaming, a JSON answer of this many bytes; streaming, the role chunk and then
-    /// one `data:` line of this many bytes that never gets its newline. `u64::MAX` is
-    /// endless. Bytes handed to the body count in `SimStats::fault_bytes_sent`.
+    /// non-streaming, a JSON answer of this many bytes shaped like the API's; streaming,
+    /// the API's opening event (a chat role chunk) and then one token event of this many
+    /// bytes that never ends. `u64::MAX` is endless. Bytes handed to the body count in
+    /// `SimStats::fault_bytes_sent`.
     Oversized(u64),
     /// A 200 whose body never ends, one byte per interval: non-streaming, a JSON answer;
-    /// streaming, the role chunk and then an event that never completes. Bytes handed to
-    /// the body count in `SimStats::fault_bytes_sent`.
+    /// streaming, the opening event and then a token event that never completes. Bytes
+    /// handed to the body count in `SimStats::fault_bytes_sent`.
     Trickle(Duration),
     /// A 502 `text/html` proxy page that never ends, one byte per interval (counted in
     /// `SimStats::fault_bytes_sent`).

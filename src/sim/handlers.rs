@@ -1,4 +1,6 @@
-//! HTTP routes of the simulator: health, model list, chat completions and error replies.
+//! HTTP routes of the simulator: health, the model list, and the four POST APIs, each
+//! going through the same steps — record, check the key, take the next fault, validate,
+//! answer as JSON or as a stream.
 
 use std::io;
 use std::sync::Arc;
@@ -16,12 +18,14 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::chat::ChatRequest;
+use super::completions::CompletionRequest;
 use super::config::SimulatorConfig;
 use super::fault::Fault;
-use super::raw::{self, Tail};
+use super::models;
+use super::raw::{self, Shape, Tail};
 use super::state::{AppState, SimState};
-use super::stream::{StreamFault, StreamPlan};
-use super::wire::{ApiError, random_id, unix_now};
+use super::stream::{StreamFault, StreamFormat, StreamPlan};
+use super::wire::{ApiError, random_id};
 
 /// vLLM has no body limit of its own and base64 images are large, so allow plenty.
 const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
@@ -31,6 +35,8 @@ pub(super) fn router(sim: Arc<SimState>, shutdown: CancellationToken) -> Router 
         .route("/health", get(health))
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState { sim, shutdown })
 }
@@ -39,139 +45,42 @@ async fn health() -> StatusCode {
     StatusCode::OK
 }
 
+/// FastAPI's answer for a path it has no route for.
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response()
+}
+
 async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let config = &state.sim.config;
     if let Err(err) = authorize(config, &headers) {
         return err.into_response();
     }
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": config.model,
-            "object": "model",
-            "created": unix_now(),
-            "owned_by": "vllm",
-            "root": config.model,
-            "parent": null,
-            "max_model_len": config.max_model_len,
-        }],
-    }))
-    .into_response()
+    Json(models::list(config)).into_response()
 }
 
-async fn chat_completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    raw_body: Bytes,
-) -> Response {
-    let parsed = serde_json::from_slice::<Value>(&raw_body);
-    state.sim.record(&headers, parsed.as_ref().ok(), &raw_body);
-    // vLLM's API-key check is middleware, so it runs before anything else.
-    if let Err(err) = authorize(&state.sim.config, &headers) {
-        return err.into_response();
-    }
-
-    let mut no_usage = false;
-    let mut stream_fault = None;
-    let mut body_fault = None;
-    let mut inject = None;
-    let mut delay = Duration::ZERO;
-    match state.sim.pop_fault() {
-        None => {}
-        Some(Fault::Status { status, body }) => return status_response(status, body),
-        Some(Fault::Raw {
-            status,
-            content_type,
-            body,
-        }) => return raw::exact(status, &content_type, body),
-        Some(Fault::TrickleErrorPage(every)) => return raw::trickle_error_page(state, every),
-        Some(Fault::DropConnection) => return drop_connection(),
-        Some(Fault::Delay(d)) => delay = d,
-        Some(Fault::NoUsage) => no_usage = true,
-        Some(Fault::StreamCutAfter(n)) => stream_fault = Some(StreamFault::Cut(n)),
-        Some(Fault::StreamErrorAfter(n)) => stream_fault = Some(StreamFault::Error(n)),
-        Some(Fault::StreamEndAfter(n)) => stream_fault = Some(StreamFault::End(n)),
-        Some(Fault::StreamStallAfter(n)) => {
-            stream_fault = Some(StreamFault::Stall(n));
-            body_fault = Some(BodyFault::StallHalfway);
-        }
-        Some(Fault::JsonCutAfter(n)) => body_fault = Some(BodyFault::CutAfter(n)),
-        Some(Fault::StreamInject { after, raw }) => {
-            stream_fault = Some(StreamFault::Inject(after));
-            inject = Some(Bytes::from(raw));
-        }
-        Some(Fault::Oversized(total)) => body_fault = Some(BodyFault::Oversized(total)),
-        Some(Fault::Trickle(every)) => body_fault = Some(BodyFault::Trickle(every)),
-    }
-    if !state.pause(delay).await {
-        return drop_connection();
-    }
-
-    let body = match parsed {
-        Ok(body) => body,
-        Err(err) => {
-            return ApiError::bad_request(format!("Invalid JSON body: {err}"), None)
-                .into_response();
-        }
-    };
-    let request = match ChatRequest::parse(&body, &state.sim.config) {
-        Ok(request) => request,
-        Err(err) => return err.into_response(),
-    };
-
-    match body_fault {
-        Some(BodyFault::Oversized(total)) => return raw::oversized(state, request.stream, total),
-        Some(BodyFault::Trickle(every)) => return raw::trickle(state, request.stream, every),
-        _ => {}
-    }
-    let id = random_id("chatcmpl-");
-    let model = state.sim.config.model.clone();
-    let with_usage = !no_usage;
-    if request.stream {
-        let plan = StreamPlan {
-            format: Box::new(request.into_stream(id, model, with_usage)),
-            fault: stream_fault,
-            inject,
-            token_latency: state.sim.config.token_latency,
-        };
-        return plan.into_response(state);
-    }
-
-    // The choices are generated side by side, so the wait is one choice's length.
-    let generation = state
-        .sim
-        .config
-        .token_latency
-        .saturating_mul(request.reply.completion_tokens);
-    if !state.pause(generation).await {
-        return drop_connection();
-    }
-    let value = request.json(&id, &model, with_usage);
-    // Serialising a `Value` cannot fail.
-    let json = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
-    match body_fault {
-        Some(BodyFault::StallHalfway) => {
-            let half = json.slice(..json.len() / 2);
-            return raw::partial(state, "application/json", half, Tail::Stall);
-        }
-        Some(BodyFault::CutAfter(n)) => {
-            let head = json.slice(..n.min(json.len()));
-            return raw::partial(state, "application/json", head, Tail::Abort);
-        }
-        _ => {}
-    }
-    state
-        .sim
-        .add_tokens_sent(request.reply.total_completion_tokens());
-    json_response(json)
+async fn chat_completions(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, headers, body, Route::ChatCompletions).await
 }
 
-fn json_response(json: Bytes) -> Response {
-    let mut response = Response::new(Body::from(json));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+async fn completions(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, headers, body, Route::Completions).await
+}
+
+/// The POST routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    ChatCompletions,
+    Completions,
+}
+
+/// What a popped [`Fault`] leaves for the rest of the request to do.
+#[derive(Default)]
+struct Armed {
+    delay: Duration,
+    no_usage: bool,
+    stream: Option<StreamFault>,
+    inject: Option<Bytes>,
+    body: Option<BodyFault>,
 }
 
 /// A non-streaming fault that shapes the body's bytes.
@@ -181,6 +90,195 @@ enum BodyFault {
     CutAfter(usize),
     Oversized(u64),
     Trickle(Duration),
+}
+
+/// Splits a fault into what answers at once and what shapes the answer later.
+fn arm(fault: Option<Fault>) -> Result<Armed, Fault> {
+    let mut armed = Armed::default();
+    match fault {
+        None => {}
+        Some(
+            fault @ (Fault::Status { .. }
+            | Fault::Raw { .. }
+            | Fault::TrickleErrorPage(_)
+            | Fault::DropConnection),
+        ) => return Err(fault),
+        Some(Fault::Delay(delay)) => armed.delay = delay,
+        Some(Fault::NoUsage) => armed.no_usage = true,
+        Some(Fault::StreamCutAfter(n)) => armed.stream = Some(StreamFault::Cut(n)),
+        Some(Fault::StreamErrorAfter(n)) => armed.stream = Some(StreamFault::Error(n)),
+        Some(Fault::StreamEndAfter(n)) => armed.stream = Some(StreamFault::End(n)),
+        Some(Fault::StreamStallAfter(n)) => {
+            armed.stream = Some(StreamFault::Stall(n));
+            armed.body = Some(BodyFault::StallHalfway);
+        }
+        Some(Fault::JsonCutAfter(n)) => armed.body = Some(BodyFault::CutAfter(n)),
+        Some(Fault::StreamInject { after, raw }) => {
+            armed.stream = Some(StreamFault::Inject(after));
+            armed.inject = Some(Bytes::from(raw));
+        }
+        Some(Fault::Oversized(total)) => armed.body = Some(BodyFault::Oversized(total)),
+        Some(Fault::Trickle(every)) => armed.body = Some(BodyFault::Trickle(every)),
+    }
+    Ok(armed)
+}
+
+/// A fault that replaces the answer entirely.
+fn answer_with(fault: Fault, state: AppState) -> Response {
+    match fault {
+        Fault::Status { status, body } => status_response(status, body),
+        Fault::Raw {
+            status,
+            content_type,
+            body,
+        } => raw::exact(status, &content_type, body),
+        Fault::TrickleErrorPage(every) => raw::trickle_error_page(state, every),
+        _ => drop_connection(),
+    }
+}
+
+async fn serve(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    raw_body: Bytes,
+    route: Route,
+) -> Response {
+    let parsed = serde_json::from_slice::<Value>(&raw_body);
+    state.sim.record(&headers, parsed.as_ref().ok(), &raw_body);
+    // vLLM's API-key check is middleware, so it runs before anything else.
+    if let Err(err) = authorize(&state.sim.config, &headers) {
+        return err.into_response();
+    }
+    let armed = match arm(state.sim.pop_fault()) {
+        Ok(armed) => armed,
+        Err(fault) => return answer_with(fault, state),
+    };
+    if !state.pause(armed.delay).await {
+        return drop_connection();
+    }
+    let body = match parsed {
+        Ok(body) => body,
+        Err(err) => {
+            return ApiError::bad_request(format!("Invalid JSON body: {err}"), None)
+                .into_response();
+        }
+    };
+    let config = &state.sim.config;
+    let request = match route {
+        Route::ChatCompletions => ChatRequest::parse(&body, config).map(Request::Chat),
+        Route::Completions => CompletionRequest::parse(&body, config).map(Request::Completion),
+    };
+    let request = match request {
+        Ok(request) => request,
+        Err(err) => return err.into_response(),
+    };
+    request.answer(state, armed).await
+}
+
+/// A validated request of one of the POST APIs, borrowing from its body.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "lives on the stack for one request; boxing would add an allocation to the chat path"
+)]
+enum Request<'a> {
+    Chat(ChatRequest<'a>),
+    Completion(CompletionRequest<'a>),
+}
+
+impl Request<'_> {
+    fn stream(&self) -> bool {
+        match self {
+            Self::Chat(r) => r.stream,
+            Self::Completion(r) => r.stream,
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        match self {
+            Self::Chat(_) => Shape::Chat,
+            Self::Completion(_) => Shape::Completion,
+        }
+    }
+
+    /// `(tokens one choice takes to generate, completion tokens of the whole answer)`.
+    fn tokens(&self) -> (u32, u32) {
+        match self {
+            Self::Chat(r) => (r.reply.completion_tokens, r.reply.total_completion_tokens()),
+            Self::Completion(r) => (r.tokens_per_choice(), r.completion_tokens()),
+        }
+    }
+
+    /// The JSON answer, serialised.
+    fn json(&self, model: &str, with_usage: bool) -> Bytes {
+        let value = match self {
+            Self::Chat(r) => r.json(&random_id("chatcmpl-"), model, with_usage),
+            Self::Completion(r) => r.json(&random_id("cmpl-"), model, with_usage),
+        };
+        // Serialising a `Value` cannot fail.
+        Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
+    }
+
+    fn into_stream(self, model: String, with_usage: bool) -> Box<dyn StreamFormat> {
+        match self {
+            Self::Chat(r) => Box::new(r.into_stream(random_id("chatcmpl-"), model, with_usage)),
+            Self::Completion(r) => Box::new(r.into_stream(random_id("cmpl-"), model, with_usage)),
+        }
+    }
+
+    /// Answers as JSON or as a stream, with what the armed fault still does.
+    async fn answer(self, state: AppState, armed: Armed) -> Response {
+        let stream = self.stream();
+        match armed.body {
+            Some(BodyFault::Oversized(total)) => {
+                return raw::oversized(state, self.shape(), stream, total);
+            }
+            Some(BodyFault::Trickle(every)) => {
+                return raw::trickle(state, self.shape(), stream, every);
+            }
+            _ => {}
+        }
+        let config = &state.sim.config;
+        let model = config.model.clone();
+        let (per_choice, total) = self.tokens();
+        let with_usage = !armed.no_usage;
+        if stream {
+            let plan = StreamPlan {
+                token_latency: config.token_latency,
+                format: self.into_stream(model, with_usage),
+                fault: armed.stream,
+                inject: armed.inject,
+            };
+            return plan.into_response(state);
+        }
+
+        // The choices are generated side by side, so the wait is one choice's length.
+        let generation = config.token_latency.saturating_mul(per_choice);
+        if !state.pause(generation).await {
+            return drop_connection();
+        }
+        let json = self.json(&model, with_usage);
+        match armed.body {
+            Some(BodyFault::StallHalfway) => {
+                let half = json.len() / 2;
+                return raw::partial(state, "application/json", json.slice(..half), Tail::Stall);
+            }
+            Some(BodyFault::CutAfter(n)) => {
+                let head = json.slice(..n.min(json.len()));
+                return raw::partial(state, "application/json", head, Tail::Abort);
+            }
+            _ => {}
+        }
+        state.sim.add_tokens_sent(total);
+        json_response(json)
+    }
+}
+
+fn json_response(json: Bytes) -> Response {
+    let mut response = Response::new(Body::from(json));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn authorize(config: &SimulatorConfig, headers: &HeaderMap) -> Result<(), ApiError> {

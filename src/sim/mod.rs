@@ -1,24 +1,27 @@
 //! Simulated STEP3-VL backend: an in-process stand-in for vLLM's OpenAI-compatible
 //! server, with scriptable faults, used by `serve --demo`, integration tests and benchmarks.
 //!
-//! The simulator speaks the subset of vLLM's API the gateway relies on: `GET /health`,
-//! `GET /v1/models` and `POST /v1/chat/completions` (JSON and SSE, `n` choices, tool
-//! calls, STEP3-VL's `reasoning_content` and `chat_template_kwargs.enable_thinking`,
-//! `stream_options.include_usage` / `continuous_usage_stats`). Answers are deterministic
+//! The simulator speaks the part of vLLM's API the gateway forwards: `GET /health`,
+//! `GET /v1/models`, `POST /v1/chat/completions` (JSON and SSE, `n` choices, tool calls,
+//! STEP3-VL's `reasoning_content` and `chat_template_kwargs.enable_thinking`,
+//! `stream_options.include_usage` / `continuous_usage_stats`) and the legacy
+//! `POST /v1/completions`. Answers are deterministic
 //! apart from ids and timestamps and follow the question (its topic, its images, a simple
 //! sum, a tool's result); see [`SimulatorConfig`] for the knobs and [`Fault`] for
 //! scripted misbehaviour.
 //!
 //! Module layering, each importing only modules further down: `handlers` (routes, auth,
-//! faults) → `raw` and `chat` → `stream`, `reply` → `answer` → `prompt`; at the bottom
-//! `state`, `wire`, `config`, `fault`. This file is the public face and only puts
-//! `handlers` on a socket.
+//! faults) → `raw` and the APIs `chat`, `completions` → `stream`, `reply`, `models` →
+//! `answer` → `prompt`; at the bottom `state`, `wire`, `config`, `fault`. This file is
+//! the public face and only puts `handlers` on a socket.
 
 mod answer;
 mod chat;
+mod completions;
 mod config;
 mod fault;
 mod handlers;
+mod models;
 mod prompt;
 mod raw;
 mod reply;

@@ -94,6 +94,14 @@ impl<'a> Question<'a> {
         question.tool_result = messages.last().and_then(|last| tool_result(last, messages));
         question
     }
+
+    /// A bare prompt, as the legacy completions API sends it.
+    pub fn from_text(text: &'a str) -> Self {
+        Self {
+            text,
+            ..Self::default()
+        }
+    }
 }
 
 fn is_image(kind: Option<&str>) -> bool {

@@ -17,10 +17,33 @@ use super::state::{AppState, SimState};
 /// What an oversized body is filled with, handed out without allocating.
 static FILL: [u8; 64 * 1024] = [b'a'; 64 * 1024];
 
-const JSON_HEAD: &str = r#"{"id":"chatcmpl-oversized","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":""#;
-const JSON_TAIL: &str = r#""},"finish_reason":"stop"}]}"#;
-const ROLE_CHUNK: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";
-const EVENT_HEAD: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
+/// Which answer a made-up body pretends to be, so its opening looks right to a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Shape {
+    Chat,
+    Completion,
+}
+
+/// `(content type, what comes before the filler, what closes it)`. A stream's filler is
+/// the text of one token event that never ends; a JSON body's the text of its answer.
+fn frame(shape: Shape, stream: bool) -> (&'static str, &'static [&'static str], &'static str) {
+    const SSE: &str = "text/event-stream";
+    const JSON: &str = "application/json";
+    match (shape, stream) {
+        (Shape::Chat, false) => (JSON, &[CHAT_JSON_HEAD], CHAT_JSON_TAIL),
+        (Shape::Chat, true) => (SSE, &[CHAT_ROLE_CHUNK, CHAT_EVENT_HEAD], ""),
+        (Shape::Completion, false) => (JSON, &[COMPLETION_JSON_HEAD], COMPLETION_JSON_TAIL),
+        (Shape::Completion, true) => (SSE, &[COMPLETION_EVENT_HEAD], ""),
+    }
+}
+
+const CHAT_JSON_HEAD: &str = r#"{"id":"chatcmpl-oversized","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":""#;
+const CHAT_JSON_TAIL: &str = r#""},"finish_reason":"stop"}]}"#;
+const CHAT_ROLE_CHUNK: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";
+const CHAT_EVENT_HEAD: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
+const COMPLETION_JSON_HEAD: &str = r#"{"id":"cmpl-oversized","object":"text_completion","created":0,"model":"m","choices":[{"index":0,"text":""#;
+const COMPLETION_JSON_TAIL: &str = r#"","finish_reason":"stop"}]}"#;
+const COMPLETION_EVENT_HEAD: &str = "data: {\"id\":\"cmpl-oversized\",\"object\":\"text_completion\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"text\":\"";
 
 /// Any status, content type and body, exactly.
 pub(super) fn exact(status: u16, content_type: &str, body: String) -> Response {
@@ -67,22 +90,18 @@ pub(super) fn partial(
     )
 }
 
-/// A 200 of `total` bytes made as it is sent (see [`super::Fault::Oversized`]).
-pub(super) fn oversized(state: AppState, stream: bool, total: u64) -> Response {
-    let (content_type, heads, tail) = if stream {
-        ("text/event-stream", vec![ROLE_CHUNK, EVENT_HEAD], "")
-    } else {
-        ("application/json", vec![JSON_HEAD], JSON_TAIL)
-    };
+/// A 200 of `total` bytes made as it is sent (see [`super::fault::Fault::Oversized`]).
+pub(super) fn oversized(state: AppState, shape: Shape, stream: bool, total: u64) -> Response {
+    let (content_type, heads, tail) = frame(shape, stream);
     struct Fill {
         sim: Arc<SimState>,
-        heads: std::vec::IntoIter<&'static str>,
+        heads: std::slice::Iter<'static, &'static str>,
         left: u64,
         tail: Option<&'static str>,
     }
     let fill = Fill {
         sim: state.sim,
-        heads: heads.into_iter(),
+        heads: heads.iter(),
         left: total,
         tail: Some(tail).filter(|t| !t.is_empty()),
     };
@@ -104,17 +123,13 @@ pub(super) fn oversized(state: AppState, stream: bool, total: u64) -> Response {
     ok_body(content_type, Body::from_stream(body))
 }
 
-/// A 200 that never ends, one byte per `every` (see [`super::Fault::Trickle`]).
-pub(super) fn trickle(state: AppState, stream: bool, every: Duration) -> Response {
-    let (content_type, head) = if stream {
-        ("text/event-stream", format!("{ROLE_CHUNK}{EVENT_HEAD}"))
-    } else {
-        ("application/json", JSON_HEAD.to_owned())
-    };
-    ok_body(content_type, trickled(state, head, every))
+/// A 200 that never ends, one byte per `every` (see [`super::fault::Fault::Trickle`]).
+pub(super) fn trickle(state: AppState, shape: Shape, stream: bool, every: Duration) -> Response {
+    let (content_type, heads, _) = frame(shape, stream);
+    ok_body(content_type, trickled(state, heads.concat(), every))
 }
 
-/// A 502 HTML page that never ends (see [`super::Fault::TrickleErrorPage`]).
+/// A 502 HTML page that never ends (see [`super::fault::Fault::TrickleErrorPage`]).
 pub(super) fn trickle_error_page(state: AppState, every: Duration) -> Response {
     let head = "<html><head><title>502 Bad Gateway</title></head><body>".to_owned();
     let mut response = ok_body("text/html", trickled(state, head, every));

@@ -1209,3 +1209,144 @@ async fn tool_requests_get_vllm_errors() {
     assert_eq!(post(&sim, &none).await.status(), StatusCode::OK);
     sim.shutdown().await;
 }
+
+// --- Legacy completions ------------------------------------------------------------------
+
+#[tokio::test]
+async fn completions_continue_the_prompt() {
+    let sim = start(SimulatorConfig::default()).await;
+    let body = json_from(
+        &sim,
+        "/v1/completions",
+        &json!({"model": DEFAULT_MODEL, "prompt": "What is 2+2?"}),
+    )
+    .await;
+    assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["model"], DEFAULT_MODEL);
+    let choice = &body["choices"][0];
+    assert_eq!(choice["index"], 0);
+    let text = choice["text"].as_str().unwrap();
+    // A continuation: every token after a space, no reasoning part.
+    assert!(text.starts_with(" The answer is 4."), "{text:?}");
+    // vLLM's default max_tokens for completions is 16.
+    assert_eq!(text.split_whitespace().count(), 16);
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(choice["logprobs"], Value::Null);
+    // ceil(12 / 4) + the BOS token.
+    assert_eq!(body["usage"]["prompt_tokens"], 4);
+    assert_eq!(body["usage"]["completion_tokens"], 16);
+    assert_eq!(body["usage"]["total_tokens"], 20);
+
+    let body = json_from(
+        &sim,
+        "/v1/completions",
+        &json!({"prompt": ["Tell me about cats", [1, 2, 3]], "n": 2, "max_tokens": 100, "echo": true}),
+    )
+    .await;
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["finish_reason"], "stop");
+    }
+    let first = choices[0]["text"].as_str().unwrap();
+    assert!(
+        first.starts_with("Tell me about cats The question was about cats."),
+        "{first}"
+    );
+    assert_eq!(choices[1]["text"], choices[0]["text"]);
+    // Token ids have no text to echo.
+    assert!(
+        choices[2]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" The question was about your message.")
+    );
+    assert_eq!(body["usage"]["prompt_tokens"], (5 + 1) + 3);
+    assert_eq!(body["usage"]["completion_tokens"], 4 * 24);
+    assert_eq!(sim.simulator.stats().completion_tokens_sent, 16 + 4 * 24);
+
+    // Echo alone.
+    let body = json_from(
+        &sim,
+        "/v1/completions",
+        &json!({"prompt": "abc", "echo": true, "max_tokens": 0}),
+    )
+    .await;
+    assert_eq!(body["choices"][0]["text"], "abc");
+    assert_eq!(body["usage"]["completion_tokens"], 0);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn completions_stream_text_chunks_then_usage() {
+    let sim = start(SimulatorConfig::default()).await;
+    let body = json!({
+        "prompt": "Say hi",
+        "max_tokens": 3,
+        "n": 2,
+        "echo": true,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let response = post_to(&sim, "/v1/completions", &body).await;
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = events(&response.text().await.unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks = json_events(&events);
+    // No role chunk: 2 x 3 tokens, 2 finish chunks, usage.
+    assert_eq!(chunks.len(), 6 + 2 + 1, "{events:?}");
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "text_completion");
+        assert_eq!(chunk["id"], chunks[0]["id"]);
+    }
+    let text = |index: u64| -> String {
+        chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == index)
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect()
+    };
+    assert_eq!(text(0), "Say hi The question was");
+    assert_eq!(text(1), text(0));
+    assert_eq!(chunks[6]["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks[7]["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[8];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["prompt_tokens"], 3);
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+    let stats = wait_for(&sim.simulator, "finished stream", |s| {
+        s.streams_finished == 1
+    })
+    .await;
+    assert_eq!(stats.completion_tokens_sent, 6);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn completion_requests_get_vllm_errors() {
+    let sim = start(SimulatorConfig {
+        max_model_len: 100,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let cases = [
+        json!({}),
+        json!({"prompt": ""}),
+        json!({"prompt": []}),
+        json!({"prompt": {"text": "hi"}}),
+        json!({"prompt": [1, "two"]}),
+        json!({"prompt": "hi", "max_tokens": 0}),
+        json!({"prompt": "hi", "suffix": "!"}),
+        json!({"prompt": "hi", "stream_options": {"include_usage": true}}),
+        json!({"prompt": "hi", "max_tokens": 99}),
+    ];
+    for case in cases {
+        let response = post_to(&sim, "/v1/completions", &case).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{case}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "BadRequestError", "{case}");
+    }
+    sim.shutdown().await;
+}
