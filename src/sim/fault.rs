@@ -5,8 +5,11 @@ use std::time::Duration;
 /// One scripted behaviour for the next authorised POST request.
 ///
 /// Faults form a FIFO queue; each POST to one of the APIs (`/v1/chat/completions`,
-/// `/v1/completions`) that passes the API-key check pops one (before its body is
-/// validated). With the queue empty the simulator behaves normally.
+/// `/v1/completions`, `/v1/responses`) that passes the API-key check pops one (before
+/// its body is validated). With the queue empty the simulator behaves normally. Where a
+/// fault speaks of chunks and `[DONE]`, a Responses stream has its own events instead:
+/// token chunks are its delta events, its in-stream error is an `event: error`, and it
+/// ends with `response.completed`.
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Reply with this status and body (`content-type: application/json`).
@@ -30,7 +33,7 @@ pub enum Fault {
     /// A non-streaming request consumes the fault and is answered normally.
     StreamEndAfter(u32),
     /// Behave like an upstream without usage support: ignore `stream_options` when
-    /// streaming, omit the `usage` field otherwise.
+    /// streaming, omit the `usage` field otherwise (`usage: null` in a Responses answer).
     NoUsage,
     /// Reply with exactly this status, `content-type` and body: an HTML error page from a
     /// proxy in front of the model server, or a 200 whose body is not JSON.
@@ -53,9 +56,9 @@ pub enum Fault {
     StreamInject { after: u32, raw: String },
     /// A 200 far larger than any real answer, made as it is sent (chunked, no length):
     /// non-streaming, a JSON answer of this many bytes shaped like the API's; streaming,
-    /// the API's opening event (a chat role chunk) and then one token event of this many
-    /// bytes that never ends. `u64::MAX` is endless. Bytes handed to the body count in
-    /// `SimStats::fault_bytes_sent`.
+    /// the API's opening event (a chat role chunk, `response.created`) and then one token
+    /// event of this many bytes that never ends. `u64::MAX` is endless. Bytes handed to
+    /// the body count in `SimStats::fault_bytes_sent`.
     Oversized(u64),
     /// A 200 whose body never ends, one byte per interval: non-streaming, a JSON answer;
     /// streaming, the opening event and then a token event that never completes. Bytes

@@ -23,6 +23,7 @@ use super::config::SimulatorConfig;
 use super::fault::Fault;
 use super::models;
 use super::raw::{self, Shape, Tail};
+use super::responses::ResponsesRequest;
 use super::state::{AppState, SimState};
 use super::stream::{StreamFault, StreamFormat, StreamPlan};
 use super::wire::{ApiError, random_id};
@@ -36,6 +37,7 @@ pub(super) fn router(sim: Arc<SimState>, shutdown: CancellationToken) -> Router 
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState { sim, shutdown })
@@ -66,11 +68,16 @@ async fn completions(state: State<AppState>, headers: HeaderMap, body: Bytes) ->
     serve(state, headers, body, Route::Completions).await
 }
 
+async fn responses(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, headers, body, Route::Responses).await
+}
+
 /// The POST routes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
     ChatCompletions,
     Completions,
+    Responses,
 }
 
 /// What a popped [`Fault`] leaves for the rest of the request to do.
@@ -167,6 +174,7 @@ async fn serve(
     let request = match route {
         Route::ChatCompletions => ChatRequest::parse(&body, config).map(Request::Chat),
         Route::Completions => CompletionRequest::parse(&body, config).map(Request::Completion),
+        Route::Responses => ResponsesRequest::parse(&body, config).map(Request::Response),
     };
     let request = match request {
         Ok(request) => request,
@@ -176,13 +184,10 @@ async fn serve(
 }
 
 /// A validated request of one of the POST APIs, borrowing from its body.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "lives on the stack for one request; boxing would add an allocation to the chat path"
-)]
 enum Request<'a> {
     Chat(ChatRequest<'a>),
     Completion(CompletionRequest<'a>),
+    Response(ResponsesRequest<'a>),
 }
 
 impl Request<'_> {
@@ -190,6 +195,7 @@ impl Request<'_> {
         match self {
             Self::Chat(r) => r.stream,
             Self::Completion(r) => r.stream,
+            Self::Response(r) => r.stream,
         }
     }
 
@@ -197,6 +203,7 @@ impl Request<'_> {
         match self {
             Self::Chat(_) => Shape::Chat,
             Self::Completion(_) => Shape::Completion,
+            Self::Response(_) => Shape::Response,
         }
     }
 
@@ -205,6 +212,7 @@ impl Request<'_> {
         match self {
             Self::Chat(r) => (r.reply.completion_tokens, r.reply.total_completion_tokens()),
             Self::Completion(r) => (r.tokens_per_choice(), r.completion_tokens()),
+            Self::Response(r) => (r.completion_tokens(), r.completion_tokens()),
         }
     }
 
@@ -213,6 +221,7 @@ impl Request<'_> {
         let value = match self {
             Self::Chat(r) => r.json(&random_id("chatcmpl-"), model, with_usage),
             Self::Completion(r) => r.json(&random_id("cmpl-"), model, with_usage),
+            Self::Response(r) => r.json(&random_id("resp_"), model, with_usage),
         };
         // Serialising a `Value` cannot fail.
         Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
@@ -222,6 +231,7 @@ impl Request<'_> {
         match self {
             Self::Chat(r) => Box::new(r.into_stream(random_id("chatcmpl-"), model, with_usage)),
             Self::Completion(r) => Box::new(r.into_stream(random_id("cmpl-"), model, with_usage)),
+            Self::Response(r) => Box::new(r.into_stream(random_id("resp_"), model, with_usage)),
         }
     }
 

@@ -4,14 +4,16 @@
 //! The simulator speaks the part of vLLM's API the gateway forwards: `GET /health`,
 //! `GET /v1/models`, `POST /v1/chat/completions` (JSON and SSE, `n` choices, tool calls,
 //! STEP3-VL's `reasoning_content` and `chat_template_kwargs.enable_thinking`,
-//! `stream_options.include_usage` / `continuous_usage_stats`) and the legacy
-//! `POST /v1/completions`. Answers are deterministic
+//! `stream_options.include_usage` / `continuous_usage_stats`), the legacy
+//! `POST /v1/completions` and `POST /v1/responses` (named SSE events). Answers are
+//! deterministic
 //! apart from ids and timestamps and follow the question (its topic, its images, a simple
 //! sum, a tool's result); see [`SimulatorConfig`] for the knobs and [`Fault`] for
 //! scripted misbehaviour.
 //!
 //! Module layering, each importing only modules further down: `handlers` (routes, auth,
-//! faults) → `raw` and the APIs `chat`, `completions` → `stream`, `reply`, `models` →
+//! faults) → `raw` and the APIs `chat`, `completions`, `responses` → `stream`, `reply`,
+//! `models` →
 //! `answer` → `prompt`; at the bottom `state`, `wire`, `config`, `fault`. This file is
 //! the public face and only puts `handlers` on a socket.
 
@@ -25,6 +27,7 @@ mod models;
 mod prompt;
 mod raw;
 mod reply;
+mod responses;
 mod state;
 mod stream;
 #[cfg(test)]

@@ -1350,3 +1350,218 @@ async fn completion_requests_get_vllm_errors() {
     }
     sim.shutdown().await;
 }
+
+// --- Responses -----------------------------------------------------------------------------
+
+/// Splits a named-event SSE body into `(event, data)` pairs.
+fn named_events(body: &str) -> Vec<(String, Value)> {
+    assert!(body.ends_with("\n\n"), "unterminated event in {body:?}");
+    body.split_terminator("\n\n")
+        .map(|event| {
+            let (name, data) = event.split_once('\n').unwrap();
+            let name = name.strip_prefix("event: ").unwrap().to_owned();
+            let data: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(data["type"], name.as_str());
+            (name, data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn responses_answer_with_reasoning_and_message_items() {
+    let sim = start(SimulatorConfig::default()).await;
+    let body = json!({
+        "model": DEFAULT_MODEL,
+        "input": "What is 6/3?",
+        "instructions": "Be brief.",
+    });
+    let answer = json_from(&sim, "/v1/responses", &body).await;
+    assert!(answer["id"].as_str().unwrap().starts_with("resp_"));
+    assert_eq!(answer["object"], "response");
+    assert_eq!(answer["status"], "completed");
+    assert_eq!(answer["incomplete_details"], Value::Null);
+    assert_eq!(answer["instructions"], "Be brief.");
+    assert_eq!(answer["model"], DEFAULT_MODEL);
+    assert!(answer["created_at"].as_u64().unwrap() > 0);
+    let output = answer["output"].as_array().unwrap();
+    assert_eq!(output.len(), 2);
+    assert_eq!(output[0]["type"], "reasoning");
+    assert!(output[0]["id"].as_str().unwrap().starts_with("rs_"));
+    assert_eq!(
+        output[0]["content"],
+        json!([{"type": "reasoning_text", "text": "Let me work out"}])
+    );
+    assert_eq!(output[1]["type"], "message");
+    assert_eq!(output[1]["role"], "assistant");
+    assert_eq!(output[1]["status"], "completed");
+    let text = output[1]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(output[1]["content"][0]["type"], "output_text");
+    assert!(text.starts_with("The answer is 2."), "{text}");
+    // Input: the instructions and the input as two messages.
+    let usage = &answer["usage"];
+    assert_eq!(usage["input_tokens"], (4 + 3) + (4 + 3));
+    assert_eq!(usage["output_tokens"], 24);
+    assert_eq!(usage["output_tokens_details"]["reasoning_tokens"], 4);
+    assert_eq!(usage["total_tokens"], 14 + 24);
+
+    // Cut short by max_output_tokens.
+    let cut = json!({"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "What is in this picture?"},
+        {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+    ]}], "max_output_tokens": 7});
+    let answer = json_from(&sim, "/v1/responses", &cut).await;
+    assert_eq!(answer["status"], "incomplete");
+    assert_eq!(
+        answer["incomplete_details"],
+        json!({"reason": "max_output_tokens"})
+    );
+    assert_eq!(answer["max_output_tokens"], 7);
+    assert_eq!(answer["output"][1]["content"][0]["text"], "The image you");
+    assert_eq!(answer["usage"]["input_tokens"], 4 + 6 + 256);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn responses_stream_named_events() {
+    let sim = start(SimulatorConfig {
+        reply_tokens: 6,
+        reasoning_tokens: 2,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let response = post_to(
+        &sim,
+        "/v1/responses",
+        &json!({"input": "Tell me about bees", "stream": true}),
+    )
+    .await;
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("[DONE]"));
+    let events = named_events(&text);
+    let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    for (i, (_, event)) in events.iter().enumerate() {
+        assert_eq!(event["sequence_number"], i);
+    }
+    assert_eq!(events[0].1["response"]["status"], "in_progress");
+    assert_eq!(events[0].1["response"]["output"], json!([]));
+    let deltas: String = events
+        .iter()
+        .filter(|(name, _)| name == "response.output_text.delta")
+        .map(|(_, e)| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, "The question was about");
+    assert_eq!(events[15].1["text"], deltas);
+    let completed = &events[18].1["response"];
+    assert_eq!(completed["status"], "completed");
+    assert_eq!(completed["output"][0]["type"], "reasoning");
+    assert_eq!(completed["output"][1]["content"][0]["text"], deltas);
+    assert_eq!(completed["output"][1]["id"], events[9].1["item"]["id"]);
+    assert_eq!(completed["usage"]["output_tokens"], 6);
+    let stats = wait_for(&sim.simulator, "finished stream", |s| {
+        s.streams_finished == 1
+    })
+    .await;
+    assert_eq!(stats.completion_tokens_sent, 6);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn responses_call_function_tools() {
+    let sim = start(SimulatorConfig::default()).await;
+    let tools = json!([{"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+    }}]);
+    let body = json!({"input": "Weather in Paris?", "tools": tools});
+    let answer = json_from(&sim, "/v1/responses", &body).await;
+    let call = &answer["output"][1];
+    assert_eq!(call["type"], "function_call");
+    assert_eq!(call["name"], "get_weather");
+    assert_eq!(call["arguments"], r#"{"city": "Weather in Paris"}"#);
+    assert_eq!(call["status"], "completed");
+    assert!(call["call_id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(answer["tools"], tools);
+
+    let result = json!({"tools": tools, "input": [
+        {"role": "user", "content": "Weather in Paris?"},
+        call,
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "rainy"},
+    ]});
+    let answer = json_from(&sim, "/v1/responses", &result).await;
+    let text = answer["output"][1]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("The get_weather tool returned rainy."),
+        "{text}"
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let text = post_to(&sim, "/v1/responses", &streamed)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = named_events(&text);
+    let arguments: String = events
+        .iter()
+        .filter(|(name, _)| name == "response.function_call_arguments.delta")
+        .map(|(_, e)| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(arguments, r#"{"city": "Weather in Paris"}"#);
+    let done = events
+        .iter()
+        .find(|(name, _)| name == "response.function_call_arguments.done")
+        .unwrap();
+    assert_eq!(done.1["arguments"], arguments);
+    let (_, completed) = events.last().unwrap();
+    assert_eq!(completed["response"]["output"][1]["type"], "function_call");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn response_requests_get_vllm_errors() {
+    let sim = start(SimulatorConfig {
+        max_model_len: 100,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let cases = [
+        json!({}),
+        json!({"input": 5}),
+        json!({"input": ["hi"]}),
+        json!({"input": "hi", "instructions": 5}),
+        json!({"input": "hi", "max_output_tokens": 0}),
+        json!({"input": "hi", "max_output_tokens": 99}),
+        json!({"input": "hi", "tool_choice": "required"}),
+        json!({"input": "hi", "tools": [{"type": "function"}]}),
+    ];
+    for case in cases {
+        let response = post_to(&sim, "/v1/responses", &case).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{case}");
+    }
+    sim.shutdown().await;
+}
