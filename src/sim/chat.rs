@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::answer::{ToolChoice, answer};
 use super::config::SimulatorConfig;
-use super::models::check_model;
+use super::models::{Api, check_model};
 use super::prompt::{Question, estimate_prompt_tokens};
 use super::reply::{
     Reply, Token, choices, completion_limit, optional_bool, optional_u64, saturate_u32,
@@ -34,7 +34,7 @@ impl<'a> ChatRequest<'a> {
                 None,
             ));
         };
-        check_model(body, config)?;
+        check_model(body, config, Api::ChatCompletions)?;
 
         let messages = match body.get("messages") {
             Some(Value::Array(messages)) => messages,

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use super::answer::answer;
 use super::config::SimulatorConfig;
-use super::models::check_model;
+use super::models::{Api, check_model};
 use super::prompt::{Question, text_tokens};
 use super::reply::{
     Reply, choices, completion_limit, optional_bool, optional_u64, saturate_u32, stream_options,
@@ -50,7 +50,7 @@ impl<'a> CompletionRequest<'a> {
                 None,
             ));
         };
-        check_model(body, config)?;
+        check_model(body, config, Api::Completions)?;
         let prompts = read_prompts(body)?;
         if body.get("suffix").is_some_and(|s| !s.is_null()) {
             return Err(ApiError::bad_request(

@@ -1,4 +1,4 @@
-//! How the simulated server behaves when no fault is queued: served model, pace, lengths.
+//! How the simulated server behaves when no fault is queued: served models, pace, lengths.
 
 use std::time::Duration;
 
@@ -8,14 +8,29 @@ pub const DEFAULT_MODEL: &str = "stepfun-ai/Step3-VL-10B";
 /// Context window reported by `/v1/models` and enforced on requests (STEP3-VL-10B's).
 pub const DEFAULT_MAX_MODEL_LEN: u32 = 65_536;
 
-/// How the simulated backend behaves when no [`Fault`] is queued.
+/// The embedding model served next to the chat model unless configured otherwise.
+///
+/// A real, widely deployed embedding model that vLLM serves (STEP3-VL has no embedding
+/// sibling), so names, vector length and errors look like a real deployment: its vectors
+/// have [`DEFAULT_EMBEDDING_DIMENSIONS`] floats, it takes [`EMBEDDING_MAX_MODEL_LEN`]
+/// tokens, and like vLLM for a model without Matryoshka training it refuses `dimensions`.
+pub const DEFAULT_EMBEDDING_MODEL: &str = "BAAI/bge-m3";
+
+/// Length of BGE-M3's vectors.
+pub const DEFAULT_EMBEDDING_DIMENSIONS: usize = 1024;
+
+/// Context window of the embedding model (BGE-M3's), per input.
+pub const EMBEDDING_MAX_MODEL_LEN: u32 = 8192;
+
+/// How the simulated backend behaves when no [`Fault`](crate::sim::Fault) is queued.
 #[derive(Clone, Debug)]
 pub struct SimulatorConfig {
-    /// The served model name; requests naming another model get vLLM's 404.
+    /// The served chat model: it answers `/v1/chat/completions`, `/v1/completions` and
+    /// `/v1/responses`; requests naming a model not served get vLLM's 404.
     pub model: String,
     /// Delay before each streamed token; non-streaming replies wait `n * token_latency`.
     pub token_latency: Duration,
-    /// Completion tokens in a reply that `max_tokens` does not cut short.
+    /// Completion tokens in a text reply that `max_tokens` does not cut short.
     pub reply_tokens: u32,
     /// Leading completion tokens emitted as `reasoning_content` (0 disables reasoning).
     pub reasoning_tokens: u32,
@@ -23,9 +38,14 @@ pub struct SimulatorConfig {
     pub api_key: Option<String>,
     /// Context window: prompt plus completion tokens may not exceed it (vLLM's 400).
     pub max_model_len: u32,
-    /// Keep every chat request for [`Simulator::requests`]; benchmarks turn this off so
-    /// memory stays flat.
+    /// Keep every chat request for [`Simulator::requests`](crate::sim::Simulator::requests);
+    /// benchmarks turn this off so memory stays flat.
     pub record_requests: bool,
+    /// The embedding model answering `/v1/embeddings`, listed in `/v1/models` next to the
+    /// chat model; `None` serves no embeddings, like a vLLM serving STEP3-VL alone.
+    pub embedding_model: Option<String>,
+    /// Floats per embedding vector.
+    pub embedding_dimensions: usize,
 }
 
 impl Default for SimulatorConfig {
@@ -38,6 +58,8 @@ impl Default for SimulatorConfig {
             api_key: None,
             max_model_len: DEFAULT_MAX_MODEL_LEN,
             record_requests: true,
+            embedding_model: Some(DEFAULT_EMBEDDING_MODEL.to_owned()),
+            embedding_dimensions: DEFAULT_EMBEDDING_DIMENSIONS,
         }
     }
 }

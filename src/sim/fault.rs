@@ -5,11 +5,11 @@ use std::time::Duration;
 /// One scripted behaviour for the next authorised POST request.
 ///
 /// Faults form a FIFO queue; each POST to one of the APIs (`/v1/chat/completions`,
-/// `/v1/completions`, `/v1/responses`) that passes the API-key check pops one (before
-/// its body is validated). With the queue empty the simulator behaves normally. Where a
-/// fault speaks of chunks and `[DONE]`, a Responses stream has its own events instead:
-/// token chunks are its delta events, its in-stream error is an `event: error`, and it
-/// ends with `response.completed`.
+/// `/v1/completions`, `/v1/responses`, `/v1/embeddings`) that passes the API-key check
+/// pops one (before its body is validated). With the queue empty the simulator behaves
+/// normally. Where a fault speaks of chunks and `[DONE]`, a Responses stream has its
+/// own events instead: token chunks are its delta events, its in-stream error is an
+/// `event: error`, and it ends with `response.completed`. Embeddings never stream.
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Reply with this status and body (`content-type: application/json`).

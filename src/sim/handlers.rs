@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::chat::ChatRequest;
 use super::completions::CompletionRequest;
 use super::config::SimulatorConfig;
+use super::embeddings::EmbeddingRequest;
 use super::fault::Fault;
 use super::models;
 use super::raw::{self, Shape, Tail};
@@ -37,6 +38,7 @@ pub(super) fn router(sim: Arc<SimState>, shutdown: CancellationToken) -> Router 
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/responses", post(responses))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -68,6 +70,10 @@ async fn completions(state: State<AppState>, headers: HeaderMap, body: Bytes) ->
     serve(state, headers, body, Route::Completions).await
 }
 
+async fn embeddings(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, headers, body, Route::Embeddings).await
+}
+
 async fn responses(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     serve(state, headers, body, Route::Responses).await
 }
@@ -77,6 +83,7 @@ async fn responses(state: State<AppState>, headers: HeaderMap, body: Bytes) -> R
 enum Route {
     ChatCompletions,
     Completions,
+    Embeddings,
     Responses,
 }
 
@@ -174,6 +181,7 @@ async fn serve(
     let request = match route {
         Route::ChatCompletions => ChatRequest::parse(&body, config).map(Request::Chat),
         Route::Completions => CompletionRequest::parse(&body, config).map(Request::Completion),
+        Route::Embeddings => EmbeddingRequest::parse(&body, config).map(Request::Embedding),
         Route::Responses => ResponsesRequest::parse(&body, config).map(Request::Response),
     };
     let request = match request {
@@ -187,6 +195,7 @@ async fn serve(
 enum Request<'a> {
     Chat(ChatRequest<'a>),
     Completion(CompletionRequest<'a>),
+    Embedding(EmbeddingRequest<'a>),
     Response(ResponsesRequest<'a>),
 }
 
@@ -195,6 +204,7 @@ impl Request<'_> {
         match self {
             Self::Chat(r) => r.stream,
             Self::Completion(r) => r.stream,
+            Self::Embedding(_) => false,
             Self::Response(r) => r.stream,
         }
     }
@@ -203,6 +213,7 @@ impl Request<'_> {
         match self {
             Self::Chat(_) => Shape::Chat,
             Self::Completion(_) => Shape::Completion,
+            Self::Embedding(_) => Shape::Embedding,
             Self::Response(_) => Shape::Response,
         }
     }
@@ -212,27 +223,33 @@ impl Request<'_> {
         match self {
             Self::Chat(r) => (r.reply.completion_tokens, r.reply.total_completion_tokens()),
             Self::Completion(r) => (r.tokens_per_choice(), r.completion_tokens()),
+            Self::Embedding(_) => (0, 0),
             Self::Response(r) => (r.completion_tokens(), r.completion_tokens()),
         }
     }
 
     /// The JSON answer, serialised.
-    fn json(&self, model: &str, with_usage: bool) -> Bytes {
+    fn json(&self, model: &str, config: &SimulatorConfig, with_usage: bool) -> Bytes {
         let value = match self {
             Self::Chat(r) => r.json(&random_id("chatcmpl-"), model, with_usage),
             Self::Completion(r) => r.json(&random_id("cmpl-"), model, with_usage),
             Self::Response(r) => r.json(&random_id("resp_"), model, with_usage),
+            Self::Embedding(r) => {
+                let id = random_id("embd-");
+                return Bytes::from(r.json(&id, model, config.embedding_dimensions, with_usage));
+            }
         };
         // Serialising a `Value` cannot fail.
         Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
     }
 
-    fn into_stream(self, model: String, with_usage: bool) -> Box<dyn StreamFormat> {
-        match self {
+    fn into_stream(self, model: String, with_usage: bool) -> Option<Box<dyn StreamFormat>> {
+        Some(match self {
             Self::Chat(r) => Box::new(r.into_stream(random_id("chatcmpl-"), model, with_usage)),
             Self::Completion(r) => Box::new(r.into_stream(random_id("cmpl-"), model, with_usage)),
             Self::Response(r) => Box::new(r.into_stream(random_id("resp_"), model, with_usage)),
-        }
+            Self::Embedding(_) => return None,
+        })
     }
 
     /// Answers as JSON or as a stream, with what the armed fault still does.
@@ -248,17 +265,24 @@ impl Request<'_> {
             _ => {}
         }
         let config = &state.sim.config;
-        let model = config.model.clone();
+        let model = match self {
+            Self::Embedding(_) => config.embedding_model.clone().unwrap_or_default(),
+            _ => config.model.clone(),
+        };
         let (per_choice, total) = self.tokens();
         let with_usage = !armed.no_usage;
         if stream {
-            let plan = StreamPlan {
-                token_latency: config.token_latency,
-                format: self.into_stream(model, with_usage),
-                fault: armed.stream,
-                inject: armed.inject,
-            };
-            return plan.into_response(state);
+            let token_latency = config.token_latency;
+            if let Some(format) = self.into_stream(model, with_usage) {
+                let plan = StreamPlan {
+                    format,
+                    fault: armed.stream,
+                    inject: armed.inject,
+                    token_latency,
+                };
+                return plan.into_response(state);
+            }
+            return drop_connection();
         }
 
         // The choices are generated side by side, so the wait is one choice's length.
@@ -266,7 +290,7 @@ impl Request<'_> {
         if !state.pause(generation).await {
             return drop_connection();
         }
-        let json = self.json(&model, with_usage);
+        let json = self.json(&model, config, with_usage);
         match armed.body {
             Some(BodyFault::StallHalfway) => {
                 let half = json.len() / 2;

@@ -4,23 +4,22 @@
 //! The simulator speaks the part of vLLM's API the gateway forwards: `GET /health`,
 //! `GET /v1/models`, `POST /v1/chat/completions` (JSON and SSE, `n` choices, tool calls,
 //! STEP3-VL's `reasoning_content` and `chat_template_kwargs.enable_thinking`,
-//! `stream_options.include_usage` / `continuous_usage_stats`), the legacy
-//! `POST /v1/completions` and `POST /v1/responses` (named SSE events). Answers are
-//! deterministic
-//! apart from ids and timestamps and follow the question (its topic, its images, a simple
-//! sum, a tool's result); see [`SimulatorConfig`] for the knobs and [`Fault`] for
-//! scripted misbehaviour.
+//! `stream_options.include_usage` / `continuous_usage_stats`), `POST /v1/completions`,
+//! `POST /v1/responses` (named SSE events) and, for its embedding model,
+//! `POST /v1/embeddings`. Answers are deterministic apart from ids and timestamps and
+//! follow the question (its topic, its images, a simple sum, a tool's result); see
+//! [`SimulatorConfig`] for the knobs and [`Fault`] for scripted misbehaviour.
 //!
 //! Module layering, each importing only modules further down: `handlers` (routes, auth,
-//! faults) → `raw` and the APIs `chat`, `completions`, `responses` → `stream`, `reply`,
-//! `models` →
-//! `answer` → `prompt`; at the bottom `state`, `wire`, `config`, `fault`. This file is
-//! the public face and only puts `handlers` on a socket.
+//! faults) → `raw` and the APIs `chat`, `completions`, `responses`, `embeddings` →
+//! `stream`, `reply`, `models` → `answer` → `prompt`; at the bottom `state`, `wire`,
+//! `config`, `fault`. This file is the public face and only puts `handlers` on a socket.
 
 mod answer;
 mod chat;
 mod completions;
 mod config;
+mod embeddings;
 mod fault;
 mod handlers;
 mod models;
@@ -44,7 +43,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{DEFAULT_MAX_MODEL_LEN, DEFAULT_MODEL, SimulatorConfig};
+pub use config::{
+    DEFAULT_EMBEDDING_DIMENSIONS, DEFAULT_EMBEDDING_MODEL, DEFAULT_MAX_MODEL_LEN, DEFAULT_MODEL,
+    EMBEDDING_MAX_MODEL_LEN, SimulatorConfig,
+};
 pub use fault::Fault;
 use state::SimState;
 pub use state::{RecordedRequest, SimStats};

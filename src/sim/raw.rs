@@ -22,6 +22,7 @@ static FILL: [u8; 64 * 1024] = [b'a'; 64 * 1024];
 pub(super) enum Shape {
     Chat,
     Completion,
+    Embedding,
     Response,
 }
 
@@ -35,6 +36,8 @@ fn frame(shape: Shape, stream: bool) -> (&'static str, &'static [&'static str], 
         (Shape::Chat, true) => (SSE, &[CHAT_ROLE_CHUNK, CHAT_EVENT_HEAD], ""),
         (Shape::Completion, false) => (JSON, &[COMPLETION_JSON_HEAD], COMPLETION_JSON_TAIL),
         (Shape::Completion, true) => (SSE, &[COMPLETION_EVENT_HEAD], ""),
+        // Embeddings never stream.
+        (Shape::Embedding, _) => (JSON, &[EMBEDDING_JSON_HEAD], EMBEDDING_JSON_TAIL),
         (Shape::Response, false) => (JSON, &[RESPONSE_JSON_HEAD], RESPONSE_JSON_TAIL),
         (Shape::Response, true) => (SSE, &[RESPONSE_CREATED, RESPONSE_EVENT_HEAD], ""),
     }
@@ -47,6 +50,8 @@ const CHAT_EVENT_HEAD: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\
 const COMPLETION_JSON_HEAD: &str = r#"{"id":"cmpl-oversized","object":"text_completion","created":0,"model":"m","choices":[{"index":0,"text":""#;
 const COMPLETION_JSON_TAIL: &str = r#"","finish_reason":"stop"}]}"#;
 const COMPLETION_EVENT_HEAD: &str = "data: {\"id\":\"cmpl-oversized\",\"object\":\"text_completion\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"text\":\"";
+const EMBEDDING_JSON_HEAD: &str = r#"{"id":"embd-oversized","object":"list","created":0,"model":"m","data":[{"index":0,"object":"embedding","embedding":""#;
+const EMBEDDING_JSON_TAIL: &str = r#""}]}"#;
 const RESPONSE_JSON_HEAD: &str = r#"{"id":"resp_oversized","object":"response","created_at":0,"model":"m","status":"completed","output":[{"id":"msg_oversized","type":"message","role":"assistant","status":"completed","content":[{"type":"output_text","annotations":[],"text":""#;
 const RESPONSE_JSON_TAIL: &str = r#""}]}]}"#;
 const RESPONSE_CREATED: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_oversized\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[]}}\n\n";

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::answer::{ToolChoice, answer};
 use super::config::SimulatorConfig;
-use super::models::check_model;
+use super::models::{Api, check_model};
 use super::prompt::{Question, TOKENS_PER_MESSAGE, estimate_prompt_tokens, text_tokens};
 use super::reply::{Reply, Token, completion_limit, optional_bool, optional_u64, saturate_u32};
 use super::stream::StreamFormat;
@@ -34,7 +34,7 @@ impl<'a> ResponsesRequest<'a> {
                 None,
             ));
         };
-        check_model(body, config)?;
+        check_model(body, config, Api::Responses)?;
         let instructions = match body.get("instructions") {
             None | Some(Value::Null) => None,
             Some(Value::String(text)) => Some(text.as_str()),

@@ -1565,3 +1565,205 @@ async fn response_requests_get_vllm_errors() {
     }
     sim.shutdown().await;
 }
+
+// --- Models ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn each_model_answers_only_its_apis() {
+    let sim = start(SimulatorConfig::default()).await;
+    let models: Value = reqwest::get(format!("{}/v1/models", sim.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [DEFAULT_MODEL, DEFAULT_EMBEDDING_MODEL]);
+    assert_eq!(models["data"][1]["max_model_len"], EMBEDDING_MAX_MODEL_LEN);
+
+    let chat =
+        json!({"model": DEFAULT_EMBEDDING_MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let completion = json!({"model": DEFAULT_EMBEDDING_MODEL, "prompt": "hi"});
+    let response = json!({"model": DEFAULT_EMBEDDING_MODEL, "input": "hi"});
+    let embedding = json!({"model": DEFAULT_MODEL, "input": "hi"});
+    let cases = [
+        ("/v1/chat/completions", chat, "Chat Completions"),
+        ("/v1/completions", completion, "Completions"),
+        ("/v1/responses", response, "Responses"),
+        ("/v1/embeddings", embedding, "Embeddings"),
+    ];
+    for (path, body, api) in cases {
+        let response = post_to(&sim, path, &body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(
+            error["error"]["message"],
+            format!("The model does not support {api} API")
+        );
+        // An unknown name is vLLM's 404 on every route.
+        let mut unknown = body.clone();
+        unknown["model"] = json!("gpt-4o");
+        let response = post_to(&sim, path, &unknown).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    let missing = reqwest::get(format!("{}/v1/audio/speech", sim.url()))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap(),
+        json!({"detail": "Not Found"})
+    );
+    sim.shutdown().await;
+
+    // Without an embedding model the simulator is a vLLM serving STEP3-VL alone.
+    let sim = start(SimulatorConfig {
+        embedding_model: None,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let models: Value = reqwest::get(format!("{}/v1/models", sim.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 1);
+    let response = post_to(&sim, "/v1/embeddings", &json!({"input": "hi"})).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    sim.shutdown().await;
+}
+
+// --- Embeddings ------------------------------------------------------------------------
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[tokio::test]
+async fn embeddings_are_deterministic_unit_vectors() {
+    let sim = start(SimulatorConfig {
+        embedding_dimensions: 64,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let body = json!({
+        "model": DEFAULT_EMBEDDING_MODEL,
+        "input": ["The cat sat on the mat", "the CAT sat on a mat!", "Quarterly tax report"],
+    });
+    let answer = json_from(&sim, "/v1/embeddings", &body).await;
+    assert!(answer["id"].as_str().unwrap().starts_with("embd-"));
+    assert_eq!(answer["object"], "list");
+    assert_eq!(answer["model"], DEFAULT_EMBEDDING_MODEL);
+    let data = answer["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    let vectors: Vec<Vec<f32>> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            assert_eq!(d["index"], i);
+            assert_eq!(d["object"], "embedding");
+            floats(&d["embedding"])
+        })
+        .collect();
+    for v in &vectors {
+        assert_eq!(v.len(), 64);
+        assert!((cosine(v, v) - 1.0).abs() < 1e-4);
+    }
+    // Texts sharing words point the same way more than unrelated texts.
+    assert!(cosine(&vectors[0], &vectors[1]) > 0.6);
+    assert!(cosine(&vectors[0], &vectors[1]) > cosine(&vectors[0], &vectors[2]) + 0.3);
+    // ceil(chars / 4) + 2 special tokens per text; no completion.
+    assert_eq!(
+        answer["usage"]["prompt_tokens"],
+        (6 + 2) + (6 + 2) + (5 + 2)
+    );
+    assert_eq!(
+        answer["usage"]["total_tokens"],
+        answer["usage"]["prompt_tokens"]
+    );
+    assert_eq!(answer["usage"]["completion_tokens"], 0);
+
+    // The same text, another request: the same vector; base64 carries the same floats.
+    let again = json_from(
+        &sim,
+        "/v1/embeddings",
+        &json!({"input": "The cat sat on the mat"}),
+    )
+    .await;
+    assert_eq!(floats(&again["data"][0]["embedding"]), vectors[0]);
+    let encoded = json_from(
+        &sim,
+        "/v1/embeddings",
+        &json!({"input": "The cat sat on the mat", "encoding_format": "base64"}),
+    )
+    .await;
+    let bytes = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        encoded["data"][0]["embedding"].as_str().unwrap(),
+    )
+    .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(decoded, vectors[0]);
+
+    // Token ids: one input or several; the count is the tokens.
+    let tokens = json_from(&sim, "/v1/embeddings", &json!({"input": [[1, 2, 3], [4]]})).await;
+    assert_eq!(tokens["data"].as_array().unwrap().len(), 2);
+    assert_eq!(tokens["usage"]["prompt_tokens"], 4);
+    let one = json_from(&sim, "/v1/embeddings", &json!({"input": [5, 6]})).await;
+    assert_eq!(one["data"].as_array().unwrap().len(), 1);
+    // Embedding tokens are prompt tokens, not completion tokens.
+    assert_eq!(sim.simulator.stats().completion_tokens_sent, 0);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn embedding_requests_get_vllm_errors() {
+    let sim = start(SimulatorConfig::default()).await;
+    let long = "word ".repeat(7000);
+    let cases = [
+        json!({}),
+        json!({"input": []}),
+        json!({"input": 5}),
+        json!({"input": [1, "two"]}),
+        json!({"input": "hi", "encoding_format": "bytes"}),
+        json!({"input": "hi", "dimensions": 256}),
+        json!({"input": long}),
+    ];
+    for case in cases {
+        let response = post_to(&sim, "/v1/embeddings", &case).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{case}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "BadRequestError", "{case}");
+    }
+    let response = post_to(
+        &sim,
+        "/v1/embeddings",
+        &json!({"input": "hi", "dimensions": 8}),
+    )
+    .await;
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "Model \"BAAI/bge-m3\" does not support matryoshka representation, changing output \
+         dimensions will lead to poor results."
+    );
+    sim.shutdown().await;
+}
