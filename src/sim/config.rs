@@ -38,7 +38,7 @@ pub struct SimulatorConfig {
     pub api_key: Option<String>,
     /// Context window: prompt plus completion tokens may not exceed it (vLLM's 400).
     pub max_model_len: u32,
-    /// Keep every chat request for [`Simulator::requests`](crate::sim::Simulator::requests);
+    /// Keep every POST for [`Simulator::requests`](crate::sim::Simulator::requests);
     /// benchmarks turn this off so memory stays flat.
     pub record_requests: bool,
     /// The embedding model answering `/v1/embeddings`, listed in `/v1/models` next to the

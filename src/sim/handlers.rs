@@ -25,7 +25,7 @@ use super::fault::Fault;
 use super::models;
 use super::raw::{self, Shape, Tail};
 use super::responses::ResponsesRequest;
-use super::state::{AppState, SimState};
+use super::state::{AppState, CHAT_PATH, SimState};
 use super::stream::{StreamFault, StreamFormat, StreamPlan};
 use super::wire::{ApiError, random_id};
 
@@ -36,7 +36,7 @@ pub(super) fn router(sim: Arc<SimState>, shutdown: CancellationToken) -> Router 
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(list_models))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route(CHAT_PATH, post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/responses", post(responses))
@@ -80,11 +80,22 @@ async fn responses(state: State<AppState>, headers: HeaderMap, body: Bytes) -> R
 
 /// The POST routes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route {
+pub(super) enum Route {
     ChatCompletions,
     Completions,
     Embeddings,
     Responses,
+}
+
+impl Route {
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => CHAT_PATH,
+            Self::Completions => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
+            Self::Responses => "/v1/responses",
+        }
+    }
 }
 
 /// What a popped [`Fault`] leaves for the rest of the request to do.
@@ -158,7 +169,9 @@ async fn serve(
     route: Route,
 ) -> Response {
     let parsed = serde_json::from_slice::<Value>(&raw_body);
-    state.sim.record(&headers, parsed.as_ref().ok(), &raw_body);
+    state
+        .sim
+        .record(route.path(), &headers, parsed.as_ref().ok(), &raw_body);
     // vLLM's API-key check is middleware, so it runs before anything else.
     if let Err(err) = authorize(&state.sim.config, &headers) {
         return err.into_response();

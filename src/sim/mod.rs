@@ -108,7 +108,7 @@ impl Simulator {
         self.inner.push_fault(fault);
     }
 
-    /// Every chat request received so far, oldest first (empty if recording is off).
+    /// Every POST received so far, on any route, oldest first (empty if recording is off).
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.inner.requests()
     }

@@ -13,9 +13,14 @@ use tokio_util::sync::CancellationToken;
 use super::config::SimulatorConfig;
 use super::fault::Fault;
 
-/// What the simulator saw of one chat request.
+/// The route [`SimStats::chat_requests`] counts.
+pub(super) const CHAT_PATH: &str = "/v1/chat/completions";
+
+/// What the simulator saw of one POST request.
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
+    /// The route it was sent to, e.g. `/v1/chat/completions`.
+    pub path: &'static str,
     pub headers: HeaderMap,
     /// The parsed JSON body, or `Value::Null` when the body was not valid JSON.
     pub body: serde_json::Value,
@@ -28,10 +33,13 @@ pub struct RecordedRequest {
 pub struct SimStats {
     /// Every `POST /v1/chat/completions` received, including rejected ones.
     pub chat_requests: u64,
+    /// Every POST received on any route, including rejected ones.
+    pub requests: u64,
     /// Tokens actually handed to the HTTP body: one per streamed token chunk, or the whole
-    /// completion for a JSON reply.
+    /// completion (all choices) for a JSON reply. Embeddings generate none.
     pub completion_tokens_sent: u64,
-    /// Streams that yielded `data: [DONE]`.
+    /// Streams that ended properly: `data: [DONE]` (also after an in-stream error), or a
+    /// Responses stream's `response.completed` or `error` event.
     pub streams_finished: u64,
     /// Streams whose body was dropped before `[DONE]` because the client went away.
     /// Streams ended by a [`Fault`] or by shutdown are not counted (a stalled stream the
@@ -44,6 +52,7 @@ pub struct SimStats {
 #[derive(Default)]
 struct Counters {
     chat_requests: AtomicU64,
+    requests: AtomicU64,
     completion_tokens_sent: AtomicU64,
     streams_finished: AtomicU64,
     streams_cancelled: AtomicU64,
@@ -68,14 +77,24 @@ impl SimState {
         }
     }
 
-    /// Counts a chat request and, if recording, keeps a copy (`body` is `None` when the
+    /// Counts a POST to `path` and, if recording, keeps a copy (`body` is `None` when the
     /// raw body was not valid JSON).
-    pub fn record(&self, headers: &HeaderMap, body: Option<&serde_json::Value>, raw_body: &Bytes) {
-        self.counters.chat_requests.fetch_add(1, Ordering::Relaxed);
+    pub fn record(
+        &self,
+        path: &'static str,
+        headers: &HeaderMap,
+        body: Option<&serde_json::Value>,
+        raw_body: &Bytes,
+    ) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if path == CHAT_PATH {
+            self.counters.chat_requests.fetch_add(1, Ordering::Relaxed);
+        }
         if !self.config.record_requests {
             return;
         }
         let request = RecordedRequest {
+            path,
             headers: headers.clone(),
             body: body.cloned().unwrap_or_default(),
             raw_body: raw_body.clone(),
@@ -136,6 +155,7 @@ impl SimState {
         let c = &self.counters;
         SimStats {
             chat_requests: c.chat_requests.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
             completion_tokens_sent: c.completion_tokens_sent.load(Ordering::Relaxed),
             streams_finished: c.streams_finished.load(Ordering::Relaxed),
             streams_cancelled: c.streams_cancelled.load(Ordering::Relaxed),

@@ -1767,3 +1767,183 @@ async fn embedding_requests_get_vllm_errors() {
     );
     sim.shutdown().await;
 }
+
+// --- Faults and records on every API ---------------------------------------------------------
+
+fn api_requests(stream: bool) -> Vec<(&'static str, Value)> {
+    let mut requests = vec![
+        ("/v1/chat/completions", hello(json!({}))),
+        ("/v1/completions", json!({"prompt": "hi"})),
+        ("/v1/responses", json!({"input": "hi"})),
+    ];
+    if stream {
+        for (_, body) in &mut requests {
+            body["stream"] = json!(true);
+        }
+    } else {
+        requests.push(("/v1/embeddings", json!({"input": "hi"})));
+    }
+    requests
+}
+
+#[tokio::test]
+async fn every_api_takes_one_fault_per_authorised_post() {
+    let sim = start(SimulatorConfig {
+        api_key: Some("sekrit".to_owned()),
+        embedding_dimensions: 8,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    for (path, body) in api_requests(false) {
+        sim.simulator.push_fault(Fault::Status {
+            status: 503,
+            body: "{}".to_owned(),
+        });
+        let url = format!("{}{path}", sim.url());
+        let unauthorised = client.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(unauthorised.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let faulted = client
+            .post(&url)
+            .bearer_auth("sekrit")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(faulted.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        let normal = client
+            .post(&url)
+            .bearer_auth("sekrit")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(normal.status(), StatusCode::OK, "{path}");
+
+        // No usage, and a JSON answer cut off.
+        sim.simulator.push_fault(Fault::NoUsage);
+        let answer: Value = client
+            .post(&url)
+            .bearer_auth("sekrit")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            answer.get("usage").is_none_or(Value::is_null),
+            "{path}: {answer}"
+        );
+        sim.simulator.push_fault(Fault::JsonCutAfter(12));
+        let mut cut = client
+            .post(&url)
+            .bearer_auth("sekrit")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        while let Ok(Some(bytes)) = cut.chunk().await {
+            received.extend_from_slice(&bytes);
+        }
+        assert_eq!(received.len(), 12, "{path}");
+    }
+    // Every POST is counted and recorded, with its route; chat_requests counts chat only.
+    let stats = sim.simulator.stats();
+    assert_eq!(stats.requests, 4 * 5);
+    assert_eq!(stats.chat_requests, 5);
+    let paths: Vec<&str> = sim.simulator.requests().iter().map(|r| r.path).collect();
+    assert_eq!(paths.len(), 20);
+    assert_eq!(paths[0], "/v1/chat/completions");
+    assert_eq!(paths[19], "/v1/embeddings");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_faults_apply_to_every_streaming_api() {
+    let sim = start(SimulatorConfig::default()).await;
+    for (path, body) in api_requests(true) {
+        // Cut after three tokens: the body breaks off, no end marker.
+        sim.simulator.push_fault(Fault::StreamCutAfter(3));
+        let before = sim.simulator.stats().completion_tokens_sent;
+        let mut response = post_to(&sim, path, &body).await;
+        let mut received = Vec::new();
+        let err = loop {
+            match response.chunk().await {
+                Ok(Some(bytes)) => received.extend_from_slice(&bytes),
+                Ok(None) => panic!("{path}: body ended cleanly; expected an abort"),
+                Err(err) => break err,
+            }
+        };
+        assert!(
+            err.is_body() || err.is_decode() || err.is_request(),
+            "{err:?}"
+        );
+        let text = String::from_utf8(received).unwrap();
+        assert!(
+            !text.contains("[DONE]") && !text.contains("response.completed"),
+            "{text}"
+        );
+        assert_eq!(
+            sim.simulator.stats().completion_tokens_sent - before,
+            3,
+            "{path}"
+        );
+
+        // An engine failure is reported in-band and the stream still ends properly.
+        sim.simulator.push_fault(Fault::StreamErrorAfter(2));
+        let text = post_to(&sim, path, &body).await.text().await.unwrap();
+        if path == "/v1/responses" {
+            let events = named_events(&text);
+            let (name, error) = events.last().unwrap();
+            assert_eq!(name, "error");
+            assert!(
+                error["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("after 2 tokens")
+            );
+        } else {
+            let events = events(&text);
+            assert_eq!(events.last().unwrap(), "[DONE]");
+            let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+            assert_eq!(error["error"]["code"], 500, "{path}");
+        }
+
+        // No usage: the stream carries none.
+        sim.simulator.push_fault(Fault::NoUsage);
+        let mut with_usage = body.clone();
+        if path != "/v1/responses" {
+            with_usage["stream_options"] = json!({"include_usage": true});
+        }
+        let text = post_to(&sim, path, &with_usage).await.text().await.unwrap();
+        assert!(!text.contains("\"usage\":{"), "{path}: {text}");
+
+        // Oversized: the API's opening, then one endless-looking event.
+        sim.simulator.push_fault(Fault::Oversized(1 << 16));
+        let text = post_to(&sim, path, &body).await.text().await.unwrap();
+        assert!(text.len() > 1 << 16, "{path}");
+        let opening = if path == "/v1/responses" {
+            "event: response.created"
+        } else {
+            "data: {"
+        };
+        assert!(text.starts_with(opening), "{path}: {}", &text[..80]);
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_json_looks_like_each_api() {
+    let sim = start(SimulatorConfig::default()).await;
+    let objects = ["chat.completion", "text_completion", "response", "list"];
+    for ((path, body), object) in api_requests(false).into_iter().zip(objects) {
+        sim.simulator.push_fault(Fault::Oversized(1 << 16));
+        let bytes = post_to(&sim, path, &body).await.bytes().await.unwrap();
+        let value: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(value["object"], object, "{path}");
+    }
+    sim.shutdown().await;
+}
