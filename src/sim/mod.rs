@@ -27,6 +27,8 @@ mod prompt;
 mod raw;
 mod reply;
 mod responses;
+#[cfg(test)]
+mod sdk_tests;
 mod state;
 mod stream;
 #[cfg(test)]
