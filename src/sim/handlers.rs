@@ -286,16 +286,17 @@ impl Request<'_> {
         let with_usage = !armed.no_usage;
         if stream {
             let token_latency = config.token_latency;
-            if let Some(format) = self.into_stream(model, with_usage) {
-                let plan = StreamPlan {
-                    format,
-                    fault: armed.stream,
-                    inject: armed.inject,
-                    token_latency,
-                };
-                return plan.into_response(state);
-            }
-            return drop_connection();
+            // Only embeddings have no stream, and `stream()` is false for them.
+            let Some(format) = self.into_stream(model, with_usage) else {
+                return drop_connection();
+            };
+            let plan = StreamPlan {
+                format,
+                fault: armed.stream,
+                inject: armed.inject,
+                token_latency,
+            };
+            return plan.into_response(state);
         }
 
         // The choices are generated side by side, so the wait is one choice's length.
