@@ -8,7 +8,8 @@ pub const DEFAULT_MODEL: &str = "stepfun-ai/Step3-VL-10B";
 /// Context window reported by `/v1/models` and enforced on requests (STEP3-VL-10B's).
 pub const DEFAULT_MAX_MODEL_LEN: u32 = 65_536;
 
-/// The embedding model served next to the chat model unless configured otherwise.
+/// The embedding model to serve next to the chat model, for callers that turn
+/// embeddings on (`embedding_model: Some(DEFAULT_EMBEDDING_MODEL.into())`).
 ///
 /// A real, widely deployed embedding model that vLLM serves (STEP3-VL has no embedding
 /// sibling), so names, vector length and errors look like a real deployment: its vectors
@@ -41,8 +42,10 @@ pub struct SimulatorConfig {
     /// Keep every POST for [`Simulator::requests`](crate::sim::Simulator::requests);
     /// benchmarks turn this off so memory stays flat.
     pub record_requests: bool,
-    /// The embedding model answering `/v1/embeddings`, listed in `/v1/models` next to the
-    /// chat model; `None` serves no embeddings, like a vLLM serving STEP3-VL alone.
+    /// An embedding model answering `/v1/embeddings`, listed in `/v1/models` after the
+    /// chat model. `None` (the default) serves no embeddings: one vLLM process serves one
+    /// model, so a STEP3-VL server lists that model alone, and the gateway's model-list
+    /// tests rely on it.
     pub embedding_model: Option<String>,
     /// Floats per embedding vector.
     pub embedding_dimensions: usize,
@@ -58,7 +61,7 @@ impl Default for SimulatorConfig {
             api_key: None,
             max_model_len: DEFAULT_MAX_MODEL_LEN,
             record_requests: true,
-            embedding_model: Some(DEFAULT_EMBEDDING_MODEL.to_owned()),
+            embedding_model: None,
             embedding_dimensions: DEFAULT_EMBEDDING_DIMENSIONS,
         }
     }

@@ -5,7 +5,7 @@
 //! `GET /v1/models`, `POST /v1/chat/completions` (JSON and SSE, `n` choices, tool calls,
 //! STEP3-VL's `reasoning_content` and `chat_template_kwargs.enable_thinking`,
 //! `stream_options.include_usage` / `continuous_usage_stats`), `POST /v1/completions`,
-//! `POST /v1/responses` (named SSE events) and, for its embedding model,
+//! `POST /v1/responses` (named SSE events) and, when it has an embedding model,
 //! `POST /v1/embeddings`. Answers are deterministic apart from ids and timestamps and
 //! follow the question (its topic, its images, a simple sum, a tool's result); see
 //! [`SimulatorConfig`] for the knobs and [`Fault`] for scripted misbehaviour.

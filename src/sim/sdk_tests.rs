@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::{Simulator, SimulatorConfig};
+use super::{DEFAULT_EMBEDDING_MODEL, Simulator, SimulatorConfig};
 
 fn python() -> PathBuf {
     let python = std::env::var_os("STEP3_TEST_PYTHON")
@@ -24,10 +24,13 @@ fn python() -> PathBuf {
 
 #[tokio::test]
 async fn the_official_openai_sdk_parses_every_api() {
-    let sim = Simulator::new(SimulatorConfig::default())
-        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let sim = Simulator::new(SimulatorConfig {
+        embedding_model: Some(DEFAULT_EMBEDDING_MODEL.to_owned()),
+        ..SimulatorConfig::default()
+    })
+    .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+    .await
+    .unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/simulator_sdk.py");
     let python = python();
     let base_url = format!("{}/v1", sim.url());

@@ -13,6 +13,14 @@ async fn start(config: SimulatorConfig) -> RunningSimulator {
         .unwrap()
 }
 
+/// `config` with the embedding model, which the simulator only serves when asked to.
+fn with_embeddings(config: SimulatorConfig) -> SimulatorConfig {
+    SimulatorConfig {
+        embedding_model: Some(DEFAULT_EMBEDDING_MODEL.to_owned()),
+        ..config
+    }
+}
+
 fn chat_url(sim: &RunningSimulator) -> String {
     format!("{}/v1/chat/completions", sim.url())
 }
@@ -1570,7 +1578,7 @@ async fn response_requests_get_vllm_errors() {
 
 #[tokio::test]
 async fn each_model_answers_only_its_apis() {
-    let sim = start(SimulatorConfig::default()).await;
+    let sim = start(with_embeddings(SimulatorConfig::default())).await;
     let models: Value = reqwest::get(format!("{}/v1/models", sim.url()))
         .await
         .unwrap()
@@ -1621,12 +1629,8 @@ async fn each_model_answers_only_its_apis() {
     );
     sim.shutdown().await;
 
-    // Without an embedding model the simulator is a vLLM serving STEP3-VL alone.
-    let sim = start(SimulatorConfig {
-        embedding_model: None,
-        ..SimulatorConfig::default()
-    })
-    .await;
+    // By default there is no embedding model: a vLLM serving STEP3-VL alone.
+    let sim = start(SimulatorConfig::default()).await;
     let models: Value = reqwest::get(format!("{}/v1/models", sim.url()))
         .await
         .unwrap()
@@ -1656,10 +1660,10 @@ fn floats(value: &Value) -> Vec<f32> {
 
 #[tokio::test]
 async fn embeddings_are_deterministic_unit_vectors() {
-    let sim = start(SimulatorConfig {
+    let sim = start(with_embeddings(SimulatorConfig {
         embedding_dimensions: 64,
         ..SimulatorConfig::default()
-    })
+    }))
     .await;
     let body = json!({
         "model": DEFAULT_EMBEDDING_MODEL,
@@ -1736,7 +1740,7 @@ async fn embeddings_are_deterministic_unit_vectors() {
 
 #[tokio::test]
 async fn embedding_requests_get_vllm_errors() {
-    let sim = start(SimulatorConfig::default()).await;
+    let sim = start(with_embeddings(SimulatorConfig::default())).await;
     let long = "word ".repeat(7000);
     let cases = [
         json!({}),
@@ -1788,11 +1792,11 @@ fn api_requests(stream: bool) -> Vec<(&'static str, Value)> {
 
 #[tokio::test]
 async fn every_api_takes_one_fault_per_authorised_post() {
-    let sim = start(SimulatorConfig {
+    let sim = start(with_embeddings(SimulatorConfig {
         api_key: Some("sekrit".to_owned()),
         embedding_dimensions: 8,
         ..SimulatorConfig::default()
-    })
+    }))
     .await;
     let client = reqwest::Client::new();
     for (path, body) in api_requests(false) {
@@ -1937,7 +1941,7 @@ async fn stream_faults_apply_to_every_streaming_api() {
 
 #[tokio::test]
 async fn oversized_json_looks_like_each_api() {
-    let sim = start(SimulatorConfig::default()).await;
+    let sim = start(with_embeddings(SimulatorConfig::default())).await;
     let objects = ["chat.completion", "text_completion", "response", "list"];
     for ((path, body), object) in api_requests(false).into_iter().zip(objects) {
         sim.simulator.push_fault(Fault::Oversized(1 << 16));

@@ -2,7 +2,8 @@
 serves must parse into the SDK's types, as vLLM's answers do.
 
 Run by `src/sim/sdk_tests.rs` with STEP3SIM_BASE_URL set to a running simulator's
-`.../v1` (default models, 24-token replies with 4 of reasoning, 1024-float embeddings).
+`.../v1` (default settings plus the BGE-M3 embedding model: 24-token replies with 4 of
+reasoning, 1024-float embeddings).
 """
 
 import base64
