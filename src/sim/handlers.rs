@@ -1,8 +1,10 @@
-//! HTTP routes of the simulator: health, model list, chat completions and error replies.
+//! HTTP routes of the simulator: health, the model list, and the four POST APIs, each
+//! going through the same steps — record, check the key, take the next fault, validate,
+//! answer as JSON or as a stream.
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
@@ -12,43 +14,33 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use rand::RngExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::raw::{self, Tail};
-use super::request::{ChatRequest, Reply};
-use super::stream::{StreamFault, StreamPlan};
-use super::{Fault, Inner, SimulatorConfig};
+use super::chat::ChatRequest;
+use super::completions::CompletionRequest;
+use super::config::SimulatorConfig;
+use super::embeddings::EmbeddingRequest;
+use super::fault::Fault;
+use super::models;
+use super::raw::{self, Shape, Tail};
+use super::responses::ResponsesRequest;
+use super::state::{AppState, CHAT_PATH, SimState};
+use super::stream::{StreamFault, StreamFormat, StreamPlan};
+use super::wire::{ApiError, random_id};
 
 /// vLLM has no body limit of its own and base64 images are large, so allow plenty.
 const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 
-/// Per-router state: the shared simulator plus the shutdown signal of the server it runs in.
-#[derive(Clone)]
-pub(super) struct AppState {
-    pub sim: Arc<Inner>,
-    pub shutdown: CancellationToken,
-}
-
-impl AppState {
-    /// Sleeps for `duration`; `false` if the server began shutting down meanwhile.
-    pub async fn pause(&self, duration: Duration) -> bool {
-        if duration.is_zero() {
-            return true;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(duration) => true,
-            () = self.shutdown.cancelled() => false,
-        }
-    }
-}
-
-pub(super) fn router(sim: Arc<Inner>, shutdown: CancellationToken) -> Router {
+pub(super) fn router(sim: Arc<SimState>, shutdown: CancellationToken) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(list_models))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route(CHAT_PATH, post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState { sim, shutdown })
 }
@@ -57,130 +49,63 @@ async fn health() -> StatusCode {
     StatusCode::OK
 }
 
+/// FastAPI's answer for a path it has no route for.
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response()
+}
+
 async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let config = &state.sim.config;
     if let Err(err) = authorize(config, &headers) {
         return err.into_response();
     }
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": config.model,
-            "object": "model",
-            "created": unix_now(),
-            "owned_by": "vllm",
-            "root": config.model,
-            "parent": null,
-            "max_model_len": config.max_model_len,
-        }],
-    }))
-    .into_response()
+    Json(models::list(config)).into_response()
 }
 
-async fn chat_completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    raw_body: Bytes,
-) -> Response {
-    let parsed = serde_json::from_slice::<Value>(&raw_body);
-    state.sim.record(&headers, parsed.as_ref().ok(), &raw_body);
-    // vLLM's API-key check is middleware, so it runs before anything else.
-    if let Err(err) = authorize(&state.sim.config, &headers) {
-        return err.into_response();
-    }
+async fn chat_completions(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, headers, body, Route::ChatCompletions).await
+}
 
-    let mut no_usage = false;
-    let mut stream_fault = None;
-    let mut body_fault = None;
-    let mut inject = None;
-    let mut delay = Duration::ZERO;
-    match state.sim.pop_fault() {
-        None => {}
-        Some(Fault::Status { status, body }) => return status_response(status, body),
-        Some(Fault::Raw {
-            status,
-            content_type,
-            body,
-        }) => return raw::exact(status, &content_type, body),
-        Some(Fault::TrickleErrorPage(every)) => return raw::trickle_error_page(state, every),
-        Some(Fault::DropConnection) => return drop_connection(),
-        Some(Fault::Delay(d)) => delay = d,
-        Some(Fault::NoUsage) => no_usage = true,
-        Some(Fault::StreamCutAfter(n)) => stream_fault = Some(StreamFault::Cut(n)),
-        Some(Fault::StreamErrorAfter(n)) => stream_fault = Some(StreamFault::Error(n)),
-        Some(Fault::StreamEndAfter(n)) => stream_fault = Some(StreamFault::End(n)),
-        Some(Fault::StreamStallAfter(n)) => {
-            stream_fault = Some(StreamFault::Stall(n));
-            body_fault = Some(BodyFault::StallHalfway);
+async fn completions(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, headers, body, Route::Completions).await
+}
+
+async fn embeddings(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, headers, body, Route::Embeddings).await
+}
+
+async fn responses(state: State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, headers, body, Route::Responses).await
+}
+
+/// The POST routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Route {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+}
+
+impl Route {
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => CHAT_PATH,
+            Self::Completions => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
+            Self::Responses => "/v1/responses",
         }
-        Some(Fault::JsonCutAfter(n)) => body_fault = Some(BodyFault::CutAfter(n)),
-        Some(Fault::StreamInject { after, raw }) => {
-            stream_fault = Some(StreamFault::Inject(after));
-            inject = Some(Bytes::from(raw));
-        }
-        Some(Fault::Oversized(total)) => body_fault = Some(BodyFault::Oversized(total)),
-        Some(Fault::Trickle(every)) => body_fault = Some(BodyFault::Trickle(every)),
     }
-    if !state.pause(delay).await {
-        return drop_connection();
-    }
+}
 
-    let body = match parsed {
-        Ok(body) => body,
-        Err(err) => {
-            return ApiError::bad_request(format!("Invalid JSON body: {err}"), None)
-                .into_response();
-        }
-    };
-    let request = match ChatRequest::parse(&body, &state.sim.config) {
-        Ok(request) => request,
-        Err(err) => return err.into_response(),
-    };
-
-    match body_fault {
-        Some(BodyFault::Oversized(total)) => return raw::oversized(state, request.stream, total),
-        Some(BodyFault::Trickle(every)) => return raw::trickle(state, request.stream, every),
-        _ => {}
-    }
-    let id = completion_id();
-    let model = state.sim.config.model.clone();
-    if request.stream {
-        let plan = StreamPlan {
-            id,
-            created: unix_now(),
-            model,
-            reply: request.reply,
-            include_usage: request.include_usage && !no_usage,
-            continuous_usage: request.continuous_usage && !no_usage,
-            fault: stream_fault,
-            inject,
-            token_latency: state.sim.config.token_latency,
-        };
-        return plan.into_response(state);
-    }
-
-    let reply = request.reply;
-    let generation = state
-        .sim
-        .config
-        .token_latency
-        .saturating_mul(reply.completion_tokens);
-    if !state.pause(generation).await {
-        return drop_connection();
-    }
-    let json = completion_json(&id, &model, &reply, !no_usage);
-    let partial = |len: usize, tail: Tail| {
-        let bytes = Bytes::from(json.to_string());
-        let head = bytes.slice(..len.min(bytes.len()));
-        raw::partial(state.clone(), "application/json", head, tail)
-    };
-    match body_fault {
-        Some(BodyFault::StallHalfway) => return partial(json.to_string().len() / 2, Tail::Stall),
-        Some(BodyFault::CutAfter(n)) => return partial(n, Tail::Abort),
-        _ => {}
-    }
-    state.sim.add_tokens_sent(reply.completion_tokens);
-    Json(json).into_response()
+/// What a popped [`Fault`] leaves for the rest of the request to do.
+#[derive(Default)]
+struct Armed {
+    delay: Duration,
+    no_usage: bool,
+    stream: Option<StreamFault>,
+    inject: Option<Bytes>,
+    body: Option<BodyFault>,
 }
 
 /// A non-streaming fault that shapes the body's bytes.
@@ -192,58 +117,216 @@ enum BodyFault {
     Trickle(Duration),
 }
 
-/// The non-streaming `chat.completion` object.
-fn completion_json(id: &str, model: &str, reply: &Reply, with_usage: bool) -> Value {
-    let reasoning = reply.reasoning_text();
-    // vLLM's reasoning parser leaves content null when everything was reasoning.
-    let content = match (reply.content_text(), &reasoning) {
-        (Some(content), _) => Value::String(content),
-        (None, Some(_)) => Value::Null,
-        (None, None) => Value::String(String::new()),
-    };
-    let mut completion = json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": unix_now(),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": content,
-                "reasoning_content": reasoning,
-                "tool_calls": [],
-            },
-            "logprobs": null,
-            "finish_reason": reply.finish_reason,
-            "stop_reason": null,
-        }],
-        "prompt_logprobs": null,
-    });
-    if with_usage {
-        completion["usage"] = usage_json(reply.prompt_tokens, reply.completion_tokens);
+/// Splits a fault into what answers at once and what shapes the answer later.
+fn arm(fault: Option<Fault>) -> Result<Armed, Fault> {
+    let mut armed = Armed::default();
+    match fault {
+        None => {}
+        Some(
+            fault @ (Fault::Status { .. }
+            | Fault::Raw { .. }
+            | Fault::TrickleErrorPage(_)
+            | Fault::DropConnection),
+        ) => return Err(fault),
+        Some(Fault::Delay(delay)) => armed.delay = delay,
+        Some(Fault::NoUsage) => armed.no_usage = true,
+        Some(Fault::StreamCutAfter(n)) => armed.stream = Some(StreamFault::Cut(n)),
+        Some(Fault::StreamErrorAfter(n)) => armed.stream = Some(StreamFault::Error(n)),
+        Some(Fault::StreamEndAfter(n)) => armed.stream = Some(StreamFault::End(n)),
+        Some(Fault::StreamStallAfter(n)) => {
+            armed.stream = Some(StreamFault::Stall(n));
+            armed.body = Some(BodyFault::StallHalfway);
+        }
+        Some(Fault::JsonCutAfter(n)) => armed.body = Some(BodyFault::CutAfter(n)),
+        Some(Fault::StreamInject { after, raw }) => {
+            armed.stream = Some(StreamFault::Inject(after));
+            armed.inject = Some(Bytes::from(raw));
+        }
+        Some(Fault::Oversized(total)) => armed.body = Some(BodyFault::Oversized(total)),
+        Some(Fault::Trickle(every)) => armed.body = Some(BodyFault::Trickle(every)),
     }
-    completion
+    Ok(armed)
 }
 
-/// vLLM's `UsageInfo`, shared by JSON replies and stream chunks.
-pub(super) fn usage_json(prompt_tokens: u32, completion_tokens: u32) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": u64::from(prompt_tokens) + u64::from(completion_tokens),
-        "completion_tokens": completion_tokens,
-        "prompt_tokens_details": null,
-    })
+/// A fault that replaces the answer entirely.
+fn answer_with(fault: Fault, state: AppState) -> Response {
+    match fault {
+        Fault::Status { status, body } => status_response(status, body),
+        Fault::Raw {
+            status,
+            content_type,
+            body,
+        } => raw::exact(status, &content_type, body),
+        Fault::TrickleErrorPage(every) => raw::trickle_error_page(state, every),
+        _ => drop_connection(),
+    }
 }
 
-fn completion_id() -> String {
-    format!("chatcmpl-{:032x}", rand::rng().random::<u128>())
+async fn serve(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    raw_body: Bytes,
+    route: Route,
+) -> Response {
+    let parsed = serde_json::from_slice::<Value>(&raw_body);
+    state
+        .sim
+        .record(route.path(), &headers, parsed.as_ref().ok(), &raw_body);
+    // vLLM's API-key check is middleware, so it runs before anything else.
+    if let Err(err) = authorize(&state.sim.config, &headers) {
+        return err.into_response();
+    }
+    let armed = match arm(state.sim.pop_fault()) {
+        Ok(armed) => armed,
+        Err(fault) => return answer_with(fault, state),
+    };
+    if !state.pause(armed.delay).await {
+        return drop_connection();
+    }
+    let body = match parsed {
+        Ok(body) => body,
+        Err(err) => {
+            return ApiError::bad_request(format!("Invalid JSON body: {err}"), None)
+                .into_response();
+        }
+    };
+    let config = &state.sim.config;
+    let request = match route {
+        Route::ChatCompletions => ChatRequest::parse(&body, config).map(Request::Chat),
+        Route::Completions => CompletionRequest::parse(&body, config).map(Request::Completion),
+        Route::Embeddings => EmbeddingRequest::parse(&body, config).map(Request::Embedding),
+        Route::Responses => ResponsesRequest::parse(&body, config).map(Request::Response),
+    };
+    let request = match request {
+        Ok(request) => request,
+        Err(err) => return err.into_response(),
+    };
+    request.answer(state, armed).await
 }
 
-pub(super) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
+/// A validated request of one of the POST APIs, borrowing from its body.
+enum Request<'a> {
+    Chat(ChatRequest<'a>),
+    Completion(CompletionRequest<'a>),
+    Embedding(EmbeddingRequest<'a>),
+    Response(ResponsesRequest<'a>),
+}
+
+impl Request<'_> {
+    fn stream(&self) -> bool {
+        match self {
+            Self::Chat(r) => r.stream,
+            Self::Completion(r) => r.stream,
+            Self::Embedding(_) => false,
+            Self::Response(r) => r.stream,
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        match self {
+            Self::Chat(_) => Shape::Chat,
+            Self::Completion(_) => Shape::Completion,
+            Self::Embedding(_) => Shape::Embedding,
+            Self::Response(_) => Shape::Response,
+        }
+    }
+
+    /// `(tokens one choice takes to generate, completion tokens of the whole answer)`.
+    fn tokens(&self) -> (u32, u32) {
+        match self {
+            Self::Chat(r) => (r.reply.completion_tokens, r.reply.total_completion_tokens()),
+            Self::Completion(r) => (r.tokens_per_choice(), r.completion_tokens()),
+            Self::Embedding(_) => (0, 0),
+            Self::Response(r) => (r.completion_tokens(), r.completion_tokens()),
+        }
+    }
+
+    /// The JSON answer, serialised.
+    fn json(&self, model: &str, config: &SimulatorConfig, with_usage: bool) -> Bytes {
+        let value = match self {
+            Self::Chat(r) => r.json(&random_id("chatcmpl-"), model, with_usage),
+            Self::Completion(r) => r.json(&random_id("cmpl-"), model, with_usage),
+            Self::Response(r) => r.json(&random_id("resp_"), model, with_usage),
+            Self::Embedding(r) => {
+                let id = random_id("embd-");
+                return Bytes::from(r.json(&id, model, config.embedding_dimensions, with_usage));
+            }
+        };
+        // Serialising a `Value` cannot fail.
+        Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
+    }
+
+    fn into_stream(self, model: String, with_usage: bool) -> Option<Box<dyn StreamFormat>> {
+        Some(match self {
+            Self::Chat(r) => Box::new(r.into_stream(random_id("chatcmpl-"), model, with_usage)),
+            Self::Completion(r) => Box::new(r.into_stream(random_id("cmpl-"), model, with_usage)),
+            Self::Response(r) => Box::new(r.into_stream(random_id("resp_"), model, with_usage)),
+            Self::Embedding(_) => return None,
+        })
+    }
+
+    /// Answers as JSON or as a stream, with what the armed fault still does.
+    async fn answer(self, state: AppState, armed: Armed) -> Response {
+        let stream = self.stream();
+        match armed.body {
+            Some(BodyFault::Oversized(total)) => {
+                return raw::oversized(state, self.shape(), stream, total);
+            }
+            Some(BodyFault::Trickle(every)) => {
+                return raw::trickle(state, self.shape(), stream, every);
+            }
+            _ => {}
+        }
+        let config = &state.sim.config;
+        let model = match self {
+            Self::Embedding(_) => config.embedding_model.clone().unwrap_or_default(),
+            _ => config.model.clone(),
+        };
+        let (per_choice, total) = self.tokens();
+        let with_usage = !armed.no_usage;
+        if stream {
+            let token_latency = config.token_latency;
+            // Only embeddings have no stream, and `stream()` is false for them.
+            let Some(format) = self.into_stream(model, with_usage) else {
+                return drop_connection();
+            };
+            let plan = StreamPlan {
+                format,
+                fault: armed.stream,
+                inject: armed.inject,
+                token_latency,
+            };
+            return plan.into_response(state);
+        }
+
+        // The choices are generated side by side, so the wait is one choice's length.
+        let generation = config.token_latency.saturating_mul(per_choice);
+        if !state.pause(generation).await {
+            return drop_connection();
+        }
+        let json = self.json(&model, config, with_usage);
+        match armed.body {
+            Some(BodyFault::StallHalfway) => {
+                let half = json.len() / 2;
+                return raw::partial(state, "application/json", json.slice(..half), Tail::Stall);
+            }
+            Some(BodyFault::CutAfter(n)) => {
+                let head = json.slice(..n.min(json.len()));
+                return raw::partial(state, "application/json", head, Tail::Abort);
+            }
+            _ => {}
+        }
+        state.sim.add_tokens_sent(total);
+        json_response(json)
+    }
+}
+
+fn json_response(json: Bytes) -> Response {
+    let mut response = Response::new(Body::from(json));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn authorize(config: &SimulatorConfig, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -281,7 +364,7 @@ fn status_response(status: u16, body: String) -> Response {
 /// hyper buffers the status line and headers until the first body frame, so a body that
 /// errors immediately makes it close the connection with nothing written: the client sees
 /// a connection error rather than a status (see the `drop_connection_*` tests).
-pub(super) fn drop_connection() -> Response {
+fn drop_connection() -> Response {
     let body = futures_util::stream::once(async {
         Err::<Bytes, _>(io::Error::new(
             io::ErrorKind::ConnectionAborted,
@@ -289,59 +372,4 @@ pub(super) fn drop_connection() -> Response {
         ))
     });
     Response::new(Body::from_stream(body))
-}
-
-/// An OpenAI-style error reply: `{"error":{"message","type","param","code"}}`.
-#[derive(Debug)]
-pub(super) struct ApiError {
-    status: StatusCode,
-    message: String,
-    param: Option<&'static str>,
-}
-
-impl ApiError {
-    pub fn new(
-        status: StatusCode,
-        message: impl Into<String>,
-        param: Option<&'static str>,
-    ) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            param,
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message, param)
-    }
-}
-
-/// The error body vLLM uses, for JSON replies and in-stream error events alike.
-pub(super) fn error_json(status: StatusCode, message: &str, param: Option<&str>) -> Value {
-    // vLLM names the type after the HTTP status, mirroring OpenAI's SDK exception names.
-    let kind = match status {
-        StatusCode::BAD_REQUEST => "BadRequestError",
-        StatusCode::UNAUTHORIZED => "AuthenticationError",
-        StatusCode::NOT_FOUND => "NotFoundError",
-        _ => "InternalServerError",
-    };
-    json!({
-        "error": {
-            "message": message,
-            "type": kind,
-            "param": param,
-            "code": status.as_u16(),
-        }
-    })
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(error_json(self.status, &self.message, self.param)),
-        )
-            .into_response()
-    }
 }

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -13,16 +12,50 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 
-use super::Inner;
-use super::handlers::AppState;
+use super::state::{AppState, SimState};
 
 /// What an oversized body is filled with, handed out without allocating.
 static FILL: [u8; 64 * 1024] = [b'a'; 64 * 1024];
 
-const JSON_HEAD: &str = r#"{"id":"chatcmpl-oversized","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":""#;
-const JSON_TAIL: &str = r#""},"finish_reason":"stop"}]}"#;
-const ROLE_CHUNK: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";
-const EVENT_HEAD: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
+/// Which answer a made-up body pretends to be, so its opening looks right to a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Shape {
+    Chat,
+    Completion,
+    Embedding,
+    Response,
+}
+
+/// `(content type, what comes before the filler, what closes it)`. A stream's filler is
+/// the text of one token event that never ends; a JSON body's the text of its answer.
+fn frame(shape: Shape, stream: bool) -> (&'static str, &'static [&'static str], &'static str) {
+    const SSE: &str = "text/event-stream";
+    const JSON: &str = "application/json";
+    match (shape, stream) {
+        (Shape::Chat, false) => (JSON, &[CHAT_JSON_HEAD], CHAT_JSON_TAIL),
+        (Shape::Chat, true) => (SSE, &[CHAT_ROLE_CHUNK, CHAT_EVENT_HEAD], ""),
+        (Shape::Completion, false) => (JSON, &[COMPLETION_JSON_HEAD], COMPLETION_JSON_TAIL),
+        (Shape::Completion, true) => (SSE, &[COMPLETION_EVENT_HEAD], ""),
+        // Embeddings never stream.
+        (Shape::Embedding, _) => (JSON, &[EMBEDDING_JSON_HEAD], EMBEDDING_JSON_TAIL),
+        (Shape::Response, false) => (JSON, &[RESPONSE_JSON_HEAD], RESPONSE_JSON_TAIL),
+        (Shape::Response, true) => (SSE, &[RESPONSE_CREATED, RESPONSE_EVENT_HEAD], ""),
+    }
+}
+
+const CHAT_JSON_HEAD: &str = r#"{"id":"chatcmpl-oversized","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":""#;
+const CHAT_JSON_TAIL: &str = r#""},"finish_reason":"stop"}]}"#;
+const CHAT_ROLE_CHUNK: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";
+const CHAT_EVENT_HEAD: &str = "data: {\"id\":\"chatcmpl-oversized\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
+const COMPLETION_JSON_HEAD: &str = r#"{"id":"cmpl-oversized","object":"text_completion","created":0,"model":"m","choices":[{"index":0,"text":""#;
+const COMPLETION_JSON_TAIL: &str = r#"","finish_reason":"stop"}]}"#;
+const COMPLETION_EVENT_HEAD: &str = "data: {\"id\":\"cmpl-oversized\",\"object\":\"text_completion\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"text\":\"";
+const EMBEDDING_JSON_HEAD: &str = r#"{"id":"embd-oversized","object":"list","created":0,"model":"m","data":[{"index":0,"object":"embedding","embedding":""#;
+const EMBEDDING_JSON_TAIL: &str = r#""}]}"#;
+const RESPONSE_JSON_HEAD: &str = r#"{"id":"resp_oversized","object":"response","created_at":0,"model":"m","status":"completed","output":[{"id":"msg_oversized","type":"message","role":"assistant","status":"completed","content":[{"type":"output_text","annotations":[],"text":""#;
+const RESPONSE_JSON_TAIL: &str = r#""}]}]}"#;
+const RESPONSE_CREATED: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_oversized\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[]}}\n\n";
+const RESPONSE_EVENT_HEAD: &str = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"msg_oversized\",\"output_index\":0,\"content_index\":0,\"delta\":\"";
 
 /// Any status, content type and body, exactly.
 pub(super) fn exact(status: u16, content_type: &str, body: String) -> Response {
@@ -69,22 +102,18 @@ pub(super) fn partial(
     )
 }
 
-/// A 200 of `total` bytes made as it is sent (see [`super::Fault::Oversized`]).
-pub(super) fn oversized(state: AppState, stream: bool, total: u64) -> Response {
-    let (content_type, heads, tail) = if stream {
-        ("text/event-stream", vec![ROLE_CHUNK, EVENT_HEAD], "")
-    } else {
-        ("application/json", vec![JSON_HEAD], JSON_TAIL)
-    };
+/// A 200 of `total` bytes made as it is sent (see [`super::fault::Fault::Oversized`]).
+pub(super) fn oversized(state: AppState, shape: Shape, stream: bool, total: u64) -> Response {
+    let (content_type, heads, tail) = frame(shape, stream);
     struct Fill {
-        sim: Arc<Inner>,
-        heads: std::vec::IntoIter<&'static str>,
+        sim: Arc<SimState>,
+        heads: std::slice::Iter<'static, &'static str>,
         left: u64,
         tail: Option<&'static str>,
     }
     let fill = Fill {
         sim: state.sim,
-        heads: heads.into_iter(),
+        heads: heads.iter(),
         left: total,
         tail: Some(tail).filter(|t| !t.is_empty()),
     };
@@ -100,26 +129,19 @@ pub(super) fn oversized(state: AppState, stream: bool, total: u64) -> Response {
         } else {
             Bytes::from_static(fill.tail.take()?.as_bytes())
         };
-        fill.sim
-            .counters
-            .fault_bytes_sent
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        fill.sim.add_fault_bytes_sent(bytes.len());
         Some((Ok::<_, io::Error>(bytes), fill))
     });
     ok_body(content_type, Body::from_stream(body))
 }
 
-/// A 200 that never ends, one byte per `every` (see [`super::Fault::Trickle`]).
-pub(super) fn trickle(state: AppState, stream: bool, every: Duration) -> Response {
-    let (content_type, head) = if stream {
-        ("text/event-stream", format!("{ROLE_CHUNK}{EVENT_HEAD}"))
-    } else {
-        ("application/json", JSON_HEAD.to_owned())
-    };
-    ok_body(content_type, trickled(state, head, every))
+/// A 200 that never ends, one byte per `every` (see [`super::fault::Fault::Trickle`]).
+pub(super) fn trickle(state: AppState, shape: Shape, stream: bool, every: Duration) -> Response {
+    let (content_type, heads, _) = frame(shape, stream);
+    ok_body(content_type, trickled(state, heads.concat(), every))
 }
 
-/// A 502 HTML page that never ends (see [`super::Fault::TrickleErrorPage`]).
+/// A 502 HTML page that never ends (see [`super::fault::Fault::TrickleErrorPage`]).
 pub(super) fn trickle_error_page(state: AppState, every: Duration) -> Response {
     let head = "<html><head><title>502 Bad Gateway</title></head><body>".to_owned();
     let mut response = ok_body("text/html", trickled(state, head, every));
@@ -134,11 +156,7 @@ fn trickled(state: AppState, head: String, every: Duration) -> Body {
         if !state.pause(every).await {
             return None;
         }
-        state
-            .sim
-            .counters
-            .fault_bytes_sent
-            .fetch_add(1, Ordering::Relaxed);
+        state.sim.add_fault_bytes_sent(1);
         Some((Ok(Bytes::from_static(b"a")), state))
     });
     Body::from_stream(futures_util::StreamExt::chain(first, bytes))

@@ -1,8 +1,10 @@
-//! Server-sent-event streaming of a simulated completion, token by token.
+//! Server-sent-event streaming of a simulated completion, token by token, whatever the
+//! API: the endpoint supplies the events ([`StreamFormat`]), this module the pace, the
+//! stream faults and the books (tokens sent, streams finished or cancelled).
 
+use std::fmt::Write as _;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -10,18 +12,31 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::Inner;
-use super::handlers::{AppState, error_json, usage_json};
-use super::request::Reply;
+use super::state::{AppState, SimState};
+use super::wire::error_json;
+
+/// The events of one API's stream. Each token step carries exactly one generated token.
+pub(super) trait StreamFormat: Send + 'static {
+    /// Token steps in the whole stream (over all choices).
+    fn tokens(&self) -> u32;
+    /// What is sent before the first token, if anything (a role chunk, `response.created`).
+    fn opening(&mut self) -> Option<Bytes>;
+    /// The events of token step `step`, counted from 0.
+    fn token(&mut self, step: u32) -> Bytes;
+    /// Everything after the last token up to the end of the body (finish, usage, `[DONE]`).
+    fn closing(&mut self) -> Bytes;
+    /// The in-stream error an engine failure sends, and what ends the body after it.
+    fn error(&mut self, message: &str) -> Bytes;
+}
 
 /// A stream-only fault, armed for one response.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum StreamFault {
     /// Abort the connection after this many token chunks.
     Cut(u32),
-    /// Send an error event and `[DONE]` after this many token chunks.
+    /// Send the error event (and what ends the stream) after this many token chunks.
     Error(u32),
     /// End the body cleanly after this many token chunks.
     End(u32),
@@ -32,14 +47,8 @@ pub(super) enum StreamFault {
 }
 
 /// Everything needed to stream one completion.
-#[derive(Debug)]
 pub(super) struct StreamPlan {
-    pub id: String,
-    pub created: u64,
-    pub model: String,
-    pub reply: Reply,
-    pub include_usage: bool,
-    pub continuous_usage: bool,
+    pub format: Box<dyn StreamFormat>,
     pub fault: Option<StreamFault>,
     /// What [`StreamFault::Inject`] writes.
     pub inject: Option<Bytes>,
@@ -47,7 +56,7 @@ pub(super) struct StreamPlan {
 }
 
 impl StreamPlan {
-    /// A `text/event-stream` response that produces chunks lazily, so latency is real and
+    /// A `text/event-stream` response that produces events lazily, so latency is real and
     /// a client going away drops the stream (and its [`StreamGuard`]) mid-way.
     pub fn into_response(self, state: AppState) -> Response {
         let stream = StreamState {
@@ -56,7 +65,7 @@ impl StreamPlan {
                 settled: false,
             },
             plan: self,
-            phase: Phase::Role,
+            phase: Phase::Opening,
             app: state,
         };
         let events = futures_util::stream::unfold(stream, |mut stream| async move {
@@ -73,33 +82,24 @@ impl StreamPlan {
 
 #[derive(Clone, Copy, Debug)]
 enum Phase {
-    /// The opening `{"role":"assistant","content":""}` chunk.
-    Role,
-    /// Token chunks; the payload is how many were already sent.
+    Opening,
+    /// Token steps; the payload is how many were already sent.
     Token(u32),
-    /// The empty-delta chunk carrying `finish_reason`.
-    Finish,
-    /// The `"choices":[]` chunk carrying final usage.
-    Usage,
-    /// `data: [DONE]`.
-    Done,
+    Closing,
     Ended,
 }
 
 /// Counts a stream as cancelled unless it was settled (finished or ended on purpose)
 /// before being dropped; hyper drops the body when the client disconnects.
 struct StreamGuard {
-    sim: Arc<Inner>,
+    sim: Arc<SimState>,
     settled: bool,
 }
 
 impl StreamGuard {
     fn finish(&mut self) {
         self.settled = true;
-        self.sim
-            .counters
-            .streams_finished
-            .fetch_add(1, Ordering::Relaxed);
+        self.sim.count_stream_finished();
     }
 
     fn settle(&mut self) {
@@ -110,10 +110,7 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if !self.settled {
-            self.sim
-                .counters
-                .streams_cancelled
-                .fetch_add(1, Ordering::Relaxed);
+            self.sim.count_stream_cancelled();
         }
     }
 }
@@ -127,20 +124,21 @@ struct StreamState {
 
 impl StreamState {
     async fn next_event(&mut self) -> Option<io::Result<Bytes>> {
-        let reply = self.plan.reply;
+        let tokens = self.plan.format.tokens();
         loop {
             match self.phase {
-                Phase::Role => {
+                Phase::Opening => {
                     self.phase = Phase::Token(0);
-                    let delta = json!({"role": "assistant", "content": ""});
-                    return Some(Ok(self.chunk(delta, None, 0)));
+                    if let Some(opening) = self.plan.format.opening() {
+                        return Some(Ok(opening));
+                    }
                 }
                 Phase::Token(sent) => {
-                    if let Some(event) = self.fault_event(sent).await {
+                    if let Some(event) = self.fault_event(sent, tokens).await {
                         return event;
                     }
-                    if sent >= reply.completion_tokens {
-                        self.phase = Phase::Finish;
+                    if sent >= tokens {
+                        self.phase = Phase::Closing;
                         continue;
                     }
                     if !self.app.pause(self.plan.token_latency).await {
@@ -149,35 +147,14 @@ impl StreamState {
                         self.guard.settle();
                         return Some(Err(aborted("simulator shutting down")));
                     }
-                    let text = reply.token_text(sent);
-                    let field = if reply.is_reasoning(sent) {
-                        "reasoning_content"
-                    } else {
-                        "content"
-                    };
                     self.phase = Phase::Token(sent + 1);
                     self.app.sim.add_tokens_sent(1);
-                    return Some(Ok(self.chunk(json!({ field: text }), None, sent + 1)));
+                    return Some(Ok(self.plan.format.token(sent)));
                 }
-                Phase::Finish => {
-                    self.phase = if self.plan.include_usage {
-                        Phase::Usage
-                    } else {
-                        Phase::Done
-                    };
-                    let finish = Some(reply.finish_reason);
-                    return Some(Ok(self.chunk(json!({}), finish, reply.completion_tokens)));
-                }
-                Phase::Usage => {
-                    self.phase = Phase::Done;
-                    let mut usage = self.envelope(Vec::new());
-                    usage["usage"] = usage_json(reply.prompt_tokens, reply.completion_tokens);
-                    return Some(Ok(sse(&usage)));
-                }
-                Phase::Done => {
+                Phase::Closing => {
                     self.phase = Phase::Ended;
                     self.guard.finish();
-                    return Some(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+                    return Some(Ok(self.plan.format.closing()));
                 }
                 Phase::Ended => return None,
             }
@@ -186,8 +163,9 @@ impl StreamState {
 
     /// What the armed fault emits once `sent` token chunks are out: `None` while it is
     /// not due, else the stream's next item (`None` inside meaning "end the body").
-    /// A threshold beyond the reply length fires after the last token, before the finish.
-    async fn fault_event(&mut self, sent: u32) -> Option<Option<io::Result<Bytes>>> {
+    /// A threshold beyond the stream's length fires after the last token, before the
+    /// closing events.
+    async fn fault_event(&mut self, sent: u32, tokens: u32) -> Option<Option<io::Result<Bytes>>> {
         let fault = self.plan.fault?;
         let after = match fault {
             StreamFault::Cut(after)
@@ -196,7 +174,7 @@ impl StreamState {
             | StreamFault::Stall(after)
             | StreamFault::Inject(after) => after,
         };
-        if sent < after.min(self.plan.reply.completion_tokens) {
+        if sent < after.min(tokens) {
             return None;
         }
         self.plan.fault = None;
@@ -211,11 +189,11 @@ impl StreamState {
                 Some(Err(aborted("simulated stream cut")))
             }
             StreamFault::Error(_) => {
-                // vLLM reports engine failures in-band, then still terminates with [DONE].
-                self.phase = Phase::Done;
+                // vLLM reports engine failures in-band and still ends the stream properly.
+                self.phase = Phase::Ended;
+                self.guard.finish();
                 let message = format!("Simulated engine failure after {sent} tokens");
-                let error = error_json(StatusCode::INTERNAL_SERVER_ERROR, &message, None);
-                Some(Ok(sse(&error)))
+                Some(Ok(self.plan.format.error(&message)))
             }
             StreamFault::End(_) => {
                 self.phase = Phase::Ended;
@@ -232,36 +210,26 @@ impl StreamState {
             StreamFault::Inject(_) => Some(Ok(self.plan.inject.take().unwrap_or_default())),
         })
     }
-
-    /// A `chat.completion.chunk` with one choice; with continuous usage stats it also
-    /// carries usage counting `completion_tokens` generated so far.
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>, completion_tokens: u32) -> Bytes {
-        let mut chunk = self.envelope(vec![json!({
-            "index": 0,
-            "delta": delta,
-            "logprobs": null,
-            "finish_reason": finish_reason,
-            "stop_reason": null,
-        })]);
-        if self.plan.continuous_usage {
-            chunk["usage"] = usage_json(self.plan.reply.prompt_tokens, completion_tokens);
-        }
-        sse(&chunk)
-    }
-
-    fn envelope(&self, choices: Vec<Value>) -> Value {
-        json!({
-            "id": self.plan.id,
-            "object": "chat.completion.chunk",
-            "created": self.plan.created,
-            "model": self.plan.model,
-            "choices": choices,
-        })
-    }
 }
 
-fn sse(event: &Value) -> Bytes {
-    Bytes::from(format!("data: {event}\n\n"))
+/// Appends one `data:` event to `out`.
+pub(super) fn push_sse(out: &mut String, event: &Value) {
+    // Writing into a String cannot fail.
+    let _ = write!(out, "data: {event}\n\n");
+}
+
+pub(super) const DONE: &str = "data: [DONE]\n\n";
+
+/// vLLM's in-stream report of an engine failure (`data: {"error": …}`), then `[DONE]`:
+/// it ends a chat or completion stream properly even so.
+pub(super) fn error_then_done(message: &str) -> Bytes {
+    let mut out = String::new();
+    push_sse(
+        &mut out,
+        &error_json(StatusCode::INTERNAL_SERVER_ERROR, message, None),
+    );
+    out.push_str(DONE);
+    Bytes::from(out)
 }
 
 fn aborted(reason: &'static str) -> io::Error {
