@@ -65,6 +65,29 @@ print(reply.choices[0].message.content)
 assert reply.choices[0].message.content
 print("image: ok")
 
+# --- example: responses
+response = client.responses.create(
+    model="stepfun-ai/Step3-VL-10B",
+    input="What is 2+2?",
+    max_output_tokens=64,
+)
+print(response.output_text)
+print(response.usage.input_tokens, response.usage.output_tokens)
+# --- end
+assert response.output_text and response.usage.output_tokens > 0
+print("responses: ok")
+
+# --- example: embeddings
+vectors = client.embeddings.create(model="BAAI/bge-m3", input=["a bee", "a flower"])
+print(len(vectors.data), "vectors of", len(vectors.data[0].embedding))
+# --- end
+assert len(vectors.data) == 2 and len(vectors.data[0].embedding) > 0
+assert vectors.usage.prompt_tokens > 0
+print("embeddings: ok")
+
+# models.retrieve, and a used-up quota is not retried by the SDK (x-should-retry: false).
+assert client.models.retrieve("stepfun-ai/Step3-VL-10B").id == "stepfun-ai/Step3-VL-10B"
+
 # The SDK's own error classes must come out of the gateway's error bodies.
 bad = OpenAI(base_url=os.environ["STEP3GW_BASE_URL"], api_key="sk-step3-not-a-real-key", max_retries=0)
 try:

@@ -139,6 +139,16 @@ impl CallPath {
         call: PreparedCall,
         origin: &Origin,
     ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
+        // A model no backend is configured for is as unknown as one nobody serves: refused
+        // before anything is reserved, not left to look like an outage.
+        if !self
+            .upstream
+            .serves_model(&self.upstream.resolve_model(&call.model))
+        {
+            return Err(self
+                .gateway
+                .refused(GatewayError::ModelNotAllowed { model: call.model }));
+        }
         let mut admission = self.admit(caller, &call, origin)?;
         let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
         let sent = self.send(&mut admission, call, &origin.request_id);

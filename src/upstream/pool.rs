@@ -136,6 +136,12 @@ impl UpstreamPool {
         }
     }
 
+    /// Whether some backend, healthy or not, serves `model` (a served name): one whose
+    /// configured model list names it, or that lists none (it serves whatever it serves).
+    pub fn serves_model(&self, model: &str) -> bool {
+        self.backends().iter().any(|b| b.serves(model))
+    }
+
     /// Whether any backend is healthy (gRPC health: NOT_SERVING when none).
     pub fn any_healthy(&self) -> bool {
         let now = monotonic_ms();

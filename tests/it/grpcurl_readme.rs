@@ -136,7 +136,7 @@ fn remember(answer: &Value, vars: &mut BTreeMap<&str, String>) {
 
 #[tokio::test]
 async fn the_readme_grpcurl_examples_run_against_a_live_gateway() {
-    let gw = TestGateway::start().await;
+    let gw = TestGateway::builder().embedding_backend().start().await;
     let key = gw.create_key(json!({})).await;
     let addr = gw
         .running()
@@ -204,7 +204,8 @@ async fn the_readme_grpcurl_examples_run_against_a_live_gateway() {
     assert_eq!(made["request_quota"], 100000, "{made}");
     assert!(made["previous_secret_valid_until"].is_i64(), "{made}");
     assert!(made["revoked_at"].is_i64(), "{made}");
-    // The chat examples were charged to the harness key: three answers and a stream.
+    // The model examples were charged to the harness key: three answers, a stream and an
+    // embedding.
     let usage = gw.usage(&key.secret).await;
-    assert_eq!(usage["requests"]["used"], 4, "{usage}");
+    assert_eq!(usage["requests"]["used"], 5, "{usage}");
 }

@@ -9,14 +9,21 @@ use crate::common::{RestApi, TestGateway, run_python};
 
 #[tokio::test]
 async fn the_readme_sdk_examples_run_with_the_official_openai_package() {
-    let gw = TestGateway::start().await;
+    let gw = TestGateway::builder().embedding_backend().start().await;
     let key = gw.create_key(json!({})).await;
     let env = vec![
         ("STEP3GW_BASE_URL", gw.url("/v1")),
         ("STEP3GW_API_KEY", key.secret),
     ];
     let (stdout, stderr) = run_python("examples/python/openai_sdk.py", env).await;
-    for example in ["plain: ok", "stream: ok", "image: ok", "errors: ok"] {
+    for example in [
+        "plain: ok",
+        "stream: ok",
+        "image: ok",
+        "responses: ok",
+        "embeddings: ok",
+        "errors: ok",
+    ] {
         assert!(
             stdout.contains(example),
             "missing `{example}` in:\n{stdout}\n{stderr}"
@@ -40,5 +47,5 @@ fn the_readme_shows_the_sdk_examples_that_are_tested() {
         );
         found += 1;
     }
-    assert_eq!(found, 3);
+    assert_eq!(found, 5);
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::app::{self, RunningGateway};
-use step3_gateway::config::GatewayConfig;
+use step3_gateway::config::{BackendConfig, GatewayConfig};
 use step3_gateway::grpc::pb;
 use step3_gateway::sim::{DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig};
 use tempfile::TempDir;
@@ -23,15 +23,25 @@ pub use rest::RestApi;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const MODEL: &str = DEFAULT_MODEL;
+/// The embedding model of [`Builder::embedding_backend`].
+pub const EMBED_MODEL: &str = step3_gateway::sim::DEFAULT_EMBEDDING_MODEL;
 
 type ConfigTweak = Box<dyn FnOnce(&mut GatewayConfig)>;
 
 pub struct Builder {
     sim: SimulatorConfig,
     tweaks: Vec<ConfigTweak>,
+    embedding_backend: bool,
 }
 
 impl Builder {
+    /// A second backend, a simulator serving [`EMBED_MODEL`] (8 dimensions), beside the one
+    /// serving the chat model: a pool that routes by model, as in front of two servers.
+    pub fn embedding_backend(mut self) -> Self {
+        self.embedding_backend = true;
+        self
+    }
+
     pub fn sim(mut self, f: impl FnOnce(&mut SimulatorConfig)) -> Self {
         f(&mut self.sim);
         self
@@ -44,6 +54,17 @@ impl Builder {
 
     pub async fn start(self) -> TestGateway {
         let sim = spawn_sim(self.sim).await;
+        let embed_sim = match self.embedding_backend {
+            true => Some(
+                spawn_sim(SimulatorConfig {
+                    embedding_model: Some(EMBED_MODEL.into()),
+                    embedding_dimensions: 8,
+                    ..SimulatorConfig::default()
+                })
+                .await,
+            ),
+            false => None,
+        };
         let dir = tempfile::tempdir().unwrap();
         let mut config = GatewayConfig::default();
         config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -53,6 +74,19 @@ impl Builder {
         config.store.flush_interval_ms = 50;
         config.upstream.health_interval_ms = 100;
         config.admin.token = Some(ADMIN_TOKEN.into());
+        if let Some(embed) = &embed_sim {
+            let backend = |name: &str, url: String, model: &str| BackendConfig {
+                name: Some(name.into()),
+                url,
+                api_key: None,
+                models: vec![model.into()],
+                weight: 1,
+            };
+            config.upstream.backends = vec![
+                backend("chat", sim.url(), MODEL),
+                backend("embed", embed.url(), EMBED_MODEL),
+            ];
+        }
         for tweak in self.tweaks {
             tweak(&mut config);
         }
@@ -61,6 +95,7 @@ impl Builder {
             http: reqwest::Client::new(),
             gateway: Some(gateway),
             sim,
+            embed_sim,
             config,
             _dir: dir,
         }
@@ -71,6 +106,8 @@ pub struct TestGateway {
     pub http: reqwest::Client,
     gateway: Option<RunningGateway>,
     pub sim: RunningSimulator,
+    /// The embedding model's backend, when the builder asked for one.
+    pub embed_sim: Option<RunningSimulator>,
     pub config: GatewayConfig,
     _dir: TempDir,
 }
@@ -88,6 +125,7 @@ impl TestGateway {
         Builder {
             sim: SimulatorConfig::default(),
             tweaks: Vec::new(),
+            embedding_backend: false,
         }
     }
 
@@ -312,7 +350,7 @@ pub async fn expect_error(response: reqwest::Response, status: StatusCode) -> Va
 /// Parses an SSE body into its `data:` payloads.
 pub fn sse_payloads(text: &str) -> Vec<String> {
     text.split("\n\n")
-        .filter_map(|event| event.strip_prefix("data: "))
+        .filter_map(|event| event.lines().find_map(|line| line.strip_prefix("data: ")))
         .map(str::to_owned)
         .collect()
 }
