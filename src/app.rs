@@ -2,6 +2,7 @@
 //! graceful shutdown.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,25 @@ pub struct FirstStartSecrets {
     pub demo_key: Option<String>,
 }
 
+/// What the demo key may do: enough to try every route, little enough that a demo left
+/// running cannot be used as a free model server for long.
+pub const DEMO_KEY_LIMITS: KeyLimits = KeyLimits {
+    rpm_limit: Some(60),
+    tpm_limit: None,
+    max_concurrent: None,
+    request_quota: Some(1000),
+    token_quota: Some(1_000_000),
+    image_quota: None,
+    max_images_per_request: None,
+};
+
+/// The demo's user and key, made on the first demo start.
+#[derive(Clone, Debug)]
+pub struct DemoKey {
+    pub key_id: String,
+    pub user_id: String,
+}
+
 /// A gateway serving on `addr` until [`RunningGateway::shutdown`].
 pub struct RunningGateway {
     /// REST (and gRPC, unless it has a port of its own).
@@ -46,6 +66,8 @@ pub struct RunningGateway {
     pub gateway: Arc<Gateway>,
     pub upstream: Arc<UpstreamPool>,
     pub secrets: FirstStartSecrets,
+    /// The demo key (its secret is in `secrets` on the first demo start only).
+    pub demo_key: Option<DemoKey>,
     /// The in-process simulator of `--demo`.
     pub simulator: Option<RunningSimulator>,
     shutdown: CancellationToken,
@@ -96,9 +118,19 @@ impl RunningGateway {
     }
 }
 
-/// Opens the store, loads the gate, binds the listener and starts serving.
+/// Binds the listener(s), opens the store, loads the gate and starts serving.
+///
+/// The order keeps one-time secrets from being lost: the ports are bound before anything
+/// touches the data directory, and a new admin token or demo key is stored only when
+/// nothing that could fail is left, just before serving begins. A start that fails (a
+/// port taken, a bad setting) leaves no secret behind that was never shown.
 pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     config.validate()?;
+    let listener = bind(config.server.listen).await?;
+    let grpc_listener = match config.server.grpc_listen {
+        Some(grpc_listen) => Some(bind(grpc_listen).await?),
+        None => None,
+    };
     let simulator = if config.demo.enabled {
         let simulator = Simulator::new(SimulatorConfig {
             token_latency: Duration::from_millis(config.demo.token_latency_ms),
@@ -127,8 +159,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         SledStore::open(&config.store.path, config.store.flush_interval_ms)
             .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
     );
-    let mut secrets = FirstStartSecrets::default();
-    let admin_token_hash = admin_token_hash(&config, &*store, &mut secrets)?;
+    let admin_token = AdminToken::find(&config, &*store)?;
 
     let (sink, queue) = usage_channel();
     let writer = UsageWriter::spawn(
@@ -144,16 +175,13 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         store.clone(),
         sink,
         metrics.clone(),
-        admin_token_hash,
+        admin_token.hash(),
         GateSettings {
             log_bodies: config.store.log_bodies,
             default_max_tokens: config.limits.default_max_tokens,
             max_images_per_request: config.limits.max_images_per_request,
         },
     )?);
-    if config.demo.enabled {
-        secrets.demo_key = ensure_demo_key(&gateway, &*store)?;
-    }
 
     let upstream = Arc::new(UpstreamPool::new(config.upstream.pool_settings())?);
     let hard_stop = CancellationToken::new();
@@ -167,13 +195,16 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         hard_stop: hard_stop.clone(),
     };
     let shutdown = CancellationToken::new();
-    // Know the backends' health before the first call, then keep checking.
+    // Stops the tasks spawned from here on if the start fails after all.
+    let stop_on_error = shutdown.clone().drop_guard();
+    // Know the backends' health before the first call (and before gRPC health reports
+    // it), then keep checking.
     call.upstream.check_health().await;
     call.upstream.spawn_health_checks(shutdown.clone());
     let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
     let state = AppState {
-        call,
+        call: call.clone(),
         metrics: metrics.clone(),
         settings: Arc::new(RestSettings {
             max_body_bytes: config.server.max_body_bytes,
@@ -181,28 +212,37 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             health_timeout: Duration::from_secs(2),
         }),
     };
-    let mut servers = Vec::new();
-    let addr;
+    let addr = listener.local_addr()?;
     let mut grpc_addr = None;
-    match config.server.grpc_listen {
+    let mut servers = Vec::new();
+    match grpc_listener {
         None => {
-            let listener = bind(config.server.listen).await?;
-            addr = listener.local_addr()?;
             let routes = rest::routes(state).merge(grpc);
             servers.push((listener, edge::router::serve(routes, metrics)));
         }
-        Some(grpc_listen) => {
-            let listener = bind(config.server.listen).await?;
-            addr = listener.local_addr()?;
+        Some(grpc_listener) => {
+            grpc_addr = Some(grpc_listener.local_addr()?);
             servers.push((
                 listener,
                 edge::router::serve(rest::routes(state), metrics.clone()),
             ));
-            let listener = bind(grpc_listen).await?;
-            grpc_addr = Some(listener.local_addr()?);
-            servers.push((listener, edge::router::serve(grpc, metrics)));
+            servers.push((grpc_listener, edge::router::serve(grpc, metrics)));
         }
     }
+
+    // Nothing below fails but writing the new secrets, which comes last: the demo key
+    // before the admin token, so that a failure between the two leaves no admin token
+    // stored that was never shown (the next start makes and shows a new one).
+    let mut secrets = FirstStartSecrets::default();
+    let demo_key = if config.demo.enabled {
+        let (demo_key, secret) = ensure_demo_key(&gateway, &*store)?;
+        secrets.demo_key = secret;
+        demo_key
+    } else {
+        None
+    };
+    secrets.admin_token = admin_token.commit(&*store)?;
+
     let limits = ConnectionLimits {
         header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
         body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
@@ -216,6 +256,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         config.shutdown_grace(),
         writer,
     ));
+    stop_on_error.disarm();
     tracing::info!(
         %addr,
         grpc = %grpc_addr.unwrap_or(addr),
@@ -229,6 +270,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         gateway,
         upstream,
         secrets,
+        demo_key,
         simulator,
         shutdown,
         task,
@@ -283,33 +325,104 @@ async fn serve(
     unrecorded
 }
 
-fn admin_token_hash(
-    config: &GatewayConfig,
-    store: &dyn Store,
-    secrets: &mut FirstStartSecrets,
-) -> anyhow::Result<keys::SecretHash> {
-    if let Some(token) = &config.admin.token {
-        return Ok(keys::hash_secret(token.trim()));
-    }
-    if let Some(stored) = store.meta(ADMIN_TOKEN_META)? {
-        return <[u8; 32]>::try_from(stored.as_slice())
-            .map_err(|_| anyhow::anyhow!("the stored admin token hash is malformed"));
-    }
-    let token = format!(
-        "adm-{}",
-        &keys::generate_secret()[keys::SECRET_PREFIX.len()..]
-    );
-    let hash = keys::hash_secret(&token);
-    store.put_meta(ADMIN_TOKEN_META, &hash)?;
-    store.flush()?;
-    secrets.admin_token = Some(token);
-    Ok(hash)
+/// The admin token the gate checks: configured, stored by an earlier start (or by
+/// `admin-token reset`), or new and not yet stored.
+enum AdminToken {
+    Known(keys::SecretHash),
+    New {
+        token: String,
+        hash: keys::SecretHash,
+    },
 }
 
-/// Creates the demo user and key on the first demo start; returns the new secret.
-fn ensure_demo_key(gateway: &Gateway, store: &dyn Store) -> anyhow::Result<Option<String>> {
-    if store.meta(DEMO_KEY_META)?.is_some() {
-        return Ok(None);
+impl AdminToken {
+    fn find(config: &GatewayConfig, store: &dyn Store) -> anyhow::Result<Self> {
+        if let Some(token) = &config.admin.token {
+            return Ok(AdminToken::Known(keys::hash_secret(token.trim())));
+        }
+        if let Some(stored) = store.meta(ADMIN_TOKEN_META)? {
+            return <[u8; 32]>::try_from(stored.as_slice())
+                .map(AdminToken::Known)
+                .map_err(|_| anyhow::anyhow!("the stored admin token hash is malformed"));
+        }
+        let token = new_admin_token();
+        let hash = keys::hash_secret(&token);
+        Ok(AdminToken::New { token, hash })
+    }
+
+    fn hash(&self) -> keys::SecretHash {
+        match self {
+            AdminToken::Known(hash) | AdminToken::New { hash, .. } => *hash,
+        }
+    }
+
+    /// Stores a new token's hash (durably: it is shown next, and never again); returns the
+    /// token to show.
+    fn commit(self, store: &dyn Store) -> anyhow::Result<Option<String>> {
+        match self {
+            AdminToken::Known(_) => Ok(None),
+            AdminToken::New { token, hash } => {
+                store.put_meta(ADMIN_TOKEN_META, &hash)?;
+                store.flush()?;
+                Ok(Some(token))
+            }
+        }
+    }
+}
+
+fn new_admin_token() -> String {
+    format!(
+        "adm-{}",
+        &keys::generate_secret()[keys::SECRET_PREFIX.len()..]
+    )
+}
+
+/// Replaces the stored admin token of the data directory at `path` with a new one and
+/// returns it. The gateway must be stopped: a running one holds the store's lock (and
+/// would keep checking the old token until restarted).
+pub fn reset_admin_token(path: &Path) -> anyhow::Result<String> {
+    // `conf` is sled's own file; opening a directory without it would create an empty
+    // store there (a mistyped path must not become a new data directory).
+    if !path.join("conf").is_file() {
+        anyhow::bail!(
+            "{} holds no gateway data (give the data directory with --data-dir, or the \
+             gateway's --config); a first start makes the admin token",
+            path.display()
+        );
+    }
+    let store = SledStore::open(path, 500).map_err(|e| {
+        // The store reports a lock held by another process in its message.
+        if e.to_string().contains("locked") {
+            anyhow::anyhow!(
+                "{} is in use by a running gateway (it holds the store while it runs): stop \
+                 the gateway first, then reset the token; nothing was changed",
+                path.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot open the store in {}", path.display()))
+        }
+    })?;
+    let token = new_admin_token();
+    store.put_meta(ADMIN_TOKEN_META, &keys::hash_secret(&token))?;
+    store.flush()?;
+    Ok(token)
+}
+
+/// The demo user and key, and the key's secret when this start made them (the first
+/// demo start). A demo key made earlier is only described (`None` if it is gone).
+fn ensure_demo_key(
+    gateway: &Gateway,
+    store: &dyn Store,
+) -> anyhow::Result<(Option<DemoKey>, Option<String>)> {
+    if let Some(id) = store.meta(DEMO_KEY_META)? {
+        let demo = gateway
+            .get_key(&String::from_utf8_lossy(&id))
+            .ok()
+            .map(|key| DemoKey {
+                key_id: key.id,
+                user_id: key.user_id,
+            });
+        return Ok((demo, None));
     }
     let user = gateway.create_user(NewUser {
         name: "demo".into(),
@@ -318,16 +431,14 @@ fn ensure_demo_key(gateway: &Gateway, store: &dyn Store) -> anyhow::Result<Optio
     let created = gateway.create_key(NewKey {
         user_id: user.id,
         name: Some("demo".into()),
-        limits: KeyLimits {
-            rpm_limit: Some(60),
-            request_quota: Some(1000),
-            token_quota: Some(1_000_000),
-            ..KeyLimits::default()
-        }
-        .into(),
+        limits: DEMO_KEY_LIMITS.into(),
         ..NewKey::default()
     })?;
     store.put_meta(DEMO_KEY_META, created.key.id.as_bytes())?;
     store.flush()?;
-    Ok(Some(created.secret))
+    let demo = DemoKey {
+        key_id: created.key.id,
+        user_id: created.key.user_id,
+    };
+    Ok((Some(demo), Some(created.secret)))
 }

@@ -27,6 +27,26 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Administer a running gateway over gRPC (users, keys, usage, call log).
     Admin(AdminArgs),
+    /// The admin token kept in a data directory (when `admin.token` is not configured).
+    #[command(subcommand)]
+    AdminToken(AdminTokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminTokenCommand {
+    /// Make a new admin token, print it once and keep only its hash; the old token stops
+    /// working. Run it with the gateway stopped (a running gateway holds the data directory).
+    Reset(AdminTokenResetArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AdminTokenResetArgs {
+    /// The gateway's TOML configuration file, for `store.path`.
+    #[arg(long, short, env = "STEP3GW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The data directory (overrides `store.path`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -332,4 +352,16 @@ pub struct PageArgs {
 /// the server resolves it against its own clock.
 fn parse_lifetime(text: &str) -> Result<String, humantime::DurationError> {
     humantime::parse_duration(text).map(|_| text.to_owned())
+}
+
+impl From<&ServeArgs> for crate::config::ServeFlags {
+    fn from(args: &ServeArgs) -> Self {
+        crate::config::ServeFlags {
+            listen: args.listen,
+            upstream: args.upstream.clone(),
+            data_dir: args.data_dir.clone(),
+            log_format: args.log_format.map(LogFormat::from),
+            demo: args.demo,
+        }
+    }
 }

@@ -305,15 +305,56 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// What the command line of `serve` sets; it wins over the file and the environment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServeFlags {
+    pub listen: Option<SocketAddr>,
+    pub upstream: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub demo: bool,
+}
+
 impl GatewayConfig {
     /// Defaults, then `file` (if given), then the `STEP3GW_*` environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, &ServeFlags::default())
+    }
+
+    /// Defaults, then `file` (if given), then the `STEP3GW_*` environment, then `flags`.
+    ///
+    /// A demo that nothing told where to listen listens on 127.0.0.1 (port 8080): its
+    /// admin token and demo key are printed for anyone who can see the terminal, and the
+    /// demo is not meant to be reachable from other machines by accident.
+    pub fn load_with(file: Option<&Path>, flags: &ServeFlags) -> Result<Self, ConfigError> {
         let file = match file {
             Some(file) if !file.exists() => return Err(ConfigError::MissingFile(file.to_owned())),
             Some(file) => Some(Toml::file_exact(file)),
             None => None,
         };
-        Self::layered(file)
+        let sources = Self::sources(file);
+        let listen_configured = flags.listen.is_some() || sources.contains("server.listen");
+        let mut config = Self::layered(sources)?;
+        if let Some(listen) = flags.listen {
+            config.server.listen = listen;
+        }
+        if let Some(upstream) = &flags.upstream {
+            config.upstream.url = upstream.clone();
+        }
+        if let Some(dir) = &flags.data_dir {
+            config.store.path = dir.clone();
+        }
+        if let Some(format) = flags.log_format {
+            config.log.format = format;
+        }
+        config.demo.enabled |= flags.demo;
+        if config.demo.enabled && !listen_configured {
+            config
+                .server
+                .listen
+                .set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        Ok(config)
     }
 
     /// What [`GatewayConfig::load`] does with a file, given the file's text instead.
@@ -322,12 +363,20 @@ impl GatewayConfig {
     /// TOML through the real layering without writing files; not part of the API.
     #[doc(hidden)]
     pub fn load_from_toml_str(toml: &str) -> Result<Self, ConfigError> {
-        Self::layered(Some(Toml::string(toml)))
+        Self::layered(Self::sources(Some(Toml::string(toml))))
     }
 
-    /// Defaults, then `file`, then the environment.
-    fn layered(file: Option<Data<Toml>>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(GatewayConfig::default()));
+    /// The defaults, then `sources`.
+    fn layered(sources: Figment) -> Result<Self, ConfigError> {
+        Figment::from(Serialized::defaults(GatewayConfig::default()))
+            .merge(sources)
+            .extract::<GatewayConfig>()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// What the operator configured: `file`, then the environment (no defaults).
+    fn sources(file: Option<Data<Toml>>) -> Figment {
+        let mut figment = Figment::new();
         if let Some(file) = file {
             figment = figment.merge(file);
         }
@@ -336,10 +385,7 @@ impl GatewayConfig {
         let env = Env::prefixed(ENV_PREFIX)
             .ignore(&["config", "admin_url"])
             .map(|key| env_key_to_path(key.as_str()).into());
-        figment
-            .merge(env)
-            .extract::<GatewayConfig>()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
+        figment.merge(env)
     }
 
     /// Checks what types alone cannot.
@@ -473,6 +519,38 @@ mod tests {
             jail.set_env("STEP3GW_UPSTREAM_URLL", "http://x");
             let err = GatewayConfig::load(None).unwrap_err().to_string();
             assert!(err.contains("urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_demo_listens_on_loopback_unless_an_address_is_configured() {
+        let demo = ServeFlags {
+            demo: true,
+            ..ServeFlags::default()
+        };
+        figment::Jail::expect_with(|jail| {
+            let listen =
+                |flags: &ServeFlags| GatewayConfig::load_with(None, flags).unwrap().server.listen;
+            assert_eq!(listen(&demo), "127.0.0.1:8080".parse().unwrap());
+            assert_eq!(
+                listen(&ServeFlags::default()),
+                "0.0.0.0:8080".parse().unwrap()
+            );
+            let flagged = ServeFlags {
+                listen: Some("0.0.0.0:9000".parse().unwrap()),
+                ..demo.clone()
+            };
+            assert_eq!(listen(&flagged), "0.0.0.0:9000".parse().unwrap());
+            jail.set_env("STEP3GW_SERVER_LISTEN", "0.0.0.0:8080");
+            assert_eq!(listen(&demo), "0.0.0.0:8080".parse().unwrap());
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            // Demo mode set in the file counts too.
+            jail.create_file("gw.toml", "[demo]\nenabled = true\n")?;
+            let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
+            assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
             Ok(())
         });
     }

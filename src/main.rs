@@ -1,12 +1,17 @@
 //! The `step3-gateway` binary: parse the command line, run, report errors.
 
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use step3_gateway::admin_client;
-use step3_gateway::cli::{Cli, Command, ServeArgs, SimulateArgs};
-use step3_gateway::config::{GatewayConfig, LogFormat};
+use step3_gateway::app::RunningGateway;
+use step3_gateway::cli::{
+    AdminTokenCommand, AdminTokenResetArgs, Cli, Command, ServeArgs, SimulateArgs,
+};
+use step3_gateway::config::{GatewayConfig, LogFormat, ServeFlags};
+use step3_gateway::core::limits::KeyLimits;
 use step3_gateway::sim::{Simulator, SimulatorConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -22,6 +27,7 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Admin(args) => admin_client::run(args, &mut std::io::stdout().lock()).await,
+        Command::AdminToken(AdminTokenCommand::Reset(args)) => reset_admin_token(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -36,7 +42,9 @@ fn init_logs(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes are for a terminal; in a file, a pipe or journald they are noise.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -45,21 +53,10 @@ fn init_logs(format: LogFormat, level: &str) {
 
 /// The configuration: file, environment, then the flags of `serve`.
 fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
-    let mut config = GatewayConfig::load(args.config.as_deref())?;
-    if let Some(listen) = args.listen {
-        config.server.listen = listen;
-    }
-    if let Some(upstream) = &args.upstream {
-        config.upstream.url = upstream.clone();
-    }
-    if let Some(dir) = &args.data_dir {
-        config.store.path = dir.clone();
-    }
-    if let Some(format) = args.log_format {
-        config.log.format = format.into();
-    }
-    config.demo.enabled |= args.demo;
-    Ok(config)
+    Ok(GatewayConfig::load_with(
+        args.config.as_deref(),
+        &ServeFlags::from(args),
+    )?)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -94,40 +91,136 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The one-time banner: secrets made at this start are shown here and never again.
-fn announce(running: &step3_gateway::app::RunningGateway, config: &GatewayConfig) {
-    let port = running.addr.port();
+/// The start-up banner, on stdout (logs go to stderr, which stays all JSON with
+/// `--log-format json`): where the gateway serves, and the secrets made at this start,
+/// shown here and never again; on a later start, how to get a new admin token.
+fn announce(running: &RunningGateway, config: &GatewayConfig) {
+    let text = banner(running, config, &program_name());
+    // A closed stdout must not stop the gateway; the secrets are then lost, which is the
+    // operator's choice of where stdout goes.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// How this binary was run (`target/release/step3-gateway` after `cargo build`), so that
+/// the commands the banner suggests work as pasted.
+fn program_name() -> String {
+    std::env::args()
+        .next()
+        .filter(|name| name.contains('/'))
+        .unwrap_or_else(|| "step3-gateway".into())
+}
+
+fn banner(running: &RunningGateway, config: &GatewayConfig, program: &str) -> String {
+    use std::fmt::Write as _;
+
     let host = if running.addr.ip().is_unspecified() {
         "localhost".to_owned()
     } else {
         running.addr.ip().to_string()
     };
-    let base = format!("http://{host}:{port}");
-    if let Some(token) = &running.secrets.admin_token {
-        eprintln!(
-            "\nAdmin token (shown once; only its hash is stored): {token}\n\
-             Use it as `Authorization: Bearer <token>` on {base}/admin/v1/...\n"
-        );
+    let base = format!("http://{host}:{}", running.addr.port());
+    let data = config.store.path.display();
+    let mut text = format!("\nstep3-gateway serves REST and gRPC on {base}\n");
+    match (&running.secrets.admin_token, &config.admin.token) {
+        (Some(token), _) => {
+            let _ = write!(
+                text,
+                "\nAdmin token (shown once; only its hash is stored): {token}\n  \
+                 REST: Authorization: Bearer <token> on {base}/admin/v1/...\n  \
+                 CLI:  {program} admin --url {base} --token <token> users list\n"
+            );
+        }
+        (None, Some(_)) => {}
+        (None, None) => {
+            let _ = write!(
+                text,
+                "\nAdmin token: shown at the first start (only its hash is stored). Lost it? \
+                 Stop the gateway and run\n  {program} admin-token reset --data-dir {data}\n"
+            );
+        }
     }
-    if let Some(simulator) = &running.simulator {
-        eprintln!(
-            "Demo mode: simulated STEP3-VL server at {}",
-            simulator.url()
-        );
-        match &running.secrets.demo_key {
-            Some(key) => eprintln!(
-                "Demo key (shown once): {key}\n\nTry it:\n\
+    let Some(simulator) = &running.simulator else {
+        return text;
+    };
+    let _ = writeln!(
+        text,
+        "\nDemo mode: simulated STEP3-VL server at {}",
+        simulator.url()
+    );
+    match (&running.secrets.demo_key, &running.demo_key) {
+        (Some(key), _) => {
+            let _ = write!(
+                text,
+                "Demo key (shown once): {key}\n  limits: {}\n\nTry it:\n\
                  curl {base}/v1/chat/completions \\\n  \
                  -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n  \
                  -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Describe this gateway.\"}}]}}'\n",
+                describe_limits(&step3_gateway::app::DEMO_KEY_LIMITS),
                 model = step3_gateway::sim::DEFAULT_MODEL,
-            ),
-            None => eprintln!(
-                "The demo key was created on the first demo start (data dir {}); create more with POST {base}/admin/v1/keys\n",
-                config.store.path.display()
-            ),
+            );
         }
+        (None, Some(demo)) => {
+            let _ = writeln!(
+                text,
+                "The demo key ({}) was shown at the first demo start (data dir {data}). Another:\n  \
+                 {program} admin --url {base} --token <admin token> keys create --user {} --rpm 60",
+                demo.key_id, demo.user_id
+            );
+        }
+        (None, None) => {}
     }
+    text
+}
+
+/// `60 requests a minute, 1000 requests and 1000000 tokens in all`.
+fn describe_limits(limits: &KeyLimits) -> String {
+    let mut parts = Vec::new();
+    if let Some(rpm) = limits.rpm_limit {
+        parts.push(format!("{rpm} requests a minute"));
+    }
+    if let Some(tpm) = limits.tpm_limit {
+        parts.push(format!("{tpm} tokens a minute"));
+    }
+    let mut quotas = Vec::new();
+    if let Some(requests) = limits.request_quota {
+        quotas.push(format!("{requests} requests"));
+    }
+    if let Some(tokens) = limits.token_quota {
+        quotas.push(format!("{tokens} tokens"));
+    }
+    if let Some(images) = limits.image_quota {
+        quotas.push(format!("{images} images"));
+    }
+    if !quotas.is_empty() {
+        parts.push(format!("{} in all", quotas.join(" and ")));
+    }
+    parts.join(", ")
+}
+
+/// `admin-token reset`: a new admin token for the data directory, on stdout alone (so
+/// that `TOKEN=$(step3-gateway admin-token reset …)` works); what to do next on stderr.
+fn reset_admin_token(args: &AdminTokenResetArgs) -> anyhow::Result<()> {
+    let flags = ServeFlags {
+        data_dir: args.data_dir.clone(),
+        ..ServeFlags::default()
+    };
+    let config = GatewayConfig::load_with(args.config.as_deref(), &flags)?;
+    let token = step3_gateway::app::reset_admin_token(&config.store.path)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{token}")?;
+    stdout.flush()?;
+    eprintln!(
+        "step3-gateway: a new admin token for {} (shown once; only its hash is stored); the old \
+         one no longer works. Start the gateway and use it as `Authorization: Bearer <token>`.",
+        config.store.path.display()
+    );
+    if config.admin.token.is_some() {
+        eprintln!(
+            "step3-gateway: note: admin.token is set here (STEP3GW_ADMIN_TOKEN or the config \
+             file); a gateway started with it checks that token, not the stored one."
+        );
+    }
+    Ok(())
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ mod crash;
 mod data_dir;
 mod errors;
 mod faults;
+mod first_start;
 mod grpc;
 mod grpc_admin;
 mod grpcurl_readme;
