@@ -371,7 +371,7 @@ impl GatewayConfig {
         Figment::from(Serialized::defaults(GatewayConfig::default()))
             .merge(sources)
             .extract::<GatewayConfig>()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
+            .map_err(|e| ConfigError::Invalid(describe_errors(e)))
     }
 
     /// What the operator configured: `file`, then the environment (no defaults).
@@ -474,6 +474,115 @@ fn env_key_to_path(key: &str) -> String {
     key
 }
 
+/// Figment's errors in the words of this file: the setting's key (and, for the
+/// environment, the variable's name), where the bad value came from, and what was wrong,
+/// without figment's profile prefix (`default.`) or serde's nested quoting.
+fn describe_errors(errors: figment::Error) -> String {
+    errors
+        .into_iter()
+        .map(|e| describe_error(&e))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn describe_error(e: &figment::Error) -> String {
+    use figment::error::Kind;
+
+    let key = e.path.join(".");
+    let what = match &e.kind {
+        Kind::Message(message) => message.trim_end().to_owned(),
+        Kind::InvalidType(actual, expected) => format!(
+            "expected {}, found {}",
+            describe_expected(expected),
+            describe_actual(actual)
+        ),
+        Kind::InvalidValue(actual, expected) => format!(
+            "{} is not {}",
+            describe_actual(actual),
+            describe_expected(expected)
+        ),
+        Kind::InvalidLength(length, expected) => {
+            format!("{length} entries where {expected} were expected")
+        }
+        Kind::UnknownVariant(found, expected) => {
+            format!("unknown value \"{found}\"; one of: {}", expected.join(", "))
+        }
+        Kind::UnknownField(found, expected) => {
+            let parent = &e.path[..e.path.len().saturating_sub(1)];
+            let known = expected.join(", ");
+            if parent.is_empty() {
+                format!("no section \"{found}\"; the sections are: {known}")
+            } else {
+                format!(
+                    "no setting \"{found}\" in [{}]; it has: {known}",
+                    parent.join(".")
+                )
+            }
+        }
+        Kind::MissingField(field) if key.is_empty() => format!("{field} is required"),
+        Kind::MissingField(field) => format!("{key}.{field} is required"),
+        Kind::DuplicateField(field) => format!("{field} is given twice"),
+        Kind::ISizeOutOfRange(value) => format!("{value} is out of range"),
+        Kind::USizeOutOfRange(value) => format!("{value} is out of range"),
+        Kind::Unsupported(actual) => format!("{} is not supported here", describe_actual(actual)),
+        Kind::UnsupportedKey(actual, expected) => {
+            format!(
+                "a key must be {expected}, found {}",
+                describe_actual(actual)
+            )
+        }
+    };
+    let metadata = e.metadata.as_ref();
+    let file = metadata
+        .and_then(|m| m.source.as_ref())
+        .and_then(figment::Source::file_path);
+    let from_env = metadata.is_some_and(|m| m.name.contains("environment"));
+    // These kinds name the key themselves; every other is about the value at `key`.
+    let key = if matches!(e.kind, Kind::MissingField(_) | Kind::UnknownField(..)) || key.is_empty()
+    {
+        String::new()
+    } else {
+        format!("{key}: ")
+    };
+    match (file, from_env) {
+        (Some(file), _) => format!("{}: {key}{what}", file.display()),
+        (None, true) => format!(
+            "environment variable {ENV_PREFIX}{}: {what}",
+            e.path.join("_").to_ascii_uppercase()
+        ),
+        (None, false) => format!("{key}{what}"),
+    }
+}
+
+/// What serde expected, in the words of a TOML file rather than of Rust's types.
+fn describe_expected(expected: &str) -> String {
+    match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)".into(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".into(),
+        "f32" | "f64" => "a number".into(),
+        "a sequence" => "a list".into(),
+        "a map" => "a table".into(),
+        other if other.starts_with("struct ") => "a table".into(),
+        other => other.into(),
+    }
+}
+
+/// A value as the reader wrote it: `"abc"`, `-1`, `true`; a table or list by its kind.
+fn describe_actual(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(v) => v.to_string(),
+        Actual::Unsigned(v) => v.to_string(),
+        Actual::Signed(v) => v.to_string(),
+        Actual::Float(v) => v.to_string(),
+        Actual::Char(v) => format!("{v:?}"),
+        Actual::Str(v) => format!("{v:?}"),
+        Actual::Seq => "a list".into(),
+        Actual::Map => "a table".into(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 #[expect(
     clippy::result_large_err,
@@ -521,6 +630,65 @@ mod tests {
             assert!(err.contains("urll"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn errors_name_the_key_and_where_it_was_set_without_nested_quoting() {
+        // (the file, an environment variable, how the message starts)
+        type Case = (
+            &'static str,
+            Option<(&'static str, &'static str)>,
+            &'static str,
+        );
+        let cases: [Case; 6] = [
+            (
+                "[server]\nlisten = \"nope\"\n",
+                None,
+                "gw.toml: server.listen: invalid socket address syntax",
+            ),
+            (
+                "[server]\nlisten_port = 9000\n",
+                None,
+                "gw.toml: no setting \"listen_port\" in [server]; it has: listen, grpc_listen,",
+            ),
+            (
+                "[[upstream.backends]]\nname = \"a\"\n",
+                None,
+                "gw.toml: upstream.backends.0.url is required",
+            ),
+            (
+                "",
+                Some(("STEP3GW_SERVER_MAX_BODY_BYTES", "abc")),
+                "environment variable STEP3GW_SERVER_MAX_BODY_BYTES: expected a whole number (0 or more), found \"abc\"",
+            ),
+            (
+                "",
+                Some(("STEP3GW_LOG_FORMAT", "xml")),
+                "environment variable STEP3GW_LOG_FORMAT: unknown value \"xml\"; one of: text, json",
+            ),
+            (
+                "",
+                Some(("STEP3GW_FOO", "1")),
+                "environment variable STEP3GW_FOO: no section \"foo\"; the sections are: server,",
+            ),
+        ];
+        for (file, env, expected) in cases {
+            figment::Jail::expect_with(|jail| {
+                jail.create_file("gw.toml", file)?;
+                if let Some((name, value)) = env {
+                    jail.set_env(name, value);
+                }
+                let err = GatewayConfig::load(Some(Path::new("gw.toml")))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    err.starts_with(&format!("invalid configuration: {expected}")),
+                    "{err}"
+                );
+                assert!(!err.contains("default.") && !err.contains("``"), "{err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]
