@@ -224,11 +224,16 @@ impl Interceptor for BearerAuth {
 
 type Client = AdminClient<InterceptedService<Channel, BearerAuth>>;
 
+/// What to say when no admin token was given.
+pub const MISSING_TOKEN: &str = "no admin token: pass --token <TOKEN> or set STEP3GW_ADMIN_TOKEN (a lost token: \
+     `step3-gateway admin-token reset`, with the gateway stopped)";
+
 /// Runs one admin command against the gateway at `args.url` and writes the answer to `out`.
 ///
 /// A gRPC error comes back as `<code>: <message>` (e.g. `NotFound: no such key`).
 pub async fn run(args: AdminArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let auth = BearerAuth::new(&args.token)?;
+    let token = args.token.as_deref().context(MISSING_TOKEN)?;
+    let auth = BearerAuth::new(token)?;
     let request = AdminRequest::from(args.command);
     let channel = Endpoint::from_shared(args.url.clone())
         .with_context(|| format!("invalid --url `{}`", args.url))?
@@ -267,8 +272,12 @@ fn print<T: Serialize>(
 ) -> anyhow::Result<()> {
     // The code's name (`NotFound`) as grpcurl shows it; tonic's `Display` is a sentence.
     let answer = answer.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
-    serde_json::to_writer_pretty(&mut *out, answer.get_ref())?;
-    writeln!(out)?;
+    // Rendered whole first, so that a closed pipe (`| head`) is a plain `io::Error` the
+    // binary can recognise and stay quiet about.
+    let mut text = serde_json::to_vec_pretty(answer.get_ref())?;
+    text.push(b'\n');
+    out.write_all(&text)?;
+    out.flush()?;
     Ok(())
 }
 

@@ -99,18 +99,28 @@ pub struct SimulateArgs {
 }
 
 /// `step3-gateway admin`: one Admin RPC per subcommand; answers are printed as JSON.
+///
+/// `--url` and `--token` are global: they may come after the subcommand too.
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
     /// The gateway's gRPC address.
     #[arg(
         long,
+        global = true,
         env = "STEP3GW_ADMIN_URL",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:8080",
+        value_parser = gateway_url
     )]
     pub url: String,
-    /// The admin token (the same variable the gateway reads as `admin.token`).
-    #[arg(long, env = "STEP3GW_ADMIN_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// The admin token (the same variable the gateway reads as `admin.token`). Required;
+    /// checked after parsing, because clap does not allow a global argument to be required.
+    #[arg(
+        long,
+        global = true,
+        env = "STEP3GW_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -346,6 +356,17 @@ pub struct PageArgs {
     /// `next_page_token` of the previous answer.
     #[arg(long, default_value = "")]
     pub page_token: String,
+}
+
+/// An `http://` or `https://` URL with a host, checked here so that a typo is a usage
+/// error rather than a connection failure.
+fn gateway_url(text: &str) -> Result<String, String> {
+    match url::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+            Ok(text.to_owned())
+        }
+        _ => Err("expected the gateway's address as a URL, e.g. http://127.0.0.1:8080".into()),
+    }
 }
 
 /// Checks a lifetime here, so a typo is a usage error; it is still sent as text because

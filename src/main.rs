@@ -4,7 +4,8 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
 use step3_gateway::admin_client;
 use step3_gateway::app::RunningGateway;
 use step3_gateway::cli::{
@@ -26,16 +27,58 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Simulate(args) => simulate(args).await,
-        Command::Admin(args) => admin_client::run(args, &mut std::io::stdout().lock()).await,
+        Command::Admin(args) => {
+            if args.token.is_none() {
+                // A usage error (exit 2) with the usage line of `admin`, as clap gives for
+                // any other missing argument.
+                let mut cli = Cli::command();
+                cli.build();
+                let mut admin = cli.find_subcommand("admin").cloned().unwrap_or(cli);
+                admin
+                    .error(
+                        ErrorKind::MissingRequiredArgument,
+                        admin_client::MISSING_TOKEN,
+                    )
+                    .exit();
+            }
+            admin_client::run(args, &mut std::io::stdout().lock()).await
+        }
         Command::AdminToken(AdminTokenCommand::Reset(args)) => reset_admin_token(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`| head`): what it wanted, it has.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("step3-gateway: {e:#}");
+            eprintln!("step3-gateway: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text the message
+/// already carries (several libraries repeat their source in their own `Display`).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn init_logs(format: LogFormat, level: &str) {

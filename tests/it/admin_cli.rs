@@ -137,8 +137,14 @@ impl Admin for FakeAdmin {
         &self,
         r: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        // A page of 1000 is more than a pipe holds: the reader may leave mid-answer.
+        let count = if r.get_ref().page_size == 1000 {
+            1000
+        } else {
+            1
+        };
         let page = pb::ListKeysResponse {
-            keys: vec![key()],
+            keys: vec![key(); count],
             next_page_token: "page-2".into(),
         };
         self.answer("ListKeys", r, Ok(page))
@@ -384,5 +390,132 @@ async fn the_binary_reads_its_env_prints_json_and_reports_grpc_errors() {
 
     let usage = binary(&["admin", "usage"]).await.unwrap();
     assert_eq!(usage.status.code(), Some(2), "a usage error is clap's");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn url_and_token_may_follow_the_subcommand() {
+    let server = FakeServer::start().await;
+    let argv = [
+        "step3-gateway",
+        "admin",
+        "users",
+        "list",
+        "--url",
+        &server.url,
+        "--token",
+        TOKEN,
+    ];
+    let CliCommand::Admin(admin) = Cli::try_parse_from(argv).unwrap().command else {
+        panic!("not an admin command");
+    };
+    let mut out = Vec::new();
+    admin_client::run(admin, &mut out).await.unwrap();
+    assert_eq!(
+        server.last(),
+        ("ListUsers", Some(format!("Bearer {TOKEN}")))
+    );
+    server.stop().await;
+}
+
+/// `step3-gateway <args>` with no `STEP3GW_*` variable of the test's environment.
+fn binary(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_step3-gateway"));
+    command.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("STEP3GW_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+#[tokio::test]
+async fn command_line_errors_say_each_thing_once() {
+    let run = |args: &'static [&'static str]| {
+        tokio::task::spawn_blocking(move || binary(args).output().unwrap())
+    };
+    // Not a URL: a usage error, before anything is sent.
+    let bad_url = run(&["admin", "--url", "foo", "--token", "t", "users", "list"])
+        .await
+        .unwrap();
+    assert_eq!(bad_url.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad_url.stderr);
+    assert!(
+        stderr.contains("'foo'") && stderr.contains("http://"),
+        "{stderr}"
+    );
+
+    // No token: a usage error that says where a token comes from.
+    let no_token = run(&["admin", "users", "list"]).await.unwrap();
+    assert_eq!(no_token.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&no_token.stderr);
+    assert!(stderr.contains("STEP3GW_ADMIN_TOKEN"), "{stderr}");
+
+    // Nothing listening: one line, no cause repeated.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url: &'static str = format!("http://{}", closed.local_addr().unwrap()).leak();
+    drop(closed);
+    let refused = tokio::task::spawn_blocking(move || {
+        binary(&["admin", "users", "list", "--url", url, "--token", "t"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        stderr.starts_with(&format!("step3-gateway: cannot connect to {url}")),
+        "{stderr}"
+    );
+    let parts: Vec<&str> = stderr.trim_end().split(": ").collect();
+    for (i, part) in parts.iter().enumerate() {
+        assert!(
+            !parts[i + 1..]
+                .iter()
+                .any(|later| later.contains(part) || part.contains(later)),
+            "repeated: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_leaves_early_gets_no_broken_pipe_message() {
+    use std::io::{BufRead, BufReader};
+    let server = FakeServer::start().await;
+    let url = server.url.clone();
+    let (status, stderr) = tokio::task::spawn_blocking(move || {
+        let mut child = binary(&[
+            "admin",
+            "keys",
+            "list",
+            "--page-size",
+            "1000",
+            "--url",
+            &url,
+            "--token",
+            TOKEN,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        // As `| head -1`: one line, then the pipe is closed.
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert_eq!(first, "{\n");
+        let output = child.wait_with_output().unwrap();
+        (
+            output.status,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?} {stderr}");
+    assert_eq!(stderr, "");
     server.stop().await;
 }
