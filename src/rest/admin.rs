@@ -1,8 +1,7 @@
 //! `/admin/v1`: users, keys, usage and calls over REST, authorised by the admin token.
 //! Each handler is a thin adapter over a core admin function.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -12,7 +11,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, read_body};
 use crate::core::GatewayError;
 use crate::core::admin::{
     CallFilter, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, NewKey, NewUser, UsageGrouping,
@@ -55,38 +54,76 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// A JSON body whose rejections answer in the OpenAI error shape.
+/// The largest admin request body (real ones are a few hundred bytes).
+const MAX_ADMIN_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// A JSON body, read whatever its `Content-Type` says (as the chat route reads its body:
+/// `curl -d` labels JSON as a form), whose mistakes answer in the OpenAI error shape with
+/// `param` naming the field.
 struct AdminJson<T>(T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AdminJson<T> {
     type Rejection = GatewayError;
 
-    async fn from_request(
-        request: axum::extract::Request,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(AdminJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+    async fn from_request(request: axum::extract::Request, _: &S) -> Result<Self, Self::Rejection> {
+        let body = read_body(request.into_body(), MAX_ADMIN_BODY_BYTES).await?;
+        parse_json(&body).map(AdminJson)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            GatewayError::invalid_request(format!("the body is not valid JSON: {inner}"), None)
+        } else {
+            field_error(&path, &inner.to_string())
         }
+    })?;
+    de.end().map_err(|e| {
+        GatewayError::invalid_request(format!("the body is not one JSON value: {e}"), None)
+    })?;
+    Ok(value)
+}
+
+/// The query string's parameters, whose mistakes name the parameter in `param`.
+struct AdminQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for AdminQuery<T> {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(url::form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(AdminQuery)
+            .map_err(|e| field_error(&e.path().to_string(), &e.into_inner().to_string()))
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> GatewayError {
-    match rejection {
-        JsonRejection::MissingJsonContentType(_) => GatewayError::invalid_request(
-            "send the body as JSON with `Content-Type: application/json`",
-            None,
-        ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => GatewayError::BodyTooLarge {
-            limit: 2 * 1024 * 1024,
-        },
-        other => GatewayError::invalid_request(other.body_text(), None),
+/// What serde said about the input at `path` (`.` is the whole input), as an invalid
+/// request whose `param` names the field: serde reports a missing field at its parent.
+fn field_error(path: &str, message: &str) -> GatewayError {
+    let message = message.split(" at line ").next().unwrap_or(message);
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or_default();
+        let param = if path == "." {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        };
+        return GatewayError::invalid_request(format!("`{param}` is required"), Some(&param));
     }
-}
-
-fn query_rejection(rejection: QueryRejection) -> GatewayError {
-    GatewayError::invalid_request(rejection.body_text(), None)
+    if path == "." && message.starts_with("invalid type") {
+        // serde names the Rust type it wanted (`struct NewKey`); the reader needs the JSON.
+        GatewayError::invalid_request("the body must be a JSON object", None)
+    } else if path == "." {
+        GatewayError::invalid_request(format!("invalid request: {message}"), None)
+    } else {
+        GatewayError::invalid_request(format!("`{path}`: {message}"), Some(path))
+    }
 }
 
 async fn list_users(_: Admin, State(state): State<AppState>) -> Json<Value> {
@@ -137,9 +174,8 @@ struct KeyListParams {
 async fn list_keys(
     _: Admin,
     State(state): State<AppState>,
-    query: Result<Query<KeyListParams>, QueryRejection>,
+    AdminQuery(params): AdminQuery<KeyListParams>,
 ) -> Result<Response, GatewayError> {
-    let Query(params) = query.map_err(query_rejection)?;
     let filter = KeyFilter {
         user_id: params.user_id,
     };
@@ -195,16 +231,16 @@ async fn rotate_key(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, GatewayError> {
+    let body = read_body(body, MAX_ADMIN_BODY_BYTES).await?;
     // The body is optional: an empty one takes the default grace period.
     let body: RotateBody = if body.iter().all(u8::is_ascii_whitespace) {
         RotateBody {
             grace_seconds: None,
         }
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| GatewayError::invalid_request(e.to_string(), None))?
+        parse_json(&body)?
     };
     let grace = body.grace_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_SECS);
     Ok(Json(state.gateway().rotate_key(&id, grace)?).into_response())
@@ -236,9 +272,8 @@ async fn key_usage(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<UsageParams>, QueryRejection>,
+    AdminQuery(params): AdminQuery<UsageParams>,
 ) -> Result<Response, GatewayError> {
-    let Query(params) = query.map_err(query_rejection)?;
     let report = state
         .gateway()
         .usage_report(&params.query(UsageSubject::Key(id)))?;
@@ -249,9 +284,8 @@ async fn user_usage(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<UsageParams>, QueryRejection>,
+    AdminQuery(params): AdminQuery<UsageParams>,
 ) -> Result<Response, GatewayError> {
-    let Query(params) = query.map_err(query_rejection)?;
     let report = state
         .gateway()
         .usage_report(&params.query(UsageSubject::User(id)))?;
@@ -286,9 +320,8 @@ impl CallParams {
 async fn list_calls(
     _: Admin,
     State(state): State<AppState>,
-    query: Result<Query<CallParams>, QueryRejection>,
+    AdminQuery(params): AdminQuery<CallParams>,
 ) -> Result<Response, GatewayError> {
-    let Query(params) = query.map_err(query_rejection)?;
     Ok(Json(state.gateway().list_calls(&params.filter())?).into_response())
 }
 
@@ -296,9 +329,8 @@ async fn key_calls(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<CallParams>, QueryRejection>,
+    AdminQuery(params): AdminQuery<CallParams>,
 ) -> Result<Response, GatewayError> {
-    let Query(params) = query.map_err(query_rejection)?;
     let filter = CallFilter {
         key_id: Some(id),
         ..params.filter()

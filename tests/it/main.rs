@@ -6,6 +6,7 @@
 
 mod admin;
 mod admin_cli;
+mod admin_input;
 mod apis;
 mod billing;
 mod binary;
