@@ -14,6 +14,9 @@ use crate::cli::{
     AdminArgs, AdminCommand, CallsArgs, KeyLimitArgs, KeysCommand, UsageArgs, UsageGroupingArg,
     UsersCommand,
 };
+use crate::core::admin::{CreatedKey, KeyPage, KeyView};
+use crate::core::limits::KeyLimits;
+use crate::core::records::KeyCounters;
 use crate::grpc::pb::{self, admin_client::AdminClient, get_usage_report_request::Subject};
 
 /// One Admin RPC with its request, built from the command line before anything is sent.
@@ -255,14 +258,70 @@ async fn send(
         AdminRequest::GetUser(r) => print(out, client.get_user(r).await),
         AdminRequest::UpdateUser(r) => print(out, client.update_user(r).await),
         AdminRequest::DeactivateUser(r) => print(out, client.deactivate_user(r).await),
-        AdminRequest::ListKeys(r) => print(out, client.list_keys(r).await),
-        AdminRequest::CreateKey(r) => print(out, client.create_key(r).await),
-        AdminRequest::GetKey(r) => print(out, client.get_key(r).await),
-        AdminRequest::UpdateKey(r) => print(out, client.update_key(r).await),
-        AdminRequest::RevokeKey(r) => print(out, client.revoke_key(r).await),
-        AdminRequest::RotateKey(r) => print(out, client.rotate_key(r).await),
+        AdminRequest::ListKeys(r) => print(out, client.list_keys(r).await.map(page_view)),
+        AdminRequest::CreateKey(r) => print(out, client.create_key(r).await.map(created_view)),
+        AdminRequest::GetKey(r) => print(out, client.get_key(r).await.map(key_view)),
+        AdminRequest::UpdateKey(r) => print(out, client.update_key(r).await.map(key_view)),
+        AdminRequest::RevokeKey(r) => print(out, client.revoke_key(r).await.map(key_view)),
+        AdminRequest::RotateKey(r) => print(out, client.rotate_key(r).await.map(created_view)),
         AdminRequest::GetUsage(r) => print(out, client.get_usage(r).await),
         AdminRequest::ListCalls(r) => print(out, client.list_calls(r).await),
+    }
+}
+
+// A key is printed as REST answers with it (core's `KeyView`, whose field names are the
+// proto's): one shape for a key in `curl`, the CLI and grpcurl. Users, usage reports and
+// the call log are printed as their proto messages, whose names REST shares.
+
+fn key_view(response: tonic::Response<pb::Key>) -> tonic::Response<KeyView> {
+    response.map(key_from_proto)
+}
+
+fn created_view(response: tonic::Response<pb::CreatedKey>) -> tonic::Response<CreatedKey> {
+    response.map(|created| CreatedKey {
+        key: key_from_proto(created.key.unwrap_or_default()),
+        secret: created.secret,
+    })
+}
+
+fn page_view(response: tonic::Response<pb::ListKeysResponse>) -> tonic::Response<KeyPage> {
+    response.map(|page| KeyPage {
+        keys: page.keys.into_iter().map(key_from_proto).collect(),
+        next_page_token: page.next_page_token,
+    })
+}
+
+/// The inverse of the gRPC door's `Key` conversion.
+fn key_from_proto(key: pb::Key) -> KeyView {
+    KeyView {
+        id: key.id,
+        user_id: key.user_id,
+        name: key.name,
+        prefix: key.prefix,
+        limits: KeyLimits {
+            rpm_limit: key.rpm_limit,
+            tpm_limit: key.tpm_limit,
+            max_concurrent: key.max_concurrent,
+            request_quota: key.request_quota,
+            token_quota: key.token_quota,
+            image_quota: key.image_quota,
+            max_images_per_request: key.max_images_per_request,
+        },
+        expires_at: key.expires_at,
+        // The proto cannot tell "no allowlist" from an empty one; the gateway sends an
+        // empty list for the first (every model), which REST shows as `null`.
+        models: Some(key.models).filter(|models| !models.is_empty()),
+        active: key.active,
+        created_at: key.created_at,
+        updated_at: key.updated_at,
+        revoked_at: key.revoked_at,
+        previous_secret_valid_until: key.previous_secret_valid_until,
+        used: KeyCounters {
+            requests: key.requests_used,
+            prompt_tokens: key.prompt_tokens_used,
+            completion_tokens: key.completion_tokens_used,
+            images: key.images_used,
+        },
     }
 }
 

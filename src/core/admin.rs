@@ -126,7 +126,9 @@ mod double_option {
     }
 }
 
-/// A key as admin answers show it (never with its hash).
+/// A key as admin answers show it (never with its hash): the one shape of a key in REST
+/// answers and the CLI's output, with the field names of the gRPC `Key` message (which
+/// grpcurl prints in the proto3 JSON mapping: `requestsUsed`, 64-bit numbers as strings).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct KeyView {
     pub id: String,
@@ -143,7 +145,27 @@ pub struct KeyView {
     pub revoked_at: Option<UnixTime>,
     /// Until when the secret before the last rotation still works.
     pub previous_secret_valid_until: Option<UnixTime>,
+    /// Shown as `requests_used`, `prompt_tokens_used`, `completion_tokens_used` and
+    /// `images_used`, as the proto names them.
+    #[serde(flatten, serialize_with = "used_fields")]
     pub used: KeyCounters,
+}
+
+fn used_fields<S: serde::Serializer>(used: &KeyCounters, serializer: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Used {
+        requests_used: u64,
+        prompt_tokens_used: u64,
+        completion_tokens_used: u64,
+        images_used: u64,
+    }
+    Used {
+        requests_used: used.requests,
+        prompt_tokens_used: used.prompt_tokens,
+        completion_tokens_used: used.completion_tokens,
+        images_used: used.images,
+    }
+    .serialize(serializer)
 }
 
 /// A created key: the only answer that carries the secret.

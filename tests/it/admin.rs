@@ -210,7 +210,7 @@ async fn key_changes_apply_to_the_next_call() {
         .await;
     assert_eq!(status, StatusCode::OK, "{updated}");
     assert_eq!(updated["request_quota"], Value::Null);
-    assert_eq!(updated["used"]["requests"], 1);
+    assert_eq!(updated["requests_used"], 1);
     assert_eq!(
         gw.chat(&key.secret, &chat_body("three")).await.status(),
         StatusCode::OK
@@ -313,11 +313,8 @@ async fn keys_are_listed_by_user_with_usage_and_calls() {
     let (_, shown) = gw
         .admin(Method::GET, &format!("/keys/{}", first.id), None)
         .await;
-    assert_eq!(usage["prompt_tokens"], shown["used"]["prompt_tokens"]);
-    assert_eq!(
-        usage["completion_tokens"],
-        shown["used"]["completion_tokens"]
-    );
+    assert_eq!(usage["prompt_tokens"], shown["prompt_tokens_used"]);
+    assert_eq!(usage["completion_tokens"], shown["completion_tokens_used"]);
 }
 
 #[tokio::test]

@@ -299,9 +299,16 @@ async fn keys_create_sends_the_admin_token_and_prints_the_created_key() {
     );
     let printed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(printed["secret"], "sk-step3-secret");
-    assert_eq!(printed["key"]["id"], "key_1");
-    assert_eq!(printed["key"]["rpm_limit"], 60);
-    assert_eq!(printed["key"]["token_quota"], Value::Null);
+    // REST's shape: the key's fields and the secret side by side, the counters flat.
+    assert_eq!(printed["id"], "key_1");
+    assert_eq!(printed["rpm_limit"], 60);
+    assert_eq!(printed["token_quota"], Value::Null);
+    assert_eq!(
+        printed["models"],
+        serde_json::json!(["stepfun-ai/Step3-VL-10B"])
+    );
+    assert_eq!(printed["requests_used"], 0);
+    assert!(printed.get("key").is_none(), "{printed}");
     server.stop().await;
 }
 

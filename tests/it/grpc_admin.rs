@@ -464,7 +464,7 @@ async fn the_admin_cli_manages_a_live_gateway() {
     )
     .await;
     let secret = created["secret"].as_str().unwrap().to_owned();
-    let key_id = created["key"]["id"].as_str().unwrap().to_owned();
+    let key_id = created["id"].as_str().unwrap().to_owned();
     assert_eq!(
         gw.chat(&secret, &chat_body("via cli key")).await.status(),
         reqwest::StatusCode::OK

@@ -23,6 +23,7 @@ mod grpc_admin;
 mod grpcurl_readme;
 mod hardening;
 mod hostile;
+mod key_shape;
 mod openai_sdk;
 mod pool;
 mod reflection_client;
