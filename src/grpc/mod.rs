@@ -58,16 +58,22 @@ pub fn routes(
         health
             .set_service_status(admin_name, ServingStatus::Serving)
             .await;
+        let mut reported = None;
         loop {
             let status = if upstream.any_healthy() && store_gateway.store_health().is_available() {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             };
-            // Without a model server, or with a store that fails, the gateway cannot answer
-            // chats: report it overall too.
-            health.set_service_status("", status).await;
-            health.set_service_status(chat_name, status).await;
+            // Every set sends a message to each `Watch` stream, even with the status
+            // unchanged: set only on a change, so that a watcher hears of changes alone.
+            if reported != Some(status) {
+                // Without a model server, or with a store that fails, the gateway cannot
+                // answer chats: report it overall too.
+                health.set_service_status("", status).await;
+                health.set_service_status(chat_name, status).await;
+                reported = Some(status);
+            }
             tokio::select! {
                 // Reads the pool's last checks (no network): cheap enough to follow closely.
                 () = tokio::time::sleep(upstream.settings().health_interval.min(Duration::from_secs(1))) => {}

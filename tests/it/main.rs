@@ -20,6 +20,7 @@ mod faults;
 mod first_start;
 mod grpc;
 mod grpc_admin;
+mod grpc_health;
 mod grpcurl_readme;
 mod hardening;
 mod hostile;
