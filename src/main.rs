@@ -127,7 +127,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let unrecorded = running.shutdown().await;
     if unrecorded > 0 {
         anyhow::bail!(
-            "the store failed until the end: the usage of {unrecorded} calls could not be written to {}",
+            "the store failed until the end: the usage of {} could not be written to {}",
+            count(unrecorded as u64, "call"),
             config.store.path.display()
         );
     }
@@ -219,25 +220,34 @@ fn banner(running: &RunningGateway, config: &GatewayConfig, program: &str) -> St
 fn describe_limits(limits: &KeyLimits) -> String {
     let mut parts = Vec::new();
     if let Some(rpm) = limits.rpm_limit {
-        parts.push(format!("{rpm} requests a minute"));
+        parts.push(format!("{} a minute", count(rpm.into(), "request")));
     }
     if let Some(tpm) = limits.tpm_limit {
-        parts.push(format!("{tpm} tokens a minute"));
+        parts.push(format!("{} a minute", count(tpm, "token")));
     }
     let mut quotas = Vec::new();
     if let Some(requests) = limits.request_quota {
-        quotas.push(format!("{requests} requests"));
+        quotas.push(count(requests, "request"));
     }
     if let Some(tokens) = limits.token_quota {
-        quotas.push(format!("{tokens} tokens"));
+        quotas.push(count(tokens, "token"));
     }
     if let Some(images) = limits.image_quota {
-        quotas.push(format!("{images} images"));
+        quotas.push(count(images, "image"));
     }
     if !quotas.is_empty() {
         parts.push(format!("{} in all", quotas.join(" and ")));
     }
     parts.join(", ")
+}
+
+/// `1 request`, `2 requests`.
+fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// `admin-token reset`: a new admin token for the data directory, on stdout alone (so

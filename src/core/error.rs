@@ -20,8 +20,8 @@ pub enum GatewayError {
     /// A per-minute limit or a concurrency cap refused the call.
     #[error("{}", describe_refusal(.0))]
     RateLimited(Refusal),
-    /// A total quota of the key is used up.
-    #[error("this key's {what} quota is used up ({limit} {what})")]
+    /// A total quota of the key is used up; `what` is `requests`, `tokens` or `images`.
+    #[error("{}", describe_quota(what, *.limit))]
     QuotaExceeded { what: &'static str, limit: u64 },
     /// The request is malformed; `param` names the offending field when known.
     #[error("{message}")]
@@ -88,6 +88,13 @@ fn describe_refusal(r: &Refusal) -> String {
     }
 }
 
+/// `this key's request quota is used up (1 request)`, `… token quota … (1000 tokens)`.
+fn describe_quota(what: &str, limit: u64) -> String {
+    let one = what.strip_suffix('s').unwrap_or(what);
+    let unit = if limit == 1 { one } else { what };
+    format!("this key's {one} quota is used up ({limit} {unit})")
+}
+
 impl From<Refusal> for GatewayError {
     fn from(refusal: Refusal) -> Self {
         GatewayError::RateLimited(refusal)
@@ -143,5 +150,27 @@ impl GatewayError {
             message: message.into(),
             param: param.map(str::to_owned),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_used_up_quota_is_said_in_the_singular_or_plural() {
+        let message = |what, limit| GatewayError::QuotaExceeded { what, limit }.to_string();
+        assert_eq!(
+            message("requests", 1),
+            "this key's request quota is used up (1 request)"
+        );
+        assert_eq!(
+            message("tokens", 1000),
+            "this key's token quota is used up (1000 tokens)"
+        );
+        assert_eq!(
+            message("images", 0),
+            "this key's image quota is used up (0 images)"
+        );
     }
 }
