@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use step3_gateway::admin_client;
@@ -41,14 +42,16 @@ async fn main() -> ExitCode {
                     )
                     .exit();
             }
-            admin_client::run(args, &mut std::io::stdout().lock()).await
+            match admin_client::run(args, &mut std::io::stdout().lock()).await {
+                // The reader of the answer went away (`| head`): what it wanted, it has.
+                Err(e) if is_broken_pipe(&e) => Ok(()),
+                other => other,
+            }
         }
         Command::AdminToken(AdminTokenCommand::Reset(args)) => reset_admin_token(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        // The reader of our output went away (`| head`): what it wanted, it has.
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("step3-gateway: {}", error_chain(&e));
             ExitCode::FAILURE
@@ -260,8 +263,10 @@ fn reset_admin_token(args: &AdminTokenResetArgs) -> anyhow::Result<()> {
     let config = GatewayConfig::load_with(args.config.as_deref(), &flags)?;
     let token = step3_gateway::app::reset_admin_token(&config.store.path)?;
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{token}")?;
-    stdout.flush()?;
+    // Its hash is stored already: a token that cannot be shown must be said loudly.
+    writeln!(stdout, "{token}")
+        .and_then(|()| stdout.flush())
+        .context("the new admin token could not be printed; run admin-token reset again")?;
     eprintln!(
         "step3-gateway: a new admin token for {} (shown once; only its hash is stored); the old \
          one no longer works. Start the gateway and use it as `Authorization: Bearer <token>`.",
