@@ -52,6 +52,7 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Logged>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("step3-gateway: {}", error_chain(&e));
             ExitCode::FAILURE
@@ -105,12 +106,27 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
     )?)
 }
 
+/// An error already written to the JSON log: `main` only sets the exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("the error was logged")]
+struct Logged;
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     init_logs(config.log.format, &config.log.level);
+    match run_gateway(&args, &config).await {
+        // With JSON logs stderr stays one JSON object a line, the last error included.
+        Err(e) if config.log.format == LogFormat::Json => {
+            tracing::error!(error = %error_chain(&e), "step3-gateway stopped");
+            Err(Logged.into())
+        }
+        other => other,
+    }
+}
 
+async fn run_gateway(args: &ServeArgs, config: &GatewayConfig) -> anyhow::Result<()> {
     let running = step3_gateway::app::start(config.clone()).await?;
-    announce(&running, &config);
+    announce(&running, config);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -119,7 +135,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             () = &mut shutdown => break,
             Some(()) = hangup.recv() => {
                 // Only the upstream list is reloaded; other settings need a restart.
-                match load_config(&args).and_then(|config| running.reload_upstreams(&config)) {
+                match load_config(args).and_then(|config| running.reload_upstreams(&config)) {
                     Ok(()) => tracing::info!("SIGHUP: upstream list reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the current upstreams"),
                 }

@@ -168,6 +168,8 @@ async fn a_taken_port_stores_no_secret_and_the_next_start_shows_working_ones() {
         &format!("127.0.0.1:{port}"),
         "--data-dir",
         data.to_str().unwrap(),
+        "--log-format",
+        "json",
     ])
     .await;
     assert_eq!(failed.status.code(), Some(1), "{failed:?}");
@@ -176,6 +178,10 @@ async fn a_taken_port_stores_no_secret_and_the_next_start_shows_working_ones() {
         stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
         "{stderr}"
     );
+    // With JSON logs, the error that ends the start is a JSON line too.
+    for line in stderr.lines() {
+        let _: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
     assert!(
         failed.stdout.is_empty(),
         "no banner for a gateway that never served"
