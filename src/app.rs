@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::call::CallPath;
-use crate::config::GatewayConfig;
+use crate::config::{BackendConfig, GatewayConfig};
 use crate::core::admin::{NewKey, NewUser};
 use crate::core::limits::KeyLimits;
 use crate::core::request::RequestOptions;
@@ -23,7 +23,9 @@ use crate::grpc;
 use crate::metrics::Metrics;
 use crate::rest::{self, AppState, RestSettings};
 use crate::server::ConnectionLimits;
-use crate::sim::{RunningSimulator, Simulator, SimulatorConfig};
+use crate::sim::{
+    DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig,
+};
 use crate::store::{SledStore, UsageWriter};
 use crate::upstream::UpstreamPool;
 
@@ -68,8 +70,11 @@ pub struct RunningGateway {
     pub secrets: FirstStartSecrets,
     /// The demo key (its secret is in `secrets` on the first demo start only).
     pub demo_key: Option<DemoKey>,
-    /// The in-process simulator of `--demo`.
+    /// The in-process simulator of `--demo` (the chat model).
     pub simulator: Option<RunningSimulator>,
+    /// The demo's second backend, an embedding model (a pool of two, as in front of two
+    /// servers).
+    pub embedding_simulator: Option<RunningSimulator>,
     shutdown: CancellationToken,
     /// Ends with the number of calls whose usage could not be written.
     task: JoinHandle<usize>,
@@ -96,7 +101,10 @@ impl RunningGateway {
                 0
             }
         };
-        if let Some(simulator) = self.simulator {
+        for simulator in [self.simulator, self.embedding_simulator]
+            .into_iter()
+            .flatten()
+        {
             simulator.shutdown().await;
         }
         unrecorded
@@ -131,22 +139,11 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         Some(grpc_listen) => Some(bind(grpc_listen).await?),
         None => None,
     };
-    let simulator = if config.demo.enabled {
-        let simulator = Simulator::new(SimulatorConfig {
-            token_latency: Duration::from_millis(config.demo.token_latency_ms),
-            // A long-running demo must not keep every request in memory.
-            record_requests: false,
-            ..SimulatorConfig::default()
-        })
-        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .context("cannot start the demo simulator")?;
-        config.upstream.url = simulator.url();
-        // The demo answers with the simulator alone, whatever backends are configured.
-        config.upstream.backends.clear();
-        Some(simulator)
+    let (simulator, embedding_simulator) = if config.demo.enabled {
+        let (chat, embed) = start_demo_backends(&mut config).await?;
+        (Some(chat), Some(embed))
     } else {
-        None
+        (None, None)
     };
 
     std::fs::create_dir_all(&config.store.path).with_context(|| {
@@ -272,9 +269,46 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         secrets,
         demo_key,
         simulator,
+        embedding_simulator,
         shutdown,
         task,
     })
+}
+
+/// The demo's model servers: the simulated STEP3-VL, and an embedding model on a backend
+/// of its own, routed to by model (whatever backends the configuration names).
+async fn start_demo_backends(
+    config: &mut GatewayConfig,
+) -> anyhow::Result<(RunningSimulator, RunningSimulator)> {
+    let spawn = |embedding_model: Option<String>| {
+        Simulator::new(SimulatorConfig {
+            token_latency: Duration::from_millis(config.demo.token_latency_ms),
+            // A long-running demo must not keep every request in memory.
+            record_requests: false,
+            embedding_model,
+            ..SimulatorConfig::default()
+        })
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+    };
+    let chat = spawn(None)
+        .await
+        .context("cannot start the demo simulator")?;
+    let embed = spawn(Some(DEFAULT_EMBEDDING_MODEL.into()))
+        .await
+        .context("cannot start the demo's embedding simulator")?;
+    let backend = |name: &str, url: String, model: &str| BackendConfig {
+        name: Some(name.into()),
+        url,
+        api_key: None,
+        models: vec![model.into()],
+        weight: 1,
+    };
+    config.upstream.url = chat.url();
+    config.upstream.backends = vec![
+        backend("demo-chat", chat.url(), DEFAULT_MODEL),
+        backend("demo-embed", embed.url(), DEFAULT_EMBEDDING_MODEL),
+    ];
+    Ok((chat, embed))
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

@@ -210,6 +210,14 @@ fn banner(running: &RunningGateway, config: &GatewayConfig, program: &str) -> St
         "\nDemo mode: simulated STEP3-VL server at {}",
         simulator.url()
     );
+    if let Some(embed) = &running.embedding_simulator {
+        let _ = writeln!(
+            text,
+            "and an embedding model, {}, on a backend of its own at {}",
+            step3_gateway::sim::DEFAULT_EMBEDDING_MODEL,
+            embed.url()
+        );
+    }
     match (&running.secrets.demo_key, &running.demo_key) {
         (Some(key), _) => {
             let _ = write!(

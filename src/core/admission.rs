@@ -101,9 +101,11 @@ impl Gateway {
         if let Some(cap) = per_request
             && facts.images > cap
         {
+            let images = if facts.images == 1 { "image" } else { "images" };
+            let are = if cap == 1 { "is" } else { "are" };
             return Err(GatewayError::invalid_request(
                 format!(
-                    "this request has {} images; at most {cap} are allowed per request",
+                    "this request has {} {images}; at most {cap} {are} allowed per request",
                     facts.images
                 ),
                 Some("messages"),

@@ -17,6 +17,7 @@ use crate::core::admin::{
     CallFilter, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, NewKey, NewUser, UsageGrouping,
     UsageQuery, UsageSubject, UserPatch,
 };
+use crate::core::request::field_error;
 use crate::core::time::UnixTime;
 use crate::edge::bearer;
 
@@ -105,27 +106,6 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for AdminQuery<T> 
 
 /// What serde said about the input at `path` (`.` is the whole input), as an invalid
 /// request whose `param` names the field: serde reports a missing field at its parent.
-fn field_error(path: &str, message: &str) -> GatewayError {
-    let message = message.split(" at line ").next().unwrap_or(message);
-    if let Some(rest) = message.strip_prefix("missing field `") {
-        let field = rest.split('`').next().unwrap_or_default();
-        let param = if path == "." {
-            field.to_owned()
-        } else {
-            format!("{path}.{field}")
-        };
-        return GatewayError::invalid_request(format!("`{param}` is required"), Some(&param));
-    }
-    if path == "." && message.starts_with("invalid type") {
-        // serde names the Rust type it wanted (`struct NewKey`); the reader needs the JSON.
-        GatewayError::invalid_request("the body must be a JSON object", None)
-    } else if path == "." {
-        GatewayError::invalid_request(format!("invalid request: {message}"), None)
-    } else {
-        GatewayError::invalid_request(format!("`{path}`: {message}"), Some(path))
-    }
-}
-
 async fn list_users(_: Admin, State(state): State<AppState>) -> Json<Value> {
     Json(json!({"users": state.gateway().list_users()}))
 }

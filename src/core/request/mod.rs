@@ -385,9 +385,14 @@ fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> GatewayError 
             None,
         );
     }
-    let text = inner.to_string();
+    field_error(&path, &inner.to_string())
+}
+
+/// The error for a body (or query) that parsed but does not fit: serde's `message` about
+/// the member at `path` (`.` for the body itself), with `param` naming the field.
+pub fn field_error(path: &str, message: &str) -> GatewayError {
     // serde reports a missing field at its parent; name the field itself.
-    if let Some(rest) = text.strip_prefix("missing field `") {
+    if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or_default();
         let param = if path == "." {
             field.to_owned()
@@ -399,11 +404,14 @@ fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> GatewayError 
             Some(&param),
         );
     }
-    let message = text.split(" at line ").next().unwrap_or(&text);
-    if path == "." {
+    let message = message.split(" at line ").next().unwrap_or(message);
+    if path == "." && message.contains("expected struct ") {
+        // serde names the Rust type it wanted; the reader needs to hear about the JSON.
+        GatewayError::invalid_request("Invalid request body: it must be a JSON object.", None)
+    } else if path == "." {
         GatewayError::invalid_request(format!("Invalid request body: {message}"), None)
     } else {
-        GatewayError::invalid_request(format!("Invalid type for '{path}': {message}"), Some(&path))
+        GatewayError::invalid_request(format!("Invalid type for '{path}': {message}"), Some(path))
     }
 }
 
