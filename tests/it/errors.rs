@@ -278,6 +278,22 @@ async fn a_dead_upstream_gets_503_at_once_and_a_silent_one_504_charged_as_estima
     .await;
     assert_eq!(error["code"], "no_healthy_backend");
     assert_nothing_charged(&gw, &key.secret).await;
+    // One call, one story: the call log and the metrics say what the client was told.
+    let calls = gw.wait_for_calls(&key.id, 1).await;
+    assert_eq!(calls[0]["status"], 503, "{}", calls[0]);
+    assert_eq!(calls[0]["outcome"], "upstream_failed");
+    assert!(
+        gw.metrics().await.contains(r#"status="503""#),
+        "the request metric counts the 503 the client saw"
+    );
+    // /health says why the backend is not taking calls, and when it last looked.
+    let health = gw.health().await;
+    let backend = &health["upstreams"][0];
+    assert_eq!(backend["healthy"], false, "{health}");
+    assert!(backend["checked_at"].as_i64().unwrap() > 0, "{health}");
+    let why = backend["last_error"].as_str().unwrap();
+    assert!(why.contains("connect"), "{why}");
+    assert!(!why.contains("127.0.0.1:9"), "no address on /health: {why}");
 
     let slow = TestGateway::builder()
         .config(|c| c.upstream.first_byte_timeout_secs = 1)

@@ -81,37 +81,6 @@ async fn a_used_up_quota_tells_the_sdks_not_to_retry() {
 }
 
 #[tokio::test]
-async fn a_call_without_a_model_server_tells_one_story() {
-    let gw = TestGateway::builder()
-        .config(|c| c.upstream.url = "http://127.0.0.1:9".into())
-        .start()
-        .await;
-    let key = gw.create_key(json!({})).await;
-    let error = expect_error(
-        gw.chat(&key.secret, &chat_body("hi")).await,
-        StatusCode::SERVICE_UNAVAILABLE,
-    )
-    .await;
-    assert_eq!(error["code"], "no_healthy_backend");
-    let calls = gw.wait_for_calls(&key.id, 1).await;
-    assert_eq!(calls[0]["status"], 503, "{}", calls[0]);
-    assert_eq!(calls[0]["outcome"], "upstream_failed");
-    assert!(
-        gw.metrics().await.contains(r#"status="503""#),
-        "the request metric counts the 503 the client saw"
-    );
-
-    // /health says why the backend is not taking calls, and when it last looked.
-    let health = gw.health().await;
-    let backend = &health["upstreams"][0];
-    assert_eq!(backend["healthy"], false, "{health}");
-    assert!(backend["checked_at"].as_i64().unwrap() > 0, "{health}");
-    let why = backend["last_error"].as_str().unwrap();
-    assert!(why.contains("connect"), "{why}");
-    assert!(!why.contains("127.0.0.1:9"), "no address on /health: {why}");
-}
-
-#[tokio::test]
 async fn a_backend_that_fails_a_call_is_checked_at_once_not_at_the_next_tick() {
     let upstream = spawn_sim(SimulatorConfig::default()).await;
     let url = upstream.url();
