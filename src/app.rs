@@ -296,17 +296,10 @@ async fn start_demo_backends(
     let embed = spawn(Some(DEFAULT_EMBEDDING_MODEL.into()))
         .await
         .context("cannot start the demo's embedding simulator")?;
-    let backend = |name: &str, url: String, model: &str| BackendConfig {
-        name: Some(name.into()),
-        url,
-        api_key: None,
-        models: vec![model.into()],
-        weight: 1,
-    };
     config.upstream.url = chat.url();
     config.upstream.backends = vec![
-        backend("demo-chat", chat.url(), DEFAULT_MODEL),
-        backend("demo-embed", embed.url(), DEFAULT_EMBEDDING_MODEL),
+        BackendConfig::serving("demo-chat", chat.url(), DEFAULT_MODEL),
+        BackendConfig::serving("demo-embed", embed.url(), DEFAULT_EMBEDDING_MODEL),
     ];
     Ok((chat, embed))
 }

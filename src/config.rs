@@ -176,6 +176,19 @@ pub struct BackendConfig {
     pub weight: u32,
 }
 
+impl BackendConfig {
+    /// A backend at `url` serving `model` alone.
+    pub fn serving(name: &str, url: String, model: &str) -> Self {
+        BackendConfig {
+            name: Some(name.into()),
+            url,
+            api_key: None,
+            models: vec![model.into()],
+            weight: 1,
+        }
+    }
+}
+
 fn one() -> u32 {
     1
 }

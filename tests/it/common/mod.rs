@@ -75,16 +75,9 @@ impl Builder {
         config.upstream.health_interval_ms = 100;
         config.admin.token = Some(ADMIN_TOKEN.into());
         if let Some(embed) = &embed_sim {
-            let backend = |name: &str, url: String, model: &str| BackendConfig {
-                name: Some(name.into()),
-                url,
-                api_key: None,
-                models: vec![model.into()],
-                weight: 1,
-            };
             config.upstream.backends = vec![
-                backend("chat", sim.url(), MODEL),
-                backend("embed", embed.url(), EMBED_MODEL),
+                BackendConfig::serving("chat", sim.url(), MODEL),
+                BackendConfig::serving("embed", embed.url(), EMBED_MODEL),
             ];
         }
         for tweak in self.tweaks {
