@@ -899,6 +899,7 @@ fn store_only(calls: u64) -> anyhow::Result<()> {
                 image_sizes: Vec::new(),
                 request_body: None,
                 response_body: None,
+                reservation: None,
             })
             .collect();
         n += batch.len() as u64;

@@ -11,8 +11,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::call::CallPath;
-use crate::config::{BackendConfig, GatewayConfig};
+use crate::config::{BackendConfig, Durability, GatewayConfig};
 use crate::core::admin::{NewKey, NewUser};
+use crate::core::journal::{self, ReservationJournal};
 use crate::core::limits::KeyLimits;
 use crate::core::request::RequestOptions;
 use crate::core::store::Store;
@@ -26,7 +27,7 @@ use crate::server::ConnectionLimits;
 use crate::sim::{
     DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig,
 };
-use crate::store::{SledStore, UsageWriter};
+use crate::store::{FileJournal, SledStore, UsageWriter};
 use crate::upstream::UpstreamPool;
 
 const ADMIN_TOKEN_META: &str = "admin_token_hash";
@@ -156,9 +157,13 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         SledStore::open(&config.store.path, config.store.flush_interval_ms)
             .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
     );
+    let journal = open_journal(&config, &*store).await?;
     let admin_token = AdminToken::find(&config, &*store)?;
 
     let (sink, queue) = usage_channel();
+    let journal_port = journal
+        .clone()
+        .map(|journal| journal as Arc<dyn ReservationJournal>);
     let writer = UsageWriter::spawn(
         store.clone(),
         queue,
@@ -166,9 +171,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         (config.store.call_log_retention_days > 0).then(|| {
             Duration::from_secs(config.store.call_log_retention_days.saturating_mul(86_400))
         }),
+        journal_port.clone(),
     );
     let metrics = Arc::new(Metrics::default());
-    let gateway = Arc::new(Gateway::load(
+    let mut gateway = Gateway::load(
         store.clone(),
         sink,
         metrics.clone(),
@@ -178,7 +184,11 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             default_max_tokens: config.limits.default_max_tokens,
             max_images_per_request: config.limits.max_images_per_request,
         },
-    )?);
+    )?;
+    if let Some(journal) = journal_port {
+        gateway = gateway.with_journal(journal);
+    }
+    let gateway = Arc::new(gateway);
 
     let upstream = Arc::new(UpstreamPool::new(config.upstream.pool_settings())?);
     let hard_stop = CancellationToken::new();
@@ -252,6 +262,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         hard_stop,
         config.shutdown_grace(),
         writer,
+        journal,
     ));
     stop_on_error.disarm();
     tracing::info!(
@@ -319,6 +330,7 @@ async fn serve(
     hard_stop: CancellationToken,
     grace: Duration,
     writer: UsageWriter,
+    journal: Option<Arc<FileJournal>>,
 ) -> usize {
     let cutter = {
         let shutdown = shutdown.clone();
@@ -346,10 +358,49 @@ async fn serve(
     }
     cutter.abort();
     let unrecorded = writer.stop().await;
+    // The writer closed the reservations of every call it made durable: write that down.
+    if let Some(journal) = journal {
+        let _ = tokio::task::spawn_blocking(move || journal.stop()).await;
+    }
     if unrecorded == 0 {
         tracing::info!("step3-gateway stopped; usage flushed");
     }
     unrecorded
+}
+
+/// Opens the reservation journal and settles what the last run left open, before anything
+/// reads the books. In `flush_interval` mode a journal left by a durable run is settled and
+/// closed, and none is kept.
+async fn open_journal(
+    config: &GatewayConfig,
+    store: &dyn Store,
+) -> anyhow::Result<Option<Arc<FileJournal>>> {
+    let dir = config.store.path.join("journal");
+    let durable = config.store.durability == Durability::Reservations;
+    if !durable && !dir.exists() {
+        return Ok(None);
+    }
+    let opened = FileJournal::open(&dir)
+        .with_context(|| format!("cannot open the reservation journal in {}", dir.display()))?;
+    let journal = Arc::new(opened);
+    let recovery = journal::recover(store, &*journal)
+        .context("cannot settle the calls the last run left open")?;
+    if recovery != journal::Recovery::default() {
+        tracing::warn!(
+            interrupted = recovery.interrupted,
+            from_settlement = recovery.from_settlement,
+            already_recorded = recovery.already_recorded,
+            "settled the calls a hard stop left open: interrupted ones are charged their \
+             reservation and marked `interrupted` in the call log"
+        );
+    }
+    if durable {
+        return Ok(Some(journal));
+    }
+    tokio::task::spawn_blocking(move || journal.stop()).await?;
+    std::fs::remove_dir_all(&dir)
+        .with_context(|| format!("cannot remove the journal {}", dir.display()))?;
+    Ok(None)
 }
 
 /// The admin token the gate checks: configured, stored by an earlier start (or by

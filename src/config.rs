@@ -239,7 +239,10 @@ impl UpstreamConfig {
 pub struct StoreConfig {
     /// The sled data directory.
     pub path: PathBuf,
-    /// How often writes reach the disk; a hard kill loses at most this much usage.
+    /// What a hard stop may cost (README, "Durability").
+    pub durability: Durability,
+    /// How often the books are flushed to disk. With `durability = "flush_interval"`, a
+    /// hard kill can lose the usage of the calls settled within this interval.
     pub flush_interval_ms: u64,
     /// Keep request and response bodies in the call log.
     pub log_bodies: bool,
@@ -248,10 +251,25 @@ pub struct StoreConfig {
     pub call_log_retention_days: u64,
 }
 
+/// What a hard stop (`kill -9`, a crash, a power loss) may cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Each call's reservation is synced to a journal before the call is forwarded (one
+    /// sync shared by the calls that arrive together): no call the model server worked on
+    /// is lost; one cut short is charged its reservation at the next start.
+    #[default]
+    Reservations,
+    /// No journal: usage is written in batches and flushed every `flush_interval_ms`; a
+    /// hard kill can lose the calls settled within that interval.
+    FlushInterval,
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("./data"),
+            durability: Durability::default(),
             flush_interval_ms: 500,
             log_bodies: false,
             call_log_retention_days: 90,
@@ -621,8 +639,24 @@ mod tests {
             assert_eq!(config.server.listen, "127.0.0.1:9000".parse().unwrap());
             assert_eq!(config.upstream.url, "http://other:8000/v1");
             assert_eq!(config.store.flush_interval_ms, 250);
+            assert_eq!(config.store.durability, Durability::Reservations);
             assert_eq!(config.server.max_body_bytes, 20 * 1024 * 1024);
             config.validate().unwrap();
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_faster_store_mode_is_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gw.toml", "[store]\ndurability = \"flush_interval\"\n")?;
+            let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
+            assert_eq!(config.store.durability, Durability::FlushInterval);
+            jail.set_env("STEP3GW_STORE_DURABILITY", "sometimes");
+            let err = GatewayConfig::load(Some(Path::new("gw.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("sometimes"), "{err}");
             Ok(())
         });
     }

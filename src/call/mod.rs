@@ -131,8 +131,9 @@ impl CallPath {
         }
     }
 
-    /// Admits a call and forwards it within the total time limit (returned as a deadline
-    /// for the rest of the call); a call that fails here is settled.
+    /// Admits a call, makes its reservation durable (durable mode) and forwards it, within
+    /// the total time limit (returned as a deadline for the rest of the call); a call that
+    /// fails here is settled.
     async fn start(
         &self,
         caller: &Caller,
@@ -151,7 +152,11 @@ impl CallPath {
         }
         let mut admission = self.admit(caller, &call, origin)?;
         let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
-        let sent = self.send(&mut admission, call, &origin.request_id);
+        let sent = async {
+            // On the books before the model server starts on it.
+            admission.make_durable().await?;
+            self.send(&mut admission, call, &origin.request_id).await
+        };
         match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(answer)) => Ok((admission, answer, deadline)),
             Ok(Err(e)) => Err(settle_failed(admission, e)),

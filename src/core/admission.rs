@@ -9,11 +9,13 @@ use super::error::GatewayError;
 use super::events::{Door, GateEvents};
 use super::gateway::Gateway;
 use super::images::ImageSize;
+use super::journal::{Reservation, ReservationJournal};
 use super::key_index::{Caller, Remaining};
 use super::limits::KeyLimits;
 use super::quota::{self, TokenAsk};
 use super::rate_limit::{Grant, LimitScope, LimitSpec, RateFigures};
 use super::records::Usage;
+use super::time::now_micros;
 use super::usage_sink::UsageSink;
 
 /// What the gate knows of a call before it is forwarded.
@@ -73,6 +75,9 @@ pub struct Admission {
     pub(super) chunks_seen: u64,
     pub(super) response_body: Option<String>,
     pub(super) settled: bool,
+    /// Durable mode: the journal, and this call's reservation in it once written.
+    pub(super) journal: Option<Arc<dyn ReservationJournal>>,
+    pub(super) reservation: Option<u64>,
 }
 
 impl Gateway {
@@ -131,6 +136,8 @@ impl Gateway {
             chunks_seen: 0,
             response_body: None,
             settled: false,
+            journal: self.journal.clone(),
+            reservation: None,
         };
 
         // Quotas first, so a call they refuse takes nothing from the per-minute limits.
@@ -245,6 +252,43 @@ impl Admission {
     /// The quotas left with this call's reservation counted.
     pub fn remaining(&self) -> Remaining {
         self.caller.remaining()
+    }
+
+    /// Durable mode: writes this call's reservation to the journal and returns once it is
+    /// durable (one sync shared with the calls reserved meanwhile). Must come before the
+    /// call is forwarded: a call the model server sees is then settled exactly once, at the
+    /// latest at the next start. Without a journal, returns at once.
+    pub async fn make_durable(&mut self) -> Result<(), GatewayError> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let pending = journal.reserve(Reservation {
+            at_micros: now_micros(),
+            request_id: self.facts.request_id.clone(),
+            key_id: self.caller.record.id.clone(),
+            user_id: self.caller.record.user_id.clone(),
+            model: self.facts.model.clone(),
+            stream: self.facts.stream,
+            estimate: Usage {
+                prompt_tokens: self.facts.prompt_estimate,
+                completion_tokens: self
+                    .reserved
+                    .tokens
+                    .saturating_sub(self.facts.prompt_estimate),
+            },
+            images: self.facts.images,
+        });
+        // Known before the sync: if this call is dropped while waiting, its settlement
+        // still names the reservation, and the two meet in the journal.
+        self.reservation = Some(pending.id);
+        match pending.durable.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the reservation journal failed; the call is refused");
+                Err(GatewayError::StoreUnavailable)
+            }
+            Err(_) => Err(GatewayError::StoreUnavailable),
+        }
     }
 
     /// The upstream has the request: from now on an abandoned call is charged.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::error::GatewayError;
 use super::events::GateEvents;
+use super::journal::ReservationJournal;
 use super::key_index::{Caller, KeyIndex};
 use super::keys::SecretHash;
 use super::store::Store;
@@ -39,6 +40,8 @@ pub struct Gateway {
     pub(super) events: Arc<dyn GateEvents>,
     pub(super) keys: KeyIndex,
     pub(super) settings: GateSettings,
+    /// Durable mode: where each call's reservation is written before it is forwarded.
+    pub(super) journal: Option<Arc<dyn ReservationJournal>>,
 }
 
 impl Gateway {
@@ -56,7 +59,15 @@ impl Gateway {
             store,
             sink,
             settings,
+            journal: None,
         })
+    }
+
+    /// Durable mode: every call's reservation goes to `journal` and is durable before the
+    /// call is forwarded ([`crate::core::Admission::make_durable`]).
+    pub fn with_journal(mut self, journal: Arc<dyn ReservationJournal>) -> Self {
+        self.journal = Some(journal);
+        self
     }
 
     /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `).

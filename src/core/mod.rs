@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod gateway;
 pub mod images;
+pub mod journal;
 pub mod key_index;
 pub mod keys;
 pub mod limits;

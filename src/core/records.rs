@@ -131,6 +131,9 @@ pub enum CallOutcome {
     ClientDisconnected,
     /// The gateway stopped the call while shutting down.
     Cancelled,
+    /// The gateway was killed while the call was in flight: settled at the next start from
+    /// its durable reservation, with the reservation's estimate (`usage_estimated`).
+    Interrupted,
 }
 
 impl CallOutcome {
@@ -144,6 +147,7 @@ impl CallOutcome {
             CallOutcome::StreamIncomplete => "stream_incomplete",
             CallOutcome::ClientDisconnected => "client_disconnected",
             CallOutcome::Cancelled => "cancelled",
+            CallOutcome::Interrupted => "interrupted",
         }
     }
 
@@ -156,6 +160,7 @@ impl CallOutcome {
                 | CallOutcome::StreamIncomplete
                 | CallOutcome::ClientDisconnected
                 | CallOutcome::Cancelled
+                | CallOutcome::Interrupted
         )
     }
 }
@@ -189,6 +194,10 @@ pub struct CallRecord {
     pub request_body: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_body: Option<String>,
+    /// The journal id of the call's durable reservation (durable mode): the store keeps
+    /// one call per reservation, so a call settled again at recovery is not counted twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<u64>,
 }
 
 impl CallRecord {

@@ -106,7 +106,7 @@ impl Admission {
             latency_ms,
             "call"
         );
-        self.sink.record(CallRecord {
+        let mut call = CallRecord {
             at_micros: now_micros(),
             request_id: std::mem::take(&mut self.facts.request_id),
             key_id: self.caller.record.id.clone(),
@@ -121,9 +121,18 @@ impl Admission {
             usage_estimated,
             images,
             image_sizes: std::mem::take(&mut self.facts.image_sizes),
-            request_body: self.facts.request_body.take(),
-            response_body: self.response_body.take(),
-        });
+            request_body: None,
+            response_body: None,
+            reservation: self.reservation,
+        };
+        // The journal keeps the settlement (without the bodies) until the store has the
+        // call: a hard stop in between then costs the real usage, not the reservation.
+        if let (Some(journal), Some(_)) = (&self.journal, self.reservation) {
+            journal.settled(&call);
+        }
+        call.request_body = self.facts.request_body.take();
+        call.response_body = self.response_body.take();
+        self.sink.record(call);
     }
 }
 

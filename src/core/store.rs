@@ -5,7 +5,7 @@ use super::error::GatewayError;
 use super::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
 use super::time::UnixTime;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store I/O error: {0}")]
     Io(String),
@@ -77,14 +77,21 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a key and points the hashes of its secrets (current and previous) at it.
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// Applies a batch of finished calls: counters, hourly usage and the call log, atomically.
-    /// Idempotent: a call already in the log (same time and request id) is skipped, so a
-    /// batch whose fate is unknown after a failure can be written again.
+    /// Idempotent: a call already in the log (same time and request id, or same
+    /// reservation) is skipped, so a batch whose fate is unknown after a failure, or a call
+    /// settled again at recovery, can be written again.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;
     /// [`Store::record_calls`] for calls never given to the store before, which need no
     /// look-up in the log (one read per call saved on the usage writer's normal path).
     fn record_new_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
         self.record_calls(calls)
     }
+    /// Which of `reservations` already have their call in the log (a call recorded with
+    /// [`CallRecord::reservation`] set is kept once per reservation).
+    fn recorded_reservations(
+        &self,
+        reservations: &[u64],
+    ) -> Result<std::collections::HashSet<u64>, StoreError>;
     /// Calls newest first: a key's (or everyone's), strictly before `cursor`, at or after
     /// `from_micros`, that pass `filter`. Scans at most `scan_limit` entries; the cursor
     /// returned is where a next page starts, `None` when the log is exhausted.

@@ -36,6 +36,7 @@ pub(crate) fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallR
         image_sizes: Vec::new(),
         request_body: None,
         response_body: None,
+        reservation: None,
     }
 }
 
@@ -80,6 +81,7 @@ pub(crate) struct MemoryStore {
     users: Mutex<BTreeMap<String, UserRecord>>,
     keys: Mutex<BTreeMap<String, (KeyRecord, KeyCounters)>>,
     meta: Mutex<BTreeMap<String, Vec<u8>>>,
+    calls: Mutex<Vec<CallRecord>>,
 }
 
 impl MemoryStore {
@@ -92,6 +94,11 @@ impl MemoryStore {
             store.put_key(&k).unwrap();
         }
         store
+    }
+
+    /// Every call recorded, in order.
+    pub(crate) fn calls_recorded(&self) -> Vec<CallRecord> {
+        self.calls.lock().unwrap().clone()
     }
 }
 
@@ -143,12 +150,28 @@ impl Store for MemoryStore {
     }
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
         let mut keys = self.keys.lock().unwrap();
+        let mut log = self.calls.lock().unwrap();
         for call in calls {
+            if call.reservation.is_some() && log.iter().any(|c| c.reservation == call.reservation) {
+                continue;
+            }
             if let Some((_, counters)) = keys.get_mut(&call.key_id) {
                 counters.add(&call.counters());
             }
+            log.push(call.clone());
         }
         Ok(())
+    }
+    fn recorded_reservations(
+        &self,
+        reservations: &[u64],
+    ) -> Result<std::collections::HashSet<u64>, StoreError> {
+        let log = self.calls.lock().unwrap();
+        Ok(reservations
+            .iter()
+            .copied()
+            .filter(|id| log.iter().any(|c| c.reservation == Some(*id)))
+            .collect())
     }
     fn calls(
         &self,

@@ -1,9 +1,12 @@
-//! Implementations of core's store port: sled (embedded), and the background writer that
-//! drains the gate's usage queue in batches so that no request waits for the disk.
+//! Implementations of core's store port: sled (embedded), the reservation journal (durable
+//! mode), and the background writer that drains the gate's usage queue in batches so that
+//! no request waits for the disk.
 
+mod journal;
 mod sled_store;
 mod writer;
 
+pub use journal::FileJournal;
 pub use sled_store::SledStore;
 pub use writer::UsageWriter;
 

@@ -57,6 +57,8 @@ struct Trees {
     calls: sled::Tree,
     /// A key's calls: `key_id NUL big-endian(micros) request_id` → nothing.
     calls_by_key: sled::Tree,
+    /// `big-endian(reservation)` → the call's log key: one call per durable reservation.
+    reservations: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -76,12 +78,22 @@ impl SledStore {
         let mut log = Vec::with_capacity(calls.len());
         let mut seen =
             std::collections::HashSet::with_capacity(if dedupe { calls.len() } else { 0 });
+        let mut seen_reservations = std::collections::HashSet::new();
         for call in calls {
             // A call already in the log is not counted again: a batch retried after a
             // failure may have reached the disk before it. Read outside the transaction:
             // the usage writer is the only writer of the log.
             let key = call_key(call.at_micros, &call.request_id);
             if dedupe && (!seen.insert(key.clone()) || t.calls.contains_key(&key)?) {
+                continue;
+            }
+            // A call settled again at recovery has another time than the one the last run
+            // may have written: its reservation tells.
+            if dedupe
+                && let Some(id) = call.reservation
+                && (!seen_reservations.insert(id)
+                    || t.reservations.contains_key(id.to_be_bytes())?)
+            {
                 continue;
             }
             counters
@@ -105,49 +117,60 @@ impl SledStore {
                 key,
                 timed_key(&call.key_id, call.at_micros, &call.request_id),
                 encode(call)?,
+                call.reservation,
             ));
         }
-        let trees = (&t.counters, &t.usage, &t.calls, &t.calls_by_key);
-        let result = trees.transaction(|(counter_tree, usage_tree, call_tree, by_key_tree)| {
-            for (key_id, delta) in &counters {
-                let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
-                    Some(bytes) => {
-                        decode("counters", &bytes).map_err(ConflictableTransactionError::Abort)?
+        let trees = (
+            &t.counters,
+            &t.usage,
+            &t.calls,
+            &t.calls_by_key,
+            &t.reservations,
+        );
+        let result = trees.transaction(
+            |(counter_tree, usage_tree, call_tree, by_key_tree, reservation_tree)| {
+                for (key_id, delta) in &counters {
+                    let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
+                        Some(bytes) => decode("counters", &bytes)
+                            .map_err(ConflictableTransactionError::Abort)?,
+                        None => KeyCounters::default(),
+                    };
+                    total.add(delta);
+                    let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
+                    counter_tree.insert(key_id.as_bytes(), bytes)?;
+                }
+                for (key, delta) in &buckets {
+                    let mut bucket: UsageBucket = match usage_tree.get(key)? {
+                        Some(bytes) => {
+                            decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
+                        }
+                        None => UsageBucket {
+                            hour: delta.hour,
+                            model: delta.model.clone(),
+                            ..UsageBucket::default()
+                        },
+                    };
+                    bucket.requests += delta.requests;
+                    bucket.errors += delta.errors;
+                    bucket.prompt_tokens += delta.prompt_tokens;
+                    bucket.completion_tokens += delta.completion_tokens;
+                    bucket.images += delta.images;
+                    let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
+                    usage_tree.insert(key.as_slice(), bytes)?;
+                }
+                for (key, by_key, value, reservation) in &log {
+                    call_tree.insert(key.as_slice(), value.as_slice())?;
+                    by_key_tree.insert(by_key.as_slice(), &[])?;
+                    if let Some(id) = reservation {
+                        reservation_tree.insert(&id.to_be_bytes(), key.as_slice())?;
                     }
-                    None => KeyCounters::default(),
-                };
-                total.add(delta);
-                let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
-                counter_tree.insert(key_id.as_bytes(), bytes)?;
-            }
-            for (key, delta) in &buckets {
-                let mut bucket: UsageBucket = match usage_tree.get(key)? {
-                    Some(bytes) => {
-                        decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
-                    }
-                    None => UsageBucket {
-                        hour: delta.hour,
-                        model: delta.model.clone(),
-                        ..UsageBucket::default()
-                    },
-                };
-                bucket.requests += delta.requests;
-                bucket.errors += delta.errors;
-                bucket.prompt_tokens += delta.prompt_tokens;
-                bucket.completion_tokens += delta.completion_tokens;
-                bucket.images += delta.images;
-                let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
-                usage_tree.insert(key.as_slice(), bytes)?;
-            }
-            for (key, by_key, value) in &log {
-                call_tree.insert(key.as_slice(), value.as_slice())?;
-                by_key_tree.insert(by_key.as_slice(), &[])?;
-            }
-            Ok(())
-        });
+                }
+                Ok(())
+            },
+        );
         match result {
             Ok(()) => {
-                if let Some((key, _, _)) = log.last() {
+                if let Some((key, _, _, _)) = log.last() {
                     self.marks.lock().unwrap_or_else(|p| p.into_inner()).written =
                         Some(key.clone());
                 }
@@ -237,6 +260,7 @@ fn open_trees(path: &Path, flush_ms: u64) -> Result<Trees, StoreError> {
         usage: db.open_tree("usage")?,
         calls: db.open_tree("calls")?,
         calls_by_key: db.open_tree("calls_by_key")?,
+        reservations: db.open_tree("reservations")?,
         meta: db.open_tree("meta")?,
         db,
     };
@@ -522,6 +546,20 @@ impl Store for SledStore {
         self.record(calls, false)
     }
 
+    fn recorded_reservations(
+        &self,
+        reservations: &[u64],
+    ) -> Result<std::collections::HashSet<u64>, StoreError> {
+        let t = self.trees()?;
+        let mut found = std::collections::HashSet::new();
+        for &id in reservations {
+            if t.reservations.contains_key(id.to_be_bytes())? {
+                found.insert(id);
+            }
+        }
+        Ok(found)
+    }
+
     fn calls(
         &self,
         query: &CallQuery<'_>,
@@ -626,6 +664,9 @@ impl Store for SledStore {
             if let Ok(call) = decode::<CallRecord>("calls", &value) {
                 t.calls_by_key
                     .remove(timed_key(&call.key_id, call.at_micros, &call.request_id))?;
+                if let Some(id) = call.reservation {
+                    t.reservations.remove(id.to_be_bytes())?;
+                }
             }
             t.calls.remove(log_key)?;
             pruned += 1;
@@ -896,6 +937,27 @@ mod tests {
         assert_eq!(counters.prompt_tokens, 30);
         let buckets = store.usage("key_a", 0, 7200).unwrap();
         assert_eq!(buckets[0].requests, 2);
+    }
+
+    #[test]
+    fn a_call_is_kept_once_per_reservation_whatever_its_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 100).unwrap();
+        let mut settled = call("key_a", 1_000_000, "m", 10);
+        settled.reservation = Some(7);
+        store.record_new_calls(&[settled]).unwrap();
+        // Settled again at recovery, at another time: the reservation is already there.
+        let mut again = call("key_a", 2_000_000, "m", 10);
+        again.reservation = Some(7);
+        let mut other = call("key_a", 3_000_000, "m", 10);
+        other.reservation = Some(8);
+        store.record_calls(&[again, other]).unwrap();
+        assert_eq!(counters_of(&store, "key_a").requests, 2);
+        let found = store.recorded_reservations(&[6, 7, 8]).unwrap();
+        assert_eq!(found, [7, 8].into_iter().collect());
+        // Pruned with its call.
+        store.prune_calls(i64::MAX, 10).unwrap();
+        assert!(store.recorded_reservations(&[7, 8]).unwrap().is_empty());
     }
 
     #[test]

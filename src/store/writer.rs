@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::journal::ReservationJournal;
 use crate::core::records::CallRecord;
 use crate::core::store::{Store, StoreError};
 use crate::core::usage_sink::{StoreHealth, UsageQueue};
@@ -40,12 +41,14 @@ pub struct UsageWriter {
 
 impl UsageWriter {
     /// Starts the writer; it confirms durability with a flush every `flush_every`, and
-    /// removes calls older than `retention` (if any) from the call log.
+    /// removes calls older than `retention` (if any) from the call log. In durable mode,
+    /// the reservations of calls a flush made durable are closed in `journal`.
     pub fn spawn(
         store: Arc<dyn Store>,
         queue: UsageQueue,
         flush_every: Duration,
         retention: Option<Duration>,
+        journal: Option<Arc<dyn ReservationJournal>>,
     ) -> UsageWriter {
         let stop = CancellationToken::new();
         let writer = Writer {
@@ -54,6 +57,7 @@ impl UsageWriter {
             batch: Vec::with_capacity(MAX_BATCH),
             unflushed: Vec::new(),
             retention,
+            journal,
         };
         let task = tokio::spawn(writer.run(stop.clone(), flush_every));
         UsageWriter { stop, task }
@@ -82,6 +86,7 @@ struct Writer {
     /// a store that fails before may lose them and is given them again.
     unflushed: Vec<CallRecord>,
     retention: Option<Duration>,
+    journal: Option<Arc<dyn ReservationJournal>>,
 }
 
 impl Writer {
@@ -211,10 +216,20 @@ impl Writer {
             .await
             .unwrap_or_else(|e| Err(StoreError::Io(format!("store flush failed: {e}"))));
         match result {
-            Ok(()) => self.unflushed.clear(),
+            Ok(()) => {
+                let durable = std::mem::take(&mut self.unflushed);
+                self.close_reservations(&durable);
+            }
             Err(e) => self
                 .health()
                 .fail(&e.to_string(), self.batch.len() + self.unflushed.len()),
+        }
+    }
+
+    /// These calls are durable in the store: their reservations need no journal any more.
+    fn close_reservations(&self, calls: &[CallRecord]) {
+        if let Some(journal) = &self.journal {
+            journal.close(calls.iter().filter_map(|c| c.reservation).collect());
         }
     }
 
@@ -234,8 +249,10 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.queue.written(self.batch.len());
-                self.batch.clear();
-                self.unflushed.clear();
+                let durable = std::mem::take(&mut self.unflushed);
+                self.close_reservations(&durable);
+                let durable = std::mem::take(&mut self.batch);
+                self.close_reservations(&durable);
                 self.health().recover(held);
             }
             Err(e) => self.health().fail(&e.to_string(), held),
@@ -301,6 +318,12 @@ mod tests {
             self.check()?;
             self.inner.record_calls(calls)
         }
+        fn recorded_reservations(
+            &self,
+            reservations: &[u64],
+        ) -> Result<std::collections::HashSet<u64>, StoreError> {
+            self.inner.recorded_reservations(reservations)
+        }
         fn calls(
             &self,
             query: &CallQuery<'_>,
@@ -353,7 +376,8 @@ mod tests {
             full: AtomicBool::new(false),
         });
         let (sink, queue) = usage_channel();
-        let writer = UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None);
+        let writer =
+            UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None, None);
         sink.record(call("key_a", 1, "m", 10));
         until("the first call is written", || sink.backlog() == 0).await;
         assert!(sink.health().is_available());
@@ -394,7 +418,8 @@ mod tests {
             full: AtomicBool::new(true),
         });
         let (sink, queue) = usage_channel();
-        let writer = UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None);
+        let writer =
+            UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None, None);
         sink.record(call("key_a", 1, "m", 10));
         sink.record(call("key_a", 2, "m", 10));
         assert_eq!(writer.stop().await, 2);
