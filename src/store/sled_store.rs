@@ -508,6 +508,9 @@ impl Store for SledStore {
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
         let t = self.trees()?;
         t.users.insert(user.id.as_bytes(), encode(user)?)?;
+        // Durable before the admin call answers: a key handed out must survive a kill -9
+        // (and the calls the journal settles for it at restart need their key).
+        t.db.flush()?;
         Ok(())
     }
 
@@ -532,7 +535,10 @@ impl Store for SledStore {
             Ok(())
         });
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                t.db.flush()?;
+                Ok(())
+            }
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }

@@ -1,9 +1,11 @@
 //! Hard kills and SIGTERM under load, on the real binary: mixed traffic (REST JSON, REST SSE,
 //! gRPC) on several keys, some with quotas. After `kill -9` the gateway restarts on the same
 //! data dir with consistent books (counters = call log = hourly usage), nothing counted
-//! twice, no quota overdrawn, and every call finished well before the kill on the books.
-//! The figure "usage lost on a hard kill" is printed; `kill_9_rounds` (ignored; run by
-//! `scripts/crash.sh`) repeats the kill many times and prints the totals.
+//! twice, no quota overdrawn. In the default durable mode every call that reached the model
+//! server (the simulator's record of the `x-request-id`s it received) is on the books; in
+//! `flush_interval` mode every call finished well before the kill is, and the loss is
+//! printed. `kill_9_rounds` (ignored; run by `scripts/crash.sh`) repeats the kill many times
+//! and prints the totals.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -15,6 +17,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use step3_gateway::grpc::pb;
 
+use step3_gateway::sim::RunningSimulator;
+
 use crate::common::binary::{ConfigFile, GatewayProcess, upstream};
 use crate::common::{RestApi, chat_body, chat_request, sse_payloads, stream_body};
 
@@ -25,6 +29,7 @@ struct Key {
     id: String,
     secret: String,
     request_quota: Option<u64>,
+    token_quota: Option<u64>,
 }
 
 /// A call whose whole answer the client received.
@@ -180,16 +185,17 @@ async fn admin_get(gw: &GatewayProcess, path: &str) -> Value {
 async fn make_keys(gw: &GatewayProcess) -> Vec<Key> {
     let user_id = gw.create_user(json!({"name": "crash"})).await;
     let mut keys = Vec::new();
-    for (settings, request_quota) in [
-        (json!({}), None),
-        (json!({"request_quota": 150}), Some(150)),
-        (json!({"token_quota": 50_000_000}), None),
+    for (settings, request_quota, token_quota) in [
+        (json!({}), None, None),
+        (json!({"request_quota": 150}), Some(150), None),
+        (json!({"token_quota": 50_000_000}), None, Some(50_000_000)),
     ] {
         let key = gw.create_key_for(&user_id, settings).await;
         keys.push(Key {
             id: key.id,
             secret: key.secret,
             request_quota,
+            token_quota,
         });
     }
     keys
@@ -243,17 +249,43 @@ struct Round {
     /// How long before the kill the oldest lost call had finished at the client.
     max_lost_age: Option<Duration>,
     logged_after_kill: usize,
+    /// Calls the model server received (by request id), and those of them not on the books.
+    reached: usize,
+    reached_lost: usize,
+    /// Calls settled at the restart as interrupted, and those of them the client had seen
+    /// answered in full (killed between the answer and its settlement reaching the journal).
+    interrupted: usize,
+    completed_interrupted: usize,
+}
+
+/// The request ids the model server received.
+fn reached(sim: &RunningSimulator) -> HashSet<String> {
+    sim.simulator
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.headers
+                .get("x-request-id")?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// Checks the books of the restarted gateway against what the clients saw, and returns
 /// the calls finished at the client but missing from the log (with their age at the kill).
 /// `safe` calls (finished before a quiet period longer than the flush interval) must all be
 /// there, and the counters may not be below `before` (an admin read made at that point).
+/// When `durable`, every call in `reached` (the model server received it) must be there.
+#[expect(clippy::too_many_arguments, reason = "one test's whole context")]
 async fn check_books(
     gw: &GatewayProcess,
     keys: &[Key],
     seen: &Seen,
     safe: &HashSet<String>,
+    reached: &HashSet<String>,
+    durable: bool,
     before: &[Counters],
     kill_at: Instant,
 ) -> Round {
@@ -294,13 +326,42 @@ async fn check_books(
         if let Some(quota) = key.request_quota {
             assert!(now.requests <= quota, "{}: {now:?} over {quota}", key.id);
         }
+        if let Some(quota) = key.token_quota {
+            assert!(
+                now.prompt + now.completion <= quota,
+                "{}: {now:?} over {quota}",
+                key.id
+            );
+        }
     }
     let mut round = Round {
         completed: seen.completed.len(),
+        reached: reached.len(),
         ..Round::default()
     };
+    for entry in logged.values() {
+        if entry["outcome"] == "interrupted" {
+            assert!(
+                entry["usage_estimated"] == true && entry["charged_request"] == true,
+                "{entry}"
+            );
+            round.interrupted += 1;
+        }
+    }
+    for id in reached {
+        if !logged.contains_key(id) {
+            assert!(
+                !durable,
+                "{id} reached the model server and is not on the books"
+            );
+            round.reached_lost += 1;
+        }
+    }
     for call in &seen.completed {
         match logged.get(&call.request_id) {
+            Some(entry) if entry["outcome"] == "interrupted" => {
+                round.completed_interrupted += 1;
+            }
             Some(entry) => {
                 assert_eq!(
                     (
@@ -341,18 +402,34 @@ async fn settle_store(gw: &GatewayProcess, flush_ms: u64) {
     tokio::time::sleep(Duration::from_millis(10 * flush_ms.max(100) + 1000)).await;
 }
 
+/// One crash test's gateway, its model server and what its clients saw.
+struct Setup {
+    config: std::path::PathBuf,
+    keys: Arc<Vec<Key>>,
+    seen: Arc<Mutex<Seen>>,
+    sim: RunningSimulator,
+    flush_ms: u64,
+    durable: bool,
+}
+
 /// One round: load, a quiet period and an admin read, more load, `kill -9` in the middle
 /// of it, a restart on the same data dir, and the books checked. Returns the restarted
 /// gateway and the round's figures.
 async fn kill_round(
     gw: GatewayProcess,
-    config: &Path,
-    keys: &Arc<Vec<Key>>,
-    seen: &Arc<Mutex<Seen>>,
+    setup: &Setup,
     tag: &str,
     load_for: Duration,
-    flush_ms: u64,
 ) -> (GatewayProcess, Round) {
+    let Setup {
+        config,
+        keys,
+        seen,
+        sim,
+        flush_ms,
+        durable,
+    } = setup;
+    let (config, flush_ms, durable) = (config.as_path(), *flush_ms, *durable);
     let load = Load::start(gw.base_url(), keys, seen, &format!("{tag}a"));
     tokio::time::sleep(load_for / 2).await;
     load.stop().await;
@@ -385,51 +462,90 @@ async fn kill_round(
             completed: seen.completed.clone(),
         }
     };
-    let round = check_books(&gw, keys, &snapshot, &safe, &before, kill_at).await;
+    let round = check_books(
+        &gw,
+        keys,
+        &snapshot,
+        &safe,
+        &reached(sim),
+        durable,
+        &before,
+        kill_at,
+    )
+    .await;
     // The next round counts its own calls only.
     seen.lock().unwrap().completed.clear();
     (gw, round)
 }
 
-async fn start(dir: &Path, flush_ms: u64) -> (GatewayProcess, std::path::PathBuf, Arc<Vec<Key>>) {
+/// The gateway in `durability` mode on `dir`, in front of a simulator, with three keys.
+async fn start(dir: &Path, flush_ms: u64, durability: &str) -> (GatewayProcess, Setup) {
     let sim = upstream(1).await;
     let config = ConfigFile::new(&sim.url())
-        .store(&format!("flush_interval_ms = {flush_ms}"))
+        .store(&format!(
+            "flush_interval_ms = {flush_ms}\ndurability = \"{durability}\""
+        ))
         .write(dir);
-    // The simulator lives as long as the test process; it is small.
-    std::mem::forget(sim);
     let gw = GatewayProcess::start_logging(&config, "info").await;
     let keys = Arc::new(make_keys(&gw).await);
-    (gw, config, keys)
+    let setup = Setup {
+        config,
+        keys,
+        seen: Arc::new(Mutex::new(Seen::default())),
+        sim,
+        flush_ms,
+        durable: durability == "reservations",
+    };
+    (gw, setup)
+}
+
+fn print_round(what: &str, round: &Round) {
+    eprintln!(
+        "{what}: {} finished at the client, {} lost (oldest {:?} before the kill), {} finished \
+         after the kill signal and on the books; {} reached the model server, {} of them not \
+         on the books; {} settled at restart as interrupted ({} of them answered in full)",
+        round.completed,
+        round.lost,
+        round.max_lost_age,
+        round.logged_after_kill,
+        round.reached,
+        round.reached_lost,
+        round.interrupted,
+        round.completed_interrupted,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_under_load_keeps_the_books_consistent_and_loses_only_the_last_flush_window() {
+async fn kill_9_under_load_loses_no_call_that_reached_the_model_server() {
     let dir = tempfile::tempdir().unwrap();
-    let (gw, config, keys) = start(dir.path(), FLUSH_MS).await;
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let (gw, round) = kill_round(
-        gw,
-        &config,
-        &keys,
-        &seen,
-        "r0",
-        Duration::from_secs(2),
-        FLUSH_MS,
-    )
-    .await;
-    eprintln!(
-        "kill -9 (flush interval {FLUSH_MS} ms): {} calls finished at the client, {} lost, \
-         oldest lost {:?} before the kill, {} finished after the kill and on the books",
-        round.completed, round.lost, round.max_lost_age, round.logged_after_kill
+    let (gw, setup) = start(dir.path(), FLUSH_MS, "reservations").await;
+    let (gw, round) = kill_round(gw, &setup, "r0", Duration::from_secs(2)).await;
+    print_round("kill -9 (durable reservations)", &round);
+    assert!(round.completed > 0);
+    assert_eq!((round.lost, round.reached_lost), (0, 0));
+    gw.signal("TERM");
+    assert!(gw.wait().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_flush_interval_mode_keeps_the_books_consistent_and_loses_only_the_last_flush_window()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, setup) = start(dir.path(), FLUSH_MS, "flush_interval").await;
+    let (gw, round) = kill_round(gw, &setup, "r0", Duration::from_secs(2)).await;
+    print_round(
+        &format!("kill -9 (flush interval {FLUSH_MS} ms, no journal)"),
+        &round,
     );
     assert!(round.completed > 0);
+    assert!(!dir.path().join("data/journal").exists());
     gw.signal("TERM");
     assert!(gw.wait().await.0.success());
 }
 
 /// `kill -9` many times on one data dir (`STEP3_CRASH_ROUNDS`, default 30; flush interval
-/// `STEP3_CRASH_FLUSH_MS`, default 500 as in the default config) and prints the figures.
+/// `STEP3_CRASH_FLUSH_MS`, default 500 as in the default config; `STEP3_CRASH_DURABILITY`,
+/// default `reservations`) and prints the figures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes of load; run by scripts/crash.sh"]
 async fn kill_9_rounds() {
@@ -441,44 +557,46 @@ async fn kill_9_rounds() {
     };
     let rounds = env("STEP3_CRASH_ROUNDS", 30);
     let flush_ms = env("STEP3_CRASH_FLUSH_MS", 500);
+    let durability =
+        std::env::var("STEP3_CRASH_DURABILITY").unwrap_or_else(|_| "reservations".into());
     let dir = tempfile::tempdir().unwrap();
-    let (mut gw, config, keys) = start(dir.path(), flush_ms).await;
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let (mut completed, mut lost, mut after) = (0, 0, 0);
-    let mut max_age: Option<Duration> = None;
+    let (mut gw, setup) = start(dir.path(), flush_ms, &durability).await;
+    let mut total = Round::default();
     for n in 0..rounds {
         let load_for = Duration::from_millis(1000 + 137 * (n % 7));
-        let (next, round) = kill_round(
-            gw,
-            &config,
-            &keys,
-            &seen,
-            &format!("r{n}"),
-            load_for,
-            flush_ms,
-        )
-        .await;
+        let (next, round) = kill_round(gw, &setup, &format!("r{n}"), load_for).await;
         gw = next;
-        eprintln!(
-            "round {n}: {} finished, {} lost, oldest lost {:?} before the kill",
-            round.completed, round.lost, round.max_lost_age
-        );
-        completed += round.completed;
-        lost += round.lost;
-        after += round.logged_after_kill;
-        max_age = max_age.max(round.max_lost_age);
+        print_round(&format!("round {n}"), &round);
+        total.completed += round.completed;
+        total.lost += round.lost;
+        total.logged_after_kill += round.logged_after_kill;
+        total.max_lost_age = total.max_lost_age.max(round.max_lost_age);
+        // The model server's record and the interrupted calls accumulate over the rounds.
+        total.reached = round.reached;
+        total.reached_lost = round.reached_lost;
+        total.interrupted = round.interrupted;
+        total.completed_interrupted += round.completed_interrupted;
     }
     eprintln!(
-        "CRASH FIGURES: rounds {rounds}, flush interval {flush_ms} ms, calls finished at the \
-         client {completed}, lost {lost}, oldest lost call finished {:?} before the kill, \
-         {after} finished after the kill signal and on the books, double counts 0",
-        max_age.unwrap_or_default()
+        "CRASH FIGURES: rounds {rounds}, durability {durability}, flush interval {flush_ms} ms, \
+         calls finished at the client {}, lost {}, oldest lost call finished {:?} before the \
+         kill, {} finished after the kill signal and on the books; calls the model server \
+         received {}, not on the books {}; settled at restart as interrupted {} ({} of them \
+         answered in full at the client); double counts 0",
+        total.completed,
+        total.lost,
+        total.max_lost_age.unwrap_or_default(),
+        total.logged_after_kill,
+        total.reached,
+        total.reached_lost,
+        total.interrupted,
+        total.completed_interrupted,
     );
     gw.signal("TERM");
     assert!(gw.wait().await.0.success());
-    let gw = GatewayProcess::start_logging(&config, "info").await;
+    let gw = GatewayProcess::start_logging(&setup.config, "info").await;
     let mut logged = 0;
-    for key in keys.iter() {
+    for key in setup.keys.iter() {
         logged += call_log(&gw, key).await.len();
     }
     gw.signal("TERM");
@@ -507,9 +625,8 @@ fn dir_bytes(dir: &Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_mixed_load_exits_0_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (gw, config, keys) = start(dir.path(), FLUSH_MS).await;
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let load = Load::start(gw.base_url(), &keys, &seen, "t");
+    let (gw, setup) = start(dir.path(), FLUSH_MS, "reservations").await;
+    let load = Load::start(gw.base_url(), &setup.keys, &setup.seen, "t");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.signal("TERM");
     let (status, logs) = gw.wait().await;
@@ -517,17 +634,161 @@ async fn sigterm_under_mixed_load_exits_0_and_loses_nothing() {
     assert!(status.success(), "{status:?}");
     assert!(logs.iter().any(|l| l.contains("usage flushed")));
 
-    let gw = GatewayProcess::start_logging(&config, "info").await;
-    let seen = Arc::try_unwrap(seen).ok().unwrap().into_inner().unwrap();
+    let gw = GatewayProcess::start_logging(&setup.config, "info").await;
+    let seen = std::mem::take(&mut *setup.seen.lock().unwrap());
     let everything: HashSet<String> = seen
         .completed
         .iter()
         .map(|c| c.request_id.clone())
         .collect();
-    let zero = vec![Counters::default(); keys.len()];
-    let round = check_books(&gw, &keys, &seen, &everything, &zero, Instant::now()).await;
+    let zero = vec![Counters::default(); setup.keys.len()];
+    let round = check_books(
+        &gw,
+        &setup.keys,
+        &seen,
+        &everything,
+        &reached(&setup.sim),
+        true,
+        &zero,
+        Instant::now(),
+    )
+    .await;
     assert_eq!(round.lost, 0);
+    // A graceful stop settles every call itself: none is left for the restart.
+    assert_eq!(round.interrupted, 0);
     assert!(round.completed > 0);
+    gw.signal("TERM");
+    assert!(gw.wait().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_at_a_kill_is_settled_once_at_restart_as_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    // 12 tokens, 500 ms each: both calls are still generating when the gateway dies.
+    let sim = upstream(500).await;
+    let config = ConfigFile::new(&sim.url()).write(dir.path());
+    let gw = GatewayProcess::start_logging(&config, "info").await;
+    let user_id = gw.create_user(json!({"name": "cut"})).await;
+    let key = gw
+        .create_key_for(&user_id, json!({"request_quota": 10}))
+        .await;
+    let mut body = stream_body("cut-rest");
+    body["max_tokens"] = json!(50);
+    let rest = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.base_url()))
+        .bearer_auth(&key.secret)
+        .header("x-request-id", "cut-rest")
+        .json(&body);
+    let rest = tokio::spawn(async move { rest.send().await?.text().await });
+    let channel = tonic::transport::Endpoint::from_shared(gw.base_url().to_owned())
+        .unwrap()
+        .connect_lazy();
+    let secret = key.secret.clone();
+    let grpc = tokio::spawn(async move {
+        grpc_call(
+            pb::chat_client::ChatClient::new(channel),
+            &secret,
+            "cut-grpc",
+        )
+        .await
+    });
+    for _ in 0..500 {
+        if reached(&sim).len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        reached(&sim).len(),
+        2,
+        "the model server never got both calls"
+    );
+    gw.signal("KILL");
+    gw.wait().await;
+    let _ = (rest.await, grpc.await);
+
+    let expect_books = |calls: &[Value]| {
+        let mut ids: Vec<&str> = calls
+            .iter()
+            .map(|c| c["request_id"].as_str().unwrap())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["cut-grpc", "cut-rest"], "{calls:?}");
+        for call in calls {
+            assert_eq!(
+                (
+                    &call["outcome"],
+                    &call["status"],
+                    &call["usage_estimated"],
+                    &call["charged_request"]
+                ),
+                (&json!("interrupted"), &json!(0), &json!(true), &json!(true)),
+                "{call}"
+            );
+            assert!(call["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+        }
+        // The REST call reserved its prompt estimate and its 50 tokens of output.
+        let cut = calls
+            .iter()
+            .find(|c| c["request_id"] == "cut-rest")
+            .unwrap();
+        assert_eq!(cut["usage"]["completion_tokens"], 50);
+    };
+    let key = Key {
+        id: key.id,
+        secret: key.secret,
+        request_quota: Some(10),
+        token_quota: None,
+    };
+    let gw = GatewayProcess::start_logging(&config, "info").await;
+    let calls = call_log(&gw, &key).await;
+    expect_books(&calls);
+    let charged = counters(&gw, &key).await;
+    assert_eq!(charged.requests, 2);
+    let tokens: u64 = calls
+        .iter()
+        .map(|c| {
+            c["usage"]["prompt_tokens"].as_u64().unwrap()
+                + c["usage"]["completion_tokens"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(charged.prompt + charged.completion, tokens);
+    // The gRPC door lists it the same way.
+    let channel = tonic::transport::Endpoint::from_shared(gw.base_url().to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        crate::common::Bearer(crate::common::ADMIN_TOKEN.to_owned()),
+    );
+    let listed = admin
+        .list_calls(pb::ListCallsRequest {
+            key_id: Some(key.id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.calls.len() == 2 && listed.calls.iter().all(|c| c.outcome == "interrupted"),
+        "{listed:?}"
+    );
+
+    // Settled once: a graceful restart, and another kill, count nothing again.
+    gw.signal("TERM");
+    assert!(gw.wait().await.0.success());
+    let gw = GatewayProcess::start_logging(&config, "info").await;
+    gw.signal("KILL");
+    let (_, logs) = gw.wait().await;
+    assert!(
+        !logs.iter().any(|l| l.contains("hard stop left open")),
+        "recovered twice: {logs:?}"
+    );
+    let gw = GatewayProcess::start_logging(&config, "info").await;
+    expect_books(&call_log(&gw, &key).await);
+    assert_eq!(counters(&gw, &key).await, charged);
     gw.signal("TERM");
     assert!(gw.wait().await.0.success());
 }
