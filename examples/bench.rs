@@ -88,29 +88,7 @@ async fn setup_with_keys(
         start_up,
         ..
     } = start_servers(dir.path(), Some(cpu), token_latency_ms, ADMIN).await?;
-    let http = reqwest::Client::new();
-    let user: Value = http
-        .post(format!("{gateway_url}/admin/v1/users"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "bench", "rpm_limit": 100_000_000, "max_concurrent": 100_000}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    // Every check on, none of them binding.
-    let key: Value = http
-        .post(format!("{gateway_url}/admin/v1/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({
-            "user_id": user["id"], "rpm_limit": 100_000_000, "tpm_limit": 100_000_000_000u64,
-            "max_concurrent": 100_000, "request_quota": 1_000_000_000_000u64,
-            "token_quota": 1_000_000_000_000_000u64, "image_quota": 1_000_000, "models": [MODEL]
-        }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let key = key["secret"].as_str().context("no key")?.to_owned();
+    let key = bench_key(&gateway_url).await?;
 
     let (nginx, nginx_url) = match start_nginx(cpu, dir.path(), &upstream_url).await {
         Ok((proc, url)) => (Some(proc), Some(url)),
@@ -140,6 +118,155 @@ async fn setup_with_keys(
         },
         start_up,
     ))
+}
+
+/// A user and a key on the gateway at `gateway_url` with every check on, none binding.
+async fn bench_key(gateway_url: &str) -> anyhow::Result<String> {
+    let http = reqwest::Client::new();
+    let user: Value = http
+        .post(format!("{gateway_url}/admin/v1/users"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "bench", "rpm_limit": 100_000_000, "max_concurrent": 100_000}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    // Every check on, none of them binding.
+    let key: Value = http
+        .post(format!("{gateway_url}/admin/v1/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({
+            "user_id": user["id"], "rpm_limit": 100_000_000, "tpm_limit": 100_000_000_000u64,
+            "max_concurrent": 100_000, "request_quota": 1_000_000_000_000u64,
+            "token_quota": 1_000_000_000_000_000u64, "image_quota": 1_000_000, "models": [MODEL]
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(key["secret"].as_str().context("no key")?.to_owned())
+}
+
+/// `durability [seconds] [rounds]`: the same load through two gateways in front of one
+/// simulator, one per `store.durability` mode, in alternating rounds (the order swapped each
+/// round); per target the median over the rounds of each figure, and what each mode adds to
+/// calling the simulator directly, measured in the same round.
+async fn durability(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let servers = start_servers(dir.path(), Some(cpu), 0, ADMIN).await?;
+    let durable_key = bench_key(&servers.gateway_url).await?;
+    // The second gateway: the same configuration but for its port, its data dir and its mode.
+    let port = free_port()?;
+    let config = std::fs::read_to_string(&servers.config)?
+        .replace(
+            &servers.gateway_url.replace("http://", ""),
+            &format!("127.0.0.1:{port}"),
+        )
+        .replace(
+            &servers.data_dir.display().to_string(),
+            &dir.path().join("data-fast").display().to_string(),
+        )
+        .replace("[store]\n", "[store]\ndurability = \"flush_interval\"\n");
+    let fast_config = dir.path().join("fast.toml");
+    std::fs::write(&fast_config, config)?;
+    let fast_url = format!("http://127.0.0.1:{port}");
+    let (fast, _) = start_gateway(Some(cpu), &fast_config, &fast_url).await?;
+    let fast_key = bench_key(&fast_url).await?;
+    println!(
+        "{seconds} s per point, {rounds} rounds; medians over the rounds; latency: JSON whole \
+         answer, streams first chunk; added = the gateway's figure minus the direct call's of \
+         the same round\n"
+    );
+    println!(
+        "| case | conns | target | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/call |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let cases = [
+        (Kind::Json, 1),
+        (Kind::Json, 16),
+        (Kind::Sse, 1),
+        (Kind::Sse, 16),
+        (Kind::GrpcUnary, 16),
+    ];
+    let gateways = [
+        (
+            "flush_interval",
+            &fast,
+            fast_url.as_str(),
+            fast_key.as_str(),
+        ),
+        (
+            "reservations",
+            &servers.gateway,
+            servers.gateway_url.as_str(),
+            durable_key.as_str(),
+        ),
+    ];
+    for (kind, conns) in cases {
+        // target → per round: (rps, p50, p99, added p50, added p99, cpu)
+        let mut figures: Vec<(&str, Vec<[f64; 6]>)> = vec![
+            ("direct", Vec::new()),
+            (gateways[0].0, Vec::new()),
+            (gateways[1].0, Vec::new()),
+        ];
+        for round in 0..rounds {
+            let direct = measure(
+                "direct",
+                Some(&servers.upstream),
+                Kind::Json.max_rest(kind),
+                &servers.upstream_url,
+                &durable_key,
+                conns,
+                seconds,
+            )
+            .await?;
+            let mut order = [0, 1];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let (name, proc, url, key) = gateways[i];
+                let m = measure(name, Some(proc), kind, url, key, conns, seconds).await?;
+                figures[i + 1].1.push([
+                    m.rps,
+                    m.p50 as f64,
+                    m.p99 as f64,
+                    m.p50 as f64 - direct.p50 as f64,
+                    m.p99 as f64 - direct.p99 as f64,
+                    m.cpu_us.unwrap_or(f64::NAN),
+                ]);
+            }
+            figures[0].1.push([
+                direct.rps,
+                direct.p50 as f64,
+                direct.p99 as f64,
+                0.0,
+                0.0,
+                direct.cpu_us.unwrap_or(f64::NAN),
+            ]);
+        }
+        for (target, rows) in &figures {
+            let median = |i: usize| {
+                let mut v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let added = if *target == "direct" {
+                "—|—".to_owned()
+            } else {
+                format!("{:.0} | {:.0}", median(3), median(4))
+            };
+            println!(
+                "| {} | {conns} | {target} | {:.0} | {:.0} | {:.0} | {added} | {:.1} |",
+                kind.name(),
+                median(0),
+                median(1),
+                median(2),
+                median(5)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes one user and `n` keys (each with limits and quotas, as an operator would give)
@@ -490,6 +617,11 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.get(1).map(String::as_str) == Some("calls") {
         return calls(&args[2..]).await;
+    }
+    if args.get(1).map(String::as_str) == Some("durability") {
+        let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+        let rounds: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+        return durability(&server_cpu, seconds, rounds).await;
     }
     if args.get(1).map(String::as_str) == Some("keys") {
         let n: usize = args

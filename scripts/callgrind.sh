@@ -6,6 +6,8 @@
 #
 #   scripts/callgrind.sh json 1000          # or sse, grpc-unary, grpc-stream
 #   TARGET=bare scripts/callgrind.sh json 1000
+#   DURABILITY=flush_interval scripts/callgrind.sh json 1000   # store.durability (default:
+#                                                              # reservations)
 #
 # Prints the per-call figure and the profile's path (read it with callgrind_annotate).
 set -euo pipefail
@@ -13,6 +15,7 @@ cd "$(dirname "$0")/.."
 KIND=${1:-json}
 N=${2:-1000}
 TARGET=${TARGET:-gateway}
+DURABILITY=${DURABILITY:-reservations}
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 cargo build --release --bins --examples
 BIN=$PWD/target/release/step3-gateway
@@ -35,6 +38,7 @@ listen = "127.0.0.1:$PORT"
 url = "http://127.0.0.1:$SIM_PORT"
 [store]
 path = "$D/data"
+durability = "$DURABILITY"
 [admin]
 token = "callgrind-admin-token-0123456789"
 [log]
@@ -64,4 +68,5 @@ callgrind_control -d "$TGT" >/dev/null
 sleep 1
 FILE=$(ls -t "$D"/cg.out.* | head -1)
 TOTAL=$(callgrind_annotate "$FILE" 2>/dev/null | grep -m1 'PROGRAM TOTALS' | awk '{gsub(",","",$1); print $1}')
+[ "$TARGET" = bare ] || TARGET="gateway ($DURABILITY)"
 echo "$TARGET $KIND: $((TOTAL / N)) instructions per call ($N calls; profile: $FILE)"
