@@ -13,4 +13,6 @@ pub use writer::UsageWriter;
 /// The schema this build writes; a store written by a newer build is refused at open.
 /// 2: keys are found by the hash of their secret through an index tree (1 had none, and
 /// a build of 1 would not keep that index up to date).
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: calls may carry their journal reservation (indexed in a tree) and the outcome
+/// `interrupted`, which a build of 2 could not read back from the call log.
+pub const SCHEMA_VERSION: u32 = 3;
