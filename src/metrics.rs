@@ -444,6 +444,10 @@ impl GateEvents for Metrics {
         Metrics::call_settled(self, call);
     }
 
+    fn call_withdrawn(&self, door: Door) {
+        self.call_ended(door);
+    }
+
     fn first_chunk(&self, door: Door, model: &str, after: Duration) {
         self.time_to_first_token(door, model, after);
     }

@@ -281,14 +281,26 @@ impl Admission {
         // Known before the sync: if this call is dropped while waiting, its settlement
         // still names the reservation, and the two meet in the journal.
         self.reservation = Some(pending.id);
-        match pending.durable.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "the reservation journal failed; the call is refused");
-                Err(GatewayError::StoreUnavailable)
-            }
-            Err(_) => Err(GatewayError::StoreUnavailable),
+        let error = match pending.durable.await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the reservation journal has stopped".to_owned(),
+        };
+        // A call that could not be recorded is not made: refused like one the gate turns
+        // away while the store fails (which it now does, until the usage writer finds the
+        // disk taking writes again), with everything it reserved given back and no entry
+        // in the call log. The journal forgets the reservation if it did reach the disk.
+        tracing::error!(request_id = %self.facts.request_id, error, "the reservation journal failed; the call is refused");
+        self.sink.health().fail_write(&error);
+        journal.close(vec![pending.id]);
+        self.reservation = None;
+        self.admitted = false;
+        self.events.call_withdrawn(self.facts.door);
+        let refusal = GatewayError::StoreUnavailable;
+        if let Some(reason) = refusal.refusal_reason() {
+            self.events.refused(reason);
         }
+        Err(refusal)
     }
 
     /// The upstream has the request: from now on an abandoned call is charged.
@@ -431,6 +443,77 @@ pub(super) mod tests {
         three.model = "other".into();
         let e = gateway.admit(&caller, three).unwrap_err();
         assert!(e.to_string().contains("at most 2"), "{e}");
+    }
+
+    fn journaled_gate(
+        journal: Arc<crate::core::testing::TestJournal>,
+    ) -> (
+        Gateway,
+        crate::core::usage_sink::UsageQueue,
+        Arc<crate::core::testing::SeenEvents>,
+    ) {
+        let mut record = key("key_a", "sk-step3-a");
+        record.limits.request_quota = Some(5);
+        record.limits.token_quota = Some(1000);
+        let (gateway, queue, events) = gate(
+            MemoryStore::with(vec![user("usr_1")], vec![record]),
+            GateSettings::default(),
+        );
+        (gateway.with_journal(journal), queue, events)
+    }
+
+    #[tokio::test]
+    async fn a_durable_reservation_carries_its_estimate_and_its_id_to_the_settled_call() {
+        let journal = Arc::new(crate::core::testing::TestJournal::default());
+        let (gateway, mut queue, _) = journaled_gate(journal.clone());
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let mut admission = gateway.admit(&caller, facts(0, Some(90))).unwrap();
+        admission.make_durable().await.unwrap();
+        let (id, reservation) = journal.reserved.lock().unwrap()[0].clone();
+        assert_eq!(
+            (
+                reservation.estimate.prompt_tokens,
+                reservation.estimate.completion_tokens
+            ),
+            (10, 90)
+        );
+        admission.mark_forwarded();
+        admission.settle(crate::core::records::CallOutcome::Completed, 200);
+        let call = queue.try_recv().unwrap();
+        assert_eq!(call.reservation, Some(id));
+        assert_eq!(journal.settled.lock().unwrap()[0].reservation, Some(id));
+    }
+
+    #[tokio::test]
+    async fn a_reservation_the_journal_cannot_keep_refuses_the_call_and_takes_nothing() {
+        let journal = Arc::new(crate::core::testing::TestJournal {
+            fail: true,
+            ..Default::default()
+        });
+        let (gateway, mut queue, events) = journaled_gate(journal.clone());
+        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let mut admission = gateway.admit(&caller, facts(0, Some(90))).unwrap();
+        let e = admission.make_durable().await.unwrap_err();
+        assert!(matches!(e, GatewayError::StoreUnavailable), "{e:?}");
+        drop(admission);
+        assert_eq!(
+            caller.remaining(),
+            Remaining {
+                requests: Some(5),
+                tokens: Some(1000),
+                images: None,
+            }
+        );
+        assert!(
+            queue.try_recv().is_none(),
+            "a refused call is not in the call log"
+        );
+        assert_eq!(*journal.closed.lock().unwrap(), [1]);
+        assert!(!gateway.store_health().is_available());
+        assert_eq!(
+            *events.0.lock().unwrap(),
+            ["started rest", "withdrawn rest", "refused store"]
+        );
     }
 
     #[test]

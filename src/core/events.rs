@@ -42,6 +42,9 @@ pub trait GateEvents: Send + Sync + std::fmt::Debug + 'static {
     fn call_started(&self, door: Door);
     /// An admitted call settled (it is no longer in flight).
     fn call_settled(&self, call: &SettledCall<'_>);
+    /// An admitted call was refused before it was forwarded, because its reservation could
+    /// not be made durable: it is no longer in flight, and it does not settle.
+    fn call_withdrawn(&self, door: Door);
     /// The first chunk of a stream reached the gate, `after` the call began.
     fn first_chunk(&self, door: Door, model: &str, after: Duration);
     /// The gate refused a call before it reached a model server; `reason` is a short label.
@@ -55,6 +58,7 @@ pub struct Unwatched;
 impl GateEvents for Unwatched {
     fn call_started(&self, _: Door) {}
     fn call_settled(&self, _: &SettledCall<'_>) {}
+    fn call_withdrawn(&self, _: Door) {}
     fn first_chunk(&self, _: Door, _: &str, _: Duration) {}
     fn refused(&self, _: &'static str) {}
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::events::{Door, GateEvents, SettledCall};
 use super::gateway::{GateSettings, Gateway};
+use super::journal::{PendingReservation, Reservation, ReservationJournal, Unsettled};
 use super::keys;
 use super::limits::{KeyLimits, UserLimits};
 use super::records::{
@@ -218,6 +219,12 @@ impl GateEvents for SeenEvents {
             .unwrap()
             .push(format!("settled {}", call.outcome));
     }
+    fn call_withdrawn(&self, door: Door) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("withdrawn {}", door.as_str()));
+    }
     fn first_chunk(&self, _: Door, _: &str, _: std::time::Duration) {
         self.0.lock().unwrap().push("first chunk".into());
     }
@@ -242,4 +249,41 @@ pub(crate) fn gate(
     )
     .unwrap();
     (gateway, queue, events)
+}
+
+/// A journal that answers every reservation at once, as `fail` says, and keeps what it is
+/// told.
+#[derive(Debug, Default)]
+pub(crate) struct TestJournal {
+    pub(crate) fail: bool,
+    pub(crate) reserved: Mutex<Vec<(u64, Reservation)>>,
+    pub(crate) settled: Mutex<Vec<CallRecord>>,
+    pub(crate) closed: Mutex<Vec<u64>>,
+}
+
+impl ReservationJournal for TestJournal {
+    fn reserve(&self, reservation: Reservation) -> PendingReservation {
+        let mut reserved = self.reserved.lock().unwrap();
+        let id = reserved.len() as u64 + 1;
+        reserved.push((id, reservation));
+        let (done, durable) = tokio::sync::oneshot::channel();
+        let answer = if self.fail {
+            Err(StoreError::Io(
+                "No space left on device (os error 28)".into(),
+            ))
+        } else {
+            Ok(())
+        };
+        done.send(answer).unwrap();
+        PendingReservation { id, durable }
+    }
+    fn settled(&self, call: &CallRecord) {
+        self.settled.lock().unwrap().push(call.clone());
+    }
+    fn close(&self, reservations: Vec<u64>) {
+        self.closed.lock().unwrap().extend(reservations);
+    }
+    fn unsettled(&self) -> Vec<Unsettled> {
+        Vec::new()
+    }
 }

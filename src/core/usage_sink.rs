@@ -44,13 +44,20 @@ impl StoreHealth {
 
     /// A write failed: new calls are refused until [`StoreHealth::recover`].
     pub fn fail(&self, error: &str, unrecorded: usize) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
         self.unrecorded.store(unrecorded as u64, Ordering::Relaxed);
+        self.fail_write(error);
+    }
+
+    /// A write that holds no settled call failed (a reservation the journal could not make
+    /// durable): as [`StoreHealth::fail`], the held calls' count left to the usage writer,
+    /// whose next retry also tells whether the disk takes writes again.
+    pub fn fail_write(&self, error: &str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
         if !self.failing.swap(true, Ordering::Relaxed) {
             tracing::error!(
                 error,
-                unrecorded,
+                unrecorded = self.unrecorded(),
                 "the store fails: new calls are refused (503 store_unavailable) until it \
                  takes writes again; the usage of calls already settled is kept in memory \
                  and written as soon as it can be"
