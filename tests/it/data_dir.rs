@@ -232,7 +232,8 @@ async fn a_full_disk_refuses_new_calls_keeps_settled_usage_and_recovers_by_itsel
     let dir = tempfile::tempdir().unwrap();
     let mount_point = dir.path().join("mnt");
     std::fs::create_dir(&mount_point).unwrap();
-    let Some(_mount) = mount_tmpfs(&mount_point, "16m") else {
+    // Room for the reservation journal's two segments (8 MiB each, written at start).
+    let Some(_mount) = mount_tmpfs(&mount_point, "48m") else {
         return;
     };
     let data = mount_point.join("data");
