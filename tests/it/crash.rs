@@ -775,6 +775,27 @@ async fn a_call_in_flight_at_a_kill_is_settled_once_at_restart_as_interrupted() 
         listed.calls.len() == 2 && listed.calls.iter().all(|c| c.outcome == "interrupted"),
         "{listed:?}"
     );
+    // And so does the command line.
+    let (url, id) = (gw.base_url().to_owned(), key.id.clone());
+    let printed = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_step3-gateway"))
+            .args(["admin", "calls", "--key", &id])
+            .env("STEP3GW_ADMIN_URL", url)
+            .env("STEP3GW_ADMIN_TOKEN", crate::common::ADMIN_TOKEN)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let printed: Value = serde_json::from_slice(&printed.stdout).unwrap();
+    let outcomes: Vec<&Value> = printed["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["outcome"])
+        .collect();
+    assert_eq!(outcomes, [&json!("interrupted"), &json!("interrupted")]);
 
     // Settled once: a graceful restart, and another kill, count nothing again.
     gw.signal("TERM");
