@@ -184,6 +184,17 @@ impl GatewayProcess {
     }
 }
 
+impl Drop for GatewayProcess {
+    /// A test that fails before it stops its gateway must not leave the process running
+    /// (it would hold its port and its data dir, and outlive the test run).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl RestApi for GatewayProcess {
     fn http(&self) -> &reqwest::Client {
         &self.http
