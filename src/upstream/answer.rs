@@ -2,17 +2,19 @@
 //! usage read once, here), or a stream of whole SSE events. The call path never sees the
 //! HTTP response itself.
 
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
 use serde::Deserialize;
 
 use super::backend::BackendLease;
+use super::client::UpstreamResponse;
 use super::sse::SseFramer;
-use super::{invalid_response, read_body};
+use super::{error_chain, invalid_response, read_body};
 use crate::core::GatewayError;
 use crate::core::records::Usage;
 
@@ -21,7 +23,7 @@ const GATHER_LIMIT: usize = 16 * 1024;
 
 /// An answer whose headers arrived (2xx), with the backend it came from.
 pub struct UpstreamAnswer {
-    pub(super) response: reqwest::Response,
+    pub(super) response: UpstreamResponse,
     pub(super) lease: BackendLease,
 }
 
@@ -48,14 +50,15 @@ impl UpstreamAnswer {
         // The answer is JSON whatever the upstream called it (an odd proxy may say HTML).
         let content_type = response
             .headers()
-            .get(reqwest::header::CONTENT_TYPE)
+            .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .filter(|v| v.starts_with("application/json"))
             .map(str::to_owned);
         let read = async {
-            let body = tokio::time::timeout_at(deadline, read_body(response, idle, limit))
-                .await
-                .unwrap_or(Err(GatewayError::UpstreamTimeout))?;
+            let body =
+                tokio::time::timeout_at(deadline, read_body(response.into_body(), idle, limit))
+                    .await
+                    .unwrap_or(Err(GatewayError::UpstreamTimeout))?;
             let usage = usage_of(&body).map_err(|e| {
                 tracing::warn!(error = %e, "the model server sent an unreadable answer");
                 invalid_response(&e.to_string())
@@ -82,7 +85,7 @@ impl UpstreamAnswer {
         let UpstreamAnswer { response, lease } = self;
         if let Some(other) = response
             .headers()
-            .get(reqwest::header::CONTENT_TYPE)
+            .get(http::header::CONTENT_TYPE)
             .filter(|v| !v.as_bytes().starts_with(b"text/event-stream"))
         {
             let other = String::from_utf8_lossy(other.as_bytes()).into_owned();
@@ -93,7 +96,7 @@ impl UpstreamAnswer {
             )));
         }
         Ok(EventStream {
-            body: response.bytes_stream().boxed(),
+            body: response.into_body(),
             framer: SseFramer::new(max_event_bytes),
             held: None,
             lease: Some(lease),
@@ -138,11 +141,11 @@ pub enum StreamStep {
 /// A model server's stream, as whole SSE events. Dropping it drops the request, which
 /// stops the generation.
 pub struct EventStream {
-    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    body: Incoming,
     framer: SseFramer,
     /// The body's end or failure, read while taking the chunks that had already arrived:
     /// given on the next poll, after the events before it.
-    held: Option<Option<reqwest::Result<Bytes>>>,
+    held: Option<Option<Result<Bytes, hyper::Error>>>,
     /// Counts the call on its backend until the stream is dropped.
     lease: Option<BackendLease>,
 }
@@ -161,7 +164,7 @@ impl EventStream {
         loop {
             let item = match self.held.take() {
                 Some(item) => Poll::Ready(item),
-                None => self.body.poll_next_unpin(cx),
+                None => poll_chunk(&mut self.body, cx),
             };
             match item {
                 Poll::Ready(Some(Ok(chunk))) => {
@@ -178,7 +181,9 @@ impl EventStream {
                     self.held = Some(end);
                     return Poll::Ready(StreamStep::Events);
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(StreamStep::Broken(e.to_string())),
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(StreamStep::Broken(error_chain(&e)));
+                }
                 Poll::Ready(None) => return Poll::Ready(StreamStep::Ended),
                 Poll::Pending if events.len() > before => return Poll::Ready(StreamStep::Events),
                 Poll::Pending => return Poll::Pending,
@@ -196,7 +201,27 @@ impl EventStream {
     /// After the last event, reads what is left of the body (at most `within`), so that
     /// its connection can be reused; a server that keeps the body open does not hold us.
     pub async fn drain(&mut self, within: Duration) {
-        let rest = async { while let Some(Ok(_)) = self.body.next().await {} };
+        let rest = async { while let Some(Ok(_)) = self.body.frame().await {} };
         let _ = tokio::time::timeout(within, rest).await;
+    }
+}
+
+/// The next chunk of a body's bytes; trailers, which carry nothing the gateway reads, are
+/// passed over.
+fn poll_chunk(
+    body: &mut Incoming,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Bytes, hyper::Error>>> {
+    loop {
+        match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(chunk) = frame.into_data() {
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        }
     }
 }

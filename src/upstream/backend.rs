@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use reqwest::header::HeaderValue;
+use http::{HeaderValue, Uri};
 use tokio::sync::Notify;
 
 use crate::core::GatewayError;
@@ -30,11 +30,10 @@ pub struct BackendSettings {
 #[derive(Debug)]
 pub struct Backend {
     pub(super) settings: BackendSettings,
-    /// Where each API is, parsed once (reqwest would parse a string on every call), in the
-    /// order of [`Backend::url`].
-    api_urls: [reqwest::Url; 4],
-    pub(super) models_url: String,
-    pub(super) health_url: String,
+    /// Where each API is, parsed once, in the order of [`Backend::url`].
+    api_urls: [Uri; 4],
+    pub(super) models_url: Uri,
+    pub(super) health_url: Uri,
     pub(super) authorization: Option<HeaderValue>,
     pub(super) in_flight: AtomicU32,
     pub(super) consecutive_failures: AtomicU32,
@@ -85,23 +84,17 @@ impl Backend {
             }
             None => None,
         };
-        let url = |endpoint: Endpoint| {
-            reqwest::Url::parse(&format!("{api}/{}", endpoint.path())).map_err(|e| {
-                GatewayError::UpstreamUnavailable(format!(
-                    "the URL of backend `{}` is not valid: {e}",
-                    settings.name
-                ))
-            })
-        };
+        let url = |url: String| parse_url(&url, &settings.name);
+        let api_url = |endpoint: Endpoint| url(format!("{api}/{}", endpoint.path()));
         Ok(Backend {
             api_urls: [
-                url(Endpoint::ChatCompletions)?,
-                url(Endpoint::Completions)?,
-                url(Endpoint::Embeddings)?,
-                url(Endpoint::Responses)?,
+                api_url(Endpoint::ChatCompletions)?,
+                api_url(Endpoint::Completions)?,
+                api_url(Endpoint::Embeddings)?,
+                api_url(Endpoint::Responses)?,
             ],
-            models_url: format!("{api}/models"),
-            health_url: format!("{root}/health"),
+            models_url: url(format!("{api}/models"))?,
+            health_url: url(format!("{root}/health"))?,
             authorization,
             settings,
             in_flight: AtomicU32::new(0),
@@ -116,7 +109,7 @@ impl Backend {
     }
 
     /// The URL of `endpoint` on this backend.
-    pub(super) fn url(&self, endpoint: Endpoint) -> &reqwest::Url {
+    pub(super) fn url(&self, endpoint: Endpoint) -> &Uri {
         let i = match endpoint {
             Endpoint::ChatCompletions => 0,
             Endpoint::Completions => 1,
@@ -164,6 +157,24 @@ impl Backend {
             * u64::from(self.settings.weight.max(1));
         mine < theirs
     }
+}
+
+/// An absolute `http` or `https` URL with a host: what the client can connect to.
+fn parse_url(url: &str, backend: &str) -> Result<Uri, GatewayError> {
+    let invalid = |why: &dyn std::fmt::Display| {
+        GatewayError::UpstreamUnavailable(format!(
+            "the URL of backend `{backend}` is not valid: {why}"
+        ))
+    };
+    let uri: Uri = url.parse().map_err(|e| invalid(&e))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(invalid(&"the scheme must be http or https")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(&"it names no host"));
+    }
+    Ok(uri)
 }
 
 /// A call in flight on a backend: counted until dropped.

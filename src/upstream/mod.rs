@@ -4,12 +4,15 @@
 
 mod answer;
 mod backend;
+mod client;
 mod pool;
 pub mod sse;
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
 
 pub use answer::{EventStream, JsonAnswer, StreamStep, UpstreamAnswer, usage_of};
 pub use backend::{BackendLease, BackendSettings};
@@ -29,19 +32,65 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The longest an error body or model list may take to arrive, on top of the headers.
 const SMALL_BODY_TIME: Duration = Duration::from_secs(10);
 
-/// A failure to talk to the upstream at all.
-pub fn transport_error(e: reqwest::Error) -> GatewayError {
-    if e.is_timeout() {
+/// A failure to talk to the upstream at all: sending a request (connect, TLS, write, the
+/// answer's head) or reading an answer's body. Neither hyper nor the connector puts the
+/// model server's address in an error, so the chain can be told as it is.
+pub fn transport_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
+    if is_timeout(e) {
         GatewayError::UpstreamTimeout
-    } else if e.is_connect() {
+    } else if is_head_too_large(e) {
+        GatewayError::UpstreamUnavailable(format!(
+            "the model server's answer began with a head (status line and headers) larger \
+             than the gateway reads ({} bytes)",
+            client::READ_BUFFER_BYTES
+        ))
+    } else if e
+        .downcast_ref::<client::SendError>()
+        .is_some_and(client::SendError::is_connect)
+    {
         GatewayError::UpstreamUnavailable("cannot connect to the model server".into())
     } else {
         GatewayError::UpstreamUnavailable(format!(
             "the connection to the model server failed: {}",
-            // The model server's address stays out of what the client is told.
-            error_chain(&e.without_url())
+            error_chain(e)
         ))
     }
+}
+
+/// Whether hyper gave up on an answer's head that did not fit its read buffer.
+fn is_head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    any_cause(e, |cause| {
+        cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+    })
+}
+
+/// Whether a time limit of the client (the connect timeout) or of the OS ended the attempt.
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    any_cause(e, |cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || cause
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout)
+    })
+}
+
+/// Whether `e` or any error under it is what `test` looks for.
+fn any_cause(
+    e: &(dyn std::error::Error + 'static),
+    test: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
+    let mut cause = Some(e);
+    while let Some(inner) = cause {
+        if test(inner) {
+            return true;
+        }
+        cause = inner.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -83,38 +132,43 @@ pub fn invalid_response(detail: &str) -> GatewayError {
 /// Reads a whole (JSON) answer with `idle` as the longest silence. Memory is bounded:
 /// an answer that says or turns out to be larger than `limit` is dropped unread (the
 /// connection with it), so the gateway never holds more than `limit` plus one chunk.
-pub async fn read_body(
-    mut response: reqwest::Response,
+pub(crate) async fn read_body(
+    mut body: Incoming,
     idle: Duration,
     limit: usize,
 ) -> Result<Bytes, GatewayError> {
-    let declared = response.content_length().unwrap_or(0);
+    let declared = body.size_hint().exact().unwrap_or(0);
     if declared > u64::try_from(limit).unwrap_or(u64::MAX) {
         return Err(response_too_large(limit, "an answer"));
     }
     // The declared length is only a hint: the bytes themselves are counted below.
-    let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+    let mut whole = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
     loop {
-        let chunk = tokio::time::timeout(idle, response.chunk())
+        let frame = tokio::time::timeout(idle, body.frame())
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?
-            .map_err(transport_error)?;
-        let Some(chunk) = chunk else { break };
-        if body.len() + chunk.len() > limit {
+            .transpose()
+            .map_err(|e| transport_error(&e))?;
+        let Some(frame) = frame else { break };
+        // Trailers carry nothing the gateway reads.
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        if whole.len() + chunk.len() > limit {
             return Err(response_too_large(limit, "an answer"));
         }
-        body.extend_from_slice(&chunk);
+        whole.extend_from_slice(&chunk);
     }
-    Ok(Bytes::from(body))
+    Ok(Bytes::from(whole))
 }
 
 /// A small answer (model list, error body): at most `limit` bytes, all within `within`.
 async fn read_bounded(
-    response: reqwest::Response,
+    response: client::UpstreamResponse,
     limit: usize,
     within: Duration,
 ) -> Result<Bytes, GatewayError> {
-    tokio::time::timeout(within, read_body(response, within, limit))
+    tokio::time::timeout(within, read_body(response.into_body(), within, limit))
         .await
         .unwrap_or(Err(GatewayError::UpstreamTimeout))
 }
@@ -126,7 +180,7 @@ async fn read_bounded(
 /// A 401/403 means the model server refused the *gateway's* credentials: that is a gateway
 /// problem (502), not something the client can fix. A body that is too large or does not
 /// arrive within `within` is dropped: the status alone is the answer.
-async fn error_from_response(response: reqwest::Response, within: Duration) -> GatewayError {
+async fn error_from_response(response: client::UpstreamResponse, within: Duration) -> GatewayError {
     let status = response.status().as_u16();
     let within = within.min(SMALL_BODY_TIME);
     let body = read_bounded(response, MAX_ERROR_BODY, within)
@@ -158,7 +212,7 @@ pub fn parse_error_body(status: u16, body: &[u8]) -> GatewayError {
         _ => None,
     };
     let message = text("message").unwrap_or_else(|| {
-        let reason = reqwest::StatusCode::from_u16(status)
+        let reason = http::StatusCode::from_u16(status)
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or("error");

@@ -8,14 +8,18 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderName, HeaderValue, Method, Request, Uri};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::answer::UpstreamAnswer;
 use super::backend::{Backend, BackendLease, BackendSettings, HealthCheck};
-use super::{REQUEST_ID_HEADER, error_from_response, read_bounded, transport_error};
+use super::client::{HttpClient, RequestBody, UpstreamResponse};
+use super::{
+    REQUEST_ID_HEADER, error_chain, error_from_response, is_timeout, read_bounded, transport_error,
+};
 use crate::core::error::GatewayError;
 use crate::core::request::Endpoint;
 use crate::core::time::{monotonic_ms, now_unix};
@@ -71,7 +75,7 @@ pub struct BackendStatus {
 
 /// The backends and the one HTTP client to all of them.
 pub struct UpstreamPool {
-    client: reqwest::Client,
+    client: HttpClient,
     settings: RwLock<Arc<PoolSettings>>,
     backends: RwLock<Arc<Vec<Arc<Backend>>>>,
     /// Spreads ties between equally loaded backends.
@@ -82,16 +86,11 @@ pub struct UpstreamPool {
 
 impl UpstreamPool {
     pub fn new(settings: PoolSettings) -> Result<Self, GatewayError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            // A model server has no business redirecting a prompt elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| {
-                GatewayError::UpstreamUnavailable(format!("cannot build HTTP client: {e}"))
-            })?;
+        // A redirect is answered as the error it is: a model server has no business sending
+        // a prompt elsewhere, and the client follows none.
+        let client = HttpClient::new(settings.connect_timeout).map_err(|e| {
+            GatewayError::UpstreamUnavailable(format!("cannot build HTTP client: {e}"))
+        })?;
         let recheck = Arc::new(Notify::new());
         let backends = build_backends(&settings.backends, &[], &recheck)?;
         Ok(UpstreamPool {
@@ -238,24 +237,34 @@ impl UpstreamPool {
                 settings.eject_after_failures,
                 settings.eject_for,
             );
-            let mut request = self
-                .client
-                .post(backend.url(endpoint).clone())
-                .header(CONTENT_TYPE, "application/json")
-                .header(REQUEST_ID_HEADER, request_id)
-                .body(body.clone());
-            if let Some(authorization) = &backend.authorization {
-                request = request.header(AUTHORIZATION, authorization.clone());
-            }
-            let sent = match tokio::time::timeout(settings.first_byte_timeout, request.send()).await
-            {
-                Ok(sent) => sent,
-                Err(_) => {
-                    // The model may be working on it: not safe to send again.
-                    backend.record_failure(settings.eject_after_failures, settings.eject_for);
-                    return Err(GatewayError::UpstreamTimeout);
+            // An id the edge made or accepted is a valid header value; one that is not is
+            // left out rather than failing the call.
+            let id_header = HeaderValue::from_str(request_id).ok();
+            let build = || {
+                let mut request = request_to(
+                    Method::POST,
+                    backend.url(endpoint),
+                    &backend,
+                    RequestBody::new(body.clone()),
+                );
+                let headers = request.headers_mut();
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                if let Some(id) = &id_header {
+                    headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), id.clone());
                 }
+                request
             };
+            let sent =
+                match tokio::time::timeout(settings.first_byte_timeout, self.client.send(build))
+                    .await
+                {
+                    Ok(sent) => sent,
+                    Err(_) => {
+                        // The model may be working on it: not safe to send again.
+                        backend.record_failure(settings.eject_after_failures, settings.eject_for);
+                        return Err(GatewayError::UpstreamTimeout);
+                    }
+                };
             match sent {
                 Ok(response) if response.status().is_success() => {
                     backend.record_success();
@@ -278,8 +287,8 @@ impl UpstreamPool {
                 }
                 Err(e) => {
                     backend.record_failure(settings.eject_after_failures, settings.eject_for);
-                    tracing::warn!(backend = %backend.name(), error = %e, request_id, "backend unreachable");
-                    last_error = Some(transport_error(e));
+                    tracing::warn!(backend = %backend.name(), error = %error_chain(&e), request_id, "backend unreachable");
+                    last_error = Some(transport_error(&e));
                 }
             }
         }
@@ -308,22 +317,35 @@ impl UpstreamPool {
         let timeout = settings.first_byte_timeout.min(Duration::from_secs(30));
         let mut data: Vec<serde_json::Value> = Vec::new();
         let mut last_error = None;
+        let id_header = HeaderValue::from_str(request_id).ok();
         for backend in backends {
-            let mut request = self
-                .client
-                .get(&backend.models_url)
-                .header(REQUEST_ID_HEADER, request_id)
-                .timeout(timeout);
-            if let Some(authorization) = &backend.authorization {
-                request = request.header(AUTHORIZATION, authorization.clone());
-            }
-            let list = match request.send().await {
-                Ok(response) if response.status().is_success() => {
-                    read_bounded(response, settings.max_response_bytes, timeout).await
+            let build = || {
+                let mut request = request_to(
+                    Method::GET,
+                    &backend.models_url,
+                    &backend,
+                    RequestBody::default(),
+                );
+                if let Some(id) = &id_header {
+                    request
+                        .headers_mut()
+                        .insert(HeaderName::from_static(REQUEST_ID_HEADER), id.clone());
                 }
-                Ok(response) => Err(error_from_response(response, timeout).await),
-                Err(e) => Err(transport_error(e)),
+                request
             };
+            // `timeout` bounds the whole exchange, the list's bytes included.
+            let fetch = async {
+                match self.client.send(build).await {
+                    Ok(response) if response.status().is_success() => {
+                        read_bounded(response, settings.max_response_bytes, timeout).await
+                    }
+                    Ok(response) => Err(error_from_response(response, timeout).await),
+                    Err(e) => Err(transport_error(&e)),
+                }
+            };
+            let list = tokio::time::timeout(timeout, fetch)
+                .await
+                .unwrap_or(Err(GatewayError::UpstreamTimeout));
             match list.and_then(|body| {
                 serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| {
                     GatewayError::Upstream {
@@ -381,19 +403,27 @@ impl UpstreamPool {
             let timeout = settings.health_timeout;
             let limit = settings.max_response_bytes;
             async move {
-                let mut request = client.get(&backend.health_url).timeout(timeout);
-                if let Some(authorization) = &backend.authorization {
-                    request = request.header(AUTHORIZATION, authorization.clone());
-                }
-                let error = match request.send().await {
-                    Ok(r) if r.status().is_success() => None,
-                    Ok(r) => Some(format!("its /health answered HTTP {}", r.status().as_u16())),
-                    Err(e) if e.is_timeout() => Some(format!(
+                let build = || {
+                    request_to(
+                        Method::GET,
+                        &backend.health_url,
+                        &backend,
+                        RequestBody::default(),
+                    )
+                };
+                let late = || {
+                    Some(format!(
                         "its /health did not answer within {} ms",
                         timeout.as_millis()
-                    )),
+                    ))
+                };
+                let error = match tokio::time::timeout(timeout, client.send(build)).await {
+                    Ok(Ok(r)) if r.status().is_success() => None,
+                    Ok(Ok(r)) => Some(format!("its /health answered HTTP {}", r.status().as_u16())),
+                    Ok(Err(e)) if is_timeout(&e) => late(),
+                    Err(_) => late(),
                     // The address stays out of what `/health` shows.
-                    Err(e) => Some(transport_error(e).to_string()),
+                    Ok(Err(e)) => Some(transport_error(&e).to_string()),
                 };
                 let healthy = error.is_none();
                 if healthy {
@@ -439,20 +469,20 @@ impl UpstreamPool {
 }
 
 /// Remembers what a backend serves (at most 64 names), for metric labels.
-async fn refresh_models(
-    client: &reqwest::Client,
-    backend: &Backend,
-    timeout: Duration,
-    limit: usize,
-) {
-    let mut request = client.get(&backend.models_url).timeout(timeout);
-    if let Some(authorization) = &backend.authorization {
-        request = request.header(AUTHORIZATION, authorization.clone());
-    }
-    let Ok(response) = request.send().await else {
-        return;
+async fn refresh_models(client: &HttpClient, backend: &Backend, timeout: Duration, limit: usize) {
+    let build = || {
+        request_to(
+            Method::GET,
+            &backend.models_url,
+            backend,
+            RequestBody::default(),
+        )
     };
-    let Ok(body) = read_bounded(response, limit, timeout).await else {
+    let fetch = async {
+        let response: UpstreamResponse = client.send(build).await.ok()?;
+        read_bounded(response, limit, timeout).await.ok()
+    };
+    let Ok(Some(body)) = tokio::time::timeout(timeout, fetch).await else {
         return;
     };
     let Ok(list) = serde_json::from_slice::<serde_json::Value>(&body) else {
@@ -470,6 +500,27 @@ async fn refresh_models(
         .reported_models
         .write()
         .unwrap_or_else(|p| p.into_inner()) = models;
+}
+
+/// A request to a backend with what every request to it carries: the backend's own key
+/// (never the client's) and `accept: */*` (as reqwest sent it).
+fn request_to(
+    method: Method,
+    uri: &Uri,
+    backend: &Backend,
+    body: RequestBody,
+) -> Request<RequestBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri.clone();
+    let headers = request.headers_mut();
+    // The most a request carries: these two, content type and request id.
+    headers.reserve(4);
+    headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+    if let Some(authorization) = &backend.authorization {
+        headers.insert(AUTHORIZATION, authorization.clone());
+    }
+    request
 }
 
 fn build_backends(

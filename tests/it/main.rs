@@ -30,3 +30,4 @@ mod pool;
 mod reflection_client;
 mod secrets;
 mod surface;
+mod tls_upstream;

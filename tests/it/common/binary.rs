@@ -115,7 +115,13 @@ impl GatewayProcess {
 
     /// As [`GatewayProcess::start`], with `RUST_LOG=<level>` (a load test wants fewer lines).
     pub async fn start_logging(config: &Path, level: &str) -> GatewayProcess {
-        let mut child = serve_command(config, level).spawn().unwrap();
+        Self::start_command(serve_command(config, level)).await
+    }
+
+    /// As [`GatewayProcess::start`], from a [`serve_command`] the test changed (an
+    /// environment variable, say).
+    pub async fn start_command(mut command: Command) -> GatewayProcess {
+        let mut child = command.spawn().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = logs.clone();
