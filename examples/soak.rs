@@ -899,6 +899,7 @@ fn store_only(calls: u64) -> anyhow::Result<()> {
                 image_sizes: Vec::new(),
                 request_body: None,
                 response_body: None,
+                client_addr: None,
                 reservation: None,
             })
             .collect();

@@ -14,6 +14,7 @@ use crate::cli::{
     AdminArgs, AdminCommand, CallsArgs, KeyLimitArgs, KeysCommand, UsageArgs, UsageGroupingArg,
     UsersCommand,
 };
+use crate::core::access::IpAllowlist;
 use crate::core::admin::{CreatedKey, KeyPage, KeyView};
 use crate::core::limits::KeyLimits;
 use crate::core::records::KeyCounters;
@@ -62,6 +63,7 @@ impl From<UsersCommand> for AdminRequest {
                 rpm_limit: limits.rpm_limit,
                 tpm_limit: limits.tpm_limit,
                 max_concurrent: limits.max_concurrent,
+                allowed_ips: limits.allowed_ips,
             }),
             UsersCommand::Get { id } => AdminRequest::GetUser(pb::GetUserRequest { id }),
             UsersCommand::Update(args) => AdminRequest::UpdateUser(pb::UpdateUserRequest {
@@ -72,6 +74,7 @@ impl From<UsersCommand> for AdminRequest {
                 rpm_limit: args.limits.rpm_limit,
                 tpm_limit: args.limits.tpm_limit,
                 max_concurrent: args.limits.max_concurrent,
+                allowed_ips: args.limits.allowed_ips,
                 clear: args
                     .clear_email
                     .then_some("email")
@@ -107,6 +110,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_in,
                     expires_at,
                     models,
+                    allowed_ips,
                 } = args.limits;
                 AdminRequest::CreateKey(pb::CreateKeyRequest {
                     user_id: args.user_id,
@@ -121,6 +125,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_at,
                     expires_in,
                     models,
+                    allowed_ips,
                 })
             }
             KeysCommand::Get { id } => AdminRequest::GetKey(pb::GetKeyRequest { id }),
@@ -136,6 +141,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_in,
                     expires_at,
                     models,
+                    allowed_ips,
                 } = args.limits;
                 AdminRequest::UpdateKey(pb::UpdateKeyRequest {
                     id: args.id,
@@ -150,6 +156,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_at,
                     expires_in,
                     models,
+                    allowed_ips,
                     active: args.active,
                     clear: args.clear,
                 })
@@ -306,6 +313,9 @@ fn key_from_proto(key: pb::Key) -> KeyView {
             token_quota: key.token_quota,
             image_quota: key.image_quota,
             max_images_per_request: key.max_images_per_request,
+            allowed_ips: (!key.allowed_ips.is_empty())
+                .then(|| IpAllowlist::parse(&key.allowed_ips).ok())
+                .flatten(),
         },
         expires_at: key.expires_at,
         // The proto cannot tell "no allowlist" from an empty one; the gateway sends an

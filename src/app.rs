@@ -20,6 +20,7 @@ use crate::core::store::Store;
 use crate::core::usage_sink::usage_channel;
 use crate::core::{GateSettings, Gateway, keys};
 use crate::edge;
+use crate::edge::router::Edge;
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::rest::{self, AppState, RestSettings};
@@ -52,6 +53,7 @@ pub const DEMO_KEY_LIMITS: KeyLimits = KeyLimits {
     token_quota: Some(1_000_000),
     image_quota: None,
     max_images_per_request: None,
+    allowed_ips: None,
 };
 
 /// The demo's user and key, made on the first demo start.
@@ -183,6 +185,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             log_bodies: config.store.log_bodies,
             default_max_tokens: config.limits.default_max_tokens,
             max_images_per_request: config.limits.max_images_per_request,
+            admin_allowed_ips: Some(config.admin.allowed_ips.clone()).filter(|l| !l.is_empty()),
         },
     )?;
     if let Some(journal) = journal_port {
@@ -217,23 +220,28 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             max_body_bytes: config.server.max_body_bytes,
             response_metadata: config.server.response_metadata,
             health_timeout: Duration::from_secs(2),
+            cors_allowed_origins: config.server.cors_allowed_origins.clone(),
         }),
     };
+    let edge = Arc::new(Edge {
+        metrics: metrics.clone(),
+        trusted_proxies: Some(config.server.trusted_proxies.clone()).filter(|l| !l.is_empty()),
+    });
     let addr = listener.local_addr()?;
     let mut grpc_addr = None;
     let mut servers = Vec::new();
     match grpc_listener {
         None => {
             let routes = rest::routes(state).merge(grpc);
-            servers.push((listener, edge::router::serve(routes, metrics)));
+            servers.push((listener, edge::router::serve(routes, edge)));
         }
         Some(grpc_listener) => {
             grpc_addr = Some(grpc_listener.local_addr()?);
             servers.push((
                 listener,
-                edge::router::serve(rest::routes(state), metrics.clone()),
+                edge::router::serve(rest::routes(state), edge.clone()),
             ));
-            servers.push((grpc_listener, edge::router::serve(grpc, metrics)));
+            servers.push((grpc_listener, edge::router::serve(grpc, edge)));
         }
     }
 

@@ -191,6 +191,16 @@ pub struct UserLimitArgs {
     /// Calls in flight at once, all of the user's keys together.
     #[arg(long, value_name = "N")]
     pub max_concurrent: Option<u32>,
+    /// An address or CIDR all of the user's keys may be used from (repeat for several);
+    /// none means anywhere.
+    #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse_cidr)]
+    pub allowed_ips: Vec<String>,
+}
+
+/// An allowlist entry, checked before it is sent.
+fn parse_cidr(entry: &str) -> Result<String, String> {
+    crate::core::access::IpAllowlist::parse(&[entry])?;
+    Ok(entry.trim().to_owned())
 }
 
 /// A user limit `users update --clear` removes: a name of core's `UserLimits`.
@@ -276,6 +286,10 @@ pub struct KeyLimitArgs {
     /// A model the key may use (repeat for several); none means every model.
     #[arg(long = "model", value_name = "MODEL")]
     pub models: Vec<String>,
+    /// An address or CIDR the key may be used from (repeat for several); none means
+    /// anywhere.
+    #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse_cidr)]
+    pub allowed_ips: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]

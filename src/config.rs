@@ -10,6 +10,7 @@ use figment::Figment;
 use figment::providers::{Data, Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::core::access::IpAllowlist;
 use crate::core::images::ImageUrlPolicy;
 use crate::upstream::{BackendSettings, PoolSettings};
 
@@ -82,6 +83,12 @@ pub struct ServerConfig {
     /// A connection with no request in flight for this long is closed (one that never
     /// sends a request, an idle HTTP/2 connection).
     pub idle_timeout_secs: u64,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` / `X-Real-IP` say who the client is; from
+    /// anyone else those headers are ignored. Empty: the socket's peer is the client.
+    pub trusted_proxies: IpAllowlist,
+    /// Browser origins allowed to call the OpenAI API (`https://app.example.com`, or `*`);
+    /// empty (the default) answers no cross-origin request. The admin API never does.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +102,8 @@ impl Default for ServerConfig {
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 60,
             idle_timeout_secs: 60,
+            trusted_proxies: IpAllowlist::default(),
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -283,6 +292,9 @@ pub struct AdminConfig {
     /// The admin token. When unset, one is generated at first start, printed once, and
     /// only its hash is kept.
     pub token: Option<String>,
+    /// Where the admin API (REST `/admin/v1`, gRPC `Admin`) may be used from (CIDRs, after
+    /// `server.trusted_proxies`); empty is anywhere.
+    pub allowed_ips: IpAllowlist,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -476,6 +488,15 @@ impl GatewayConfig {
                 "admin.token must be at least 16 characters".into(),
             ));
         }
+        for origin in &self.server.cors_allowed_origins {
+            if !is_cors_origin(origin) {
+                return Err(ConfigError::Invalid(format!(
+                    "server.cors_allowed_origins: `{origin}` is not an origin; write \
+                     `https://app.example.com` (scheme, host and port if not the default, no \
+                     path) or `*`"
+                )));
+            }
+        }
         if self.limits.default_max_tokens == 0 {
             return Err(ConfigError::Invalid(
                 "limits.default_max_tokens must be at least 1".into(),
@@ -612,6 +633,20 @@ fn describe_actual(actual: &figment::error::Actual) -> String {
         Actual::Map => "a table".into(),
         other => other.to_string(),
     }
+}
+
+/// `*`, or what a browser sends as `Origin`: `http(s)://host[:port]`, nothing more.
+fn is_cors_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@', ' '])
+        && axum::http::HeaderValue::from_str(origin).is_ok()
 }
 
 #[cfg(test)]

@@ -672,7 +672,7 @@ pub fn key_view(record: &KeyRecord, used: KeyCounters) -> KeyView {
         user_id: record.user_id.clone(),
         name: record.name.clone(),
         prefix: record.prefix.clone(),
-        limits: record.limits,
+        limits: record.limits.clone(),
         expires_at: record.expires_at,
         models: record.models.clone(),
         active: record.active,

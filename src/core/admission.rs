@@ -377,7 +377,7 @@ pub(super) mod tests {
             image_quota: Some(3),
             ..KeyLimits::default()
         });
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let admission = gateway.admit(&caller, facts(2, Some(90))).unwrap();
         assert_eq!(
             admission.remaining(),
@@ -397,7 +397,7 @@ pub(super) mod tests {
             image_quota: Some(1),
             ..KeyLimits::default()
         });
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let e = gateway.admit(&caller, facts(2, None)).unwrap_err();
         assert!(
             matches!(e, GatewayError::QuotaExceeded { what: "images", .. }),
@@ -414,7 +414,7 @@ pub(super) mod tests {
             token_quota: Some(100),
             ..KeyLimits::default()
         });
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let admission = gateway.admit(&caller, facts(0, Some(500))).unwrap();
         assert_eq!(admission.upstream_cap(), Some(90));
         let e = gateway.admit(&caller, facts(0, Some(500))).unwrap_err();
@@ -436,7 +436,7 @@ pub(super) mod tests {
                 ..GateSettings::default()
             },
         );
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let e = gateway.admit(&caller, facts(0, None)).unwrap_err();
         assert!(matches!(e, GatewayError::ModelNotAllowed { .. }), "{e:?}");
         let mut three = facts(3, None);
@@ -466,7 +466,7 @@ pub(super) mod tests {
     async fn a_durable_reservation_carries_its_estimate_and_its_id_to_the_settled_call() {
         let journal = Arc::new(crate::core::testing::TestJournal::default());
         let (gateway, mut queue, _) = journaled_gate(journal.clone());
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let mut admission = gateway.admit(&caller, facts(0, Some(90))).unwrap();
         admission.make_durable().await.unwrap();
         let (id, reservation) = journal.reserved.lock().unwrap()[0].clone();
@@ -491,7 +491,7 @@ pub(super) mod tests {
             ..Default::default()
         });
         let (gateway, mut queue, events) = journaled_gate(journal.clone());
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let mut admission = gateway.admit(&caller, facts(0, Some(90))).unwrap();
         let e = admission.make_durable().await.unwrap_err();
         assert!(matches!(e, GatewayError::StoreUnavailable), "{e:?}");
@@ -519,7 +519,7 @@ pub(super) mod tests {
     #[test]
     fn no_call_is_admitted_while_the_store_fails() {
         let (gateway, _queue) = gate_with(KeyLimits::default());
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         gateway.store_health().fail("disk full", 0);
         let e = gateway.admit(&caller, facts(0, None)).unwrap_err();
         assert!(matches!(e, GatewayError::StoreUnavailable));

@@ -14,6 +14,10 @@ pub enum GatewayError {
     /// The admin token was missing or wrong (a client key never opens admin routes).
     #[error("invalid or missing admin token")]
     InvalidAdminToken,
+    /// The caller's address is not on an allowlist (the key's, its user's, or the admin
+    /// API's); `whose` says which.
+    #[error("this {whose} may not be used from {client}")]
+    IpNotAllowed { whose: &'static str, client: String },
     /// The key may not use this model.
     #[error("the model `{model}` does not exist or this key may not use it")]
     ModelNotAllowed { model: String },
@@ -110,6 +114,7 @@ impl GatewayError {
             GatewayError::RateLimited(_) => Some("rate"),
             GatewayError::QuotaExceeded { .. } => Some("quota"),
             GatewayError::ModelNotAllowed { .. } => Some("policy"),
+            GatewayError::IpNotAllowed { .. } => Some("address"),
             GatewayError::StoreUnavailable => Some("store"),
             GatewayError::InvalidRequest { .. }
             | GatewayError::BodyTooLarge { .. }
@@ -130,6 +135,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidApiKey(_) | GatewayError::InvalidAdminToken => 401,
             GatewayError::ModelNotAllowed { .. } | GatewayError::NotFound { .. } => 404,
+            GatewayError::IpNotAllowed { .. } => 403,
             GatewayError::RateLimited(_) | GatewayError::QuotaExceeded { .. } => 429,
             GatewayError::InvalidRequest { .. } => 400,
             GatewayError::BodyTooLarge { .. } => 413,

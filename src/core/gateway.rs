@@ -2,8 +2,10 @@
 //! responsibility: the key index and authentication (`key_index`), admission and
 //! reservation (`admission`), settlement (`settlement`), admin changes (`admin`).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
+use super::access::IpAllowlist;
 use super::error::GatewayError;
 use super::events::GateEvents;
 use super::journal::ReservationJournal;
@@ -21,6 +23,8 @@ pub struct GateSettings {
     pub default_max_tokens: u64,
     /// Images one request may carry, for every key (a key may set a lower cap).
     pub max_images_per_request: Option<u32>,
+    /// Where the admin API may be used from; `None` is anywhere.
+    pub admin_allowed_ips: Option<IpAllowlist>,
 }
 
 impl Default for GateSettings {
@@ -29,6 +33,7 @@ impl Default for GateSettings {
             log_bodies: false,
             default_max_tokens: 4096,
             max_images_per_request: None,
+            admin_allowed_ips: None,
         }
     }
 }
@@ -70,15 +75,26 @@ impl Gateway {
         self
     }
 
-    /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `).
-    pub fn authenticate(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
-        self.keys.authenticate(secret).map_err(|e| self.refused(e))
+    /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `) from `client`,
+    /// the caller's address as the edge found it.
+    pub fn authenticate(
+        &self,
+        secret: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<Caller, GatewayError> {
+        self.keys
+            .authenticate(secret, client)
+            .map_err(|e| self.refused(e))
     }
 
-    /// Checks the admin token in constant time.
-    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), GatewayError> {
+    /// Checks the admin API's allowlist and the admin token (in constant time).
+    pub fn authenticate_admin(
+        &self,
+        token: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<(), GatewayError> {
         self.keys
-            .authenticate_admin(token)
+            .authenticate_admin(token, client, self.settings.admin_allowed_ips.as_ref())
             .map_err(|e| self.refused(e))
     }
 

@@ -127,6 +127,7 @@ fn interrupted_call(id: u64, r: Reservation) -> CallRecord {
         usage_estimated: true,
         images: r.images,
         image_sizes: Vec::new(),
+        client_addr: None,
         request_body: None,
         response_body: None,
         reservation: Some(id),

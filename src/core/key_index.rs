@@ -3,11 +3,13 @@
 //! so start-up and memory do not grow with the keys issued; each key has exactly one live
 //! state (counters in flight, limiter) however it is found.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 
+use super::access::{self, IpAllowlist};
 use super::error::GatewayError;
 use super::keys::{self, SecretHash};
 use super::quota;
@@ -110,6 +112,8 @@ pub struct Caller {
     pub record: Arc<KeyRecord>,
     pub user: Arc<UserState>,
     pub user_record: Arc<UserRecord>,
+    /// Where the call comes from, as the edge found it (kept in the call log).
+    pub client: Option<IpAddr>,
 }
 
 /// What is left of a key's quotas; `None` is unlimited.
@@ -303,8 +307,13 @@ impl KeyIndex {
     }
 
     /// The caller a secret (the value after `Bearer `) opens: an active, unexpired,
-    /// unrevoked key of an active user.
-    pub fn authenticate(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
+    /// unrevoked key of an active user, used from an address the key's and the user's
+    /// allowlists let in.
+    pub fn authenticate(
+        &self,
+        secret: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<Caller, GatewayError> {
         let secret =
             secret
                 .map(str::trim)
@@ -342,20 +351,46 @@ impl KeyIndex {
                 "The user owning this API key is deactivated.",
             ));
         }
+        // Checked only once the key is known good: an unknown key learns nothing of lists.
+        for (whose, list) in [
+            ("key", record.limits.allowed_ips.as_ref()),
+            ("user's keys", user_record.limits.allowed_ips.as_ref()),
+        ] {
+            if !access::allowed(list, client) {
+                return Err(ip_not_allowed(whose, client));
+            }
+        }
         Ok(Caller {
             key: state,
             record,
             user,
             user_record,
+            client,
         })
     }
 
-    /// Checks the admin token in constant time.
-    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), GatewayError> {
+    /// Checks the admin API's allowlist, then the admin token in constant time.
+    pub fn authenticate_admin(
+        &self,
+        token: Option<&str>,
+        client: Option<IpAddr>,
+        allowlist: Option<&IpAllowlist>,
+    ) -> Result<(), GatewayError> {
+        // Before the token: from outside the list, the token cannot even be tried.
+        if !access::allowed(allowlist, client) {
+            return Err(ip_not_allowed("admin API", client));
+        }
         match token {
             Some(token) if keys::secret_matches(token.trim(), &self.admin_token_hash) => Ok(()),
             _ => Err(GatewayError::InvalidAdminToken),
         }
+    }
+}
+
+fn ip_not_allowed(whose: &'static str, client: Option<IpAddr>) -> GatewayError {
+    GatewayError::IpNotAllowed {
+        whose,
+        client: client.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string()),
     }
 }
 
@@ -375,8 +410,8 @@ mod tests {
             MemoryStore::with(vec![user("usr_1")], vec![key("key_a", "sk-step3-a")]),
             GateSettings::default(),
         );
-        let first = gateway.authenticate(Some("sk-step3-a")).unwrap();
-        let again = gateway.authenticate(Some(" sk-step3-a ")).unwrap();
+        let first = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
+        let again = gateway.authenticate(Some(" sk-step3-a "), None).unwrap();
         assert_eq!(first.record.id, "key_a");
         assert!(
             Arc::ptr_eq(&first.key, &again.key),
@@ -413,7 +448,7 @@ mod tests {
             (Some("sk-step3-o"), "Incorrect"),
             (Some("sk-step3-i"), "deactivated"),
         ] {
-            let e = gateway.authenticate(secret).unwrap_err();
+            let e = gateway.authenticate(secret, None).unwrap_err();
             assert!(e.to_string().contains(message), "{secret:?}: {e}");
         }
         assert_eq!(seen(&events), vec!["refused auth"; 7]);
@@ -431,9 +466,11 @@ mod tests {
             MemoryStore::with(vec![user("usr_1")], vec![rotated, ended]),
             GateSettings::default(),
         );
-        assert!(gateway.authenticate(Some("sk-step3-old")).is_ok());
-        assert!(gateway.authenticate(Some("sk-step3-new")).is_ok());
-        let e = gateway.authenticate(Some("sk-step3-old-b")).unwrap_err();
+        assert!(gateway.authenticate(Some("sk-step3-old"), None).is_ok());
+        assert!(gateway.authenticate(Some("sk-step3-new"), None).is_ok());
+        let e = gateway
+            .authenticate(Some("sk-step3-old-b"), None)
+            .unwrap_err();
         assert!(e.to_string().contains("grace period is over"), "{e}");
     }
 
@@ -443,8 +480,16 @@ mod tests {
             MemoryStore::with(vec![user("usr_1")], vec![key("key_a", "sk-step3-a")]),
             GateSettings::default(),
         );
-        assert!(gateway.authenticate_admin(Some("admin-token")).is_ok());
-        assert!(gateway.authenticate_admin(Some("sk-step3-a")).is_err());
-        assert!(gateway.authenticate_admin(None).is_err());
+        assert!(
+            gateway
+                .authenticate_admin(Some("admin-token"), None)
+                .is_ok()
+        );
+        assert!(
+            gateway
+                .authenticate_admin(Some("sk-step3-a"), None)
+                .is_err()
+        );
+        assert!(gateway.authenticate_admin(None, None).is_err());
     }
 }

@@ -7,11 +7,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::access::IpAllowlist;
 use super::error::GatewayError;
 use super::rate_limit::LimitSpec;
 
 /// Everything a key may be limited by; `None` is unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyLimits {
     /// Requests per minute.
     #[serde(default)]
@@ -34,10 +35,13 @@ pub struct KeyLimits {
     /// Images one request may carry.
     #[serde(default)]
     pub max_images_per_request: Option<u32>,
+    /// Addresses the key may be used from (CIDRs); `None` is anywhere.
+    #[serde(default)]
+    pub allowed_ips: Option<IpAllowlist>,
 }
 
 /// What a user's keys together may use; `None` is unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserLimits {
     /// Requests per minute, all of the user's keys together.
     #[serde(default)]
@@ -48,10 +52,13 @@ pub struct UserLimits {
     /// Calls in flight at once, all of the user's keys together.
     #[serde(default)]
     pub max_concurrent: Option<u32>,
+    /// Addresses all of the user's keys may be used from (CIDRs); `None` is anywhere.
+    #[serde(default)]
+    pub allowed_ips: Option<IpAllowlist>,
 }
 
 /// A set of limits as the admin functions handle it.
-pub trait Limits: Copy + Default + Serialize + DeserializeOwned {
+pub trait Limits: Clone + Default + Serialize + DeserializeOwned {
     /// Refuses values that cannot be meant (a rate limit of zero would refuse everything).
     fn validate(&self) -> Result<(), GatewayError>;
 
@@ -71,6 +78,7 @@ impl KeyLimits {
             rpm_limit: self.rpm_limit,
             tpm_limit: self.tpm_limit,
             max_concurrent: self.max_concurrent,
+            allowed_ips: None,
         }
     }
 
@@ -82,7 +90,8 @@ impl KeyLimits {
 
 impl Limits for KeyLimits {
     fn validate(&self) -> Result<(), GatewayError> {
-        self.per_minute().validate()
+        self.per_minute().validate()?;
+        check_allowlist(self.allowed_ips.as_ref())
     }
 }
 
@@ -100,7 +109,19 @@ impl Limits for UserLimits {
     fn validate(&self) -> Result<(), GatewayError> {
         check_positive(self.rpm_limit, "rpm_limit")?;
         check_positive(self.tpm_limit, "tpm_limit")?;
-        check_positive(self.max_concurrent, "max_concurrent")
+        check_positive(self.max_concurrent, "max_concurrent")?;
+        check_allowlist(self.allowed_ips.as_ref())
+    }
+}
+
+/// An empty allowlist would refuse every address; `null` is how to say "anywhere".
+fn check_allowlist(list: Option<&IpAllowlist>) -> Result<(), GatewayError> {
+    match list {
+        Some(list) if list.is_empty() => Err(GatewayError::invalid_request(
+            "`allowed_ips` must list at least one address or CIDR (or be null for anywhere)",
+            Some("allowed_ips"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -273,6 +294,7 @@ mod tests {
         assert_eq!(
             KeyLimits::field_names(),
             [
+                "allowed_ips",
                 "image_quota",
                 "max_concurrent",
                 "max_images_per_request",
@@ -284,7 +306,7 @@ mod tests {
         );
         assert_eq!(
             UserLimits::field_names(),
-            ["max_concurrent", "rpm_limit", "tpm_limit"]
+            ["allowed_ips", "max_concurrent", "rpm_limit", "tpm_limit"]
         );
     }
 }

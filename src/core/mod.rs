@@ -2,6 +2,7 @@
 //! every door, and the ports through which it keeps its books (`store`, `usage_sink`) and
 //! reports what happens (`events`). Nothing here knows HTTP, axum, tonic or sled.
 
+pub mod access;
 pub mod admin;
 pub mod admission;
 pub mod error;

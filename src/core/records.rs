@@ -194,6 +194,10 @@ pub struct CallRecord {
     pub request_body: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_body: Option<String>,
+    /// The caller's address, as the edge found it (the socket's peer, or what a trusted
+    /// proxy said).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<String>,
     /// The journal id of the call's durable reservation (durable mode): the store keeps
     /// one call per reservation, so a call settled again at recovery is not counted twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]

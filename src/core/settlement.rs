@@ -123,6 +123,7 @@ impl Admission {
             image_sizes: std::mem::take(&mut self.facts.image_sizes),
             request_body: None,
             response_body: None,
+            client_addr: self.caller.client.map(|a| a.to_canonical().to_string()),
             reservation: self.reservation,
         };
         // The journal keeps the settlement (without the bodies) until the store has the
@@ -181,7 +182,7 @@ mod tests {
     #[tokio::test]
     async fn a_settled_call_is_charged_its_real_usage_and_recorded_once() {
         let (gateway, mut queue, events) = quota_gate();
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let mut admission = gateway.admit(&caller, facts(1, Some(100))).unwrap();
         admission.mark_forwarded();
         admission.observe_usage(Usage {
@@ -210,7 +211,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_dropped_after_forwarding_is_charged_as_the_client_leaving() {
         let (gateway, mut queue, _) = quota_gate();
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let mut admission = gateway.admit(&caller, facts(0, Some(100))).unwrap();
         admission.mark_forwarded();
         admission.observe_chunk();
@@ -229,7 +230,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_that_never_reached_the_model_costs_nothing() {
         let (gateway, mut queue, _) = quota_gate();
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let admission = gateway.admit(&caller, facts(2, Some(100))).unwrap();
         admission.settle(CallOutcome::UpstreamFailed, 502);
         assert_eq!(

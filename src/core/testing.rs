@@ -37,6 +37,7 @@ pub(crate) fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallR
         image_sizes: Vec::new(),
         request_body: None,
         response_body: None,
+        client_addr: None,
         reservation: None,
     }
 }

@@ -1,8 +1,10 @@
 //! What both doors share at the edge, and nothing else: the request id, the model label
 //! of a response, bearer parsing, gRPC detection, limit figures as headers (the gRPC door
 //! sends the same as metadata), the OpenAI error body, and the one router every port
-//! serves (`router`). The doors depend on this; it depends on no door.
+//! serves (`router`), and where a request comes from (`client_addr`). The doors depend on
+//! this; it depends on no door.
 
+pub mod client_addr;
 pub mod router;
 
 use std::io::Write as _;

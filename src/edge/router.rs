@@ -12,18 +12,28 @@ use axum::response::{IntoResponse, Response};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
+use super::client_addr::{self, ClientAddr, PeerAddr};
 use super::{ModelLabel, REQUEST_ID_HEADER, RequestId, error_body, grpc_status_response, is_grpc};
+use crate::core::access::IpAllowlist;
 use crate::core::events::Door;
 use crate::metrics::Metrics;
 
+/// What the edge does to every request of a port, besides routing it.
+pub struct Edge {
+    pub metrics: Arc<Metrics>,
+    /// Proxies whose `X-Forwarded-For` / `X-Real-IP` name the client; `None`: nobody's.
+    pub trusted_proxies: Option<IpAllowlist>,
+}
+
 /// `routes` (REST, gRPC, or both merged) as one port serves them.
-pub fn serve(routes: Router, metrics: Arc<Metrics>) -> Router {
+pub fn serve(routes: Router, edge: Arc<Edge>) -> Router {
     routes
         .fallback(not_found)
         .layer(CatchPanicLayer::custom(panic_response))
-        // One middleware for the id and the metrics: each layer of `from_fn` boxes a future
-        // per request. Outside the panic guard, so a panic is counted as the 500 it becomes.
-        .layer(middleware::from_fn_with_state(metrics, track_request))
+        // One middleware for the id, the client's address and the metrics: each layer of
+        // `from_fn` boxes a future per request. Outside the panic guard, so a panic is
+        // counted as the 500 it becomes.
+        .layer(middleware::from_fn_with_state(edge, track_request))
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
         ]))
@@ -63,15 +73,20 @@ const KNOWN_GRPC_PREFIXES: [&str; 4] = [
     "/grpc.reflection.v1alpha.",
 ];
 
-/// Gives every request its id (echoed in the response), counts it by door, route, model
-/// and status, and times those that are not chat calls (a chat call is timed whole, stream
-/// included, when it settles).
+/// Gives every request its id (echoed in the response) and its client's address, counts it
+/// by door, route, model and status, and times those that are not chat calls (a chat call
+/// is timed whole, stream included, when it settles).
 async fn track_request(
-    axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    axum::extract::State(edge): axum::extract::State<Arc<Edge>>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let started = std::time::Instant::now();
+    let metrics = &edge.metrics;
+    if let Some(PeerAddr(peer)) = request.extensions().get::<PeerAddr>().copied() {
+        let client = client_addr::find(peer.ip(), request.headers(), edge.trusted_proxies.as_ref());
+        request.extensions_mut().insert(ClientAddr(client));
+    }
     let id = RequestId::from_client(
         request
             .headers()

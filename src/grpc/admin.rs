@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{bearer, pb};
+use crate::core::access::IpAllowlist;
 use crate::core::admin::{
     CallFilter, CreatedKey, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, KeyView, NewKey,
     NewUser, TimeInput, UsageGrouping, UsageQuery, UsageReport, UsageSubject, UserPatch,
@@ -12,11 +13,12 @@ use crate::core::admin::{
 use crate::core::limits::{KeyLimits, LimitChanges, UserLimits};
 use crate::core::records::{CallRecord, UserRecord};
 use crate::core::{Gateway, GatewayError};
+use crate::edge::client_addr::client_addr;
 
 /// The limits a `CreateKeyRequest` or `UpdateKeyRequest` gives (they name them alike).
 macro_rules! key_limits_of {
     ($r:expr) => {
-        KeyLimits {
+        allowlist(&$r.allowed_ips).map(|allowed_ips| KeyLimits {
             rpm_limit: $r.rpm_limit,
             tpm_limit: $r.tpm_limit,
             max_concurrent: $r.max_concurrent,
@@ -24,8 +26,20 @@ macro_rules! key_limits_of {
             token_quota: $r.token_quota,
             image_quota: $r.image_quota,
             max_images_per_request: $r.max_images_per_request,
-        }
+            allowed_ips,
+        })
     };
+}
+
+/// An allowlist as the proto gives it: empty is "not given" (a message cannot tell an
+/// empty list from none; `clear` removes a list).
+fn allowlist(entries: &[String]) -> Result<Option<IpAllowlist>, GatewayError> {
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    IpAllowlist::parse(entries)
+        .map(Some)
+        .map_err(|e| GatewayError::invalid_request(e, Some("allowed_ips")))
 }
 
 pub struct AdminService {
@@ -39,8 +53,10 @@ impl AdminService {
 
     /// Checks the admin token, then hands out the request's message.
     fn authorize<T>(&self, request: Request<T>) -> Result<T, Status> {
-        self.gateway
-            .authenticate_admin(bearer(request.metadata()))?;
+        self.gateway.authenticate_admin(
+            bearer(request.metadata()),
+            client_addr(request.extensions()),
+        )?;
         Ok(request.into_inner())
     }
 }
@@ -56,6 +72,7 @@ impl pb::admin_server::Admin for AdminService {
             rpm_limit: r.rpm_limit,
             tpm_limit: r.tpm_limit,
             max_concurrent: r.max_concurrent,
+            allowed_ips: allowlist(&r.allowed_ips)?,
         };
         let user = self.gateway.create_user(NewUser {
             name: r.name,
@@ -96,6 +113,7 @@ impl pb::admin_server::Admin for AdminService {
             rpm_limit: r.rpm_limit,
             tpm_limit: r.tpm_limit,
             max_concurrent: r.max_concurrent,
+            allowed_ips: allowlist(&r.allowed_ips)?,
         };
         let (clear_email, clear_limits) = take_clear(&r.clear, "email");
         if clear_email && r.email.is_some() {
@@ -131,7 +149,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreatedKey>, Status> {
         let r = self.authorize(request)?;
-        let limits = key_limits_of!(r);
+        let limits = key_limits_of!(r)?;
         let created = self.gateway.create_key(NewKey {
             user_id: r.user_id,
             name: Some(r.name).filter(|n| !n.is_empty()),
@@ -173,7 +191,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let r = self.authorize(request)?;
-        let set = key_limits_of!(r);
+        let set = key_limits_of!(r)?;
         let (clear_expiry, clear) = take_clear(&r.clear, "expires_at");
         let (clear_models, clear_limits) = take_clear(&clear, "models");
         if clear_expiry && (r.expires_at.is_some() || r.expires_in.is_some()) {
@@ -306,6 +324,11 @@ fn user_proto(user: UserRecord) -> pb::User {
         rpm_limit: user.limits.rpm_limit,
         tpm_limit: user.limits.tpm_limit,
         max_concurrent: user.limits.max_concurrent,
+        allowed_ips: user
+            .limits
+            .allowed_ips
+            .map(|l| l.entries())
+            .unwrap_or_default(),
     }
 }
 
@@ -318,6 +341,7 @@ fn key_proto(key: KeyView) -> pb::Key {
         token_quota,
         image_quota,
         max_images_per_request,
+        allowed_ips,
     } = key.limits;
     pb::Key {
         id: key.id,
@@ -342,6 +366,7 @@ fn key_proto(key: KeyView) -> pb::Key {
         image_quota,
         max_images_per_request,
         images_used: key.used.images,
+        allowed_ips: allowed_ips.map(|l| l.entries()).unwrap_or_default(),
     }
 }
 
@@ -402,5 +427,6 @@ fn call_proto(call: CallRecord) -> pb::Call {
                 height: s.height,
             })
             .collect(),
+        client_address: call.client_addr,
     }
 }

@@ -13,6 +13,7 @@ use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
 use crate::core::request::Endpoint;
 use crate::core::{Caller, GatewayError, Remaining};
+use crate::edge::client_addr::client_addr;
 use crate::edge::{ModelLabel, add_limit_headers};
 
 pub struct ChatService {
@@ -25,7 +26,11 @@ impl ChatService {
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        Ok(self.chat.gateway.authenticate(bearer(request.metadata()))?)
+        let client = client_addr(request.extensions());
+        Ok(self
+            .chat
+            .gateway
+            .authenticate(bearer(request.metadata()), client)?)
     }
 
     /// A unary model call: the request as the JSON the REST door would have received

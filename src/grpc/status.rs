@@ -13,7 +13,9 @@ impl From<GatewayError> for Status {
             GatewayError::InvalidApiKey(_) | GatewayError::InvalidAdminToken => {
                 Code::Unauthenticated
             }
-            GatewayError::ModelNotAllowed { .. } => Code::PermissionDenied,
+            GatewayError::ModelNotAllowed { .. } | GatewayError::IpNotAllowed { .. } => {
+                Code::PermissionDenied
+            }
             GatewayError::RateLimited(refusal) => {
                 for (name, value) in refusal.pairs() {
                     if let Ok(value) = value.parse() {

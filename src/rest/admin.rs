@@ -20,6 +20,7 @@ use crate::core::admin::{
 use crate::core::request::field_error;
 use crate::core::time::UnixTime;
 use crate::edge::bearer;
+use crate::edge::client_addr::client_addr;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -50,7 +51,9 @@ impl FromRequestParts<AppState> for Admin {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        state.gateway().authenticate_admin(bearer(&parts.headers))?;
+        state
+            .gateway()
+            .authenticate_admin(bearer(&parts.headers), client_addr(&parts.extensions))?;
         Ok(Admin)
     }
 }

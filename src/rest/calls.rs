@@ -2,6 +2,7 @@
 //! `/v1/responses`, each a thin adapter over the shared call path.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -14,6 +15,7 @@ use crate::call::{Origin, UsageView};
 use crate::core::events::Door;
 use crate::core::request::Endpoint;
 use crate::core::{GatewayError, Remaining};
+use crate::edge::client_addr::client_addr;
 use crate::edge::{ModelLabel, RequestId, add_limit_headers, bearer};
 
 pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Response {
@@ -40,9 +42,13 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
         .remove::<RequestId>()
         .map(|RequestId(id)| id)
         .unwrap_or_default();
+    let client = client_addr(&parts.extensions);
     let headers = parts.headers;
     let mut label = None;
-    let answer = complete(state, endpoint, request_id, headers, body, &mut label).await;
+    let answer = complete(
+        state, endpoint, request_id, headers, client, body, &mut label,
+    )
+    .await;
     let mut response = match answer {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -58,10 +64,11 @@ async fn complete(
     endpoint: Endpoint,
     request_id: String,
     headers: HeaderMap,
+    client: Option<IpAddr>,
     body: Body,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers))?;
+    let caller = state.gateway().authenticate(bearer(&headers), client)?;
     let body = read_body(body, state.settings.max_body_bytes)
         .await
         .map_err(|e| state.gateway().refused(e))?;

@@ -22,6 +22,11 @@ impl IntoResponse for GatewayError {
                 Some("invalid_admin_token".into()),
                 None,
             ),
+            GatewayError::IpNotAllowed { .. } => (
+                "permission_error".into(),
+                Some("ip_not_allowed".into()),
+                None,
+            ),
             GatewayError::ModelNotAllowed { .. } => (
                 "invalid_request_error".into(),
                 Some("model_not_found".into()),

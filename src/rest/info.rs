@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::core::GatewayError;
+use crate::edge::client_addr::Client;
 use crate::edge::{RequestId, bearer};
 use crate::metrics::BackendFigures;
 
@@ -97,9 +98,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 pub async fn models(
     State(state): State<AppState>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    client: Client,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers))?;
+    let caller = state.gateway().authenticate(bearer(&headers), client.0)?;
     Ok(Json(state.call.models(&caller, &request_id).await?))
 }
 
@@ -110,9 +112,10 @@ pub async fn model(
     State(state): State<AppState>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
     axum::extract::Path(id): axum::extract::Path<String>,
+    client: Client,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers))?;
+    let caller = state.gateway().authenticate(bearer(&headers), client.0)?;
     let list = state.call.models(&caller, &request_id).await?;
     list.get("data")
         .and_then(Value::as_array)
@@ -126,8 +129,8 @@ pub async fn model(
 }
 
 /// The caller's own key: what it used, what remains, its limits and lifetime.
-pub async fn usage(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let caller = match state.gateway().authenticate(bearer(&headers)) {
+pub async fn usage(State(state): State<AppState>, client: Client, headers: HeaderMap) -> Response {
+    let caller = match state.gateway().authenticate(bearer(&headers), client.0) {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };

@@ -12,10 +12,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use tower_http::cors::{AllowOrigin, CorsLayer, ExposeHeaders};
 
 use crate::call::CallPath;
 use crate::core::{Gateway, GatewayError};
@@ -29,6 +30,8 @@ pub struct RestSettings {
     /// Add the tutorial's `metadata` object to JSON completions.
     pub response_metadata: bool,
     pub health_timeout: Duration,
+    /// Browser origins the OpenAI API answers (`*` for any); empty: none.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// What every handler shares.
@@ -48,10 +51,7 @@ impl AppState {
 
 /// The REST routes (no fallback: the port's router gives one for both doors).
 pub fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(info::root))
-        .route("/health", get(info::health))
-        .route("/metrics", get(info::metrics))
+    let api = Router::new()
         .route("/v1/models", get(info::models))
         .route("/v1/models/{*id}", get(info::model))
         .route("/v1/usage", get(info::usage))
@@ -59,9 +59,58 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/completions", post(calls::completions))
         .route("/v1/embeddings", post(calls::embeddings))
         .route("/v1/responses", post(calls::responses))
+        // Before the CORS layer, so that the layer answers preflights (OPTIONS) first.
+        .method_not_allowed_fallback(method_not_allowed);
+    // Only the OpenAI API answers browsers of other origins: the admin API, `/health` and
+    // `/metrics` never do (no CORS headers, so a browser keeps their answers from the page).
+    let api = match cors(&state.settings.cors_allowed_origins) {
+        Some(cors) => api.layer(cors),
+        None => api,
+    };
+    Router::new()
+        .route("/", get(info::root))
+        .route("/health", get(info::health))
+        .route("/metrics", get(info::metrics))
         .nest("/admin/v1", admin::router())
         .method_not_allowed_fallback(method_not_allowed)
+        .merge(api)
         .with_state(state)
+}
+
+/// The CORS answer for `origins` (already checked by the config); `None` when empty.
+/// Credentials (cookies) are never allowed: clients send their key as a bearer token.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("x-request-id"),
+                // What the OpenAI SDKs add in a browser.
+                HeaderName::from_static("openai-organization"),
+                HeaderName::from_static("openai-project"),
+                HeaderName::from_static("x-stainless-arch"),
+                HeaderName::from_static("x-stainless-lang"),
+                HeaderName::from_static("x-stainless-os"),
+                HeaderName::from_static("x-stainless-package-version"),
+                HeaderName::from_static("x-stainless-retry-count"),
+                HeaderName::from_static("x-stainless-runtime"),
+                HeaderName::from_static("x-stainless-runtime-version"),
+                HeaderName::from_static("x-stainless-timeout"),
+            ])
+            .expose_headers(ExposeHeaders::any())
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn method_not_allowed(request: Request) -> Response {

@@ -260,6 +260,7 @@ async fn calls_older_than_the_retention_leave_the_log_and_the_books_stay() {
             image_sizes: Vec::new(),
             request_body: None,
             response_body: None,
+            client_addr: None,
             reservation: None,
         };
         store.record_calls(&[call(1), call(2)]).unwrap();

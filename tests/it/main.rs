@@ -4,6 +4,7 @@
     reason = "a test fails loudly on the first surprise"
 )]
 
+mod access;
 mod admin;
 mod admin_cli;
 mod admin_input;
