@@ -56,6 +56,7 @@ fuzz_target!(|input: &[u8]| {
                 allowed_schemes: vec!["https".into(), "http".into(), "data".into(), "file".into()],
                 allowed_hosts: vec!["*.example.com".into(), "::1".into()],
                 allow_private_hosts: true,
+                resolve_hosts: true,
             };
             for policy in [ImageUrlPolicy::default(), open] {
                 if let Ok(Some(image)) = policy.check(&url) {

@@ -2,6 +2,7 @@
 //! the stream, and settle exactly once. The doors only translate their protocol to and
 //! from this; the model server's wire is `upstream`'s.
 
+mod image_hosts;
 mod relay;
 
 use std::sync::Arc;
@@ -149,6 +150,12 @@ impl CallPath {
             return Err(self
                 .gateway
                 .refused(GatewayError::ModelNotAllowed { model: call.model }));
+        }
+        // Before anything is reserved: a refused name costs the caller nothing.
+        if !call.image_hosts.is_empty() {
+            image_hosts::check(&call.image_hosts)
+                .await
+                .map_err(|e| self.gateway.refused(e))?;
         }
         let mut admission = self.admit(caller, &call, origin)?;
         let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;

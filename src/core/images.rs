@@ -428,6 +428,10 @@ pub struct ImageUrlPolicy {
     /// those, and local names (`localhost`, `*.localhost`, `*.local`, `*.internal`,
     /// `*.home.arpa`, and single-label names like `metadata`). Default false.
     pub allow_private_hosts: bool,
+    /// Resolve image hosts' names before the call is admitted and refuse a name that
+    /// resolves to a private address (or does not resolve). Default true; ignored when
+    /// `allow_private_hosts` is set.
+    pub resolve_hosts: bool,
 }
 
 impl Default for ImageUrlPolicy {
@@ -436,6 +440,7 @@ impl Default for ImageUrlPolicy {
             allowed_schemes: ["https", "http", "data"].map(String::from).to_vec(),
             allowed_hosts: Vec::new(),
             allow_private_hosts: false,
+            resolve_hosts: true,
         }
     }
 }
@@ -452,6 +457,13 @@ pub enum ImagePolicyError {
          server fetch from its own network"
     )]
     PrivateHost { host: String },
+    #[error(
+        "image URL host `{host}` resolves to a private address ({addr}); the gateway does not \
+         let the model server fetch from its own network"
+    )]
+    ResolvesToPrivate { host: String, addr: IpAddr },
+    #[error("image URL host `{host}` cannot be resolved: {reason}")]
+    Unresolvable { host: String, reason: String },
     #[error("malformed image URL: {0}")]
     Malformed(String),
 }
@@ -557,6 +569,33 @@ impl ImageUrlPolicy {
         }
         Ok(None)
     }
+}
+
+impl ImageUrlPolicy {
+    /// The host name of an image URL that passed [`ImageUrlPolicy::check`], when it must be
+    /// resolved before the call goes on: a name (not an address literal, not `data:`) and
+    /// the policy resolves names. The text check cannot see where a public-looking name
+    /// points (`169.254.169.254.nip.io`), but the model server will fetch from there.
+    pub fn name_to_resolve(&self, url: &str) -> Option<String> {
+        if self.allow_private_hosts || !self.resolve_hosts {
+            return None;
+        }
+        let scheme = scheme_of(url).ok()?;
+        if scheme == "data" || scheme == "file" {
+            return None;
+        }
+        let parsed = Url::parse(url).ok()?;
+        match normalize_host(parsed.host()?.to_owned(), parsed.is_special()).ok()? {
+            Host::Domain(name) => Some(name),
+            Host::Ipv4(_) | Host::Ipv6(_) => None,
+        }
+    }
+}
+
+/// Whether the model server must not be sent to `addr` (see [`ImageUrlPolicy`]): the same
+/// ranges the text check refuses in address literals.
+pub fn is_private_address(addr: IpAddr) -> bool {
+    is_private_ip(addr)
 }
 
 /// The URL's scheme, lowercased, read by hand so it is known before any full parse (and so a
@@ -1642,7 +1681,10 @@ mod tests {
                 allowed_schemes: vec!["http".into(), "gopher".into(), "file".into(), "data".into()],
                 allowed_hosts: vec!["*.example.com".into(), host.clone()],
                 allow_private_hosts: false,
+                resolve_hosts: true,
             };
+            let _ = open.name_to_resolve(&s);
+            let _ = open.name_to_resolve(&format!("http://{host}/x"));
             let _ = ImageUrlPolicy::default().check(&s);
             let _ = open.check(&s);
             let _ = open.check(&format!("http://{host}/x"));

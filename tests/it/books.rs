@@ -395,7 +395,7 @@ async fn image_urls_into_the_gpu_servers_network_are_refused() {
     }
     assert_eq!(gw.sim.simulator.stats().chat_requests, 0);
     let fine = gw
-        .chat(&key.secret, &image_body(&["https://example.com/bee.jpg"]))
+        .chat(&key.secret, &image_body(&["https://93.184.216.34/bee.jpg"]))
         .await;
     assert_eq!(fine.status(), StatusCode::OK);
 
@@ -410,6 +410,57 @@ async fn image_urls_into_the_gpu_servers_network_are_refused() {
     assert_eq!(inside.status(), StatusCode::OK);
 }
 
+/// A name is resolved before the call is admitted (the text of `169.254.169.254.nip.io` looks
+/// public); one that does not resolve here cannot be checked and is refused, naming it. The
+/// test machines have no DNS of their own, so "does not resolve" is the case a test can make
+/// without a network; where a name resolves to a private address is shown by the unit tests
+/// of `call::image_hosts` with a resolver they control.
+#[tokio::test]
+async fn image_hosts_are_resolved_before_the_call_is_admitted() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({"request_quota": 5})).await;
+    let error = expect_error(
+        gw.chat(
+            &key.secret,
+            &image_body(&["https://images.invalid/bee.jpg"]),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("images.invalid") && message.contains("cannot be resolved"),
+        "{error}"
+    );
+    let mut chat = gw.grpc_chat(&key.secret).await;
+    let mut request = crate::common::chat_request("");
+    request.messages[0].parts = vec![pb::ContentPart {
+        part: Some(pb::content_part::Part::ImageUrl(pb::ImageUrl {
+            url: "https://images.invalid/bee.jpg".into(),
+            ..Default::default()
+        })),
+    }];
+    let refused = chat.complete(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(gw.sim.simulator.stats().chat_requests, 0);
+    assert_eq!(gw.usage(&key.secret).await["requests"]["used"], 0);
+
+    // Turned off, the name goes to the model server as it is.
+    let unchecked = TestGateway::builder()
+        .config(|c| c.image_policy.resolve_hosts = false)
+        .start()
+        .await;
+    let key = unchecked.create_key(json!({})).await;
+    let forwarded = unchecked
+        .chat(
+            &key.secret,
+            &image_body(&["https://images.invalid/bee.jpg"]),
+        )
+        .await;
+    assert_eq!(forwarded.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn images_are_counted_sized_and_limited() {
     let gw = TestGateway::start().await;
@@ -418,7 +469,7 @@ async fn images_are_counted_sized_and_limited() {
     let response = gw
         .chat(
             &key.secret,
-            &image_body(&[&bee, "https://example.com/b.jpg"]),
+            &image_body(&[&bee, "https://93.184.216.34/b.jpg"]),
         )
         .await;
     assert_eq!(response.status(), StatusCode::OK);

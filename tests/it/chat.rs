@@ -48,7 +48,7 @@ async fn unknown_fields_and_images_reach_the_upstream_byte_for_byte() {
     let body = json!({
         "model": MODEL,
         "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/bee.jpg"}},
+            {"type": "image_url", "image_url": {"url": "https://93.184.216.34/bee.jpg"}},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
             {"type": "text", "text": "What is in these images?"}]}],
         "top_k": 20,

@@ -149,6 +149,7 @@ pub fn prepare_completion(
         client_wants_continuous_usage: usage.client_wants_continuous_usage,
         images: 0,
         image_sizes: Vec::new(),
+        image_hosts: Vec::new(),
         // The API's own default, not the gateway's: a client that gives none gets 16.
         max_tokens: Some(view.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS)),
         choices: prompt.prompts.saturating_mul(per_prompt),
@@ -184,6 +185,7 @@ pub fn prepare_embedding(
         client_wants_continuous_usage: false,
         images: 0,
         image_sizes: Vec::new(),
+        image_hosts: Vec::new(),
         max_tokens: Some(0),
         choices: 1,
         prompt_estimate: input.tokens,
@@ -292,6 +294,7 @@ pub fn prepare_response(
         client_wants_continuous_usage: false,
         images: measured.images,
         image_sizes: measured.image_sizes,
+        image_hosts: measured.image_hosts,
         max_tokens: view.max_output_tokens,
         choices: 1,
         prompt_estimate: (measured.text_chars + text_chars + others).div_ceil(4)

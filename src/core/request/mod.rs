@@ -78,6 +78,9 @@ pub struct PreparedCall {
     pub images: u32,
     /// Sizes of the inline images whose headers could be read.
     pub image_sizes: Vec<ImageSize>,
+    /// Names of the hosts that image (and media) URLs point to, to be resolved and checked
+    /// before the call is admitted (see [`ImageUrlPolicy::name_to_resolve`]); deduplicated.
+    pub image_hosts: Vec<String>,
     /// The client's output cap: the smaller of `max_tokens` and `max_completion_tokens`.
     pub max_tokens: Option<u64>,
     /// Choices to generate (`n`); each may run to the cap.
@@ -194,6 +197,18 @@ struct Measured {
     images: u32,
     image_tokens: u64,
     image_sizes: Vec<ImageSize>,
+    image_hosts: Vec<String>,
+}
+
+impl Measured {
+    /// Keeps the host of `url` (already checked) when it is a name to resolve.
+    fn note_host(&mut self, policy: &ImageUrlPolicy, url: &str) {
+        if let Some(host) = policy.name_to_resolve(url)
+            && !self.image_hosts.contains(&host)
+        {
+            self.image_hosts.push(host);
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -283,6 +298,7 @@ pub fn prepare_chat(body: Bytes, options: &RequestOptions) -> Result<PreparedCal
         client_wants_continuous_usage: usage.client_wants_continuous_usage,
         images: measured.images,
         image_sizes: measured.image_sizes,
+        image_hosts: measured.image_hosts,
         max_tokens,
         choices,
         prompt_estimate,
@@ -458,11 +474,15 @@ fn measure_messages(
                                     Some(&format!("messages[{i}].content[{j}].{field}.url")),
                                 )
                             })?;
+                            measured.note_host(policy, media.url());
                         }
                     }
                     match (part.kind.as_deref(), &part.image_url) {
                         (Some("image_url" | "input_image" | "image"), url) | (_, url @ Some(_)) => {
                             measured.images += 1;
+                            if let Some(url) = url {
+                                measured.note_host(policy, url.url());
+                            }
                             let size = match url {
                                 Some(url) => policy
                                     .check(url.url())
