@@ -283,6 +283,7 @@ fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
         id: keys::generate_id("usr"),
         name: "filler".into(),
         email: None,
+        subject: None,
         active: true,
         limits: UserLimits {
             rpm_limit: Some(600),

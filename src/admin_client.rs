@@ -56,10 +56,12 @@ impl From<UsersCommand> for AdminRequest {
             UsersCommand::Create {
                 name,
                 email,
+                subject,
                 limits,
             } => AdminRequest::CreateUser(pb::CreateUserRequest {
                 name,
                 email,
+                subject,
                 rpm_limit: limits.rpm_limit,
                 tpm_limit: limits.tpm_limit,
                 max_concurrent: limits.max_concurrent,
@@ -70,6 +72,7 @@ impl From<UsersCommand> for AdminRequest {
                 id: args.id,
                 name: args.name,
                 email: args.email,
+                subject: args.subject,
                 active: args.active,
                 rpm_limit: args.limits.rpm_limit,
                 tpm_limit: args.limits.tpm_limit,

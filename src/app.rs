@@ -11,8 +11,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::call::CallPath;
-use crate::config::{BackendConfig, Durability, GatewayConfig};
+use crate::call::jwt::{JwtSettings, JwtVerifier};
+use crate::config::{BackendConfig, Durability, GatewayConfig, JwtConfig, UnknownSubjects};
 use crate::core::admin::{NewKey, NewUser};
+use crate::core::identity::SubjectPolicy;
 use crate::core::journal::{self, ReservationJournal};
 use crate::core::limits::KeyLimits;
 use crate::core::request::RequestOptions;
@@ -203,6 +205,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             image_policy: config.image_policy.clone(),
         }),
         hard_stop: hard_stop.clone(),
+        identity: identity_verifier(&config.jwt).await?,
     };
     let shutdown = CancellationToken::new();
     // Stops the tasks spawned from here on if the start fails after all.
@@ -321,6 +324,30 @@ async fn start_demo_backends(
         BackendConfig::serving("demo-embed", embed.url(), DEFAULT_EMBEDDING_MODEL),
     ];
     Ok((chat, embed))
+}
+
+/// The identity provider's token checks, when `[jwt]` configures one; its keys fetched
+/// now (a provider that cannot be reached yet is tried again when a token needs it).
+async fn identity_verifier(config: &JwtConfig) -> anyhow::Result<Option<Arc<JwtVerifier>>> {
+    if !config.enabled() {
+        return Ok(None);
+    }
+    let verifier = JwtVerifier::new(JwtSettings {
+        jwks_url: config.jwks_url.clone(),
+        hs256_secret: config.hs256_secret.clone(),
+        issuer: config.issuer.clone().unwrap_or_default(),
+        audience: config.audience.clone(),
+        user_claim: config.user_claim.clone(),
+        leeway: Duration::from_secs(config.leeway_secs),
+        jwks_min_refresh: Duration::from_secs(config.jwks_min_refresh_secs),
+        subjects: SubjectPolicy {
+            create_unknown: config.unknown_subjects == UnknownSubjects::Create,
+            key_limits: config.key_limits.clone(),
+        },
+    })
+    .map_err(anyhow::Error::msg)?;
+    verifier.prefetch().await;
+    Ok(Some(Arc::new(verifier)))
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

@@ -149,6 +149,9 @@ pub enum UsersCommand {
         name: String,
         #[arg(long)]
         email: Option<String>,
+        /// The identity provider's subject (a JWT's user claim) this user stands for.
+        #[arg(long)]
+        subject: Option<String>,
         #[command(flatten)]
         limits: UserLimitArgs,
     },
@@ -170,6 +173,9 @@ pub struct UserUpdateArgs {
     /// Remove the user's email.
     #[arg(long)]
     pub clear_email: bool,
+    /// The identity provider's subject this user stands for (`--clear subject` removes it).
+    #[arg(long)]
+    pub subject: Option<String>,
     #[arg(long)]
     pub active: Option<bool>,
     #[command(flatten)]
@@ -203,9 +209,12 @@ fn parse_cidr(entry: &str) -> Result<String, String> {
     Ok(entry.trim().to_owned())
 }
 
-/// A user limit `users update --clear` removes: a name of core's `UserLimits`.
+/// A user field `users update --clear` removes: a limit of core's `UserLimits`, or
+/// `subject`.
 fn user_limit_name(name: &str) -> Result<String, String> {
-    clearable(name, UserLimits::field_names())
+    let mut names = UserLimits::field_names();
+    names.push("subject".to_owned());
+    clearable(name, names)
 }
 
 /// A key field `keys update --clear` removes: a limit, `expires_at` or `models`.

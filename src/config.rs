@@ -12,13 +12,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::access::IpAllowlist;
 use crate::core::images::ImageUrlPolicy;
+use crate::core::limits::KeyLimits;
 use crate::upstream::{BackendSettings, PoolSettings};
 
 /// Environment variables that configure the gateway start with this, e.g.
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "server",
     "upstream",
     "store",
@@ -27,6 +28,7 @@ const SECTIONS: [&str; 8] = [
     "log",
     "limits",
     "image_policy",
+    "jwt",
 ];
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -41,6 +43,62 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// Which image URLs may be passed to the model server (which fetches them).
     pub image_policy: ImageUrlPolicy,
+    /// Tokens from an identity provider, accepted besides keys.
+    pub jwt: JwtConfig,
+}
+
+/// JWTs from the team's identity provider (off unless `jwks_url` or `hs256_secret` is set).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Where the provider publishes its public keys (RS256, ES256, EdDSA tokens).
+    pub jwks_url: Option<String>,
+    /// A shared secret for HS256 tokens.
+    pub hs256_secret: Option<String>,
+    /// The `iss` a token must carry.
+    pub issuer: Option<String>,
+    /// `aud` values accepted; a token must name one.
+    pub audience: Vec<String>,
+    /// The claim naming the gateway user (matched against a user's `subject`).
+    pub user_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// `refuse` a subject no user stands for, or `create` a user for it.
+    pub unknown_subjects: UnknownSubjects,
+    /// An unknown `kid` refetches the JWKS at most this often.
+    pub jwks_min_refresh_secs: u64,
+    /// The limits and quotas of a user's identity key when it is first made.
+    pub key_limits: KeyLimits,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownSubjects {
+    #[default]
+    Refuse,
+    Create,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            jwks_url: None,
+            hs256_secret: None,
+            issuer: None,
+            audience: Vec::new(),
+            user_claim: "sub".into(),
+            leeway_secs: 30,
+            unknown_subjects: UnknownSubjects::Refuse,
+            jwks_min_refresh_secs: 30,
+            key_limits: KeyLimits::default(),
+        }
+    }
+}
+
+impl JwtConfig {
+    pub fn enabled(&self) -> bool {
+        self.jwks_url.is_some() || self.hs256_secret.is_some()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -487,6 +545,20 @@ impl GatewayConfig {
             return Err(ConfigError::Invalid(
                 "admin.token must be at least 16 characters".into(),
             ));
+        }
+        if self.jwt.enabled() {
+            // A token for another service of the same provider must not open this one.
+            if self.jwt.audience.is_empty() || self.jwt.issuer.is_none() {
+                return Err(ConfigError::Invalid(
+                    "jwt: set `issuer` and `audience` (the values this gateway's tokens carry)"
+                        .into(),
+                ));
+            }
+            if self.jwt.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
+                return Err(ConfigError::Invalid(
+                    "jwt.hs256_secret must be at least 32 bytes".into(),
+                ));
+            }
         }
         for origin in &self.server.cors_allowed_origins {
             if !is_cors_origin(origin) {

@@ -3,6 +3,7 @@
 //! from this; the model server's wire is `upstream`'s.
 
 mod image_hosts;
+pub mod jwt;
 mod relay;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct CallPath {
     pub options: Arc<RequestOptions>,
     /// Cancelled when the shutdown grace period is over: calls still running end now.
     pub hard_stop: CancellationToken,
+    /// Checks bearer tokens from the identity provider, when one is configured.
+    pub identity: Option<Arc<jwt::JwtVerifier>>,
 }
 
 /// A whole JSON answer, already settled, with what the door read of it.
@@ -68,6 +71,26 @@ impl CallPath {
             model.to_owned()
         } else {
             "other".to_owned()
+        }
+    }
+
+    /// The caller a bearer value opens, from `client`: a gateway key, or a token of the
+    /// identity provider (a JWT) when one is configured.
+    pub async fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Caller, GatewayError> {
+        match (&self.identity, bearer.map(str::trim)) {
+            (Some(identity), Some(token)) if jwt::JwtVerifier::looks_like_jwt(token) => {
+                let subject = identity
+                    .verify(token)
+                    .await
+                    .map_err(|e| self.gateway.refused(e))?;
+                self.gateway
+                    .authenticate_subject(&subject, identity.subjects(), client)
+            }
+            _ => self.gateway.authenticate(bearer, client),
         }
     }
 

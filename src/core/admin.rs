@@ -57,6 +57,9 @@ pub struct NewUser {
     pub name: String,
     #[serde(default)]
     pub email: Option<String>,
+    /// The identity provider's subject this user stands for (see `[jwt]`).
+    #[serde(default)]
+    pub subject: Option<String>,
     /// Limits on the sum of the user's keys: every other member, checked (an unknown
     /// member is refused there, by name).
     #[serde(flatten)]
@@ -72,6 +75,9 @@ pub struct UserPatch {
     pub email: Option<Option<String>>,
     #[serde(default)]
     pub active: Option<bool>,
+    /// `Some(None)` clears the subject.
+    #[serde(default, with = "double_option")]
+    pub subject: Option<Option<String>>,
     /// Every other member: a limit to set, or to remove when `null`.
     #[serde(flatten)]
     pub limits: LimitChanges,
@@ -316,8 +322,10 @@ fn resolve_expiry(
 impl Gateway {
     pub fn create_user(&self, new: NewUser) -> Result<UserRecord, GatewayError> {
         let now = now_unix();
+        let id = keys::generate_id("usr");
         let user = UserRecord {
-            id: keys::generate_id("usr"),
+            subject: self.claim_subject(new.subject.as_deref(), &id)?,
+            id,
             name: check_name(&new.name, "name")?,
             email: new.email.filter(|e| !e.trim().is_empty()),
             active: true,
@@ -326,6 +334,7 @@ impl Gateway {
             updated_at: now,
         };
         self.store.put_user(&user)?;
+        self.index_subject(None, &user);
         self.keys
             .users
             .insert(user.id.clone(), Arc::new(UserState::new(user.clone())));
@@ -366,9 +375,14 @@ impl Gateway {
         if let Some(active) = patch.active {
             user.active = active;
         }
+        let before = user.subject.clone();
+        if let Some(subject) = patch.subject {
+            user.subject = self.claim_subject(subject.as_deref(), &user.id)?;
+        }
         user.limits = patch.limits.apply(user.limits)?;
         user.updated_at = now_unix();
         self.store.put_user(&user)?;
+        self.index_subject(before.as_deref(), &user);
         if let Some(state) = self.keys.users.get(&user.id) {
             state.replace(user.clone());
         }

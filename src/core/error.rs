@@ -11,6 +11,10 @@ pub enum GatewayError {
     /// Missing, unknown, inactive, revoked or expired key, or a key of an inactive user.
     #[error("{0}")]
     InvalidApiKey(&'static str),
+    /// A bearer token from the identity provider that does not verify; says which check
+    /// failed.
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
     /// The admin token was missing or wrong (a client key never opens admin routes).
     #[error("invalid or missing admin token")]
     InvalidAdminToken,
@@ -110,7 +114,9 @@ impl GatewayError {
     /// refusals (the model server's errors, shutdown, the store).
     pub fn refusal_reason(&self) -> Option<&'static str> {
         match self {
-            GatewayError::InvalidApiKey(_) | GatewayError::InvalidAdminToken => Some("auth"),
+            GatewayError::InvalidApiKey(_)
+            | GatewayError::InvalidToken(_)
+            | GatewayError::InvalidAdminToken => Some("auth"),
             GatewayError::RateLimited(_) => Some("rate"),
             GatewayError::QuotaExceeded { .. } => Some("quota"),
             GatewayError::ModelNotAllowed { .. } => Some("policy"),
@@ -133,7 +139,9 @@ impl GatewayError {
     /// records it for calls of every door, so that one call tells one story).
     pub fn http_status(&self) -> u16 {
         match self {
-            GatewayError::InvalidApiKey(_) | GatewayError::InvalidAdminToken => 401,
+            GatewayError::InvalidApiKey(_)
+            | GatewayError::InvalidToken(_)
+            | GatewayError::InvalidAdminToken => 401,
             GatewayError::ModelNotAllowed { .. } | GatewayError::NotFound { .. } => 404,
             GatewayError::IpNotAllowed { .. } => 403,
             GatewayError::RateLimited(_) | GatewayError::QuotaExceeded { .. } => 429,

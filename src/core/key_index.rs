@@ -216,6 +216,8 @@ pub struct KeyIndex {
     /// The same keys by id: each key's one live state (counters in flight, limiter).
     pub(super) keys_by_id: DashMap<String, Arc<KeyState>>,
     pub(super) users: DashMap<String, Arc<UserState>>,
+    /// User ids by the identity-provider subject they stand for (`UserRecord::subject`).
+    pub(super) subjects: DashMap<String, String>,
     admin_token_hash: SecretHash,
 }
 
@@ -223,7 +225,11 @@ impl KeyIndex {
     /// Loads the users from `store`; keys are loaded when first used.
     pub fn load(store: Arc<dyn Store>, admin_token_hash: SecretHash) -> Result<Self, GatewayError> {
         let users = DashMap::new();
+        let subjects = DashMap::new();
         for user in store.load_users()? {
+            if let Some(subject) = &user.subject {
+                subjects.insert(subject.clone(), user.id.clone());
+            }
             users.insert(user.id.clone(), Arc::new(UserState::new(user)));
         }
         Ok(KeyIndex {
@@ -231,6 +237,7 @@ impl KeyIndex {
             keys_by_hash: DashMap::new(),
             keys_by_id: DashMap::new(),
             users,
+            subjects,
             admin_token_hash,
         })
     }
@@ -326,12 +333,23 @@ impl KeyIndex {
         let state = self
             .key_by_hash(&hash)?
             .ok_or(GatewayError::InvalidApiKey(UNKNOWN))?;
-        let record = state.record();
-        if !record.is_current_secret(&hash, now_unix()) {
+        if !state.record().is_current_secret(&hash, now_unix()) {
             return Err(GatewayError::InvalidApiKey(
                 "This API key was rotated and its grace period is over.",
             ));
         }
+        self.caller_of(state, client)
+    }
+
+    /// The caller `state`'s key makes, however it was presented: an active, unexpired,
+    /// unrevoked key of an active user, used from an address both lists let in.
+    pub(super) fn caller_of(
+        &self,
+        state: Arc<KeyState>,
+        client: Option<IpAddr>,
+    ) -> Result<Caller, GatewayError> {
+        const UNKNOWN: &str = "Incorrect API key provided.";
+        let record = state.record();
         if !record.active || record.revoked_at.is_some() {
             return Err(GatewayError::InvalidApiKey(
                 "This API key has been revoked or deactivated.",

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod error;
 pub mod events;
 pub mod gateway;
+pub mod identity;
 pub mod images;
 pub mod journal;
 pub mod key_index;

@@ -15,6 +15,10 @@ pub struct UserRecord {
     #[serde(default)]
     pub email: Option<String>,
     pub active: bool,
+    /// The identity provider's name for this user (a JWT's subject claim): tokens naming
+    /// it are this user's calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     /// Limits on the sum of the user's keys.
     #[serde(flatten)]
     pub limits: UserLimits,

@@ -66,6 +66,7 @@ pub(crate) fn user(id: &str) -> UserRecord {
         id: id.into(),
         name: "u".into(),
         email: None,
+        subject: None,
         active: true,
         limits: UserLimits::default(),
         created_at: 0,

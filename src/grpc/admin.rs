@@ -77,6 +77,7 @@ impl pb::admin_server::Admin for AdminService {
         let user = self.gateway.create_user(NewUser {
             name: r.name,
             email: r.email,
+            subject: r.subject,
             limits: limits.into(),
         })?;
         Ok(Response::new(user_proto(user)))
@@ -115,9 +116,13 @@ impl pb::admin_server::Admin for AdminService {
             max_concurrent: r.max_concurrent,
             allowed_ips: allowlist(&r.allowed_ips)?,
         };
-        let (clear_email, clear_limits) = take_clear(&r.clear, "email");
+        let (clear_email, clear_rest) = take_clear(&r.clear, "email");
         if clear_email && r.email.is_some() {
             return Err(both_set_and_cleared("email").into());
+        }
+        let (clear_subject, clear_limits) = take_clear(&clear_rest, "subject");
+        if clear_subject && r.subject.is_some() {
+            return Err(both_set_and_cleared("subject").into());
         }
         let patch = UserPatch {
             name: r.name,
@@ -127,6 +132,11 @@ impl pb::admin_server::Admin for AdminService {
                 r.email.map(Some)
             },
             active: r.active,
+            subject: if clear_subject {
+                Some(None)
+            } else {
+                r.subject.map(Some)
+            },
             limits: LimitChanges::from_parts(&set, &clear_limits)?,
         };
         Ok(Response::new(user_proto(
@@ -318,6 +328,7 @@ fn user_proto(user: UserRecord) -> pb::User {
         id: user.id,
         name: user.name,
         email: user.email,
+        subject: user.subject,
         active: user.active,
         created_at: user.created_at,
         updated_at: user.updated_at,

@@ -25,12 +25,12 @@ impl ChatService {
         ChatService { chat }
     }
 
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let client = client_addr(request.extensions());
         Ok(self
             .chat
-            .gateway
-            .authenticate(bearer(request.metadata()), client)?)
+            .authenticate(bearer(request.metadata()), client)
+            .await?)
     }
 
     /// A unary model call: the request as the JSON the REST door would have received
@@ -43,7 +43,7 @@ impl ChatService {
         to_json: impl FnOnce(&T) -> Result<bytes::Bytes, GatewayError>,
         read: impl FnOnce(&bytes::Bytes) -> Result<A, GatewayError>,
     ) -> Result<Response<A>, Status> {
-        let caller = self.authenticate(request)?;
+        let caller = self.authenticate(request).await?;
         let deadline = caller_deadline(request.metadata());
         let call = self.chat.prepare(endpoint, to_json(request.get_ref())?)?;
         let label = self.chat.metric_model(&call.model);
@@ -89,7 +89,7 @@ impl pb::chat_server::Chat for ChatService {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::StreamCompleteStream>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let request_id = request_id(&request);
         let deadline = caller_deadline(request.metadata()).map(|d| tokio::time::Instant::now() + d);
         let call = self.chat.prepare(
@@ -136,7 +136,7 @@ impl pb::chat_server::Chat for ChatService {
         &self,
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let list = self.chat.models(&caller, &request_id(&request)).await?;
         Ok(Response::new(convert::models_proto(&list)))
     }
@@ -145,7 +145,7 @@ impl pb::chat_server::Chat for ChatService {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::KeyUsage>, Status> {
-        let summary = self.authenticate(&request)?.usage_summary();
+        let summary = self.authenticate(&request).await?.usage_summary();
         Ok(Response::new(pb::KeyUsage {
             key_id: summary.key_id,
             key_name: summary.key_name,

@@ -10,9 +10,9 @@ impl From<GatewayError> for Status {
         let message = e.to_string();
         let mut metadata = MetadataMap::new();
         let code = match &e {
-            GatewayError::InvalidApiKey(_) | GatewayError::InvalidAdminToken => {
-                Code::Unauthenticated
-            }
+            GatewayError::InvalidApiKey(_)
+            | GatewayError::InvalidToken(_)
+            | GatewayError::InvalidAdminToken => Code::Unauthenticated,
             GatewayError::ModelNotAllowed { .. } | GatewayError::IpNotAllowed { .. } => {
                 Code::PermissionDenied
             }

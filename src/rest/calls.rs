@@ -68,7 +68,7 @@ async fn complete(
     body: Body,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers), client)?;
+    let caller = state.call.authenticate(bearer(&headers), client).await?;
     let body = read_body(body, state.settings.max_body_bytes)
         .await
         .map_err(|e| state.gateway().refused(e))?;

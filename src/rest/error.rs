@@ -12,7 +12,7 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let message = self.to_string();
         let (kind, code, param): (String, Option<String>, Option<String>) = match &self {
-            GatewayError::InvalidApiKey(_) => (
+            GatewayError::InvalidApiKey(_) | GatewayError::InvalidToken(_) => (
                 "invalid_request_error".into(),
                 Some("invalid_api_key".into()),
                 None,

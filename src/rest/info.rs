@@ -101,7 +101,7 @@ pub async fn models(
     client: Client,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers), client.0)?;
+    let caller = state.call.authenticate(bearer(&headers), client.0).await?;
     Ok(Json(state.call.models(&caller, &request_id).await?))
 }
 
@@ -115,7 +115,7 @@ pub async fn model(
     client: Client,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers), client.0)?;
+    let caller = state.call.authenticate(bearer(&headers), client.0).await?;
     let list = state.call.models(&caller, &request_id).await?;
     list.get("data")
         .and_then(Value::as_array)
@@ -130,7 +130,7 @@ pub async fn model(
 
 /// The caller's own key: what it used, what remains, its limits and lifetime.
 pub async fn usage(State(state): State<AppState>, client: Client, headers: HeaderMap) -> Response {
-    let caller = match state.gateway().authenticate(bearer(&headers), client.0) {
+    let caller = match state.call.authenticate(bearer(&headers), client.0).await {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };

@@ -62,6 +62,16 @@ impl HttpClient {
     /// A client whose connections (TCP and TLS handshake) must be made within
     /// `connect_timeout`. Fails when the platform's trust store cannot be loaded.
     pub(super) fn new(connect_timeout: Duration) -> Result<Self, String> {
+        Self::build(connect_timeout, Some(READ_BUFFER_BYTES))
+    }
+
+    /// A client for the odd document from elsewhere (an identity provider's keys), whose
+    /// answers' heads may be larger than a model server's: hyper's own buffer sizes.
+    pub(super) fn for_documents(connect_timeout: Duration) -> Result<Self, String> {
+        Self::build(connect_timeout, None)
+    }
+
+    fn build(connect_timeout: Duration, read_buffer: Option<usize>) -> Result<Self, String> {
         let mut tcp = HttpConnector::new();
         tcp.set_nodelay(true);
         // https URLs are handed to the TLS layer around this connector.
@@ -81,15 +91,18 @@ impl HttpClient {
             // ALPN offers h2 and http/1.1; plain http is HTTP/1.1.
             .enable_all_versions()
             .wrap_connector(tcp);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .http1_read_buf_exact_size(READ_BUFFER_BYTES)
-            .build(UpstreamConnector {
-                inner: connector,
-                timeout: connect_timeout,
-            });
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
+        if let Some(size) = read_buffer {
+            builder.http1_read_buf_exact_size(size);
+        }
+        let client = builder.build(UpstreamConnector {
+            inner: connector,
+            timeout: connect_timeout,
+        });
         Ok(HttpClient { client })
     }
 

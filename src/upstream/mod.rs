@@ -5,6 +5,7 @@
 mod answer;
 mod backend;
 mod client;
+pub mod fetch;
 mod pool;
 pub mod sse;
 

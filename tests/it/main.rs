@@ -25,6 +25,7 @@ mod grpc_health;
 mod grpcurl_readme;
 mod hardening;
 mod hostile;
+mod jwt;
 mod key_shape;
 mod openai_sdk;
 mod pool;
