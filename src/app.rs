@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::call::CallPath;
 use crate::call::jwt::{JwtSettings, JwtVerifier};
+use crate::call::key_tokens::KeyTokens;
 use crate::config::{BackendConfig, Durability, GatewayConfig, JwtConfig, UnknownSubjects};
 use crate::core::admin::{NewKey, NewUser};
 use crate::core::identity::SubjectPolicy;
@@ -206,6 +207,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         }),
         hard_stop: hard_stop.clone(),
         identity: identity_verifier(&config.jwt).await?,
+        key_tokens: Arc::new(key_token_signer(&admin_token.hash())?),
     };
     let shutdown = CancellationToken::new();
     // Stops the tasks spawned from here on if the start fails after all.
@@ -324,6 +326,16 @@ async fn start_demo_backends(
         BackendConfig::serving("demo-embed", embed.url(), DEFAULT_EMBEDDING_MODEL),
     ];
     Ok((chat, embed))
+}
+
+/// The signer of key holders' short-lived tokens: its secret derived from the admin
+/// token's hash, so replicas sharing a store sign alike and an admin token reset ends
+/// every token.
+fn key_token_signer(admin_hash: &keys::SecretHash) -> anyhow::Result<KeyTokens> {
+    let mut material = b"step3-gateway key tokens\0".to_vec();
+    material.extend_from_slice(admin_hash);
+    let secret: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&material).into();
+    KeyTokens::new(&secret).map_err(anyhow::Error::msg)
 }
 
 /// The identity provider's token checks, when `[jwt]` configures one; its keys fetched

@@ -4,6 +4,7 @@
 
 mod image_hosts;
 pub mod jwt;
+pub mod key_tokens;
 mod relay;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub struct CallPath {
     pub hard_stop: CancellationToken,
     /// Checks bearer tokens from the identity provider, when one is configured.
     pub identity: Option<Arc<jwt::JwtVerifier>>,
+    /// Makes and checks the short-lived tokens key holders ask for.
+    pub key_tokens: Arc<key_tokens::KeyTokens>,
 }
 
 /// A whole JSON answer, already settled, with what the door read of it.
@@ -82,6 +85,16 @@ impl CallPath {
         client: Option<std::net::IpAddr>,
     ) -> Result<Caller, GatewayError> {
         match (&self.identity, bearer.map(str::trim)) {
+            (_, Some(token))
+                if jwt::JwtVerifier::looks_like_jwt(token) && key_tokens::is_key_token(token) =>
+            {
+                let (key_id, mark, narrowing) = self
+                    .key_tokens
+                    .verify(token)
+                    .map_err(|e| self.gateway.refused(e))?;
+                self.gateway
+                    .authenticate_key_token(&key_id, &mark, &narrowing, client)
+            }
             (Some(identity), Some(token)) if jwt::JwtVerifier::looks_like_jwt(token) => {
                 let subject = identity
                     .verify(token)

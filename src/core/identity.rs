@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use super::error::GatewayError;
 use super::gateway::Gateway;
-use super::key_index::Caller;
+use super::key_index::{Caller, Narrowing};
 use super::keys;
 use super::limits::KeyLimits;
 use super::records::{KeyCounters, KeyRecord, UserRecord};
@@ -158,6 +158,36 @@ impl Gateway {
         if let Some(subject) = &user.subject {
             self.keys.subjects.insert(subject.clone(), user.id.clone());
         }
+    }
+}
+
+impl Gateway {
+    /// The caller a short-lived token of key `key_id` opens: the key as it is now (active,
+    /// its user active, the address allowed), if its secret is still the one the token was
+    /// made under (`secret_mark`: the start of the secret's hash), narrowed as the token says.
+    pub fn authenticate_key_token(
+        &self,
+        key_id: &str,
+        secret_mark: &str,
+        narrowing: &Narrowing,
+        client: Option<IpAddr>,
+    ) -> Result<Caller, GatewayError> {
+        let caller = match self.keys.key_state(key_id) {
+            Ok(state)
+                if secret_mark.len() >= 16 && state.record().hash.starts_with(secret_mark) =>
+            {
+                self.keys.caller_of(state, client)
+            }
+            Ok(_) => Err(GatewayError::InvalidToken(
+                "the key this token was made from has been rotated".into(),
+            )),
+            Err(GatewayError::NotFound { .. }) => Err(GatewayError::InvalidToken(
+                "the key this token was made from does not exist".into(),
+            )),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| self.refused(e))?;
+        Ok(caller.narrowed(narrowing))
     }
 }
 

@@ -116,6 +116,62 @@ pub struct Caller {
     pub client: Option<IpAddr>,
 }
 
+/// What a short-lived token made from a key may do, at most what the key may.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Narrowing {
+    /// Only these models (each one the key may use).
+    pub models: Option<Vec<String>>,
+    /// A lower requests-per-minute limit, counted with the key's own calls.
+    pub rpm_limit: Option<u32>,
+}
+
+impl Narrowing {
+    /// Refuses a narrowing that would widen `key` (a model it may not use, a higher rpm).
+    pub fn check(&self, key: &KeyRecord) -> Result<(), GatewayError> {
+        if let Some(models) = &self.models {
+            if models.is_empty() {
+                return Err(GatewayError::invalid_request(
+                    "`models` must name at least one model (or be left out)",
+                    Some("models"),
+                ));
+            }
+            if let Some(model) = models.iter().find(|m| !key.allows_model(m)) {
+                return Err(GatewayError::invalid_request(
+                    format!("this key may not use `{model}`, so its tokens may not either"),
+                    Some("models"),
+                ));
+            }
+        }
+        if let Some(rpm) = self.rpm_limit
+            && (rpm == 0 || key.limits.rpm_limit.is_some_and(|limit| rpm > limit))
+        {
+            return Err(GatewayError::invalid_request(
+                "`rpm_limit` must be at least 1 and at most the key's",
+                Some("rpm_limit"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Caller {
+    /// The caller with its key's models and rpm narrowed (a short-lived token's).
+    pub fn narrowed(mut self, narrowing: &Narrowing) -> Caller {
+        if narrowing == &Narrowing::default() {
+            return self;
+        }
+        let mut record = (*self.record).clone();
+        if let Some(models) = &narrowing.models {
+            record.models = Some(models.clone());
+        }
+        if let Some(rpm) = narrowing.rpm_limit {
+            record.limits.rpm_limit = Some(record.limits.rpm_limit.map_or(rpm, |r| r.min(rpm)));
+        }
+        self.record = Arc::new(record);
+        self
+    }
+}
+
 /// What is left of a key's quotas; `None` is unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Remaining {

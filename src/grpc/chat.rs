@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, ChunkMerger};
 use super::pb;
 use super::{bearer, caller_deadline, request_id};
+use crate::call::key_tokens::TokenRequest;
 use crate::call::{CallPath, Origin, Relay, RelayEvent, UsageView};
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
@@ -139,6 +140,32 @@ impl pb::chat_server::Chat for ChatService {
         let caller = self.authenticate(&request).await?;
         let list = self.chat.models(&caller, &request_id(&request)).await?;
         Ok(Response::new(convert::models_proto(&list)))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::KeyToken>, Status> {
+        // The key's secret only: a token does not make tokens.
+        let client = client_addr(request.extensions());
+        let caller = self
+            .chat
+            .gateway
+            .authenticate(bearer(request.metadata()), client)?;
+        let r = request.into_inner();
+        let issued = self.chat.key_tokens.issue(
+            &caller,
+            TokenRequest {
+                ttl_seconds: r.ttl_seconds,
+                models: (!r.models.is_empty()).then_some(r.models),
+                rpm_limit: r.rpm_limit,
+            },
+        )?;
+        Ok(Response::new(pb::KeyToken {
+            token: issued.token,
+            key_id: issued.key_id,
+            expires_at: issued.expires_at,
+        }))
     }
 
     async fn get_usage(

@@ -7,7 +7,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
+use crate::call::key_tokens::TokenRequest;
 use crate::core::GatewayError;
+use crate::core::request::field_error;
 use crate::edge::client_addr::Client;
 use crate::edge::{RequestId, bearer};
 use crate::metrics::BackendFigures;
@@ -171,4 +173,24 @@ pub async fn usage(State(state): State<AppState>, client: Client, headers: Heade
         "expires_at": summary.expires_at,
     }))
     .into_response()
+}
+
+/// A short-lived token for the caller's key (`POST /v1/tokens`): made with the key's own
+/// secret only, never with another token. The body is optional.
+pub async fn create_token(
+    State(state): State<AppState>,
+    client: Client,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, GatewayError> {
+    let caller = state.gateway().authenticate(bearer(&headers), client.0)?;
+    let request: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TokenRequest::default()
+    } else {
+        let mut json = serde_json::Deserializer::from_slice(&body);
+        serde_path_to_error::deserialize(&mut json)
+            .map_err(|e| field_error(&e.path().to_string(), &e.inner().to_string()))?
+    };
+    let issued = state.call.key_tokens.issue(&caller, request)?;
+    Ok((axum::http::StatusCode::CREATED, Json(issued)).into_response())
 }

@@ -55,6 +55,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/models", get(info::models))
         .route("/v1/models/{*id}", get(info::model))
         .route("/v1/usage", get(info::usage))
+        .route("/v1/tokens", post(info::create_token))
         .route("/v1/chat/completions", post(calls::chat_completions))
         .route("/v1/completions", post(calls::completions))
         .route("/v1/embeddings", post(calls::embeddings))

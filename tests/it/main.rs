@@ -27,6 +27,7 @@ mod hardening;
 mod hostile;
 mod jwt;
 mod key_shape;
+mod key_tokens;
 mod openai_sdk;
 mod pool;
 mod reflection_client;
