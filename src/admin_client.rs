@@ -11,8 +11,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{
-    AdminArgs, AdminCommand, CallsArgs, KeyLimitArgs, KeysCommand, UsageArgs, UsageGroupingArg,
-    UsersCommand,
+    AdminArgs, AdminCommand, AlertsCommand, CallsArgs, KeyLimitArgs, KeysCommand, UsageArgs,
+    UsageGroupingArg, UsersCommand,
 };
 use crate::core::admin::{CreatedKey, KeyPage, KeyView};
 use crate::core::limits::KeyLimits;
@@ -35,6 +35,7 @@ pub enum AdminRequest {
     RotateKey(pb::RotateKeyRequest),
     GetUsage(pb::GetUsageReportRequest),
     ListCalls(pb::ListCallsRequest),
+    TestAlert(pb::TestAlertRequest),
 }
 
 impl From<AdminCommand> for AdminRequest {
@@ -44,6 +45,11 @@ impl From<AdminCommand> for AdminRequest {
             AdminCommand::Keys(keys) => keys.into(),
             AdminCommand::Usage(usage) => AdminRequest::GetUsage(usage.into()),
             AdminCommand::Calls(calls) => AdminRequest::ListCalls(calls.into()),
+            AdminCommand::Alerts(AlertsCommand::Test { channel }) => {
+                AdminRequest::TestAlert(pb::TestAlertRequest {
+                    channel: channel.unwrap_or_default(),
+                })
+            }
         }
     }
 }
@@ -266,6 +272,24 @@ async fn send(
         AdminRequest::RotateKey(r) => print(out, client.rotate_key(r).await.map(created_view)),
         AdminRequest::GetUsage(r) => print(out, client.get_usage(r).await),
         AdminRequest::ListCalls(r) => print(out, client.list_calls(r).await),
+        AdminRequest::TestAlert(r) => {
+            let answer = client.test_alert(r).await;
+            let failed = answer.as_ref().map_or(0, |a| {
+                a.get_ref()
+                    .deliveries
+                    .iter()
+                    .filter(|d| !d.delivered)
+                    .count()
+            });
+            print(out, answer)?;
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} test message{} not delivered",
+                    if failed == 1 { " was" } else { "s were" }
+                );
+            }
+            Ok(())
+        }
     }
 }
 

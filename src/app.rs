@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::call::CallPath;
 use crate::config::{BackendConfig, Durability, GatewayConfig};
 use crate::core::admin::{NewKey, NewUser};
+use crate::core::events::{GateEvents, Watchers};
 use crate::core::journal::{self, ReservationJournal};
 use crate::core::limits::KeyLimits;
 use crate::core::request::RequestOptions;
@@ -22,6 +23,7 @@ use crate::core::{GateSettings, Gateway, keys};
 use crate::edge;
 use crate::grpc;
 use crate::metrics::Metrics;
+use crate::notify::{AlertTasks, Alerts, BackendHealth, BackendProbe};
 use crate::rest::{self, AppState, RestSettings};
 use crate::server::ConnectionLimits;
 use crate::sim::{
@@ -174,15 +176,28 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         journal_port.clone(),
     );
     let metrics = Arc::new(Metrics::default());
+    let alerts = match config.alerts.enabled() {
+        true => Some(Alerts::new(&config.alerts).map_err(|e| anyhow::anyhow!(e))?),
+        false => None,
+    };
+    let events: Arc<dyn GateEvents> = match &alerts {
+        Some(alerts) => Arc::new(Watchers(vec![metrics.clone(), alerts.clone()])),
+        None => metrics.clone(),
+    };
     let mut gateway = Gateway::load(
         store.clone(),
         sink,
-        metrics.clone(),
+        events,
         admin_token.hash(),
         GateSettings {
             log_bodies: config.store.log_bodies,
             default_max_tokens: config.limits.default_max_tokens,
             max_images_per_request: config.limits.max_images_per_request,
+            quota_alert_percents: match &alerts {
+                Some(_) => config.alerts.quota_percents.clone(),
+                None => Vec::new(),
+            },
+            snapshot_dir: None,
         },
     )?;
     if let Some(journal) = journal_port {
@@ -208,6 +223,20 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     // it), then keep checking.
     call.upstream.check_health().await;
     call.upstream.spawn_health_checks(shutdown.clone());
+    let alert_tasks = alerts.map(|alerts| {
+        gateway.set_notifier(alerts.clone());
+        let pool = upstream.clone();
+        let probe: BackendProbe = Arc::new(move || {
+            pool.status()
+                .into_iter()
+                .map(|b| BackendHealth {
+                    name: b.name,
+                    healthy: b.healthy,
+                })
+                .collect()
+        });
+        alerts.run(gateway.clone(), probe, shutdown.clone())
+    });
     let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
     let state = AppState {
@@ -261,8 +290,11 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         shutdown.clone(),
         hard_stop,
         config.shutdown_grace(),
-        writer,
-        journal,
+        Background {
+            writer,
+            journal,
+            alerts: alert_tasks,
+        },
     ));
     stop_on_error.disarm();
     tracing::info!(
@@ -329,8 +361,7 @@ async fn serve(
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     grace: Duration,
-    writer: UsageWriter,
-    journal: Option<Arc<FileJournal>>,
+    background: Background,
 ) -> usize {
     let cutter = {
         let shutdown = shutdown.clone();
@@ -357,15 +388,35 @@ async fn serve(
         () = stuck => tracing::warn!("connections still open after the grace period; leaving them"),
     }
     cutter.abort();
-    let unrecorded = writer.stop().await;
-    // The writer closed the reservations of every call it made durable: write that down.
-    if let Some(journal) = journal {
-        let _ = tokio::task::spawn_blocking(move || journal.stop()).await;
-    }
+    let unrecorded = background.stop().await;
     if unrecorded == 0 {
         tracing::info!("step3-gateway stopped; usage flushed");
     }
     unrecorded
+}
+
+/// The tasks that outlive the connections at shutdown, stopped in this order.
+struct Background {
+    writer: UsageWriter,
+    journal: Option<Arc<FileJournal>>,
+    alerts: Option<AlertTasks>,
+}
+
+impl Background {
+    /// Drains the usage writer, closes the journal, lets the alerts send what they hold;
+    /// returns the number of calls whose usage could not be written.
+    async fn stop(self) -> usize {
+        let unrecorded = self.writer.stop().await;
+        // The writer closed the reservations of every call it made durable: write that down.
+        if let Some(journal) = self.journal {
+            let _ = tokio::task::spawn_blocking(move || journal.stop()).await;
+        }
+        // The channel workers give what is still queued one last try.
+        if let Some(alerts) = self.alerts {
+            alerts.stop().await;
+        }
+        unrecorded
+    }
 }
 
 /// Opens the reservation journal and settles what the last run left open, before anything

@@ -137,6 +137,20 @@ pub enum AdminCommand {
     Usage(UsageArgs),
     /// The call log, newest first.
     Calls(CallsArgs),
+    /// Alert channels.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// Send a test message to a channel (or to every channel) now; fails unless every
+    /// message was delivered.
+    Test {
+        /// The channel's `name` in `[[alerts.channels]]`; absent: every channel.
+        #[arg(long)]
+        channel: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

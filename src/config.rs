@@ -11,13 +11,15 @@ use figment::providers::{Data, Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::core::images::ImageUrlPolicy;
+use crate::notify::settings::AlertsConfig;
 use crate::upstream::{BackendSettings, PoolSettings};
 
 /// Environment variables that configure the gateway start with this, e.g.
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
+    "alerts",
     "server",
     "upstream",
     "store",
@@ -40,6 +42,8 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// Which image URLs may be passed to the model server (which fetches them).
     pub image_policy: ImageUrlPolicy,
+    /// Where alerts go and what sets them off.
+    pub alerts: AlertsConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -486,6 +490,7 @@ impl GatewayConfig {
                 "store.flush_interval_ms must be at least 1".into(),
             ));
         }
+        self.alerts.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ pub mod core;
 pub mod edge;
 pub mod grpc;
 pub mod metrics;
+pub mod notify;
 pub mod rest;
 pub mod server;
 pub mod sim;

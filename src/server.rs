@@ -30,7 +30,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::edge::BodyReadTimeout;
+use crate::edge::{BodyReadTimeout, ClientAddr};
 
 /// How long clients may take, per connection and per request.
 #[derive(Clone, Copy, Debug)]
@@ -51,9 +51,9 @@ pub async fn serve(
     // Every connection task holds a receiver; `closed()` resolves when the last one ends.
     let (all_closed_tx, all_closed_rx) = watch::channel(());
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, typically: wait for some to be freed.
                     tracing::warn!(error = %e, "cannot accept a connection");
@@ -69,6 +69,7 @@ pub async fn serve(
         }
         tokio::spawn(serve_connection(
             stream,
+            peer,
             router.clone(),
             limits,
             shutdown.clone(),
@@ -82,6 +83,7 @@ pub async fn serve(
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     router: Router,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
@@ -90,6 +92,7 @@ async fn serve_connection(
     let activity = Arc::new(Activity::new());
     let service = ConnectionService {
         router,
+        peer: ClientAddr(peer),
         activity: activity.clone(),
         body_read_timeout: limits.body_read_timeout,
     };
@@ -194,6 +197,8 @@ impl Drop for InFlight {
 #[derive(Clone)]
 struct ConnectionService {
     router: Router,
+    /// Given to every request, for the doors (failed authentications by address).
+    peer: ClientAddr,
     activity: Arc<Activity>,
     body_read_timeout: Duration,
 }
@@ -206,12 +211,13 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
         let limit = self.body_read_timeout;
-        let request = request.map(|body| DeadlineBody {
+        let mut request = request.map(|body| DeadlineBody {
             inner: body,
             deadline: Instant::now() + limit,
             limit,
             sleep: None,
         });
+        request.extensions_mut().insert(self.peer);
         Responding {
             inner: self.router.clone().oneshot(request),
             guard: Some(guard),

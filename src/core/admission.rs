@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::error::GatewayError;
-use super::events::{Door, GateEvents};
+use super::events::{Door, GateEvents, QuotaCrossing};
 use super::gateway::Gateway;
 use super::images::ImageSize;
 use super::journal::{Reservation, ReservationJournal};
@@ -78,6 +78,8 @@ pub struct Admission {
     /// Durable mode: the journal, and this call's reservation in it once written.
     pub(super) journal: Option<Arc<dyn ReservationJournal>>,
     pub(super) reservation: Option<u64>,
+    /// Shares of a quota whose crossing the watchers are told of.
+    pub(super) quota_alert_percents: Arc<[u8]>,
 }
 
 impl Gateway {
@@ -85,7 +87,28 @@ impl Gateway {
     /// request, tokens and images are reserved, and the returned [`Admission`] must travel
     /// with the call until it ends.
     pub fn admit(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
-        self.reserve(caller, facts).map_err(|e| self.refused(e))
+        self.reserve(caller, facts).map_err(|e| {
+            if let GatewayError::QuotaExceeded { what, limit } = &e {
+                self.report_exhausted(caller, what, *limit);
+            }
+            self.refused(e)
+        })
+    }
+
+    /// A call refused for a used-up quota: the key is at 100% as far as calls go, even when
+    /// its charges stop short of the quota (what is left is less than a call needs).
+    fn report_exhausted(&self, caller: &Caller, what: &'static str, quota: u64) {
+        if self.quota_alert_percents.contains(&100) {
+            self.events.quota_crossed(&QuotaCrossing {
+                key_id: &caller.record.id,
+                key_name: &caller.record.name,
+                user_id: &caller.record.user_id,
+                what,
+                percent: 100,
+                used: quota,
+                quota,
+            });
+        }
     }
 
     fn reserve(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
@@ -138,6 +161,7 @@ impl Gateway {
             settled: false,
             journal: self.journal.clone(),
             reservation: None,
+            quota_alert_percents: self.quota_alert_percents.clone(),
         };
 
         // Quotas first, so a call they refuse takes nothing from the per-minute limits.
@@ -377,7 +401,7 @@ pub(super) mod tests {
             image_quota: Some(3),
             ..KeyLimits::default()
         });
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let admission = gateway.admit(&caller, facts(2, Some(90))).unwrap();
         assert_eq!(
             admission.remaining(),
@@ -397,7 +421,7 @@ pub(super) mod tests {
             image_quota: Some(1),
             ..KeyLimits::default()
         });
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let e = gateway.admit(&caller, facts(2, None)).unwrap_err();
         assert!(
             matches!(e, GatewayError::QuotaExceeded { what: "images", .. }),
@@ -414,7 +438,7 @@ pub(super) mod tests {
             token_quota: Some(100),
             ..KeyLimits::default()
         });
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let admission = gateway.admit(&caller, facts(0, Some(500))).unwrap();
         assert_eq!(admission.upstream_cap(), Some(90));
         let e = gateway.admit(&caller, facts(0, Some(500))).unwrap_err();
@@ -436,7 +460,7 @@ pub(super) mod tests {
                 ..GateSettings::default()
             },
         );
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let e = gateway.admit(&caller, facts(0, None)).unwrap_err();
         assert!(matches!(e, GatewayError::ModelNotAllowed { .. }), "{e:?}");
         let mut three = facts(3, None);
@@ -466,7 +490,7 @@ pub(super) mod tests {
     async fn a_durable_reservation_carries_its_estimate_and_its_id_to_the_settled_call() {
         let journal = Arc::new(crate::core::testing::TestJournal::default());
         let (gateway, mut queue, _) = journaled_gate(journal.clone());
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let mut admission = gateway.admit(&caller, facts(0, Some(90))).unwrap();
         admission.make_durable().await.unwrap();
         let (id, reservation) = journal.reserved.lock().unwrap()[0].clone();
@@ -491,7 +515,7 @@ pub(super) mod tests {
             ..Default::default()
         });
         let (gateway, mut queue, events) = journaled_gate(journal.clone());
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let mut admission = gateway.admit(&caller, facts(0, Some(90))).unwrap();
         let e = admission.make_durable().await.unwrap_err();
         assert!(matches!(e, GatewayError::StoreUnavailable), "{e:?}");
@@ -519,7 +543,7 @@ pub(super) mod tests {
     #[test]
     fn no_call_is_admitted_while_the_store_fails() {
         let (gateway, _queue) = gate_with(KeyLimits::default());
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         gateway.store_health().fail("disk full", 0);
         let e = gateway.admit(&caller, facts(0, None)).unwrap_err();
         assert!(matches!(e, GatewayError::StoreUnavailable));

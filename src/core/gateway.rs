@@ -2,13 +2,15 @@
 //! responsibility: the key index and authentication (`key_index`), admission and
 //! reservation (`admission`), settlement (`settlement`), admin changes (`admin`).
 
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
 
 use super::error::GatewayError;
 use super::events::GateEvents;
 use super::journal::ReservationJournal;
 use super::key_index::{Caller, KeyIndex};
 use super::keys::SecretHash;
+use super::notifier::Notifier;
 use super::store::Store;
 use super::usage_sink::{StoreFigures, StoreHealth, UsageSink};
 
@@ -21,6 +23,12 @@ pub struct GateSettings {
     pub default_max_tokens: u64,
     /// Images one request may carry, for every key (a key may set a lower cap).
     pub max_images_per_request: Option<u32>,
+    /// Shares (percent) of a key's quota whose crossing is reported to the watchers
+    /// ([`GateEvents::quota_crossed`]); empty reports none.
+    pub quota_alert_percents: Vec<u8>,
+    /// Where an online backup is written before it is sent; `None`: the system's
+    /// temporary directory.
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GateSettings {
@@ -29,6 +37,8 @@ impl Default for GateSettings {
             log_bodies: false,
             default_max_tokens: 4096,
             max_images_per_request: None,
+            quota_alert_percents: Vec::new(),
+            snapshot_dir: None,
         }
     }
 }
@@ -42,6 +52,9 @@ pub struct Gateway {
     pub(super) settings: GateSettings,
     /// Durable mode: where each call's reservation is written before it is forwarded.
     pub(super) journal: Option<Arc<dyn ReservationJournal>>,
+    pub(super) quota_alert_percents: Arc<[u8]>,
+    /// The alerts, once the wiring has started them.
+    pub(super) notifier: OnceLock<Arc<dyn Notifier>>,
 }
 
 impl Gateway {
@@ -58,8 +71,10 @@ impl Gateway {
             keys: KeyIndex::load(store.clone(), admin_token_hash)?,
             store,
             sink,
+            quota_alert_percents: settings.quota_alert_percents.clone().into(),
             settings,
             journal: None,
+            notifier: OnceLock::new(),
         })
     }
 
@@ -70,16 +85,52 @@ impl Gateway {
         self
     }
 
-    /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `).
-    pub fn authenticate(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
-        self.keys.authenticate(secret).map_err(|e| self.refused(e))
+    /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `) of a call from
+    /// `client` (the peer's address, when the door knows it).
+    pub fn authenticate(
+        &self,
+        secret: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<Caller, GatewayError> {
+        self.keys
+            .authenticate(secret)
+            .map_err(|e| self.auth_refused(e, client))
     }
 
     /// Checks the admin token in constant time.
-    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), GatewayError> {
+    pub fn authenticate_admin(
+        &self,
+        token: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<(), GatewayError> {
         self.keys
             .authenticate_admin(token)
-            .map_err(|e| self.refused(e))
+            .map_err(|e| self.auth_refused(e, client))
+    }
+
+    fn auth_refused(&self, e: GatewayError, client: Option<IpAddr>) -> GatewayError {
+        // A store failure while looking a key up is not someone trying keys.
+        if matches!(
+            e,
+            GatewayError::InvalidApiKey(_) | GatewayError::InvalidAdminToken
+        ) {
+            self.events.auth_failed(client);
+        }
+        self.refused(e)
+    }
+
+    /// Starts telling `notifier` what alerting needs to know; set once, by the wiring.
+    pub fn set_notifier(&self, notifier: Arc<dyn Notifier>) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    pub fn notifier(&self) -> Option<&Arc<dyn Notifier>> {
+        self.notifier.get()
+    }
+
+    /// The store behind the gate (the alerts read keys' expiry through it).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Tells the watchers of a refusal by the gate, and passes it on.

@@ -375,8 +375,8 @@ mod tests {
             MemoryStore::with(vec![user("usr_1")], vec![key("key_a", "sk-step3-a")]),
             GateSettings::default(),
         );
-        let first = gateway.authenticate(Some("sk-step3-a")).unwrap();
-        let again = gateway.authenticate(Some(" sk-step3-a ")).unwrap();
+        let first = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
+        let again = gateway.authenticate(Some(" sk-step3-a "), None).unwrap();
         assert_eq!(first.record.id, "key_a");
         assert!(
             Arc::ptr_eq(&first.key, &again.key),
@@ -413,7 +413,7 @@ mod tests {
             (Some("sk-step3-o"), "Incorrect"),
             (Some("sk-step3-i"), "deactivated"),
         ] {
-            let e = gateway.authenticate(secret).unwrap_err();
+            let e = gateway.authenticate(secret, None).unwrap_err();
             assert!(e.to_string().contains(message), "{secret:?}: {e}");
         }
         assert_eq!(seen(&events), vec!["refused auth"; 7]);
@@ -431,9 +431,11 @@ mod tests {
             MemoryStore::with(vec![user("usr_1")], vec![rotated, ended]),
             GateSettings::default(),
         );
-        assert!(gateway.authenticate(Some("sk-step3-old")).is_ok());
-        assert!(gateway.authenticate(Some("sk-step3-new")).is_ok());
-        let e = gateway.authenticate(Some("sk-step3-old-b")).unwrap_err();
+        assert!(gateway.authenticate(Some("sk-step3-old"), None).is_ok());
+        assert!(gateway.authenticate(Some("sk-step3-new"), None).is_ok());
+        let e = gateway
+            .authenticate(Some("sk-step3-old-b"), None)
+            .unwrap_err();
         assert!(e.to_string().contains("grace period is over"), "{e}");
     }
 
@@ -443,8 +445,16 @@ mod tests {
             MemoryStore::with(vec![user("usr_1")], vec![key("key_a", "sk-step3-a")]),
             GateSettings::default(),
         );
-        assert!(gateway.authenticate_admin(Some("admin-token")).is_ok());
-        assert!(gateway.authenticate_admin(Some("sk-step3-a")).is_err());
-        assert!(gateway.authenticate_admin(None).is_err());
+        assert!(
+            gateway
+                .authenticate_admin(Some("admin-token"), None)
+                .is_ok()
+        );
+        assert!(
+            gateway
+                .authenticate_admin(Some("sk-step3-a"), None)
+                .is_err()
+        );
+        assert!(gateway.authenticate_admin(None, None).is_err());
     }
 }

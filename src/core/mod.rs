@@ -12,6 +12,7 @@ pub mod journal;
 pub mod key_index;
 pub mod keys;
 pub mod limits;
+pub mod notifier;
 pub mod quota;
 pub mod rate_limit;
 pub mod records;

@@ -5,7 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::admission::Admission;
-use super::events::SettledCall;
+use super::events::{QuotaCrossing, SettledCall};
+use super::records::KeyCounters;
 use super::records::{CallOutcome, CallRecord, Usage};
 use super::time::now_micros;
 
@@ -16,24 +17,28 @@ impl Admission {
     }
 
     /// Gives back every reservation, charging `charged` (and the request, if `charge_request`).
-    fn release(&mut self, charged: Usage, charge_request: bool) {
+    /// Returns the key's counters before this call's charge.
+    fn release(&mut self, charged: Usage, charge_request: bool) -> KeyCounters {
         let key = &self.caller.key;
         let reserved = std::mem::take(&mut self.reserved);
+        let mut before = KeyCounters::default();
         if reserved.request {
             if charge_request {
-                key.requests_used.fetch_add(1, Ordering::AcqRel);
+                before.requests = key.requests_used.fetch_add(1, Ordering::AcqRel);
             } else {
                 key.requests_reserved.fetch_sub(1, Ordering::AcqRel);
             }
         }
         settle_counter(&key.tokens_committed, reserved.tokens, charged.total());
-        key.prompt_tokens_used
+        before.prompt_tokens = key
+            .prompt_tokens_used
             .fetch_add(charged.prompt_tokens, Ordering::AcqRel);
-        key.completion_tokens_used
+        before.completion_tokens = key
+            .completion_tokens_used
             .fetch_add(charged.completion_tokens, Ordering::AcqRel);
         let images = if charge_request { reserved.images } else { 0 };
         settle_counter(&key.images_committed, reserved.images, images);
-        key.images_used.fetch_add(images, Ordering::AcqRel);
+        before.images = key.images_used.fetch_add(images, Ordering::AcqRel);
         let refused = !self.admitted;
         if let Some(grant) = reserved.key_grant {
             key.limiter
@@ -44,6 +49,57 @@ impl Admission {
                 .user
                 .limiter
                 .release(&grant, &self.user_limits, charged.total(), refused);
+        }
+        before
+    }
+
+    /// Tells the watchers of each quota share (`quota_alert_percents`) this call's charge
+    /// reached. Calls settling at once may each see the other's charge in part; a share
+    /// is then reported twice or, rarely, not at all: the alerts that read this forgive
+    /// the one and the refusal at 100% covers the other.
+    fn report_quota_shares(&self, before: KeyCounters) {
+        if self.quota_alert_percents.is_empty() {
+            return;
+        }
+        let limits = &self.caller.record.limits;
+        let charged = self.caller.key.counters();
+        for (what, quota, was, now) in [
+            (
+                "requests",
+                limits.request_quota,
+                before.requests,
+                charged.requests.max(before.requests),
+            ),
+            (
+                "tokens",
+                limits.token_quota,
+                before.tokens(),
+                charged.tokens().max(before.tokens()),
+            ),
+            (
+                "images",
+                limits.image_quota,
+                before.images,
+                charged.images.max(before.images),
+            ),
+        ] {
+            let Some(quota) = quota.filter(|&q| q > 0) else {
+                continue;
+            };
+            for &percent in self.quota_alert_percents.iter() {
+                let mark = u128::from(quota) * u128::from(percent);
+                if u128::from(was) * 100 < mark && u128::from(now) * 100 >= mark {
+                    self.events.quota_crossed(&QuotaCrossing {
+                        key_id: &self.caller.record.id,
+                        key_name: &self.caller.record.name,
+                        user_id: &self.caller.record.user_id,
+                        what,
+                        percent,
+                        used: now,
+                        quota,
+                    });
+                }
+            }
         }
     }
 
@@ -68,7 +124,8 @@ impl Admission {
             ),
             None => (Usage::default(), false),
         };
-        self.release(usage, charged_request);
+        let before = self.release(usage, charged_request);
+        self.report_quota_shares(before);
         let images = if charged_request {
             self.facts.images
         } else {
@@ -80,6 +137,8 @@ impl Admission {
             door: self.facts.door,
             model: &self.facts.metric_model,
             outcome: outcome.as_str(),
+            status,
+            stream: self.facts.stream,
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             images: u64::from(images),
@@ -181,7 +240,7 @@ mod tests {
     #[tokio::test]
     async fn a_settled_call_is_charged_its_real_usage_and_recorded_once() {
         let (gateway, mut queue, events) = quota_gate();
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let mut admission = gateway.admit(&caller, facts(1, Some(100))).unwrap();
         admission.mark_forwarded();
         admission.observe_usage(Usage {
@@ -210,7 +269,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_dropped_after_forwarding_is_charged_as_the_client_leaving() {
         let (gateway, mut queue, _) = quota_gate();
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let mut admission = gateway.admit(&caller, facts(0, Some(100))).unwrap();
         admission.mark_forwarded();
         admission.observe_chunk();
@@ -229,7 +288,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_that_never_reached_the_model_costs_nothing() {
         let (gateway, mut queue, _) = quota_gate();
-        let caller = gateway.authenticate(Some("sk-step3-a")).unwrap();
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
         let admission = gateway.admit(&caller, facts(2, Some(100))).unwrap();
         admission.settle(CallOutcome::UpstreamFailed, 502);
         assert_eq!(

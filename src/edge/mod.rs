@@ -46,6 +46,18 @@ fn is_sane_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+/// The peer's address of the connection a request came on (a request extension, put
+/// there by the server for both doors). Behind a proxy it is the proxy's.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// The client's IP address from a request's extensions (REST or gRPC), if known.
+pub fn client_ip(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<ClientAddr>()
+        .map(|ClientAddr(addr)| addr.ip())
+}
+
 /// The model a response was about, for the `model` label of `step3gw_requests_total`
 /// (a response extension).
 #[derive(Clone, Debug)]

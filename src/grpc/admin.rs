@@ -39,14 +39,39 @@ impl AdminService {
 
     /// Checks the admin token, then hands out the request's message.
     fn authorize<T>(&self, request: Request<T>) -> Result<T, Status> {
+        let client = request
+            .extensions()
+            .get::<crate::edge::ClientAddr>()
+            .map(|crate::edge::ClientAddr(addr)| addr.ip());
         self.gateway
-            .authenticate_admin(bearer(request.metadata()))?;
+            .authenticate_admin(bearer(request.metadata()), client)?;
         Ok(request.into_inner())
     }
 }
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn test_alert(
+        &self,
+        request: Request<pb::TestAlertRequest>,
+    ) -> Result<Response<pb::TestAlertResponse>, Status> {
+        let r = self.authorize(request)?;
+        let channel = Some(r.channel.as_str()).filter(|c| !c.is_empty());
+        let deliveries = self
+            .gateway
+            .test_alert(channel)
+            .await?
+            .into_iter()
+            .map(|d| pb::AlertDelivery {
+                channel: d.channel,
+                kind: d.kind,
+                delivered: d.delivered,
+                error: d.error,
+            })
+            .collect();
+        Ok(Response::new(pb::TestAlertResponse { deliveries }))
+    }
+
     async fn create_user(
         &self,
         request: Request<pb::CreateUserRequest>,

@@ -15,6 +15,13 @@ use crate::core::request::Endpoint;
 use crate::core::{Caller, GatewayError, Remaining};
 use crate::edge::{ModelLabel, add_limit_headers};
 
+/// The peer's IP address, put in the request's extensions by the server.
+fn client_ip(extensions: &tonic::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<crate::edge::ClientAddr>()
+        .map(|crate::edge::ClientAddr(addr)| addr.ip())
+}
+
 pub struct ChatService {
     chat: CallPath,
 }
@@ -25,7 +32,10 @@ impl ChatService {
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        Ok(self.chat.gateway.authenticate(bearer(request.metadata()))?)
+        Ok(self
+            .chat
+            .gateway
+            .authenticate(bearer(request.metadata()), client_ip(request.extensions()))?)
     }
 
     /// A unary model call: the request as the JSON the REST door would have received

@@ -19,7 +19,7 @@ use crate::core::admin::{
 };
 use crate::core::request::field_error;
 use crate::core::time::UnixTime;
-use crate::edge::bearer;
+use crate::edge::{bearer, client_ip};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -38,6 +38,7 @@ pub fn router() -> Router<AppState> {
         .route("/keys/{id}/calls", get(key_calls))
         .route("/users/{id}/usage", get(user_usage))
         .route("/calls", get(list_calls))
+        .route("/alerts/test", post(test_alert))
 }
 
 /// Proof that the request carries the admin token; every admin handler takes one.
@@ -50,7 +51,9 @@ impl FromRequestParts<AppState> for Admin {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        state.gateway().authenticate_admin(bearer(&parts.headers))?;
+        state
+            .gateway()
+            .authenticate_admin(bearer(&parts.headers), client_ip(&parts.extensions))?;
         Ok(Admin)
     }
 }
@@ -316,4 +319,27 @@ async fn key_calls(
         ..params.filter()
     };
     Ok(Json(state.gateway().list_calls(&filter)?).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TestAlertBody {
+    /// A channel's name; absent: every channel.
+    channel: Option<String>,
+}
+
+async fn test_alert(
+    _: Admin,
+    State(state): State<AppState>,
+    body: axum::body::Body,
+) -> Result<Response, GatewayError> {
+    let body = read_body(body, MAX_ADMIN_BODY_BYTES).await?;
+    // The body is optional: none tests every channel.
+    let body: TestAlertBody = if body.iter().all(u8::is_ascii_whitespace) {
+        TestAlertBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let deliveries = state.gateway().test_alert(body.channel.as_deref()).await?;
+    Ok(Json(json!({ "deliveries": deliveries })).into_response())
 }

@@ -14,7 +14,7 @@ use crate::call::{Origin, UsageView};
 use crate::core::events::Door;
 use crate::core::request::Endpoint;
 use crate::core::{GatewayError, Remaining};
-use crate::edge::{ModelLabel, RequestId, add_limit_headers, bearer};
+use crate::edge::{ModelLabel, RequestId, add_limit_headers, bearer, client_ip};
 
 pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Response {
     call(state, Endpoint::ChatCompletions, request).await
@@ -41,8 +41,12 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
         .map(|RequestId(id)| id)
         .unwrap_or_default();
     let headers = parts.headers;
+    let client = client_ip(&parts.extensions);
     let mut label = None;
-    let answer = complete(state, endpoint, request_id, headers, body, &mut label).await;
+    let answer = complete(
+        state, endpoint, request_id, client, headers, body, &mut label,
+    )
+    .await;
     let mut response = match answer {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -57,11 +61,12 @@ async fn complete(
     state: AppState,
     endpoint: Endpoint,
     request_id: String,
+    client: Option<std::net::IpAddr>,
     headers: HeaderMap,
     body: Body,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers))?;
+    let caller = state.gateway().authenticate(bearer(&headers), client)?;
     let body = read_body(body, state.settings.max_body_bytes)
         .await
         .map_err(|e| state.gateway().refused(e))?;

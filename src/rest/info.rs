@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::core::GatewayError;
-use crate::edge::{RequestId, bearer};
+use crate::edge::{ClientAddr, RequestId, bearer};
 use crate::metrics::BackendFigures;
 
 pub const SERVICE: &str = "step3-gateway";
@@ -80,9 +80,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             errors: b.errors,
         })
         .collect();
-    let text = state
-        .metrics
-        .render(&backends, &state.gateway().store_figures());
+    let text = state.metrics.render_with_deliveries(
+        &backends,
+        &state.gateway().store_figures(),
+        &state.gateway().delivery_figures(),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -97,9 +99,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 pub async fn models(
     State(state): State<AppState>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    client: Option<axum::Extension<ClientAddr>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers))?;
+    let caller = state
+        .gateway()
+        .authenticate(bearer(&headers), peer_ip(client))?;
     Ok(Json(state.call.models(&caller, &request_id).await?))
 }
 
@@ -110,9 +115,12 @@ pub async fn model(
     State(state): State<AppState>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
     axum::extract::Path(id): axum::extract::Path<String>,
+    client: Option<axum::Extension<ClientAddr>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers))?;
+    let caller = state
+        .gateway()
+        .authenticate(bearer(&headers), peer_ip(client))?;
     let list = state.call.models(&caller, &request_id).await?;
     list.get("data")
         .and_then(Value::as_array)
@@ -126,8 +134,15 @@ pub async fn model(
 }
 
 /// The caller's own key: what it used, what remains, its limits and lifetime.
-pub async fn usage(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let caller = match state.gateway().authenticate(bearer(&headers)) {
+pub async fn usage(
+    State(state): State<AppState>,
+    client: Option<axum::Extension<ClientAddr>>,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match state
+        .gateway()
+        .authenticate(bearer(&headers), peer_ip(client))
+    {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
@@ -168,4 +183,9 @@ pub async fn usage(State(state): State<AppState>, headers: HeaderMap) -> Respons
         "expires_at": summary.expires_at,
     }))
     .into_response()
+}
+
+/// The peer's IP address, for the gate's count of failed authentications.
+pub(super) fn peer_ip(client: Option<axum::Extension<ClientAddr>>) -> Option<std::net::IpAddr> {
+    client.map(|axum::Extension(ClientAddr(addr))| addr.ip())
 }

@@ -185,6 +185,13 @@ impl Admin for FakeAdmin {
     ) -> Result<Response<pb::ListCallsResponse>, Status> {
         self.answer("ListCalls", r, Ok(pb::ListCallsResponse::default()))
     }
+
+    async fn test_alert(
+        &self,
+        r: Request<pb::TestAlertRequest>,
+    ) -> Result<Response<pb::TestAlertResponse>, Status> {
+        self.answer("TestAlert", r, Ok(pb::TestAlertResponse::default()))
+    }
 }
 
 /// The fake on 127.0.0.1:0, stopped through a oneshot.

@@ -7,6 +7,7 @@
 mod admin;
 mod admin_cli;
 mod admin_input;
+mod alerts;
 mod apis;
 mod billing;
 mod binary;
