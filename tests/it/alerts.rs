@@ -26,24 +26,24 @@ use crate::common::{RestApi, TestGateway, chat_body, spawn_sim};
 
 /// One request the receiver took.
 #[derive(Clone, Debug)]
-struct Received {
-    path: String,
-    query: String,
-    headers: HeaderMap,
-    body: Value,
-    raw: Bytes,
+pub struct Received {
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub raw: Bytes,
 }
 
 /// An HTTP server taking every POST; `/flaky` fails its first `fail_first` requests.
 #[derive(Clone)]
-struct Receiver {
-    url: String,
+pub struct Receiver {
+    pub url: String,
     seen: Arc<Mutex<Vec<Received>>>,
     fail_first: Arc<AtomicU32>,
 }
 
 impl Receiver {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
         let fail_first = Arc::new(AtomicU32::new(0));
         let (record, fails) = (seen.clone(), fail_first.clone());
@@ -81,7 +81,7 @@ impl Receiver {
         }
     }
 
-    fn at(&self, path: &str) -> Vec<Received> {
+    pub fn at(&self, path: &str) -> Vec<Received> {
         self.seen
             .lock()
             .unwrap()
@@ -183,6 +183,11 @@ async fn smtp_sink() -> (u16, Arc<Mutex<Vec<Mail>>>) {
         }
     });
     (port, mails)
+}
+
+/// A generic webhook channel to `url`, told everything.
+pub fn webhook(name: &str, url: &str) -> ChannelConfig {
+    channel(name, ChannelKind::Webhook, Some(url.to_owned()))
 }
 
 fn channel(name: &str, kind: ChannelKind, url: Option<String>) -> ChannelConfig {

@@ -136,7 +136,14 @@ fn remember(answer: &Value, vars: &mut BTreeMap<&str, String>) {
 
 #[tokio::test]
 async fn the_readme_grpcurl_examples_run_against_a_live_gateway() {
-    let gw = TestGateway::builder().embedding_backend().start().await;
+    // The README's TestAlert example names a channel `ops`.
+    let receiver = crate::alerts::Receiver::start().await;
+    let ops = crate::alerts::webhook("ops", &format!("{}/ops", receiver.url));
+    let gw = TestGateway::builder()
+        .embedding_backend()
+        .config(move |c| c.alerts.channels = vec![ops])
+        .start()
+        .await;
     let key = gw.create_key(json!({})).await;
     let addr = gw
         .running()
@@ -208,4 +215,5 @@ async fn the_readme_grpcurl_examples_run_against_a_live_gateway() {
     // embedding.
     let usage = gw.usage(&key.secret).await;
     assert_eq!(usage["requests"]["used"], 5, "{usage}");
+    assert_eq!(receiver.at("/ops")[0].body["event"], "test");
 }
