@@ -364,6 +364,56 @@ fn print<T: Serialize>(
     Ok(())
 }
 
+/// `step3-gateway backup` against a running gateway: the `Admin.Backup` stream written to
+/// `out` (under a hidden name until complete), read back whole and checked before it is
+/// kept. `progress` is told the bytes received and the total.
+pub async fn backup(
+    url: &str,
+    token: &str,
+    out: &std::path::Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> anyhow::Result<crate::core::export::ExportSummary> {
+    let auth = BearerAuth::new(token)?;
+    let channel = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("invalid --url `{url}`"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let mut client = AdminClient::with_interceptor(channel, auth);
+    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let mut pieces = client
+        .backup(pb::BackupRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut partial = crate::backup::PartialFile::create(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let (mut received, mut total) = (0u64, 0u64);
+    while let Some(piece) = pieces.message().await.map_err(status)? {
+        if piece.total_bytes > 0 {
+            total = piece.total_bytes;
+        }
+        partial
+            .file
+            .write_all(&piece.data)
+            .with_context(|| format!("cannot write {}", partial.partial_path().display()))?;
+        received += piece.data.len() as u64;
+        progress(received, total);
+    }
+    if received != total {
+        anyhow::bail!("the copy ended after {received} of {total} bytes; no backup was written");
+    }
+    partial.file.flush()?;
+    // A copy that cannot be restored is no backup: read it back before keeping it.
+    let written = std::fs::File::open(partial.partial_path())?;
+    let summary = crate::core::export::verify_export(std::io::BufReader::new(written))
+        .context("the copy received is not a whole backup; none was written")?;
+    partial
+        .commit()
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(summary)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;

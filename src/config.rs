@@ -10,6 +10,7 @@ use figment::Figment;
 use figment::providers::{Data, Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::backup::BackupConfig;
 use crate::core::images::ImageUrlPolicy;
 use crate::notify::settings::AlertsConfig;
 use crate::upstream::{BackendSettings, PoolSettings};
@@ -18,8 +19,9 @@ use crate::upstream::{BackendSettings, PoolSettings};
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "alerts",
+    "backup",
     "server",
     "upstream",
     "store",
@@ -44,6 +46,8 @@ pub struct GatewayConfig {
     pub image_policy: ImageUrlPolicy,
     /// Where alerts go and what sets them off.
     pub alerts: AlertsConfig,
+    /// Scheduled backups.
+    pub backup: BackupConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -491,6 +495,7 @@ impl GatewayConfig {
             ));
         }
         self.alerts.validate().map_err(ConfigError::Invalid)?;
+        self.backup.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 
 pub mod admin_client;
 pub mod app;
+pub mod backup;
 pub mod call;
 pub mod cli;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod edge;
 pub mod grpc;
 pub mod metrics;
 pub mod notify;
+pub mod progress;
 pub mod rest;
 pub mod server;
 pub mod sim;

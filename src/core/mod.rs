@@ -6,6 +6,7 @@ pub mod admin;
 pub mod admission;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod gateway;
 pub mod images;
 pub mod journal;
@@ -18,6 +19,7 @@ pub mod rate_limit;
 pub mod records;
 pub mod request;
 mod settlement;
+pub mod snapshot;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -9,6 +9,7 @@ mod admin_cli;
 mod admin_input;
 mod alerts;
 mod apis;
+mod backups;
 mod billing;
 mod binary;
 mod books;
