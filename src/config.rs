@@ -13,13 +13,14 @@ use serde::{Deserialize, Serialize};
 use crate::backup::BackupConfig;
 use crate::core::images::ImageUrlPolicy;
 use crate::notify::settings::AlertsConfig;
+use crate::telemetry::TelemetryConfig;
 use crate::upstream::{BackendSettings, PoolSettings};
 
 /// Environment variables that configure the gateway start with this, e.g.
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "alerts",
     "backup",
     "server",
@@ -30,6 +31,7 @@ const SECTIONS: [&str; 10] = [
     "log",
     "limits",
     "image_policy",
+    "telemetry",
 ];
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -48,6 +50,8 @@ pub struct GatewayConfig {
     pub alerts: AlertsConfig,
     /// Scheduled backups.
     pub backup: BackupConfig,
+    /// OpenTelemetry traces.
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -496,6 +500,7 @@ impl GatewayConfig {
         }
         self.alerts.validate().map_err(ConfigError::Invalid)?;
         self.backup.validate().map_err(ConfigError::Invalid)?;
+        self.telemetry.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -17,4 +17,5 @@ pub mod rest;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;

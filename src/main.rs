@@ -1,6 +1,6 @@
 //! The `step3-gateway` binary: parse the command line, run, report errors.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,7 +18,6 @@ use step3_gateway::core::export::ExportSummary;
 use step3_gateway::core::limits::KeyLimits;
 use step3_gateway::progress::Progress;
 use step3_gateway::sim::{Simulator, SimulatorConfig};
-use tracing_subscriber::EnvFilter;
 
 // glibc's malloc was ~18% of the instructions of a proxied call (callgrind); mimalloc's
 // thread-local free lists cost a fraction of that. BENCHMARKS.md has the figures.
@@ -91,15 +90,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn init_logs(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes are for a terminal; in a file, a pipe or journald they are noise.
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    if let Err(e) = step3_gateway::telemetry::init(format == LogFormat::Json, level, None) {
+        eprintln!("step3-gateway: cannot set up the logs: {e}");
     }
 }
 
@@ -118,8 +110,19 @@ struct Logged;
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
-    init_logs(config.log.format, &config.log.level);
-    match run_gateway(&args, &config).await {
+    // Before anything logs; the exporter (if any) is checked with the rest of the config.
+    config.telemetry.validate().map_err(anyhow::Error::msg)?;
+    let traces = step3_gateway::telemetry::init(
+        config.log.format == LogFormat::Json,
+        &config.log.level,
+        Some(&config.telemetry),
+    )?;
+    let result = run_gateway(&args, &config).await;
+    if let Some(traces) = traces {
+        // The batch exporter blocks while it sends its last spans.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    match result {
         // With JSON logs stderr stays one JSON object a line, the last error included.
         Err(e) if config.log.format == LogFormat::Json => {
             tracing::error!(error = %error_chain(&e), "step3-gateway stopped");

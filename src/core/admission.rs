@@ -38,7 +38,13 @@ pub struct CallFacts {
     pub image_sizes: Vec<ImageSize>,
     /// The request body, kept only when the call log stores bodies.
     pub request_body: Option<String>,
+    /// The call's span (disabled unless traces are exported): settlement records the
+    /// usage and outcome on it and opens its `settle` stage under it.
+    pub span: tracing::Span,
 }
+
+/// The target of the spans and events that make a call's trace; off for the logs.
+pub const TRACE_TARGET: &str = "step3gw::otel";
 
 /// What an admission holds until it settles.
 #[derive(Debug, Default)]
@@ -80,6 +86,8 @@ pub struct Admission {
     pub(super) reservation: Option<u64>,
     /// Shares of a quota whose crossing the watchers are told of.
     pub(super) quota_alert_percents: Arc<[u8]>,
+    /// Why the model stopped (`stop`, `length`, …), each once, for the trace only.
+    pub(super) finish_reasons: Vec<String>,
 }
 
 impl Gateway {
@@ -162,6 +170,7 @@ impl Gateway {
             journal: self.journal.clone(),
             reservation: None,
             quota_alert_percents: self.quota_alert_percents.clone(),
+            finish_reasons: Vec::new(),
         };
 
         // Quotas first, so a call they refuse takes nothing from the per-minute limits.
@@ -350,8 +359,21 @@ impl Admission {
                 &self.facts.metric_model,
                 self.started.elapsed(),
             );
+            tracing::info!(target: TRACE_TARGET, parent: &self.facts.span, "first_token");
         }
         self.chunks_seen += 1;
+    }
+
+    /// Whether the call's trace is exported (what only the trace needs is read then only).
+    pub fn traced(&self) -> bool {
+        !self.facts.span.is_disabled()
+    }
+
+    /// A reason the model stopped, for the trace.
+    pub fn observe_finish_reason(&mut self, reason: &str) {
+        if !self.finish_reasons.iter().any(|r| r == reason) {
+            self.finish_reasons.push(reason.to_owned());
+        }
     }
 
     pub fn keep_response_body(&mut self, body: &[u8]) {
@@ -380,6 +402,7 @@ pub(super) mod tests {
             images,
             image_sizes: Vec::new(),
             request_body: None,
+            span: tracing::Span::none(),
         }
     }
 

@@ -111,6 +111,8 @@ impl Admission {
             self.release(Usage::default(), false);
             return;
         }
+        let settle = tracing::info_span!(target: super::admission::TRACE_TARGET, parent: &self.facts.span, "settle");
+        let _settling = settle.enter();
         let charged_request = self.forwarded.is_some() && outcome.charges_request();
         let (usage, usage_estimated) = match self.usage {
             Some(usage) => (usage, false),
@@ -131,6 +133,23 @@ impl Admission {
         } else {
             0
         };
+        if self.traced() {
+            let span = &self.facts.span;
+            span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+            span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+            span.record("gateway.outcome", outcome.as_str());
+            span.record("gateway.usage_estimated", usage_estimated);
+            span.record("http.response.status_code", status);
+            if !self.finish_reasons.is_empty() {
+                span.record(
+                    "gen_ai.response.finish_reasons",
+                    self.finish_reasons.join(","),
+                );
+            }
+            if status >= 500 {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
         let total = self.started.elapsed();
         let latency_ms = u64::try_from(total.as_millis()).unwrap_or(u64::MAX);
         self.events.call_settled(&SettledCall {

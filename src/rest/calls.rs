@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 
 use super::{AppState, read_body};
+use crate::call::trace::{self, Stage};
 use crate::call::{Origin, UsageView};
 use crate::core::events::Door;
 use crate::core::request::Endpoint;
@@ -42,14 +43,26 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
         .unwrap_or_default();
     let headers = parts.headers;
     let client = client_ip(&parts.extensions);
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let span = trace::call_span(Door::Rest, endpoint, &request_id, traceparent.as_deref());
+    let origin = Origin {
+        request_id,
+        door: Door::Rest,
+        traceparent,
+        span,
+    };
     let mut label = None;
-    let answer = complete(
-        state, endpoint, request_id, client, headers, body, &mut label,
-    )
-    .await;
+    let answer = complete(state, endpoint, &origin, client, headers, body, &mut label).await;
     let mut response = match answer {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let status = e.http_status();
+            trace::record_error(&origin.span, tracing::field::display(status), status >= 500);
+            e.into_response()
+        }
     };
     if let Some(label) = label {
         response.extensions_mut().insert(ModelLabel(label));
@@ -60,29 +73,28 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
 async fn complete(
     state: AppState,
     endpoint: Endpoint,
-    request_id: String,
+    origin: &Origin,
     client: Option<std::net::IpAddr>,
     headers: HeaderMap,
     body: Body,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
-    let caller = state.gateway().authenticate(bearer(&headers), client)?;
+    let caller = {
+        let _authenticating = trace::stage(&origin.span, Stage::Authenticate).entered();
+        state.gateway().authenticate(bearer(&headers), client)?
+    };
     let body = read_body(body, state.settings.max_body_bytes)
         .await
         .map_err(|e| state.gateway().refused(e))?;
     let call = state.call.prepare(endpoint, body)?;
     *label = Some(state.call.metric_model(&call.model));
-    let origin = Origin {
-        request_id,
-        door: Door::Rest,
-    };
 
     if call.stream {
         let view = UsageView {
             final_chunk: call.client_wants_usage,
             every_chunk: call.client_wants_continuous_usage,
         };
-        let start = state.call.stream(&caller, call, &origin, view).await?;
+        let start = state.call.stream(&caller, call, origin, view).await?;
         let relay = start.relay;
         let body = Body::from_stream(futures_util::stream::unfold(
             relay,
@@ -110,7 +122,7 @@ async fn complete(
     let completion = state
         .call
         // The bytes go out as they came: the answer needs no reading of its own.
-        .complete(&caller, call, &origin, |_| Ok(()))
+        .complete(&caller, call, origin, |_| Ok(()))
         .await?;
     let body = if state.settings.response_metadata && endpoint == Endpoint::ChatCompletions {
         with_metadata(

@@ -33,3 +33,4 @@ mod reflection_client;
 mod secrets;
 mod surface;
 mod tls_upstream;
+mod traces;
