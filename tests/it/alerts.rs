@@ -645,3 +645,85 @@ async fn a_burst_of_bad_keys_is_announced_and_delivered_after_retries() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(receiver.at("/flaky").len(), 3, "one incident, one message");
 }
+
+#[tokio::test]
+async fn a_failing_channel_is_named_but_its_url_and_secrets_reach_no_answer_and_no_log() {
+    let sim = crate::common::binary::upstream(0).await;
+    // A port nothing listens on: every try fails.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::common::binary::ConfigFile::new(&sim.url())
+        .extra(&format!(
+            r#"[alerts]
+max_attempts = 2
+retry_backoff_ms = 10
+timeout_secs = 2
+check_interval_ms = 20
+auth_failures = {{ count = 2, window_secs = 60 }}
+[[alerts.channels]]
+name = "ding"
+kind = "dingtalk"
+url = "http://{closed}/robot/send?access_token=tok-in-url-5150"
+secret = "SEC-signing-7788"
+[[alerts.channels]]
+name = "hook"
+kind = "webhook"
+url = "http://{closed}/hooks/path-secret-3131"
+secret = "whsec-4242"
+"#
+        ))
+        .write(dir.path());
+    // Logging at `trace`: the libraries' own lines are searched too.
+    let gw = crate::common::binary::GatewayProcess::start(&config).await;
+    let (status, answer) = gw
+        .admin(Method::POST, "/alerts/test", Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let deliveries = answer["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 2, "{answer}");
+    for delivery in deliveries {
+        assert_eq!(delivery["delivered"], false, "{answer}");
+        assert!(!delivery["error"].as_str().unwrap().is_empty(), "{answer}");
+    }
+    // A real incident too, so the delivery workers try, retry and log their failures.
+    for _ in 0..2 {
+        let response = gw.chat("sk-step3-guess", &chat_body("hi")).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    let mut metrics = String::new();
+    for _ in 0..500 {
+        metrics = gw.metrics().await;
+        if ["ding", "hook"].iter().all(|c| {
+            metrics.contains(&format!(
+                r#"step3gw_notifications_total{{channel="{c}",result="failed"}} 2"#
+            ))
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.signal("TERM");
+    let (status, logs) = gw.wait().await;
+    assert!(status.success(), "{status:?}");
+    let failures = logs
+        .iter()
+        .filter(|l| l.contains("alerts: delivery failed"))
+        .count();
+    assert_eq!(failures, 4, "two tries on each channel: {logs:#?}");
+    let answer = answer.to_string();
+    for secret in [
+        "tok-in-url-5150",
+        "SEC-signing-7788",
+        "path-secret-3131",
+        "whsec-4242",
+    ] {
+        assert!(!answer.contains(secret), "a secret in the answer: {answer}");
+        assert!(!metrics.contains(secret), "a secret in /metrics");
+        for line in &logs {
+            assert!(!line.contains(secret), "a secret in the log: {line}");
+        }
+    }
+}
