@@ -157,7 +157,8 @@ async fn each_call_is_one_exported_span_under_the_clients_traceparent_and_the_mo
     let (otlp, receiver) = start_receiver().await;
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigFile::new(&sim.url()).write(dir.path());
-    let mut command: Command = serve_command(&config, "info");
+    // At `trace`, so the exporter's own log lines are searched for secrets too.
+    let mut command: Command = serve_command(&config, "trace");
     command
         .env("STEP3GW_TELEMETRY_ENABLED", "true")
         .env("STEP3GW_TELEMETRY_ENDPOINT", &otlp)
@@ -324,15 +325,18 @@ async fn each_call_is_one_exported_span_under_the_clients_traceparent_and_the_mo
     assert_eq!(attributes(&roots[0].attributes)["error.type"], "401");
     assert_eq!(sim.simulator.requests().len(), 3);
 
-    // No secret in any attribute, event or name.
-    let everything = format!("{all:?}");
+    // No secret in any attribute, event or name, nor in the logs.
+    let everything = format!("{all:?}{logs:?}");
     for secret in [
         key.secret.as_str(),
         ADMIN_TOKEN,
         UPSTREAM_KEY,
         "sk-step3-not-a-key",
     ] {
-        assert!(!everything.contains(secret), "a secret in the spans");
+        assert!(
+            !everything.contains(secret),
+            "a secret in the spans or logs"
+        );
     }
 }
 
