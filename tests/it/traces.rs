@@ -365,3 +365,53 @@ async fn with_traces_off_the_clients_traceparent_still_reaches_the_model_server(
     // A malformed one is not passed on.
     assert!(requests[1].headers.get("traceparent").is_none());
 }
+
+#[tokio::test]
+async fn with_a_sample_ratio_of_0_only_the_calls_a_client_sampled_are_exported() {
+    let sim = upstream(0).await;
+    let (otlp, receiver) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigFile::new(&sim.url())
+        .extra(&format!(
+            "[telemetry]\nenabled = true\nendpoint = \"{otlp}\"\nsample_ratio = 0.0\n"
+        ))
+        .write(dir.path());
+    let gw = GatewayProcess::start_logging(&config, "info").await;
+    let key = gw.create_key(json!({})).await;
+    for _ in 0..3 {
+        let response = gw
+            .chat(&key.secret, &crate::common::chat_body("not sampled"))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // A gRPC client that sampled its trace, with a wrong key.
+    let sampled = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let mut chat = pb::chat_client::ChatClient::connect(gw.base_url().to_owned())
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(chat_request("x"));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer sk-step3-wrong".parse().unwrap());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{sampled}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    let e = chat.complete(request).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+
+    gw.signal("TERM");
+    let (status, _) = gw.wait().await;
+    assert!(status.success());
+    let all = receiver.spans.lock().unwrap().clone();
+    let names: Vec<&str> = all.iter().map(|(_, s)| s.name.as_str()).collect();
+    assert_eq!(names.len(), 2, "only the sampled call: {names:?}");
+    let trace = Trace::of(&all, sampled);
+    let call = trace.named("chat");
+    assert_eq!(trace.children(call), ["authenticate"]);
+    assert_eq!(
+        attributes(&call.attributes)["error.type"],
+        "Unauthenticated"
+    );
+    assert_eq!(attributes(&call.attributes)["gateway.door"], "grpc");
+}
