@@ -15,6 +15,8 @@ const SERIALIZED: &[&str] = &[
     "Call",
     "ImageSize",
     "ListCallsResponse",
+    "AlertDelivery",
+    "TestAlertResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -11,8 +11,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{
-    AdminArgs, AdminCommand, CallsArgs, KeyLimitArgs, KeysCommand, UsageArgs, UsageGroupingArg,
-    UsersCommand,
+    AdminArgs, AdminCommand, AlertsCommand, CallsArgs, KeyLimitArgs, KeysCommand, UsageArgs,
+    UsageGroupingArg, UsersCommand,
 };
 use crate::core::access::IpAllowlist;
 use crate::core::admin::{CreatedKey, KeyPage, KeyView};
@@ -36,6 +36,7 @@ pub enum AdminRequest {
     RotateKey(pb::RotateKeyRequest),
     GetUsage(pb::GetUsageReportRequest),
     ListCalls(pb::ListCallsRequest),
+    TestAlert(pb::TestAlertRequest),
 }
 
 impl From<AdminCommand> for AdminRequest {
@@ -45,6 +46,11 @@ impl From<AdminCommand> for AdminRequest {
             AdminCommand::Keys(keys) => keys.into(),
             AdminCommand::Usage(usage) => AdminRequest::GetUsage(usage.into()),
             AdminCommand::Calls(calls) => AdminRequest::ListCalls(calls.into()),
+            AdminCommand::Alerts(AlertsCommand::Test { channel }) => {
+                AdminRequest::TestAlert(pb::TestAlertRequest {
+                    channel: channel.unwrap_or_default(),
+                })
+            }
         }
     }
 }
@@ -276,6 +282,24 @@ async fn send(
         AdminRequest::RotateKey(r) => print(out, client.rotate_key(r).await.map(created_view)),
         AdminRequest::GetUsage(r) => print(out, client.get_usage(r).await),
         AdminRequest::ListCalls(r) => print(out, client.list_calls(r).await),
+        AdminRequest::TestAlert(r) => {
+            let answer = client.test_alert(r).await;
+            let failed = answer.as_ref().map_or(0, |a| {
+                a.get_ref()
+                    .deliveries
+                    .iter()
+                    .filter(|d| !d.delivered)
+                    .count()
+            });
+            print(out, answer)?;
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} test message{} not delivered",
+                    if failed == 1 { " was" } else { "s were" }
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -351,6 +375,56 @@ fn print<T: Serialize>(
     out.write_all(&text)?;
     out.flush()?;
     Ok(())
+}
+
+/// `step3-gateway backup` against a running gateway: the `Admin.Backup` stream written to
+/// `out` (under a hidden name until complete), read back whole and checked before it is
+/// kept. `progress` is told the bytes received and the total.
+pub async fn backup(
+    url: &str,
+    token: &str,
+    out: &std::path::Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> anyhow::Result<crate::core::export::ExportSummary> {
+    let auth = BearerAuth::new(token)?;
+    let channel = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("invalid --url `{url}`"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let mut client = AdminClient::with_interceptor(channel, auth);
+    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let mut pieces = client
+        .backup(pb::BackupRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut partial = crate::backup::PartialFile::create(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let (mut received, mut total) = (0u64, 0u64);
+    while let Some(piece) = pieces.message().await.map_err(status)? {
+        if piece.total_bytes > 0 {
+            total = piece.total_bytes;
+        }
+        partial
+            .file
+            .write_all(&piece.data)
+            .with_context(|| format!("cannot write {}", partial.partial_path().display()))?;
+        received += piece.data.len() as u64;
+        progress(received, total);
+    }
+    if received != total {
+        anyhow::bail!("the copy ended after {received} of {total} bytes; no backup was written");
+    }
+    partial.file.flush()?;
+    // A copy that cannot be restored is no backup: read it back before keeping it.
+    let written = std::fs::File::open(partial.partial_path())?;
+    let summary = crate::core::export::verify_export(std::io::BufReader::new(written))
+        .context("the copy received is not a whole backup; none was written")?;
+    partial
+        .commit()
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! graceful shutdown.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,8 @@ use crate::call::jwt::{JwtSettings, JwtVerifier};
 use crate::call::key_tokens::KeyTokens;
 use crate::config::{BackendConfig, Durability, GatewayConfig, JwtConfig, UnknownSubjects};
 use crate::core::admin::{NewKey, NewUser};
+use crate::core::events::{GateEvents, Watchers};
+use crate::core::export::ExportSummary;
 use crate::core::identity::SubjectPolicy;
 use crate::core::journal::{self, ReservationJournal};
 use crate::core::limits::KeyLimits;
@@ -26,6 +28,7 @@ use crate::edge;
 use crate::edge::router::Edge;
 use crate::grpc;
 use crate::metrics::Metrics;
+use crate::notify::{AlertTasks, Alerts, BackendHealth, BackendProbe};
 use crate::rest::{self, AppState, RestSettings};
 use crate::server::ConnectionLimits;
 use crate::sim::{
@@ -179,16 +182,29 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         journal_port.clone(),
     );
     let metrics = Arc::new(Metrics::default());
+    let alerts = match config.alerts.enabled() {
+        true => Some(Alerts::new(&config.alerts).map_err(|e| anyhow::anyhow!(e))?),
+        false => None,
+    };
+    let events: Arc<dyn GateEvents> = match &alerts {
+        Some(alerts) => Arc::new(Watchers(vec![metrics.clone(), alerts.clone()])),
+        None => metrics.clone(),
+    };
     let mut gateway = Gateway::load(
         store.clone(),
         sink,
-        metrics.clone(),
+        events,
         admin_token.hash(),
         GateSettings {
             log_bodies: config.store.log_bodies,
             default_max_tokens: config.limits.default_max_tokens,
             max_images_per_request: config.limits.max_images_per_request,
             admin_allowed_ips: Some(config.admin.allowed_ips.clone()).filter(|l| !l.is_empty()),
+            quota_alert_percents: match &alerts {
+                Some(_) => config.alerts.quota_percents.clone(),
+                None => Vec::new(),
+            },
+            snapshot_dir: config.backup.dir.clone(),
         },
     )?;
     if let Some(journal) = journal_port {
@@ -216,6 +232,21 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     // it), then keep checking.
     call.upstream.check_health().await;
     call.upstream.spawn_health_checks(shutdown.clone());
+    let alert_tasks = alerts.map(|alerts| {
+        gateway.set_notifier(alerts.clone());
+        let pool = upstream.clone();
+        let probe: BackendProbe = Arc::new(move || {
+            pool.status()
+                .into_iter()
+                .map(|b| BackendHealth {
+                    name: b.name,
+                    healthy: b.healthy,
+                })
+                .collect()
+        });
+        alerts.run(gateway.clone(), probe, shutdown.clone())
+    });
+    let backups = crate::backup::spawn_schedule(gateway.clone(), &config.backup, shutdown.clone());
     let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
     let state = AppState {
@@ -274,8 +305,12 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         shutdown.clone(),
         hard_stop,
         config.shutdown_grace(),
-        writer,
-        journal,
+        Background {
+            writer,
+            journal,
+            alerts: alert_tasks,
+            backups,
+        },
     ));
     stop_on_error.disarm();
     tracing::info!(
@@ -376,8 +411,7 @@ async fn serve(
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     grace: Duration,
-    writer: UsageWriter,
-    journal: Option<Arc<FileJournal>>,
+    background: Background,
 ) -> usize {
     let cutter = {
         let shutdown = shutdown.clone();
@@ -404,15 +438,40 @@ async fn serve(
         () = stuck => tracing::warn!("connections still open after the grace period; leaving them"),
     }
     cutter.abort();
-    let unrecorded = writer.stop().await;
-    // The writer closed the reservations of every call it made durable: write that down.
-    if let Some(journal) = journal {
-        let _ = tokio::task::spawn_blocking(move || journal.stop()).await;
-    }
+    let unrecorded = background.stop().await;
     if unrecorded == 0 {
         tracing::info!("step3-gateway stopped; usage flushed");
     }
     unrecorded
+}
+
+/// The tasks that outlive the connections at shutdown, stopped in this order.
+struct Background {
+    writer: UsageWriter,
+    journal: Option<Arc<FileJournal>>,
+    alerts: Option<AlertTasks>,
+    /// The scheduled backups; a backup under way is finished before the writer stops.
+    backups: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Drains the usage writer, closes the journal, lets the alerts send what they hold;
+    /// returns the number of calls whose usage could not be written.
+    async fn stop(self) -> usize {
+        if let Some(backups) = self.backups {
+            let _ = backups.await;
+        }
+        let unrecorded = self.writer.stop().await;
+        // The writer closed the reservations of every call it made durable: write that down.
+        if let Some(journal) = self.journal {
+            let _ = tokio::task::spawn_blocking(move || journal.stop()).await;
+        }
+        // The channel workers give what is still queued one last try.
+        if let Some(alerts) = self.alerts {
+            alerts.stop().await;
+        }
+        unrecorded
+    }
 }
 
 /// Opens the reservation journal and settles what the last run left open, before anything
@@ -566,4 +625,157 @@ fn ensure_demo_key(
         user_id: created.key.user_id,
     };
     Ok((Some(demo), Some(created.secret)))
+}
+
+/// What [`restore`] did.
+#[derive(Debug)]
+pub struct Restored {
+    pub summary: ExportSummary,
+    /// Where the store that was there before went (`--force`).
+    pub moved_aside: Option<PathBuf>,
+}
+
+/// Whether `name`, an entry of a data directory, is part of the store: sled's files, the
+/// durability mark and the reservation journal. Anything else there (a `backups`
+/// directory) is left where it is by a restore.
+fn is_store_entry(name: &str) -> bool {
+    matches!(
+        name,
+        "conf" | "db" | "blobs" | "journal" | "durable-call" | "durable-call.new"
+    ) || name.starts_with("snap.")
+}
+
+/// `step3-gateway restore`: makes `data_dir` hold the books of the backup `file`.
+///
+/// The backup is read into a new store inside `data_dir` (so that the gateway's own user,
+/// who may write nowhere else, can restore) and checked to its last line before anything
+/// else moves: a damaged or cut-short file, an error, or `progress` answering false
+/// (Ctrl-C) leaves the store as it was. A store a running gateway holds is never touched;
+/// a store already there is moved into `before-restore-<time>/` only with `force`.
+pub fn restore(
+    file: &Path,
+    data_dir: &Path,
+    force: bool,
+    progress: &mut dyn FnMut(u64) -> bool,
+) -> anyhow::Result<Restored> {
+    let input = std::fs::File::open(file)
+        .with_context(|| format!("cannot read the backup {}", file.display()))?;
+    let holds_store = data_dir.join("conf").is_file();
+    if holds_store {
+        // Opening takes sled's lock: it fails while a gateway holds the directory.
+        if let Err(e) = SledStore::open(data_dir, 500)
+            && e.to_string().contains("locked")
+        {
+            anyhow::bail!(
+                "{} is in use by a running gateway: stop it before restoring into its data \
+                 directory (nothing was changed)",
+                data_dir.display()
+            );
+        }
+        if !force {
+            anyhow::bail!(
+                "{} holds a store already: restore into another directory, or pass --force \
+                 to move that store aside first (nothing was changed)",
+                data_dir.display()
+            );
+        }
+    }
+    // A directory made here is removed again if the restore fails.
+    let mut made = RemoveOnDrop((!data_dir.exists()).then(|| data_dir.to_owned()));
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let building = data_dir.join(format!(".restoring-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&building);
+    // Removed unless the restore completes, whatever stops it.
+    let mut cleanup = RemoveOnDrop(Some(building.clone()));
+    let summary = {
+        let store = SledStore::open(&building, 500)
+            .with_context(|| format!("cannot make a new store in {}", building.display()))?;
+        let summary = crate::core::snapshot::import_export(
+            std::io::BufReader::with_capacity(1 << 20, input),
+            &store,
+            progress,
+        )
+        .with_context(|| format!("cannot restore {}", file.display()))?;
+        store.flush()?;
+        summary
+    };
+    let moved_aside = if holds_store {
+        let aside = data_dir.join(format!("before-restore-{}", crate::core::time::now_unix()));
+        std::fs::create_dir(&aside)
+            .with_context(|| format!("cannot create {}", aside.display()))?;
+        move_entries(data_dir, &aside, is_store_entry)?;
+        Some(aside)
+    } else {
+        None
+    };
+    move_entries(&building, data_dir, |_| true)?;
+    drop(cleanup.0.take());
+    std::fs::remove_dir(&building)
+        .with_context(|| format!("cannot remove {}", building.display()))?;
+    std::fs::File::open(data_dir).and_then(|d| d.sync_all())?;
+    made.0 = None;
+    Ok(Restored {
+        summary,
+        moved_aside,
+    })
+}
+
+/// Renames the entries of `from` that `pick` names into `to`.
+fn move_entries(from: &Path, to: &Path, pick: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !pick(&name.to_string_lossy()) {
+            continue;
+        }
+        std::fs::rename(entry.path(), to.join(&name)).with_context(|| {
+            format!(
+                "cannot move {} into {}",
+                entry.path().display(),
+                to.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes a directory when dropped, unless emptied first.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// `step3-gateway backup --data-dir`: a copy of a stopped gateway's store into `out`.
+pub fn backup_stopped(data_dir: &Path, out: &Path) -> anyhow::Result<ExportSummary> {
+    if !data_dir.join("conf").is_file() {
+        anyhow::bail!("{} holds no gateway data", data_dir.display());
+    }
+    let store = SledStore::open(data_dir, 500).map_err(|e| {
+        if e.to_string().contains("locked") {
+            anyhow::anyhow!(
+                "{} is in use by a running gateway: back it up through the gateway \
+                 (`step3-gateway backup --out …` without --data-dir)",
+                data_dir.display()
+            )
+        } else {
+            anyhow::Error::new(e)
+                .context(format!("cannot open the store in {}", data_dir.display()))
+        }
+    })?;
+    let mut partial = crate::backup::PartialFile::create(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let (_, summary) =
+        crate::core::snapshot::export_store(&store, std::io::BufWriter::new(&mut partial.file))?;
+    partial
+        .commit()
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(summary)
 }

@@ -30,6 +30,54 @@ pub enum Command {
     /// The admin token kept in a data directory (when `admin.token` is not configured).
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// A consistent copy of the books (users, keys by hash, settings, counters, hourly
+    /// usage, the call log) in the portable export format, from a running gateway or, with
+    /// --data-dir, from a stopped one's store.
+    #[command(visible_alias = "export")]
+    Backup(BackupArgs),
+    /// Bring a backup (or export) back into a data directory; the gateway must be stopped.
+    #[command(visible_alias = "import")]
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// The file to write (written under a hidden name and renamed when complete).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Read a stopped gateway's store in this directory instead of asking the gateway.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The running gateway's address.
+    #[arg(
+        long,
+        env = "STEP3GW_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080",
+        value_parser = gateway_url
+    )]
+    pub url: String,
+    /// The admin token (online backups).
+    #[arg(long, env = "STEP3GW_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The backup or export file.
+    pub file: PathBuf,
+    /// The gateway's TOML configuration file, for `store.path`.
+    #[arg(long, short, env = "STEP3GW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The data directory to restore into (overrides `store.path`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Move a store already in the data directory aside (to `<dir>.before-restore-<time>`)
+    /// instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+    /// Only check the file (every line, the count and the checksum); change nothing.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +185,20 @@ pub enum AdminCommand {
     Usage(UsageArgs),
     /// The call log, newest first.
     Calls(CallsArgs),
+    /// Alert channels.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// Send a test message to a channel (or to every channel) now; fails unless every
+    /// message was delivered.
+    Test {
+        /// The channel's `name` in `[[alerts.channels]]`; absent: every channel.
+        #[arg(long)]
+        channel: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

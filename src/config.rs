@@ -10,16 +10,21 @@ use figment::Figment;
 use figment::providers::{Data, Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::backup::BackupConfig;
 use crate::core::access::IpAllowlist;
 use crate::core::images::ImageUrlPolicy;
 use crate::core::limits::KeyLimits;
+use crate::notify::settings::AlertsConfig;
+use crate::telemetry::TelemetryConfig;
 use crate::upstream::{BackendSettings, PoolSettings};
 
 /// Environment variables that configure the gateway start with this, e.g.
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 12] = [
+    "alerts",
+    "backup",
     "server",
     "upstream",
     "store",
@@ -29,6 +34,7 @@ const SECTIONS: [&str; 9] = [
     "limits",
     "image_policy",
     "jwt",
+    "telemetry",
 ];
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -43,6 +49,12 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// Which image URLs may be passed to the model server (which fetches them).
     pub image_policy: ImageUrlPolicy,
+    /// Where alerts go and what sets them off.
+    pub alerts: AlertsConfig,
+    /// Scheduled backups.
+    pub backup: BackupConfig,
+    /// OpenTelemetry traces.
+    pub telemetry: TelemetryConfig,
     /// Tokens from an identity provider, accepted besides keys.
     pub jwt: JwtConfig,
 }
@@ -579,6 +591,9 @@ impl GatewayConfig {
                 "store.flush_interval_ms must be at least 1".into(),
             ));
         }
+        self.alerts.validate().map_err(ConfigError::Invalid)?;
+        self.backup.validate().map_err(ConfigError::Invalid)?;
+        self.telemetry.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 
 pub mod admin_client;
 pub mod app;
+pub mod backup;
 pub mod call;
 pub mod cli;
 pub mod config;
@@ -10,8 +11,11 @@ pub mod core;
 pub mod edge;
 pub mod grpc;
 pub mod metrics;
+pub mod notify;
+pub mod progress;
 pub mod rest;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;

@@ -1,6 +1,6 @@
 //! The `step3-gateway` binary: parse the command line, run, report errors.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,12 +10,14 @@ use clap::{CommandFactory, Parser};
 use step3_gateway::admin_client;
 use step3_gateway::app::RunningGateway;
 use step3_gateway::cli::{
-    AdminTokenCommand, AdminTokenResetArgs, Cli, Command, ServeArgs, SimulateArgs,
+    AdminTokenCommand, AdminTokenResetArgs, BackupArgs, Cli, Command, RestoreArgs, ServeArgs,
+    SimulateArgs,
 };
 use step3_gateway::config::{GatewayConfig, LogFormat, ServeFlags};
+use step3_gateway::core::export::ExportSummary;
 use step3_gateway::core::limits::KeyLimits;
+use step3_gateway::progress::Progress;
 use step3_gateway::sim::{Simulator, SimulatorConfig};
-use tracing_subscriber::EnvFilter;
 
 // glibc's malloc was ~18% of the instructions of a proxied call (callgrind); mimalloc's
 // thread-local free lists cost a fraction of that. BENCHMARKS.md has the figures.
@@ -49,6 +51,8 @@ async fn main() -> ExitCode {
             }
         }
         Command::AdminToken(AdminTokenCommand::Reset(args)) => reset_admin_token(&args),
+        Command::Backup(args) => backup(args).await,
+        Command::Restore(args) => restore(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,15 +90,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn init_logs(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes are for a terminal; in a file, a pipe or journald they are noise.
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    if let Err(e) = step3_gateway::telemetry::init(format == LogFormat::Json, level, None) {
+        eprintln!("step3-gateway: cannot set up the logs: {e}");
     }
 }
 
@@ -113,8 +110,19 @@ struct Logged;
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
-    init_logs(config.log.format, &config.log.level);
-    match run_gateway(&args, &config).await {
+    // Before anything logs; the exporter (if any) is checked with the rest of the config.
+    config.telemetry.validate().map_err(anyhow::Error::msg)?;
+    let traces = step3_gateway::telemetry::init(
+        config.log.format == LogFormat::Json,
+        &config.log.level,
+        Some(&config.telemetry),
+    )?;
+    let result = run_gateway(&args, &config).await;
+    if let Some(traces) = traces {
+        // The batch exporter blocks while it sends its last spans.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    match result {
         // With JSON logs stderr stays one JSON object a line, the last error included.
         Err(e) if config.log.format == LogFormat::Json => {
             tracing::error!(error = %error_chain(&e), "step3-gateway stopped");
@@ -346,4 +354,130 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+/// `records (users, keys, calls), bytes, sha256`: what a backup holds.
+fn describe_export(summary: &ExportSummary) -> String {
+    format!(
+        "{} ({} users, {} keys, {} hourly buckets, {} calls), {} bytes, sha256 {}",
+        count(summary.records, "record"),
+        summary.users,
+        summary.keys,
+        summary.usage,
+        summary.calls,
+        summary.bytes,
+        summary.sha256
+    )
+}
+
+/// `backup`: from the running gateway (Admin.Backup), or from a stopped one's store.
+/// Ctrl-C stops it and leaves no file behind.
+async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let out = args.out.clone();
+    let summary = match &args.data_dir {
+        Some(dir) => {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || step3_gateway::app::backup_stopped(&dir, &out))
+                .await??
+        }
+        None => {
+            let Some(token) = args.token.as_deref() else {
+                let mut cli = Cli::command();
+                cli.build();
+                let mut sub = cli.find_subcommand("backup").cloned().unwrap_or(cli);
+                sub.error(
+                    ErrorKind::MissingRequiredArgument,
+                    "no admin token: pass --token <TOKEN> or set STEP3GW_ADMIN_TOKEN (or \
+                     --data-dir to copy a stopped gateway's store)",
+                )
+                .exit();
+            };
+            let mut progress = Progress::bytes("backup", 0);
+            let mut report = |done, total| {
+                progress.set_total(total);
+                progress.update(done);
+            };
+            let copy = step3_gateway::admin_client::backup(&args.url, token, &out, &mut report);
+            let summary = tokio::select! {
+                copied = copy => copied,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; no backup was written")),
+            };
+            progress.finish();
+            summary?
+        }
+    };
+    eprintln!(
+        "step3-gateway: backup written to {}: {}",
+        args.out.display(),
+        describe_export(&summary)
+    );
+    Ok(())
+}
+
+/// `restore`: checks the file and builds the store beside the data directory before
+/// anything there changes; Ctrl-C stops it and changes nothing.
+async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    if args.check {
+        let file = args.file.clone();
+        let summary = tokio::task::spawn_blocking(move || {
+            let input = std::fs::File::open(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            anyhow::Ok(step3_gateway::core::export::verify_export(
+                std::io::BufReader::new(input),
+            )?)
+        })
+        .await??;
+        eprintln!(
+            "step3-gateway: {} is a whole backup: {}",
+            args.file.display(),
+            describe_export(&summary)
+        );
+        return Ok(());
+    }
+    let flags = ServeFlags {
+        data_dir: args.data_dir.clone(),
+        ..ServeFlags::default()
+    };
+    let config = GatewayConfig::load_with(args.config.as_deref(), &flags)?;
+    let data_dir = config.store.path.clone();
+    let size = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let interrupt = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, Ordering::Release);
+            }
+        })
+    };
+    let file = args.file.clone();
+    let target = data_dir.clone();
+    let restored = tokio::task::spawn_blocking(move || {
+        let mut progress = Progress::bytes("restore", size);
+        let result = step3_gateway::app::restore(&file, &target, args.force, &mut |read| {
+            progress.update(read);
+            !stop.load(Ordering::Acquire)
+        });
+        progress.finish();
+        result
+    })
+    .await?;
+    interrupt.abort();
+    let restored = restored?;
+    eprintln!(
+        "step3-gateway: restored {} into {}: {}",
+        args.file.display(),
+        data_dir.display(),
+        describe_export(&restored.summary)
+    );
+    if let Some(aside) = restored.moved_aside {
+        eprintln!(
+            "step3-gateway: the store that was there is kept in {}",
+            aside.display()
+        );
+    }
+    Ok(())
 }

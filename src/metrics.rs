@@ -20,6 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::core::events::{Door, GateEvents, SettledCall};
+use crate::core::notifier::DeliveryFigures;
 use crate::core::usage_sink::StoreFigures;
 
 /// The `content-type` of [`Metrics::render`]'s text (Prometheus text format 0.0.4).
@@ -368,10 +369,22 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything, plus the figures read at scrape time.
     pub fn render(&self, backends: &[BackendFigures], store: &StoreFigures) -> String {
+        self.render_with_deliveries(backends, store, &[])
+    }
+
+    /// [`Metrics::render`] with the alerts' delivery counts by channel.
+    pub fn render_with_deliveries(
+        &self,
+        backends: &[BackendFigures],
+        store: &StoreFigures,
+        deliveries: &[DeliveryFigures],
+    ) -> String {
         let mut out = String::with_capacity(8192);
         // Writing into a `String` cannot fail, and no value here is one the encoder refuses.
         let _ = prometheus_text::encode(&mut out, &self.registry);
-        let _ = prometheus_text::encode(&mut out, &scrape_registry(backends, store));
+        let mut scraped = scrape_registry(backends, store);
+        register_deliveries(&mut scraped, deliveries);
+        let _ = prometheus_text::encode(&mut out, &scraped);
         out
     }
 }
@@ -434,6 +447,40 @@ fn scrape_registry(backends: &[BackendFigures], store: &StoreFigures) -> Registr
     registry
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DeliveryLabels {
+    channel: String,
+    result: &'static str,
+}
+
+/// `step3gw_notifications_total{channel, result}`: sent, failed (after every try) and
+/// dropped (the channel's queue was full). Channels are configured names.
+fn register_deliveries(registry: &mut Registry, deliveries: &[DeliveryFigures]) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let family = Family::<DeliveryLabels, Counter>::default();
+    for d in deliveries {
+        for (result, n) in [
+            ("sent", d.sent),
+            ("failed", d.failed),
+            ("dropped", d.dropped),
+        ] {
+            family
+                .get_or_create(&DeliveryLabels {
+                    channel: d.channel.clone(),
+                    result,
+                })
+                .inc_by(n);
+        }
+    }
+    registry.register(
+        "step3gw_notifications",
+        "Alert messages by channel and result (sent, failed after every try, dropped)",
+        family,
+    );
+}
+
 impl GateEvents for Metrics {
     fn call_started(&self, door: Door) {
         Metrics::call_started(self, door);
@@ -466,6 +513,8 @@ mod tests {
             door,
             model,
             outcome: "completed",
+            status: 200,
+            stream: false,
             prompt_tokens: 5,
             completion_tokens: 7,
             images: 1,

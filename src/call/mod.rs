@@ -6,6 +6,7 @@ mod image_hosts;
 pub mod jwt;
 pub mod key_tokens;
 mod relay;
+pub mod trace;
 
 use std::sync::Arc;
 
@@ -59,11 +60,14 @@ pub struct StreamStart {
     pub remaining: Remaining,
 }
 
-/// Where a call came from: its request id and its door.
+/// Where a call came from: its request id, its door, the client's W3C `traceparent`, and
+/// the call's span ([`trace::call_span`]; disabled unless traces are exported).
 #[derive(Clone, Debug)]
 pub struct Origin {
     pub request_id: String,
     pub door: Door,
+    pub traceparent: Option<String>,
+    pub span: tracing::Span,
 }
 
 impl CallPath {
@@ -91,7 +95,7 @@ impl CallPath {
                 let (key_id, mark, narrowing) = self
                     .key_tokens
                     .verify(token)
-                    .map_err(|e| self.gateway.refused(e))?;
+                    .map_err(|e| self.gateway.auth_refused(e, client))?;
                 self.gateway
                     .authenticate_key_token(&key_id, &mark, &narrowing, client)
             }
@@ -99,7 +103,7 @@ impl CallPath {
                 let subject = identity
                     .verify(token)
                     .await
-                    .map_err(|e| self.gateway.refused(e))?;
+                    .map_err(|e| self.gateway.auth_refused(e, client))?;
                 self.gateway
                     .authenticate_subject(&subject, identity.subjects(), client)
             }
@@ -128,6 +132,8 @@ impl CallPath {
             .gateway
             .logs_bodies()
             .then(|| String::from_utf8_lossy(&call.client_body).into_owned());
+        trace::record_request(&origin.span, call, &caller.record.id);
+        let _admitting = trace::stage(&origin.span, trace::Stage::Admit).entered();
         self.gateway.admit(
             caller,
             CallFacts {
@@ -142,6 +148,7 @@ impl CallPath {
                 images: call.images,
                 image_sizes: call.image_sizes.clone(),
                 request_body,
+                span: origin.span.clone(),
             },
         )
     }
@@ -150,7 +157,7 @@ impl CallPath {
         &self,
         admission: &mut Admission,
         call: PreparedCall,
-        request_id: &str,
+        origin: &Origin,
     ) -> Result<UpstreamAnswer, GatewayError> {
         let served = self.upstream.resolve_model(&call.model).into_owned();
         let mut body = call.upstream_body;
@@ -162,10 +169,24 @@ impl CallPath {
             body = with_output_cap(&body, call.endpoint, cap)?;
         }
         admission.mark_forwarded();
-        tokio::select! {
-            sent = self.upstream.send(call.endpoint, &served, body, request_id) => sent,
+        let forward = trace::stage(&origin.span, trace::Stage::Forward);
+        let traceparent = trace::upstream_traceparent(&forward, origin.traceparent.as_deref());
+        let sending = self.upstream.send(
+            call.endpoint,
+            &served,
+            body,
+            &origin.request_id,
+            traceparent.as_deref(),
+        );
+        let sent = tokio::select! {
+            sent = sending => sent,
             () = self.hard_stop.cancelled() => Err(GatewayError::ShuttingDown),
+        };
+        drop(forward);
+        if sent.is_ok() {
+            tracing::info!(target: trace::TRACE_TARGET, parent: &origin.span, "first_byte");
         }
+        sent
     }
 
     /// Admits a call, makes its reservation durable (durable mode) and forwards it, within
@@ -198,7 +219,7 @@ impl CallPath {
         let sent = async {
             // On the books before the model server starts on it.
             admission.make_durable().await?;
-            self.send(&mut admission, call, &origin.request_id).await
+            self.send(&mut admission, call, origin).await
         };
         match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(answer)) => Ok((admission, answer, deadline)),
@@ -232,6 +253,11 @@ impl CallPath {
         };
         if let Some(usage) = json.usage {
             admission.observe_usage(usage);
+        }
+        if admission.traced() {
+            for reason in trace::record_answer(&origin.span, &json.body) {
+                admission.observe_finish_reason(&reason);
+            }
         }
         let answer = match read(&json.body) {
             Ok(answer) => answer,

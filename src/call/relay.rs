@@ -286,6 +286,11 @@ impl Relay {
             }
             if info.has_choices {
                 admission.observe_chunk();
+                if admission.traced() {
+                    for reason in super::trace::finish_reasons(&event) {
+                        admission.observe_finish_reason(&reason);
+                    }
+                }
             }
             if let Some(error) = &info.error {
                 // The upstream's error ends the stream here, for either door: the client

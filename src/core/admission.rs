@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::error::GatewayError;
-use super::events::{Door, GateEvents};
+use super::events::{Door, GateEvents, QuotaCrossing};
 use super::gateway::Gateway;
 use super::images::ImageSize;
 use super::journal::{Reservation, ReservationJournal};
@@ -38,7 +38,13 @@ pub struct CallFacts {
     pub image_sizes: Vec<ImageSize>,
     /// The request body, kept only when the call log stores bodies.
     pub request_body: Option<String>,
+    /// The call's span (disabled unless traces are exported): settlement records the
+    /// usage and outcome on it and opens its `settle` stage under it.
+    pub span: tracing::Span,
 }
+
+/// The target of the spans and events that make a call's trace; off for the logs.
+pub const TRACE_TARGET: &str = "step3gw::otel";
 
 /// What an admission holds until it settles.
 #[derive(Debug, Default)]
@@ -78,6 +84,10 @@ pub struct Admission {
     /// Durable mode: the journal, and this call's reservation in it once written.
     pub(super) journal: Option<Arc<dyn ReservationJournal>>,
     pub(super) reservation: Option<u64>,
+    /// Shares of a quota whose crossing the watchers are told of.
+    pub(super) quota_alert_percents: Arc<[u8]>,
+    /// Why the model stopped (`stop`, `length`, …), each once, for the trace only.
+    pub(super) finish_reasons: Vec<String>,
 }
 
 impl Gateway {
@@ -85,7 +95,28 @@ impl Gateway {
     /// request, tokens and images are reserved, and the returned [`Admission`] must travel
     /// with the call until it ends.
     pub fn admit(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
-        self.reserve(caller, facts).map_err(|e| self.refused(e))
+        self.reserve(caller, facts).map_err(|e| {
+            if let GatewayError::QuotaExceeded { what, limit } = &e {
+                self.report_exhausted(caller, what, *limit);
+            }
+            self.refused(e)
+        })
+    }
+
+    /// A call refused for a used-up quota: the key is at 100% as far as calls go, even when
+    /// its charges stop short of the quota (what is left is less than a call needs).
+    fn report_exhausted(&self, caller: &Caller, what: &'static str, quota: u64) {
+        if self.quota_alert_percents.contains(&100) {
+            self.events.quota_crossed(&QuotaCrossing {
+                key_id: &caller.record.id,
+                key_name: &caller.record.name,
+                user_id: &caller.record.user_id,
+                what,
+                percent: 100,
+                used: quota,
+                quota,
+            });
+        }
     }
 
     fn reserve(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
@@ -138,6 +169,8 @@ impl Gateway {
             settled: false,
             journal: self.journal.clone(),
             reservation: None,
+            quota_alert_percents: self.quota_alert_percents.clone(),
+            finish_reasons: Vec::new(),
         };
 
         // Quotas first, so a call they refuse takes nothing from the per-minute limits.
@@ -326,8 +359,21 @@ impl Admission {
                 &self.facts.metric_model,
                 self.started.elapsed(),
             );
+            tracing::info!(target: TRACE_TARGET, parent: &self.facts.span, "first_token");
         }
         self.chunks_seen += 1;
+    }
+
+    /// Whether the call's trace is exported (what only the trace needs is read then only).
+    pub fn traced(&self) -> bool {
+        !self.facts.span.is_disabled()
+    }
+
+    /// A reason the model stopped, for the trace.
+    pub fn observe_finish_reason(&mut self, reason: &str) {
+        if !self.finish_reasons.iter().any(|r| r == reason) {
+            self.finish_reasons.push(reason.to_owned());
+        }
     }
 
     pub fn keep_response_body(&mut self, body: &[u8]) {
@@ -356,6 +402,7 @@ pub(super) mod tests {
             images,
             image_sizes: Vec::new(),
             request_body: None,
+            span: tracing::Span::none(),
         }
     }
 

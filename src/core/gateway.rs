@@ -3,7 +3,7 @@
 //! reservation (`admission`), settlement (`settlement`), admin changes (`admin`).
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::access::IpAllowlist;
 use super::error::GatewayError;
@@ -11,6 +11,7 @@ use super::events::GateEvents;
 use super::journal::ReservationJournal;
 use super::key_index::{Caller, KeyIndex};
 use super::keys::SecretHash;
+use super::notifier::Notifier;
 use super::store::Store;
 use super::usage_sink::{StoreFigures, StoreHealth, UsageSink};
 
@@ -25,6 +26,12 @@ pub struct GateSettings {
     pub max_images_per_request: Option<u32>,
     /// Where the admin API may be used from; `None` is anywhere.
     pub admin_allowed_ips: Option<IpAllowlist>,
+    /// Shares (percent) of a key's quota whose crossing is reported to the watchers
+    /// ([`GateEvents::quota_crossed`]); empty reports none.
+    pub quota_alert_percents: Vec<u8>,
+    /// Where an online backup is written before it is sent; `None`: the system's
+    /// temporary directory.
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GateSettings {
@@ -34,6 +41,8 @@ impl Default for GateSettings {
             default_max_tokens: 4096,
             max_images_per_request: None,
             admin_allowed_ips: None,
+            quota_alert_percents: Vec::new(),
+            snapshot_dir: None,
         }
     }
 }
@@ -47,6 +56,9 @@ pub struct Gateway {
     pub(super) settings: GateSettings,
     /// Durable mode: where each call's reservation is written before it is forwarded.
     pub(super) journal: Option<Arc<dyn ReservationJournal>>,
+    pub(super) quota_alert_percents: Arc<[u8]>,
+    /// The alerts, once the wiring has started them.
+    pub(super) notifier: OnceLock<Arc<dyn Notifier>>,
 }
 
 impl Gateway {
@@ -63,8 +75,10 @@ impl Gateway {
             keys: KeyIndex::load(store.clone(), admin_token_hash)?,
             store,
             sink,
+            quota_alert_percents: settings.quota_alert_percents.clone().into(),
             settings,
             journal: None,
+            notifier: OnceLock::new(),
         })
     }
 
@@ -84,7 +98,7 @@ impl Gateway {
     ) -> Result<Caller, GatewayError> {
         self.keys
             .authenticate(secret, client)
-            .map_err(|e| self.refused(e))
+            .map_err(|e| self.auth_refused(e, client))
     }
 
     /// Checks the admin API's allowlist and the admin token (in constant time).
@@ -95,7 +109,36 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         self.keys
             .authenticate_admin(token, client, self.settings.admin_allowed_ips.as_ref())
-            .map_err(|e| self.refused(e))
+            .map_err(|e| self.auth_refused(e, client))
+    }
+
+    /// A refusal of credentials from `client`, told to the watchers (a burst of them from
+    /// one address is someone trying keys), and passed on.
+    pub fn auth_refused(&self, e: GatewayError, client: Option<IpAddr>) -> GatewayError {
+        // A store failure while looking a key up is not someone trying keys.
+        if matches!(
+            e,
+            GatewayError::InvalidApiKey(_)
+                | GatewayError::InvalidToken(_)
+                | GatewayError::InvalidAdminToken
+        ) {
+            self.events.auth_failed(client);
+        }
+        self.refused(e)
+    }
+
+    /// Starts telling `notifier` what alerting needs to know; set once, by the wiring.
+    pub fn set_notifier(&self, notifier: Arc<dyn Notifier>) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    pub fn notifier(&self) -> Option<&Arc<dyn Notifier>> {
+        self.notifier.get()
+    }
+
+    /// The store behind the gate (the alerts read keys' expiry through it).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Tells the watchers of a refusal by the gate, and passes it on.

@@ -232,3 +232,45 @@ pub struct UsageBucket {
     #[serde(default)]
     pub images: u64,
 }
+
+/// One record of the books, as the portable export (`export.rs`) carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExportRecord {
+    /// A setting the store keeps (the admin token's hash, the demo key's id), hex-encoded.
+    Meta {
+        name: String,
+        value: String,
+    },
+    User(UserRecord),
+    /// A key: its secret only as the SHA-256 `hash` (and `previous_hash` during a rotation).
+    Key(KeyRecord),
+    /// What a key has been charged in total.
+    Counters {
+        key_id: String,
+        #[serde(flatten)]
+        counters: KeyCounters,
+    },
+    /// One key's use of one model in one hour.
+    Usage {
+        key_id: String,
+        #[serde(flatten)]
+        bucket: UsageBucket,
+    },
+    /// One entry of the call log.
+    Call(CallRecord),
+}
+
+impl ExportRecord {
+    /// Its place in an export's order: settings, users, keys, counters, usage, calls.
+    pub fn kind(&self) -> usize {
+        match self {
+            ExportRecord::Meta { .. } => 0,
+            ExportRecord::User(_) => 1,
+            ExportRecord::Key(_) => 2,
+            ExportRecord::Counters { .. } => 3,
+            ExportRecord::Usage { .. } => 4,
+            ExportRecord::Call(_) => 5,
+        }
+    }
+}

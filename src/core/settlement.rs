@@ -5,7 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::admission::Admission;
-use super::events::SettledCall;
+use super::events::{QuotaCrossing, SettledCall};
+use super::records::KeyCounters;
 use super::records::{CallOutcome, CallRecord, Usage};
 use super::time::now_micros;
 
@@ -16,24 +17,28 @@ impl Admission {
     }
 
     /// Gives back every reservation, charging `charged` (and the request, if `charge_request`).
-    fn release(&mut self, charged: Usage, charge_request: bool) {
+    /// Returns the key's counters before this call's charge.
+    fn release(&mut self, charged: Usage, charge_request: bool) -> KeyCounters {
         let key = &self.caller.key;
         let reserved = std::mem::take(&mut self.reserved);
+        let mut before = KeyCounters::default();
         if reserved.request {
             if charge_request {
-                key.requests_used.fetch_add(1, Ordering::AcqRel);
+                before.requests = key.requests_used.fetch_add(1, Ordering::AcqRel);
             } else {
                 key.requests_reserved.fetch_sub(1, Ordering::AcqRel);
             }
         }
         settle_counter(&key.tokens_committed, reserved.tokens, charged.total());
-        key.prompt_tokens_used
+        before.prompt_tokens = key
+            .prompt_tokens_used
             .fetch_add(charged.prompt_tokens, Ordering::AcqRel);
-        key.completion_tokens_used
+        before.completion_tokens = key
+            .completion_tokens_used
             .fetch_add(charged.completion_tokens, Ordering::AcqRel);
         let images = if charge_request { reserved.images } else { 0 };
         settle_counter(&key.images_committed, reserved.images, images);
-        key.images_used.fetch_add(images, Ordering::AcqRel);
+        before.images = key.images_used.fetch_add(images, Ordering::AcqRel);
         let refused = !self.admitted;
         if let Some(grant) = reserved.key_grant {
             key.limiter
@@ -45,6 +50,57 @@ impl Admission {
                 .limiter
                 .release(&grant, &self.user_limits, charged.total(), refused);
         }
+        before
+    }
+
+    /// Tells the watchers of each quota share (`quota_alert_percents`) this call's charge
+    /// reached. Calls settling at once may each see the other's charge in part; a share
+    /// is then reported twice or, rarely, not at all: the alerts that read this forgive
+    /// the one and the refusal at 100% covers the other.
+    fn report_quota_shares(&self, before: KeyCounters) {
+        if self.quota_alert_percents.is_empty() {
+            return;
+        }
+        let limits = &self.caller.record.limits;
+        let charged = self.caller.key.counters();
+        for (what, quota, was, now) in [
+            (
+                "requests",
+                limits.request_quota,
+                before.requests,
+                charged.requests.max(before.requests),
+            ),
+            (
+                "tokens",
+                limits.token_quota,
+                before.tokens(),
+                charged.tokens().max(before.tokens()),
+            ),
+            (
+                "images",
+                limits.image_quota,
+                before.images,
+                charged.images.max(before.images),
+            ),
+        ] {
+            let Some(quota) = quota.filter(|&q| q > 0) else {
+                continue;
+            };
+            for &percent in self.quota_alert_percents.iter() {
+                let mark = u128::from(quota) * u128::from(percent);
+                if u128::from(was) * 100 < mark && u128::from(now) * 100 >= mark {
+                    self.events.quota_crossed(&QuotaCrossing {
+                        key_id: &self.caller.record.id,
+                        key_name: &self.caller.record.name,
+                        user_id: &self.caller.record.user_id,
+                        what,
+                        percent,
+                        used: now,
+                        quota,
+                    });
+                }
+            }
+        }
     }
 
     fn finish(&mut self, outcome: CallOutcome, status: u16) {
@@ -55,6 +111,8 @@ impl Admission {
             self.release(Usage::default(), false);
             return;
         }
+        let settle = tracing::info_span!(target: super::admission::TRACE_TARGET, parent: &self.facts.span, "settle");
+        let _settling = settle.enter();
         let charged_request = self.forwarded.is_some() && outcome.charges_request();
         let (usage, usage_estimated) = match self.usage {
             Some(usage) => (usage, false),
@@ -68,18 +126,38 @@ impl Admission {
             ),
             None => (Usage::default(), false),
         };
-        self.release(usage, charged_request);
+        let before = self.release(usage, charged_request);
+        self.report_quota_shares(before);
         let images = if charged_request {
             self.facts.images
         } else {
             0
         };
+        if self.traced() {
+            let span = &self.facts.span;
+            span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+            span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+            span.record("gateway.outcome", outcome.as_str());
+            span.record("gateway.usage_estimated", usage_estimated);
+            span.record("http.response.status_code", status);
+            if !self.finish_reasons.is_empty() {
+                span.record(
+                    "gen_ai.response.finish_reasons",
+                    self.finish_reasons.join(","),
+                );
+            }
+            if status >= 500 {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
         let total = self.started.elapsed();
         let latency_ms = u64::try_from(total.as_millis()).unwrap_or(u64::MAX);
         self.events.call_settled(&SettledCall {
             door: self.facts.door,
             model: &self.facts.metric_model,
             outcome: outcome.as_str(),
+            status,
+            stream: self.facts.stream,
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             images: u64::from(images),

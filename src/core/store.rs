@@ -2,7 +2,7 @@
 //! implements it (sled today); core reads and writes only through this trait.
 
 use super::error::GatewayError;
-use super::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
+use super::records::{CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
 use super::time::UnixTime;
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -114,6 +114,19 @@ pub trait Store: Send + Sync + 'static {
     fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Every record kept, in the order of the portable export (settings, users, keys,
+    /// counters, hourly usage, the call log), until `visit` fails. Not a snapshot by
+    /// itself: the caller keeps the books from being written meanwhile.
+    fn export(
+        &self,
+        visit: &mut dyn FnMut(ExportRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    /// Writes exported records as they are: counters, hourly usage and the call log are
+    /// taken, not recomputed from the calls (a pruned call log still has its counters).
+    /// Indexes (keys by hash, calls by key) are rebuilt.
+    fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError>;
+    /// Whether the store holds no user, key or call yet.
+    fn is_empty(&self) -> Result<bool, StoreError>;
     /// After a failed write: closes and reopens the store, keeping only what reached the
     /// disk, so that it takes writes again once the cause (a full disk) is gone.
     fn reopen(&self) -> Result<(), StoreError> {

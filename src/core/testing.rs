@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::events::{Door, GateEvents, SettledCall};
+use super::export::ExportRecord;
 use super::gateway::{GateSettings, Gateway};
 use super::journal::{PendingReservation, Reservation, ReservationJournal, Unsettled};
 use super::keys;
@@ -201,6 +202,31 @@ impl Store for MemoryStore {
     }
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    fn export(
+        &self,
+        visit: &mut dyn FnMut(ExportRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for user in self.users.lock().unwrap().values() {
+            visit(ExportRecord::User(user.clone()))?;
+        }
+        for (key, _) in self.keys.lock().unwrap().values() {
+            visit(ExportRecord::Key(key.clone()))?;
+        }
+        Ok(())
+    }
+    fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
+        for record in records {
+            match record {
+                ExportRecord::User(user) => self.put_user(user)?,
+                ExportRecord::Key(key) => self.put_key(key)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.users.lock().unwrap().is_empty() && self.keys.lock().unwrap().is_empty())
     }
 }
 

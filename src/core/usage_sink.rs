@@ -96,7 +96,13 @@ pub struct UsageSink {
     tx: mpsc::UnboundedSender<CallRecord>,
     backlog: Arc<AtomicU64>,
     health: Arc<StoreHealth>,
+    books: BooksLock,
 }
+
+/// Keeps the books still for a consistent copy: the usage writer (the only writer of
+/// counters, hourly usage and the call log) holds it shared while it writes a batch or
+/// prunes; a backup holds it alone. Async, so that neither blocks a runtime thread.
+pub type BooksLock = Arc<tokio::sync::RwLock<()>>;
 
 /// The other end of a [`UsageSink`]: what the usage writer drains.
 #[derive(Debug)]
@@ -104,6 +110,7 @@ pub struct UsageQueue {
     rx: mpsc::UnboundedReceiver<CallRecord>,
     backlog: Arc<AtomicU64>,
     health: Arc<StoreHealth>,
+    books: BooksLock,
 }
 
 /// A sink and the queue it fills.
@@ -111,13 +118,16 @@ pub fn usage_channel() -> (UsageSink, UsageQueue) {
     let (tx, rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(AtomicU64::new(0));
     let health = Arc::new(StoreHealth::default());
+    let books = BooksLock::default();
     (
         UsageSink {
             tx,
             backlog: backlog.clone(),
             health: health.clone(),
+            books: books.clone(),
         },
         UsageQueue {
+            books,
             rx,
             backlog,
             health,
@@ -144,6 +154,12 @@ impl UsageSink {
         &self.health
     }
 
+    /// Waits for the usage writer to finish its batch, then keeps it from writing until
+    /// the guard is dropped (calls queue in memory meanwhile).
+    pub async fn hold_writes(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.books.clone().write_owned().await
+    }
+
     pub fn figures(&self) -> StoreFigures {
         StoreFigures {
             backlog: self.backlog(),
@@ -163,6 +179,11 @@ impl UsageQueue {
     /// A call already queued, without waiting.
     pub fn try_recv(&mut self) -> Option<CallRecord> {
         self.rx.try_recv().ok()
+    }
+
+    /// What the writer holds (shared) while it changes the books.
+    pub fn books(&self) -> BooksLock {
+        self.books.clone()
     }
 
     /// `n` queued calls reached the store.

@@ -63,6 +63,59 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    type BackupStream =
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn backup(
+        &self,
+        request: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        self.authorize(request)?;
+        let snapshot = self.gateway.snapshot().await?;
+        let mut first = Some((
+            snapshot.summary.bytes,
+            crate::core::snapshot::file_name(snapshot.summary.created_at),
+        ));
+        let pieces = snapshot.into_chunks();
+        let stream = futures_util::stream::unfold(pieces, move |mut pieces| {
+            let head = first.take();
+            async move {
+                let piece = pieces.recv().await?;
+                let (total_bytes, file_name) = head.unwrap_or_default();
+                let chunk = piece
+                    .map(|data| pb::BackupChunk {
+                        data: data.to_vec(),
+                        total_bytes,
+                        file_name,
+                    })
+                    .map_err(|e| Status::internal(format!("cannot read the snapshot: {e}")));
+                Some((chunk, pieces))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn test_alert(
+        &self,
+        request: Request<pb::TestAlertRequest>,
+    ) -> Result<Response<pb::TestAlertResponse>, Status> {
+        let r = self.authorize(request)?;
+        let channel = Some(r.channel.as_str()).filter(|c| !c.is_empty());
+        let deliveries = self
+            .gateway
+            .test_alert(channel)
+            .await?
+            .into_iter()
+            .map(|d| pb::AlertDelivery {
+                channel: d.channel,
+                kind: d.kind,
+                delivered: d.delivered,
+                error: d.error,
+            })
+            .collect();
+        Ok(Response::new(pb::TestAlertResponse { deliveries }))
+    }
+
     async fn create_user(
         &self,
         request: Request<pb::CreateUserRequest>,

@@ -4,11 +4,13 @@ use std::pin::Pin;
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::convert::{self, ChunkMerger};
 use super::pb;
 use super::{bearer, caller_deadline, request_id};
 use crate::call::key_tokens::TokenRequest;
+use crate::call::trace::{self, Stage};
 use crate::call::{CallPath, Origin, Relay, RelayEvent, UsageView};
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
@@ -44,26 +46,69 @@ impl ChatService {
         to_json: impl FnOnce(&T) -> Result<bytes::Bytes, GatewayError>,
         read: impl FnOnce(&bytes::Bytes) -> Result<A, GatewayError>,
     ) -> Result<Response<A>, Status> {
-        let caller = self.authenticate(request).await?;
-        let deadline = caller_deadline(request.metadata());
-        let call = self.chat.prepare(endpoint, to_json(request.get_ref())?)?;
-        let label = self.chat.metric_model(&call.model);
-        let origin = Origin {
-            request_id: request_id(request),
-            door: Door::Grpc,
-        };
-        let completion = self.chat.complete(&caller, call, &origin, read);
-        let completion = match deadline {
-            // Dropping the call at the deadline cancels the upstream request and settles it.
-            Some(deadline) => tokio::time::timeout(deadline, completion)
-                .await
-                .map_err(|_| Status::deadline_exceeded("the call's deadline passed"))??,
-            None => completion.await?,
-        };
-        let mut response = Response::new(completion.answer);
-        response.extensions_mut().insert(ModelLabel(label));
-        *response.metadata_mut() = limit_metadata(&completion.figures, &completion.remaining);
-        Ok(response)
+        let origin = origin(request, endpoint);
+        let answer = async {
+            let caller = self
+                .authenticate(request)
+                .instrument(trace::stage(&origin.span, Stage::Authenticate))
+                .await?;
+            let deadline = caller_deadline(request.metadata());
+            let call = self.chat.prepare(endpoint, to_json(request.get_ref())?)?;
+            let label = self.chat.metric_model(&call.model);
+            let completion = self.chat.complete(&caller, call, &origin, read);
+            let completion = match deadline {
+                // Dropping the call at the deadline cancels the upstream request and settles it.
+                Some(deadline) => tokio::time::timeout(deadline, completion)
+                    .await
+                    .map_err(|_| Status::deadline_exceeded("the call's deadline passed"))??,
+                None => completion.await?,
+            };
+            let mut response = Response::new(completion.answer);
+            response.extensions_mut().insert(ModelLabel(label));
+            *response.metadata_mut() = limit_metadata(&completion.figures, &completion.remaining);
+            Ok(response)
+        }
+        .await;
+        record_status(&origin.span, &answer);
+        answer
+    }
+}
+
+/// A failed call's gRPC code on its span (a settled call has its outcome there already).
+fn record_status<T>(span: &tracing::Span, answer: &Result<T, Status>) {
+    if let Err(status) = answer {
+        let code = status.code();
+        trace::record_error(span, tracing::field::debug(code), server_fault(code));
+    }
+}
+
+/// Codes that say the gateway or what is behind it failed, not the caller (OpenTelemetry's
+/// rule for a gRPC server's span).
+fn server_fault(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unimplemented
+            | tonic::Code::Internal
+            | tonic::Code::Unavailable
+            | tonic::Code::DataLoss
+    )
+}
+
+/// A call's request id, the client's W3C `traceparent` metadata, and the call's span.
+fn origin<T>(request: &Request<T>, endpoint: Endpoint) -> Origin {
+    let request_id = request_id(request);
+    let traceparent = request
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    Origin {
+        span: trace::call_span(Door::Grpc, endpoint, &request_id, traceparent.as_deref()),
+        request_id,
+        door: Door::Grpc,
+        traceparent,
     }
 }
 
@@ -90,34 +135,39 @@ impl pb::chat_server::Chat for ChatService {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::StreamCompleteStream>, Status> {
-        let caller = self.authenticate(&request).await?;
-        let request_id = request_id(&request);
-        let deadline = caller_deadline(request.metadata()).map(|d| tokio::time::Instant::now() + d);
-        let call = self.chat.prepare(
-            Endpoint::ChatCompletions,
-            convert::request_json(request.get_ref(), true)?,
-        )?;
-        let label = self.chat.metric_model(&call.model);
-        // The last message always carries the usage: the final usage chunk is wanted.
-        let view = UsageView {
-            final_chunk: true,
-            every_chunk: false,
-        };
-        let origin = Origin {
-            request_id,
-            door: Door::Grpc,
-        };
-        let start = self.chat.stream(&caller, call, &origin, view);
-        let start = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, start)
-                .await
-                .map_err(|_| Status::deadline_exceeded("the call's deadline passed"))??,
-            None => start.await?,
-        };
-        let mut response = Response::new(chunks(start.relay, deadline));
-        response.extensions_mut().insert(ModelLabel(label));
-        *response.metadata_mut() = limit_metadata(&start.figures, &start.remaining);
-        Ok(response)
+        let origin = origin(&request, Endpoint::ChatCompletions);
+        let answer = async {
+            let caller = self
+                .authenticate(&request)
+                .instrument(trace::stage(&origin.span, Stage::Authenticate))
+                .await?;
+            let deadline =
+                caller_deadline(request.metadata()).map(|d| tokio::time::Instant::now() + d);
+            let call = self.chat.prepare(
+                Endpoint::ChatCompletions,
+                convert::request_json(request.get_ref(), true)?,
+            )?;
+            let label = self.chat.metric_model(&call.model);
+            // The last message always carries the usage: the final usage chunk is wanted.
+            let view = UsageView {
+                final_chunk: true,
+                every_chunk: false,
+            };
+            let start = self.chat.stream(&caller, call, &origin, view);
+            let start = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, start)
+                    .await
+                    .map_err(|_| Status::deadline_exceeded("the call's deadline passed"))??,
+                None => start.await?,
+            };
+            let mut response = Response::new(chunks(start.relay, deadline));
+            response.extensions_mut().insert(ModelLabel(label));
+            *response.metadata_mut() = limit_metadata(&start.figures, &start.remaining);
+            Ok(response)
+        }
+        .await;
+        record_status(&origin.span, &answer);
+        answer
     }
 
     async fn embed(

@@ -39,6 +39,8 @@ pub fn router() -> Router<AppState> {
         .route("/keys/{id}/calls", get(key_calls))
         .route("/users/{id}/usage", get(user_usage))
         .route("/calls", get(list_calls))
+        .route("/alerts/test", post(test_alert))
+        .route("/backup", get(backup))
 }
 
 /// Proof that the request carries the admin token; every admin handler takes one.
@@ -319,4 +321,59 @@ async fn key_calls(
         ..params.filter()
     };
     Ok(Json(state.gateway().list_calls(&filter)?).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TestAlertBody {
+    /// A channel's name; absent: every channel.
+    channel: Option<String>,
+}
+
+async fn test_alert(
+    _: Admin,
+    State(state): State<AppState>,
+    body: axum::body::Body,
+) -> Result<Response, GatewayError> {
+    let body = read_body(body, MAX_ADMIN_BODY_BYTES).await?;
+    // The body is optional: none tests every channel.
+    let body: TestAlertBody = if body.iter().all(u8::is_ascii_whitespace) {
+        TestAlertBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let deliveries = state.gateway().test_alert(body.channel.as_deref()).await?;
+    Ok(Json(json!({ "deliveries": deliveries })).into_response())
+}
+
+/// A consistent copy of the books (the portable export), sent as a file.
+async fn backup(_: Admin, State(state): State<AppState>) -> Result<Response, GatewayError> {
+    let snapshot = state.gateway().snapshot().await?;
+    let name = crate::core::snapshot::file_name(snapshot.summary.created_at);
+    let bytes = snapshot.summary.bytes;
+    let sha256 = snapshot.summary.sha256.clone();
+    let pieces = snapshot.into_chunks();
+    let body = axum::body::Body::from_stream(futures_util::stream::unfold(
+        pieces,
+        |mut pieces| async move { pieces.recv().await.map(|piece| (piece, pieces)) },
+    ));
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/x-ndjson".to_owned(),
+            ),
+            (axum::http::header::CONTENT_LENGTH, bytes.to_string()),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+            (
+                axum::http::HeaderName::from_static("x-backup-sha256"),
+                sha256,
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }

@@ -9,8 +9,10 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
+use tracing::Instrument as _;
 
 use super::{AppState, read_body};
+use crate::call::trace::{self, Stage};
 use crate::call::{Origin, UsageView};
 use crate::core::events::Door;
 use crate::core::request::Endpoint;
@@ -44,14 +46,26 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
         .unwrap_or_default();
     let client = client_addr(&parts.extensions);
     let headers = parts.headers;
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let span = trace::call_span(Door::Rest, endpoint, &request_id, traceparent.as_deref());
+    let origin = Origin {
+        request_id,
+        door: Door::Rest,
+        traceparent,
+        span,
+    };
     let mut label = None;
-    let answer = complete(
-        state, endpoint, request_id, headers, client, body, &mut label,
-    )
-    .await;
+    let answer = complete(state, endpoint, &origin, client, headers, body, &mut label).await;
     let mut response = match answer {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let status = e.http_status();
+            trace::record_error(&origin.span, tracing::field::display(status), status >= 500);
+            e.into_response()
+        }
     };
     if let Some(label) = label {
         response.extensions_mut().insert(ModelLabel(label));
@@ -62,29 +76,29 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
 async fn complete(
     state: AppState,
     endpoint: Endpoint,
-    request_id: String,
-    headers: HeaderMap,
+    origin: &Origin,
     client: Option<IpAddr>,
+    headers: HeaderMap,
     body: Body,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
-    let caller = state.call.authenticate(bearer(&headers), client).await?;
+    let caller = state
+        .call
+        .authenticate(bearer(&headers), client)
+        .instrument(trace::stage(&origin.span, Stage::Authenticate))
+        .await?;
     let body = read_body(body, state.settings.max_body_bytes)
         .await
         .map_err(|e| state.gateway().refused(e))?;
     let call = state.call.prepare(endpoint, body)?;
     *label = Some(state.call.metric_model(&call.model));
-    let origin = Origin {
-        request_id,
-        door: Door::Rest,
-    };
 
     if call.stream {
         let view = UsageView {
             final_chunk: call.client_wants_usage,
             every_chunk: call.client_wants_continuous_usage,
         };
-        let start = state.call.stream(&caller, call, &origin, view).await?;
+        let start = state.call.stream(&caller, call, origin, view).await?;
         let relay = start.relay;
         let body = Body::from_stream(futures_util::stream::unfold(
             relay,
@@ -112,7 +126,7 @@ async fn complete(
     let completion = state
         .call
         // The bytes go out as they came: the answer needs no reading of its own.
-        .complete(&caller, call, &origin, |_| Ok(()))
+        .complete(&caller, call, origin, |_| Ok(()))
         .await?;
     let body = if state.settings.response_metadata && endpoint == Endpoint::ChatCompletions {
         with_metadata(

@@ -83,9 +83,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             errors: b.errors,
         })
         .collect();
-    let text = state
-        .metrics
-        .render(&backends, &state.gateway().store_figures());
+    let text = state.metrics.render_with_deliveries(
+        &backends,
+        &state.gateway().store_figures(),
+        &state.gateway().delivery_figures(),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -97,6 +97,8 @@ impl Writer {
     async fn run(mut self, stop: CancellationToken, flush_every: Duration) -> usize {
         let mut next_flush = Instant::now() + flush_every;
         let mut next_prune = Instant::now() + FIRST_PRUNE;
+        // Held (shared) while the books change, so that a backup can keep them still.
+        let books = self.queue.books();
         loop {
             if !self.health().is_available() {
                 tokio::select! {
@@ -106,6 +108,7 @@ impl Writer {
                 while let Some(call) = self.queue.try_recv() {
                     self.batch.push(call);
                 }
+                let _books = books.read().await;
                 self.retry();
                 continue;
             }
@@ -129,6 +132,7 @@ impl Writer {
                             }
                         }
                     }
+                    let _books = books.read().await;
                     self.write();
                 }
                 () = tokio::time::sleep_until(next_flush) => {
@@ -137,7 +141,10 @@ impl Writer {
                 }
                 () = tokio::time::sleep_until(next_prune), if self.retention.is_some() => {
                     // A long backlog of old calls goes a batch at a time, between writes.
-                    let pruned = self.prune();
+                    let pruned = {
+                        let _books = books.read().await;
+                        self.prune()
+                    };
                     next_prune = Instant::now()
                         + if pruned == PRUNE_BATCH { BATCH_WINDOW } else { PRUNE_EVERY };
                 }
@@ -148,6 +155,7 @@ impl Writer {
         while let Some(call) = self.queue.try_recv() {
             self.batch.push(call);
         }
+        let _books = books.read().await;
         for attempt in 0..=SHUTDOWN_RETRIES {
             if attempt > 0 {
                 tokio::time::sleep(RETRY_EVERY).await;
@@ -294,6 +302,18 @@ mod tests {
     impl Store for FillableStore {
         fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
             self.inner.load_users()
+        }
+        fn export(
+            &self,
+            visit: &mut dyn FnMut(crate::core::export::ExportRecord) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            self.inner.export(visit)
+        }
+        fn import(&self, records: &[crate::core::export::ExportRecord]) -> Result<(), StoreError> {
+            self.inner.import(records)
+        }
+        fn is_empty(&self) -> Result<bool, StoreError> {
+            self.inner.is_empty()
         }
         fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
             self.inner.key_id_by_hash(hash)

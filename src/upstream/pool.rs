@@ -223,6 +223,7 @@ impl UpstreamPool {
         model: &str,
         body: Bytes,
         request_id: &str,
+        traceparent: Option<&str>,
     ) -> Result<UpstreamAnswer, GatewayError> {
         let settings = self.settings();
         let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -240,6 +241,7 @@ impl UpstreamPool {
             // An id the edge made or accepted is a valid header value; one that is not is
             // left out rather than failing the call.
             let id_header = HeaderValue::from_str(request_id).ok();
+            let traceparent_header = traceparent.and_then(|t| HeaderValue::from_str(t).ok());
             let build = || {
                 let mut request = request_to(
                     Method::POST,
@@ -249,6 +251,10 @@ impl UpstreamPool {
                 );
                 let headers = request.headers_mut();
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                // W3C trace context: the model server's spans join the call's trace.
+                if let Some(traceparent) = &traceparent_header {
+                    headers.insert(HeaderName::from_static("traceparent"), traceparent.clone());
+                }
                 if let Some(id) = &id_header {
                     headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), id.clone());
                 }

@@ -185,6 +185,22 @@ impl Admin for FakeAdmin {
     ) -> Result<Response<pb::ListCallsResponse>, Status> {
         self.answer("ListCalls", r, Ok(pb::ListCallsResponse::default()))
     }
+
+    async fn test_alert(
+        &self,
+        r: Request<pb::TestAlertRequest>,
+    ) -> Result<Response<pb::TestAlertResponse>, Status> {
+        self.answer("TestAlert", r, Ok(pb::TestAlertResponse::default()))
+    }
+
+    type BackupStream = futures_util::stream::Empty<Result<pb::BackupChunk, Status>>;
+
+    async fn backup(
+        &self,
+        r: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        self.answer("Backup", r, Ok(futures_util::stream::empty()))
+    }
 }
 
 /// The fake on 127.0.0.1:0, stopped through a oneshot.

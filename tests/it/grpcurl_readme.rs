@@ -136,11 +136,17 @@ fn remember(answer: &Value, vars: &mut BTreeMap<&str, String>) {
 
 #[tokio::test]
 async fn the_readme_grpcurl_examples_run_against_a_live_gateway() {
-    // The README's image URL is example.com, and the test machines have no DNS: the
-    // gateway would refuse it as a name it cannot resolve (`image_policy.resolve_hosts`).
+    // The README's TestAlert example names a channel `ops`; its image URL is example.com,
+    // and the test machines have no DNS: the gateway would refuse it as a name it cannot
+    // resolve (`image_policy.resolve_hosts`).
+    let receiver = crate::alerts::Receiver::start().await;
+    let ops = crate::alerts::webhook("ops", &format!("{}/ops", receiver.url));
     let gw = TestGateway::builder()
         .embedding_backend()
-        .config(|c| c.image_policy.resolve_hosts = false)
+        .config(move |c| {
+            c.alerts.channels = vec![ops];
+            c.image_policy.resolve_hosts = false;
+        })
         .start()
         .await;
     let key = gw.create_key(json!({})).await;
@@ -214,4 +220,5 @@ async fn the_readme_grpcurl_examples_run_against_a_live_gateway() {
     // embedding.
     let usage = gw.usage(&key.secret).await;
     assert_eq!(usage["requests"]["used"], 5, "{usage}");
+    assert_eq!(receiver.at("/ops")[0].body["event"], "test");
 }

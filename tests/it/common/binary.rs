@@ -36,6 +36,7 @@ pub struct ConfigFile {
     data: Option<PathBuf>,
     server: String,
     store: String,
+    extra: String,
 }
 
 impl ConfigFile {
@@ -46,6 +47,7 @@ impl ConfigFile {
             data: None,
             server: String::new(),
             store: String::new(),
+            extra: String::new(),
         }
     }
 
@@ -67,17 +69,24 @@ impl ConfigFile {
         self
     }
 
+    /// Tables added at the end (`[alerts]`, …).
+    pub fn extra(mut self, tables: &str) -> Self {
+        self.extra = tables.to_owned();
+        self
+    }
+
     /// Writes `<dir>/gateway.toml` (replacing it) and returns its path.
     pub fn write(&self, dir: &Path) -> PathBuf {
         let data = self.data.clone().unwrap_or_else(|| dir.join("data"));
-        let (upstream, server, store) = (&self.upstream, &self.server, &self.store);
+        let (upstream, server, store, extra) =
+            (&self.upstream, &self.server, &self.store, &self.extra);
         let path = dir.join("gateway.toml");
         std::fs::write(
             &path,
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n{server}\n\
                  [upstream]\nurl = \"{upstream}\"\napi_key = \"{UPSTREAM_KEY}\"\nhealth_interval_ms = 100\n\
-                 [store]\npath = \"{}\"\n{store}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[log]\nformat = \"json\"\n",
+                 [store]\npath = \"{}\"\n{store}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[log]\nformat = \"json\"\n{extra}",
                 data.display()
             ),
         )
