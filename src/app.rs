@@ -172,7 +172,8 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             Duration::from_secs(config.store.call_log_retention_days.saturating_mul(86_400))
         }),
         journal_port.clone(),
-    );
+    )
+    .context("cannot start the usage writer")?;
     let metrics = Arc::new(Metrics::default());
     let mut gateway = Gateway::load(
         store.clone(),
