@@ -277,7 +277,7 @@ fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
     use step3_gateway::core::records::{KeyRecord, UserRecord};
     use step3_gateway::core::store::Store;
     use step3_gateway::core::time::now_unix;
-    let store = step3_gateway::store::SledStore::open(path, 500)?;
+    let store = step3_gateway::store::SledStore::open(path)?;
     let now = now_unix();
     let user = UserRecord {
         id: keys::generate_id("usr"),

@@ -154,8 +154,11 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         )
     })?;
     let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&config.store.path, config.store.flush_interval_ms)
-            .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
+        SledStore::open_with_cache(
+            &config.store.path,
+            config.store.cache_mib.saturating_mul(1024 * 1024),
+        )
+        .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
     );
     let journal = open_journal(&config, &*store).await?;
     let admin_token = AdminToken::find(&config, &*store)?;
@@ -469,7 +472,7 @@ pub fn reset_admin_token(path: &Path) -> anyhow::Result<String> {
             path.display()
         );
     }
-    let store = SledStore::open(path, 500).map_err(|e| {
+    let store = SledStore::open(path).map_err(|e| {
         // The store reports a lock held by another process in its message.
         if e.to_string().contains("locked") {
             anyhow::anyhow!(

@@ -159,7 +159,7 @@ impl Writer {
                     // A long backlog of old calls goes a batch at a time, between writes.
                     let pruned = self.prune();
                     next_prune = Instant::now()
-                        + if pruned == PRUNE_BATCH { BATCH_WINDOW } else { PRUNE_EVERY };
+                        + if pruned >= PRUNE_BATCH { BATCH_WINDOW } else { PRUNE_EVERY };
                 }
                 () = stop.cancelled() => break,
             }
@@ -387,7 +387,7 @@ mod tests {
     async fn a_failing_store_keeps_the_calls_in_memory_and_gets_them_once_it_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FillableStore {
-            inner: SledStore::open(dir.path(), 50).unwrap(),
+            inner: SledStore::open(dir.path()).unwrap(),
             full: AtomicBool::new(false),
         });
         let (sink, queue) = usage_channel();
@@ -430,7 +430,7 @@ mod tests {
     async fn a_store_failing_to_the_end_of_shutdown_reports_the_calls_it_did_not_get() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FillableStore {
-            inner: SledStore::open(dir.path(), 50).unwrap(),
+            inner: SledStore::open(dir.path()).unwrap(),
             full: AtomicBool::new(true),
         });
         let (sink, queue) = usage_channel();
