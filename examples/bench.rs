@@ -60,7 +60,7 @@ struct Setup {
     gateway_url: String,
     nginx_url: Option<String>,
     key: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn setup(cpu: &str, token_latency_ms: u64) -> anyhow::Result<Setup> {
@@ -114,7 +114,7 @@ async fn setup_with_keys(
             gateway_url,
             nginx_url,
             key,
-            _dir: dir,
+            dir,
         },
         start_up,
     ))
@@ -277,7 +277,7 @@ fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
     use step3_gateway::core::records::{KeyRecord, UserRecord};
     use step3_gateway::core::store::Store;
     use step3_gateway::core::time::now_unix;
-    let store = step3_gateway::store::SledStore::open(path, 500)?;
+    let store = step3_gateway::store::SledStore::open(path)?;
     let now = now_unix();
     let user = UserRecord {
         id: keys::generate_id("usr"),
@@ -392,7 +392,7 @@ async fn many_keys(cpu: &str, n: usize, seconds: f64, rounds: usize) -> anyhow::
     let Setup {
         gateway,
         gateway_url,
-        _dir: dir,
+        dir,
         ..
     } = big;
     drop(gateway);
@@ -621,6 +621,10 @@ async fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("calls") {
         return calls(&args[2..]).await;
     }
+    if args.get(1).map(String::as_str) == Some("full-load") {
+        let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(300.0);
+        return full_load(&server_cpu, seconds).await;
+    }
     if args.get(1).map(String::as_str) == Some("durability") {
         let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
         let rounds: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
@@ -743,6 +747,67 @@ async fn main() -> anyhow::Result<()> {
         s.gateway.rss_mib()
     );
     Ok(())
+}
+
+/// REST JSON at 16 connections on the gateway for `seconds`, closed loop (as fast as it
+/// answers), with a row every 15 s: the gateway's RSS, the data dir's size, the interval's
+/// calls per second, p50 and p99, CPU per call and the load average. Whether memory levels
+/// off under the heaviest logging the gateway can be given.
+async fn full_load(cpu: &str, seconds: f64) -> anyhow::Result<()> {
+    const EVERY: f64 = 15.0;
+    let s = setup(cpu, 0).await?;
+    let data = s.dir.path().join("data");
+    println!(
+        "| t s | RSS MiB | data dir MiB | calls/s | p50 µs | p99 µs | CPU µs/call | load avg |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let row = |t: f64, m: Option<&Measured>| {
+        let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let loadavg: Vec<&str> = loadavg.split_whitespace().take(3).collect();
+        println!(
+            "| {t:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            s.gateway.rss_mib(),
+            dir_bytes(&data) as f64 / (1024.0 * 1024.0),
+            m.map_or("—".into(), |m| format!("{:.0}", m.rps)),
+            m.map_or("—".into(), |m| m.p50.to_string()),
+            m.map_or("—".into(), |m| m.p99.to_string()),
+            m.and_then(|m| m.cpu_us)
+                .map_or("—".into(), |c| format!("{c:.1}")),
+            loadavg.join(" ")
+        );
+    };
+    row(0.0, None);
+    let mut t = 0.0;
+    while t < seconds {
+        let m = measure(
+            "gateway",
+            Some(&s.gateway),
+            Kind::Json,
+            &s.gateway_url,
+            &s.key,
+            16,
+            EVERY,
+        )
+        .await?;
+        t += EVERY;
+        row(t, Some(&m));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("RSS 3 s after the load: {:.1} MiB", s.gateway.rss_mib());
+    Ok(())
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    })
 }
 
 /// Holds `n` streams open through the gateway (the simulator sends a token a minute) and

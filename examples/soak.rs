@@ -859,7 +859,7 @@ fn store_only(calls: u64) -> anyhow::Result<()> {
     use step3_gateway::core::records::{CallOutcome, CallRecord, Usage};
     use step3_gateway::core::store::Store;
     let dir = tempfile::tempdir()?;
-    let store = step3_gateway::store::SledStore::open(dir.path(), 500)?;
+    let store = step3_gateway::store::SledStore::open(dir.path())?;
     let self_rss = || {
         std::fs::read_to_string("/proc/self/status")
             .ok()

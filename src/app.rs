@@ -162,8 +162,11 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         )
     })?;
     let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&config.store.path, config.store.flush_interval_ms)
-            .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
+        SledStore::open_with_cache(
+            &config.store.path,
+            config.store.cache_mib.saturating_mul(1024 * 1024),
+        )
+        .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
     );
     let journal = open_journal(&config, &*store).await?;
     let admin_token = AdminToken::find(&config, &*store)?;
@@ -180,7 +183,8 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             Duration::from_secs(config.store.call_log_retention_days.saturating_mul(86_400))
         }),
         journal_port.clone(),
-    );
+    )
+    .context("cannot start the usage writer")?;
     let metrics = Arc::new(Metrics::default());
     let alerts = match config.alerts.enabled() {
         true => Some(Alerts::new(&config.alerts).map_err(|e| anyhow::anyhow!(e))?),
@@ -574,7 +578,7 @@ pub fn reset_admin_token(path: &Path) -> anyhow::Result<String> {
             path.display()
         );
     }
-    let store = SledStore::open(path, 500).map_err(|e| {
+    let store = SledStore::open(path).map_err(|e| {
         // The store reports a lock held by another process in its message.
         if e.to_string().contains("locked") {
             anyhow::anyhow!(
@@ -636,12 +640,12 @@ pub struct Restored {
 }
 
 /// Whether `name`, an entry of a data directory, is part of the store: sled's files, the
-/// durability mark and the reservation journal. Anything else there (a `backups`
-/// directory) is left where it is by a restore.
+/// call log, the durability mark and the reservation journal. Anything else there (a
+/// `backups` directory) is left where it is by a restore.
 fn is_store_entry(name: &str) -> bool {
     matches!(
         name,
-        "conf" | "db" | "blobs" | "journal" | "durable-call" | "durable-call.new"
+        "conf" | "db" | "blobs" | "calls" | "journal" | "durable-call" | "durable-call.new"
     ) || name.starts_with("snap.")
 }
 
@@ -663,7 +667,7 @@ pub fn restore(
     let holds_store = data_dir.join("conf").is_file();
     if holds_store {
         // Opening takes sled's lock: it fails while a gateway holds the directory.
-        if let Err(e) = SledStore::open(data_dir, 500)
+        if let Err(e) = SledStore::open(data_dir)
             && e.to_string().contains("locked")
         {
             anyhow::bail!(
@@ -689,7 +693,7 @@ pub fn restore(
     // Removed unless the restore completes, whatever stops it.
     let mut cleanup = RemoveOnDrop(Some(building.clone()));
     let summary = {
-        let store = SledStore::open(&building, 500)
+        let store = SledStore::open(&building)
             .with_context(|| format!("cannot make a new store in {}", building.display()))?;
         let summary = crate::core::snapshot::import_export(
             std::io::BufReader::with_capacity(1 << 20, input),
@@ -758,7 +762,7 @@ pub fn backup_stopped(data_dir: &Path, out: &Path) -> anyhow::Result<ExportSumma
     if !data_dir.join("conf").is_file() {
         anyhow::bail!("{} holds no gateway data", data_dir.display());
     }
-    let store = SledStore::open(data_dir, 500).map_err(|e| {
+    let store = SledStore::open(data_dir).map_err(|e| {
         if e.to_string().contains("locked") {
             anyhow::anyhow!(
                 "{} is in use by a running gateway: back it up through the gateway \

@@ -328,6 +328,9 @@ pub struct StoreConfig {
     /// Calls older than this many days leave the call log (counters and hourly usage
     /// stay); 0 keeps them forever.
     pub call_log_retention_days: u64,
+    /// sled's page cache, in MiB: the most the books (users, keys, counters, hourly usage)
+    /// keep in memory. The call log is read from its files and takes none of it.
+    pub cache_mib: u64,
 }
 
 /// What a hard stop (`kill -9`, a crash, a power loss) may cost.
@@ -352,6 +355,7 @@ impl Default for StoreConfig {
             flush_interval_ms: 500,
             log_bodies: false,
             call_log_retention_days: 90,
+            cache_mib: 16,
         }
     }
 }
@@ -586,6 +590,11 @@ impl GatewayConfig {
                 "limits.default_max_tokens must be at least 1".into(),
             ));
         }
+        if self.store.cache_mib == 0 {
+            return Err(ConfigError::Invalid(
+                "store.cache_mib must be at least 1".into(),
+            ));
+        }
         if self.store.flush_interval_ms == 0 {
             return Err(ConfigError::Invalid(
                 "store.flush_interval_ms must be at least 1".into(),
@@ -779,6 +788,24 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("sometimes"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_store_cache_is_a_setting_of_at_least_one_mib() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gw.toml", "[store]\ncache_mib = 4\n")?;
+            let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
+            assert_eq!(config.store.cache_mib, 4);
+            config.validate().unwrap();
+            jail.set_env("STEP3GW_STORE_CACHE_MIB", "0");
+            let err = GatewayConfig::load(Some(Path::new("gw.toml")))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("store.cache_mib"), "{err}");
             Ok(())
         });
     }

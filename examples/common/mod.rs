@@ -62,8 +62,17 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // nginx's worker outlives a master killed with SIGKILL: it is killed after it (a
+        // master still alive would start another).
+        let children = children(self.pid());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in children {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

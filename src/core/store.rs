@@ -15,33 +15,54 @@ pub enum StoreError {
         "the data directory was written by a newer step3-gateway (schema {found}, this build knows {known}); upgrade the binary or use another directory"
     )]
     NewerSchema { found: u32, known: u32 },
+    /// A page token this store did not give out.
+    #[error("the page token is not one this store gave out")]
+    UnknownCursor,
 }
 
 impl From<StoreError> for GatewayError {
     fn from(e: StoreError) -> Self {
-        GatewayError::Store(e.to_string())
+        match e {
+            StoreError::UnknownCursor => GatewayError::invalid_request(
+                "`page_token` is not one this gateway gave out",
+                Some("page_token"),
+            ),
+            other => GatewayError::Store(other.to_string()),
+        }
     }
 }
 
-/// A position in the call log: the time and request id of a call.
+/// A position in the call log as a page token: opaque to everyone but the store that gave
+/// it out (each store writes its own form), so that core and the doors only pass it on.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CallCursor {
-    pub at_micros: i64,
-    pub request_id: String,
-}
+pub struct CallCursor(String);
 
 impl CallCursor {
-    /// The opaque page token form: `<micros>-<request id>`.
-    pub fn to_token(&self) -> String {
-        format!("{}-{}", self.at_micros, self.request_id)
+    /// Longer tokens than this were not given out by any store.
+    const MAX_LEN: usize = 256;
+
+    /// A store's own token for a position in its log.
+    pub fn new(token: String) -> Self {
+        CallCursor(token)
     }
 
+    /// The token as a store gave it out, for the store to read back.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn to_token(&self) -> String {
+        self.0.clone()
+    }
+
+    /// A token from a client: `None` for what no store gives out (empty, too long, not
+    /// printable ASCII). Whether it names a position is the store's to say
+    /// ([`StoreError::UnknownCursor`]).
     pub fn from_token(token: &str) -> Option<Self> {
-        let (at, request_id) = token.split_once('-')?;
-        Some(CallCursor {
-            at_micros: at.parse().ok()?,
-            request_id: request_id.to_owned(),
-        })
+        (!token.is_empty()
+            && token.len() <= CallCursor::MAX_LEN
+            && token.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| CallCursor(token.to_owned()))
     }
 }
 
@@ -76,10 +97,12 @@ pub trait Store: Send + Sync + 'static {
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError>;
     /// Writes a key and points the hashes of its secrets (current and previous) at it.
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
-    /// Applies a batch of finished calls: counters, hourly usage and the call log, atomically.
-    /// Idempotent: a call already in the log (same time and request id, or same
-    /// reservation) is skipped, so a batch whose fate is unknown after a failure, or a call
-    /// settled again at recovery, can be written again.
+    /// Applies a batch of finished calls: counters, hourly usage and the call log, all or
+    /// none (after a crash, at the latest when the store is opened again).
+    /// Idempotent: a call with the same reservation as one in the log, or with the same
+    /// time and request id as one written since the last flush, is skipped, so a batch whose
+    /// fate is unknown after a failure, or a call settled again at recovery, can be written
+    /// again.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;
     /// [`Store::record_calls`] for calls never given to the store before, which need no
     /// look-up in the log (one read per call saved on the usage writer's normal path).
@@ -92,9 +115,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         reservations: &[u64],
     ) -> Result<std::collections::HashSet<u64>, StoreError>;
-    /// Calls newest first: a key's (or everyone's), strictly before `cursor`, at or after
-    /// `from_micros`, that pass `filter`. Scans at most `scan_limit` entries; the cursor
-    /// returned is where a next page starts, `None` when the log is exhausted.
+    /// Calls newest first (in the order they were recorded): a key's (or everyone's),
+    /// strictly before `cursor`, at or after `from_micros`, that pass `filter`. Scans at
+    /// most `scan_limit` entries; the cursor returned is where a next page starts, `None`
+    /// when the log is exhausted.
     fn calls(
         &self,
         query: &CallQuery<'_>,
@@ -109,8 +133,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<UsageBucket>, StoreError>;
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
-    /// Removes up to `limit` calls older than `before_micros` from the call log (counters
-    /// and hourly usage are kept); returns how many went.
+    /// Calls older than `before_micros` leave the call log (counters and hourly usage are
+    /// kept): no longer listed at once, their space freed up to about `limit` calls at a
+    /// time; returns how many calls' space was freed.
     fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;

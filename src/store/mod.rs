@@ -2,12 +2,13 @@
 //! mode), and the background writer that drains the gate's usage queue in batches so that
 //! no request waits for the disk.
 
+mod call_log;
 mod journal;
 mod sled_store;
 mod writer;
 
 pub use journal::FileJournal;
-pub use sled_store::SledStore;
+pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 pub use writer::UsageWriter;
 
 /// The schema this build writes; a store written by a newer build is refused at open.
@@ -15,4 +16,6 @@ pub use writer::UsageWriter;
 /// a build of 1 would not keep that index up to date).
 /// 3: calls may carry their journal reservation (indexed in a tree) and the outcome
 /// `interrupted`, which a build of 2 could not read back from the call log.
-pub const SCHEMA_VERSION: u32 = 3;
+/// 4: the call log is kept in files of its own beside sled (`calls/`), which a build of 3
+/// would not read (it would list no calls and count none twice only by luck).
+pub const SCHEMA_VERSION: u32 = 4;

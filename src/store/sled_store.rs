@@ -1,8 +1,10 @@
-//! The sled implementation of [`Store`]: one tree per kind of record, JSON values.
+//! The sled implementation of [`Store`]: one tree per kind of record, JSON values; the
+//! call log beside it in a [`CallLog`] of its own.
 
-use std::collections::HashMap;
-use std::ops::Bound;
+use std::collections::{HashMap, HashSet};
+use std::ops::{Bound, ControlFlow};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
@@ -11,6 +13,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::SCHEMA_VERSION;
+use super::call_log::{CallLog, LogPosition, SegmentFilter};
 use crate::core::keys::to_hex;
 use crate::core::records::ExportRecord;
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
@@ -19,31 +22,49 @@ use crate::core::time::UnixTime;
 
 const SCHEMA_KEY: &str = "schema_version";
 
-/// sled's page cache: the hot records are users, keys and counters, all small.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Meta entry: the call log position up to which counters and hourly usage count the calls.
+const APPLIED_KEY: &str = "calls_applied";
+
+/// Meta entry: calls older than this (µs since the epoch) have left the call log (retention),
+/// even those whose segment is still on disk.
+const HIDDEN_KEY: &str = "calls_hidden_before";
+
+/// sled's page cache by default: what it holds now is users, keys, counters and hourly
+/// usage, all small (the call log is not in sled).
+pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 pub struct SledStore {
     path: PathBuf,
-    flush_ms: u64,
+    cache_bytes: u64,
     /// `None` only while [`Store::reopen`] swaps the handle.
     trees: RwLock<Option<Arc<Trees>>>,
-    marks: Mutex<Marks>,
+    log: CallLog,
+    /// Held by a batch from its log append to its sled transaction, and by a flush from the
+    /// log's sync to sled's: sled never has durable counters for calls the log has not.
+    writes: Mutex<Writes>,
+    /// The mark last written (see [`MARK_FILE`]).
+    marked: Mutex<Option<LogPosition>>,
+    hidden_before: AtomicI64,
 }
 
-/// A file beside sled's own naming the last call a flush confirmed durable.
+/// Where the books and the log stand, as the writing side knows it.
+#[derive(Debug, Default)]
+struct Writes {
+    /// The log position the counters count up to.
+    applied: LogPosition,
+    /// The end of the log at the last successful flush: a call retried after a failure was
+    /// written after it, if at all.
+    flushed: LogPosition,
+}
+
+/// A file beside sled's own naming the log position that the books counted up to at the
+/// last flush.
 ///
 /// sled reads its log up to the first damaged byte and silently drops the rest, as it
-/// would a write torn by a crash: a flipped byte in the middle of `db` rolls the books
-/// back without an error. A call that was confirmed durable and is missing at open
-/// proves such a loss, and the store refuses to open.
+/// would a write torn by a crash: a flipped byte in the middle of `db` rolls the books back
+/// without an error. Books that count less than a flush confirmed prove such a loss, and
+/// the store refuses to open. (Schema 3 wrote the log key of the last call instead.)
 const MARK_FILE: &str = "durable-call";
-
-/// The last call written, and the one [`MARK_FILE`] names (log keys).
-#[derive(Debug, Default)]
-struct Marks {
-    written: Option<Vec<u8>>,
-    marked: Option<Vec<u8>>,
-}
 
 /// One open sled database and its trees.
 struct Trees {
@@ -55,14 +76,12 @@ struct Trees {
     key_hashes: sled::Tree,
     counters: sled::Tree,
     usage: sled::Tree,
-    /// The call log: `big-endian(micros) request_id` → record.
-    calls: sled::Tree,
-    /// A key's calls: `key_id NUL big-endian(micros) request_id` → nothing.
-    calls_by_key: sled::Tree,
-    /// `big-endian(reservation)` → the call's log key: one call per durable reservation.
-    reservations: sled::Tree,
     meta: sled::Tree,
 }
+
+/// The trees of schema 3 that held the call log, moved to the [`CallLog`] at the first
+/// open by schema 4: the log, its index by key, and the index of reservations.
+const OLD_CALL_TREES: [&str; 3] = ["calls", "calls_by_key", "reservations"];
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -71,134 +90,67 @@ impl From<sled::Error> for StoreError {
 }
 
 impl SledStore {
-    /// Writes a batch; `dedupe` skips calls already in the log (a retried batch).
-    fn record(&self, calls: &[CallRecord], dedupe: bool) -> Result<(), StoreError> {
-        let t = self.trees()?;
-        // Fold the batch first, so each counter and bucket is read and written once.
-        let mut counters: HashMap<&str, KeyCounters> = HashMap::new();
-        let mut buckets: HashMap<Vec<u8>, UsageBucket> = HashMap::new();
-        let mut log = Vec::with_capacity(calls.len());
-        let mut seen =
-            std::collections::HashSet::with_capacity(if dedupe { calls.len() } else { 0 });
-        let mut seen_reservations = std::collections::HashSet::new();
-        for call in calls {
-            // A call already in the log is not counted again: a batch retried after a
-            // failure may have reached the disk before it. Read outside the transaction:
-            // the usage writer is the only writer of the log.
-            let key = call_key(call.at_micros, &call.request_id);
-            if dedupe && (!seen.insert(key.clone()) || t.calls.contains_key(&key)?) {
-                continue;
-            }
-            // A call settled again at recovery has another time than the one the last run
-            // may have written: its reservation tells.
-            if dedupe
-                && let Some(id) = call.reservation
-                && (!seen_reservations.insert(id)
-                    || t.reservations.contains_key(id.to_be_bytes())?)
-            {
-                continue;
-            }
-            counters
-                .entry(&call.key_id)
-                .or_default()
-                .add(&call.counters());
-            let hour = hour_of(call.at_micros);
-            let bucket = buckets
-                .entry(timed_key(&call.key_id, hour, &call.model))
-                .or_insert_with(|| UsageBucket {
-                    hour,
-                    model: call.model.clone(),
-                    ..UsageBucket::default()
-                });
-            bucket.requests += u64::from(call.charged_request);
-            bucket.errors += u64::from(call.status >= 400);
-            bucket.prompt_tokens += call.usage.prompt_tokens;
-            bucket.completion_tokens += call.usage.completion_tokens;
-            bucket.images += u64::from(call.images);
-            log.push((
-                key,
-                timed_key(&call.key_id, call.at_micros, &call.request_id),
-                encode(call)?,
-                call.reservation,
-            ));
-        }
-        let trees = (
-            &t.counters,
-            &t.usage,
-            &t.calls,
-            &t.calls_by_key,
-            &t.reservations,
-        );
-        let result = trees.transaction(
-            |(counter_tree, usage_tree, call_tree, by_key_tree, reservation_tree)| {
-                for (key_id, delta) in &counters {
-                    let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
-                        Some(bytes) => decode("counters", &bytes)
-                            .map_err(ConflictableTransactionError::Abort)?,
-                        None => KeyCounters::default(),
-                    };
-                    total.add(delta);
-                    let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
-                    counter_tree.insert(key_id.as_bytes(), bytes)?;
-                }
-                for (key, delta) in &buckets {
-                    let mut bucket: UsageBucket = match usage_tree.get(key)? {
-                        Some(bytes) => {
-                            decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
-                        }
-                        None => UsageBucket {
-                            hour: delta.hour,
-                            model: delta.model.clone(),
-                            ..UsageBucket::default()
-                        },
-                    };
-                    bucket.requests += delta.requests;
-                    bucket.errors += delta.errors;
-                    bucket.prompt_tokens += delta.prompt_tokens;
-                    bucket.completion_tokens += delta.completion_tokens;
-                    bucket.images += delta.images;
-                    let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
-                    usage_tree.insert(key.as_slice(), bytes)?;
-                }
-                for (key, by_key, value, reservation) in &log {
-                    call_tree.insert(key.as_slice(), value.as_slice())?;
-                    by_key_tree.insert(by_key.as_slice(), &[])?;
-                    if let Some(id) = reservation {
-                        reservation_tree.insert(&id.to_be_bytes(), key.as_slice())?;
-                    }
-                }
-                Ok(())
-            },
-        );
-        match result {
-            Ok(()) => {
-                if let Some((key, _, _, _)) = log.last() {
-                    self.marks.lock().unwrap_or_else(|p| p.into_inner()).written =
-                        Some(key.clone());
-                }
-                Ok(())
-            }
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+    /// Opens (or creates) the store in `path` with sled's default page cache.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        SledStore::open_with_cache(path, DEFAULT_CACHE_BYTES)
     }
 
-    /// Opens (or creates) the store in `path`; sled makes writes durable every `flush_ms`.
+    /// Opens (or creates) the store in `path`, sled caching up to `cache_bytes`. Writes are
+    /// durable once [`Store::flush`] returns (sled's own periodic flush is off: the call log
+    /// is synced first, so sled never has counters for calls the log could lose).
+    ///
+    /// Calls the log has and the books do not count yet (a hard stop between a batch's log
+    /// append and sled's next flush) are counted here, before anything reads the books.
     ///
     /// sled locks the directory; a process that is still exiting holds the lock for a
     /// moment, so a locked directory is retried for up to two seconds.
-    pub fn open(path: &Path, flush_ms: u64) -> Result<Self, StoreError> {
-        let trees = open_trees(path, flush_ms)?;
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let trees = open_trees(path, cache_bytes)?;
+        let log = CallLog::open(&path.join("calls"))?;
         let marked = read_mark(path)?;
-        Ok(SledStore {
+        let applied = trees.applied()?;
+        let end = log.end();
+        if let Some(mark) = marked {
+            if applied < mark {
+                return Err(StoreError::Corrupt {
+                    tree: "sled",
+                    message: format!(
+                        "{} lost records it had confirmed durable (the books counted the call \
+                         log up to {mark:?} and now count it up to {applied:?}): its files were \
+                         damaged or truncated, and sled drops everything after the first \
+                         damaged byte. Restore a backup, or delete {} to accept the loss",
+                        path.display(),
+                        path.join(MARK_FILE).display()
+                    ),
+                });
+            }
+            if end < mark {
+                return Err(StoreError::Corrupt {
+                    tree: "calls",
+                    message: format!(
+                        "{} lost records it had confirmed durable (the call log was synced up \
+                         to {mark:?} and now ends at {end:?}). Restore a backup, or delete {} \
+                         to accept the loss",
+                        path.join("calls").display(),
+                        path.join(MARK_FILE).display()
+                    ),
+                });
+            }
+        }
+        let store = SledStore {
             path: path.to_owned(),
-            flush_ms,
+            cache_bytes,
+            hidden_before: AtomicI64::new(trees.hidden_before()?),
             trees: RwLock::new(Some(Arc::new(trees))),
-            marks: Mutex::new(Marks {
-                written: marked.clone(),
-                marked,
+            log,
+            writes: Mutex::new(Writes {
+                applied,
+                flushed: end,
             }),
-        })
+            marked: Mutex::new(marked),
+        };
+        store.count_unapplied()?;
+        Ok(store)
     }
 
     fn trees(&self) -> Result<Arc<Trees>, StoreError> {
@@ -208,14 +160,179 @@ impl SledStore {
             .clone()
             .ok_or_else(|| StoreError::Io(format!("{} is being reopened", self.path.display())))
     }
+
+    fn writes(&self) -> std::sync::MutexGuard<'_, Writes> {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts in the books the calls the log holds past the position they count up to.
+    fn count_unapplied(&self) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        let mut writes = self.writes();
+        let end = self.log.end();
+        if end < writes.applied {
+            // Only a power cut can do this, between a batch's log append and the next flush:
+            // sled's unsynced pages reached the disk, the log's did not.
+            tracing::warn!(
+                data = %self.path.display(),
+                "the books count calls the call log lost in a power cut; they stay counted"
+            );
+            t.meta.insert(APPLIED_KEY, &end.to_bytes())?;
+            writes.applied = end;
+            return Ok(());
+        }
+        let mut batch = Vec::new();
+        let mut counted = 0;
+        let mut failure = None;
+        self.log.read_forward(writes.applied, &mut |at, call| {
+            batch.push(call);
+            if batch.len() == 1024 {
+                if let Err(e) = apply(&t, &batch, at) {
+                    failure = Some(e);
+                    return ControlFlow::Break(());
+                }
+                counted += batch.len();
+                batch.clear();
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if !batch.is_empty() || counted > 0 {
+            apply(&t, &batch, end)?;
+            counted += batch.len();
+            tracing::info!(
+                calls = counted,
+                "counted the calls the call log had and the books did not yet (a hard stop \
+                 came between the two)"
+            );
+        }
+        writes.applied = end;
+        Ok(())
+    }
+
+    /// Writes a batch; `dedupe` skips calls already recorded (a retried batch, a recovery).
+    fn record(&self, calls: &[CallRecord], dedupe: bool) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        let mut writes = self.writes();
+        let kept;
+        let calls = if dedupe {
+            kept = self.not_recorded(calls, writes.flushed)?;
+            kept.as_slice()
+        } else {
+            calls
+        };
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let end = self.log.append(calls)?;
+        apply(&t, calls, end)?;
+        writes.applied = end;
+        Ok(())
+    }
+
+    /// The calls of `calls` not in the log: neither their reservation, nor (among the calls
+    /// written since `flushed`) their time and request id; each once.
+    fn not_recorded(
+        &self,
+        calls: &[CallRecord],
+        flushed: LogPosition,
+    ) -> Result<Vec<CallRecord>, StoreError> {
+        let reservations: HashSet<u64> = calls.iter().filter_map(|c| c.reservation).collect();
+        let mut seen_reservations = self.log.reservations_in(&reservations)?;
+        let mut seen: HashSet<(i64, String)> = HashSet::new();
+        self.log.read_forward(flushed, &mut |_, call| {
+            seen.insert((call.at_micros, call.request_id));
+            ControlFlow::Continue(())
+        })?;
+        Ok(calls
+            .iter()
+            .filter(|call| seen.insert((call.at_micros, call.request_id.clone())))
+            .filter(|call| {
+                call.reservation
+                    .is_none_or(|id| seen_reservations.insert(id))
+            })
+            .cloned()
+            .collect())
+    }
 }
 
-fn open_trees(path: &Path, flush_ms: u64) -> Result<Trees, StoreError> {
+/// Counts `calls` in the counters and hourly usage, and moves the books' position in the
+/// call log to `end`, in one sled transaction.
+fn apply(t: &Trees, calls: &[CallRecord], end: LogPosition) -> Result<(), StoreError> {
+    // Fold the batch first, so each counter and bucket is read and written once.
+    let mut counters: HashMap<&str, KeyCounters> = HashMap::new();
+    let mut buckets: HashMap<Vec<u8>, UsageBucket> = HashMap::new();
+    for call in calls {
+        counters
+            .entry(&call.key_id)
+            .or_default()
+            .add(&call.counters());
+        let hour = hour_of(call.at_micros);
+        let bucket = buckets
+            .entry(timed_key(&call.key_id, hour, &call.model))
+            .or_insert_with(|| UsageBucket {
+                hour,
+                model: call.model.clone(),
+                ..UsageBucket::default()
+            });
+        bucket.requests += u64::from(call.charged_request);
+        bucket.errors += u64::from(call.status >= 400);
+        bucket.prompt_tokens += call.usage.prompt_tokens;
+        bucket.completion_tokens += call.usage.completion_tokens;
+        bucket.images += u64::from(call.images);
+    }
+    let end = end.to_bytes();
+    let result =
+        (&t.counters, &t.usage, &t.meta).transaction(|(counter_tree, usage_tree, meta_tree)| {
+            for (key_id, delta) in &counters {
+                let mut total: KeyCounters = match counter_tree.get(key_id.as_bytes())? {
+                    Some(bytes) => {
+                        decode("counters", &bytes).map_err(ConflictableTransactionError::Abort)?
+                    }
+                    None => KeyCounters::default(),
+                };
+                total.add(delta);
+                let bytes = encode(&total).map_err(ConflictableTransactionError::Abort)?;
+                counter_tree.insert(key_id.as_bytes(), bytes)?;
+            }
+            for (key, delta) in &buckets {
+                let mut bucket: UsageBucket = match usage_tree.get(key)? {
+                    Some(bytes) => {
+                        decode("usage", &bytes).map_err(ConflictableTransactionError::Abort)?
+                    }
+                    None => UsageBucket {
+                        hour: delta.hour,
+                        model: delta.model.clone(),
+                        ..UsageBucket::default()
+                    },
+                };
+                bucket.requests += delta.requests;
+                bucket.errors += delta.errors;
+                bucket.prompt_tokens += delta.prompt_tokens;
+                bucket.completion_tokens += delta.completion_tokens;
+                bucket.images += delta.images;
+                let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
+                usage_tree.insert(key.as_slice(), bytes)?;
+            }
+            meta_tree.insert(APPLIED_KEY, &end)?;
+            Ok(())
+        });
+    match result {
+        Ok(()) => Ok(()),
+        Err(TransactionError::Abort(e)) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(e.into()),
+    }
+}
+
+fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
     let config = sled::Config::new()
         .path(path)
         // sled would cache up to 1 GiB; the records the gateway reads back are few.
-        .cache_capacity(CACHE_BYTES)
-        .flush_every_ms(Some(flush_ms.max(1)));
+        .cache_capacity(cache_bytes)
+        // Durable at our flush only, after the call log's sync (see `SledStore::writes`).
+        .flush_every_ms(None);
     // A store that existed must still hold its schema version once opened: sled opens
     // some damaged logs as an empty database, and empty books must not be served.
     let existed = path.join("conf").exists() || path.join("db").exists();
@@ -260,43 +377,40 @@ fn open_trees(path: &Path, flush_ms: u64) -> Result<Trees, StoreError> {
         key_hashes: db.open_tree("key_hashes")?,
         counters: db.open_tree("counters")?,
         usage: db.open_tree("usage")?,
-        calls: db.open_tree("calls")?,
-        calls_by_key: db.open_tree("calls_by_key")?,
-        reservations: db.open_tree("reservations")?,
         meta: db.open_tree("meta")?,
         db,
     };
     trees.check_schema(path, existed)?;
-    if let Some(mark) = read_mark(path)?
-        && !trees.calls.contains_key(&mark)?
-    {
-        let (at, request_id) = mark.split_at(8.min(mark.len()));
-        let micros = i64::from_be_bytes(at.try_into().unwrap_or_default());
-        return Err(StoreError::Corrupt {
-            tree: "calls",
-            message: format!(
-                "{} lost records it had confirmed durable (call {} of {} µs since the epoch \
-                 is missing): its files were damaged or truncated, and sled drops everything \
-                 after the first damaged byte. Restore a backup, or delete {} to accept the loss",
-                path.display(),
-                String::from_utf8_lossy(request_id),
-                micros,
-                path.join(MARK_FILE).display()
-            ),
-        });
-    }
     Ok(trees)
 }
 
-fn read_mark(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+/// The mark, if there is one in this schema's form (`log <segment> <offset>`, hex).
+fn read_mark(path: &Path) -> Result<Option<LogPosition>, StoreError> {
     let file = path.join(MARK_FILE);
     match std::fs::read_to_string(&file) {
-        Ok(text) => from_hex(text.trim())
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt {
-                tree: "calls",
-                message: format!("{} is not a mark this gateway wrote", file.display()),
-            }),
+        Ok(text) => {
+            let mut words = text.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("log"), Some(segment), Some(offset)) => {
+                    let position = u64::from_str_radix(segment, 16)
+                        .ok()
+                        .zip(u64::from_str_radix(offset, 16).ok());
+                    match position {
+                        Some((segment, offset)) => Ok(Some(LogPosition { segment, offset })),
+                        None => Err(StoreError::Corrupt {
+                            tree: "calls",
+                            message: format!("{} is not a mark this gateway wrote", file.display()),
+                        }),
+                    }
+                }
+                // Schema 3's form, checked (and replaced) when the call log moves out of sled.
+                _ if from_hex(text.trim()).is_some() => Ok(None),
+                _ => Err(StoreError::Corrupt {
+                    tree: "calls",
+                    message: format!("{} is not a mark this gateway wrote", file.display()),
+                }),
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::Io(format!(
             "cannot read {}: {e}",
@@ -306,7 +420,7 @@ fn read_mark(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 }
 
 /// Replaces the mark atomically and durably: a new file, synced, renamed, dir synced.
-fn write_mark(path: &Path, key: &[u8]) -> Result<(), StoreError> {
+fn write_mark(path: &Path, position: LogPosition) -> Result<(), StoreError> {
     use std::io::Write;
     let io = |e: std::io::Error| {
         StoreError::Io(format!(
@@ -316,8 +430,8 @@ fn write_mark(path: &Path, key: &[u8]) -> Result<(), StoreError> {
     };
     let temporary = path.join(format!("{MARK_FILE}.new"));
     let mut file = std::fs::File::create(&temporary).map_err(io)?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    file.write_all(hex.as_bytes()).map_err(io)?;
+    let text = format!("log {:x} {:x}\n", position.segment, position.offset);
+    file.write_all(text.as_bytes()).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&temporary, path.join(MARK_FILE)).map_err(io)?;
     std::fs::File::open(path)
@@ -350,6 +464,9 @@ impl Trees {
                 if found < 2 {
                     self.index_key_hashes()?;
                 }
+                if found < 4 {
+                    self.move_call_log(path)?;
+                }
                 if found < SCHEMA_VERSION {
                     self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
                     self.db.flush()?;
@@ -377,6 +494,79 @@ impl Trees {
 }
 
 impl Trees {
+    /// Schema 3 → 4: the call log leaves sled for a [`CallLog`] beside it, in the order of
+    /// its keys (time). A store that fails schema 3's check (the call its mark names is
+    /// missing) is refused, not moved. A move a crash interrupted is begun again.
+    fn move_call_log(&self, path: &Path) -> Result<(), StoreError> {
+        let calls = self.db.open_tree(OLD_CALL_TREES[0])?;
+        let mark = std::fs::read_to_string(path.join(MARK_FILE)).unwrap_or_default();
+        if let Some(key) = from_hex(mark.trim()).filter(|k| !k.is_empty())
+            && !calls.contains_key(&key)?
+        {
+            let (at, request_id) = key.split_at(8.min(key.len()));
+            let micros = i64::from_be_bytes(at.try_into().unwrap_or_default());
+            return Err(StoreError::Corrupt {
+                tree: "calls",
+                message: format!(
+                    "{} lost records it had confirmed durable (call {} of {} µs since the \
+                     epoch is missing): its files were damaged or truncated, and sled drops \
+                     everything after the first damaged byte. Restore a backup, or delete {} \
+                     to accept the loss",
+                    path.display(),
+                    String::from_utf8_lossy(request_id),
+                    micros,
+                    path.join(MARK_FILE).display()
+                ),
+            });
+        }
+        let dir = path.join("calls");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| StoreError::Io(format!("cannot remove {}: {e}", dir.display())))?;
+        }
+        let log = CallLog::open(&dir)?;
+        let mut batch = Vec::with_capacity(1024);
+        for value in calls.iter().values() {
+            batch.push(decode::<CallRecord>("calls", &value?)?);
+            if batch.len() == 1024 {
+                log.append(&batch)?;
+                batch.clear();
+            }
+        }
+        log.append(&batch)?;
+        log.sync()?;
+        let end = log.end();
+        drop(log);
+        write_mark(path, end)?;
+        self.meta.insert(APPLIED_KEY, &end.to_bytes())?;
+        self.meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION)?)?;
+        self.db.flush()?;
+        for name in OLD_CALL_TREES {
+            self.db.drop_tree(name)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The call log position the counters count up to.
+    fn applied(&self) -> Result<LogPosition, StoreError> {
+        match self.meta.get(APPLIED_KEY)? {
+            Some(bytes) => LogPosition::from_bytes(&bytes).ok_or(StoreError::Corrupt {
+                tree: "meta",
+                message: format!("`{APPLIED_KEY}` is not a log position"),
+            }),
+            None => Ok(LogPosition::default()),
+        }
+    }
+
+    fn hidden_before(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .meta
+            .get(HIDDEN_KEY)?
+            .and_then(|bytes| Some(i64::from_be_bytes(bytes.as_ref().try_into().ok()?)))
+            .unwrap_or(i64::MIN))
+    }
+
     /// Schema 1 → 2: builds the hash index from the keys.
     fn index_key_hashes(&self) -> Result<(), StoreError> {
         for value in self.keys.iter().values() {
@@ -451,12 +641,17 @@ fn timed_key(key_id: &str, time: i64, suffix: &str) -> Vec<u8> {
     key
 }
 
-/// `big-endian(time) request_id`, the call log's order.
-fn call_key(at_micros: i64, request_id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(8 + request_id.len());
-    key.extend_from_slice(&at_micros.to_be_bytes());
-    key.extend_from_slice(request_id.as_bytes());
-    key
+/// A call log position as a page token: `<segment>.<offset>`, in hex.
+fn to_cursor(at: LogPosition) -> CallCursor {
+    CallCursor::new(format!("{:x}.{:x}", at.segment, at.offset))
+}
+
+fn from_cursor(cursor: &CallCursor) -> Option<LogPosition> {
+    let (segment, offset) = cursor.as_str().split_once('.')?;
+    Some(LogPosition {
+        segment: u64::from_str_radix(segment, 16).ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+    })
 }
 
 fn hour_of(micros: i64) -> UnixTime {
@@ -472,8 +667,12 @@ impl Store for SledStore {
         let t = self.trees()?;
         for entry in t.meta.iter() {
             let (name, value) = entry?;
-            // The schema version belongs to the store that holds the books, not to them.
-            if name.as_ref() == SCHEMA_KEY.as_bytes() {
+            // The schema version, the log position the books count to and the pruning
+            // mark belong to this store's files, not to the books.
+            if [SCHEMA_KEY, APPLIED_KEY, HIDDEN_KEY]
+                .iter()
+                .any(|k| name.as_ref() == k.as_bytes())
+            {
                 continue;
             }
             visit(ExportRecord::Meta {
@@ -502,15 +701,28 @@ impl Store for SledStore {
                 bucket: decode("usage", &value)?,
             })?;
         }
-        for value in t.calls.iter().values() {
-            visit(ExportRecord::Call(decode("calls", &value?)?))?;
-        }
-        Ok(())
+        // The call log, oldest first, without the calls already pruned from view.
+        let hidden = self.hidden_before.load(Ordering::Relaxed);
+        let mut failed = None;
+        self.log
+            .read_forward(LogPosition::default(), &mut |_, call| {
+                if call.at_micros < hidden {
+                    return ControlFlow::Continue(());
+                }
+                match visit(ExportRecord::Call(call)) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        failed = Some(e);
+                        ControlFlow::Break(())
+                    }
+                }
+            })?;
+        failed.map_or(Ok(()), Err)
     }
 
     fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
         let t = self.trees()?;
-        let mut last_call = None;
+        let mut calls = Vec::new();
         for record in records {
             match record {
                 ExportRecord::Meta { name, value } => {
@@ -538,31 +750,27 @@ impl Store for SledStore {
                         encode(bucket)?,
                     )?;
                 }
-                ExportRecord::Call(call) => {
-                    let log_key = call_key(call.at_micros, &call.request_id);
-                    t.calls.insert(log_key.as_slice(), encode(call)?)?;
-                    t.calls_by_key.insert(
-                        timed_key(&call.key_id, call.at_micros, &call.request_id),
-                        &[],
-                    )?;
-                    if let Some(id) = call.reservation {
-                        t.reservations
-                            .insert(id.to_be_bytes(), log_key.as_slice())?;
-                    }
-                    last_call = Some(log_key);
-                }
+                ExportRecord::Call(call) => calls.push(call.clone()),
             }
         }
-        if let Some(key) = last_call {
-            // The next flush names a call it made durable, as after any write of the log.
-            self.marks.lock().unwrap_or_else(|p| p.into_inner()).written = Some(key);
+        if !calls.is_empty() {
+            // The calls go to the log as they are; the books already count them (their
+            // counters and hourly usage were imported above), so the position the books
+            // count up to moves past them without applying them.
+            let mut writes = self.writes();
+            let end = self.log.append(&calls)?;
+            t.meta.insert(APPLIED_KEY, &end.to_bytes())?;
+            writes.applied = end;
         }
         Ok(())
     }
 
     fn is_empty(&self) -> Result<bool, StoreError> {
         let t = self.trees()?;
-        Ok(t.users.is_empty() && t.keys.is_empty() && t.calls.is_empty() && t.counters.is_empty())
+        Ok(t.users.is_empty()
+            && t.keys.is_empty()
+            && t.counters.is_empty()
+            && self.log.end() == LogPosition::default())
     }
 
     fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
@@ -612,8 +820,7 @@ impl Store for SledStore {
         t.users.insert(user.id.as_bytes(), encode(user)?)?;
         // Durable before the admin call answers: a key handed out must survive a kill -9
         // (and the calls the journal settles for it at restart need their key).
-        t.db.flush()?;
-        Ok(())
+        self.flush()
     }
 
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
@@ -637,10 +844,7 @@ impl Store for SledStore {
             Ok(())
         });
         match result {
-            Ok(()) => {
-                t.db.flush()?;
-                Ok(())
-            }
+            Ok(()) => self.flush(),
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -658,14 +862,8 @@ impl Store for SledStore {
         &self,
         reservations: &[u64],
     ) -> Result<std::collections::HashSet<u64>, StoreError> {
-        let t = self.trees()?;
-        let mut found = std::collections::HashSet::new();
-        for &id in reservations {
-            if t.reservations.contains_key(id.to_be_bytes())? {
-                found.insert(id);
-            }
-        }
-        Ok(found)
+        self.log
+            .reservations_in(&reservations.iter().copied().collect())
     }
 
     fn calls(
@@ -673,64 +871,42 @@ impl Store for SledStore {
         query: &CallQuery<'_>,
         filter: &dyn Fn(&CallRecord) -> bool,
     ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError> {
-        let t = self.trees()?;
-        // Keys order as unsigned bytes, so times below zero would sort last: there are none.
-        let from = query.from_micros.unwrap_or(0).max(0);
-        let before = |prefix: Vec<u8>| match &query.before {
-            Some(cursor) => {
-                let mut end = prefix;
-                end.extend_from_slice(&call_key(cursor.at_micros, &cursor.request_id));
-                end
-            }
-            None => {
-                let mut end = prefix;
-                end.extend_from_slice(&i64::MAX.to_be_bytes());
-                end
-            }
-        };
-        // Each entry yields the log key (time, request id) of one call, newest first.
-        let entries: Box<dyn Iterator<Item = sled::Result<Vec<u8>>>> = match query.key_id {
-            Some(key_id) => {
-                let prefix = key_prefix(key_id);
-                let mut start = prefix.clone();
-                start.extend_from_slice(&from.to_be_bytes());
-                let skip = prefix.len();
-                Box::new(
-                    t.calls_by_key
-                        .range(start..before(prefix))
-                        .keys()
-                        .rev()
-                        .map(move |k| k.map(|k| k[skip..].to_vec())),
-                )
-            }
-            None => Box::new(
-                t.calls
-                    .range(from.to_be_bytes().to_vec()..before(Vec::new()))
-                    .keys()
-                    .rev()
-                    .map(|k| k.map(|k| k.to_vec())),
-            ),
+        let from = query
+            .from_micros
+            .unwrap_or(i64::MIN)
+            .max(self.hidden_before.load(Ordering::Relaxed));
+        let before = match &query.before {
+            Some(cursor) => Some(from_cursor(cursor).ok_or(StoreError::UnknownCursor)?),
+            None => None,
         };
         let mut found = Vec::new();
         let mut last = None;
-        for (scanned, entry) in entries.enumerate() {
-            if found.len() == query.limit || scanned == query.scan_limit {
-                return Ok((found, last));
-            }
-            let log_key = entry?;
-            let Some(value) = t.calls.get(&log_key)? else {
-                continue;
-            };
-            let call: CallRecord = decode("calls", &value)?;
-            last = Some(CallCursor {
-                at_micros: call.at_micros,
-                request_id: call.request_id.clone(),
-            });
-            if filter(&call) {
-                found.push(call);
-            }
-        }
-        Ok((found, None))
+        let mut scanned = 0;
+        let mut more = false;
+        self.log.read_backward(
+            before,
+            &SegmentFilter {
+                key_id: query.key_id,
+                from_micros: from,
+            },
+            &mut |at, call| {
+                if found.len() == query.limit || scanned == query.scan_limit {
+                    more = true;
+                    return ControlFlow::Break(());
+                }
+                scanned += 1;
+                last = Some(at);
+                if call.at_micros >= from
+                    && query.key_id.is_none_or(|k| call.key_id == k)
+                    && filter(&call)
+                {
+                    found.push(call);
+                }
+                ControlFlow::Continue(())
+            },
+        )?;
+        let next = last.filter(|_| more).map(to_cursor);
+        Ok((found, next))
     }
 
     fn usage(
@@ -758,39 +934,29 @@ impl Store for SledStore {
     }
 
     fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError> {
-        let t = self.trees()?;
-        let mut end = before_micros.max(0).to_be_bytes().to_vec();
-        // The call the durability mark names must stay: the next start looks for it.
-        if let Some(marked) = &self.marks.lock().unwrap_or_else(|p| p.into_inner()).marked
-            && *marked < end
-        {
-            end.clone_from(marked);
+        // Listed no more at once; their space goes a whole segment at a time, once every
+        // call in it is older.
+        if before_micros > self.hidden_before.load(Ordering::Relaxed) {
+            let t = self.trees()?;
+            t.meta.insert(HIDDEN_KEY, &before_micros.to_be_bytes())?;
+            self.hidden_before.store(before_micros, Ordering::Relaxed);
         }
-        let mut pruned = 0;
-        for entry in t.calls.range(..end).take(limit) {
-            let (log_key, value) = entry?;
-            if let Ok(call) = decode::<CallRecord>("calls", &value) {
-                t.calls_by_key
-                    .remove(timed_key(&call.key_id, call.at_micros, &call.request_id))?;
-                if let Some(id) = call.reservation {
-                    t.reservations.remove(id.to_be_bytes())?;
-                }
-            }
-            t.calls.remove(log_key)?;
-            pruned += 1;
-        }
-        Ok(pruned)
+        self.log.prune(before_micros, limit)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         let t = self.trees()?;
+        let mut writes = self.writes();
+        // The log first: sled must never have durable counters for calls the log could lose.
+        self.log.sync()?;
         t.db.flush()?;
-        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        if marks.written != marks.marked
-            && let Some(written) = &marks.written
-        {
-            write_mark(&self.path, written)?;
-            marks.marked = Some(written.clone());
+        writes.flushed = self.log.end();
+        let applied = writes.applied;
+        drop(writes);
+        let mut marked = self.marked.lock().unwrap_or_else(|p| p.into_inner());
+        if *marked != Some(applied) {
+            write_mark(&self.path, applied)?;
+            *marked = Some(applied);
         }
         Ok(())
     }
@@ -803,9 +969,14 @@ impl Store for SledStore {
         // still holding one delays the open (which retries a held lock).
         let old = self.trees.write().unwrap_or_else(|p| p.into_inner()).take();
         drop(old);
-        let trees = open_trees(&self.path, self.flush_ms)?;
+        let trees = open_trees(&self.path, self.cache_bytes)?;
+        let applied = trees.applied()?;
         *self.trees.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(trees));
-        Ok(())
+        // What a failed write left at the end of the log is cut; what the log has and the
+        // reopened books do not is counted now.
+        self.log.reopen()?;
+        self.writes().applied = applied;
+        self.count_unapplied()
     }
 }
 
@@ -819,7 +990,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hour = 1_700_000_000 - 1_700_000_000 % 3600;
         {
-            let store = SledStore::open(dir.path(), 100).unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
             store
                 .record_calls(&[
                     call("key_a", hour * 1_000_000 + 1, "m1", 10),
@@ -832,7 +1003,7 @@ mod tests {
                 .unwrap();
             store.flush().unwrap();
         }
-        let store = SledStore::open(dir.path(), 100).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         let counters = |id| counters_of(&store, id);
         assert_eq!(counters("key_a").requests, 3);
         assert_eq!(counters("key_a").prompt_tokens, 31);
@@ -891,7 +1062,7 @@ mod tests {
     #[test]
     fn keys_are_found_by_their_current_and_previous_secrets_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 100).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         let mut a = key("key_a", "one");
         store.put_key(&a).unwrap();
         store.put_key(&key("key_b", "other")).unwrap();
@@ -918,7 +1089,7 @@ mod tests {
     #[test]
     fn keys_are_scanned_in_id_order_from_a_cursor_with_their_counters() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 100).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         for id in ["key_3", "key_1", "key_2", "key_4"] {
             store.put_key(&key(id, id)).unwrap();
         }
@@ -944,7 +1115,7 @@ mod tests {
     fn a_schema_1_store_gets_its_key_index_at_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = SledStore::open(dir.path(), 100).unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
             store.put_key(&key("key_a", "one")).unwrap();
             // What a schema-1 build left: keys, no index.
             store.trees().unwrap().key_hashes.clear().unwrap();
@@ -952,7 +1123,7 @@ mod tests {
             store.flush().unwrap();
             assert_eq!(found(&store, "one"), None);
         }
-        let store = SledStore::open(dir.path(), 100).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(found(&store, "one").as_deref(), Some("key_a"));
         assert_eq!(
             store.meta(SCHEMA_KEY).unwrap().as_deref(),
@@ -965,64 +1136,122 @@ mod tests {
     }
 
     #[test]
-    fn pruning_removes_old_calls_from_the_log_and_keeps_the_books() {
+    fn pruned_calls_leave_the_listing_at_once_and_for_good_and_the_books_stay() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 100).unwrap();
         let hour = 3_600_000_000;
-        store
-            .record_calls(&[
-                call("key_a", hour + 1, "m", 10),
-                call("key_a", hour + 2, "m", 10),
-                call("key_b", hour + 3, "m", 10),
-                call("key_a", 3 * hour, "m", 10),
-            ])
-            .unwrap();
-        assert_eq!(store.prune_calls(2 * hour, 2).unwrap(), 2);
-        assert_eq!(store.prune_calls(2 * hour, 100).unwrap(), 1);
-        assert_eq!(store.prune_calls(2 * hour, 100).unwrap(), 0);
-        let query = |key_id| CallQuery {
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store
+                .record_calls(&[
+                    call("key_a", hour + 1, "m", 10),
+                    call("key_a", hour + 2, "m", 10),
+                    call("key_b", hour + 3, "m", 10),
+                    call("key_a", 3 * hour, "m", 10),
+                ])
+                .unwrap();
+            // Their segment is the one being written: it stays on disk, they are not listed.
+            assert_eq!(store.prune_calls(2 * hour, 2).unwrap(), 0);
+            assert_eq!(times(&store, None), [3 * hour]);
+            assert_eq!(times(&store, Some("key_a")), [3 * hour]);
+            assert!(times(&store, Some("key_b")).is_empty());
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(times(&store, None), [3 * hour]);
+        assert_eq!(counters_of(&store, "key_a").requests, 3);
+        assert_eq!(store.usage("key_b", 0, 7200).unwrap()[0].requests, 1);
+    }
+
+    fn times(store: &SledStore, key_id: Option<&str>) -> Vec<i64> {
+        let query = CallQuery {
             key_id,
             before: None,
             from_micros: None,
             limit: 10,
             scan_limit: 1000,
         };
-        let times = |key_id| {
-            let (calls, _) = store.calls(&query(key_id), &|_: &CallRecord| true).unwrap();
-            calls.iter().map(|c| c.at_micros).collect::<Vec<_>>()
-        };
-        assert_eq!(times(None), [3 * hour]);
-        assert_eq!(times(Some("key_a")), [3 * hour]);
-        assert!(times(Some("key_b")).is_empty());
-        assert_eq!(counters_of(&store, "key_a").requests, 3);
-        assert_eq!(store.usage("key_b", 0, 7200).unwrap()[0].requests, 1);
+        let (calls, _) = store.calls(&query, &|_: &CallRecord| true).unwrap();
+        calls.iter().map(|c| c.at_micros).collect()
     }
 
     #[test]
-    fn pruning_keeps_the_call_the_durability_mark_names() {
+    fn calls_the_log_has_and_the_books_lost_are_counted_at_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = SledStore::open(dir.path(), 100).unwrap();
-            store.record_calls(&[call("key_a", 5, "m", 1)]).unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
+            store.record_calls(&[call("key_a", 1, "m", 10)]).unwrap();
             store.flush().unwrap();
-            assert_eq!(store.prune_calls(i64::MAX, 100).unwrap(), 0);
-            store.record_calls(&[call("key_a", 6, "m", 1)]).unwrap();
-            store.flush().unwrap();
-            assert_eq!(store.prune_calls(i64::MAX, 100).unwrap(), 1);
+            // A hard stop after a batch reached the log and before sled had it.
+            store.log.append(&[call("key_a", 2, "m", 10)]).unwrap();
         }
-        // The start-up check still finds the marked call.
-        SledStore::open(dir.path(), 100).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(counters_of(&store, "key_a").requests, 2);
+        assert_eq!(store.usage("key_a", 0, 7200).unwrap()[0].requests, 2);
+        drop(store);
+        // Counted once: the books now count the log to its end.
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(counters_of(&store, "key_a").requests, 2);
+    }
+
+    #[test]
+    fn a_schema_3_store_moves_its_call_log_out_of_sled_without_counting_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_key = |at: i64, id: &str| {
+            let mut key = at.to_be_bytes().to_vec();
+            key.extend_from_slice(id.as_bytes());
+            key
+        };
+        {
+            // What a schema-3 build left: the calls in sled, counted, and its mark.
+            let db = sled::open(dir.path()).unwrap();
+            let calls = db.open_tree("calls").unwrap();
+            for at in [1, 2] {
+                let record = call("key_a", at, "m", 10);
+                calls
+                    .insert(old_key(at, &record.request_id), encode(&record).unwrap())
+                    .unwrap();
+            }
+            let counters = KeyCounters {
+                requests: 2,
+                ..KeyCounters::default()
+            };
+            db.open_tree("counters")
+                .unwrap()
+                .insert("key_a", encode(&counters).unwrap())
+                .unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(SCHEMA_KEY, encode(&3u32).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+            let mark: String = old_key(2, "req-2")
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            std::fs::write(dir.path().join(MARK_FILE), mark).unwrap();
+        }
+        for _ in 0..2 {
+            let store = SledStore::open(dir.path()).unwrap();
+            assert_eq!(times(&store, None), [2, 1]);
+            assert_eq!(counters_of(&store, "key_a").requests, 2);
+            let t = store.trees().unwrap();
+            assert!(!t.db.tree_names().iter().any(|n| n.as_ref() == b"calls"));
+            assert_eq!(
+                store.meta(SCHEMA_KEY).unwrap().as_deref(),
+                Some(SCHEMA_VERSION.to_string().as_bytes())
+            );
+        }
     }
 
     #[test]
     fn a_store_from_a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = SledStore::open(dir.path(), 100).unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
             store.put_meta(SCHEMA_KEY, b"99").unwrap();
             store.flush().unwrap();
         }
-        let err = SledStore::open(dir.path(), 100).err().unwrap();
+        let err = SledStore::open(dir.path()).err().unwrap();
         assert!(
             matches!(err, StoreError::NewerSchema { found: 99, .. }),
             "{err}"
@@ -1032,7 +1261,7 @@ mod tests {
     #[test]
     fn a_call_already_in_the_log_is_not_counted_again() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 100).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         let first = call("key_a", 1_000_000, "m", 10);
         let second = call("key_a", 2_000_000, "m", 20);
         store.record_calls(std::slice::from_ref(&first)).unwrap();
@@ -1050,7 +1279,7 @@ mod tests {
     #[test]
     fn a_call_is_kept_once_per_reservation_whatever_its_time() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 100).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         let mut settled = call("key_a", 1_000_000, "m", 10);
         settled.reservation = Some(7);
         store.record_new_calls(&[settled]).unwrap();
@@ -1063,15 +1292,12 @@ mod tests {
         assert_eq!(counters_of(&store, "key_a").requests, 2);
         let found = store.recorded_reservations(&[6, 7, 8]).unwrap();
         assert_eq!(found, [7, 8].into_iter().collect());
-        // Pruned with its call.
-        store.prune_calls(i64::MAX, 10).unwrap();
-        assert!(store.recorded_reservations(&[7, 8]).unwrap().is_empty());
     }
 
     #[test]
     fn a_reopened_store_keeps_what_was_flushed_and_takes_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 100).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         store.record_calls(&[call("key_a", 1, "m", 10)]).unwrap();
         store.flush().unwrap();
         store.reopen().unwrap();
@@ -1083,11 +1309,11 @@ mod tests {
     fn a_store_that_lost_its_schema_version_is_refused_not_served_empty() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = SledStore::open(dir.path(), 100).unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
             store.trees().unwrap().meta.remove(SCHEMA_KEY).unwrap();
             store.flush().unwrap();
         }
-        let err = SledStore::open(dir.path(), 100).err().unwrap();
+        let err = SledStore::open(dir.path()).err().unwrap();
         let message = err.to_string();
         assert!(
             message.contains(&dir.path().display().to_string())
@@ -1097,31 +1323,30 @@ mod tests {
     }
 
     #[test]
-    fn a_store_missing_a_call_it_confirmed_durable_is_refused() {
+    fn books_that_count_less_than_a_flush_confirmed_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = SledStore::open(dir.path(), 100).unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
             store.record_calls(&[call("key_a", 1, "m", 10)]).unwrap();
             store.record_calls(&[call("key_a", 2, "m", 10)]).unwrap();
             store.flush().unwrap();
-            // What sled does to a log damaged before this call: it is simply gone.
-            store
-                .trees()
-                .unwrap()
-                .calls
-                .remove(call_key(2, "req-2"))
+            // What sled does to a log damaged before the last batch: it is simply gone.
+            let t = store.trees().unwrap();
+            t.meta
+                .insert(APPLIED_KEY, &LogPosition::default().to_bytes())
                 .unwrap();
-            store.trees().unwrap().db.flush().unwrap();
+            t.db.flush().unwrap();
         }
-        let message = SledStore::open(dir.path(), 100).err().unwrap().to_string();
+        let message = SledStore::open(dir.path()).err().unwrap().to_string();
         assert!(
-            message.contains("lost records it had confirmed durable (call req-2")
+            message.contains("lost records it had confirmed durable")
                 && message.contains(&dir.path().join(MARK_FILE).display().to_string()),
             "{message}"
         );
-        // Deleting the mark accepts the loss.
+        // Deleting the mark accepts the loss; the calls are counted again from the log.
         std::fs::remove_file(dir.path().join(MARK_FILE)).unwrap();
-        assert!(SledStore::open(dir.path(), 100).is_ok());
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(times(&store, None), [2, 1]);
     }
 
     fn exported(store: &SledStore) -> Vec<ExportRecord> {
@@ -1138,7 +1363,7 @@ mod tests {
     #[test]
     fn an_export_imported_into_an_empty_store_exports_the_same_books() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(&dir.path().join("a"), 100).unwrap();
+        let store = SledStore::open(&dir.path().join("a")).unwrap();
         store
             .put_user(&crate::core::testing::user("usr_1"))
             .unwrap();
@@ -1159,7 +1384,7 @@ mod tests {
                 .any(|r| matches!(r, ExportRecord::Meta { name, .. } if name == SCHEMA_KEY))
         );
 
-        let copy = SledStore::open(&dir.path().join("b"), 100).unwrap();
+        let copy = SledStore::open(&dir.path().join("b")).unwrap();
         assert!(copy.is_empty().unwrap());
         copy.import(&records).unwrap();
         assert!(!copy.is_empty().unwrap());

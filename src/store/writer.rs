@@ -2,17 +2,21 @@
 //! batches, so a request never waits for the store. When the store fails (a full disk),
 //! the calls it could not take stay in memory and are written again until it recovers;
 //! meanwhile the queue's [`StoreHealth`] tells the gate to refuse new calls.
+//!
+//! It runs on a thread of its own, not on the runtime's workers: a batch, a flush or a
+//! prune holds its thread for milliseconds, and on a worker that stalled every call the
+//! worker was serving (BENCHMARKS.md, "Where the tail came from").
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::journal::ReservationJournal;
 use crate::core::records::CallRecord;
-use crate::core::store::{Store, StoreError};
+use crate::core::store::Store;
 use crate::core::usage_sink::{StoreHealth, UsageQueue};
 
 /// The most calls written in one store transaction.
@@ -33,10 +37,12 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// How long shutdown keeps trying a failing store before it gives up on the calls it holds.
 const SHUTDOWN_RETRIES: u32 = 6;
 
-/// Owns the writer task; [`UsageWriter::stop`] drains the queue and flushes the store.
+/// Owns the writer's thread; [`UsageWriter::stop`] drains the queue and flushes the store.
 pub struct UsageWriter {
     stop: CancellationToken,
-    task: JoinHandle<usize>,
+    /// The number of calls whose usage could not be written, sent as the thread ends.
+    done: oneshot::Receiver<usize>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl UsageWriter {
@@ -49,7 +55,7 @@ impl UsageWriter {
         flush_every: Duration,
         retention: Option<Duration>,
         journal: Option<Arc<dyn ReservationJournal>>,
-    ) -> UsageWriter {
+    ) -> std::io::Result<UsageWriter> {
         let stop = CancellationToken::new();
         let writer = Writer {
             store,
@@ -59,21 +65,35 @@ impl UsageWriter {
             retention,
             journal,
         };
-        let task = tokio::spawn(writer.run(stop.clone(), flush_every));
-        UsageWriter { stop, task }
+        // Its own runtime, for the writer's timers; the store's calls block this thread only.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let (report, done) = oneshot::channel();
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("usage-writer".into())
+            .spawn(move || {
+                let unrecorded = runtime.block_on(writer.run(stopped, flush_every));
+                let _ = report.send(unrecorded);
+            })?;
+        Ok(UsageWriter { stop, done, thread })
     }
 
-    /// Writes everything queued so far, flushes the store and ends the task. Returns the
+    /// Writes everything queued so far, flushes the store and ends the thread. Returns the
     /// number of calls whose usage could not be written (the store failed to the end).
     pub async fn stop(self) -> usize {
         self.stop.cancel();
-        match self.task.await {
+        let unrecorded = match self.done.await {
             Ok(unrecorded) => unrecorded,
-            Err(e) => {
-                tracing::error!(error = %e, "usage writer failed");
+            Err(_) => {
+                tracing::error!("usage writer failed");
                 0
             }
-        }
+        };
+        // It has sent its report: what is left of the thread ends at once.
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+        unrecorded
     }
 }
 
@@ -136,7 +156,7 @@ impl Writer {
                     self.write();
                 }
                 () = tokio::time::sleep_until(next_flush) => {
-                    self.flush().await;
+                    self.flush();
                     next_flush = Instant::now() + flush_every;
                 }
                 () = tokio::time::sleep_until(next_prune), if self.retention.is_some() => {
@@ -146,7 +166,7 @@ impl Writer {
                         self.prune()
                     };
                     next_prune = Instant::now()
-                        + if pruned == PRUNE_BATCH { BATCH_WINDOW } else { PRUNE_EVERY };
+                        + if pruned >= PRUNE_BATCH { BATCH_WINDOW } else { PRUNE_EVERY };
                 }
                 () = stop.cancelled() => break,
             }
@@ -164,7 +184,7 @@ impl Writer {
                 while !self.batch.is_empty() && self.health().is_available() {
                     self.write();
                 }
-                self.flush().await;
+                self.flush();
             }
             if self.health().is_available() {
                 return 0;
@@ -215,15 +235,8 @@ impl Writer {
     }
 
     /// Confirms what was written; what a failed flush may have lost is kept for a retry.
-    ///
-    /// A flush waits for the disk (fsync): it runs on a blocking thread, not on the
-    /// runtime's workers that serve calls.
-    async fn flush(&mut self) {
-        let store = self.store.clone();
-        let result = tokio::task::spawn_blocking(move || store.flush())
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Io(format!("store flush failed: {e}"))));
-        match result {
+    fn flush(&mut self) {
+        match self.store.flush() {
             Ok(()) => {
                 let durable = std::mem::take(&mut self.unflushed);
                 self.close_reservations(&durable);
@@ -273,6 +286,8 @@ mod tests {
 
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::core::store::StoreError;
 
     use crate::core::records::{KeyCounters, KeyRecord, UsageBucket, UserRecord};
     use crate::core::store::{CallCursor, CallQuery};
@@ -392,12 +407,13 @@ mod tests {
     async fn a_failing_store_keeps_the_calls_in_memory_and_gets_them_once_it_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FillableStore {
-            inner: SledStore::open(dir.path(), 50).unwrap(),
+            inner: SledStore::open(dir.path()).unwrap(),
             full: AtomicBool::new(false),
         });
         let (sink, queue) = usage_channel();
         let writer =
-            UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None, None);
+            UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None, None)
+                .unwrap();
         sink.record(call("key_a", 1, "m", 10));
         until("the first call is written", || sink.backlog() == 0).await;
         assert!(sink.health().is_available());
@@ -434,12 +450,13 @@ mod tests {
     async fn a_store_failing_to_the_end_of_shutdown_reports_the_calls_it_did_not_get() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FillableStore {
-            inner: SledStore::open(dir.path(), 50).unwrap(),
+            inner: SledStore::open(dir.path()).unwrap(),
             full: AtomicBool::new(true),
         });
         let (sink, queue) = usage_channel();
         let writer =
-            UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None, None);
+            UsageWriter::spawn(store.clone(), queue, Duration::from_millis(50), None, None)
+                .unwrap();
         sink.record(call("key_a", 1, "m", 10));
         sink.record(call("key_a", 2, "m", 10));
         assert_eq!(writer.stop().await, 2);

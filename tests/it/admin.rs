@@ -363,10 +363,14 @@ async fn usage_is_reported_per_user_by_day_and_calls_are_filtered() {
     assert_eq!(everyone["calls"].as_array().unwrap().len(), 4);
     let (_, none) = gw.admin(Method::GET, "/calls?model=other", None).await;
     assert!(none["calls"].as_array().unwrap().is_empty());
-    let (status, _) = gw
-        .admin(Method::GET, "/calls?page_token=garbage", None)
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Tokens no page gave out: not a token at all, one inside a call, one past the end.
+    for token in ["garbage", "0.3", "0.ffffff", "ff.0"] {
+        let (status, body) = gw
+            .admin(Method::GET, &format!("/calls?page_token={token}"), None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{token}: {body}");
+        assert_eq!(body["error"]["param"], "page_token", "{token}");
+    }
 }
 
 #[tokio::test]

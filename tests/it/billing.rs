@@ -235,7 +235,7 @@ async fn calls_older_than_the_retention_leave_the_log_and_the_books_stay() {
     gw.stop().await;
     // Two calls from 100 days ago, as the gateway running then recorded them.
     {
-        let store = SledStore::open(&gw.config.store.path, 50).unwrap();
+        let store = SledStore::open(&gw.config.store.path).unwrap();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap();

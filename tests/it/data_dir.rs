@@ -70,7 +70,7 @@ async fn a_store_from_a_newer_schema_stops_the_start_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let (config, data) = used_data_dir(dir.path()).await;
     {
-        let store = SledStore::open(&data, 50).unwrap();
+        let store = SledStore::open(&data).unwrap();
         store.put_meta("schema_version", b"99").unwrap();
         store.flush().unwrap();
     }
