@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::call::CallPath;
-use crate::config::{BackendConfig, Durability, GatewayConfig};
+use crate::config::{BackendConfig, Durability, GatewayConfig, StoreBackend};
 use crate::core::admin::{NewKey, NewUser};
 use crate::core::journal::{self, ReservationJournal};
 use crate::core::limits::KeyLimits;
@@ -27,7 +27,7 @@ use crate::server::ConnectionLimits;
 use crate::sim::{
     DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig,
 };
-use crate::store::{FileJournal, SledStore, UsageWriter};
+use crate::store::{FileJournal, PostgresStore, SledStore, UsageWriter};
 use crate::upstream::UpstreamPool;
 
 const ADMIN_TOKEN_META: &str = "admin_token_hash";
@@ -153,10 +153,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             config.store.path.display()
         )
     })?;
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&config.store.path, config.store.flush_interval_ms)
-            .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
-    );
+    let store = open_store(&config)?;
     let journal = open_journal(&config, &*store).await?;
     let admin_token = AdminToken::find(&config, &*store)?;
 
@@ -270,6 +267,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         grpc = %grpc_addr.unwrap_or(addr),
         upstream = %config.upstream.url,
         data = %config.store.path.display(),
+        store = %store_name(&config),
         "step3-gateway listening"
     );
     Ok(RunningGateway {
@@ -366,6 +364,34 @@ async fn serve(
         tracing::info!("step3-gateway stopped; usage flushed");
     }
     unrecorded
+}
+
+/// The books: sled in the data directory, or the shared store (Postgres).
+fn open_store(config: &GatewayConfig) -> anyhow::Result<Arc<dyn Store>> {
+    let path = &config.store.path;
+    Ok(match (config.store.backend, &config.store.postgres_url) {
+        (StoreBackend::Shared, Some(url)) => Arc::new(
+            PostgresStore::open(
+                url.expose(),
+                path,
+                Duration::from_millis(config.store.timeout_ms),
+                config.store.max_connections,
+            )
+            .with_context(|| format!("cannot open the shared store at {url}"))?,
+        ),
+        _ => Arc::new(
+            SledStore::open(path, config.store.flush_interval_ms)
+                .with_context(|| format!("cannot open the store in {}", path.display()))?,
+        ),
+    })
+}
+
+/// Where the books are, for the log: the shared store's URL without its password.
+fn store_name(config: &GatewayConfig) -> String {
+    match (config.store.backend, &config.store.postgres_url) {
+        (StoreBackend::Shared, Some(url)) => url.to_string(),
+        _ => "sled".into(),
+    }
 }
 
 /// Opens the reservation journal and settles what the last run left open, before anything

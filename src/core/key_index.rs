@@ -332,9 +332,7 @@ impl KeyIndex {
             return Err(GatewayError::InvalidApiKey("This API key has expired."));
         }
         let user = self
-            .users
-            .get(&record.user_id)
-            .map(|entry| entry.value().clone())
+            .user_state(&record.user_id)?
             .ok_or(GatewayError::InvalidApiKey(UNKNOWN))?;
         let user_record = user.record();
         if !user_record.active {
@@ -348,6 +346,20 @@ impl KeyIndex {
             user,
             user_record,
         })
+    }
+
+    /// A user by id. One not in memory was made by another gateway sharing the store
+    /// (users are loaded whole at start): the users are read again, once per such miss.
+    fn user_state(&self, id: &str) -> Result<Option<Arc<UserState>>, GatewayError> {
+        if let Some(user) = self.users.get(id) {
+            return Ok(Some(user.value().clone()));
+        }
+        for user in self.store.load_users()? {
+            if let dashmap::Entry::Vacant(slot) = self.users.entry(user.id.clone()) {
+                slot.insert(Arc::new(UserState::new(user)));
+            }
+        }
+        Ok(self.users.get(id).map(|user| user.value().clone()))
     }
 
     /// Checks the admin token in constant time.

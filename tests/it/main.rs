@@ -29,5 +29,6 @@ mod openai_sdk;
 mod pool;
 mod reflection_client;
 mod secrets;
+mod shared;
 mod surface;
 mod tls_upstream;
