@@ -16,6 +16,7 @@ use crate::core::admin::{NewKey, NewUser};
 use crate::core::journal::{self, ReservationJournal};
 use crate::core::limits::KeyLimits;
 use crate::core::request::RequestOptions;
+use crate::core::shared_limits::Change;
 use crate::core::store::Store;
 use crate::core::usage_sink::usage_channel;
 use crate::core::{GateSettings, Gateway, keys};
@@ -27,7 +28,9 @@ use crate::server::ConnectionLimits;
 use crate::sim::{
     DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig,
 };
-use crate::store::{FileJournal, PostgresStore, SledStore, UsageWriter};
+use crate::store::{
+    FileJournal, PostgresStore, RedisLimits, RedisSettings, SledStore, UsageWriter,
+};
 use crate::upstream::UpstreamPool;
 
 const ADMIN_TOKEN_META: &str = "admin_token_hash";
@@ -185,6 +188,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     if let Some(journal) = journal_port {
         gateway = gateway.with_journal(journal);
     }
+    let shared_limits = connect_shared_limits(&config, &store).await?;
+    if let Some(shared) = &shared_limits {
+        gateway = gateway.with_shared_limits(shared.clone());
+    }
     let gateway = Arc::new(gateway);
 
     let upstream = Arc::new(UpstreamPool::new(config.upstream.pool_settings())?);
@@ -205,6 +212,15 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     // it), then keep checking.
     call.upstream.check_health().await;
     call.upstream.spawn_health_checks(shutdown.clone());
+    if let Some(shared) = &shared_limits {
+        let gateway = gateway.clone();
+        let refresh = move |change: Change| {
+            if let Err(e) = gateway.refresh(&change) {
+                tracing::warn!(?change, error = %e, "cannot read a changed record again");
+            }
+        };
+        shared.listen(Arc::new(refresh), shutdown.clone());
+    }
     let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
     let state = AppState {
@@ -384,6 +400,28 @@ fn open_store(config: &GatewayConfig) -> anyhow::Result<Arc<dyn Store>> {
                 .with_context(|| format!("cannot open the store in {}", path.display()))?,
         ),
     })
+}
+
+/// Several replicas: the Redis their limits are counted in, when one is configured.
+async fn connect_shared_limits(
+    config: &GatewayConfig,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<Option<Arc<RedisLimits>>> {
+    let (StoreBackend::Shared, Some(url)) = (config.store.backend, &config.store.redis_url) else {
+        return Ok(None);
+    };
+    let settings = RedisSettings {
+        prefix: config.store.redis_prefix.clone(),
+        timeout: Duration::from_millis(config.store.timeout_ms),
+        // A call lasts at most the upstream's total timeout, and the grace at shutdown.
+        slot_hold: Duration::from_secs(config.upstream.total_timeout_secs)
+            + config.shutdown_grace()
+            + Duration::from_secs(60),
+    };
+    let limits = RedisLimits::connect(url.expose(), settings, store.clone())
+        .await
+        .with_context(|| format!("cannot reach the shared limits at {url}"))?;
+    Ok(Some(Arc::new(limits)))
 }
 
 /// Where the books are, for the log: the shared store's URL without its password.

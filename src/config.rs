@@ -242,6 +242,12 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     /// The shared store's Postgres, e.g. `postgres://gateway:secret@db:5432/gateway`.
     pub postgres_url: Option<SecretUrl>,
+    /// The shared limits' Redis (or Valkey), e.g. `redis://:secret@cache:6379/0`: per-minute
+    /// limits, calls in flight and quotas then hold across replicas. Unset, each replica
+    /// enforces them on its own.
+    pub redis_url: Option<SecretUrl>,
+    /// Put before every Redis key and channel; one deployment's replicas share it.
+    pub redis_prefix: String,
     /// The longest any one call to the shared store may take; past it the call fails (a
     /// request is refused, a batch of usage is kept and retried).
     pub timeout_ms: u64,
@@ -327,6 +333,8 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: StoreBackend::default(),
             postgres_url: None,
+            redis_url: None,
+            redis_prefix: "step3gw".into(),
             timeout_ms: 2000,
             max_connections: 8,
             path: PathBuf::from("./data"),
@@ -344,6 +352,21 @@ impl StoreConfig {
             return Err(ConfigError::Invalid(
                 "store.timeout_ms and store.max_connections must be at least 1".into(),
             ));
+        }
+        if let Some(url) = &self.redis_url {
+            if self.backend != StoreBackend::Shared {
+                return Err(ConfigError::Invalid(
+                    "store.redis_url is used with store.backend = \"shared\" only".into(),
+                ));
+            }
+            if !["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|scheme| url.expose().starts_with(scheme))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "store.redis_url must start with redis://, rediss:// or unix://, got `{url}`"
+                )));
+            }
         }
         match (self.backend, &self.postgres_url) {
             (StoreBackend::Shared, None) => Err(ConfigError::Invalid(

@@ -350,16 +350,22 @@ impl KeyIndex {
 
     /// A user by id. One not in memory was made by another gateway sharing the store
     /// (users are loaded whole at start): the users are read again, once per such miss.
-    fn user_state(&self, id: &str) -> Result<Option<Arc<UserState>>, GatewayError> {
+    pub(super) fn user_state(&self, id: &str) -> Result<Option<Arc<UserState>>, GatewayError> {
         if let Some(user) = self.users.get(id) {
             return Ok(Some(user.value().clone()));
         }
+        self.load_new_users()?;
+        Ok(self.users.get(id).map(|user| user.value().clone()))
+    }
+
+    /// Adds the users the store has and this gateway does not (made by another replica).
+    pub(super) fn load_new_users(&self) -> Result<(), GatewayError> {
         for user in self.store.load_users()? {
             if let dashmap::Entry::Vacant(slot) = self.users.entry(user.id.clone()) {
                 slot.insert(Arc::new(UserState::new(user)));
             }
         }
-        Ok(self.users.get(id).map(|user| user.value().clone()))
+        Ok(())
     }
 
     /// Checks the admin token in constant time.

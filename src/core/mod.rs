@@ -17,6 +17,7 @@ pub mod rate_limit;
 pub mod records;
 pub mod request;
 mod settlement;
+pub mod shared_limits;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -1,15 +1,17 @@
 //! Implementations of core's store port: sled (embedded), Postgres (shared by several
-//! replicas), the reservation journal (durable
+//! replicas) with Redis for the limits they share, the reservation journal (durable
 //! mode), and the background writer that drains the gate's usage queue in batches so that
 //! no request waits for the disk.
 
 mod journal;
 mod postgres;
+mod redis;
 mod sled_store;
 mod writer;
 
 pub use journal::FileJournal;
 pub use postgres::PostgresStore;
+pub use redis::{RedisLimits, RedisSettings};
 pub use sled_store::SledStore;
 pub use writer::UsageWriter;
 

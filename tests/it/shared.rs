@@ -1,7 +1,11 @@
-//! The shared store: several gateways on one Postgres share keys and one set of books;
-//! a batch written twice counts once; a store that cannot be reached or is newer than
-//! the build is refused at start with a message that hides the URL's password.
+//! The shared store: several gateways on one Postgres share keys and one set of books,
+//! and with Redis their limits and quotas hold across them exactly; a batch written twice
+//! counts once; admin changes reach every replica; a store that cannot be reached or is
+//! newer than the build is refused at start with a message that hides the URL's password.
 
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use step3_gateway::app;
@@ -11,10 +15,183 @@ use step3_gateway::core::store::Store;
 use step3_gateway::store::PostgresStore;
 
 use crate::common::postgres::{fresh_database, psql};
-use crate::common::{RestApi, TestGateway, chat_body};
+use crate::common::redis::{OwnRedis, fresh_prefix};
+use crate::common::{RestApi, TestGateway, chat_body, expect_error};
 
 async fn replica(url: &str) -> TestGateway {
     TestGateway::builder().shared_store(url).start().await
+}
+
+/// Three replicas on one Postgres and one Redis, each in front of a model server of its own.
+async fn three_replicas() -> Vec<TestGateway> {
+    let (url, redis) = (fresh_database(), fresh_prefix());
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let gw = TestGateway::builder()
+            .shared_store(&url)
+            .shared_limits(&redis)
+            .start()
+            .await;
+        replicas.push(gw);
+    }
+    replicas
+}
+
+/// `n` calls with `secret`, spread over the replicas in turn, all at once; their statuses.
+async fn spread(replicas: &[TestGateway], secret: &str, n: usize) -> Vec<StatusCode> {
+    let calls = (0..n).map(|i| {
+        let gw = &replicas[i % replicas.len()];
+        async move { gw.chat(secret, &chat_body("spread")).await.status() }
+    });
+    join_all(calls).await
+}
+
+fn count(statuses: &[StatusCode], status: StatusCode) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+fn served(replicas: &[TestGateway]) -> u64 {
+    replicas
+        .iter()
+        .map(|gw| gw.sim.simulator.stats().chat_requests)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_per_minute_limit_holds_across_replicas_for_a_key_and_for_a_user() {
+    let replicas = three_replicas().await;
+    let key = replicas[0].create_key(json!({"rpm_limit": 30})).await;
+    let statuses = spread(&replicas, &key.secret, 60).await;
+    assert_eq!(count(&statuses, StatusCode::OK), 30, "{statuses:?}");
+    assert_eq!(count(&statuses, StatusCode::TOO_MANY_REQUESTS), 30);
+    assert_eq!(served(&replicas), 30);
+    // A user's limit over two keys, on every replica.
+    let user = replicas[1]
+        .create_user(json!({"name": "team", "rpm_limit": 12}))
+        .await;
+    let first = replicas[1].create_key_for(&user, json!({})).await;
+    let second = replicas[2].create_key_for(&user, json!({})).await;
+    let (a, b) = tokio::join!(
+        spread(&replicas, &first.secret, 15),
+        spread(&replicas, &second.secret, 15)
+    );
+    assert_eq!(count(&a, StatusCode::OK) + count(&b, StatusCode::OK), 12);
+    assert_eq!(served(&replicas), 42);
+}
+
+#[tokio::test]
+async fn a_request_quota_holds_exactly_under_concurrent_calls_across_replicas() {
+    let mut replicas = three_replicas().await;
+    let key = replicas[0].create_key(json!({"request_quota": 100})).await;
+    let statuses = spread(&replicas, &key.secret, 200).await;
+    assert_eq!(count(&statuses, StatusCode::OK), 100, "{statuses:?}");
+    assert_eq!(served(&replicas), 100);
+    // The books agree: call log, hourly usage, and the counters a replica loads.
+    assert_eq!(replicas[1].wait_for_calls(&key.id, 100).await.len(), 100);
+    let (_, usage) = replicas[2]
+        .admin(Method::GET, &format!("/keys/{}/usage", key.id), None)
+        .await;
+    assert_eq!(usage["requests"], 100, "{usage}");
+    replicas[2].restart().await;
+    let (_, shown) = replicas[2]
+        .admin(Method::GET, &format!("/keys/{}", key.id), None)
+        .await;
+    assert_eq!(shown["requests_used"], 100, "{shown}");
+    assert_eq!(shown["prompt_tokens_used"], usage["prompt_tokens"]);
+    let refused = replicas[2].chat(&key.secret, &chat_body("one more")).await;
+    assert_eq!(
+        expect_error(refused, StatusCode::TOO_MANY_REQUESTS).await["code"],
+        "insufficient_quota"
+    );
+}
+
+/// Calls `secret` on `gw` until it is refused with 401 (bounded, five seconds).
+async fn wait_until_refused(gw: &TestGateway, secret: &str) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if gw.chat(secret, &chat_body("still?")).await.status() == StatusCode::UNAUTHORIZED {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the change never reached the other replica");
+}
+
+#[tokio::test]
+async fn a_key_revoked_or_rotated_on_one_replica_is_refused_on_the_others() {
+    let replicas = three_replicas().await;
+    let (a, c) = (&replicas[0], &replicas[2]);
+    let key = a.create_key(json!({})).await;
+    let other = a.create_key(json!({})).await;
+    for secret in [&key.secret, &other.secret] {
+        // Held by replica C from here on.
+        assert_eq!(
+            c.chat(secret, &chat_body("hi")).await.status(),
+            StatusCode::OK
+        );
+    }
+    let (status, _) = a
+        .admin(Method::DELETE, &format!("/keys/{}", key.id), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    wait_until_refused(c, &key.secret).await;
+    let (status, rotated) = a
+        .admin(
+            Method::POST,
+            &format!("/keys/{}/rotate", other.id),
+            Some(json!({"grace_seconds": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    wait_until_refused(c, &other.secret).await;
+    let new_secret = rotated["secret"].as_str().unwrap();
+    assert_eq!(
+        c.chat(new_secret, &chat_body("new")).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_refuses_keys_with_a_quota_lets_others_through_and_recovers() {
+    let mut redis = OwnRedis::start();
+    let gw = TestGateway::builder()
+        .shared_store(&fresh_database())
+        .shared_limits(&(redis.url.clone(), "own".into()))
+        .config(|c| c.store.timeout_ms = 300)
+        .start()
+        .await;
+    let limited = gw.create_key(json!({"request_quota": 10})).await;
+    let open = gw.create_key(json!({})).await;
+    let ok = gw.chat(&limited.secret, &chat_body("before")).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    redis.stop();
+    let refused = gw.chat(&limited.secret, &chat_body("after")).await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let error = expect_error(refused, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(error["code"], "store_unavailable");
+    let open_call = gw.chat(&open.secret, &chat_body("after")).await;
+    assert_eq!(open_call.status(), StatusCode::OK);
+    assert_eq!(gw.sim.simulator.stats().chat_requests, 2);
+    // A new, empty Redis: the key's counters come back from the books, so its quota
+    // still counts the calls made before (bounded wait for the reconnection).
+    redis.restart();
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        let status = gw.chat(&limited.secret, &chat_body("again")).await.status();
+        statuses.push(status);
+        if status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(statuses.last(), Some(&StatusCode::OK), "{statuses:?}");
+    for _ in 0..8 {
+        let status = gw.chat(&limited.secret, &chat_body("more")).await.status();
+        assert_eq!(status, StatusCode::OK);
+    }
+    // 1 + 1 + 8 = the quota of 10.
+    let refused = gw.chat(&limited.secret, &chat_body("over")).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
 }
 
 #[tokio::test]

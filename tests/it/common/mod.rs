@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod postgres;
+pub mod redis;
 mod rest;
 
 use std::net::SocketAddr;
@@ -34,11 +35,13 @@ pub struct Builder {
     tweaks: Vec<ConfigTweak>,
     embedding_backend: bool,
     postgres_url: Option<String>,
+    redis: Option<(String, String)>,
 }
 
 /// `STEP3_TEST_STORE=shared`: every gateway the builder starts keeps its books in a
-/// fresh database of the test run's Postgres instead of sled (`scripts/test.sh` runs the
-/// store-agnostic suites both ways).
+/// fresh database of the test run's Postgres instead of sled, and counts its limits in the
+/// test run's Redis under a fresh prefix (`scripts/test.sh` runs the store-agnostic
+/// suites both ways).
 pub fn shared_by_default() -> bool {
     std::env::var("STEP3_TEST_STORE").is_ok_and(|store| store == "shared")
 }
@@ -60,6 +63,13 @@ impl Builder {
     /// their keys and books.
     pub fn shared_store(mut self, url: &str) -> Self {
         self.postgres_url = Some(url.to_owned());
+        self
+    }
+
+    /// The shared limits in the Redis at `url`, under `prefix`: replicas given the same
+    /// pair share them.
+    pub fn shared_limits(mut self, (url, prefix): &(String, String)) -> Self {
+        self.redis = Some((url.clone(), prefix.clone()));
         self
     }
 
@@ -93,9 +103,18 @@ impl Builder {
         let postgres_url = self
             .postgres_url
             .or_else(|| shared_by_default().then(postgres::fresh_database));
+        let redis = match self.redis {
+            Some(redis) => Some(redis),
+            None if shared_by_default() => Some(redis::fresh_prefix()),
+            None => None,
+        };
         if let Some(url) = postgres_url {
             config.store.backend = StoreBackend::Shared;
             config.store.postgres_url = Some(SecretUrl::new(url));
+        }
+        if let Some((url, prefix)) = redis {
+            config.store.redis_url = Some(SecretUrl::new(url));
+            config.store.redis_prefix = prefix;
         }
         if let Some(embed) = &embed_sim {
             config.upstream.backends = vec![
@@ -143,6 +162,7 @@ impl TestGateway {
             tweaks: Vec::new(),
             embedding_backend: false,
             postgres_url: None,
+            redis: None,
         }
     }
 

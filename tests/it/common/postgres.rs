@@ -92,7 +92,7 @@ fn run(command: &mut Command, what: &str) {
     );
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -146,13 +146,10 @@ fn start() -> Server {
     Server { port, bin }
 }
 
-/// A detached shell (started in the background by a shell that exits at once) that waits
-/// for this test process to end, then stops the server and removes its directory.
+/// Stops the server and removes its directory once this test process has ended.
 fn watch(bin: &Path, dir: &Path, data: &Path) {
-    let stop = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
-         {runuser}'{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
-        pid = std::process::id(),
+    watch_for_exit(&format!(
+        "{runuser}'{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
         runuser = if is_root() {
             "runuser -u postgres -- "
         } else {
@@ -161,16 +158,25 @@ fn watch(bin: &Path, dir: &Path, data: &Path) {
         pg_ctl = bin.join("pg_ctl").display(),
         data = data.display(),
         dir = dir.display(),
+    ));
+}
+
+/// Runs the shell command `cleanup` once this test process has ended: from a detached
+/// shell (started in the background by a shell that exits at once) that waits for it.
+pub fn watch_for_exit(cleanup: &str) {
+    let watcher = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {cleanup}",
+        pid = std::process::id(),
     );
     let status = Command::new("sh")
         .args([
             "-c",
             "setsid sh -c \"$0\" </dev/null >/dev/null 2>&1 &",
-            &stop,
+            &watcher,
         ])
         .status()
         .unwrap();
-    assert!(status.success(), "the Postgres watcher did not start");
+    assert!(status.success(), "the watcher did not start");
 }
 
 /// Runs `sql` in the database at `url` (one of [`fresh_database`]'s) with `psql`.
