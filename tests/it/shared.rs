@@ -383,3 +383,66 @@ fn shared_needs_a_postgres_url() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn postgres_stopped_under_load_loses_nothing_and_doubles_nothing() {
+    let postgres = crate::common::postgres::OwnPostgres::start();
+    let gw = TestGateway::builder()
+        .shared_store(&postgres.url)
+        .config(|c| c.store.timeout_ms = 500)
+        .start()
+        .await;
+    let key = gw.create_key(json!({})).await;
+    let body = chat_body("load");
+    let load = |n: usize| {
+        let calls = (0..n).map(|_| gw.chat(&key.secret, &body));
+        async move {
+            join_all(calls)
+                .await
+                .iter()
+                .map(|r| r.status())
+                .collect::<Vec<_>>()
+        }
+    };
+    let before = load(20).await;
+    postgres.pause();
+    // Calls go on until the usage writer finds it cannot write; then they are refused.
+    let mut during = Vec::new();
+    for _ in 0..100 {
+        let statuses = load(5).await;
+        during.extend_from_slice(&statuses);
+        if statuses.contains(&StatusCode::SERVICE_UNAVAILABLE) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        during.contains(&StatusCode::SERVICE_UNAVAILABLE),
+        "{during:?}"
+    );
+    postgres.resume();
+    // Back by itself: the held usage is written, and new calls are taken again.
+    let mut after = Vec::new();
+    for _ in 0..100 {
+        after = load(5).await;
+        if after.iter().all(|s| *s == StatusCode::OK) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(after.iter().all(|s| *s == StatusCode::OK), "{after:?}");
+    let answered = [before, during, after]
+        .concat()
+        .iter()
+        .filter(|s| **s == StatusCode::OK)
+        .count();
+    // Every call the model server answered is on the books once, none twice.
+    let served = usize::try_from(gw.sim.simulator.stats().chat_requests).unwrap();
+    assert_eq!(answered, served);
+    let calls = gw.wait_for_calls(&key.id, served).await;
+    assert_eq!(calls.len(), served);
+    let (_, usage) = gw
+        .admin(Method::GET, &format!("/keys/{}/usage", key.id), None)
+        .await;
+    assert_eq!(usage["requests"], served, "{usage}");
+}

@@ -101,49 +101,108 @@ pub fn free_port() -> u16 {
 }
 
 fn start() -> Server {
-    let bin = bin_dir();
-    // Kept past this function: the watcher removes it once the server has stopped.
-    let dir = tempfile::Builder::new()
-        .prefix("step3gw-pg-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    let data = dir.join("data");
-    if is_root() {
+    let own = OwnPostgres::start();
+    watch(&own.bin, &own.dir, &own.dir.join("data"));
+    let server = Server {
+        port: own.port,
+        bin: own.bin.clone(),
+    };
+    // Stopped and removed by the watcher when the test binary exits.
+    std::mem::forget(own);
+    server
+}
+
+/// A Postgres of one test's own, for tests that stop it: one database, `books`, made at
+/// start. Stopped and removed when dropped.
+pub struct OwnPostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    pub url: String,
+}
+
+impl OwnPostgres {
+    pub fn start() -> Self {
+        let bin = bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("step3gw-pg-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        if is_root() {
+            run(
+                Command::new("chown").args(["-R", USER]).arg(&dir),
+                "chown the Postgres directory",
+            );
+        }
         run(
-            Command::new("chown").args(["-R", USER]).arg(&dir),
-            "chown the Postgres directory",
+            as_owner(&bin.join("initdb"))
+                .arg("-D")
+                .arg(dir.join("data"))
+                .args(["-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8"]),
+            "initdb",
+        );
+        let port = free_port();
+        let own = OwnPostgres {
+            url: format!("postgres://{USER}@127.0.0.1:{port}/books"),
+            bin,
+            dir,
+            port,
+        };
+        own.resume();
+        run(
+            Command::new(own.bin.join("createdb")).args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                USER,
+                "books",
+            ]),
+            "createdb",
+        );
+        own
+    }
+
+    fn pg_ctl(&self) -> Command {
+        let mut command = as_owner(&self.bin.join("pg_ctl"));
+        command.arg("-D").arg(self.dir.join("data"));
+        command
+    }
+
+    /// Stops the server (fast: connections are cut).
+    pub fn pause(&self) {
+        run(
+            self.pg_ctl().args(["-m", "fast", "-w", "stop"]),
+            "pg_ctl stop",
         );
     }
-    run(
-        as_owner(&bin.join("initdb")).arg("-D").arg(&data).args([
-            "-U",
-            USER,
-            "--auth=trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        ]),
-        "initdb",
-    );
-    let port = free_port();
-    let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-         -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
-        dir.display()
-    );
-    run(
-        as_owner(&bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-o", &options, "-l"])
-            .arg(dir.join("log"))
-            .args(["-w", "start"])
-            .stdout(Stdio::null()),
-        "pg_ctl start",
-    );
-    watch(&bin, &dir, &data);
-    Server { port, bin }
+
+    /// Starts it (again) on its port.
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+            self.port,
+            self.dir.display()
+        );
+        run(
+            self.pg_ctl()
+                .args(["-o", &options, "-l"])
+                .arg(self.dir.join("log"))
+                .args(["-w", "start"])
+                .stdout(Stdio::null()),
+            "pg_ctl start",
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl().args(["-m", "immediate", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Stops the server and removes its directory once this test process has ended.
