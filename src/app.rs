@@ -424,10 +424,12 @@ async fn connect_shared_limits(
     Ok(Some(Arc::new(limits)))
 }
 
-/// Where the books are, for the log: the shared store's URL without its password.
+/// Where the books (and shared limits) are, for the log: URLs without their passwords.
 fn store_name(config: &GatewayConfig) -> String {
-    match (config.store.backend, &config.store.postgres_url) {
-        (StoreBackend::Shared, Some(url)) => url.to_string(),
+    let store = &config.store;
+    match (store.backend, &store.postgres_url, &store.redis_url) {
+        (StoreBackend::Shared, Some(books), Some(limits)) => format!("{books} + {limits}"),
+        (StoreBackend::Shared, Some(books), None) => books.to_string(),
         _ => "sled".into(),
     }
 }
