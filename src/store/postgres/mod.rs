@@ -287,13 +287,18 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
         .write(true)
         .open(&path)
         .map_err(|e| io(&format!("cannot open {}", path.display()), e))?;
-    file.try_lock().map_err(|_| {
-        StoreError::Io(format!(
-            "{} is locked by another gateway: each replica needs a data directory of its own",
-            dir.display()
-        ))
-    })?;
-    Ok(file)
+    // As with sled: a gateway that is still stopping (in this process or another) holds
+    // the lock for a moment, so a held lock is tried again for up to two seconds.
+    for _ in 0..100 {
+        if file.try_lock().is_ok() {
+            return Ok(file);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(StoreError::Io(format!(
+        "{} is locked by another gateway: each replica needs a data directory of its own",
+        dir.display()
+    )))
 }
 
 /// This replica's origin: random, made at its first start, kept in its data directory
