@@ -152,6 +152,111 @@ async fn bench_key(gateway_url: &str) -> anyhow::Result<String> {
 /// round); per target the median over the rounds of each figure, and what each mode adds to
 /// calling the simulator directly, measured in the same round.
 async fn durability(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()> {
+    let fast = (
+        "flush_interval",
+        "durability = \"flush_interval\"\n".to_owned(),
+    );
+    compare(cpu, seconds, rounds, "reservations", fast, None).await
+}
+
+/// sled against the shared store (Postgres at `BENCH_POSTGRES_URL`, Redis at
+/// `BENCH_REDIS_URL`, both on this machine), then Redis's own cost per call.
+async fn shared(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()> {
+    let postgres = std::env::var("BENCH_POSTGRES_URL").context("BENCH_POSTGRES_URL")?;
+    let redis = std::env::var("BENCH_REDIS_URL").context("BENCH_REDIS_URL")?;
+    let lines = format!(
+        // A generous deadline: on a loaded machine a slow fsync is not an outage.
+        "backend = \"shared\"\npostgres_url = \"{postgres}\"\nredis_url = \"{redis}\"\n\
+         timeout_ms = 10000\n"
+    );
+    compare(
+        cpu,
+        seconds,
+        rounds,
+        "sled",
+        ("shared", lines),
+        Some(&redis),
+    )
+    .await
+}
+
+/// Redis round trips and Redis CPU per call: 2,000 JSON calls, one at a time, after
+/// Redis's statistics are reset.
+async fn redis_cost(gateway_url: &str, key: &str, redis_url: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let info = async |redis: &mut redis::aio::MultiplexedConnection, section: &str| {
+        redis::cmd("INFO")
+            .arg(section)
+            .query_async::<String>(redis)
+            .await
+    };
+    let cpu = |info: &str| -> f64 {
+        info.lines()
+            .filter_map(|l| {
+                l.strip_prefix("used_cpu_sys:")
+                    .or(l.strip_prefix("used_cpu_user:"))
+            })
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum()
+    };
+    let http = reqwest::Client::new();
+    let n = 2000;
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(&mut redis)
+        .await?;
+    let cpu_before = cpu(&info(&mut redis, "cpu").await?);
+    for _ in 0..n {
+        http.post(format!("{gateway_url}/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    // Settlements are sent without waiting: let the last ones arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu_after = cpu(&info(&mut redis, "cpu").await?);
+    let stats = info(&mut redis, "commandstats").await?;
+    let calls_of = |prefix: &str| -> u64 {
+        stats
+            .lines()
+            .filter(|l| l.starts_with(prefix) && !l.starts_with("cmdstat_info:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    // A script is one round trip (EVALSHA, or EVAL when Redis did not have it yet); the
+    // commands it runs inside Redis are counted too.
+    let round_trips = calls_of("cmdstat_evalsha:") + calls_of("cmdstat_eval:");
+    println!(
+        "\nRedis, {n} JSON calls one at a time: {:.2} round trips per call, {:.1} commands \
+         run per call (scripts' included), {:.1} µs of Redis CPU per call",
+        round_trips as f64 / n as f64,
+        calls_of("cmdstat_") as f64 / n as f64,
+        (cpu_after - cpu_before) * 1e6 / n as f64,
+    );
+    Ok(())
+}
+
+/// Two gateways on one simulator, `base` as `start_servers` sets it up and `other` with
+/// `lines` added to its `[store]`; medians over the rounds. With `redis`, then Redis's
+/// cost per call of the other gateway.
+async fn compare(
+    cpu: &str,
+    seconds: f64,
+    rounds: usize,
+    base: &'static str,
+    (other, lines): (&'static str, String),
+    redis: Option<&str>,
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let servers = start_servers(dir.path(), Some(cpu), 0, ADMIN).await?;
     let durable_key = bench_key(&servers.gateway_url).await?;
@@ -164,14 +269,17 @@ async fn durability(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()
         )
         .replace(
             &servers.data_dir.display().to_string(),
-            &dir.path().join("data-fast").display().to_string(),
+            &dir.path()
+                .join(format!("data-{other}"))
+                .display()
+                .to_string(),
         )
-        .replace("[store]\n", "[store]\ndurability = \"flush_interval\"\n");
-    let fast_config = dir.path().join("fast.toml");
-    std::fs::write(&fast_config, config)?;
-    let fast_url = format!("http://127.0.0.1:{port}");
-    let (fast, _) = start_gateway(Some(cpu), &fast_config, &fast_url).await?;
-    let fast_key = bench_key(&fast_url).await?;
+        .replace("[store]\n", &format!("[store]\n{lines}"));
+    let other_config = dir.path().join("fast.toml");
+    std::fs::write(&other_config, config)?;
+    let other_url = format!("http://127.0.0.1:{port}");
+    let (other_gateway, _) = start_gateway(Some(cpu), &other_config, &other_url).await?;
+    let other_key = bench_key(&other_url).await?;
     println!(
         "{seconds} s per point, {rounds} rounds; medians over the rounds; latency: JSON whole \
          answer, streams first chunk; added = the gateway's figure minus the direct call's of \
@@ -190,13 +298,13 @@ async fn durability(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()
     ];
     let gateways = [
         (
-            "flush_interval",
-            &fast,
-            fast_url.as_str(),
-            fast_key.as_str(),
+            other,
+            &other_gateway,
+            other_url.as_str(),
+            other_key.as_str(),
         ),
         (
-            "reservations",
+            base,
             &servers.gateway,
             servers.gateway_url.as_str(),
             durable_key.as_str(),
@@ -265,6 +373,9 @@ async fn durability(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()
                 median(5)
             );
         }
+    }
+    if let Some(redis) = redis {
+        redis_cost(&other_url, &other_key, redis).await?;
     }
     Ok(())
 }
@@ -629,6 +740,11 @@ async fn main() -> anyhow::Result<()> {
         let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
         let rounds: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
         return durability(&server_cpu, seconds, rounds).await;
+    }
+    if args.get(1).map(String::as_str) == Some("shared") {
+        let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+        let rounds: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+        return shared(&server_cpu, seconds, rounds).await;
     }
     if args.get(1).map(String::as_str) == Some("keys") {
         let n: usize = args

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what it needs on a fresh machine: a Python
 # virtualenv in .venv with the pinned packages of tests/python/requirements.txt (the
-# official `openai` package, grpcio with reflection, grpcurl), used by the real-client tests.
+# official `openai` package, grpcio with reflection, grpcurl), used by the real-client tests,
+# and Postgres and Redis from Debian's packages for the shared-store tests (the tests start
+# private servers of their own; nothing is installed when it is there already).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,4 +20,22 @@ if ! cmp -s "$REQUIREMENTS" "$INSTALLED" ||
     cp "$REQUIREMENTS" "$INSTALLED"
 fi
 
+MISSING=()
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+    MISSING+=(postgresql)
+fi
+command -v redis-server >/dev/null || MISSING+=(redis-server)
+if [ ${#MISSING[@]} -gt 0 ]; then
+    echo "test.sh: installing ${MISSING[*]} (apt-get)" >&2
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "test.sh: installing them needs root: apt-get install ${MISSING[*]}" >&2
+        exit 1
+    fi
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${MISSING[@]}"
+fi
+
 cargo test --all-targets "$@"
+# The store-agnostic suites again, with the books in Postgres and the limits in Redis.
+STEP3_TEST_STORE=shared cargo test --test it "$@" -- \
+    admin:: apis:: billing:: books:: chat:: errors:: grpc:: grpc_admin::

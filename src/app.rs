@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::call::CallPath;
 use crate::call::jwt::{JwtSettings, JwtVerifier};
 use crate::call::key_tokens::KeyTokens;
-use crate::config::{BackendConfig, Durability, GatewayConfig, JwtConfig, UnknownSubjects};
+use crate::config::{
+    BackendConfig, Durability, GatewayConfig, JwtConfig, StoreBackend, UnknownSubjects,
+};
 use crate::core::admin::{NewKey, NewUser};
 use crate::core::events::{GateEvents, Watchers};
 use crate::core::export::ExportSummary;
@@ -21,6 +23,7 @@ use crate::core::identity::SubjectPolicy;
 use crate::core::journal::{self, ReservationJournal};
 use crate::core::limits::KeyLimits;
 use crate::core::request::RequestOptions;
+use crate::core::shared_limits::Change;
 use crate::core::store::Store;
 use crate::core::usage_sink::usage_channel;
 use crate::core::{GateSettings, Gateway, keys};
@@ -34,7 +37,9 @@ use crate::server::ConnectionLimits;
 use crate::sim::{
     DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig,
 };
-use crate::store::{FileJournal, SledStore, UsageWriter};
+use crate::store::{
+    FileJournal, PostgresStore, RedisLimits, RedisSettings, SledStore, UsageWriter,
+};
 use crate::upstream::UpstreamPool;
 
 const ADMIN_TOKEN_META: &str = "admin_token_hash";
@@ -161,13 +166,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             config.store.path.display()
         )
     })?;
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open_with_cache(
-            &config.store.path,
-            config.store.cache_mib.saturating_mul(1024 * 1024),
-        )
-        .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?,
-    );
+    let store = open_store(&config)?;
     let journal = open_journal(&config, &*store).await?;
     let admin_token = AdminToken::find(&config, &*store)?;
 
@@ -214,6 +213,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     if let Some(journal) = journal_port {
         gateway = gateway.with_journal(journal);
     }
+    let shared_limits = connect_shared_limits(&config, &store).await?;
+    if let Some(shared) = &shared_limits {
+        gateway = gateway.with_shared_limits(shared.clone());
+    }
     let gateway = Arc::new(gateway);
 
     let upstream = Arc::new(UpstreamPool::new(config.upstream.pool_settings())?);
@@ -251,6 +254,15 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         alerts.run(gateway.clone(), probe, shutdown.clone())
     });
     let backups = crate::backup::spawn_schedule(gateway.clone(), &config.backup, shutdown.clone());
+    if let Some(shared) = &shared_limits {
+        let gateway = gateway.clone();
+        let refresh = move |change: Change| {
+            if let Err(e) = gateway.refresh(&change) {
+                tracing::warn!(?change, error = %e, "cannot read a changed record again");
+            }
+        };
+        shared.listen(Arc::new(refresh), shutdown.clone());
+    }
     let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
     let state = AppState {
@@ -322,6 +334,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         grpc = %grpc_addr.unwrap_or(addr),
         upstream = %config.upstream.url,
         data = %config.store.path.display(),
+        store = %store_name(&config),
         "step3-gateway listening"
     );
     Ok(RunningGateway {
@@ -475,6 +488,58 @@ impl Background {
             alerts.stop().await;
         }
         unrecorded
+    }
+}
+
+/// The books: sled in the data directory, or the shared store (Postgres).
+fn open_store(config: &GatewayConfig) -> anyhow::Result<Arc<dyn Store>> {
+    let path = &config.store.path;
+    Ok(match (config.store.backend, &config.store.postgres_url) {
+        (StoreBackend::Shared, Some(url)) => Arc::new(
+            PostgresStore::open(
+                url.expose(),
+                path,
+                Duration::from_millis(config.store.timeout_ms),
+                config.store.max_connections,
+            )
+            .with_context(|| format!("cannot open the shared store at {url}"))?,
+        ),
+        _ => Arc::new(
+            SledStore::open_with_cache(path, config.store.cache_mib.saturating_mul(1024 * 1024))
+                .with_context(|| format!("cannot open the store in {}", path.display()))?,
+        ),
+    })
+}
+
+/// Several replicas: the Redis their limits are counted in, when one is configured.
+async fn connect_shared_limits(
+    config: &GatewayConfig,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<Option<Arc<RedisLimits>>> {
+    let (StoreBackend::Shared, Some(url)) = (config.store.backend, &config.store.redis_url) else {
+        return Ok(None);
+    };
+    let settings = RedisSettings {
+        prefix: config.store.redis_prefix.clone(),
+        timeout: Duration::from_millis(config.store.timeout_ms),
+        // A call lasts at most the upstream's total timeout, and the grace at shutdown.
+        slot_hold: Duration::from_secs(config.upstream.total_timeout_secs)
+            + config.shutdown_grace()
+            + Duration::from_secs(60),
+    };
+    let limits = RedisLimits::connect(url.expose(), settings, store.clone())
+        .await
+        .with_context(|| format!("cannot reach the shared limits at {url}"))?;
+    Ok(Some(Arc::new(limits)))
+}
+
+/// Where the books (and shared limits) are, for the log: URLs without their passwords.
+fn store_name(config: &GatewayConfig) -> String {
+    let store = &config.store;
+    match (store.backend, &store.postgres_url, &store.redis_url) {
+        (StoreBackend::Shared, Some(books), Some(limits)) => format!("{books} + {limits}"),
+        (StoreBackend::Shared, Some(books), None) => books.to_string(),
+        _ => "sled".into(),
     }
 }
 

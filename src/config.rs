@@ -316,7 +316,24 @@ impl UpstreamConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// The sled data directory.
+    /// Where the books are kept: `sled` (in `path`, one gateway) or `shared` (Postgres at
+    /// `postgres_url`, for several replicas; README, "Several replicas").
+    pub backend: StoreBackend,
+    /// The shared store's Postgres, e.g. `postgres://gateway:secret@db:5432/gateway`.
+    pub postgres_url: Option<SecretUrl>,
+    /// The shared limits' Redis (or Valkey), e.g. `redis://:secret@cache:6379/0`: per-minute
+    /// limits, calls in flight and quotas then hold across replicas. Unset, each replica
+    /// enforces them on its own.
+    pub redis_url: Option<SecretUrl>,
+    /// Put before every Redis key and channel; one deployment's replicas share it.
+    pub redis_prefix: String,
+    /// The longest any one call to the shared store may take; past it the call fails (a
+    /// request is refused, a batch of usage is kept and retried).
+    pub timeout_ms: u64,
+    /// Connections each replica keeps to the shared store at most.
+    pub max_connections: u32,
+    /// The data directory: sled's files, or with the shared store this replica's own
+    /// reservation journal (each replica needs one of its own).
     pub path: PathBuf,
     /// What a hard stop may cost (README, "Durability").
     pub durability: Durability,
@@ -331,6 +348,52 @@ pub struct StoreConfig {
     /// sled's page cache, in MiB: the most the books (users, keys, counters, hourly usage)
     /// keep in memory. The call log is read from its files and takes none of it.
     pub cache_mib: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// sled in the data directory: one gateway process owns the books.
+    #[default]
+    Sled,
+    /// Postgres: every replica pointed at it shares the keys, users and books.
+    Shared,
+}
+
+/// A URL that may carry a password: shown (`Debug`, `Display`) with the password hidden.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+
+    /// The URL with its password, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("***"));
+                write!(f, "{url}")
+            }
+            Ok(url) => write!(f, "{url}"),
+            // Not a URL: it may be anything, a password included.
+            Err(_) => f.write_str("(an unreadable URL)"),
+        }
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
 }
 
 /// What a hard stop (`kill -9`, a crash, a power loss) may cost.
@@ -350,12 +413,59 @@ pub enum Durability {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            backend: StoreBackend::default(),
+            postgres_url: None,
+            redis_url: None,
+            redis_prefix: "step3gw".into(),
+            timeout_ms: 2000,
+            max_connections: 8,
             path: PathBuf::from("./data"),
             durability: Durability::default(),
             flush_interval_ms: 500,
             log_bodies: false,
             call_log_retention_days: 90,
             cache_mib: 16,
+        }
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.timeout_ms == 0 || self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "store.timeout_ms and store.max_connections must be at least 1".into(),
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            if self.backend != StoreBackend::Shared {
+                return Err(ConfigError::Invalid(
+                    "store.redis_url is used with store.backend = \"shared\" only".into(),
+                ));
+            }
+            if !["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|scheme| url.expose().starts_with(scheme))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "store.redis_url must start with redis://, rediss:// or unix://, got `{url}`"
+                )));
+            }
+        }
+        match (self.backend, &self.postgres_url) {
+            (StoreBackend::Shared, None) => Err(ConfigError::Invalid(
+                "store.backend = \"shared\" needs store.postgres_url (STEP3GW_STORE_POSTGRES_URL)"
+                    .into(),
+            )),
+            (StoreBackend::Shared, Some(url))
+                if !["postgres://", "postgresql://"]
+                    .iter()
+                    .any(|scheme| url.expose().starts_with(scheme)) =>
+            {
+                Err(ConfigError::Invalid(format!(
+                    "store.postgres_url must start with postgres:// or postgresql://, got `{url}`"
+                )))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -603,7 +713,7 @@ impl GatewayConfig {
         self.alerts.validate().map_err(ConfigError::Invalid)?;
         self.backup.validate().map_err(ConfigError::Invalid)?;
         self.telemetry.validate().map_err(ConfigError::Invalid)?;
-        Ok(())
+        self.store.validate()
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -217,7 +217,9 @@ impl CallPath {
         let mut admission = self.admit(caller, &call, origin)?;
         let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
         let sent = async {
-            // On the books before the model server starts on it.
+            // Counted on every replica's books, then on this one's, before the model
+            // server starts on it.
+            admission.reserve_shared().await?;
             admission.make_durable().await?;
             self.send(&mut admission, call, origin).await
         };

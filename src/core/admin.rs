@@ -10,6 +10,7 @@ use super::key_index::{KeyState, UserState};
 use super::keys;
 use super::limits::{KeyLimits, LimitChanges, UserLimits};
 use super::records::{CallRecord, KeyCounters, KeyRecord, UserRecord};
+use super::shared_limits::Change;
 use super::store::{CallCursor, CallQuery};
 use super::time::{UnixTime, now_unix};
 
@@ -343,8 +344,7 @@ impl Gateway {
 
     pub fn get_user(&self, id: &str) -> Result<UserRecord, GatewayError> {
         self.keys
-            .users
-            .get(id)
+            .user_state(id)?
             .map(|u| (*u.record()).clone())
             .ok_or_else(|| GatewayError::NotFound {
                 what: "user",
@@ -354,6 +354,11 @@ impl Gateway {
 
     /// Every user, oldest first.
     pub fn list_users(&self) -> Vec<UserRecord> {
+        // Users another replica made (a shared store) are not held here yet.
+        if let Err(e) = self.keys.load_new_users() {
+            // The list then shows the users this gateway holds.
+            tracing::warn!(error = %e, "cannot read the users from the store");
+        }
         let mut users: Vec<UserRecord> = self
             .keys
             .users
@@ -386,6 +391,7 @@ impl Gateway {
         if let Some(state) = self.keys.users.get(&user.id) {
             state.replace(user.clone());
         }
+        self.announce(Change::User(user.id.clone()));
         Ok(user)
     }
 
@@ -544,7 +550,9 @@ impl Gateway {
     fn store_key(&self, state: &KeyState, record: KeyRecord) -> Result<KeyView, GatewayError> {
         self.store.put_key(&record)?;
         let view = key_view(&record, state.counters());
+        let id = record.id.clone();
         state.replace(record);
+        self.announce(Change::Key(id));
         Ok(view)
     }
 

@@ -15,6 +15,7 @@ use super::limits::KeyLimits;
 use super::quota::{self, TokenAsk};
 use super::rate_limit::{Grant, LimitScope, LimitSpec, RateFigures};
 use super::records::Usage;
+use super::shared_limits::{SharedAsk, SharedClaim, SharedLimits, SharedRefusal};
 use super::time::now_micros;
 use super::usage_sink::UsageSink;
 
@@ -88,6 +89,9 @@ pub struct Admission {
     pub(super) quota_alert_percents: Arc<[u8]>,
     /// Why the model stopped (`stop`, `length`, …), each once, for the trace only.
     pub(super) finish_reasons: Vec<String>,
+    /// Several replicas: the shared counters, and this call's claim once they granted it.
+    pub(super) shared: Option<Arc<dyn SharedLimits>>,
+    pub(super) shared_claim: Option<SharedClaim>,
 }
 
 impl Gateway {
@@ -171,6 +175,8 @@ impl Gateway {
             reservation: None,
             quota_alert_percents: self.quota_alert_percents.clone(),
             finish_reasons: Vec::new(),
+            shared: self.shared.clone(),
+            shared_claim: None,
         };
 
         // Quotas first, so a call they refuse takes nothing from the per-minute limits.
@@ -330,6 +336,60 @@ impl Admission {
         self.admitted = false;
         self.events.call_withdrawn(self.facts.door);
         let refusal = GatewayError::StoreUnavailable;
+        if let Some(reason) = refusal.refusal_reason() {
+            self.events.refused(reason);
+        }
+        Err(refusal)
+    }
+
+    /// Several replicas: claims the call's request, tokens, images, slot and per-minute
+    /// share on the counters every replica shares, in one round trip. Must come before
+    /// the call is forwarded. Without shared counters, returns at once.
+    ///
+    /// Shared counters that cannot be asked refuse keys with a quota (503, fail closed: a
+    /// quota could be overspent); other keys go on under this replica's own limits.
+    pub async fn reserve_shared(&mut self) -> Result<(), GatewayError> {
+        let Some(shared) = self.shared.clone() else {
+            return Ok(());
+        };
+        let limits = &self.caller.record.limits;
+        let ask = SharedAsk {
+            call_id: super::keys::generate_id("call"),
+            key_id: self.caller.record.id.clone(),
+            user_id: self.caller.record.user_id.clone(),
+            key_limits: self.key_limits,
+            user_limits: self.user_limits,
+            request_quota: limits.request_quota,
+            token_quota: limits.token_quota,
+            image_quota: limits.image_quota,
+            tokens: self.reserved.tokens,
+            images: self.reserved.images,
+        };
+        let quota_limited = [ask.request_quota, ask.token_quota, ask.image_quota]
+            .iter()
+            .any(Option::is_some);
+        let refusal = match shared.admit(ask.clone()).await {
+            Ok(claim) => {
+                self.shared_claim = Some(claim);
+                return Ok(());
+            }
+            Err(SharedRefusal::Unavailable(error)) if !quota_limited => {
+                tracing::warn!(request_id = %self.facts.request_id, error, "the shared limits cannot be asked; a key without quotas goes on under this replica's limits");
+                return Ok(());
+            }
+            Err(SharedRefusal::Unavailable(error)) => {
+                tracing::error!(request_id = %self.facts.request_id, error, "the shared limits cannot be asked; a key with a quota is refused");
+                GatewayError::StoreUnavailable
+            }
+            Err(SharedRefusal::Quota { what, limit }) => {
+                GatewayError::QuotaExceeded { what, limit }
+            }
+            Err(SharedRefusal::Rate(refusal)) => GatewayError::from(refusal),
+        };
+        // Refused like a call the gate turns away itself: what it reserved here is given
+        // back when it drops, and it leaves no entry in the call log.
+        self.admitted = false;
+        self.events.call_withdrawn(self.facts.door);
         if let Some(reason) = refusal.refusal_reason() {
             self.events.refused(reason);
         }

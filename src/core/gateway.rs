@@ -12,6 +12,7 @@ use super::journal::ReservationJournal;
 use super::key_index::{Caller, KeyIndex};
 use super::keys::SecretHash;
 use super::notifier::Notifier;
+use super::shared_limits::{Change, SharedLimits};
 use super::store::Store;
 use super::usage_sink::{StoreFigures, StoreHealth, UsageSink};
 
@@ -59,6 +60,8 @@ pub struct Gateway {
     pub(super) quota_alert_percents: Arc<[u8]>,
     /// The alerts, once the wiring has started them.
     pub(super) notifier: OnceLock<Arc<dyn Notifier>>,
+    /// Several replicas: the counters they share, asked after the gate's own.
+    pub(super) shared: Option<Arc<dyn SharedLimits>>,
 }
 
 impl Gateway {
@@ -79,6 +82,7 @@ impl Gateway {
             settings,
             journal: None,
             notifier: OnceLock::new(),
+            shared: None,
         })
     }
 
@@ -87,6 +91,44 @@ impl Gateway {
     pub fn with_journal(mut self, journal: Arc<dyn ReservationJournal>) -> Self {
         self.journal = Some(journal);
         self
+    }
+
+    pub fn with_shared_limits(mut self, shared: Arc<dyn SharedLimits>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Another replica changed a record: the copy held here is read again from the store
+    /// (a key or user not held here is loaded on its next use anyway).
+    pub fn refresh(&self, change: &Change) -> Result<(), GatewayError> {
+        match change {
+            Change::Key(id) => {
+                let Some(state) = self.keys.keys_by_id.get(id).map(|s| s.value().clone()) else {
+                    return Ok(());
+                };
+                if let Some((record, _)) = self.store.load_key(id)? {
+                    state.replace(record);
+                }
+            }
+            Change::User(id) => {
+                let Some(state) = self.keys.users.get(id).map(|s| s.value().clone()) else {
+                    return Ok(());
+                };
+                if let Some(user) = self.store.load_users()?.into_iter().find(|u| &u.id == id) {
+                    let before = state.record().subject.clone();
+                    self.index_subject(before.as_deref(), &user);
+                    state.replace(user);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the other replicas (if any) that a record changed.
+    pub(super) fn announce(&self, change: Change) {
+        if let Some(shared) = &self.shared {
+            shared.announce(change);
+        }
     }
 
     /// Checks `Authorization: Bearer <secret>` (the value after `Bearer `) from `client`,

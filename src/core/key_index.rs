@@ -415,9 +415,7 @@ impl KeyIndex {
             return Err(GatewayError::InvalidApiKey("This API key has expired."));
         }
         let user = self
-            .users
-            .get(&record.user_id)
-            .map(|entry| entry.value().clone())
+            .user_state(&record.user_id)?
             .ok_or(GatewayError::InvalidApiKey(UNKNOWN))?;
         let user_record = user.record();
         if !user_record.active {
@@ -441,6 +439,29 @@ impl KeyIndex {
             user_record,
             client,
         })
+    }
+
+    /// A user by id. One not in memory was made by another gateway sharing the store
+    /// (users are loaded whole at start): the users are read again, once per such miss.
+    pub(super) fn user_state(&self, id: &str) -> Result<Option<Arc<UserState>>, GatewayError> {
+        if let Some(user) = self.users.get(id) {
+            return Ok(Some(user.value().clone()));
+        }
+        self.load_new_users()?;
+        Ok(self.users.get(id).map(|user| user.value().clone()))
+    }
+
+    /// Adds the users the store has and this gateway does not (made by another replica).
+    pub(super) fn load_new_users(&self) -> Result<(), GatewayError> {
+        for user in self.store.load_users()? {
+            if let dashmap::Entry::Vacant(slot) = self.users.entry(user.id.clone()) {
+                if let Some(subject) = &user.subject {
+                    self.subjects.insert(subject.clone(), user.id.clone());
+                }
+                slot.insert(Arc::new(UserState::new(user)));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the admin API's allowlist, then the admin token in constant time.

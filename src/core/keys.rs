@@ -66,6 +66,17 @@ pub fn hex_matches(hex: &str, bytes: &[u8]) -> bool {
         })
 }
 
+/// Bytes written as hex, any length (an exported setting).
+pub fn bytes_from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 pub fn from_hex(text: &str) -> Option<SecretHash> {
     let bytes = text.as_bytes();
     if bytes.len() != 64 {

@@ -21,6 +21,7 @@ pub mod rate_limit;
 pub mod records;
 pub mod request;
 mod settlement;
+pub mod shared_limits;
 pub mod snapshot;
 pub mod store;
 #[cfg(test)]

@@ -8,6 +8,7 @@ use super::admission::Admission;
 use super::events::{QuotaCrossing, SettledCall};
 use super::records::KeyCounters;
 use super::records::{CallOutcome, CallRecord, Usage};
+use super::shared_limits::SharedSettlement;
 use super::time::now_micros;
 
 impl Admission {
@@ -40,6 +41,15 @@ impl Admission {
         settle_counter(&key.images_committed, reserved.images, images);
         before.images = key.images_used.fetch_add(images, Ordering::AcqRel);
         let refused = !self.admitted;
+        if let (Some(shared), Some(claim)) = (&self.shared, self.shared_claim.take()) {
+            shared.settle(SharedSettlement {
+                claim,
+                charged_request: charge_request,
+                charged_tokens: charged.total(),
+                charged_images: images,
+                withdrawn: refused,
+            });
+        }
         if let Some(grant) = reserved.key_grant {
             key.limiter
                 .release(&grant, &self.key_limits, charged.total(), refused);

@@ -1,13 +1,18 @@
-//! Implementations of core's store port: sled (embedded), the reservation journal (durable
+//! Implementations of core's store port: sled (embedded), Postgres (shared by several
+//! replicas) with Redis for the limits they share, the reservation journal (durable
 //! mode), and the background writer that drains the gate's usage queue in batches so that
 //! no request waits for the disk.
 
 mod call_log;
 mod journal;
+mod postgres;
+mod redis;
 mod sled_store;
 mod writer;
 
 pub use journal::FileJournal;
+pub use postgres::PostgresStore;
+pub use redis::{RedisLimits, RedisSettings};
 pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 pub use writer::UsageWriter;
 

@@ -404,7 +404,7 @@ fn read_mark(path: &Path) -> Result<Option<LogPosition>, StoreError> {
                     }
                 }
                 // Schema 3's form, checked (and replaced) when the call log moves out of sled.
-                _ if from_hex(text.trim()).is_some() => Ok(None),
+                _ if crate::core::keys::bytes_from_hex(text.trim()).is_some() => Ok(None),
                 _ => Err(StoreError::Corrupt {
                     tree: "calls",
                     message: format!("{} is not a mark this gateway wrote", file.display()),
@@ -438,16 +438,6 @@ fn write_mark(path: &Path, position: LogPosition) -> Result<(), StoreError> {
         .and_then(|dir| dir.sync_all())
         .map_err(io)?;
     Ok(())
-}
-
-fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 impl Trees {
@@ -500,7 +490,7 @@ impl Trees {
     fn move_call_log(&self, path: &Path) -> Result<(), StoreError> {
         let calls = self.db.open_tree(OLD_CALL_TREES[0])?;
         let mark = std::fs::read_to_string(path.join(MARK_FILE)).unwrap_or_default();
-        if let Some(key) = from_hex(mark.trim()).filter(|k| !k.is_empty())
+        if let Some(key) = crate::core::keys::bytes_from_hex(mark.trim()).filter(|k| !k.is_empty())
             && !calls.contains_key(&key)?
         {
             let (at, request_id) = key.split_at(8.min(key.len()));
@@ -726,9 +716,11 @@ impl Store for SledStore {
         for record in records {
             match record {
                 ExportRecord::Meta { name, value } => {
-                    let bytes = from_hex(value).ok_or_else(|| StoreError::Corrupt {
-                        tree: "meta",
-                        message: format!("the setting `{name}` is not hex"),
+                    let bytes = crate::core::keys::bytes_from_hex(value).ok_or_else(|| {
+                        StoreError::Corrupt {
+                            tree: "meta",
+                            message: format!("the setting `{name}` is not hex"),
+                        }
                     })?;
                     t.meta.insert(name.as_bytes(), bytes)?;
                 }

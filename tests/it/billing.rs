@@ -222,9 +222,6 @@ async fn a_graceful_stop_lets_a_stream_finish_and_keeps_its_usage() {
 #[tokio::test]
 async fn calls_older_than_the_retention_leave_the_log_and_the_books_stay() {
     use step3_gateway::core::records::{CallOutcome, CallRecord, Usage};
-    use step3_gateway::core::store::Store;
-    use step3_gateway::store::SledStore;
-
     let mut gw = TestGateway::builder()
         .config(|c| c.store.call_log_retention_days = 30)
         .start()
@@ -235,7 +232,7 @@ async fn calls_older_than_the_retention_leave_the_log_and_the_books_stay() {
     gw.stop().await;
     // Two calls from 100 days ago, as the gateway running then recorded them.
     {
-        let store = SledStore::open(&gw.config.store.path).unwrap();
+        let store = crate::common::open_store(&gw.config);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap();

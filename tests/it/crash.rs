@@ -480,10 +480,20 @@ async fn kill_round(
 
 /// The gateway in `durability` mode on `dir`, in front of a simulator, with three keys.
 async fn start(dir: &Path, flush_ms: u64, durability: &str) -> (GatewayProcess, Setup) {
+    start_on(dir, flush_ms, durability, "").await
+}
+
+/// [`start`] with `store` lines added to `[store]` (a shared store).
+async fn start_on(
+    dir: &Path,
+    flush_ms: u64,
+    durability: &str,
+    store: &str,
+) -> (GatewayProcess, Setup) {
     let sim = upstream(1).await;
     let config = ConfigFile::new(&sim.url())
         .store(&format!(
-            "flush_interval_ms = {flush_ms}\ndurability = \"{durability}\""
+            "flush_interval_ms = {flush_ms}\ndurability = \"{durability}\"\n{store}"
         ))
         .write(dir);
     let gw = GatewayProcess::start_logging(&config, "info").await;
@@ -521,6 +531,24 @@ async fn kill_9_under_load_loses_no_call_that_reached_the_model_server() {
     let (gw, setup) = start(dir.path(), FLUSH_MS, "reservations").await;
     let (gw, round) = kill_round(gw, &setup, "r0", Duration::from_secs(2)).await;
     print_round("kill -9 (durable reservations)", &round);
+    assert!(round.completed > 0);
+    assert_eq!((round.lost, round.reached_lost), (0, 0));
+    gw.signal("TERM");
+    assert!(gw.wait().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_replica_on_the_shared_store_loses_no_call_and_counts_none_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, prefix) = crate::common::redis::fresh_prefix();
+    let store = format!(
+        "backend = \"shared\"\npostgres_url = \"{}\"\nredis_url = \"{redis}\"\n\
+         redis_prefix = \"{prefix}\"",
+        crate::common::postgres::fresh_database()
+    );
+    let (gw, setup) = start_on(dir.path(), FLUSH_MS, "reservations", &store).await;
+    let (gw, round) = kill_round(gw, &setup, "r0", Duration::from_secs(2)).await;
+    print_round("kill -9 (shared store, durable reservations)", &round);
     assert!(round.completed > 0);
     assert_eq!((round.lost, round.reached_lost), (0, 0));
     gw.signal("TERM");

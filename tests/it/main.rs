@@ -34,6 +34,7 @@ mod openai_sdk;
 mod pool;
 mod reflection_client;
 mod secrets;
+mod shared;
 mod surface;
 mod tls_upstream;
 mod traces;

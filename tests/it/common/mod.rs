@@ -3,6 +3,8 @@
 //! [`binary`] starts the compiled binary instead; [`RestApi`] calls either over REST.
 
 pub mod binary;
+pub mod postgres;
+pub mod redis;
 mod rest;
 
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use step3_gateway::app::{self, RunningGateway};
-use step3_gateway::config::{BackendConfig, GatewayConfig};
+use step3_gateway::config::{BackendConfig, GatewayConfig, SecretUrl, StoreBackend};
 use step3_gateway::grpc::pb;
 use step3_gateway::sim::{DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig};
 use tempfile::TempDir;
@@ -32,6 +34,16 @@ pub struct Builder {
     sim: SimulatorConfig,
     tweaks: Vec<ConfigTweak>,
     embedding_backend: bool,
+    postgres_url: Option<String>,
+    redis: Option<(String, String)>,
+}
+
+/// `STEP3_TEST_STORE=shared`: every gateway the builder starts keeps its books in a
+/// fresh database of the test run's Postgres instead of sled, and counts its limits in the
+/// test run's Redis under a fresh prefix (`scripts/test.sh` runs the store-agnostic
+/// suites both ways).
+pub fn shared_by_default() -> bool {
+    std::env::var("STEP3_TEST_STORE").is_ok_and(|store| store == "shared")
 }
 
 impl Builder {
@@ -44,6 +56,20 @@ impl Builder {
 
     pub fn sim(mut self, f: impl FnOnce(&mut SimulatorConfig)) -> Self {
         f(&mut self.sim);
+        self
+    }
+
+    /// The shared store (Postgres) at `url` instead of sled: replicas given one URL share
+    /// their keys and books.
+    pub fn shared_store(mut self, url: &str) -> Self {
+        self.postgres_url = Some(url.to_owned());
+        self
+    }
+
+    /// The shared limits in the Redis at `url`, under `prefix`: replicas given the same
+    /// pair share them.
+    pub fn shared_limits(mut self, (url, prefix): &(String, String)) -> Self {
+        self.redis = Some((url.clone(), prefix.clone()));
         self
     }
 
@@ -74,6 +100,22 @@ impl Builder {
         config.store.flush_interval_ms = 50;
         config.upstream.health_interval_ms = 100;
         config.admin.token = Some(ADMIN_TOKEN.into());
+        let postgres_url = self
+            .postgres_url
+            .or_else(|| shared_by_default().then(postgres::fresh_database));
+        let redis = match self.redis {
+            Some(redis) => Some(redis),
+            None if shared_by_default() => Some(redis::fresh_prefix()),
+            None => None,
+        };
+        if let Some(url) = postgres_url {
+            config.store.backend = StoreBackend::Shared;
+            config.store.postgres_url = Some(SecretUrl::new(url));
+        }
+        if let Some((url, prefix)) = redis {
+            config.store.redis_url = Some(SecretUrl::new(url));
+            config.store.redis_prefix = prefix;
+        }
         if let Some(embed) = &embed_sim {
             config.upstream.backends = vec![
                 BackendConfig::serving("chat", sim.url(), MODEL),
@@ -119,6 +161,8 @@ impl TestGateway {
             sim: SimulatorConfig::default(),
             tweaks: Vec::new(),
             embedding_backend: false,
+            postgres_url: None,
+            redis: None,
         }
     }
 
@@ -199,6 +243,18 @@ impl TestGateway {
             self.channel().await,
             Bearer(ADMIN_TOKEN.to_owned()),
         )
+    }
+}
+
+/// The books of a stopped gateway, as its configuration names them (sled or shared).
+pub fn open_store(config: &GatewayConfig) -> Box<dyn step3_gateway::core::store::Store> {
+    use step3_gateway::store::{PostgresStore, SledStore};
+    match &config.store.postgres_url {
+        Some(url) if config.store.backend == StoreBackend::Shared => Box::new(
+            PostgresStore::open(url.expose(), &config.store.path, Duration::from_secs(5), 2)
+                .unwrap(),
+        ),
+        _ => Box::new(SledStore::open(&config.store.path).unwrap()),
     }
 }
 

@@ -1,0 +1,78 @@
+//! The shared-limits port: with several replicas, per-minute limits, calls in flight and
+//! quota reservations are counted in one place every replica asks (`store/` implements it
+//! with Redis), and admin changes are announced so each replica drops what it cached.
+//! The gate's own counters still apply first; this port is the check that holds across
+//! replicas.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use super::rate_limit::{LimitSpec, Refusal};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One call's claim on the shared counters.
+#[derive(Clone, Debug)]
+pub struct SharedAsk {
+    /// Unique per call (not the client's request id, which need not be).
+    pub call_id: String,
+    pub key_id: String,
+    pub user_id: String,
+    pub key_limits: LimitSpec,
+    pub user_limits: LimitSpec,
+    pub request_quota: Option<u64>,
+    pub token_quota: Option<u64>,
+    pub image_quota: Option<u64>,
+    /// Tokens reserved (prompt estimate plus output cap).
+    pub tokens: u64,
+    pub images: u64,
+}
+
+/// A call the shared counters admitted: its ask, and the generation of the key's quota
+/// counters it was counted in (a settlement only corrects the generation it was taken
+/// from: counters rebuilt since, after a Redis restart, never had its reservation).
+#[derive(Clone, Debug)]
+pub struct SharedClaim {
+    pub ask: SharedAsk,
+    pub generation: String,
+}
+
+/// Why the shared counters refused a call.
+#[derive(Clone, Debug)]
+pub enum SharedRefusal {
+    /// A lifetime quota would be exceeded (`what`: requests, tokens or images).
+    Quota { what: &'static str, limit: u64 },
+    /// A per-minute or concurrency limit, as the gate's own limiter reports one.
+    Rate(Refusal),
+    /// The shared counters could not be asked (unreachable, too slow).
+    Unavailable(String),
+}
+
+/// What a call that the shared counters admitted gives back or is charged when it ends.
+#[derive(Clone, Debug)]
+pub struct SharedSettlement {
+    pub claim: SharedClaim,
+    pub charged_request: bool,
+    pub charged_tokens: u64,
+    pub charged_images: u64,
+    /// Refused after all (by a later step of admission): its per-minute request is given
+    /// back too.
+    pub withdrawn: bool,
+}
+
+/// An admin change other replicas must see: they reload the record from the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Key(String),
+    User(String),
+}
+
+/// Counters every replica shares. `admit` is one atomic round trip; `settle` one more,
+/// sent without waiting (a settlement that cannot be delivered leaves the reservation
+/// counted, which refuses more, never less).
+pub trait SharedLimits: Send + Sync + std::fmt::Debug + 'static {
+    fn admit(&self, ask: SharedAsk) -> BoxFuture<'_, Result<SharedClaim, SharedRefusal>>;
+    fn settle(&self, settlement: SharedSettlement);
+    /// Tells every replica (this one included) that a record changed.
+    fn announce(&self, change: Change);
+}
