@@ -40,6 +40,7 @@ use crate::sim::{
 use crate::store::{
     FileJournal, PostgresStore, RedisLimits, RedisSettings, SledStore, UsageWriter,
 };
+use crate::tls::TlsAcceptor;
 use crate::upstream::UpstreamPool;
 
 const ADMIN_TOKEN_META: &str = "admin_token_hash";
@@ -86,6 +87,8 @@ pub struct RunningGateway {
     pub demo_key: Option<DemoKey>,
     /// The in-process simulator of `--demo` (the chat model).
     pub simulator: Option<RunningSimulator>,
+    /// The port's TLS settings (server.tls), read again on SIGHUP.
+    pub tls: Option<Arc<TlsAcceptor>>,
     /// The demo's second backend, an embedding model (a pool of two, as in front of two
     /// servers).
     pub embedding_simulator: Option<RunningSimulator>,
@@ -132,6 +135,14 @@ impl RunningGateway {
         }
         self.upstream.reload(config.upstream.pool_settings())?;
         Ok(())
+    }
+
+    /// Reads the TLS certificate and key files again (SIGHUP); open connections keep theirs.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Waits until the server stops by itself (it does not, unless shut down).
@@ -220,6 +231,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let gateway = Arc::new(gateway);
 
     let upstream = Arc::new(UpstreamPool::new(config.upstream.pool_settings())?);
+    let tls = match config.server.tls.enabled() {
+        true => Some(Arc::new(TlsAcceptor::new(&config.server.tls)?)),
+        false => None,
+    };
     let hard_stop = CancellationToken::new();
     let call = CallPath {
         gateway: gateway.clone(),
@@ -317,6 +332,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     };
     let task = tokio::spawn(serve(
         servers,
+        tls.clone(),
         limits,
         shutdown.clone(),
         hard_stop,
@@ -346,6 +362,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         demo_key,
         simulator,
         embedding_simulator,
+        tls,
         shutdown,
         task,
     })
@@ -424,6 +441,7 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 /// `grace`, cuts the rest (their guards settle them), and drains the usage writer.
 async fn serve(
     servers: Vec<(tokio::net::TcpListener, axum::Router)>,
+    tls: Option<Arc<TlsAcceptor>>,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
@@ -440,9 +458,9 @@ async fn serve(
             hard_stop.cancel();
         })
     };
-    let servers = servers
-        .into_iter()
-        .map(|(listener, router)| crate::server::serve(listener, router, limits, shutdown.clone()));
+    let servers = servers.into_iter().map(|(listener, router)| {
+        crate::server::serve(listener, router, limits, shutdown.clone(), tls.clone())
+    });
     let all = futures_util::future::join_all(servers);
     // A connection that never finishes (a stalled upload, a reader that stopped reading)
     // must not keep the usage from being written: after the cut, wait only briefly.

@@ -16,6 +16,7 @@ use crate::core::images::ImageUrlPolicy;
 use crate::core::limits::KeyLimits;
 use crate::notify::settings::AlertsConfig;
 use crate::telemetry::TelemetryConfig;
+use crate::tls::TlsConfig;
 use crate::upstream::{BackendSettings, PoolSettings};
 
 /// Environment variables that configure the gateway start with this, e.g.
@@ -159,6 +160,8 @@ pub struct ServerConfig {
     /// Browser origins allowed to call the OpenAI API (`https://app.example.com`, or `*`);
     /// empty (the default) answers no cross-origin request. The admin API never does.
     pub cors_allowed_origins: Vec<String>,
+    /// TLS on this port (both doors), and mutual TLS with `client_ca_file`.
+    pub tls: TlsConfig,
 }
 
 impl Default for ServerConfig {
@@ -174,6 +177,7 @@ impl Default for ServerConfig {
             idle_timeout_secs: 60,
             trusted_proxies: IpAllowlist::default(),
             cors_allowed_origins: Vec::new(),
+            tls: TlsConfig::default(),
         }
     }
 }

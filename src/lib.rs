@@ -18,4 +18,5 @@ pub mod server;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

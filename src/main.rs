@@ -142,10 +142,17 @@ async fn run_gateway(args: &ServeArgs, config: &GatewayConfig) -> anyhow::Result
         tokio::select! {
             () = &mut shutdown => break,
             Some(()) = hangup.recv() => {
-                // Only the upstream list is reloaded; other settings need a restart.
+                // The upstream list and the TLS files are reloaded; other settings need a
+                // restart.
                 match load_config(args).and_then(|config| running.reload_upstreams(&config)) {
                     Ok(()) => tracing::info!("SIGHUP: upstream list reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the current upstreams"),
+                }
+                if running.tls.is_some() {
+                    match running.reload_tls() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the current certificate"),
+                    }
                 }
             }
         }

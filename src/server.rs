@@ -24,14 +24,16 @@ use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::edge::BodyReadTimeout;
+use crate::edge::client_addr::ClientCertificate;
 use crate::edge::client_addr::PeerAddr;
+use crate::tls::{TlsAcceptor, certificate_identity};
 
 /// How long clients may take, per connection and per request.
 #[derive(Clone, Copy, Debug)]
@@ -41,13 +43,15 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
 }
 
-/// Serves `router` on `listener` until `shutdown`; then stops accepting, asks every
-/// connection to finish what it is doing, and returns once all are closed.
+/// Serves `router` on `listener` (over TLS when `tls` is given) until `shutdown`; then
+/// stops accepting, asks every connection to finish what it is doing, and returns once all
+/// are closed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
+    tls: Option<Arc<TlsAcceptor>>,
 ) {
     // Every connection task holds a receiver; `closed()` resolves when the last one ends.
     let (all_closed_tx, all_closed_rx) = watch::channel(());
@@ -68,32 +72,60 @@ pub async fn serve(
             // Without TCP_NODELAY a response written in two pieces waits ~40 ms on Nagle.
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        tokio::spawn(serve_connection(
-            stream,
-            peer,
-            router.clone(),
-            limits,
-            shutdown.clone(),
-            all_closed_rx.clone(),
-        ));
+        let (router, shutdown, open) = (router.clone(), shutdown.clone(), all_closed_rx.clone());
+        match &tls {
+            None => {
+                tokio::spawn(serve_connection(
+                    stream, peer, None, router, limits, shutdown, open,
+                ));
+            }
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                tokio::spawn(async move {
+                    // The handshake counts as the request head: a client that stalls in it
+                    // is cut like one that stalls in its headers.
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| ClientCertificate(certificate_identity(leaf)));
+                    serve_connection(stream, peer, identity, router, limits, shutdown, open).await;
+                });
+            }
+        }
     }
     drop(listener);
     drop(all_closed_rx);
     all_closed_tx.closed().await;
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     peer: std::net::SocketAddr,
+    certificate: Option<ClientCertificate>,
     router: Router,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
     _open: watch::Receiver<()>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity::new());
     let service = ConnectionService {
         router,
         peer: PeerAddr(peer),
+        certificate,
         activity: activity.clone(),
         body_read_timeout: limits.body_read_timeout,
     };
@@ -199,6 +231,8 @@ impl Drop for InFlight {
 struct ConnectionService {
     router: Router,
     peer: PeerAddr,
+    /// The client certificate the connection was made with (mutual TLS).
+    certificate: Option<ClientCertificate>,
     activity: Arc<Activity>,
     body_read_timeout: Duration,
 }
@@ -218,6 +252,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             sleep: None,
         });
         request.extensions_mut().insert(self.peer);
+        if let Some(certificate) = &self.certificate {
+            request.extensions_mut().insert(certificate.clone());
+        }
         Responding {
             inner: self.router.clone().oneshot(request),
             guard: Some(guard),

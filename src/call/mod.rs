@@ -81,14 +81,25 @@ impl CallPath {
         }
     }
 
-    /// The caller a bearer value opens, from `client`: a gateway key, or a token of the
-    /// identity provider (a JWT) when one is configured.
+    /// The caller a bearer value opens, from `client`: a gateway key, a token made from a
+    /// key, or a token of the identity provider (a JWT) when one is configured. With no
+    /// bearer value, a verified client certificate's subject (mutual TLS) names the caller.
     pub async fn authenticate(
         &self,
         bearer: Option<&str>,
         client: Option<std::net::IpAddr>,
+        certificate: Option<&str>,
     ) -> Result<Caller, GatewayError> {
-        match (&self.identity, bearer.map(str::trim)) {
+        let bearer = bearer.map(str::trim).filter(|b| !b.is_empty());
+        if let (None, Some(subject)) = (bearer, certificate) {
+            // Certificates name users an admin has named: never a new user.
+            return self.gateway.authenticate_subject(
+                subject,
+                &crate::core::identity::SubjectPolicy::default(),
+                client,
+            );
+        }
+        match (&self.identity, bearer) {
             (_, Some(token))
                 if jwt::JwtVerifier::looks_like_jwt(token) && key_tokens::is_key_token(token) =>
             {

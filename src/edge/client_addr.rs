@@ -13,6 +13,18 @@ use crate::core::access::IpAllowlist;
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// What a verified client certificate (mutual TLS) names its holder: its first URI SAN,
+/// else its first DNS SAN (a request extension, on every request of its connection).
+#[derive(Clone, Debug)]
+pub struct ClientCertificate(pub Option<String>);
+
+/// The subject a request's client certificate names, if it came with one.
+pub fn certificate_subject(extensions: &axum::http::Extensions) -> Option<&str> {
+    extensions
+        .get::<ClientCertificate>()
+        .and_then(|c| c.0.as_deref())
+}
+
 /// The caller's address as the gateway believes it (a request extension).
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub IpAddr);
@@ -22,8 +34,9 @@ pub fn client_addr(extensions: &axum::http::Extensions) -> Option<IpAddr> {
     extensions.get::<ClientAddr>().map(|c| c.0)
 }
 
-/// The caller's address as a handler's argument (`None` off a real connection).
-pub struct Client(pub Option<IpAddr>);
+/// The caller's address as a handler's argument (`None` off a real connection), and the
+/// subject its client certificate names (mutual TLS).
+pub struct Client(pub Option<IpAddr>, pub Option<String>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Client {
     type Rejection = std::convert::Infallible;
@@ -32,7 +45,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Client {
         parts: &mut axum::http::request::Parts,
         _: &S,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Client(client_addr(&parts.extensions)))
+        Ok(Client(
+            client_addr(&parts.extensions),
+            certificate_subject(&parts.extensions).map(str::to_owned),
+        ))
     }
 }
 

@@ -16,7 +16,7 @@ use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
 use crate::core::request::Endpoint;
 use crate::core::{Caller, GatewayError, Remaining};
-use crate::edge::client_addr::client_addr;
+use crate::edge::client_addr::{certificate_subject, client_addr};
 use crate::edge::{ModelLabel, add_limit_headers};
 
 pub struct ChatService {
@@ -32,7 +32,11 @@ impl ChatService {
         let client = client_addr(request.extensions());
         Ok(self
             .chat
-            .authenticate(bearer(request.metadata()), client)
+            .authenticate(
+                bearer(request.metadata()),
+                client,
+                certificate_subject(request.extensions()),
+            )
             .await?)
     }
 

@@ -17,7 +17,7 @@ use crate::call::{Origin, UsageView};
 use crate::core::events::Door;
 use crate::core::request::Endpoint;
 use crate::core::{GatewayError, Remaining};
-use crate::edge::client_addr::client_addr;
+use crate::edge::client_addr::{certificate_subject, client_addr};
 use crate::edge::{ModelLabel, RequestId, add_limit_headers, bearer};
 
 pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Response {
@@ -45,6 +45,7 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
         .map(|RequestId(id)| id)
         .unwrap_or_default();
     let client = client_addr(&parts.extensions);
+    let certificate = certificate_subject(&parts.extensions).map(str::to_owned);
     let headers = parts.headers;
     let traceparent = headers
         .get("traceparent")
@@ -58,7 +59,17 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
         span,
     };
     let mut label = None;
-    let answer = complete(state, endpoint, &origin, client, headers, body, &mut label).await;
+    let credentials = (client, certificate);
+    let answer = complete(
+        state,
+        endpoint,
+        &origin,
+        credentials,
+        headers,
+        body,
+        &mut label,
+    )
+    .await;
     let mut response = match answer {
         Ok(response) => response,
         Err(e) => {
@@ -77,14 +88,14 @@ async fn complete(
     state: AppState,
     endpoint: Endpoint,
     origin: &Origin,
-    client: Option<IpAddr>,
+    (client, certificate): (Option<IpAddr>, Option<String>),
     headers: HeaderMap,
     body: Body,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
     let caller = state
         .call
-        .authenticate(bearer(&headers), client)
+        .authenticate(bearer(&headers), client, certificate.as_deref())
         .instrument(trace::stage(&origin.span, Stage::Authenticate))
         .await?;
     let body = read_body(body, state.settings.max_body_bytes)

@@ -105,7 +105,10 @@ pub async fn models(
     client: Client,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.call.authenticate(bearer(&headers), client.0).await?;
+    let caller = state
+        .call
+        .authenticate(bearer(&headers), client.0, client.1.as_deref())
+        .await?;
     Ok(Json(state.call.models(&caller, &request_id).await?))
 }
 
@@ -119,7 +122,10 @@ pub async fn model(
     client: Client,
     headers: HeaderMap,
 ) -> Result<Json<Value>, GatewayError> {
-    let caller = state.call.authenticate(bearer(&headers), client.0).await?;
+    let caller = state
+        .call
+        .authenticate(bearer(&headers), client.0, client.1.as_deref())
+        .await?;
     let list = state.call.models(&caller, &request_id).await?;
     list.get("data")
         .and_then(Value::as_array)
@@ -134,7 +140,11 @@ pub async fn model(
 
 /// The caller's own key: what it used, what remains, its limits and lifetime.
 pub async fn usage(State(state): State<AppState>, client: Client, headers: HeaderMap) -> Response {
-    let caller = match state.call.authenticate(bearer(&headers), client.0).await {
+    let caller = match state
+        .call
+        .authenticate(bearer(&headers), client.0, client.1.as_deref())
+        .await
+    {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };

@@ -36,5 +36,6 @@ mod reflection_client;
 mod secrets;
 mod shared;
 mod surface;
+mod tls;
 mod tls_upstream;
 mod traces;
