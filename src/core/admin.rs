@@ -417,20 +417,16 @@ impl Gateway {
         let now = now_unix();
         let secret = keys::generate_secret();
         let record = KeyRecord {
-            id: keys::generate_id("key"),
-            user_id: user.id,
-            name: check_name(new.name.as_deref().unwrap_or("default"), "name")?,
-            prefix: keys::display_prefix(&secret),
-            hash: keys::to_hex(&keys::hash_secret(&secret)),
-            limits: new.limits.apply(KeyLimits::default())?,
             expires_at: resolve_expiry(new.expires_at.as_ref(), new.expires_in.as_deref(), now)?,
             models: check_models(new.models)?,
-            active: true,
-            created_at: now,
-            updated_at: now,
-            revoked_at: None,
-            previous_hash: None,
-            previous_valid_until: None,
+            ..KeyRecord::fresh(
+                keys::generate_id("key"),
+                user.id,
+                check_name(new.name.as_deref().unwrap_or("default"), "name")?,
+                &secret,
+                new.limits.apply(KeyLimits::default())?,
+                now,
+            )
         };
         self.store.put_key(&record)?;
         let view = key_view(&record, KeyCounters::default());

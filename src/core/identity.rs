@@ -108,20 +108,15 @@ impl Gateway {
         // A secret nobody is told: the key is reached through its subject only.
         let secret = keys::generate_secret();
         let record = KeyRecord {
-            id: key_id.to_owned(),
-            user_id: user_id.to_owned(),
-            name: "identity provider".into(),
             prefix: "(token)".into(),
-            hash: keys::to_hex(&keys::hash_secret(&secret)),
-            limits: policy.key_limits.clone(),
-            expires_at: None,
-            models: None,
-            active: true,
-            created_at: now,
-            updated_at: now,
-            revoked_at: None,
-            previous_hash: None,
-            previous_valid_until: None,
+            ..KeyRecord::fresh(
+                key_id.to_owned(),
+                user_id.to_owned(),
+                "identity provider".into(),
+                &secret,
+                policy.key_limits.clone(),
+                now,
+            )
         };
         self.store.put_key(&record)?;
         self.keys.index_key(record, KeyCounters::default())

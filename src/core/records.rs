@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::images::ImageSize;
-use super::keys::hex_matches;
+use super::keys::{self, hex_matches};
 use super::limits::{KeyLimits, UserLimits};
 use super::time::UnixTime;
 
@@ -57,6 +57,34 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// A key made `now`, active, kept by its `secret`'s hash and prefix only, with no
+    /// expiry, model list or rotation yet.
+    pub fn fresh(
+        id: String,
+        user_id: String,
+        name: String,
+        secret: &str,
+        limits: KeyLimits,
+        now: UnixTime,
+    ) -> KeyRecord {
+        KeyRecord {
+            id,
+            user_id,
+            name,
+            prefix: keys::display_prefix(secret),
+            hash: keys::to_hex(&keys::hash_secret(secret)),
+            limits,
+            expires_at: None,
+            models: None,
+            active: true,
+            created_at: now,
+            updated_at: now,
+            revoked_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+        }
+    }
+
     /// Whether `hash` opens this key at `now`: the current secret, or the previous one
     /// within its grace period.
     pub fn is_current_secret(&self, hash: &[u8; 32], now: UnixTime) -> bool {
