@@ -106,18 +106,23 @@ impl Gateway {
                 let Some(state) = self.keys.keys_by_id.get(id).map(|s| s.value().clone()) else {
                     return Ok(());
                 };
+                // A change made here while the store was read is newer than the read.
+                let seen = state.record();
                 if let Some((record, _)) = self.store.load_key(id)? {
-                    state.replace(record);
+                    state.refresh_from(&seen, record);
                 }
             }
             Change::User(id) => {
                 let Some(state) = self.keys.users.get(id).map(|s| s.value().clone()) else {
                     return Ok(());
                 };
+                let seen = state.record();
                 if let Some(user) = self.store.load_users()?.into_iter().find(|u| &u.id == id) {
-                    let before = state.record().subject.clone();
-                    self.index_subject(before.as_deref(), &user);
-                    state.replace(user);
+                    let before = seen.subject.clone();
+                    let subject_index = user.clone();
+                    if state.refresh_from(&seen, user) {
+                        self.index_subject(before.as_deref(), &subject_index);
+                    }
                 }
             }
         }

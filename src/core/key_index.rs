@@ -62,6 +62,15 @@ impl KeyState {
         *self.record.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(record);
     }
 
+    /// Replaces the record with one read from the store, unless it changed here since
+    /// `seen` was taken (a change made here meanwhile is newer than that read).
+    pub(super) fn refresh_from(&self, seen: &Arc<KeyRecord>, record: KeyRecord) {
+        let mut current = self.record.write().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&current, seen) {
+            *current = Arc::new(record);
+        }
+    }
+
     /// What the key has been charged so far (settled calls only).
     pub fn counters(&self) -> KeyCounters {
         KeyCounters {
@@ -97,6 +106,16 @@ impl UserState {
 
     pub(super) fn replace(&self, record: UserRecord) {
         *self.record.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(record);
+    }
+
+    /// As [`KeyState::refresh_from`]; whether the record was replaced.
+    pub(super) fn refresh_from(&self, seen: &Arc<UserRecord>, record: UserRecord) -> bool {
+        let mut current = self.record.write().unwrap_or_else(|p| p.into_inner());
+        let fresh = Arc::ptr_eq(&current, seen);
+        if fresh {
+            *current = Arc::new(record);
+        }
+        fresh
     }
 }
 
@@ -586,5 +605,20 @@ mod tests {
                 .is_err()
         );
         assert!(gateway.authenticate_admin(None, None).is_err());
+    }
+
+    #[test]
+    fn a_stale_read_never_overwrites_a_change_made_meanwhile() {
+        let state = UserState::new(user("usr_1"));
+        let seen = state.record();
+        // Changed here (deactivated) after the store was read for a refresh...
+        let mut deactivated = (*seen).clone();
+        deactivated.active = false;
+        state.replace(deactivated);
+        // ...the stale read is dropped, not written over the newer record.
+        assert!(!state.refresh_from(&seen, (*seen).clone()));
+        assert!(!state.record().active);
+        let now = state.record();
+        assert!(state.refresh_from(&now, (*now).clone()));
     }
 }
