@@ -277,6 +277,9 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             }
         };
         shared.listen(Arc::new(refresh), shutdown.clone());
+        // So that `/health`, gRPC health and `/metrics` know whether Redis answers (and
+        // see it come back) while no call asks it.
+        shared.probe_health(Duration::from_secs(1), shutdown.clone());
     }
     let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
