@@ -108,6 +108,18 @@ fn open_source(from: &StoreLocation, scratch: &Path) -> anyhow::Result<Box<dyn S
     })
 }
 
+/// Whether `a` and `b` name one store (a copy with `--force` would empty its own source).
+/// Two URLs of one database written differently are not caught.
+fn same_place(a: &StoreLocation, b: &StoreLocation) -> bool {
+    match (a, b) {
+        (StoreLocation::Sled(a), StoreLocation::Sled(b)) => {
+            a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+        }
+        (StoreLocation::Postgres(a), StoreLocation::Postgres(b)) => a.expose() == b.expose(),
+        _ => false,
+    }
+}
+
 /// `step3-gateway store copy`: copies every record of `from` into `to`.
 ///
 /// `to` must hold no books unless `force`: a sled store there is then moved aside (into
@@ -121,6 +133,9 @@ pub fn copy(
     force: bool,
     progress: &mut dyn FnMut(u64) -> bool,
 ) -> anyhow::Result<Copied> {
+    if same_place(from, to) {
+        anyhow::bail!("{from} is both the source and the target (nothing was changed)");
+    }
     let source_scratch = ScratchDir::new("from")?;
     let source = open_source(from, &source_scratch.0)?;
     match to {

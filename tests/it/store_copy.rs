@@ -173,6 +173,20 @@ async fn a_copy_stopped_halfway_leaves_the_target_as_it_was() {
     assert!(!ok && !stderr.contains("hunter2"), "{stderr}");
     let (ok, stderr) = cli(&url, false);
     assert!(!ok && stderr.contains("--force"), "{stderr}");
+    let e = format!(
+        "{:#}",
+        copy_books(postgres(&url), postgres(&url), true)
+            .await
+            .unwrap_err()
+    );
+    assert!(e.contains("both the source and the target"), "{e}");
+    let e = format!(
+        "{:#}",
+        copy_books(sled(&data), sled(&data), true)
+            .await
+            .unwrap_err()
+    );
+    assert!(e.contains("both the source and the target"), "{e}");
     let (ok, stderr) = cli(&url, true);
     assert!(ok, "{stderr}");
     assert!(
