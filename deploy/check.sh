@@ -21,6 +21,12 @@
 #      and (with promtool) every query is valid PromQL.
 #   6. prometheus.yml: `promtool check config`, or a YAML parse without promtool.
 #   7. Dockerfile: hadolint if installed, else a static check of the required instructions.
+#   8. compose/ (several replicas): `docker compose config` where Compose is installed;
+#      the YAML parsed and checked to fit together (2 shared-store gateways with a /data
+#      each, the files it mounts, Prometheus targets); `nginx -t` of its site; promtool.
+#   9. k8s/: every manifest parsed and checked to fit together (Deployment of 2 replicas,
+#      Service selecting them, readiness on /health, Secret keys the pods read);
+#      `kubectl apply --dry-run=server` only where a cluster answers.
 # Ends with "check: N passed, N failed, N skipped"; exits 1 if anything failed.
 set -uo pipefail
 
@@ -380,6 +386,146 @@ else
     else
         printf '      missing: %s\n' "${missing[@]}"; fail "Dockerfile static check"
     fi
+fi
+
+# ------------------------------------------------------------------ 8. compose (several replicas)
+echo "== compose file (deploy/compose/): 2 gateways, nginx, Postgres, Redis, Prometheus, Grafana"
+COMPOSE=""
+if docker compose version >/dev/null 2>&1; then COMPOSE="docker compose"
+elif command -v docker-compose >/dev/null 2>&1; then COMPOSE="docker-compose"; fi
+if [[ -n "$COMPOSE" ]]; then
+    cp "$DEPLOY/compose/env.example" "$T/compose.env"
+    if $COMPOSE -f "$DEPLOY/compose/compose.yaml" --env-file "$T/compose.env" config -q \
+        >"$T/compose.out" 2>&1; then
+        pass "$COMPOSE config"
+    else
+        indent <"$T/compose.out"; fail "$COMPOSE config"
+    fi
+else
+    skip "docker compose config: Docker Compose is not installed (the YAML is checked below)"
+fi
+if [[ -n "$PY" ]] && "$PY" -c 'import yaml' 2>/dev/null; then
+    if "$PY" - "$DEPLOY/compose" >"$T/compose-yaml.out" 2>&1 <<'EOF'
+import sys, pathlib, yaml
+d = pathlib.Path(sys.argv[1])
+c = yaml.safe_load((d / "compose.yaml").read_text())
+s = c["services"]
+for name in ["gateway-a", "gateway-b", "nginx", "postgres", "redis", "prometheus", "grafana"]:
+    assert name in s, f"no service {name}"
+for g in ["gateway-a", "gateway-b"]:
+    env = s[g]["environment"]
+    assert env["STEP3GW_STORE_BACKEND"] == "shared", g
+    for k in ["STEP3GW_STORE_POSTGRES_URL", "STEP3GW_STORE_REDIS_URL", "STEP3GW_ADMIN_TOKEN"]:
+        assert k in env, f"{g}: no {k}"
+assert s["gateway-a"]["volumes"] != s["gateway-b"]["volumes"], "each replica needs its own /data"
+# Files the services mount are there.
+for svc in s.values():
+    for v in svc.get("volumes", []):
+        src = v.split(":")[0]
+        if src.startswith("."):
+            assert (d / src).exists(), f"mounted file missing: {src}"
+prom = yaml.safe_load((d / "prometheus.yml").read_text())
+targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+assert sorted(targets) == ["gateway-a:8080", "gateway-b:8080"], targets
+for f in ["grafana/datasource.yml", "grafana/dashboards.yml"]:
+    yaml.safe_load((d / f).read_text())
+print("      services:", ", ".join(s))
+EOF
+    then
+        cat "$T/compose-yaml.out"
+        pass "compose.yaml, its Prometheus and Grafana files parse and fit together (YAML)"
+    else
+        indent <"$T/compose-yaml.out"; fail "compose files"
+    fi
+else
+    skip "compose files: PyYAML not installed"
+fi
+if [[ -n "$NGINX" ]]; then
+    # The compose site with the replicas' names as local addresses (nginx -t resolves them).
+    mkdir -p "$T/nginx-compose/logs"
+    sed -E 's/gateway-[ab]:8080/127.0.0.1:8080/' "$DEPLOY/compose/nginx.conf" >"$T/nginx-compose/site.conf"
+    cat >"$T/nginx-compose/nginx.conf" <<EOF
+pid $T/nginx-compose/nginx.pid;
+error_log $T/nginx-compose/logs/error.log;
+events {}
+http {
+    access_log $T/nginx-compose/logs/access.log;
+    client_body_temp_path $T/nginx-compose;
+    proxy_temp_path $T/nginx-compose;
+    include $T/nginx-compose/site.conf;
+}
+EOF
+    if "$NGINX" -t -p "$T/nginx-compose" -c "$T/nginx-compose/nginx.conf" >"$T/nginx-compose.out" 2>&1; then
+        pass "nginx -t (compose site)"
+    elif grep -q 'unknown directive "http2"' "$T/nginx-compose.out" &&
+        sed -i -E -e '/^[[:space:]]*http2 on;/d' -e 's/listen 8080;/listen 8080 http2;/' \
+            "$T/nginx-compose/site.conf" &&
+        "$NGINX" -t -p "$T/nginx-compose" -c "$T/nginx-compose/nginx.conf" >"$T/nginx-compose.out" 2>&1; then
+        # nginx < 1.25.1 has no `http2 on;`: checked with `listen … http2` in its place.
+        pass "nginx -t (compose site; with \`listen 8080 http2\` for this nginx older than 1.25.1)"
+    else
+        indent <"$T/nginx-compose.out"; fail "nginx -t (compose site)"
+    fi
+else
+    skip "nginx -t (compose site): nginx is not installed"
+fi
+if command -v promtool >/dev/null 2>&1; then
+    if promtool check config "$DEPLOY/compose/prometheus.yml" >"$T/promtool-compose.out" 2>&1; then
+        pass "promtool check config (compose)"
+    else
+        indent <"$T/promtool-compose.out"; fail "promtool check config (compose)"
+    fi
+else
+    skip "promtool check config (compose): promtool not installed"
+fi
+
+# ------------------------------------------------------------------ 9. Kubernetes
+echo "== Kubernetes manifests (deploy/k8s/)"
+if [[ -n "$PY" ]] && "$PY" -c 'import yaml' 2>/dev/null; then
+    if "$PY" - "$DEPLOY/k8s" >"$T/k8s.out" 2>&1 <<'EOF'
+import sys, pathlib, yaml
+docs = []
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.yaml")):
+    docs += [(f.name, d) for d in yaml.safe_load_all(f.read_text()) if d]
+kinds = {d["kind"]: d for _, d in docs}
+for k in ["Deployment", "Service", "Secret"]:
+    assert k in kinds, f"no {k}"
+for name, d in docs:
+    assert d.get("apiVersion") and d.get("metadata", {}).get("name"), name
+dep, svc, sec = kinds["Deployment"], kinds["Service"], kinds["Secret"]
+assert dep["spec"]["replicas"] == 2, "2 replicas"
+pod = dep["spec"]["template"]
+labels = pod["metadata"]["labels"]
+assert all(labels.get(k) == v for k, v in dep["spec"]["selector"]["matchLabels"].items())
+assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()), "Service selects the pods"
+c = pod["spec"]["containers"][0]
+assert "/health" in str(c["readinessProbe"]), "readiness on /health"
+ports = {p["name"] for p in c["ports"]}
+assert all(p["targetPort"] in ports for p in svc["spec"]["ports"])
+env = {e["name"]: e for e in c["env"]}
+assert env["STEP3GW_STORE_BACKEND"]["value"] == "shared"
+for k in ["STEP3GW_ADMIN_TOKEN", "STEP3GW_STORE_POSTGRES_URL", "STEP3GW_STORE_REDIS_URL"]:
+    ref = env[k]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == sec["metadata"]["name"] and ref["key"] in sec["stringData"], k
+print("      " + ", ".join(f"{d['kind']} {d['metadata']['name']} ({n})" for n, d in docs))
+EOF
+    then
+        cat "$T/k8s.out"
+        pass "manifests parse and fit together (2 replicas, Service, readiness on /health, Secret keys)"
+    else
+        indent <"$T/k8s.out"; fail "Kubernetes manifests"
+    fi
+else
+    skip "Kubernetes manifests: PyYAML not installed"
+fi
+if command -v kubectl >/dev/null 2>&1 && kubectl version --request-timeout=2s >/dev/null 2>&1; then
+    if kubectl apply --dry-run=server -f "$DEPLOY/k8s/" >"$T/kubectl.out" 2>&1; then
+        pass "kubectl apply --dry-run=server"
+    else
+        indent <"$T/kubectl.out"; fail "kubectl apply --dry-run=server"
+    fi
+else
+    skip "kubectl apply --dry-run: no cluster reachable (kubectl needs one even for a dry run)"
 fi
 
 echo

@@ -277,6 +277,9 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             }
         };
         shared.listen(Arc::new(refresh), shutdown.clone());
+        // So that `/health`, gRPC health and `/metrics` know whether Redis answers (and
+        // see it come back) while no call asks it.
+        shared.probe_health(Duration::from_secs(1), shutdown.clone());
     }
     let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
@@ -747,6 +750,32 @@ pub fn restore(
 ) -> anyhow::Result<Restored> {
     let input = std::fs::File::open(file)
         .with_context(|| format!("cannot read the backup {}", file.display()))?;
+    let (summary, moved_aside) = build_store_in(data_dir, force, "restore", |store| {
+        crate::core::snapshot::import_export(
+            std::io::BufReader::with_capacity(1 << 20, input),
+            store,
+            progress,
+        )
+        .with_context(|| format!("cannot restore {}", file.display()))
+    })?;
+    Ok(Restored {
+        summary,
+        moved_aside,
+    })
+}
+
+/// Makes `data_dir` hold a new sled store that `fill` fills (`what`: `restore`, `copy`).
+///
+/// The store is built inside `data_dir`, under a hidden name, and moved into place only
+/// when `fill` succeeded: an error or a stop leaves the directory as it was. A store a
+/// running gateway holds is never touched; a store already there is moved into
+/// `before-<what>-<time>/` only with `force` (its path is returned).
+pub(crate) fn build_store_in<T>(
+    data_dir: &Path,
+    force: bool,
+    what: &str,
+    fill: impl FnOnce(&SledStore) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Option<PathBuf>)> {
     let holds_store = data_dir.join("conf").is_file();
     if holds_store {
         // Opening takes sled's lock: it fails while a gateway holds the directory.
@@ -754,41 +783,36 @@ pub fn restore(
             && e.to_string().contains("locked")
         {
             anyhow::bail!(
-                "{} is in use by a running gateway: stop it before restoring into its data \
+                "{} is in use by a running gateway: stop it before a {what} into its data \
                  directory (nothing was changed)",
                 data_dir.display()
             );
         }
         if !force {
             anyhow::bail!(
-                "{} holds a store already: restore into another directory, or pass --force \
+                "{} holds a store already: {what} into another directory, or pass --force \
                  to move that store aside first (nothing was changed)",
                 data_dir.display()
             );
         }
     }
-    // A directory made here is removed again if the restore fails.
+    // A directory made here is removed again if the store cannot be built.
     let mut made = RemoveOnDrop((!data_dir.exists()).then(|| data_dir.to_owned()));
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let building = data_dir.join(format!(".restoring-{}", std::process::id()));
+    let building = data_dir.join(format!(".{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&building);
-    // Removed unless the restore completes, whatever stops it.
+    // Removed unless the store is complete, whatever stops it.
     let mut cleanup = RemoveOnDrop(Some(building.clone()));
-    let summary = {
+    let filled = {
         let store = SledStore::open(&building)
             .with_context(|| format!("cannot make a new store in {}", building.display()))?;
-        let summary = crate::core::snapshot::import_export(
-            std::io::BufReader::with_capacity(1 << 20, input),
-            &store,
-            progress,
-        )
-        .with_context(|| format!("cannot restore {}", file.display()))?;
+        let filled = fill(&store)?;
         store.flush()?;
-        summary
+        filled
     };
     let moved_aside = if holds_store {
-        let aside = data_dir.join(format!("before-restore-{}", crate::core::time::now_unix()));
+        let aside = data_dir.join(format!("before-{what}-{}", crate::core::time::now_unix()));
         std::fs::create_dir(&aside)
             .with_context(|| format!("cannot create {}", aside.display()))?;
         move_entries(data_dir, &aside, is_store_entry)?;
@@ -802,10 +826,7 @@ pub fn restore(
         .with_context(|| format!("cannot remove {}", building.display()))?;
     std::fs::File::open(data_dir).and_then(|d| d.sync_all())?;
     made.0 = None;
-    Ok(Restored {
-        summary,
-        moved_aside,
-    })
+    Ok((filled, moved_aside))
 }
 
 /// Renames the entries of `from` that `pick` names into `to`.

@@ -38,6 +38,10 @@ pub enum Command {
     /// Bring a backup (or export) back into a data directory; the gateway must be stopped.
     #[command(visible_alias = "import")]
     Restore(RestoreArgs),
+    /// Moving between stores: a sled data directory into Postgres (for several replicas),
+    /// or back.
+    #[command(subcommand)]
+    Store(StoreCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,6 +82,29 @@ pub struct RestoreArgs {
     /// Only check the file (every line, the count and the checksum); change nothing.
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy every record (settings, users, keys by hash, counters, hourly usage, the call
+    /// log) of one store into another: a sled data directory into Postgres to move to
+    /// several replicas, or back. Stop the gateways first: a running gateway's data
+    /// directory is refused.
+    Copy(StoreCopyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StoreCopyArgs {
+    /// The store to copy: a data directory, or a `postgres://` URL.
+    #[arg(long)]
+    pub from: String,
+    /// Where to: a data directory, or a `postgres://` URL; it must hold no books.
+    #[arg(long)]
+    pub to: String,
+    /// Copy into a target that holds books: a sled store there is moved aside (into
+    /// `before-copy-<time>/`), a Postgres database emptied first.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -17,6 +17,7 @@ pub mod rest;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod store_copy;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

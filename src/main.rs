@@ -11,7 +11,7 @@ use step3_gateway::admin_client;
 use step3_gateway::app::RunningGateway;
 use step3_gateway::cli::{
     AdminTokenCommand, AdminTokenResetArgs, BackupArgs, Cli, Command, RestoreArgs, ServeArgs,
-    SimulateArgs,
+    SimulateArgs, StoreCommand, StoreCopyArgs,
 };
 use step3_gateway::config::{GatewayConfig, LogFormat, ServeFlags};
 use step3_gateway::core::export::ExportSummary;
@@ -53,6 +53,7 @@ async fn main() -> ExitCode {
         Command::AdminToken(AdminTokenCommand::Reset(args)) => reset_admin_token(&args),
         Command::Backup(args) => backup(args).await,
         Command::Restore(args) => restore(args).await,
+        Command::Store(StoreCommand::Copy(args)) => copy_store(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -418,6 +419,58 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         args.out.display(),
         describe_export(&summary)
     );
+    Ok(())
+}
+
+/// `store copy`: every record of one store into another; Ctrl-C stops it and leaves the
+/// target as it was (a sled directory) or emptied again (Postgres).
+async fn copy_store(args: StoreCopyArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use step3_gateway::store_copy::{StoreLocation, copy};
+
+    let from = StoreLocation::parse(&args.from);
+    let to = StoreLocation::parse(&args.to);
+    let stop = Arc::new(AtomicBool::new(false));
+    let interrupt = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, Ordering::Release);
+            }
+        })
+    };
+    let (source, target) = (from.clone(), to.clone());
+    let copied = tokio::task::spawn_blocking(move || {
+        let mut progress = Progress::records("copy");
+        let result = copy(&source, &target, args.force, &mut |records| {
+            progress.update(records);
+            !stop.load(Ordering::Acquire)
+        });
+        progress.finish();
+        result
+    })
+    .await?;
+    interrupt.abort();
+    let copied = copied?;
+    let s = copied.summary;
+    eprintln!(
+        "step3-gateway: copied {from} into {to}: {} ({} users, {} keys, {} calls)",
+        count(s.records, "record"),
+        s.users,
+        s.keys,
+        s.calls
+    );
+    if let Some(aside) = copied.moved_aside {
+        eprintln!(
+            "step3-gateway: the store that was there is kept in {}",
+            aside.display()
+        );
+    }
+    if copied.emptied {
+        eprintln!("step3-gateway: {to} held books before; they were removed (--force)");
+    }
     Ok(())
 }
 

@@ -434,6 +434,13 @@ fn scrape_registry(backends: &[BackendFigures], store: &StoreFigures) -> Registr
         "1 while the store takes writes; 0 while it fails and calls are refused",
         ConstGauge::new(i64::from(store.available)),
     );
+    if let Some(available) = store.shared_limits_available {
+        registry.register(
+            "step3gw_shared_limits_available",
+            "Several replicas: 1 while the shared limits (Redis) answer; 0 while they do not and keys with a quota are refused",
+            ConstGauge::new(i64::from(available)),
+        );
+    }
     registry.register(
         "step3gw_store_unrecorded_calls",
         "Settled calls held in memory because the store fails",
@@ -536,6 +543,7 @@ mod tests {
                 available: false,
                 unrecorded: 2,
                 failures: 4,
+                shared_limits_available: Some(true),
             },
         )
     }
@@ -572,6 +580,7 @@ mod tests {
             "step3gw_backend_errors_total{backend=\"gpu-a\",kind=\"any\"} 1",
             "step3gw_store_write_backlog 3",
             "step3gw_store_available 0",
+            "step3gw_shared_limits_available 1",
             "step3gw_store_unrecorded_calls 2",
             "step3gw_store_write_failures_total 4",
         ] {
@@ -660,6 +669,11 @@ mod tests {
                 "step3gw_store_available",
                 "gauge",
                 "1 while the store takes writes; 0 while it fails and calls are refused.",
+            ),
+            (
+                "step3gw_shared_limits_available",
+                "gauge",
+                "Several replicas: 1 while the shared limits (Redis) answer; 0 while they do not and keys with a quota are refused.",
             ),
             (
                 "step3gw_store_unrecorded_calls",

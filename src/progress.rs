@@ -1,4 +1,4 @@
-//! Progress of the long commands (`backup`, `restore`) on stderr: a bar on a terminal,
+//! Progress of the long commands (`backup`, `restore`, `store copy`) on stderr: a bar on a terminal,
 //! otherwise a plain line every few seconds, so that a log file gets lines, not escapes.
 
 use std::io::IsTerminal;
@@ -9,8 +9,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// How often a plain line is written.
 const LINE_EVERY: Duration = Duration::from_secs(2);
 
+/// What is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unit {
+    Bytes,
+    Records,
+}
+
 pub struct Progress {
     label: &'static str,
+    unit: Unit,
     bar: Option<ProgressBar>,
     total: u64,
     done: u64,
@@ -32,8 +40,32 @@ impl Progress {
         });
         Progress {
             label,
+            unit: Unit::Bytes,
             bar,
             total,
+            done: 0,
+            said_at: Instant::now(),
+        }
+    }
+
+    /// Progress in records, their total unknown: a spinner and the count on a terminal.
+    pub fn records(label: &'static str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new_spinner();
+            if let Ok(style) =
+                ProgressStyle::with_template("{msg} {spinner} {human_pos} records ({per_sec})")
+            {
+                bar.set_style(style);
+            }
+            bar.set_message(label);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress {
+            label,
+            unit: Unit::Records,
+            bar,
+            total: 0,
             done: 0,
             said_at: Instant::now(),
         }
@@ -59,6 +91,9 @@ impl Progress {
     }
 
     fn line(&self) -> String {
+        if self.unit == Unit::Records {
+            return format!("{}: {} records", self.label, self.done);
+        }
         let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
         if self.total > 0 {
             format!(

@@ -12,7 +12,7 @@ use super::journal::ReservationJournal;
 use super::key_index::{Caller, KeyIndex};
 use super::keys::SecretHash;
 use super::notifier::Notifier;
-use super::shared_limits::{Change, SharedLimits};
+use super::shared_limits::{Change, SharedLimits, SharedLimitsHealth};
 use super::store::Store;
 use super::usage_sink::{StoreFigures, StoreHealth, UsageSink};
 
@@ -206,7 +206,15 @@ impl Gateway {
     }
 
     pub fn store_figures(&self) -> StoreFigures {
-        self.sink.figures()
+        StoreFigures {
+            shared_limits_available: self.shared_limits_health().map(|h| h.is_available()),
+            ..self.sink.figures()
+        }
+    }
+
+    /// Several replicas: whether the shared limits answer; `None` without them.
+    pub fn shared_limits_health(&self) -> Option<&SharedLimitsHealth> {
+        self.shared.as_deref().map(|shared| shared.health())
     }
 
     /// Whether the caller may use `model` (its allowlist).

@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::rate_limit::{LimitSpec, Refusal};
 
@@ -67,6 +69,49 @@ pub enum Change {
     User(String),
 }
 
+/// Whether the shared counters answer, as the last admission or health probe found:
+/// set by the implementation, read by `/health`, gRPC health and `/metrics`.
+#[derive(Debug, Default)]
+pub struct SharedLimitsHealth {
+    failing: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SharedLimitsHealth {
+    /// False while the shared counters cannot be asked; one atomic load.
+    pub fn is_available(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+
+    /// The error that made them unavailable, while they are.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// They could not be asked: keys with a quota are refused until [`Self::recover`].
+    pub fn fail(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                error,
+                "the shared limits cannot be asked: keys with a quota are refused \
+                 (503 store_unavailable) until they answer again"
+            );
+        }
+    }
+
+    /// They answered.
+    pub fn recover(&self) {
+        if self.failing.swap(false, Ordering::Relaxed) {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            tracing::warn!("the shared limits answer again: keys with a quota are served");
+        }
+    }
+}
+
 /// Counters every replica shares. `admit` is one atomic round trip; `settle` one more,
 /// sent without waiting (a settlement that cannot be delivered leaves the reservation
 /// counted, which refuses more, never less).
@@ -75,4 +120,6 @@ pub trait SharedLimits: Send + Sync + std::fmt::Debug + 'static {
     fn settle(&self, settlement: SharedSettlement);
     /// Tells every replica (this one included) that a record changed.
     fn announce(&self, change: Change);
+    /// Whether they answer (the last admission's or probe's finding).
+    fn health(&self) -> &SharedLimitsHealth;
 }

@@ -6,6 +6,7 @@ use std::io::{BufRead, Seek, Write};
 use super::error::GatewayError;
 use super::export::{ExportError, ExportReader, ExportSummary, ExportWriter};
 use super::gateway::Gateway;
+use super::records::ExportRecord;
 use super::store::{Store, StoreError};
 
 /// Writes every record of `store` to `out` as an export. The caller keeps the books still
@@ -165,5 +166,78 @@ impl Gateway {
         let mut file = writer.into_inner().map_err(|e| io(e.into_error()))?;
         file.rewind().map_err(io)?;
         Ok(Snapshot { file, summary })
+    }
+}
+
+/// What [`copy_store`] copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopySummary {
+    pub records: u64,
+    pub users: u64,
+    pub keys: u64,
+    pub calls: u64,
+}
+
+/// Copies every record of `from` into `to`, which must hold nothing yet, through the store
+/// port's `export` and `import` (a backup and its restore, without the file between).
+/// `progress` is told the records copied after each batch and may stop the copy (false):
+/// `to` is then left part-filled, so the caller copies into a place it can empty or drop.
+pub fn copy_store(
+    from: &dyn Store,
+    to: &dyn Store,
+    progress: &mut dyn FnMut(u64) -> bool,
+) -> Result<CopySummary, ExportError> {
+    if !to.is_empty()? {
+        return Err(ExportError::Store(StoreError::Io(
+            "the store to copy into is not empty".into(),
+        )));
+    }
+    let (mut users, mut keys, mut calls) = (0, 0, 0);
+    let mut records = 0;
+    let mut stopped = false;
+    let mut batch = Vec::with_capacity(IMPORT_BATCH);
+    let mut import = |batch: &mut Vec<ExportRecord>| -> Result<(), StoreError> {
+        to.import(batch)?;
+        records += batch.len() as u64;
+        batch.clear();
+        if progress(records) {
+            Ok(())
+        } else {
+            stopped = true;
+            Err(StoreError::Io("interrupted".into()))
+        }
+    };
+    let exported = from.export(&mut |record| {
+        match &record {
+            ExportRecord::User(_) => users += 1,
+            ExportRecord::Key(_) => keys += 1,
+            ExportRecord::Call(_) => calls += 1,
+            ExportRecord::Meta { .. }
+            | ExportRecord::Counters { .. }
+            | ExportRecord::Usage { .. } => {}
+        }
+        batch.push(record);
+        if batch.len() == IMPORT_BATCH {
+            import(&mut batch)
+        } else {
+            Ok(())
+        }
+    });
+    let finished = exported.and_then(|()| {
+        if batch.is_empty() {
+            Ok(())
+        } else {
+            import(&mut batch)
+        }
+    });
+    match finished {
+        Ok(()) => Ok(CopySummary {
+            records,
+            users,
+            keys,
+            calls,
+        }),
+        Err(_) if stopped => Err(ExportError::Interrupted),
+        Err(e) => Err(e.into()),
     }
 }

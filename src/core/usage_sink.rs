@@ -88,6 +88,8 @@ pub struct StoreFigures {
     pub unrecorded: u64,
     /// Failed store writes and flushes since start.
     pub failures: u64,
+    /// Several replicas: whether the shared limits (Redis) answer; `None` without them.
+    pub shared_limits_available: Option<bool>,
 }
 
 /// Where finished calls go. Cloning is cheap; sending never blocks.
@@ -166,6 +168,7 @@ impl UsageSink {
             available: self.health.is_available(),
             unrecorded: self.health.unrecorded(),
             failures: self.health.failures(),
+            shared_limits_available: None,
         }
     }
 }

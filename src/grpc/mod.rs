@@ -30,6 +30,19 @@ pub mod pb {
         tonic::include_file_descriptor_set!("step3_gateway_descriptor");
 }
 
+/// The gRPC health names of the store's parts: `SERVING` while the books take writes, and
+/// (several replicas only) while the shared limits answer.
+pub const BOOKS_SERVICE: &str = "step3gw.store.books";
+pub const LIMITS_SERVICE: &str = "step3gw.store.limits";
+
+fn serving(up: bool) -> ServingStatus {
+    if up {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
 /// Every gRPC service as axum routes (no fallback of its own), and the task that keeps the
 /// health service in step with the model server until `stop`.
 /// `max_message_bytes` bounds a request as `server.max_body_bytes` bounds a REST body
@@ -59,8 +72,13 @@ pub fn routes(
             .set_service_status(admin_name, ServingStatus::Serving)
             .await;
         let mut reported = None;
+        let mut reported_parts = (None, None);
         loop {
-            let status = if upstream.any_healthy() && store_gateway.store_health().is_available() {
+            let books = serving(store_gateway.store_health().is_available());
+            let limits = store_gateway
+                .shared_limits_health()
+                .map(|limits| serving(limits.is_available()));
+            let status = if upstream.any_healthy() && books == ServingStatus::Serving {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
@@ -73,6 +91,18 @@ pub fn routes(
                 health.set_service_status("", status).await;
                 health.set_service_status(chat_name, status).await;
                 reported = Some(status);
+            }
+            // The parts of the store, by name: the books, and with several replicas the
+            // shared limits (their failure refuses only keys with a quota).
+            if reported_parts.0 != Some(books) {
+                health.set_service_status(BOOKS_SERVICE, books).await;
+                reported_parts.0 = Some(books);
+            }
+            if let Some(limits) = limits
+                && reported_parts.1 != Some(limits)
+            {
+                health.set_service_status(LIMITS_SERVICE, limits).await;
+                reported_parts.1 = Some(limits);
             }
             tokio::select! {
                 // Reads the pool's last checks (no network): cheap enough to follow closely.

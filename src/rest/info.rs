@@ -36,35 +36,47 @@ pub async fn root() -> Json<Value> {
 }
 
 /// Always 200 while the gateway runs; `status` says how many model servers answer:
-/// `ok` (all), `degraded` (some), `unavailable` (none, or the store fails: calls are then
-/// refused with `store_unavailable`, and `store.status` is `failing`). The figures are those of the last
-/// health check (every `upstream.health_interval_ms`), so this costs the backends nothing.
+/// `ok` (all), `degraded` (some, or the shared limits do not answer: keys with a quota are
+/// then refused), `unavailable` (none, or the books fail: calls are then refused with
+/// `store_unavailable`). `store` names the part that is down: `books` (sled or Postgres,
+/// as the usage writer last found them) and, with several replicas, `limits` (Redis, as
+/// the last call or probe found it). The figures are those of the last checks, so this
+/// costs the backends and the store nothing.
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let backends = state.call.upstream.status();
     let healthy = backends.iter().filter(|b| b.healthy).count();
     let gateway = state.gateway();
     let store = gateway.store_health();
+    let limits = gateway.shared_limits_health();
+    let limits_down = limits.is_some_and(|l| !l.is_available());
     // A failing store refuses every call, as surely as having no model server.
     let status = if !store.is_available() {
         "unavailable"
-    } else if healthy == backends.len() {
+    } else if healthy == backends.len() && !limits_down {
         "ok"
-    } else if healthy > 0 {
+    } else if healthy > 0 || healthy == backends.len() {
         "degraded"
     } else {
         "unavailable"
     };
+    let part = |available: bool| if available { "ok" } else { "unavailable" };
+    let mut store_json = json!({
+        "status": if store.is_available() { "ok" } else { "failing" },
+        "books": part(store.is_available()),
+        "usage_backlog": gateway.store_figures().backlog,
+        "unrecorded_calls": store.unrecorded(),
+        "error": store.last_error(),
+    });
+    if let Some(limits) = limits {
+        store_json["limits"] = json!(part(limits.is_available()));
+        store_json["limits_error"] = json!(limits.last_error());
+    }
     Json(json!({
         "status": status,
         "service": SERVICE,
         "version": VERSION,
         "upstreams": backends,
-        "store": {
-            "status": if store.is_available() { "ok" } else { "failing" },
-            "usage_backlog": gateway.store_figures().backlog,
-            "unrecorded_calls": store.unrecorded(),
-            "error": store.last_error(),
-        },
+        "store": store_json,
     }))
 }
 

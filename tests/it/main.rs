@@ -35,6 +35,7 @@ mod pool;
 mod reflection_client;
 mod secrets;
 mod shared;
+mod store_copy;
 mod surface;
 mod tls;
 mod tls_upstream;

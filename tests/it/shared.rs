@@ -13,6 +13,9 @@ use step3_gateway::config::{GatewayConfig, SecretUrl, StoreBackend};
 use step3_gateway::core::records::{CallOutcome, CallRecord, Usage};
 use step3_gateway::core::store::Store;
 use step3_gateway::store::PostgresStore;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::common::postgres::{fresh_database, psql};
 use crate::common::redis::{OwnRedis, fresh_prefix};
@@ -192,6 +195,157 @@ async fn an_unreachable_redis_refuses_keys_with_a_quota_lets_others_through_and_
     // 1 + 1 + 8 = the quota of 10.
     let refused = gw.chat(&limited.secret, &chat_body("over")).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+/// What `/health`, `/metrics` and gRPC health say of the store's parts, polled until
+/// `done` holds (the probe runs every second; bounded wait, no timing asserted).
+async fn wait_for_store_parts(
+    gw: &TestGateway,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, String) {
+    let mut health = serde_json::Value::Null;
+    for _ in 0..150 {
+        health = gw.get("/health", None).await.1;
+        if done(&health) {
+            return (health, gw.metrics().await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the store's parts never got there: {health}");
+}
+
+async fn grpc_part(gw: &TestGateway, service: &str) -> ServingStatus {
+    let mut health = HealthClient::new(gw.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+#[tokio::test]
+async fn health_and_metrics_name_the_part_of_the_shared_store_that_is_down_and_see_it_recover() {
+    let mut redis = OwnRedis::start();
+    let postgres = crate::common::postgres::OwnPostgres::start();
+    let gw = TestGateway::builder()
+        .shared_store(&postgres.url)
+        .shared_limits(&(redis.url.clone(), "own".into()))
+        .config(|c| c.store.timeout_ms = 300)
+        .start()
+        .await;
+    let key = gw.create_key(json!({})).await;
+    assert_eq!(
+        gw.chat(&key.secret, &chat_body("before")).await.status(),
+        StatusCode::OK
+    );
+    let (health, metrics) = wait_for_store_parts(&gw, |h| h["store"]["limits"] == "ok").await;
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["store"]["books"], "ok", "{health}");
+    assert!(
+        metrics.lines().any(|l| l == "step3gw_store_available 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "step3gw_shared_limits_available 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        grpc_part(&gw, "step3gw.store.limits").await,
+        ServingStatus::Serving
+    );
+
+    // Redis down: the limits are named, the books are not; found with no call made.
+    redis.stop();
+    let (health, metrics) =
+        wait_for_store_parts(&gw, |h| h["store"]["limits"] == "unavailable").await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["store"]["books"], "ok", "{health}");
+    assert!(
+        health["store"]["limits_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("redis")),
+        "{health}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "step3gw_store_available 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "step3gw_shared_limits_available 0"),
+        "{metrics}"
+    );
+    let (limits, books) = (
+        grpc_part(&gw, "step3gw.store.limits").await,
+        grpc_part(&gw, "step3gw.store.books").await,
+    );
+    assert_eq!(
+        (limits, books),
+        (ServingStatus::NotServing, ServingStatus::Serving)
+    );
+    assert_eq!(grpc_part(&gw, "").await, ServingStatus::Serving);
+
+    // Back by itself.
+    redis.restart();
+    let (health, metrics) = wait_for_store_parts(&gw, |h| h["store"]["limits"] == "ok").await;
+    assert_eq!(health["status"], "ok", "{health}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "step3gw_shared_limits_available 1"),
+        "{metrics}"
+    );
+
+    // Postgres down: the books are named once a write fails (calls are then refused).
+    postgres.pause();
+    for _ in 0..100 {
+        let status = gw.chat(&key.secret, &chat_body("during")).await.status();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (health, metrics) =
+        wait_for_store_parts(&gw, |h| h["store"]["books"] == "unavailable").await;
+    assert_eq!(health["status"], "unavailable", "{health}");
+    assert_eq!(health["store"]["limits"], "ok", "{health}");
+    assert!(
+        metrics.lines().any(|l| l == "step3gw_store_available 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "step3gw_shared_limits_available 1"),
+        "{metrics}"
+    );
+    let (limits, books) = (
+        grpc_part(&gw, "step3gw.store.limits").await,
+        grpc_part(&gw, "step3gw.store.books").await,
+    );
+    assert_eq!(
+        (limits, books),
+        (ServingStatus::Serving, ServingStatus::NotServing)
+    );
+    assert_eq!(grpc_part(&gw, "").await, ServingStatus::NotServing);
+
+    postgres.resume();
+    let (health, metrics) = wait_for_store_parts(&gw, |h| h["store"]["books"] == "ok").await;
+    assert_eq!(health["status"], "ok", "{health}");
+    assert!(
+        metrics.lines().any(|l| l == "step3gw_store_available 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        grpc_part(&gw, "step3gw.store.books").await,
+        ServingStatus::Serving
+    );
 }
 
 #[tokio::test]

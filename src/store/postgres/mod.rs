@@ -192,6 +192,18 @@ impl PostgresStore {
         })
     }
 
+    /// Removes every record (users, keys, settings, counters, hourly usage, the call log);
+    /// the schema stays. For `store copy`: its `--force`, and its undo when stopped.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.run("clear", |pool| async move {
+            sqlx::query("TRUNCATE users, keys, key_hashes, counters, usage, calls, meta")
+                .execute(&pool)
+                .await
+                .map_err(|e| io("clear", e))?;
+            Ok(())
+        })
+    }
+
     /// Up to `rows` calls of the log, newest first, strictly before `before`.
     fn call_page(
         &self,

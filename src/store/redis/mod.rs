@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::core::keys;
 use crate::core::rate_limit::{LimitKind, LimitScope, Refusal};
 use crate::core::shared_limits::{
-    BoxFuture, Change, SharedAsk, SharedClaim, SharedLimits, SharedRefusal, SharedSettlement,
+    BoxFuture, Change, SharedAsk, SharedClaim, SharedLimits, SharedLimitsHealth, SharedRefusal,
+    SharedSettlement,
 };
 use crate::core::store::{Store, StoreError};
 
@@ -45,6 +46,7 @@ pub struct RedisLimits {
     admit: Script,
     settle: Script,
     init: Script,
+    health: SharedLimitsHealth,
 }
 
 impl std::fmt::Debug for RedisLimits {
@@ -54,6 +56,10 @@ impl std::fmt::Debug for RedisLimits {
             .finish_non_exhaustive()
     }
 }
+
+/// Before the error of an admission that failed on the books (a key's counters could not
+/// be loaded from them), not on Redis.
+const BOOKS: &str = "the books: ";
 
 /// What the admission script answered.
 enum Admitted {
@@ -101,6 +107,7 @@ impl RedisLimits {
             admit: Script::new(include_str!("admit.lua")),
             settle: Script::new(include_str!("settle.lua")),
             init: Script::new(include_str!("init.lua")),
+            health: SharedLimitsHealth::default(),
         })
     }
 
@@ -192,8 +199,8 @@ impl RedisLimits {
         let id = key_id.to_owned();
         let loaded = tokio::task::spawn_blocking(move || store.load_key(&id))
             .await
-            .map_err(|e| SharedRefusal::Unavailable(e.to_string()))?
-            .map_err(|e| SharedRefusal::Unavailable(e.to_string()))?;
+            .map_err(|e| SharedRefusal::Unavailable(format!("{BOOKS}{e}")))?
+            .map_err(|e| SharedRefusal::Unavailable(format!("{BOOKS}{e}")))?;
         let counters = loaded.map(|(_, counters)| counters).unwrap_or_default();
         let [quota, ..] = self.names(key_id, "");
         let mut connection = self.connection.clone();
@@ -223,6 +230,35 @@ impl RedisLimits {
             )),
             Admitted::No(refusal) => Err(refusal),
         }
+    }
+
+    /// Asks Redis for a `PING` every `every` until `stop`, so that its health is known (and
+    /// its recovery seen) while no call asks it. One round trip per probe.
+    pub fn probe_health(
+        self: &Arc<Self>,
+        every: Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut connection = this.connection.clone();
+                let ping = redis::cmd("PING");
+                let probe = ping.query_async::<String>(&mut connection);
+                match tokio::time::timeout(this.settings.timeout, probe).await {
+                    Ok(Ok(_)) => this.health.recover(),
+                    Ok(Err(e)) => this.health.fail(&format!("redis: {e}")),
+                    Err(_) => this.health.fail(&format!(
+                        "redis: no answer within {:?}",
+                        this.settings.timeout
+                    )),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        })
     }
 
     /// Listens for admin changes (every replica's, this one's included) until `stop`,
@@ -279,13 +315,22 @@ impl SharedLimits for RedisLimits {
         Box::pin(async move {
             // Two round trips and a store read at most (a key Redis has no counters for).
             let deadline = self.settings.timeout * 3;
-            tokio::time::timeout(deadline, self.admit_within_deadline(ask))
+            let admitted = tokio::time::timeout(deadline, self.admit_within_deadline(ask))
                 .await
                 .unwrap_or_else(|_| {
                     Err(SharedRefusal::Unavailable(format!(
                         "redis: no answer within {deadline:?}"
                     )))
-                })
+                });
+            match &admitted {
+                // The books a key's counters are loaded from failing is not Redis failing.
+                Err(SharedRefusal::Unavailable(error)) if error.starts_with(BOOKS) => {}
+                Err(SharedRefusal::Unavailable(error)) => self.health.fail(error),
+                Ok(_) | Err(SharedRefusal::Quota { .. } | SharedRefusal::Rate(_)) => {
+                    self.health.recover();
+                }
+            }
+            admitted
         })
     }
 
@@ -340,6 +385,10 @@ impl SharedLimits for RedisLimits {
                 Err(_) => tracing::warn!(call_id, "a settlement did not reach redis in time"),
             }
         });
+    }
+
+    fn health(&self) -> &SharedLimitsHealth {
+        &self.health
     }
 
     fn announce(&self, change: Change) {
