@@ -4,7 +4,9 @@
 //!
 //! The model server resolves the name again when it fetches, so this narrows the window
 //! without closing it (a name may change its answer in between); the operator who needs a
-//! guarantee blocks private egress on the GPU server's network or lists `allowed_hosts`.
+//! guarantee blocks private egress on the GPU server's network, lists `allowed_hosts`, or
+//! turns on fetch mode, where the gateway connects to the addresses checked here itself
+//! (`image_fetch`).
 
 use std::future::Future;
 use std::net::IpAddr;
