@@ -255,3 +255,48 @@ async fn fetch_mode_caps_the_image_urls_of_one_request() {
     assert_eq!(sent[0]["image_url"]["url"], bee_data_url());
     assert_eq!(sent[1]["image_url"]["url"], bee_data_url());
 }
+
+#[tokio::test]
+async fn streams_and_the_responses_api_are_sent_the_image_inline_too() {
+    let server = image_server().await;
+    let gw = fetching_gateway().await;
+    let key = gw.create_key(json!({})).await;
+    let url = format!("http://{server}/bee.png");
+
+    let mut body = image_body(&url);
+    body["stream"] = json!(true);
+    let text = gw.chat(&key.secret, &body).await.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(upstream_image_urls(&gw), [bee_data_url()]);
+
+    let response = gw
+        .http
+        .post(gw.url("/v1/responses"))
+        .bearer_auth(&key.secret)
+        .json(&json!({"model": MODEL, "max_output_tokens": 5, "input": [
+            {"type": "function_call_output", "call_id": "c", "output": "x"},
+            {"role": "user", "content": [
+                {"type": "input_text", "text": "What is it?"},
+                {"type": "input_image", "image_url": url},
+            ]},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let sent = gw.sim.simulator.requests();
+    let last = sent.last().unwrap();
+    assert_eq!(last.path, "/v1/responses");
+    assert_eq!(
+        last.body["input"][1]["content"][1]["image_url"],
+        bee_data_url()
+    );
+    let calls = gw.wait_for_calls(&key.id, 2).await;
+    for call in &calls {
+        assert_eq!(
+            call["image_sizes"],
+            json!([{"width": 4, "height": 3}]),
+            "{call}"
+        );
+    }
+}
