@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::call::CallPath;
+use crate::call::image_fetch::ImageFetcher;
 use crate::call::jwt::{JwtSettings, JwtVerifier};
 use crate::call::key_tokens::KeyTokens;
 use crate::config::{
@@ -246,6 +247,12 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         hard_stop: hard_stop.clone(),
         identity: identity_verifier(&config.jwt).await?,
         key_tokens: Arc::new(key_token_signer(&admin_token.hash())?),
+        image_fetcher: match config.image_policy.fetch {
+            true => Some(Arc::new(
+                ImageFetcher::new(config.image_policy.clone()).map_err(anyhow::Error::msg)?,
+            )),
+            false => None,
+        },
     };
     let shutdown = CancellationToken::new();
     // Stops the tasks spawned from here on if the start fails after all.

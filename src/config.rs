@@ -635,6 +635,18 @@ impl GatewayConfig {
                 "server.max_body_bytes must be at least 1024".into(),
             ));
         }
+        let images = &self.image_policy;
+        if images.fetch_max_bytes < 64
+            || images.fetch_max_pixels == 0
+            || images.fetch_max_images == 0
+            || images.fetch_timeout_ms == 0
+        {
+            return Err(ConfigError::Invalid(
+                "image_policy: fetch_max_bytes must be at least 64, and fetch_max_pixels, \
+                 fetch_max_images and fetch_timeout_ms at least 1"
+                    .into(),
+            ));
+        }
         let server = &self.server;
         if [
             server.header_read_timeout_secs,
@@ -1077,6 +1089,36 @@ mod tests {
             tiny(&mut config);
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("max_response_bytes"), "{err}");
+        }
+    }
+
+    #[test]
+    fn image_fetch_settings_load_from_the_file_and_refuse_zero_caps() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.toml",
+                "[image_policy]\nfetch = true\nfetch_max_bytes = 2048\nfetch_max_redirects = 0\n",
+            )?;
+            let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
+            let images = &config.image_policy;
+            assert!(images.fetch);
+            assert_eq!(
+                (images.fetch_max_bytes, images.fetch_max_redirects),
+                (2048, 0)
+            );
+            assert_eq!(images.fetch_max_images, 8);
+            Ok(())
+        });
+        for zero in [
+            |c: &mut GatewayConfig| c.image_policy.fetch_max_bytes = 0,
+            |c: &mut GatewayConfig| c.image_policy.fetch_max_pixels = 0,
+            |c: &mut GatewayConfig| c.image_policy.fetch_max_images = 0,
+            |c: &mut GatewayConfig| c.image_policy.fetch_timeout_ms = 0,
+        ] {
+            let mut config = GatewayConfig::default();
+            zero(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("image_policy"), "{err}");
         }
     }
 }

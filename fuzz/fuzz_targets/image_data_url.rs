@@ -56,9 +56,11 @@ fuzz_target!(|input: &[u8]| {
                 allowed_schemes: vec!["https".into(), "http".into(), "data".into(), "file".into()],
                 allowed_hosts: vec!["*.example.com".into(), "::1".into()],
                 allow_private_hosts: true,
-                resolve_hosts: true,
+                fetch: true,
+                ..ImageUrlPolicy::default()
             };
             for policy in [ImageUrlPolicy::default(), open] {
+                let _ = policy.fetches(&url);
                 if let Ok(Some(image)) = policy.check(&url) {
                     sane(image.size);
                 }

@@ -4,7 +4,9 @@
 //!
 //! The model server resolves the name again when it fetches, so this narrows the window
 //! without closing it (a name may change its answer in between); the operator who needs a
-//! guarantee blocks private egress on the GPU server's network or lists `allowed_hosts`.
+//! guarantee blocks private egress on the GPU server's network, lists `allowed_hosts`, or
+//! turns on fetch mode, where the gateway connects to the addresses checked here itself
+//! (`image_fetch`).
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -14,17 +16,11 @@ use crate::core::GatewayError;
 use crate::core::images::{ImagePolicyError, is_private_address};
 
 /// How long one name may take to resolve; past it the call is refused.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Resolves with the system's resolver (getaddrinfo, on the blocking pool).
 pub async fn check(hosts: &[String]) -> Result<(), GatewayError> {
-    check_with(hosts, RESOLVE_TIMEOUT, |host| async move {
-        tokio::net::lookup_host((host.as_str(), 443))
-            .await
-            .map(|addrs| addrs.map(|a| a.ip()).collect())
-            .map_err(|e| e.to_string())
-    })
-    .await
+    check_with(hosts, RESOLVE_TIMEOUT, system_resolve).await
 }
 
 /// Every name resolves, in time, to public addresses only; `resolve` is the resolver.
@@ -37,37 +33,57 @@ where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Result<Vec<IpAddr>, String>>,
 {
-    let lookups = hosts.iter().map(|host| {
-        let lookup = resolve(host.clone());
-        async move {
-            let addrs = match tokio::time::timeout(timeout, lookup).await {
-                Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
-                Ok(Ok(_)) => return Err(unresolvable(host, "no address".into())),
-                Ok(Err(reason)) => return Err(unresolvable(host, reason)),
-                Err(_) => {
-                    return Err(unresolvable(
-                        host,
-                        format!("no answer within {} ms", timeout.as_millis()),
-                    ));
-                }
-            };
-            match addrs.into_iter().find(|a| is_private_address(*a)) {
-                Some(addr) => Err(refused(ImagePolicyError::ResolvesToPrivate {
-                    host: host.clone(),
-                    addr,
-                })),
-                None => Ok(()),
-            }
-        }
-    });
-    futures_util::future::try_join_all(lookups).await.map(drop)
+    let lookups = hosts
+        .iter()
+        .map(|host| resolve_checked(host, timeout, &resolve, false));
+    futures_util::future::try_join_all(lookups)
+        .await
+        .map(drop)
+        .map_err(refused)
 }
 
-fn unresolvable(host: &str, reason: String) -> GatewayError {
-    refused(ImagePolicyError::Unresolvable {
+/// The addresses `host` resolves to, in time, all public unless `allow_private`: the
+/// addresses a connection to it may be made to.
+pub(super) async fn resolve_checked<F, Fut>(
+    host: &str,
+    timeout: Duration,
+    resolve: &F,
+    allow_private: bool,
+) -> Result<Vec<IpAddr>, ImagePolicyError>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<Vec<IpAddr>, String>>,
+{
+    let unresolvable = |reason: String| ImagePolicyError::Unresolvable {
         host: host.to_owned(),
         reason,
-    })
+    };
+    let addrs = match tokio::time::timeout(timeout, resolve(host.to_owned())).await {
+        Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
+        Ok(Ok(_)) => return Err(unresolvable("no address".into())),
+        Ok(Err(reason)) => return Err(unresolvable(reason)),
+        Err(_) => {
+            return Err(unresolvable(format!(
+                "no answer within {} ms",
+                timeout.as_millis()
+            )));
+        }
+    };
+    match addrs.iter().find(|a| is_private_address(**a)) {
+        Some(addr) if !allow_private => Err(ImagePolicyError::ResolvesToPrivate {
+            host: host.to_owned(),
+            addr: *addr,
+        }),
+        _ => Ok(addrs),
+    }
+}
+
+/// The system's resolver (getaddrinfo, on the blocking pool).
+pub(super) async fn system_resolve(host: String) -> Result<Vec<IpAddr>, String> {
+    tokio::net::lookup_host((host.as_str(), 443))
+        .await
+        .map(|addrs| addrs.map(|a| a.ip()).collect())
+        .map_err(|e| e.to_string())
 }
 
 fn refused(e: ImagePolicyError) -> GatewayError {

@@ -2,6 +2,7 @@
 //! the stream, and settle exactly once. The doors only translate their protocol to and
 //! from this; the model server's wire is `upstream`'s.
 
+pub mod image_fetch;
 mod image_hosts;
 pub mod jwt;
 pub mod key_tokens;
@@ -20,7 +21,7 @@ use crate::core::rate_limit::RateFigures;
 use crate::core::records::CallOutcome;
 use crate::core::request::{
     Endpoint, PreparedCall, RequestOptions, prepare_chat, prepare_completion, prepare_embedding,
-    prepare_response, with_model, with_output_cap,
+    prepare_response, with_inline_images, with_model, with_output_cap,
 };
 use crate::core::{Admission, CallFacts, Caller, Gateway, GatewayError, Remaining};
 use crate::upstream::{UpstreamAnswer, UpstreamPool};
@@ -38,6 +39,8 @@ pub struct CallPath {
     pub identity: Option<Arc<jwt::JwtVerifier>>,
     /// Makes and checks the short-lived tokens key holders ask for.
     pub key_tokens: Arc<key_tokens::KeyTokens>,
+    /// Fetches image URLs in fetch mode (`image_policy.fetch`); `None` otherwise.
+    pub image_fetcher: Option<Arc<image_fetch::ImageFetcher>>,
 }
 
 /// A whole JSON answer, already settled, with what the door read of it.
@@ -124,13 +127,29 @@ impl CallPath {
 
     /// Reads a request body of `endpoint` as the client sent it.
     pub fn prepare(&self, endpoint: Endpoint, body: Bytes) -> Result<PreparedCall, GatewayError> {
-        let prepared = match endpoint {
-            Endpoint::ChatCompletions => prepare_chat(body, &self.options),
-            Endpoint::Completions => prepare_completion(body, &self.options),
-            Endpoint::Embeddings => prepare_embedding(body, &self.options),
-            Endpoint::Responses => prepare_response(body, &self.options),
+        prepare_with(endpoint, body, &self.options).map_err(|e| self.gateway.refused(e))
+    }
+
+    /// Fetch mode: the call with its image URLs fetched and its body read again with the
+    /// images inline, so that they are sized, estimated and recorded as inline images are.
+    /// The client's own body is kept for the call log.
+    async fn inline_images(&self, call: PreparedCall) -> Result<PreparedCall, GatewayError> {
+        let Some(fetcher) = &self.image_fetcher else {
+            return Ok(call);
         };
-        prepared.map_err(|e| self.gateway.refused(e))
+        let fetched = fetcher.fetch_all(&call.images_to_fetch).await?;
+        let member = match call.endpoint {
+            Endpoint::Responses => "input",
+            _ => "messages",
+        };
+        let body = with_inline_images(&call.client_body, member, &fetched)?;
+        // The images are `data:` URLs now, whatever the schemes clients may send.
+        let mut options = (*self.options).clone();
+        options.image_policy.fetch = false;
+        options.image_policy.allowed_schemes.push("data".into());
+        let mut inlined = prepare_with(call.endpoint, body, &options)?;
+        inlined.client_body = call.client_body;
+        Ok(inlined)
     }
 
     fn admit(
@@ -219,12 +238,19 @@ impl CallPath {
                 .gateway
                 .refused(GatewayError::ModelNotAllowed { model: call.model }));
         }
-        // Before anything is reserved: a refused name costs the caller nothing.
+        // Before anything is reserved: a refused name or image costs the caller nothing.
         if !call.image_hosts.is_empty() {
             image_hosts::check(&call.image_hosts)
                 .await
                 .map_err(|e| self.gateway.refused(e))?;
         }
+        let call = match call.images_to_fetch.is_empty() {
+            true => call,
+            false => self
+                .inline_images(call)
+                .await
+                .map_err(|e| self.gateway.refused(e))?,
+        };
         let mut admission = self.admit(caller, &call, origin)?;
         let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
         let sent = async {
@@ -341,6 +367,19 @@ impl CallPath {
             });
         }
         Ok(list)
+    }
+}
+
+fn prepare_with(
+    endpoint: Endpoint,
+    body: Bytes,
+    options: &RequestOptions,
+) -> Result<PreparedCall, GatewayError> {
+    match endpoint {
+        Endpoint::ChatCompletions => prepare_chat(body, options),
+        Endpoint::Completions => prepare_completion(body, options),
+        Endpoint::Embeddings => prepare_embedding(body, options),
+        Endpoint::Responses => prepare_response(body, options),
     }
 }
 

@@ -69,6 +69,26 @@ pub fn image_size(bytes: &[u8]) -> Option<ImageSize> {
 
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
+/// The media type of an image encoding [`image_size`] reads, from its magic bytes alone
+/// (`image/png`, `image/gif`, `image/webp`, `image/jpeg`, `image/bmp`); `None` for anything
+/// else.
+#[must_use]
+pub fn image_media_type(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(PNG_SIGNATURE) {
+        Some("image/png")
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        Some("image/gif")
+    } else if bytes.starts_with(b"RIFF") && bytes.get(8..12) == Some(b"WEBP".as_slice()) {
+        Some("image/webp")
+    } else if bytes.starts_with(&[0xFF, 0xD8]) {
+        Some("image/jpeg")
+    } else if bytes.starts_with(b"BM") {
+        Some("image/bmp")
+    } else {
+        None
+    }
+}
+
 /// Builds a size, refusing zero dimensions (see [`image_size`]).
 fn nonzero_size(width: u32, height: u32) -> Option<ImageSize> {
     (width > 0 && height > 0).then_some(ImageSize { width, height })
@@ -432,6 +452,21 @@ pub struct ImageUrlPolicy {
     /// resolves to a private address (or does not resolve). Default true; ignored when
     /// `allow_private_hosts` is set.
     pub resolve_hosts: bool,
+    /// The gateway fetches `http(s)` image URLs itself and sends the images on inline, as
+    /// `data:` URLs: the model server fetches nothing and never sees the URL. The name is
+    /// resolved once and the connection made to the address checked; each redirect is
+    /// checked again. Default false.
+    pub fetch: bool,
+    /// Fetch mode: the largest image, in bytes.
+    pub fetch_max_bytes: u64,
+    /// Fetch mode: the most pixels (width × height, read from the image's header).
+    pub fetch_max_pixels: u64,
+    /// Fetch mode: the most image URLs fetched for one request.
+    pub fetch_max_images: u32,
+    /// Fetch mode: redirects followed per image.
+    pub fetch_max_redirects: u32,
+    /// Fetch mode: the time one image may take, redirects included.
+    pub fetch_timeout_ms: u64,
 }
 
 impl Default for ImageUrlPolicy {
@@ -441,6 +476,12 @@ impl Default for ImageUrlPolicy {
             allowed_hosts: Vec::new(),
             allow_private_hosts: false,
             resolve_hosts: true,
+            fetch: false,
+            fetch_max_bytes: 10 * 1024 * 1024,
+            fetch_max_pixels: 25_000_000,
+            fetch_max_images: 8,
+            fetch_max_redirects: 3,
+            fetch_timeout_ms: 10_000,
         }
     }
 }
@@ -464,6 +505,11 @@ pub enum ImagePolicyError {
     ResolvesToPrivate { host: String, addr: IpAddr },
     #[error("image URL host `{host}` cannot be resolved: {reason}")]
     Unresolvable { host: String, reason: String },
+    #[error(
+        "image URLs with scheme `{scheme}` cannot be fetched by the gateway (it fetches \
+         http and https URLs and sends the image on inline)"
+    )]
+    NotFetchable { scheme: String },
     #[error("malformed image URL: {0}")]
     Malformed(String),
 }
@@ -588,6 +634,28 @@ impl ImageUrlPolicy {
         match normalize_host(parsed.host()?.to_owned(), parsed.is_special()).ok()? {
             Host::Domain(name) => Some(name),
             Host::Ipv4(_) | Host::Ipv6(_) => None,
+        }
+    }
+}
+
+impl ImageUrlPolicy {
+    /// Whether the gateway fetches an image URL that passed [`ImageUrlPolicy::check`]
+    /// itself: in fetch mode, `http` and `https` URLs; `data:` URLs are inline already.
+    ///
+    /// # Errors
+    ///
+    /// [`ImagePolicyError::NotFetchable`] in fetch mode for any other scheme the policy
+    /// allows (the model server would otherwise be sent a URL to fetch).
+    pub fn fetches(&self, url: &str) -> Result<bool, ImagePolicyError> {
+        if !self.fetch {
+            return Ok(false);
+        }
+        match scheme_of(url)?.as_str() {
+            "data" => Ok(false),
+            "http" | "https" => Ok(true),
+            scheme => Err(ImagePolicyError::NotFetchable {
+                scheme: clip(scheme),
+            }),
         }
     }
 }
@@ -1588,6 +1656,41 @@ mod tests {
         assert!(from(vec![("allow_private_host", true)]).is_err());
     }
 
+    #[test]
+    fn media_types_come_from_magic_bytes() {
+        for (bytes, mime) in [
+            (png(1, 1), "image/png"),
+            (gif(1, 1), "image/gif"),
+            (webp_vp8x(1, 1), "image/webp"),
+            (jpeg(0xC0, 1, 1).0, "image/jpeg"),
+            (bmp(1, 1), "image/bmp"),
+        ] {
+            assert_eq!(image_media_type(&bytes), Some(mime));
+        }
+        assert_eq!(image_media_type(b"<!doctype html><html>"), None);
+        assert_eq!(image_media_type(b""), None);
+    }
+
+    #[test]
+    fn fetch_mode_takes_http_urls_and_refuses_other_schemes() {
+        let off = ImageUrlPolicy::default();
+        assert_eq!(off.fetches("https://example.com/a.png"), Ok(false));
+        let on = ImageUrlPolicy {
+            fetch: true,
+            allowed_schemes: vec!["http".into(), "https".into(), "data".into(), "ftp".into()],
+            ..ImageUrlPolicy::default()
+        };
+        assert_eq!(on.fetches("https://example.com/a.png"), Ok(true));
+        assert_eq!(on.fetches("HTTP://example.com/a.png"), Ok(true));
+        assert_eq!(on.fetches("data:image/png;base64,AAAA"), Ok(false));
+        assert_eq!(
+            on.fetches("ftp://example.com/a.png"),
+            Err(ImagePolicyError::NotFetchable {
+                scheme: "ftp".into()
+            })
+        );
+    }
+
     // --- token estimate -------------------------------------------------------------------------
 
     #[test]
@@ -1681,7 +1784,7 @@ mod tests {
                 allowed_schemes: vec!["http".into(), "gopher".into(), "file".into(), "data".into()],
                 allowed_hosts: vec!["*.example.com".into(), host.clone()],
                 allow_private_hosts: false,
-                resolve_hosts: true,
+                ..ImageUrlPolicy::default()
             };
             let _ = open.name_to_resolve(&s);
             let _ = open.name_to_resolve(&format!("http://{host}/x"));

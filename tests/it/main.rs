@@ -27,6 +27,7 @@ mod grpc_health;
 mod grpcurl_readme;
 mod hardening;
 mod hostile;
+mod image_fetch;
 mod jwt;
 mod key_shape;
 mod key_tokens;

@@ -150,6 +150,7 @@ pub fn prepare_completion(
         images: 0,
         image_sizes: Vec::new(),
         image_hosts: Vec::new(),
+        images_to_fetch: Vec::new(),
         // The API's own default, not the gateway's: a client that gives none gets 16.
         max_tokens: Some(view.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS)),
         choices: prompt.prompts.saturating_mul(per_prompt),
@@ -186,6 +187,7 @@ pub fn prepare_embedding(
         images: 0,
         image_sizes: Vec::new(),
         image_hosts: Vec::new(),
+        images_to_fetch: Vec::new(),
         max_tokens: Some(0),
         choices: 1,
         prompt_estimate: input.tokens,
@@ -241,6 +243,8 @@ pub fn prepare_response(
         .flatten()
         .map(|raw| raw.get().len() as u64)
         .sum::<u64>();
+    // Where each message read sits in `input` (other items are not messages).
+    let mut positions = Vec::new();
     let (messages, others) = match view.input.get().trim_start().as_bytes().first() {
         Some(b'"') => {
             let text: Cow<'_, str> = serde_json::from_str(view.input.get())
@@ -271,6 +275,7 @@ pub fn prepare_response(
                                 )
                             })?;
                         messages.push(message);
+                        positions.push(i);
                     }
                     Some(_) => others += item.get().len() as u64,
                 }
@@ -284,8 +289,16 @@ pub fn prepare_response(
             ));
         }
     };
-    let measured = measure_messages(&messages, &options.image_policy)
+    let mut measured = measure_messages(&messages, &options.image_policy)
         .map_err(|e| rename_messages_param(e, "input"))?;
+    for image in &mut measured.to_fetch {
+        image.in_input(
+            positions
+                .get(image.message)
+                .copied()
+                .unwrap_or(image.message),
+        );
+    }
     Ok(PreparedCall {
         endpoint: Endpoint::Responses,
         model,
@@ -295,6 +308,7 @@ pub fn prepare_response(
         images: measured.images,
         image_sizes: measured.image_sizes,
         image_hosts: measured.image_hosts,
+        images_to_fetch: measured.to_fetch,
         max_tokens: view.max_output_tokens,
         choices: 1,
         prompt_estimate: (measured.text_chars + text_chars + others).div_ceil(4)

@@ -81,6 +81,9 @@ pub struct PreparedCall {
     /// Names of the hosts that image (and media) URLs point to, to be resolved and checked
     /// before the call is admitted (see [`ImageUrlPolicy::name_to_resolve`]); deduplicated.
     pub image_hosts: Vec<String>,
+    /// In fetch mode, the image URLs the gateway fetches before the call is admitted and
+    /// then sends on inline ([`with_inline_images`]).
+    pub images_to_fetch: Vec<ImageToFetch>,
     /// The client's output cap: the smaller of `max_tokens` and `max_completion_tokens`.
     pub max_tokens: Option<u64>,
     /// Choices to generate (`n`); each may run to the cap.
@@ -190,6 +193,18 @@ impl ImageUrlView<'_> {
     }
 }
 
+/// An image URL the gateway fetches itself (fetch mode), and where it sits in the body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageToFetch {
+    pub url: String,
+    /// The field it came in, for errors: `messages[i].content[j].image_url.url`.
+    pub param: String,
+    /// Its message's index in the body's `messages` (or `input`) array.
+    message: usize,
+    /// Its part's index in that message's `content`.
+    part: usize,
+}
+
 /// What the messages hold, as far as the gate cares.
 #[derive(Default)]
 struct Measured {
@@ -198,9 +213,60 @@ struct Measured {
     image_tokens: u64,
     image_sizes: Vec<ImageSize>,
     image_hosts: Vec<String>,
+    to_fetch: Vec<ImageToFetch>,
+}
+
+impl ImageToFetch {
+    /// An image to fetch at `url`, as if found at `param` (for tests of the fetcher).
+    #[cfg(test)]
+    pub(crate) fn for_test(url: &str, param: &str) -> Self {
+        ImageToFetch {
+            url: url.to_owned(),
+            param: param.to_owned(),
+            message: 0,
+            part: 0,
+        }
+    }
+
+    /// The same image in a Responses request, whose message is `input[index]`.
+    fn in_input(&mut self, index: usize) {
+        self.message = index;
+        self.param = format!(
+            "input[{index}]{}",
+            self.param.split_once(']').map_or("", |(_, rest)| rest)
+        );
+    }
 }
 
 impl Measured {
+    /// Keeps `url` to be fetched by the gateway, within the policy's count per request.
+    fn fetch(
+        &mut self,
+        policy: &ImageUrlPolicy,
+        url: &str,
+        message: usize,
+        part: usize,
+        param: String,
+    ) -> Result<(), GatewayError> {
+        if self.to_fetch.len() >= policy.fetch_max_images as usize {
+            return Err(GatewayError::invalid_request(
+                format!(
+                    "the gateway fetches at most {} image URLs per request; send the others \
+                     inline (`data:` URLs)",
+                    policy.fetch_max_images
+                ),
+                Some(&param),
+            ));
+        }
+        self.to_fetch.push(ImageToFetch {
+            url: url.to_owned(),
+            param,
+            message,
+            part,
+        });
+        Ok(())
+    }
+
     /// Keeps the host of `url` (already checked) when it is a name to resolve.
     fn note_host(&mut self, policy: &ImageUrlPolicy, url: &str) {
         if let Some(host) = policy.name_to_resolve(url)
@@ -299,6 +365,7 @@ pub fn prepare_chat(body: Bytes, options: &RequestOptions) -> Result<PreparedCal
         images: measured.images,
         image_sizes: measured.image_sizes,
         image_hosts: measured.image_hosts,
+        images_to_fetch: measured.to_fetch,
         max_tokens,
         choices,
         prompt_estimate,
@@ -480,21 +547,20 @@ fn measure_messages(
                     match (part.kind.as_deref(), &part.image_url) {
                         (Some("image_url" | "input_image" | "image"), url) | (_, url @ Some(_)) => {
                             measured.images += 1;
-                            if let Some(url) = url {
-                                measured.note_host(policy, url.url());
-                            }
+                            let param = || format!("messages[{i}].content[{j}].image_url.url");
+                            let refused = |e: super::images::ImagePolicyError| {
+                                GatewayError::invalid_request(e.to_string(), Some(&param()))
+                            };
                             let size = match url {
-                                Some(url) => policy
-                                    .check(url.url())
-                                    .map_err(|e| {
-                                        GatewayError::invalid_request(
-                                            e.to_string(),
-                                            Some(&format!(
-                                                "messages[{i}].content[{j}].image_url.url"
-                                            )),
-                                        )
-                                    })?
-                                    .and_then(|image| image.size),
+                                Some(url) => {
+                                    let inline = policy.check(url.url()).map_err(refused)?;
+                                    if policy.fetches(url.url()).map_err(refused)? {
+                                        measured.fetch(policy, url.url(), i, j, param())?;
+                                    } else {
+                                        measured.note_host(policy, url.url());
+                                    }
+                                    inline.and_then(|image| image.size)
+                                }
                                 None => None,
                             };
                             measured.image_tokens += estimate_image_tokens(size);
@@ -613,6 +679,92 @@ fn with_cap(body: &Bytes, cap: u64, member: &str) -> Result<Bytes, GatewayError>
     let mut out = Vec::with_capacity(body.len() + 24);
     let mut at = 0;
     for span in spans {
+        out.extend_from_slice(&body[at..span.start]);
+        out.extend_from_slice(value.as_bytes());
+        at = span.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    Ok(Bytes::from(out))
+}
+
+/// `body` with each fetched image's URL replaced by its `data:` URL, in the `member`
+/// array (`messages`, or a Responses request's `input`) where [`ImageToFetch`] found it;
+/// the rest of the body is kept byte for byte.
+pub fn with_inline_images(
+    body: &Bytes,
+    member: &str,
+    images: &[(ImageToFetch, String)],
+) -> Result<Bytes, GatewayError> {
+    #[derive(Deserialize)]
+    struct Item<'a> {
+        #[serde(default, borrow)]
+        content: Option<&'a RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Part<'a> {
+        #[serde(default, borrow)]
+        image_url: Option<&'a RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct UrlObject<'a> {
+        #[serde(borrow)]
+        url: &'a RawValue,
+    }
+    let lost = |param: &str| {
+        GatewayError::invalid_request("the image could not be put back inline", Some(param))
+    };
+    #[derive(Deserialize)]
+    struct Top<'a> {
+        #[serde(default, borrow)]
+        messages: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        input: Option<&'a RawValue>,
+    }
+    let top: Top<'_> = serde_json::from_str(require_object(body)?).map_err(|e| {
+        GatewayError::invalid_request(format!("cannot inline the images: {e}"), None)
+    })?;
+    let array = if member == "input" {
+        top.input
+    } else {
+        top.messages
+    };
+    let items: Vec<&RawValue> = array
+        .map(|raw| serde_json::from_str(raw.get()))
+        .transpose()
+        .map_err(|e| GatewayError::invalid_request(e.to_string(), Some(member)))?
+        .unwrap_or_default();
+    let mut spans = Vec::with_capacity(images.len());
+    for (image, data_url) in images {
+        let url = items
+            .get(image.message)
+            .and_then(|item| serde_json::from_str::<Item<'_>>(item.get()).ok())
+            .and_then(|item| item.content)
+            .and_then(|content| serde_json::from_str::<Vec<&RawValue>>(content.get()).ok())
+            .and_then(|parts| parts.get(image.part).copied())
+            .and_then(|part| serde_json::from_str::<Part<'_>>(part.get()).ok())
+            .and_then(|part| part.image_url)
+            .and_then(|value| match value.get().as_bytes().first() {
+                Some(b'"') => Some(value),
+                _ => serde_json::from_str::<UrlObject<'_>>(value.get())
+                    .ok()
+                    .map(|object| object.url),
+            })
+            .ok_or_else(|| lost(&image.param))?;
+        let value = serde_json::to_string(data_url)
+            .map_err(|e| GatewayError::invalid_request(e.to_string(), Some(&image.param)))?;
+        spans.push((span_of(body, url.get()), value));
+    }
+    spans.sort_by_key(|(span, _)| span.start);
+    let mut out =
+        Vec::with_capacity(body.len() + spans.iter().map(|(_, v)| v.len()).sum::<usize>());
+    let mut at = 0;
+    for (span, value) in spans {
+        if span.start < at {
+            return Err(GatewayError::invalid_request(
+                "an image URL was given twice in one place",
+                None,
+            ));
+        }
         out.extend_from_slice(&body[at..span.start]);
         out.extend_from_slice(value.as_bytes());
         at = span.end;
@@ -980,5 +1132,115 @@ mod tests {
             prop_assert_eq!((again.max_tokens, again.stream), (Some(cap), stream));
             prop_assert_eq!(again.model, served);
         }
+    }
+
+    fn fetching(max_images: u32) -> RequestOptions {
+        RequestOptions {
+            image_policy: ImageUrlPolicy {
+                fetch: true,
+                fetch_max_images: max_images,
+                ..ImageUrlPolicy::default()
+            },
+            ..RequestOptions::default()
+        }
+    }
+
+    #[test]
+    fn fetch_mode_lists_http_images_and_inlines_them_in_place() {
+        // The second URL is written with escaped slashes, as some JSON encoders do.
+        let body = r#"{"model":"m","messages":[{"role":"system","content":"hi"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"https://cdn.example/a.png","detail":"low"}},{"type":"image_url","image_url":"https:\/\/cdn.example\/b.png"}]}],"top_k":5}"#;
+        let call = prepare_chat(Bytes::from(body), &fetching(8)).unwrap();
+        assert!(call.image_hosts.is_empty());
+        let params: Vec<_> = call
+            .images_to_fetch
+            .iter()
+            .map(|i| (&*i.url, &*i.param))
+            .collect();
+        assert_eq!(
+            params,
+            [
+                (
+                    "https://cdn.example/a.png",
+                    "messages[1].content[1].image_url.url"
+                ),
+                (
+                    "https://cdn.example/b.png",
+                    "messages[1].content[2].image_url.url"
+                ),
+            ]
+        );
+        let fetched: Vec<_> = call
+            .images_to_fetch
+            .iter()
+            .zip(["data:image/png;base64,AAAA", "data:image/gif;base64,BBBB"])
+            .map(|(image, data)| (image.clone(), data.to_owned()))
+            .collect();
+        let inlined = with_inline_images(&call.client_body, "messages", &fetched).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&inlined).unwrap(),
+            body.replace(
+                "\"https://cdn.example/a.png\"",
+                "\"data:image/png;base64,AAAA\""
+            )
+            .replace(
+                r#""https:\/\/cdn.example\/b.png""#,
+                "\"data:image/gif;base64,BBBB\""
+            )
+        );
+        // Off, the same body is forwarded as it is, its host resolved first.
+        let off = prepare_chat(Bytes::from(body), &RequestOptions::default()).unwrap();
+        assert!(off.images_to_fetch.is_empty());
+        assert_eq!(off.image_hosts, ["cdn.example"]);
+    }
+
+    #[test]
+    fn fetch_mode_caps_the_urls_fetched_per_request() {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://cdn.example/a.png"}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            {"type": "image_url", "image_url": {"url": "https://cdn.example/b.png"}},
+        ]}]});
+        let e = prepare_chat(Bytes::from(body.to_string()), &fetching(1)).unwrap_err();
+        match e {
+            GatewayError::InvalidRequest { param, message } => {
+                assert_eq!(
+                    param.as_deref(),
+                    Some("messages[0].content[2].image_url.url")
+                );
+                assert!(message.contains("at most 1 image URL"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let call = prepare_chat(Bytes::from(body.to_string()), &fetching(2)).unwrap();
+        assert_eq!((call.images, call.images_to_fetch.len()), (3, 2));
+    }
+
+    #[test]
+    fn fetch_mode_finds_a_responses_image_by_its_input_item() {
+        let body = json!({"model": "m", "input": [
+            {"type": "function_call_output", "call_id": "c", "output": "x"},
+            {"role": "user", "content": [
+                {"type": "input_text", "text": "what is it?"},
+                {"type": "input_image", "image_url": "https://cdn.example/a.png"},
+            ]},
+        ]});
+        let body = Bytes::from(body.to_string());
+        let call = prepare_response(body.clone(), &fetching(8)).unwrap();
+        assert_eq!(call.images_to_fetch.len(), 1);
+        assert_eq!(
+            call.images_to_fetch[0].param,
+            "input[1].content[1].image_url.url"
+        );
+        let fetched = [(
+            call.images_to_fetch[0].clone(),
+            "data:image/png;base64,AAAA".to_owned(),
+        )];
+        let inlined = with_inline_images(&body, "input", &fetched).unwrap();
+        let value: Value = serde_json::from_slice(&inlined).unwrap();
+        assert_eq!(
+            value["input"][1]["content"][1]["image_url"],
+            "data:image/png;base64,AAAA"
+        );
+        assert_eq!(value["input"][0]["output"], "x");
     }
 }
