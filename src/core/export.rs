@@ -297,6 +297,14 @@ pub fn verify_export<R: BufRead>(input: R) -> Result<ExportSummary, ExportError>
     Ok(reader.summary().clone())
 }
 
+/// A setting's value as an export writes it (hex), for a store's import.
+pub fn setting_bytes(name: &str, hex: &str) -> Result<Vec<u8>, StoreError> {
+    super::keys::bytes_from_hex(hex).ok_or_else(|| StoreError::Corrupt {
+        tree: "meta",
+        message: format!("the setting `{name}` is not hex"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::SCHEMA_VERSION;
 use super::call_log::{CallLog, LogPosition, SegmentFilter};
+use crate::core::export::setting_bytes;
 use crate::core::keys::to_hex;
 use crate::core::records::ExportRecord;
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
@@ -716,13 +717,8 @@ impl Store for SledStore {
         for record in records {
             match record {
                 ExportRecord::Meta { name, value } => {
-                    let bytes = crate::core::keys::bytes_from_hex(value).ok_or_else(|| {
-                        StoreError::Corrupt {
-                            tree: "meta",
-                            message: format!("the setting `{name}` is not hex"),
-                        }
-                    })?;
-                    t.meta.insert(name.as_bytes(), bytes)?;
+                    t.meta
+                        .insert(name.as_bytes(), setting_bytes(name, value)?)?;
                 }
                 ExportRecord::User(user) => {
                     t.users.insert(user.id.as_bytes(), encode(user)?)?;

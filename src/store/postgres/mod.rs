@@ -15,6 +15,7 @@ use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Row, SqlSafeStr};
 
+use crate::core::export::setting_bytes;
 use crate::core::keys;
 use crate::core::records::{
     CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord,
@@ -151,6 +152,45 @@ struct CallColumns {
     key_ids: Vec<String>,
     reservations: Vec<Option<i64>>,
     records: Vec<String>,
+}
+
+impl CallColumns {
+    fn push(&mut self, call: &CallRecord) -> Result<(), StoreError> {
+        self.at_micros.push(call.at_micros);
+        self.request_ids.push(call.request_id.clone());
+        self.key_ids.push(call.key_id.clone());
+        self.reservations
+            .push(call.reservation.map(u64::cast_signed));
+        self.records.push(encode(call)?);
+        Ok(())
+    }
+
+    /// Inserts the calls not in the log yet (by time and request id, and by `origin`'s
+    /// reservation); the (time, request id) of those it inserted.
+    async fn insert<'e>(
+        &self,
+        executor: impl sqlx::PgExecutor<'e>,
+        origin: String,
+    ) -> Result<HashSet<(i64, String)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "INSERT INTO calls (at_micros, request_id, key_id, origin, reservation, record) \
+             SELECT a, r, k, $4, res, rec::jsonb \
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $5::bigint[], $6::text[]) \
+             AS t(a, r, k, res, rec) \
+             ON CONFLICT DO NOTHING RETURNING at_micros, request_id",
+        )
+        .bind(&self.at_micros)
+        .bind(&self.request_ids)
+        .bind(&self.key_ids)
+        .bind(origin)
+        .bind(&self.reservations)
+        .bind(&self.records)
+        .fetch_all(executor)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
 }
 
 impl PostgresStore {
@@ -452,13 +492,7 @@ impl Store for PostgresStore {
         for record in records {
             match record {
                 ExportRecord::Meta { name, value } => {
-                    let bytes = crate::core::keys::bytes_from_hex(value).ok_or_else(|| {
-                        StoreError::Corrupt {
-                            tree: "meta",
-                            message: format!("the setting `{name}` is not hex"),
-                        }
-                    })?;
-                    self.put_meta(name, &bytes)?;
+                    self.put_meta(name, &setting_bytes(name, value)?)?;
                 }
                 ExportRecord::User(user) => self.put_user(user)?,
                 ExportRecord::Key(key) => self.put_key(key)?,
@@ -511,15 +545,7 @@ impl Store for PostgresStore {
                         Ok(())
                     })?;
                 }
-                ExportRecord::Call(call) => {
-                    calls.at_micros.push(call.at_micros);
-                    calls.request_ids.push(call.request_id.clone());
-                    calls.key_ids.push(call.key_id.clone());
-                    calls
-                        .reservations
-                        .push(call.reservation.map(u64::cast_signed));
-                    calls.records.push(encode(call)?);
-                }
+                ExportRecord::Call(call) => calls.push(call)?,
             }
         }
         if calls.at_micros.is_empty() {
@@ -529,21 +555,10 @@ impl Store for PostgresStore {
         // usage were imported above), under this replica's origin.
         let origin = self.origin.clone();
         self.run("import", |pool| async move {
-            sqlx::query(
-                "INSERT INTO calls (at_micros, request_id, key_id, origin, reservation, record) \
-                 SELECT a, r, k, $4, res, rec::jsonb \
-                 FROM UNNEST($1::bigint[], $2::text[], $3::text[], $5::bigint[], $6::text[]) \
-                 AS t(a, r, k, res, rec) ON CONFLICT DO NOTHING",
-            )
-            .bind(&calls.at_micros)
-            .bind(&calls.request_ids)
-            .bind(&calls.key_ids)
-            .bind(origin)
-            .bind(&calls.reservations)
-            .bind(&calls.records)
-            .execute(&pool)
-            .await
-            .map_err(|e| io("import", e))?;
+            calls
+                .insert(&pool, origin)
+                .await
+                .map_err(|e| io("import", e))?;
             Ok(())
         })
     }
@@ -700,39 +715,13 @@ impl Store for PostgresStore {
         let mut columns = CallColumns::default();
         let charges: Vec<Charge> = calls.iter().map(Charge::of).collect();
         for call in calls {
-            columns.at_micros.push(call.at_micros);
-            columns.request_ids.push(call.request_id.clone());
-            columns.key_ids.push(call.key_id.clone());
-            columns
-                .reservations
-                .push(call.reservation.map(u64::cast_signed));
-            columns.records.push(encode(call)?);
+            columns.push(call)?;
         }
         let origin = self.origin.clone();
         self.run("record calls", |pool| async move {
             let fail = |e| io("record calls", e);
             let mut tx = pool.begin().await.map_err(fail)?;
-            let rows = sqlx::query(
-                "INSERT INTO calls (at_micros, request_id, key_id, origin, reservation, record) \
-                 SELECT a, r, k, $4, res, rec::jsonb \
-                 FROM UNNEST($1::bigint[], $2::text[], $3::text[], $5::bigint[], $6::text[]) \
-                 AS t(a, r, k, res, rec) \
-                 ON CONFLICT DO NOTHING RETURNING at_micros, request_id",
-            )
-            .bind(&columns.at_micros)
-            .bind(&columns.request_ids)
-            .bind(&columns.key_ids)
-            .bind(origin)
-            .bind(&columns.reservations)
-            .bind(&columns.records)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(fail)?;
-            let inserted = rows
-                .iter()
-                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-                .collect::<Result<HashSet<(i64, String)>, sqlx::Error>>()
-                .map_err(fail)?;
+            let inserted = columns.insert(&mut *tx, origin).await.map_err(fail)?;
             // The books are added to in the same transaction, so they and the log agree
             // whatever happens to the commit (an unknown fate is retried, and skipped).
             let (counters, buckets) = fold(charges, &inserted);
