@@ -22,6 +22,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use super::segment_crc;
 use crate::core::records::CallRecord;
 use crate::core::store::StoreError;
 
@@ -703,7 +704,7 @@ fn frame(buffer: &mut Vec<u8>, segment: u64, record: &[u8]) {
     let len = u32::try_from(record.len()).unwrap_or(u32::MAX);
     buffer.extend_from_slice(&MAGIC);
     buffer.extend_from_slice(&len.to_le_bytes());
-    buffer.extend_from_slice(&crc(segment, record).to_le_bytes());
+    buffer.extend_from_slice(&segment_crc(segment, record).to_le_bytes());
     buffer.extend_from_slice(record);
     buffer.extend_from_slice(&len.to_le_bytes());
 }
@@ -719,19 +720,8 @@ fn record_at(segment: u64, data: &[u8], pos: usize) -> Option<&[u8]> {
     let start = pos + HEADER as usize;
     let record = data.get(start..start + len)?;
     let trailer = data.get(start + len..start + len + TRAILER as usize)?;
-    (len > 0 && *trailer == header[4..8] && crc(segment, record) == expected).then_some(record)
-}
-
-fn crc(segment: u64, record: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&segment.to_le_bytes());
-    hasher.update(
-        &u32::try_from(record.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
-    hasher.update(record);
-    hasher.finalize()
+    (len > 0 && *trailer == header[4..8] && segment_crc(segment, record) == expected)
+        .then_some(record)
 }
 
 fn decode(path: &Path, at: u64, record: &[u8]) -> Result<CallRecord, StoreError> {

@@ -28,6 +28,7 @@ use std::sync::{Mutex, mpsc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::segment_crc;
 use crate::core::journal::{PendingReservation, Reservation, ReservationJournal, Unsettled};
 use crate::core::records::CallRecord;
 use crate::core::store::StoreError;
@@ -253,18 +254,6 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io_error(dir, &e))
 }
 
-fn crc(segment: u64, record: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&segment.to_le_bytes());
-    hasher.update(
-        &u32::try_from(record.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
-    hasher.update(record);
-    hasher.finalize()
-}
-
 /// The thread's side: the current segment and the reservations still open.
 struct Writer {
     segment_bytes: u64,
@@ -387,7 +376,7 @@ impl Writer {
         let len = u32::try_from(record.len()).unwrap_or(u32::MAX);
         self.buffer.extend_from_slice(&len.to_le_bytes());
         self.buffer
-            .extend_from_slice(&crc(segment, record).to_le_bytes());
+            .extend_from_slice(&segment_crc(segment, record).to_le_bytes());
         self.buffer.extend_from_slice(record);
     }
 
@@ -651,7 +640,7 @@ fn record_at(segment: u64, data: &[u8], pos: usize) -> Option<&[u8]> {
         return None;
     }
     let record = data.get(pos + HEADER..pos + HEADER + len)?;
-    (crc(segment, record) == expected).then_some(record)
+    (segment_crc(segment, record) == expected).then_some(record)
 }
 
 #[cfg(test)]

@@ -24,3 +24,18 @@ pub use writer::UsageWriter;
 /// 4: the call log is kept in files of its own beside sled (`calls/`), which a build of 3
 /// would not read (it would list no calls and count none twice only by luck).
 pub const SCHEMA_VERSION: u32 = 4;
+
+/// The checksum of a record of `segment` in the journal's and the call log's files: the
+/// segment's number and the record's length are in it, so a record copied into another
+/// segment or cut short does not check.
+pub(super) fn segment_crc(segment: u64, record: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&segment.to_le_bytes());
+    hasher.update(
+        &u32::try_from(record.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    hasher.update(record);
+    hasher.finalize()
+}
