@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::{AppState, read_body};
+use super::{AppState, parse_json, read_body};
 use crate::core::GatewayError;
 use crate::core::admin::{
     CallFilter, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, NewKey, NewUser, UsageGrouping,
@@ -75,23 +75,6 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AdminJson<T> {
         let body = read_body(request.into_body(), MAX_ADMIN_BODY_BYTES).await?;
         parse_json(&body).map(AdminJson)
     }
-}
-
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            GatewayError::invalid_request(format!("the body is not valid JSON: {inner}"), None)
-        } else {
-            field_error(&path, &inner.to_string())
-        }
-    })?;
-    de.end().map_err(|e| {
-        GatewayError::invalid_request(format!("the body is not one JSON value: {e}"), None)
-    })?;
-    Ok(value)
 }
 
 /// The query string's parameters, whose mistakes name the parameter in `param`.

@@ -6,10 +6,9 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, parse_json};
 use crate::call::key_tokens::TokenRequest;
 use crate::core::GatewayError;
-use crate::core::request::field_error;
 use crate::edge::client_addr::Client;
 use crate::edge::{RequestId, bearer};
 use crate::metrics::BackendFigures;
@@ -211,9 +210,7 @@ pub async fn create_token(
     let request: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
         TokenRequest::default()
     } else {
-        let mut json = serde_json::Deserializer::from_slice(&body);
-        serde_path_to_error::deserialize(&mut json)
-            .map_err(|e| field_error(&e.path().to_string(), &e.inner().to_string()))?
+        parse_json(&body)?
     };
     let issued = state.call.key_tokens.issue(&caller, request)?;
     Ok((axum::http::StatusCode::CREATED, Json(issued)).into_response())

@@ -16,9 +16,11 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use tower_http::cors::{AllowOrigin, CorsLayer, ExposeHeaders};
 
 use crate::call::CallPath;
+use crate::core::request::field_error;
 use crate::core::{Gateway, GatewayError};
 use crate::edge::{BodyReadTimeout, error_body};
 use crate::metrics::Metrics;
@@ -147,4 +149,23 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> 
         }
         GatewayError::invalid_request(format!("could not read the request body: {e}"), None)
     })
+}
+
+/// A JSON body of the REST door's own routes (admin, tokens), its mistakes in the OpenAI
+/// error shape with `param` naming the field.
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            GatewayError::invalid_request(format!("the body is not valid JSON: {inner}"), None)
+        } else {
+            field_error(&path, &inner.to_string())
+        }
+    })?;
+    de.end().map_err(|e| {
+        GatewayError::invalid_request(format!("the body is not one JSON value: {e}"), None)
+    })?;
+    Ok(value)
 }
