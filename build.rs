@@ -17,6 +17,10 @@ const SERIALIZED: &[&str] = &[
     "ListCallsResponse",
     "AlertDelivery",
     "TestAlertResponse",
+    "Price",
+    "ListPricesResponse",
+    "InvoiceLine",
+    "Invoice",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -400,7 +400,7 @@ fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
             rpm_limit: Some(600),
             tpm_limit: None,
             max_concurrent: Some(8),
-            allowed_ips: None,
+            ..UserLimits::default()
         },
         created_at: now,
         updated_at: now,
@@ -422,7 +422,7 @@ fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
                 token_quota: Some(1_000_000),
                 image_quota: None,
                 max_images_per_request: None,
-                allowed_ips: None,
+                ..KeyLimits::default()
             },
             expires_at: None,
             models: None,

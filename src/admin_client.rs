@@ -11,12 +11,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{
-    AdminArgs, AdminCommand, AlertsCommand, CallsArgs, KeyLimitArgs, KeysCommand, UsageArgs,
-    UsageGroupingArg, UsersCommand,
+    AdminArgs, AdminCommand, AlertsCommand, CallsArgs, KeyLimitArgs, KeysCommand, PricesCommand,
+    UsageArgs, UsageGroupingArg, UsersCommand,
 };
 use crate::core::access::IpAllowlist;
 use crate::core::admin::{CreatedKey, KeyPage, KeyView};
 use crate::core::limits::KeyLimits;
+use crate::core::money::Money;
 use crate::core::records::KeyCounters;
 use crate::grpc::pb::{self, admin_client::AdminClient, get_usage_report_request::Subject};
 
@@ -37,6 +38,10 @@ pub enum AdminRequest {
     GetUsage(pb::GetUsageReportRequest),
     ListCalls(pb::ListCallsRequest),
     TestAlert(pb::TestAlertRequest),
+    AddPrice(pb::AddPriceRequest),
+    ListPrices(pb::ListPricesRequest),
+    /// With `csv`: printed as CSV lines.
+    GetInvoice(pb::GetInvoiceRequest, bool),
 }
 
 impl From<AdminCommand> for AdminRequest {
@@ -51,6 +56,28 @@ impl From<AdminCommand> for AdminRequest {
                     channel: channel.unwrap_or_default(),
                 })
             }
+            AdminCommand::Prices(PricesCommand::List { model }) => {
+                AdminRequest::ListPrices(pb::ListPricesRequest { model })
+            }
+            AdminCommand::Prices(PricesCommand::Add(p)) => {
+                AdminRequest::AddPrice(pb::AddPriceRequest {
+                    model: p.model,
+                    effective_from: p.effective_from,
+                    prompt_per_million: p.prompt_per_million,
+                    completion_per_million: p.completion_per_million,
+                    per_second: p.per_second,
+                    per_call_minimum: p.per_call_minimum,
+                    images: p.images.into_iter().collect(),
+                })
+            }
+            AdminCommand::Invoice(i) => AdminRequest::GetInvoice(
+                pb::GetInvoiceRequest {
+                    user_id: i.user_id,
+                    from: i.from,
+                    to: i.to,
+                },
+                i.csv,
+            ),
         }
     }
 }
@@ -72,6 +99,8 @@ impl From<UsersCommand> for AdminRequest {
                 tpm_limit: limits.tpm_limit,
                 max_concurrent: limits.max_concurrent,
                 allowed_ips: limits.allowed_ips,
+                budget: limits.budget,
+                period: limits.period,
             }),
             UsersCommand::Get { id } => AdminRequest::GetUser(pb::GetUserRequest { id }),
             UsersCommand::Update(args) => AdminRequest::UpdateUser(pb::UpdateUserRequest {
@@ -84,6 +113,8 @@ impl From<UsersCommand> for AdminRequest {
                 tpm_limit: args.limits.tpm_limit,
                 max_concurrent: args.limits.max_concurrent,
                 allowed_ips: args.limits.allowed_ips,
+                budget: args.limits.budget,
+                period: args.limits.period,
                 clear: args
                     .clear_email
                     .then_some("email")
@@ -120,8 +151,12 @@ impl From<KeysCommand> for AdminRequest {
                     expires_at,
                     models,
                     allowed_ips,
+                    budget,
+                    period,
                 } = args.limits;
                 AdminRequest::CreateKey(pb::CreateKeyRequest {
+                    budget,
+                    period,
                     user_id: args.user_id,
                     name: args.name,
                     rpm_limit,
@@ -151,8 +186,12 @@ impl From<KeysCommand> for AdminRequest {
                     expires_at,
                     models,
                     allowed_ips,
+                    budget,
+                    period,
                 } = args.limits;
                 AdminRequest::UpdateKey(pb::UpdateKeyRequest {
+                    budget,
+                    period,
                     id: args.id,
                     name: args.name,
                     rpm_limit,
@@ -189,6 +228,7 @@ impl From<UsageArgs> for pb::GetUsageReportRequest {
             None => pb::UsageGrouping::Unspecified,
             Some(UsageGroupingArg::Hour) => pb::UsageGrouping::Hour,
             Some(UsageGroupingArg::Day) => pb::UsageGrouping::Day,
+            Some(UsageGroupingArg::Month) => pb::UsageGrouping::Month,
         };
         pb::GetUsageReportRequest {
             subject,
@@ -282,6 +322,14 @@ async fn send(
         AdminRequest::RotateKey(r) => print(out, client.rotate_key(r).await.map(created_view)),
         AdminRequest::GetUsage(r) => print(out, client.get_usage(r).await),
         AdminRequest::ListCalls(r) => print(out, client.list_calls(r).await),
+        AdminRequest::AddPrice(r) => print(out, client.add_price(r).await),
+        AdminRequest::ListPrices(r) => print(out, client.list_prices(r).await),
+        AdminRequest::GetInvoice(r, false) => print(out, client.get_invoice(r).await),
+        AdminRequest::GetInvoice(r, true) => {
+            let invoice = client.get_invoice(r).await?.into_inner();
+            out.write_all(invoice_csv(invoice).as_bytes())?;
+            Ok(())
+        }
         AdminRequest::TestAlert(r) => {
             let answer = client.test_alert(r).await;
             let failed = answer.as_ref().map_or(0, |a| {
@@ -325,6 +373,35 @@ fn page_view(response: tonic::Response<pb::ListKeysResponse>) -> tonic::Response
     })
 }
 
+/// An invoice as the REST door's CSV writes it.
+fn invoice_csv(invoice: pb::Invoice) -> String {
+    let money = |text: &str| Money::parse(text).unwrap_or_default();
+    crate::core::billing::Invoice {
+        user_id: invoice.user_id,
+        user_name: invoice.user_name,
+        currency: invoice.currency,
+        from: invoice.from,
+        to: invoice.to,
+        total: money(&invoice.total),
+        lines: invoice
+            .lines
+            .into_iter()
+            .map(|l| crate::core::billing::InvoiceLine {
+                cost: money(&l.cost),
+                key_id: l.key_id,
+                key_name: l.key_name,
+                model: l.model,
+                version: l.version,
+                requests: l.requests,
+                prompt_tokens: l.prompt_tokens,
+                completion_tokens: l.completion_tokens,
+                images: l.images,
+            })
+            .collect(),
+    }
+    .to_csv()
+}
+
 /// The inverse of the gRPC door's `Key` conversion.
 fn key_from_proto(key: pb::Key) -> KeyView {
     KeyView {
@@ -343,6 +420,8 @@ fn key_from_proto(key: pb::Key) -> KeyView {
             allowed_ips: (!key.allowed_ips.is_empty())
                 .then(|| IpAllowlist::parse(&key.allowed_ips).ok())
                 .flatten(),
+            budget: key.budget.as_deref().and_then(|b| Money::parse(b).ok()),
+            period: key.period.as_deref().and_then(|p| p.parse().ok()),
         },
         expires_at: key.expires_at,
         // The proto cannot tell "no allowlist" from an empty one; the gateway sends an
@@ -358,6 +437,7 @@ fn key_from_proto(key: pb::Key) -> KeyView {
             prompt_tokens: key.prompt_tokens_used,
             completion_tokens: key.completion_tokens_used,
             images: key.images_used,
+            cost: Money::parse(&key.cost_used).unwrap_or_default(),
         },
     }
 }

@@ -67,6 +67,8 @@ pub const DEMO_KEY_LIMITS: KeyLimits = KeyLimits {
     image_quota: None,
     max_images_per_request: None,
     allowed_ips: None,
+    budget: None,
+    period: None,
 };
 
 /// The demo's user and key, made on the first demo start.
@@ -215,13 +217,24 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             default_max_tokens: config.limits.default_max_tokens,
             max_images_per_request: config.limits.max_images_per_request,
             admin_allowed_ips: Some(config.admin.allowed_ips.clone()).filter(|l| !l.is_empty()),
-            quota_alert_percents: match &alerts {
-                Some(_) => config.alerts.quota_percents.clone(),
-                None => Vec::new(),
-            },
+            // Reported as metrics whether or not alerts are sent.
+            quota_alert_percents: config.alerts.quota_percents.clone(),
             snapshot_dir: config.backup.dir.clone(),
+            currency: config.billing.currency.clone(),
+            image_tiers: config.billing.tiers()?,
+            calendar: config.billing.calendar()?,
+            clock: config.billing.clock.clone(),
         },
     )?;
+    let seeds: Vec<_> = config
+        .billing
+        .prices
+        .iter()
+        .map(|seed| seed.price(config.billing.clock.now_unix()))
+        .collect();
+    gateway
+        .seed_prices(seeds)
+        .context("cannot write the configured prices")?;
     if let Some(journal) = journal_port {
         gateway = gateway.with_journal(journal);
     }

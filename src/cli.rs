@@ -26,7 +26,7 @@ pub enum Command {
     /// Run only the simulated STEP3-VL server (for trying things out and benchmarks).
     Simulate(SimulateArgs),
     /// Administer a running gateway over gRPC (users, keys, usage, call log).
-    Admin(AdminArgs),
+    Admin(Box<AdminArgs>),
     /// The admin token kept in a data directory (when `admin.token` is not configured).
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
@@ -215,6 +215,70 @@ pub enum AdminCommand {
     /// Alert channels.
     #[command(subcommand)]
     Alerts(AlertsCommand),
+    /// Prices of model versions.
+    #[command(subcommand)]
+    Prices(PricesCommand),
+    /// A user's usage of a period as invoice lines (JSON, or CSV with `--csv`).
+    Invoice(InvoiceArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PricesCommand {
+    /// Every price, oldest first.
+    List {
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// A new price for a model version, from now (or a later `--from`) on.
+    Add(PriceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PriceArgs {
+    /// The model version (a name the model server serves) or model.
+    #[arg(long)]
+    pub model: String,
+    /// When it takes effect, seconds since the Unix epoch (default: now).
+    #[arg(long = "from")]
+    pub effective_from: Option<i64>,
+    /// Per million prompt tokens.
+    #[arg(long = "prompt", value_name = "AMOUNT", value_parser = parse_money)]
+    pub prompt_per_million: Option<String>,
+    /// Per million completion tokens.
+    #[arg(long = "completion", value_name = "AMOUNT", value_parser = parse_money)]
+    pub completion_per_million: Option<String>,
+    /// Per second of model time.
+    #[arg(long, value_name = "AMOUNT", value_parser = parse_money)]
+    pub per_second: Option<String>,
+    /// The least a served call costs.
+    #[arg(long = "minimum", value_name = "AMOUNT", value_parser = parse_money)]
+    pub per_call_minimum: Option<String>,
+    /// Per image of a tier: `TIER=AMOUNT` (repeat for several).
+    #[arg(long = "image", value_name = "TIER=AMOUNT", value_parser = parse_tier_price)]
+    pub images: Vec<(String, String)>,
+}
+
+/// `small=0.001`.
+fn parse_tier_price(text: &str) -> Result<(String, String), String> {
+    let (tier, amount) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}`: write TIER=AMOUNT, e.g. small=0.001"))?;
+    Ok((tier.trim().to_owned(), parse_money(amount)?))
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InvoiceArgs {
+    #[arg(long = "user", value_name = "ID")]
+    pub user_id: String,
+    /// Start, seconds since the Unix epoch (default: this month's start).
+    #[arg(long)]
+    pub from: Option<i64>,
+    /// End, seconds since the Unix epoch (default: this month's end).
+    #[arg(long)]
+    pub to: Option<i64>,
+    /// CSV lines instead of JSON.
+    #[arg(long)]
+    pub csv: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,6 +354,23 @@ pub struct UserLimitArgs {
     /// none means anywhere.
     #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse_cidr)]
     pub allowed_ips: Vec<String>,
+    /// Spend of all of the user's keys, in the configured currency (e.g. `100.00`).
+    #[arg(long, value_name = "AMOUNT", value_parser = parse_money)]
+    pub budget: Option<String>,
+    /// When the budget starts again.
+    #[arg(long, value_name = "PERIOD", value_parser = parse_period)]
+    pub period: Option<String>,
+}
+
+/// An amount of money, checked before it is sent.
+fn parse_money(text: &str) -> Result<String, String> {
+    crate::core::money::Money::parse(text).map(|m| m.to_string())
+}
+
+/// `day`, `week` or `month`, checked before it is sent.
+fn parse_period(text: &str) -> Result<String, String> {
+    text.parse::<crate::core::period::Period>()
+        .map(|p| p.as_str().to_owned())
 }
 
 /// An allowlist entry, checked before it is sent.
@@ -388,6 +469,12 @@ pub struct KeyLimitArgs {
     /// anywhere.
     #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse_cidr)]
     pub allowed_ips: Vec<String>,
+    /// Spend, in the configured currency (e.g. `25.00`).
+    #[arg(long, value_name = "AMOUNT", value_parser = parse_money)]
+    pub budget: Option<String>,
+    /// When the quotas and the budget start again (none: the key's lifetime).
+    #[arg(long, value_name = "PERIOD", value_parser = parse_period)]
+    pub period: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -440,6 +527,7 @@ pub struct UsageArgs {
 pub enum UsageGroupingArg {
     Hour,
     Day,
+    Month,
 }
 
 #[derive(Debug, clap::Args)]

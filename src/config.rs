@@ -14,6 +14,10 @@ use crate::backup::BackupConfig;
 use crate::core::access::IpAllowlist;
 use crate::core::images::ImageUrlPolicy;
 use crate::core::limits::KeyLimits;
+use crate::core::money::Money;
+use crate::core::period::Calendar;
+use crate::core::pricing::{ImageTier, ImageTiers, PriceRecord};
+use crate::core::time::Clock;
 use crate::notify::settings::AlertsConfig;
 use crate::telemetry::TelemetryConfig;
 use crate::tls::TlsConfig;
@@ -23,8 +27,9 @@ use crate::upstream::{BackendSettings, PoolSettings};
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "alerts",
+    "billing",
     "backup",
     "server",
     "upstream",
@@ -58,6 +63,112 @@ pub struct GatewayConfig {
     pub telemetry: TelemetryConfig,
     /// Tokens from an identity provider, accepted besides keys.
     pub jwt: JwtConfig,
+    /// The currency, prices, image tiers and the calendar of periods.
+    pub billing: BillingConfig,
+}
+
+/// Money: what calls cost and the calendar budgets and quotas follow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// The currency of every price, budget and cost (a label; amounts are exact decimals).
+    pub currency: String,
+    /// IANA name of the time zone in which days, weeks (from Monday) and months begin,
+    /// for periods and for daily and monthly reports.
+    pub time_zone: String,
+    /// Image resolution tiers by pixel count, besides `large` (above the last) and
+    /// `unknown` (a size the gateway could not read).
+    pub image_tiers: Vec<ImageTier>,
+    /// Prices to start with: a model without a price in the store gets this one; one
+    /// whose price differs gets it from the start on (past calls keep their cost).
+    pub prices: Vec<PriceSeed>,
+    /// Tests move it; never from a file.
+    #[serde(skip)]
+    pub clock: Clock,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            currency: "USD".into(),
+            time_zone: "UTC".into(),
+            image_tiers: vec![
+                ImageTier {
+                    name: "small".into(),
+                    max_pixels: 512 * 512,
+                },
+                ImageTier {
+                    name: "medium".into(),
+                    max_pixels: 1024 * 1024,
+                },
+            ],
+            prices: Vec::new(),
+            clock: Clock::default(),
+        }
+    }
+}
+
+/// A price in the configuration file (`[[billing.prices]]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSeed {
+    /// A model version (a name the model server serves) or a model's name.
+    pub model: String,
+    #[serde(default)]
+    pub prompt_per_million: Money,
+    #[serde(default)]
+    pub completion_per_million: Money,
+    #[serde(default)]
+    pub per_second: Money,
+    #[serde(default)]
+    pub per_call_minimum: Money,
+    /// Per image by tier name.
+    #[serde(default)]
+    pub images: BTreeMap<String, Money>,
+}
+
+impl PriceSeed {
+    /// The price this seed gives, from `from` on.
+    pub fn price(&self, from: i64) -> PriceRecord {
+        PriceRecord {
+            model: self.model.clone(),
+            effective_from: from,
+            prompt_per_million: self.prompt_per_million,
+            completion_per_million: self.completion_per_million,
+            per_second: self.per_second,
+            per_call_minimum: self.per_call_minimum,
+            images: self.images.clone(),
+            created_at: from,
+        }
+    }
+}
+
+impl BillingConfig {
+    pub fn tiers(&self) -> Result<ImageTiers, ConfigError> {
+        ImageTiers::new(self.image_tiers.clone())
+            .map_err(|e| ConfigError::Invalid(format!("billing.image_tiers: {e}")))
+    }
+
+    pub fn calendar(&self) -> Result<Calendar, ConfigError> {
+        Calendar::new(&self.time_zone)
+            .map_err(|e| ConfigError::Invalid(format!("billing.time_zone: {e}")))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let tiers = self.tiers()?;
+        self.calendar()?;
+        if self.currency.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "billing.currency must name a currency, e.g. \"USD\"".into(),
+            ));
+        }
+        for seed in &self.prices {
+            seed.price(i64::MAX)
+                .validate(&tiers, 0)
+                .map_err(|e| ConfigError::Invalid(format!("billing.prices: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// JWTs from the team's identity provider (off unless `jwks_url` or `hs256_secret` is set).
@@ -621,6 +732,7 @@ impl GatewayConfig {
 
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.billing.validate()?;
         let urls = std::iter::once(&self.upstream.url)
             .chain(self.upstream.backends.iter().map(|b| &b.url));
         for url in urls {

@@ -44,7 +44,7 @@ async fn main() -> ExitCode {
                     )
                     .exit();
             }
-            match admin_client::run(args, &mut std::io::stdout().lock()).await {
+            match admin_client::run(*args, &mut std::io::stdout().lock()).await {
                 // The reader of the answer went away (`| head`): what it wanted, it has.
                 Err(e) if is_broken_pipe(&e) => Ok(()),
                 other => other,

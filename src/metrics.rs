@@ -136,6 +136,12 @@ struct ModelLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CrossingLabels {
+    what: &'static str,
+    percent: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RefusalLabels {
     reason: &'static str,
 }
@@ -180,6 +186,9 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     images: Family<ModelLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
+    /// Nano-units of the configured currency charged, by model.
+    spend: Family<ModelLabels, Counter>,
+    quota_crossings: Family<CrossingLabels, Counter>,
     /// Both doors' series, made at start so that an idle door shows 0.
     in_flight: [Gauge; 2],
 }
@@ -196,6 +205,8 @@ impl Default for Metrics {
         let tokens = Family::default();
         let images = Family::default();
         let refusals = Family::default();
+        let spend = Family::default();
+        let quota_crossings = Family::default();
         let in_flight = Family::<DoorLabels, Gauge>::default();
         let in_flight_by_door = [Door::Rest, Door::Grpc]
             .map(|door| in_flight.get_or_create(&DoorLabels { door }).clone());
@@ -240,6 +251,16 @@ impl Default for Metrics {
             refusals.clone(),
         );
         registry.register(
+            "step3gw_spend_nanos",
+            "What calls cost, in nano-units (1e-9) of the configured currency, by model",
+            spend.clone(),
+        );
+        registry.register(
+            "step3gw_quota_crossings",
+            "Shares of a key's quota or budget reached (quota_alert_percents), by what and percent",
+            quota_crossings.clone(),
+        );
+        registry.register(
             "step3gw_in_flight",
             "Chat calls in flight, by door",
             in_flight,
@@ -256,6 +277,8 @@ impl Default for Metrics {
             tokens,
             images,
             refusals,
+            spend,
+            quota_crossings,
             in_flight: in_flight_by_door,
         }
     }
@@ -326,8 +349,15 @@ impl Metrics {
         }
         if settled.images > 0 {
             self.images
-                .get_or_create(&ModelLabels { model })
+                .get_or_create(&ModelLabels {
+                    model: model.clone(),
+                })
                 .inc_by(settled.images);
+        }
+        if settled.cost_nanos > 0 {
+            self.spend
+                .get_or_create(&ModelLabels { model })
+                .inc_by(settled.cost_nanos);
         }
         self.observe_duration(door, self.chat.clone(), settled.total);
         if let Some(overhead) = settled.overhead {
@@ -509,6 +539,15 @@ impl GateEvents for Metrics {
     fn refused(&self, reason: &'static str) {
         self.refusal(reason);
     }
+
+    fn quota_crossed(&self, crossing: &crate::core::events::QuotaCrossing<'_>) {
+        self.quota_crossings
+            .get_or_create(&CrossingLabels {
+                what: crossing.what,
+                percent: crossing.percent,
+            })
+            .inc();
+    }
 }
 
 #[cfg(test)]
@@ -525,6 +564,7 @@ mod tests {
             prompt_tokens: 5,
             completion_tokens: 7,
             images: 1,
+            cost_nanos: 1500,
             total: Duration::from_millis(30),
             overhead: Some(Duration::from_micros(40)),
         }
@@ -597,8 +637,24 @@ mod tests {
         metrics.refusal("auth");
         metrics.time_to_first_token(Door::Rest, "m", Duration::from_millis(5));
         metrics.call_settled(&settled(Door::Rest, "m"));
+        GateEvents::quota_crossed(
+            &metrics,
+            &crate::core::events::QuotaCrossing {
+                key_id: "key_a",
+                key_name: "a",
+                user_id: "usr_a",
+                what: "budget",
+                percent: 80,
+                used: 8,
+                quota: 10,
+            },
+        );
         let (backends, store) = figures();
         let text = metrics.render(&backends, &store);
+        assert!(
+            text.contains("step3gw_quota_crossings_total{what=\"budget\",percent=\"80\"} 1"),
+            "{text}"
+        );
         let expected = [
             (
                 "step3gw_requests_total",
@@ -684,6 +740,16 @@ mod tests {
                 "step3gw_store_write_failures_total",
                 "counter",
                 "Failed store writes and flushes.",
+            ),
+            (
+                "step3gw_spend_nanos_total",
+                "counter",
+                "What calls cost, in nano-units (1e-9) of the configured currency, by model.",
+            ),
+            (
+                "step3gw_quota_crossings_total",
+                "counter",
+                "Shares of a key's quota or budget reached (quota_alert_percents), by what and percent.",
             ),
         ];
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();

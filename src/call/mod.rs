@@ -169,6 +169,7 @@ impl CallPath {
             CallFacts {
                 request_id: origin.request_id.clone(),
                 model: call.model.clone(),
+                version: None,
                 stream: call.stream,
                 prompt_estimate: call.prompt_estimate,
                 client_cap: call.max_tokens,

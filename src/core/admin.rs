@@ -9,6 +9,8 @@ use super::gateway::Gateway;
 use super::key_index::{KeyState, UserState};
 use super::keys;
 use super::limits::{KeyLimits, LimitChanges, UserLimits};
+use super::money::Money;
+use super::period::Period;
 use super::records::{CallRecord, KeyCounters, KeyRecord, UserRecord};
 use super::shared_limits::Change;
 use super::store::{CallCursor, CallQuery};
@@ -23,7 +25,7 @@ pub enum TimeInput {
 }
 
 impl TimeInput {
-    fn resolve(&self, field: &str) -> Result<UnixTime, GatewayError> {
+    pub fn resolve(&self, field: &str) -> Result<UnixTime, GatewayError> {
         match self {
             TimeInput::Unix(t) => Ok(*t),
             TimeInput::Text(text) => humantime::parse_rfc3339_weak(text)
@@ -211,16 +213,9 @@ pub enum UsageSubject {
 pub enum UsageGrouping {
     #[default]
     Hour,
+    /// Days and months begin in the configured time zone.
     Day,
-}
-
-impl UsageGrouping {
-    fn start_of(self, hour: UnixTime) -> UnixTime {
-        match self {
-            UsageGrouping::Hour => hour,
-            UsageGrouping::Day => hour - hour.rem_euclid(86_400),
-        }
-    }
+    Month,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,11 +235,14 @@ pub struct UsageRow {
     pub start: UnixTime,
     /// Empty unless grouped by model.
     pub model: String,
+    /// Empty unless grouped by model and the catalogue knew the model.
+    pub version: String,
     pub requests: u64,
     pub errors: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub images: u64,
+    pub cost: Money,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -256,6 +254,8 @@ pub struct UsageReport {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub images: u64,
+    pub cost: Money,
+    pub currency: String,
 }
 
 /// Which calls to list; every set field must match.
@@ -464,7 +464,7 @@ impl Gateway {
     }
 
     /// Up to `limit` keys after `after` that pass `filter`, in id order.
-    fn scan_keys(
+    pub(super) fn scan_keys(
         &self,
         filter: &KeyFilter,
         after: Option<&str>,
@@ -601,20 +601,27 @@ impl Gateway {
         }
         // Hourly buckets are stored; a bucket overlapping `from` counts whole.
         let first_hour = from - from.rem_euclid(3600);
-        let mut rows: std::collections::BTreeMap<(UnixTime, String), UsageRow> = Default::default();
+        let calendar = &self.settings.calendar;
+        let start_of = |hour: UnixTime| match query.group_by {
+            UsageGrouping::Hour => hour,
+            UsageGrouping::Day => calendar.start_of(Period::Day, hour),
+            UsageGrouping::Month => calendar.start_of(Period::Month, hour),
+        };
+        let mut rows: std::collections::BTreeMap<(UnixTime, String, String), UsageRow> =
+            Default::default();
         for key_id in &key_ids {
             for bucket in self.store.usage(key_id, first_hour, to)? {
-                let start = query.group_by.start_of(bucket.hour);
-                let model = if query.by_model {
-                    bucket.model
-                } else {
-                    String::new()
+                let start = start_of(bucket.hour);
+                let (model, version) = match query.by_model {
+                    true => (bucket.model, bucket.version),
+                    false => Default::default(),
                 };
                 let row = rows
-                    .entry((start, model.clone()))
+                    .entry((start, model.clone(), version.clone()))
                     .or_insert_with(|| UsageRow {
                         start,
                         model,
+                        version,
                         ..UsageRow::default()
                     });
                 row.requests += bucket.requests;
@@ -622,12 +629,17 @@ impl Gateway {
                 row.prompt_tokens += bucket.prompt_tokens;
                 row.completion_tokens += bucket.completion_tokens;
                 row.images += bucket.images;
+                row.cost = row.cost.saturating_add(bucket.cost);
             }
         }
         let buckets: Vec<UsageRow> = rows.into_values().collect();
         Ok(UsageReport {
             from,
             to,
+            cost: buckets
+                .iter()
+                .fold(Money::ZERO, |sum, b| sum.saturating_add(b.cost)),
+            currency: self.settings.currency.clone(),
             requests: buckets.iter().map(|b| b.requests).sum(),
             prompt_tokens: buckets.iter().map(|b| b.prompt_tokens).sum(),
             completion_tokens: buckets.iter().map(|b| b.completion_tokens).sum(),

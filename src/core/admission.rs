@@ -10,13 +10,15 @@ use super::events::{Door, GateEvents, QuotaCrossing};
 use super::gateway::Gateway;
 use super::images::ImageSize;
 use super::journal::{Reservation, ReservationJournal};
-use super::key_index::{Caller, Remaining};
+use super::key_index::{Caller, PeriodMark, Remaining, UserMark};
 use super::limits::KeyLimits;
+use super::money::Money;
+use super::pricing::{ImageTiers, PriceRecord};
 use super::quota::{self, TokenAsk};
 use super::rate_limit::{Grant, LimitScope, LimitSpec, RateFigures};
 use super::records::Usage;
 use super::shared_limits::{SharedAsk, SharedClaim, SharedLimits, SharedRefusal};
-use super::time::now_micros;
+use super::time::{Clock, now_micros};
 use super::usage_sink::UsageSink;
 
 /// What the gate knows of a call before it is forwarded.
@@ -24,6 +26,8 @@ use super::usage_sink::UsageSink;
 pub struct CallFacts {
     pub request_id: String,
     pub model: String,
+    /// The model version the call goes to, when the catalogue knows the model.
+    pub version: Option<String>,
     pub stream: bool,
     /// Prompt tokens estimated from the text and images.
     pub prompt_estimate: u64,
@@ -55,6 +59,16 @@ pub(super) struct Reserved {
     pub(super) images: u64,
     pub(super) key_grant: Option<Grant>,
     pub(super) user_grant: Option<Grant>,
+    /// The worst cost counted in flight on the key and on its user.
+    pub(super) cost: Money,
+    pub(super) user_cost: Money,
+}
+
+/// The price a call is charged by (the one in effect when it was admitted).
+#[derive(Clone, Debug)]
+pub(super) struct Priced {
+    pub(super) price: Arc<PriceRecord>,
+    pub(super) tiers: Arc<ImageTiers>,
 }
 
 /// An admitted call's reservation; it is settled exactly once, by [`Admission::settle`]
@@ -92,6 +106,12 @@ pub struct Admission {
     /// Several replicas: the shared counters, and this call's claim once they granted it.
     pub(super) shared: Option<Arc<dyn SharedLimits>>,
     pub(super) shared_claim: Option<SharedClaim>,
+    /// The price of the call; `None`: the model has none and the call costs nothing.
+    pub(super) priced: Option<Priced>,
+    /// The key's period, and its user's budget period (with a budget), at admission.
+    pub(super) key_mark: PeriodMark,
+    pub(super) user_mark: Option<UserMark>,
+    pub(super) clock: Clock,
 }
 
 impl Gateway {
@@ -177,7 +197,71 @@ impl Gateway {
             finish_reasons: Vec::new(),
             shared: self.shared.clone(),
             shared_claim: None,
+            priced: None,
+            key_mark: PeriodMark::default(),
+            user_mark: None,
+            clock: self.settings.clock.clone(),
         };
+        let now = self.settings.clock.now_unix();
+        // A period's quotas are counted from where it began in the key's counters.
+        let mark = self.key_mark(caller, now)?;
+        admission.key_mark = mark;
+        let base = mark.base;
+        let shifted = |quota: Option<u64>, base: u64| quota.map(|q| q.saturating_add(base));
+        let user_mark = match caller.user_record.limits.budget {
+            Some(_) => Some(self.user_mark(caller, now)?),
+            None => None,
+        };
+        admission.user_mark = user_mark;
+        let priced = self
+            .prices
+            .price_at(
+                admission
+                    .facts
+                    .version
+                    .as_deref()
+                    .unwrap_or(&admission.facts.model),
+                now,
+            )
+            .map(|price| Priced {
+                price,
+                tiers: self.image_tiers.clone(),
+            });
+        let unsized_images = admission.facts.unsized_images();
+        // What the budgets leave pays for so many output tokens: a cap like a token quota's.
+        let budget_left = [
+            Gateway::key_budget_left(caller, &mark).map(|m| (m, "key")),
+            user_mark
+                .as_ref()
+                .and_then(|m| Gateway::user_budget_left(caller, m))
+                .map(|m| (m, "user")),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let mut budget_tokens = None;
+        if let (Some(priced), Some((left, whose))) = (&priced, budget_left) {
+            let affordable = priced.price.affordable_completion(
+                &priced.tiers,
+                left,
+                admission.facts.prompt_estimate,
+                &admission.facts.image_sizes,
+                unsized_images,
+            );
+            if let Some(tokens) = affordable {
+                if tokens < admission.facts.choices.max(1) {
+                    return Err(match whose {
+                        "user" => super::spend::budget_exceeded(
+                            "user",
+                            caller.user_record.limits.budget,
+                            caller.user_record.limits.period,
+                        ),
+                        _ => super::spend::budget_exceeded("key", limits.budget, limits.period),
+                    });
+                }
+                budget_tokens = Some(admission.facts.prompt_estimate.saturating_add(tokens));
+            }
+        }
 
         // Quotas first, so a call they refuse takes nothing from the per-minute limits.
         let mut plan = None;
@@ -199,7 +283,10 @@ impl Gateway {
         let tokens =
             key.tokens_committed
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |committed| {
-                    plan = quota::plan_tokens(quota::remaining(limits.token_quota, committed), ask);
+                    let quota_left =
+                        quota::remaining(shifted(limits.token_quota, base.tokens()), committed);
+                    let left = [quota_left, budget_tokens].into_iter().flatten().min();
+                    plan = quota::plan_tokens(left, ask);
                     plan.map(|p| committed.saturating_add(p.reserve))
                 });
         let plan = match (tokens, plan) {
@@ -213,23 +300,44 @@ impl Gateway {
         };
         admission.reserved.tokens = plan.reserve;
         admission.upstream_cap = plan.upstream_cap;
-        reserve_one(&key.requests_reserved, limits.request_quota, 1).map_err(|limit| {
-            GatewayError::QuotaExceeded {
-                what: "requests",
-                limit,
-            }
+        reserve_one(
+            &key.requests_reserved,
+            shifted(limits.request_quota, base.requests),
+            1,
+        )
+        .map_err(|_| GatewayError::QuotaExceeded {
+            what: "requests",
+            limit: limits.request_quota.unwrap_or_default(),
         })?;
         admission.reserved.request = true;
         let images = u64::from(admission.facts.images);
         if images > 0 {
-            reserve_one(&key.images_committed, limits.image_quota, images).map_err(|limit| {
-                GatewayError::QuotaExceeded {
-                    what: "images",
-                    limit,
-                }
+            reserve_one(
+                &key.images_committed,
+                shifted(limits.image_quota, base.images),
+                images,
+            )
+            .map_err(|_| GatewayError::QuotaExceeded {
+                what: "images",
+                limit: limits.image_quota.unwrap_or_default(),
             })?;
             admission.reserved.images = images;
         }
+        // The worst cost known in advance, against the key's budget, then the user's.
+        if let Some(priced) = &priced {
+            let worst = priced.price.worst_cost(
+                &priced.tiers,
+                admission.facts.prompt_estimate,
+                plan.reserve.saturating_sub(admission.facts.prompt_estimate),
+                &admission.facts.image_sizes,
+                unsized_images,
+            );
+            Gateway::reserve_key_cost(caller, &mark, worst)?;
+            admission.reserved.cost = worst;
+            Gateway::reserve_user_cost(caller, user_mark.as_ref(), worst)?;
+            admission.reserved.user_cost = worst;
+        }
+        admission.priced = priced;
 
         let key_grant = key
             .limiter
@@ -262,6 +370,14 @@ fn reserve_one(counter: &AtomicU64, quota: Option<u64>, amount: u64) -> Result<(
             })
             .map(drop)
             .map_err(|_| quota),
+    }
+}
+
+impl CallFacts {
+    /// Images whose size the gateway could not read (URLs the model server fetches).
+    pub fn unsized_images(&self) -> u32 {
+        self.images
+            .saturating_sub(u32::try_from(self.image_sizes.len()).unwrap_or(u32::MAX))
     }
 }
 
@@ -316,6 +432,8 @@ impl Admission {
                     .saturating_sub(self.facts.prompt_estimate),
             },
             images: self.facts.images,
+            version: self.facts.version.clone(),
+            cost: self.reserved.cost,
         });
         // Known before the sync: if this call is dropped while waiting, its settlement
         // still names the reservation, and the two meet in the journal.
@@ -364,10 +482,20 @@ impl Admission {
             image_quota: limits.image_quota,
             tokens: self.reserved.tokens,
             images: self.reserved.images,
+            budget: limits.budget.map(|b| b.0),
+            cost: self.reserved.cost.0,
+            period: limits
+                .period
+                .map(|_| (self.key_mark.start, self.key_mark.end)),
         };
-        let quota_limited = [ask.request_quota, ask.token_quota, ask.image_quota]
-            .iter()
-            .any(Option::is_some);
+        let quota_limited = [
+            ask.request_quota,
+            ask.token_quota,
+            ask.image_quota,
+            ask.budget,
+        ]
+        .iter()
+        .any(Option::is_some);
         let refusal = match shared.admit(ask.clone()).await {
             Ok(claim) => {
                 self.shared_claim = Some(claim);
@@ -380,6 +508,9 @@ impl Admission {
             Err(SharedRefusal::Unavailable(error)) => {
                 tracing::error!(request_id = %self.facts.request_id, error, "the shared limits cannot be asked; a key with a quota is refused");
                 GatewayError::StoreUnavailable
+            }
+            Err(SharedRefusal::Quota { what: "budget", .. }) => {
+                super::spend::budget_exceeded("key", limits.budget, limits.period)
             }
             Err(SharedRefusal::Quota { what, limit }) => {
                 GatewayError::QuotaExceeded { what, limit }
@@ -453,6 +584,7 @@ pub(super) mod tests {
         CallFacts {
             request_id: "req_1".into(),
             model: "m".into(),
+            version: None,
             stream: false,
             prompt_estimate: 10,
             client_cap,
@@ -492,6 +624,7 @@ pub(super) mod tests {
                 requests: Some(4),
                 tokens: Some(900),
                 images: Some(1),
+                budget: None,
             }
         );
         assert_eq!(admission.upstream_cap(), None);
@@ -609,6 +742,7 @@ pub(super) mod tests {
                 requests: Some(5),
                 tokens: Some(1000),
                 images: None,
+                budget: None,
             }
         );
         assert!(

@@ -31,6 +31,14 @@ pub enum GatewayError {
     /// A total quota of the key is used up; `what` is `requests`, `tokens` or `images`.
     #[error("{}", describe_quota(what, *.limit))]
     QuotaExceeded { what: &'static str, limit: u64 },
+    /// The budget of the key or of its user (`whose`) is spent, for this period if it has
+    /// one, or what is left does not pay for the call.
+    #[error("{}", describe_budget(whose, *.budget, *.period))]
+    BudgetExceeded {
+        whose: &'static str,
+        budget: super::money::Money,
+        period: Option<super::period::Period>,
+    },
     /// The request is malformed; `param` names the offending field when known.
     #[error("{message}")]
     InvalidRequest {
@@ -103,6 +111,18 @@ fn describe_quota(what: &str, limit: u64) -> String {
     format!("this key's {one} quota is used up ({limit} {unit})")
 }
 
+/// `this key's budget is used up (25.00 a month)`.
+fn describe_budget(
+    whose: &str,
+    budget: super::money::Money,
+    period: Option<super::period::Period>,
+) -> String {
+    let each = period.map(|p| format!(" {}", p.each())).unwrap_or_default();
+    format!(
+        "this {whose}'s budget is used up, or what is left of it does not pay for this call ({budget}{each})"
+    )
+}
+
 impl From<Refusal> for GatewayError {
     fn from(refusal: Refusal) -> Self {
         GatewayError::RateLimited(refusal)
@@ -118,7 +138,9 @@ impl GatewayError {
             | GatewayError::InvalidToken(_)
             | GatewayError::InvalidAdminToken => Some("auth"),
             GatewayError::RateLimited(_) => Some("rate"),
-            GatewayError::QuotaExceeded { .. } => Some("quota"),
+            GatewayError::QuotaExceeded { .. } | GatewayError::BudgetExceeded { .. } => {
+                Some("quota")
+            }
             GatewayError::ModelNotAllowed { .. } => Some("policy"),
             GatewayError::IpNotAllowed { .. } => Some("address"),
             GatewayError::StoreUnavailable => Some("store"),
@@ -144,7 +166,9 @@ impl GatewayError {
             | GatewayError::InvalidAdminToken => 401,
             GatewayError::ModelNotAllowed { .. } | GatewayError::NotFound { .. } => 404,
             GatewayError::IpNotAllowed { .. } => 403,
-            GatewayError::RateLimited(_) | GatewayError::QuotaExceeded { .. } => 429,
+            GatewayError::RateLimited(_)
+            | GatewayError::QuotaExceeded { .. }
+            | GatewayError::BudgetExceeded { .. } => 429,
             GatewayError::InvalidRequest { .. } => 400,
             GatewayError::BodyTooLarge { .. } => 413,
             GatewayError::RequestTimeout { .. } => 408,

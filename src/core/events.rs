@@ -35,6 +35,8 @@ pub struct SettledCall<'a> {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub images: u64,
+    /// What the call cost, in nano-units of the configured currency.
+    pub cost_nanos: u64,
     pub total: Duration,
     /// The gateway's own share; `None` when the call never reached a model server.
     pub overhead: Option<Duration>,

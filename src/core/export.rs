@@ -326,6 +326,7 @@ mod tests {
                     prompt_tokens: 20,
                     completion_tokens: 2,
                     images: 0,
+                    cost: crate::core::money::Money(1_500),
                 },
             },
             ExportRecord::Usage {

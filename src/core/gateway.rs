@@ -12,8 +12,11 @@ use super::journal::ReservationJournal;
 use super::key_index::{Caller, KeyIndex};
 use super::keys::SecretHash;
 use super::notifier::Notifier;
+use super::period::Calendar;
+use super::pricing::{ImageTiers, PriceBook};
 use super::shared_limits::{Change, SharedLimits, SharedLimitsHealth};
 use super::store::Store;
+use super::time::Clock;
 use super::usage_sink::{StoreFigures, StoreHealth, UsageSink};
 
 /// Settings of the gate that come from configuration.
@@ -33,6 +36,14 @@ pub struct GateSettings {
     /// Where an online backup is written before it is sent; `None`: the system's
     /// temporary directory.
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// The currency of every price, budget and cost (a label: the books count nano-units).
+    pub currency: String,
+    /// Image resolution tiers, as prices name them.
+    pub image_tiers: ImageTiers,
+    /// The calendar periods and reports follow.
+    pub calendar: Calendar,
+    /// The clock of periods, prices and the call log (tests move it).
+    pub clock: Clock,
 }
 
 impl Default for GateSettings {
@@ -44,6 +55,10 @@ impl Default for GateSettings {
             admin_allowed_ips: None,
             quota_alert_percents: Vec::new(),
             snapshot_dir: None,
+            currency: "USD".into(),
+            image_tiers: ImageTiers::default(),
+            calendar: Calendar::default(),
+            clock: Clock::default(),
         }
     }
 }
@@ -62,6 +77,9 @@ pub struct Gateway {
     pub(super) notifier: OnceLock<Arc<dyn Notifier>>,
     /// Several replicas: the counters they share, asked after the gate's own.
     pub(super) shared: Option<Arc<dyn SharedLimits>>,
+    /// Every price, as the store keeps them.
+    pub(super) prices: PriceBook,
+    pub(super) image_tiers: Arc<ImageTiers>,
 }
 
 impl Gateway {
@@ -73,7 +91,11 @@ impl Gateway {
         admin_token_hash: SecretHash,
         settings: GateSettings,
     ) -> Result<Self, GatewayError> {
+        let prices = PriceBook::default();
+        prices.load(store.load_prices()?);
         Ok(Gateway {
+            prices,
+            image_tiers: Arc::new(settings.image_tiers.clone()),
             events,
             keys: KeyIndex::load(store.clone(), admin_token_hash)?,
             store,
@@ -125,6 +147,7 @@ impl Gateway {
                     }
                 }
             }
+            Change::Prices => self.prices.load(self.store.load_prices()?),
         }
         Ok(())
     }

@@ -24,6 +24,12 @@ pub struct Reservation {
     /// The tokens reserved: the prompt estimate, and the output cap as completion.
     pub estimate: Usage,
     pub images: u32,
+    /// The model version, when the catalogue knew the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The worst cost reserved: what the call is charged if the gateway dies during it.
+    #[serde(default)]
+    pub cost: super::money::Money,
 }
 
 /// A reservation being written; `durable` answers once its sync is done.
@@ -117,6 +123,8 @@ fn interrupted_call(id: u64, r: Reservation) -> CallRecord {
         key_id: r.key_id,
         user_id: r.user_id,
         model: r.model,
+        version: r.version,
+        cost: r.cost,
         // No status reached the client from the gateway.
         status: 0,
         outcome: CallOutcome::Interrupted,
@@ -174,6 +182,8 @@ mod tests {
                 completion_tokens: 90,
             },
             images: 1,
+            version: None,
+            cost: crate::core::money::Money(250),
         }
     }
 

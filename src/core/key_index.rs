@@ -5,18 +5,20 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
 
 use super::access::{self, IpAllowlist};
 use super::error::GatewayError;
 use super::keys::{self, SecretHash};
+use super::money::Money;
+use super::period::Period;
 use super::quota;
 use super::rate_limit::{Figure, LimitSpec, Limiter, RateFigures};
 use super::records::{KeyCounters, KeyRecord, UserRecord};
 use super::store::Store;
-use super::time::now_unix;
+use super::time::{UnixTime, now_unix};
 
 /// A key as the gate holds it: the record plus live counters and its limiter.
 #[derive(Debug)]
@@ -32,7 +34,24 @@ pub struct KeyState {
     /// Images charged so far plus those of calls in flight.
     pub(super) images_committed: AtomicU64,
     pub(super) images_used: AtomicU64,
+    /// Nano-units charged so far plus the worst cost of calls in flight.
+    pub(super) cost_committed: AtomicU64,
+    pub(super) cost_used: AtomicU64,
+    /// Where the key's current period began in the counters above (for keys with a
+    /// period); found on first need.
+    pub(super) period: Mutex<Option<PeriodMark>>,
     pub(super) limiter: Limiter,
+}
+
+/// The current period of a key or user: its bounds, and the counters as they stood when
+/// it began (what the period has used is the counters now less these).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodMark {
+    pub period: Option<Period>,
+    /// `UnixTime::MIN` and `UnixTime::MAX` for a lifetime.
+    pub start: UnixTime,
+    pub end: UnixTime,
+    pub base: KeyCounters,
 }
 
 impl KeyState {
@@ -46,6 +65,9 @@ impl KeyState {
             completion_tokens_used: AtomicU64::new(counters.completion_tokens),
             images_committed: AtomicU64::new(counters.images),
             images_used: AtomicU64::new(counters.images),
+            cost_committed: AtomicU64::new(counters.cost.0),
+            cost_used: AtomicU64::new(counters.cost.0),
+            period: Mutex::new(None),
             limiter: Limiter::default(),
         }
     }
@@ -78,7 +100,13 @@ impl KeyState {
             prompt_tokens: self.prompt_tokens_used.load(Ordering::Acquire),
             completion_tokens: self.completion_tokens_used.load(Ordering::Acquire),
             images: self.images_used.load(Ordering::Acquire),
+            cost: Money(self.cost_used.load(Ordering::Acquire)),
         }
+    }
+
+    /// The current period's mark, as last found.
+    pub fn period_mark(&self) -> Option<PeriodMark> {
+        *self.period.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -87,6 +115,23 @@ impl KeyState {
 pub struct UserState {
     record: RwLock<Arc<UserRecord>>,
     pub(super) limiter: Limiter,
+    /// What the user's keys' calls cost in this process (settled, plus the worst cost of
+    /// those in flight), and settled only; a period's mark turns these into its spend.
+    pub(super) cost_committed: AtomicU64,
+    pub(super) cost_used: AtomicU64,
+    /// The budget's current period, found on first need: `base` is signed, as the
+    /// counters above start at zero with the process while the period may be older.
+    pub(super) period: Mutex<Option<UserMark>>,
+}
+
+/// A user's budget period: its bounds, and what the spend of this process stood at when
+/// it began less what the books already held of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserMark {
+    pub period: Option<Period>,
+    pub start: i64,
+    pub end: i64,
+    pub base: i128,
 }
 
 impl UserState {
@@ -94,6 +139,9 @@ impl UserState {
         UserState {
             record: RwLock::new(Arc::new(record)),
             limiter: Limiter::default(),
+            cost_committed: AtomicU64::new(0),
+            cost_used: AtomicU64::new(0),
+            period: Mutex::new(None),
         }
     }
 
@@ -197,18 +245,24 @@ pub struct Remaining {
     pub requests: Option<u64>,
     pub tokens: Option<u64>,
     pub images: Option<u64>,
+    /// Money left: the tighter of the key's budget and its user's.
+    pub budget: Option<Money>,
 }
 
 impl Remaining {
     /// The `x-quota-remaining-*` pairs, both doors.
     pub fn pairs(&self) -> impl Iterator<Item = (&'static str, Figure)> + use<> {
         [
-            ("x-quota-remaining-requests", self.requests),
-            ("x-quota-remaining-tokens", self.tokens),
-            ("x-quota-remaining-images", self.images),
+            (
+                "x-quota-remaining-requests",
+                self.requests.map(Figure::Count),
+            ),
+            ("x-quota-remaining-tokens", self.tokens.map(Figure::Count)),
+            ("x-quota-remaining-images", self.images.map(Figure::Count)),
+            ("x-budget-remaining", self.budget.map(Figure::Amount)),
         ]
         .into_iter()
-        .filter_map(|(name, value)| Some((name, Figure::Count(value?))))
+        .filter_map(|(name, value)| Some((name, value?)))
     }
 }
 
@@ -230,18 +284,28 @@ pub struct UsageSummary {
     pub models: Option<Vec<String>>,
     pub created_at: i64,
     pub expires_at: Option<i64>,
+    pub budget: Option<Money>,
+    /// The key's period and its bounds (`None`: lifetime).
+    pub period: Option<Period>,
+    pub period_start: Option<UnixTime>,
+    pub period_end: Option<UnixTime>,
+    pub currency: String,
 }
 
 impl Caller {
+    /// The key's own view of itself; `used` counts its current period (lifetime without
+    /// one), as its mark was last found (see `Gateway::usage_summary`).
     pub fn usage_summary(&self) -> UsageSummary {
         let record = &self.record;
+        let mark = self.key.period_mark().unwrap_or_default();
+        let bounded = mark.period.is_some() && mark.period == record.limits.period;
         UsageSummary {
             key_id: record.id.clone(),
             key_name: record.name.clone(),
             key_prefix: record.prefix.clone(),
             user_id: self.user_record.id.clone(),
             user_name: self.user_record.name.clone(),
-            used: self.key.counters(),
+            used: self.key.counters().since(&mark.base),
             request_quota: record.limits.request_quota,
             token_quota: record.limits.token_quota,
             image_quota: record.limits.image_quota,
@@ -251,25 +315,43 @@ impl Caller {
             models: record.models.clone(),
             created_at: record.created_at,
             expires_at: record.expires_at,
+            budget: record.limits.budget,
+            period: record.limits.period,
+            period_start: bounded.then_some(mark.start),
+            period_end: bounded.then_some(mark.end),
+            currency: String::new(),
         }
     }
 
+    /// What is left of the quotas and budgets in their current periods.
     pub fn remaining(&self) -> Remaining {
         let key = &self.key;
         let limits = &self.record.limits;
+        let base = key.period_mark().unwrap_or_default().base;
+        let left = |quota: Option<u64>, base: u64, counter: &AtomicU64| {
+            quota::remaining(
+                quota.map(|q| q.saturating_add(base)),
+                counter.load(Ordering::Acquire),
+            )
+        };
+        let key_budget = limits.budget.map(|b| {
+            Money(
+                b.0.saturating_add(base.cost.0)
+                    .saturating_sub(key.cost_committed.load(Ordering::Acquire)),
+            )
+        });
+        let user_budget = self.user_record.limits.budget.and_then(|b| {
+            let mark = (*self.user.period.lock().unwrap_or_else(|p| p.into_inner()))?;
+            let spent = i128::from(self.user.cost_committed.load(Ordering::Acquire)) - mark.base;
+            Some(Money(
+                u64::try_from((i128::from(b.0) - spent).max(0)).unwrap_or(u64::MAX),
+            ))
+        });
         Remaining {
-            requests: quota::remaining(
-                limits.request_quota,
-                key.requests_reserved.load(Ordering::Acquire),
-            ),
-            tokens: quota::remaining(
-                limits.token_quota,
-                key.tokens_committed.load(Ordering::Acquire),
-            ),
-            images: quota::remaining(
-                limits.image_quota,
-                key.images_committed.load(Ordering::Acquire),
-            ),
+            requests: left(limits.request_quota, base.requests, &key.requests_reserved),
+            tokens: left(limits.token_quota, base.tokens(), &key.tokens_committed),
+            images: left(limits.image_quota, base.images, &key.images_committed),
+            budget: [key_budget, user_budget].into_iter().flatten().min(),
         }
     }
 

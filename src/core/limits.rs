@@ -9,6 +9,8 @@ use serde_json::{Map, Value};
 
 use super::access::IpAllowlist;
 use super::error::GatewayError;
+use super::money::Money;
+use super::period::Period;
 use super::rate_limit::LimitSpec;
 
 /// Everything a key may be limited by; `None` is unlimited.
@@ -38,6 +40,12 @@ pub struct KeyLimits {
     /// Addresses the key may be used from (CIDRs); `None` is anywhere.
     #[serde(default)]
     pub allowed_ips: Option<IpAllowlist>,
+    /// Spend in the configured currency (decimal text, e.g. "25.00").
+    #[serde(default)]
+    pub budget: Option<Money>,
+    /// When the quotas and the budget start again; `None`: never (lifetime).
+    #[serde(default)]
+    pub period: Option<Period>,
 }
 
 /// What a user's keys together may use; `None` is unlimited.
@@ -55,6 +63,12 @@ pub struct UserLimits {
     /// Addresses all of the user's keys may be used from (CIDRs); `None` is anywhere.
     #[serde(default)]
     pub allowed_ips: Option<IpAllowlist>,
+    /// Spend of all of the user's keys together, in the configured currency.
+    #[serde(default)]
+    pub budget: Option<Money>,
+    /// When the budget starts again; `None`: never (lifetime).
+    #[serde(default)]
+    pub period: Option<Period>,
 }
 
 /// A set of limits as the admin functions handle it.
@@ -78,7 +92,7 @@ impl KeyLimits {
             rpm_limit: self.rpm_limit,
             tpm_limit: self.tpm_limit,
             max_concurrent: self.max_concurrent,
-            allowed_ips: None,
+            ..UserLimits::default()
         }
     }
 
@@ -295,9 +309,11 @@ mod tests {
             KeyLimits::field_names(),
             [
                 "allowed_ips",
+                "budget",
                 "image_quota",
                 "max_concurrent",
                 "max_images_per_request",
+                "period",
                 "request_quota",
                 "rpm_limit",
                 "token_quota",
@@ -306,7 +322,14 @@ mod tests {
         );
         assert_eq!(
             UserLimits::field_names(),
-            ["allowed_ips", "max_concurrent", "rpm_limit", "tpm_limit"]
+            [
+                "allowed_ips",
+                "budget",
+                "max_concurrent",
+                "period",
+                "rpm_limit",
+                "tpm_limit"
+            ]
         );
     }
 }

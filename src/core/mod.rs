@@ -5,6 +5,7 @@
 pub mod access;
 pub mod admin;
 pub mod admission;
+pub mod billing;
 pub mod error;
 pub mod events;
 pub mod export;
@@ -15,7 +16,10 @@ pub mod journal;
 pub mod key_index;
 pub mod keys;
 pub mod limits;
+pub mod money;
 pub mod notifier;
+pub mod period;
+pub mod pricing;
 pub mod quota;
 pub mod rate_limit;
 pub mod records;
@@ -23,6 +27,7 @@ pub mod request;
 mod settlement;
 pub mod shared_limits;
 pub mod snapshot;
+mod spend;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -315,12 +315,15 @@ impl Limiter {
 pub enum Figure {
     Count(u64),
     Reset(Duration),
+    /// Money left (`x-budget-remaining`), as decimal text.
+    Amount(super::money::Money),
 }
 
 impl std::fmt::Display for Figure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             Figure::Count(n) => write!(f, "{n}"),
+            Figure::Amount(m) => write!(f, "{m}"),
             Figure::Reset(d) => {
                 let secs = d.as_secs();
                 if secs == 0 {

@@ -1,10 +1,13 @@
 //! The durable records of the gateway: users, keys, usage and the call log.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::images::ImageSize;
 use super::keys::{self, hex_matches};
 use super::limits::{KeyLimits, UserLimits};
+use super::money::Money;
 use super::time::UnixTime;
 
 /// A person or service that owns keys.
@@ -129,6 +132,9 @@ pub struct KeyCounters {
     pub completion_tokens: u64,
     #[serde(default)]
     pub images: u64,
+    /// What the calls cost, at the prices in effect when each was made.
+    #[serde(default)]
+    pub cost: Money,
 }
 
 impl KeyCounters {
@@ -141,6 +147,20 @@ impl KeyCounters {
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
         self.images += other.images;
+        self.cost = self.cost.saturating_add(other.cost);
+    }
+
+    /// What was counted since `earlier` (counters only grow).
+    pub fn since(&self, earlier: &KeyCounters) -> KeyCounters {
+        KeyCounters {
+            requests: self.requests.saturating_sub(earlier.requests),
+            prompt_tokens: self.prompt_tokens.saturating_sub(earlier.prompt_tokens),
+            completion_tokens: self
+                .completion_tokens
+                .saturating_sub(earlier.completion_tokens),
+            images: self.images.saturating_sub(earlier.images),
+            cost: self.cost.saturating_sub(earlier.cost),
+        }
     }
 }
 
@@ -206,6 +226,9 @@ pub struct CallRecord {
     pub key_id: String,
     pub user_id: String,
     pub model: String,
+    /// The model version that served the call, when the catalogue knows the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// HTTP status given to the client (the upstream's when it answered).
     pub status: u16,
     pub outcome: CallOutcome,
@@ -222,6 +245,9 @@ pub struct CallRecord {
     /// Sizes of the inline (`data:`) images, read from their headers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_sizes: Vec<ImageSize>,
+    /// What the call cost, computed once at settlement.
+    #[serde(default)]
+    pub cost: Money,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_body: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -243,22 +269,79 @@ impl CallRecord {
             prompt_tokens: self.usage.prompt_tokens,
             completion_tokens: self.usage.completion_tokens,
             images: u64::from(self.images),
+            cost: self.cost,
         }
     }
 }
 
-/// Usage of one key for one model within one hour.
+/// Usage of one key for one model (and version) within one hour.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageBucket {
     /// Start of the hour, seconds since the epoch.
     pub hour: UnixTime,
     pub model: String,
+    /// The version, when the catalogue knew the model; else empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
     pub requests: u64,
     pub errors: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     #[serde(default)]
     pub images: u64,
+    #[serde(default)]
+    pub cost: Money,
+}
+
+impl UsageBucket {
+    /// An empty bucket for `call`'s hour, model and version.
+    pub fn of(call: &CallRecord, hour: UnixTime) -> UsageBucket {
+        UsageBucket {
+            hour,
+            model: call.model.clone(),
+            version: call.version.clone().unwrap_or_default(),
+            ..UsageBucket::default()
+        }
+    }
+
+    /// Adds another bucket's figures (of the same hour, model and version).
+    pub fn add(&mut self, other: &UsageBucket) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.images += other.images;
+        self.cost = self.cost.saturating_add(other.cost);
+    }
+
+    /// What the bucket adds to its key's counters.
+    pub fn counters(&self) -> KeyCounters {
+        KeyCounters {
+            requests: self.requests,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            images: self.images,
+            cost: self.cost,
+        }
+    }
+
+    /// Counts one call.
+    pub fn count(&mut self, call: &CallRecord) {
+        self.requests += u64::from(call.charged_request);
+        self.errors += u64::from(call.status >= 400);
+        self.prompt_tokens += call.usage.prompt_tokens;
+        self.completion_tokens += call.usage.completion_tokens;
+        self.images += u64::from(call.images);
+        self.cost = self.cost.saturating_add(call.cost);
+    }
+
+    /// `model NUL version`: what a bucket is kept by within its key and hour.
+    pub fn series(&self) -> String {
+        match self.version.is_empty() {
+            true => self.model.clone(),
+            false => format!("{}\0{}", self.model, self.version),
+        }
+    }
 }
 
 /// One record of the books, as the portable export (`export.rs`) carries it.
@@ -287,10 +370,12 @@ pub enum ExportRecord {
     },
     /// One entry of the call log.
     Call(CallRecord),
+    /// A price of a model version.
+    Price(PriceRecord),
 }
 
 impl ExportRecord {
-    /// Its place in an export's order: settings, users, keys, counters, usage, calls.
+    /// Its place in an export's order: settings, users, keys, counters, usage, calls, prices.
     pub fn kind(&self) -> usize {
         match self {
             ExportRecord::Meta { .. } => 0,
@@ -299,6 +384,31 @@ impl ExportRecord {
             ExportRecord::Counters { .. } => 3,
             ExportRecord::Usage { .. } => 4,
             ExportRecord::Call(_) => 5,
+            ExportRecord::Price(_) => 6,
         }
     }
+}
+
+/// One price of a model version, in effect from `effective_from` until the next one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceRecord {
+    /// The model version (a name the model server serves), or a model's name.
+    pub model: String,
+    pub effective_from: UnixTime,
+    #[serde(default)]
+    pub prompt_per_million: Money,
+    #[serde(default)]
+    pub completion_per_million: Money,
+    /// Per second of model time: from forwarding to the answer's last byte.
+    #[serde(default)]
+    pub per_second: Money,
+    /// The least a call the model served costs.
+    #[serde(default)]
+    pub per_call_minimum: Money,
+    /// Per image, by resolution tier name (`unknown`: an image whose size the gateway
+    /// could not read, such as a URL the model server fetches).
+    #[serde(default)]
+    pub images: BTreeMap<String, Money>,
+    #[serde(default)]
+    pub created_at: UnixTime,
 }

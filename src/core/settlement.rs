@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::admission::Admission;
 use super::events::{QuotaCrossing, SettledCall};
+use super::money::Money;
+use super::pricing::Charge;
 use super::records::KeyCounters;
 use super::records::{CallOutcome, CallRecord, Usage};
 use super::shared_limits::SharedSettlement;
-use super::time::now_micros;
 
 impl Admission {
     /// Ends the call with the real outcome.
@@ -17,9 +18,9 @@ impl Admission {
         self.finish(outcome, status);
     }
 
-    /// Gives back every reservation, charging `charged` (and the request, if `charge_request`).
-    /// Returns the key's counters before this call's charge.
-    fn release(&mut self, charged: Usage, charge_request: bool) -> KeyCounters {
+    /// Gives back every reservation, charging `charged` and `cost` (and the request, if
+    /// `charge_request`). Returns the key's counters before this call's charge.
+    fn release(&mut self, charged: Usage, charge_request: bool, cost: Money) -> KeyCounters {
         let key = &self.caller.key;
         let reserved = std::mem::take(&mut self.reserved);
         let mut before = KeyCounters::default();
@@ -40,6 +41,11 @@ impl Admission {
         let images = if charge_request { reserved.images } else { 0 };
         settle_counter(&key.images_committed, reserved.images, images);
         before.images = key.images_used.fetch_add(images, Ordering::AcqRel);
+        settle_counter(&key.cost_committed, reserved.cost.0, cost.0);
+        before.cost = Money(key.cost_used.fetch_add(cost.0, Ordering::AcqRel));
+        let user = &self.caller.user;
+        settle_counter(&user.cost_committed, reserved.user_cost.0, cost.0);
+        user.cost_used.fetch_add(cost.0, Ordering::AcqRel);
         let refused = !self.admitted;
         if let (Some(shared), Some(claim)) = (&self.shared, self.shared_claim.take()) {
             shared.settle(SharedSettlement {
@@ -47,6 +53,7 @@ impl Admission {
                 charged_request: charge_request,
                 charged_tokens: charged.total(),
                 charged_images: images,
+                charged_cost: cost.0,
                 withdrawn: refused,
             });
         }
@@ -72,7 +79,10 @@ impl Admission {
             return;
         }
         let limits = &self.caller.record.limits;
-        let charged = self.caller.key.counters();
+        // Shares of this period's quotas: counted from where the period began.
+        let base = self.key_mark.base;
+        let before = before.since(&base);
+        let charged = self.caller.key.counters().since(&base);
         for (what, quota, was, now) in [
             (
                 "requests",
@@ -91,6 +101,13 @@ impl Admission {
                 limits.image_quota,
                 before.images,
                 charged.images.max(before.images),
+            ),
+            // In nano-units.
+            (
+                "budget",
+                limits.budget.map(|b| b.0),
+                before.cost.0,
+                charged.cost.0.max(before.cost.0),
             ),
         ] {
             let Some(quota) = quota.filter(|&q| q > 0) else {
@@ -113,12 +130,41 @@ impl Admission {
         }
     }
 
+    /// What the call costs at its price: its tokens, the images charged, and the model's
+    /// time from forwarding to the answer's end (or to now, for an answer cut short).
+    fn cost(&self, usage: Usage, served: bool) -> Money {
+        let Some(priced) = &self.priced else {
+            return Money::ZERO;
+        };
+        let (sized, unsized_images) = match served {
+            true => (
+                self.facts.image_sizes.as_slice(),
+                self.facts.unsized_images(),
+            ),
+            false => (&[][..], 0),
+        };
+        let model_micros = self.forwarded.map_or(0, |sent| {
+            let done = self.upstream_done.unwrap_or_else(std::time::Instant::now);
+            u64::try_from(done.saturating_duration_since(sent).as_micros()).unwrap_or(u64::MAX)
+        });
+        priced.price.cost(
+            &priced.tiers,
+            &Charge {
+                usage,
+                sized_images: sized,
+                unsized_images,
+                model_micros,
+                served,
+            },
+        )
+    }
+
     fn finish(&mut self, outcome: CallOutcome, status: u16) {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
         if !self.admitted {
-            self.release(Usage::default(), false);
+            self.release(Usage::default(), false, Money::ZERO);
             return;
         }
         let settle = tracing::info_span!(target: super::admission::TRACE_TARGET, parent: &self.facts.span, "settle");
@@ -136,13 +182,14 @@ impl Admission {
             ),
             None => (Usage::default(), false),
         };
-        let before = self.release(usage, charged_request);
-        self.report_quota_shares(before);
         let images = if charged_request {
             self.facts.images
         } else {
             0
         };
+        let cost = self.cost(usage, charged_request);
+        let before = self.release(usage, charged_request, cost);
+        self.report_quota_shares(before);
         if self.traced() {
             let span = &self.facts.span;
             span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
@@ -171,6 +218,7 @@ impl Admission {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             images: u64::from(images),
+            cost_nanos: cost.0,
             total,
             // The gateway's own share: all but the time the model server held the call.
             overhead: match (self.forwarded, self.upstream_done) {
@@ -195,11 +243,13 @@ impl Admission {
             "call"
         );
         let mut call = CallRecord {
-            at_micros: now_micros(),
+            at_micros: self.clock.now_micros(),
             request_id: std::mem::take(&mut self.facts.request_id),
             key_id: self.caller.record.id.clone(),
             user_id: self.caller.record.user_id.clone(),
             model: std::mem::take(&mut self.facts.model),
+            version: self.facts.version.take(),
+            cost,
             status,
             outcome,
             stream: self.facts.stream,
@@ -284,6 +334,7 @@ mod tests {
                 requests: Some(9),
                 tokens: Some(958),
                 images: Some(9),
+                budget: None,
             }
         );
         let call = queue.try_recv().unwrap();
@@ -327,6 +378,7 @@ mod tests {
                 requests: Some(10),
                 tokens: Some(1000),
                 images: Some(10),
+                budget: None,
             }
         );
         let call = queue.try_recv().unwrap();

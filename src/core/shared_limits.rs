@@ -28,6 +28,11 @@ pub struct SharedAsk {
     /// Tokens reserved (prompt estimate plus output cap).
     pub tokens: u64,
     pub images: u64,
+    /// The key's budget and the call's worst cost, in nano-units.
+    pub budget: Option<u64>,
+    pub cost: u64,
+    /// A key with a period: the current period's bounds (its counters are the period's).
+    pub period: Option<(i64, i64)>,
 }
 
 /// A call the shared counters admitted: its ask, and the generation of the key's quota
@@ -42,7 +47,7 @@ pub struct SharedClaim {
 /// Why the shared counters refused a call.
 #[derive(Clone, Debug)]
 pub enum SharedRefusal {
-    /// A lifetime quota would be exceeded (`what`: requests, tokens or images).
+    /// A quota would be exceeded (`what`: requests, tokens, images or budget).
     Quota { what: &'static str, limit: u64 },
     /// A per-minute or concurrency limit, as the gate's own limiter reports one.
     Rate(Refusal),
@@ -57,6 +62,7 @@ pub struct SharedSettlement {
     pub charged_request: bool,
     pub charged_tokens: u64,
     pub charged_images: u64,
+    pub charged_cost: u64,
     /// Refused after all (by a later step of admission): its per-minute request is given
     /// back too.
     pub withdrawn: bool,
@@ -67,6 +73,8 @@ pub struct SharedSettlement {
 pub enum Change {
     Key(String),
     User(String),
+    /// A price was added: every replica reads the prices again.
+    Prices,
 }
 
 /// Whether the shared counters answer, as the last admission or health probe found:

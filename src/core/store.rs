@@ -2,6 +2,7 @@
 //! implements it (sled today); core reads and writes only through this trait.
 
 use super::error::GatewayError;
+use super::pricing::PriceRecord;
 use super::records::{CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
 use super::time::UnixTime;
 
@@ -95,6 +96,10 @@ pub trait Store: Send + Sync + 'static {
         visit: &mut dyn FnMut(KeyRecord, KeyCounters) -> bool,
     ) -> Result<(), StoreError>;
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError>;
+    /// Every price of every model (a handful: they are all held in memory).
+    fn load_prices(&self) -> Result<Vec<PriceRecord>, StoreError>;
+    /// Writes a price (one per model and moment: the same moment again replaces it).
+    fn put_price(&self, price: &PriceRecord) -> Result<(), StoreError>;
     /// Writes a key and points the hashes of its secrets (current and previous) at it.
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// Applies a batch of finished calls: counters, hourly usage and the call log, all or

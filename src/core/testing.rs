@@ -24,6 +24,8 @@ pub(crate) fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallR
         key_id: key.into(),
         user_id: "usr_1".into(),
         model: model.into(),
+        version: None,
+        cost: Default::default(),
         status: 200,
         outcome: CallOutcome::Completed,
         stream: false,
@@ -86,6 +88,7 @@ pub(crate) struct MemoryStore {
     keys: Mutex<BTreeMap<String, (KeyRecord, KeyCounters)>>,
     meta: Mutex<BTreeMap<String, Vec<u8>>>,
     calls: Mutex<Vec<CallRecord>>,
+    prices: Mutex<Vec<crate::core::pricing::PriceRecord>>,
 }
 
 impl MemoryStore {
@@ -184,8 +187,32 @@ impl Store for MemoryStore {
     ) -> Result<(Vec<CallRecord>, Option<CallCursor>), StoreError> {
         Ok((Vec::new(), None))
     }
-    fn usage(&self, _: &str, _: UnixTime, _: UnixTime) -> Result<Vec<UsageBucket>, StoreError> {
-        Ok(Vec::new())
+    /// One bucket per call: enough for sums over a period.
+    fn usage(
+        &self,
+        key_id: &str,
+        from: UnixTime,
+        to: UnixTime,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        let log = self.calls.lock().unwrap();
+        Ok(log
+            .iter()
+            .filter(|c| c.key_id == key_id)
+            .map(|c| (c, c.at_micros.div_euclid(1_000_000)))
+            .filter(|(_, at)| *at - at.rem_euclid(3600) >= from && *at < to)
+            .map(|(c, at)| {
+                let mut bucket = UsageBucket::of(c, at - at.rem_euclid(3600));
+                bucket.count(c);
+                bucket
+            })
+            .collect())
+    }
+    fn load_prices(&self) -> Result<Vec<crate::core::pricing::PriceRecord>, StoreError> {
+        Ok(self.prices.lock().unwrap().clone())
+    }
+    fn put_price(&self, price: &crate::core::pricing::PriceRecord) -> Result<(), StoreError> {
+        self.prices.lock().unwrap().push(price.clone());
+        Ok(())
     }
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.meta.lock().unwrap().get(name).cloned())

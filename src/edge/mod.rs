@@ -99,8 +99,8 @@ pub fn add_limit_headers(headers: &mut HeaderMap, figures: RateFigures, remainin
     for (name, figure) in figures.pairs().chain(remaining.pairs()) {
         let value = match figure {
             Figure::Count(n) => HeaderValue::from(n),
-            Figure::Reset(_) => {
-                // "59m59s" at most: written on the stack, copied once into the header.
+            Figure::Reset(_) | Figure::Amount(_) => {
+                // "59m59s" (or an amount) at most: written on the stack, copied once into the header.
                 let mut text = [0u8; 32];
                 let mut cursor = std::io::Cursor::new(&mut text[..]);
                 if write!(cursor, "{figure}").is_err() {

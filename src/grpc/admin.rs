@@ -10,7 +10,11 @@ use crate::core::admin::{
     CallFilter, CreatedKey, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, KeyView, NewKey,
     NewUser, TimeInput, UsageGrouping, UsageQuery, UsageReport, UsageSubject, UserPatch,
 };
+use crate::core::billing::NewPrice;
 use crate::core::limits::{KeyLimits, LimitChanges, UserLimits};
+use crate::core::money::Money;
+use crate::core::period::Period;
+use crate::core::pricing::PriceRecord;
 use crate::core::records::{CallRecord, UserRecord};
 use crate::core::{Gateway, GatewayError};
 use crate::edge::client_addr::client_addr;
@@ -18,17 +22,38 @@ use crate::edge::client_addr::client_addr;
 /// The limits a `CreateKeyRequest` or `UpdateKeyRequest` gives (they name them alike).
 macro_rules! key_limits_of {
     ($r:expr) => {
-        allowlist(&$r.allowed_ips).map(|allowed_ips| KeyLimits {
-            rpm_limit: $r.rpm_limit,
-            tpm_limit: $r.tpm_limit,
-            max_concurrent: $r.max_concurrent,
-            request_quota: $r.request_quota,
-            token_quota: $r.token_quota,
-            image_quota: $r.image_quota,
-            max_images_per_request: $r.max_images_per_request,
-            allowed_ips,
+        allowlist(&$r.allowed_ips).and_then(|allowed_ips| {
+            Ok(KeyLimits {
+                rpm_limit: $r.rpm_limit,
+                tpm_limit: $r.tpm_limit,
+                max_concurrent: $r.max_concurrent,
+                request_quota: $r.request_quota,
+                token_quota: $r.token_quota,
+                image_quota: $r.image_quota,
+                max_images_per_request: $r.max_images_per_request,
+                allowed_ips,
+                budget: money(&$r.budget, "budget")?,
+                period: period(&$r.period)?,
+            })
         })
     };
+}
+
+/// An amount of money as the proto gives it (decimal text).
+fn money(text: &Option<String>, field: &str) -> Result<Option<Money>, GatewayError> {
+    text.as_deref()
+        .map(|t| Money::parse(t).map_err(|e| GatewayError::invalid_request(e, Some(field))))
+        .transpose()
+}
+
+/// A period as the proto gives it (`day`, `week`, `month`).
+fn period(text: &Option<String>) -> Result<Option<Period>, GatewayError> {
+    text.as_deref()
+        .map(|t| {
+            t.parse()
+                .map_err(|e: String| GatewayError::invalid_request(e, Some("period")))
+        })
+        .transpose()
 }
 
 /// An allowlist as the proto gives it: empty is "not given" (a message cannot tell an
@@ -95,6 +120,87 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn add_price(
+        &self,
+        request: Request<pb::AddPriceRequest>,
+    ) -> Result<Response<pb::Price>, Status> {
+        let r = self.authorize(request)?;
+        let images = r
+            .images
+            .iter()
+            .map(|(tier, price)| {
+                Money::parse(price)
+                    .map(|p| (tier.clone(), p))
+                    .map_err(|e| GatewayError::invalid_request(e, Some("images")))
+            })
+            .collect::<Result<_, _>>()?;
+        let price = self.gateway.add_price(NewPrice {
+            model: r.model,
+            effective_from: r.effective_from.map(TimeInput::Unix),
+            prompt_per_million: money(&r.prompt_per_million, "prompt_per_million")?
+                .unwrap_or_default(),
+            completion_per_million: money(&r.completion_per_million, "completion_per_million")?
+                .unwrap_or_default(),
+            per_second: money(&r.per_second, "per_second")?.unwrap_or_default(),
+            per_call_minimum: money(&r.per_call_minimum, "per_call_minimum")?.unwrap_or_default(),
+            images,
+        })?;
+        Ok(Response::new(price_proto(price)))
+    }
+
+    async fn list_prices(
+        &self,
+        request: Request<pb::ListPricesRequest>,
+    ) -> Result<Response<pb::ListPricesResponse>, Status> {
+        let r = self.authorize(request)?;
+        let prices = self
+            .gateway
+            .list_prices(r.model.as_deref())
+            .into_iter()
+            .map(price_proto)
+            .collect();
+        Ok(Response::new(pb::ListPricesResponse {
+            prices,
+            currency: self.gateway.currency().to_owned(),
+        }))
+    }
+
+    async fn get_invoice(
+        &self,
+        request: Request<pb::GetInvoiceRequest>,
+    ) -> Result<Response<pb::Invoice>, Status> {
+        let r = self.authorize(request)?;
+        let (month_start, month_end) = self.gateway.month_of(self.gateway.now_unix());
+        let invoice = self.gateway.invoice(
+            &r.user_id,
+            r.from.unwrap_or(month_start),
+            r.to.unwrap_or(month_end),
+        )?;
+        Ok(Response::new(pb::Invoice {
+            user_id: invoice.user_id,
+            user_name: invoice.user_name,
+            currency: invoice.currency,
+            from: invoice.from,
+            to: invoice.to,
+            lines: invoice
+                .lines
+                .into_iter()
+                .map(|l| pb::InvoiceLine {
+                    key_id: l.key_id,
+                    key_name: l.key_name,
+                    model: l.model,
+                    version: l.version,
+                    requests: l.requests,
+                    prompt_tokens: l.prompt_tokens,
+                    completion_tokens: l.completion_tokens,
+                    images: l.images,
+                    cost: l.cost.to_string(),
+                })
+                .collect(),
+            total: invoice.total.to_string(),
+        }))
+    }
+
     async fn test_alert(
         &self,
         request: Request<pb::TestAlertRequest>,
@@ -126,6 +232,8 @@ impl pb::admin_server::Admin for AdminService {
             tpm_limit: r.tpm_limit,
             max_concurrent: r.max_concurrent,
             allowed_ips: allowlist(&r.allowed_ips)?,
+            budget: money(&r.budget, "budget")?,
+            period: period(&r.period)?,
         };
         let user = self.gateway.create_user(NewUser {
             name: r.name,
@@ -168,6 +276,8 @@ impl pb::admin_server::Admin for AdminService {
             tpm_limit: r.tpm_limit,
             max_concurrent: r.max_concurrent,
             allowed_ips: allowlist(&r.allowed_ips)?,
+            budget: money(&r.budget, "budget")?,
+            period: period(&r.period)?,
         };
         let (clear_email, clear_rest) = take_clear(&r.clear, "email");
         if clear_email && r.email.is_some() {
@@ -321,6 +431,7 @@ impl pb::admin_server::Admin for AdminService {
         };
         let group_by = match pb::UsageGrouping::try_from(r.group_by) {
             Ok(pb::UsageGrouping::Day) => UsageGrouping::Day,
+            Ok(pb::UsageGrouping::Month) => UsageGrouping::Month,
             Ok(pb::UsageGrouping::Hour | pb::UsageGrouping::Unspecified) => UsageGrouping::Hour,
             Err(_) => {
                 return Err(
@@ -393,6 +504,8 @@ fn user_proto(user: UserRecord) -> pb::User {
             .allowed_ips
             .map(|l| l.entries())
             .unwrap_or_default(),
+        budget: user.limits.budget.map(|b| b.to_string()),
+        period: user.limits.period.map(|p| p.as_str().to_owned()),
     }
 }
 
@@ -406,6 +519,8 @@ fn key_proto(key: KeyView) -> pb::Key {
         image_quota,
         max_images_per_request,
         allowed_ips,
+        budget,
+        period,
     } = key.limits;
     pb::Key {
         id: key.id,
@@ -431,6 +546,9 @@ fn key_proto(key: KeyView) -> pb::Key {
         max_images_per_request,
         images_used: key.used.images,
         allowed_ips: allowed_ips.map(|l| l.entries()).unwrap_or_default(),
+        budget: budget.map(|b| b.to_string()),
+        period: period.map(|p| p.as_str().to_owned()),
+        cost_used: key.used.cost.to_string(),
     }
 }
 
@@ -451,6 +569,8 @@ fn report_proto(report: UsageReport) -> pb::UsageReport {
             .map(|b| pb::UsageBucket {
                 start: b.start,
                 model: b.model,
+                version: b.version,
+                cost: b.cost.to_string(),
                 requests: b.requests,
                 errors: b.errors,
                 prompt_tokens: b.prompt_tokens,
@@ -462,6 +582,25 @@ fn report_proto(report: UsageReport) -> pb::UsageReport {
         prompt_tokens: report.prompt_tokens,
         completion_tokens: report.completion_tokens,
         images: report.images,
+        cost: report.cost.to_string(),
+        currency: report.currency,
+    }
+}
+
+fn price_proto(price: PriceRecord) -> pb::Price {
+    pb::Price {
+        model: price.model,
+        effective_from: price.effective_from,
+        prompt_per_million: price.prompt_per_million.to_string(),
+        completion_per_million: price.completion_per_million.to_string(),
+        per_second: price.per_second.to_string(),
+        per_call_minimum: price.per_call_minimum.to_string(),
+        images: price
+            .images
+            .into_iter()
+            .map(|(tier, p)| (tier, p.to_string()))
+            .collect(),
+        created_at: price.created_at,
     }
 }
 
@@ -492,5 +631,7 @@ fn call_proto(call: CallRecord) -> pb::Call {
             })
             .collect(),
         client_address: call.client_addr,
+        version: call.version,
+        cost: call.cost.to_string(),
     }
 }

@@ -226,7 +226,8 @@ impl pb::chat_server::Chat for ChatService {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::KeyUsage>, Status> {
-        let summary = self.authenticate(&request).await?.usage_summary();
+        let caller = self.authenticate(&request).await?;
+        let summary = self.chat.gateway.usage_summary(&caller)?;
         Ok(Response::new(pb::KeyUsage {
             key_id: summary.key_id,
             key_name: summary.key_name,
@@ -252,6 +253,13 @@ impl pb::chat_server::Chat for ChatService {
             models: summary.models.unwrap_or_default(),
             created_at: summary.created_at,
             expires_at: summary.expires_at,
+            cost_used: summary.used.cost.to_string(),
+            budget: summary.budget.map(|b| b.to_string()),
+            budget_remaining: summary.remaining.budget.map(|b| b.to_string()),
+            period: summary.period.map(|p| p.as_str().to_owned()),
+            period_start: summary.period_start,
+            period_end: summary.period_end,
+            currency: summary.currency,
         }))
     }
 }

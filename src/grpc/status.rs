@@ -31,6 +31,18 @@ impl From<GatewayError> for Status {
                 metadata.insert("x-quota-limit", MetadataValue::from(*limit));
                 Code::ResourceExhausted
             }
+            GatewayError::BudgetExceeded { whose, budget, .. } => {
+                let what = if *whose == "user" {
+                    "user_budget"
+                } else {
+                    "budget"
+                };
+                metadata.insert("x-quota-exceeded", MetadataValue::from_static(what));
+                if let Ok(value) = budget.to_string().parse() {
+                    metadata.insert("x-quota-limit", value);
+                }
+                Code::ResourceExhausted
+            }
             GatewayError::InvalidRequest { param, .. } => {
                 if let Some(value) = param.as_deref().and_then(|p| p.parse().ok()) {
                     metadata.insert("x-error-param", value);

@@ -121,16 +121,30 @@ impl Monitor {
                 } else {
                     Severity::Warning
                 };
-                let one = what.trim_end_matches('s');
+                // A budget is counted in nano-units and shown as money.
+                let (one, used, quota, what) = match what {
+                    "budget" => (
+                        "budget".to_owned(),
+                        crate::core::money::Money(used).to_string(),
+                        crate::core::money::Money(quota).to_string(),
+                        "of its budget",
+                    ),
+                    _ => (
+                        format!("{} quota", what.trim_end_matches('s')),
+                        used.to_string(),
+                        quota.to_string(),
+                        what,
+                    ),
+                };
                 let (title, consequence) = if percent >= 100 {
                     (
-                        format!("key {key_id} ({key_name}) has used up its {one} quota"),
+                        format!("key {key_id} ({key_name}) has used up its {one}"),
                         "Its calls are refused (429 insufficient_quota) until the quota is \
                          raised.",
                     )
                 } else {
                     (
-                        format!("key {key_id} ({key_name}) has used {percent}% of its {one} quota"),
+                        format!("key {key_id} ({key_name}) has used {percent}% of its {one}"),
                         "Calls are still served.",
                     )
                 };

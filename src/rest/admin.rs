@@ -17,6 +17,7 @@ use crate::core::admin::{
     CallFilter, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, NewKey, NewUser, UsageGrouping,
     UsageQuery, UsageSubject, UserPatch,
 };
+use crate::core::billing::NewPrice;
 use crate::core::request::field_error;
 use crate::core::time::UnixTime;
 use crate::edge::bearer;
@@ -40,6 +41,8 @@ pub fn router() -> Router<AppState> {
         .route("/users/{id}/usage", get(user_usage))
         .route("/calls", get(list_calls))
         .route("/alerts/test", post(test_alert))
+        .route("/prices", get(list_prices).post(add_price))
+        .route("/users/{id}/invoice", get(user_invoice))
         .route("/backup", get(backup))
 }
 
@@ -258,6 +261,82 @@ async fn user_usage(
         .gateway()
         .usage_report(&params.query(UsageSubject::User(id)))?;
     Ok(Json(report).into_response())
+}
+
+#[derive(Deserialize)]
+struct PriceParams {
+    model: Option<String>,
+}
+
+async fn list_prices(
+    _: Admin,
+    State(state): State<AppState>,
+    AdminQuery(params): AdminQuery<PriceParams>,
+) -> Result<Response, GatewayError> {
+    let gateway = state.gateway();
+    Ok(Json(json!({
+        "object": "list",
+        "currency": gateway.currency(),
+        "data": gateway.list_prices(params.model.as_deref()),
+    }))
+    .into_response())
+}
+
+async fn add_price(
+    _: Admin,
+    State(state): State<AppState>,
+    AdminJson(new): AdminJson<NewPrice>,
+) -> Result<Response, GatewayError> {
+    let price = state.gateway().add_price(new)?;
+    Ok((StatusCode::CREATED, Json(price)).into_response())
+}
+
+#[derive(Deserialize)]
+struct InvoiceParams {
+    from: Option<UnixTime>,
+    to: Option<UnixTime>,
+    /// `json` (default) or `csv`.
+    format: Option<String>,
+}
+
+/// A user's usage of a period (default: this calendar month) as invoice lines.
+async fn user_invoice(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    AdminQuery(params): AdminQuery<InvoiceParams>,
+) -> Result<Response, GatewayError> {
+    let gateway = state.gateway();
+    let (month_start, month_end) = gateway.month_of(gateway.now_unix());
+    let invoice = gateway.invoice(
+        &id,
+        params.from.unwrap_or(month_start),
+        params.to.unwrap_or(month_end),
+    )?;
+    match params.format.as_deref() {
+        None | Some("json") => Ok(Json(invoice).into_response()),
+        Some("csv") => Ok((
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "text/csv; charset=utf-8".to_owned(),
+                ),
+                (
+                    axum::http::header::CONTENT_DISPOSITION,
+                    format!(
+                        "attachment; filename=\"invoice-{}-{}.csv\"",
+                        invoice.user_id, invoice.from
+                    ),
+                ),
+            ],
+            invoice.to_csv(),
+        )
+            .into_response()),
+        Some(_) => Err(GatewayError::invalid_request(
+            "`format` is `json` or `csv`",
+            Some("format"),
+        )),
+    }
 }
 
 #[derive(Deserialize)]

@@ -42,7 +42,7 @@ impl IntoResponse for GatewayError {
                 Some("rate_limit_exceeded".into()),
                 None,
             ),
-            GatewayError::QuotaExceeded { .. } => (
+            GatewayError::QuotaExceeded { .. } | GatewayError::BudgetExceeded { .. } => (
                 "insufficient_quota".into(),
                 Some("insufficient_quota".into()),
                 None,
@@ -109,7 +109,7 @@ impl IntoResponse for GatewayError {
                 }
             }
         }
-        if let GatewayError::QuotaExceeded { .. } = &self {
+        if let GatewayError::QuotaExceeded { .. } | GatewayError::BudgetExceeded { .. } = &self {
             // The OpenAI SDKs retry every 429 unless told not to: a used-up quota does not
             // come back by waiting.
             response.headers_mut().insert(

@@ -159,7 +159,10 @@ pub async fn usage(State(state): State<AppState>, client: Client, headers: Heade
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
-    let summary = caller.usage_summary();
+    let summary = match state.gateway().usage_summary(&caller) {
+        Ok(summary) => summary,
+        Err(e) => return e.into_response(),
+    };
     Json(json!({
         "object": "usage",
         "key_id": summary.key_id,
@@ -190,6 +193,17 @@ pub async fn usage(State(state): State<AppState>, client: Client, headers: Heade
             "max_concurrent": summary.limits.concurrent,
             "requests_this_minute_remaining": summary.figures.requests.map(|r| r.remaining),
             "tokens_this_minute_remaining": summary.figures.tokens.map(|r| r.remaining),
+        },
+        "cost": {
+            "used": summary.used.cost,
+            "budget": summary.budget,
+            "remaining": summary.remaining.budget,
+            "currency": summary.currency,
+        },
+        "period": {
+            "every": summary.period.map(|p| p.as_str()),
+            "start": summary.period_start,
+            "end": summary.period_end,
         },
         "models": summary.models,
         "created_at": summary.created_at,

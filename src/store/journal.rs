@@ -662,6 +662,8 @@ mod tests {
                 completion_tokens: 100,
             },
             images: 0,
+            version: None,
+            cost: Default::default(),
         }
     }
 

@@ -16,6 +16,7 @@ use super::SCHEMA_VERSION;
 use super::call_log::{CallLog, LogPosition, SegmentFilter};
 use crate::core::export::setting_bytes;
 use crate::core::keys::to_hex;
+use crate::core::pricing::PriceRecord;
 use crate::core::records::ExportRecord;
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
 use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
@@ -78,6 +79,8 @@ struct Trees {
     counters: sled::Tree,
     usage: sled::Tree,
     meta: sled::Tree,
+    /// Prices: `model NUL big-endian(effective_from)` → the price.
+    prices: sled::Tree,
 }
 
 /// The trees of schema 3 that held the call log, moved to the [`CallLog`] at the first
@@ -271,18 +274,12 @@ fn apply(t: &Trees, calls: &[CallRecord], end: LogPosition) -> Result<(), StoreE
             .or_default()
             .add(&call.counters());
         let hour = hour_of(call.at_micros);
-        let bucket = buckets
-            .entry(timed_key(&call.key_id, hour, &call.model))
-            .or_insert_with(|| UsageBucket {
-                hour,
-                model: call.model.clone(),
-                ..UsageBucket::default()
-            });
-        bucket.requests += u64::from(call.charged_request);
-        bucket.errors += u64::from(call.status >= 400);
-        bucket.prompt_tokens += call.usage.prompt_tokens;
-        bucket.completion_tokens += call.usage.completion_tokens;
-        bucket.images += u64::from(call.images);
+        let mut bucket = UsageBucket::of(call, hour);
+        let series = bucket.series();
+        buckets
+            .entry(timed_key(&call.key_id, hour, &series))
+            .or_insert_with(|| std::mem::take(&mut bucket))
+            .count(call);
     }
     let end = end.to_bytes();
     let result =
@@ -306,14 +303,11 @@ fn apply(t: &Trees, calls: &[CallRecord], end: LogPosition) -> Result<(), StoreE
                     None => UsageBucket {
                         hour: delta.hour,
                         model: delta.model.clone(),
+                        version: delta.version.clone(),
                         ..UsageBucket::default()
                     },
                 };
-                bucket.requests += delta.requests;
-                bucket.errors += delta.errors;
-                bucket.prompt_tokens += delta.prompt_tokens;
-                bucket.completion_tokens += delta.completion_tokens;
-                bucket.images += delta.images;
+                bucket.add(delta);
                 let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
                 usage_tree.insert(key.as_slice(), bytes)?;
             }
@@ -379,6 +373,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
         counters: db.open_tree("counters")?,
         usage: db.open_tree("usage")?,
         meta: db.open_tree("meta")?,
+        prices: db.open_tree("prices")?,
         db,
     };
     trees.check_schema(path, existed)?;
@@ -645,6 +640,11 @@ fn from_cursor(cursor: &CallCursor) -> Option<LogPosition> {
     })
 }
 
+/// `model NUL big-endian(effective_from)`: a model's prices in time order.
+fn price_key(price: &PriceRecord) -> Vec<u8> {
+    timed_key(&price.model, price.effective_from, "")
+}
+
 fn hour_of(micros: i64) -> UnixTime {
     let secs = micros.div_euclid(1_000_000);
     secs - secs.rem_euclid(3600)
@@ -708,7 +708,13 @@ impl Store for SledStore {
                     }
                 }
             })?;
-        failed.map_or(Ok(()), Err)
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for value in t.prices.iter().values() {
+            visit(ExportRecord::Price(decode("prices", &value?)?))?;
+        }
+        Ok(())
     }
 
     fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
@@ -734,11 +740,14 @@ impl Store for SledStore {
                 }
                 ExportRecord::Usage { key_id, bucket } => {
                     t.usage.insert(
-                        timed_key(key_id, bucket.hour, &bucket.model),
+                        timed_key(key_id, bucket.hour, &bucket.series()),
                         encode(bucket)?,
                     )?;
                 }
                 ExportRecord::Call(call) => calls.push(call.clone()),
+                ExportRecord::Price(price) => {
+                    t.prices.insert(price_key(price), encode(price)?)?;
+                }
             }
         }
         if !calls.is_empty() {
@@ -764,6 +773,17 @@ impl Store for SledStore {
     fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
         let t = self.trees()?;
         load_all(&t.users, "users")
+    }
+
+    fn load_prices(&self) -> Result<Vec<PriceRecord>, StoreError> {
+        let t = self.trees()?;
+        load_all(&t.prices, "prices")
+    }
+
+    fn put_price(&self, price: &PriceRecord) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        t.prices.insert(price_key(price), encode(price)?)?;
+        self.flush()
     }
 
     fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError> {

@@ -318,6 +318,12 @@ mod tests {
         fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
             self.inner.load_users()
         }
+        fn load_prices(&self) -> Result<Vec<crate::core::pricing::PriceRecord>, StoreError> {
+            self.inner.load_prices()
+        }
+        fn put_price(&self, price: &crate::core::pricing::PriceRecord) -> Result<(), StoreError> {
+            self.inner.put_price(price)
+        }
         fn export(
             &self,
             visit: &mut dyn FnMut(crate::core::export::ExportRecord) -> Result<(), StoreError>,

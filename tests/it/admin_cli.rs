@@ -192,6 +192,24 @@ impl Admin for FakeAdmin {
     ) -> Result<Response<pb::TestAlertResponse>, Status> {
         self.answer("TestAlert", r, Ok(pb::TestAlertResponse::default()))
     }
+    async fn add_price(
+        &self,
+        r: Request<pb::AddPriceRequest>,
+    ) -> Result<Response<pb::Price>, Status> {
+        self.answer("AddPrice", r, Ok(pb::Price::default()))
+    }
+    async fn list_prices(
+        &self,
+        r: Request<pb::ListPricesRequest>,
+    ) -> Result<Response<pb::ListPricesResponse>, Status> {
+        self.answer("ListPrices", r, Ok(pb::ListPricesResponse::default()))
+    }
+    async fn get_invoice(
+        &self,
+        r: Request<pb::GetInvoiceRequest>,
+    ) -> Result<Response<pb::Invoice>, Status> {
+        self.answer("GetInvoice", r, Ok(pb::Invoice::default()))
+    }
 
     type BackupStream = futures_util::stream::Empty<Result<pb::BackupChunk, Status>>;
 
@@ -246,7 +264,7 @@ impl FakeServer {
             anyhow::bail!("not an admin command");
         };
         let mut out = Vec::new();
-        admin_client::run(admin, &mut out).await?;
+        admin_client::run(*admin, &mut out).await?;
         Ok(String::from_utf8(out)?)
     }
 
@@ -433,7 +451,7 @@ async fn url_and_token_may_follow_the_subcommand() {
         panic!("not an admin command");
     };
     let mut out = Vec::new();
-    admin_client::run(admin, &mut out).await.unwrap();
+    admin_client::run(*admin, &mut out).await.unwrap();
     assert_eq!(
         server.last(),
         ("ListUsers", Some(format!("Bearer {TOKEN}")))

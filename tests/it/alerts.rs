@@ -392,7 +392,7 @@ async fn a_test_message_reaches_every_kind_of_channel_signed_as_each_expects() {
         unreachable!()
     };
     let mut out = Vec::new();
-    step3_gateway::admin_client::run(args, &mut out)
+    step3_gateway::admin_client::run(*args, &mut out)
         .await
         .unwrap();
     let printed: Value = serde_json::from_slice(&out).unwrap();

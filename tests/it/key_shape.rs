@@ -27,7 +27,7 @@ async fn cli(gw: &TestGateway, args: &[&str]) -> Value {
         panic!("not an admin command");
     };
     let mut out = Vec::new();
-    admin_client::run(admin, &mut out).await.unwrap();
+    admin_client::run(*admin, &mut out).await.unwrap();
     serde_json::from_slice(&out).unwrap()
 }
 

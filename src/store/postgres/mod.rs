@@ -17,6 +17,8 @@ use sqlx::{Row, SqlSafeStr};
 
 use crate::core::export::setting_bytes;
 use crate::core::keys;
+use crate::core::money::Money;
+use crate::core::pricing::PriceRecord;
 use crate::core::records::{
     CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord,
 };
@@ -24,8 +26,10 @@ use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
 
 /// The schema's versions, oldest first; applied in order, each once, at open.
-const MIGRATIONS: [(i64, &str, &str); 1] =
-    [(1, "books", include_str!("migrations/0001_books.sql"))];
+const MIGRATIONS: [(i64, &str, &str); 2] = [
+    (1, "books", include_str!("migrations/0001_books.sql")),
+    (2, "money", include_str!("migrations/0002_money.sql")),
+];
 
 /// Rows read from the call log per round trip while a page is looked for.
 const CALL_PAGE_ROWS: i64 = 500;
@@ -121,6 +125,7 @@ fn counters_from(row: &PgRow, offset: usize) -> Result<KeyCounters, sqlx::Error>
         prompt_tokens: get(1)?,
         completion_tokens: get(2)?,
         images: get(3)?,
+        cost: Money(get(4)?),
     })
 }
 
@@ -236,7 +241,7 @@ impl PostgresStore {
     /// the schema stays. For `store copy`: its `--force`, and its undo when stopped.
     pub fn clear(&self) -> Result<(), StoreError> {
         self.run("clear", |pool| async move {
-            sqlx::query("TRUNCATE users, keys, key_hashes, counters, usage, calls, meta")
+            sqlx::query("TRUNCATE users, keys, key_hashes, counters, usage, calls, meta, prices")
                 .execute(&pool)
                 .await
                 .map_err(|e| io("clear", e))?;
@@ -395,9 +400,25 @@ fn cursor_parts(cursor: &CallCursor) -> Result<(i64, String), StoreError> {
     Ok((at, id.to_owned()))
 }
 
-/// A row of `usage`: key, hour, model, requests, errors, prompt and completion tokens,
-/// images.
-type BucketRow = (String, i64, String, i64, i64, i64, i64, i64);
+/// The columns of `usage` after the key, as `bucket_from` reads them.
+const BUCKET_COLUMNS: &str =
+    "hour, model, version, requests, errors, prompt_tokens, completion_tokens, images, cost";
+
+/// A bucket from the columns of [`BUCKET_COLUMNS`], starting at `offset`.
+fn bucket_from(row: &PgRow, offset: usize) -> Result<UsageBucket, sqlx::Error> {
+    let count = |i: usize| -> Result<u64, sqlx::Error> { Ok(to_u64(row.try_get(offset + i)?)) };
+    Ok(UsageBucket {
+        hour: row.try_get(offset)?,
+        model: row.try_get(offset + 1)?,
+        version: row.try_get(offset + 2)?,
+        requests: count(3)?,
+        errors: count(4)?,
+        prompt_tokens: count(5)?,
+        completion_tokens: count(6)?,
+        images: count(7)?,
+        cost: Money(count(8)?),
+    })
+}
 
 /// Calls read at once by an export.
 const EXPORT_PAGE_ROWS: i64 = 5_000;
@@ -435,28 +456,20 @@ impl Store for PostgresStore {
         for (key_id, counters) in counted {
             visit(ExportRecord::Counters { key_id, counters })?;
         }
-        let buckets: Vec<BucketRow> = self.run("export", |pool| async move {
-            sqlx::query_as(
-                "SELECT key_id, hour, model, requests, errors, prompt_tokens, \
-                     completion_tokens, images FROM usage ORDER BY key_id, hour, model",
-            )
+        let buckets: Vec<(String, UsageBucket)> = self.run("export", |pool| async move {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT key_id, {BUCKET_COLUMNS} FROM usage ORDER BY key_id, hour, model, version"
+            )))
             .fetch_all(&pool)
             .await
-            .map_err(|e| io("export", e))
+            .map_err(|e| io("export", e))?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0)?, bucket_from(row, 1)?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(|e| io("export", e))
         })?;
-        for (key_id, hour, model, requests, errors, prompt, completion, images) in buckets {
-            visit(ExportRecord::Usage {
-                key_id,
-                bucket: UsageBucket {
-                    hour,
-                    model,
-                    requests: requests.cast_unsigned(),
-                    errors: errors.cast_unsigned(),
-                    prompt_tokens: prompt.cast_unsigned(),
-                    completion_tokens: completion.cast_unsigned(),
-                    images: images.cast_unsigned(),
-                },
-            })?;
+        for (key_id, bucket) in buckets {
+            visit(ExportRecord::Usage { key_id, bucket })?;
         }
         // The call log, oldest first, a page at a time.
         let mut after: Option<(i64, String)> = None;
@@ -482,9 +495,13 @@ impl Store for PostgresStore {
                 after = Some((at, id));
             }
             if !full {
-                return Ok(());
+                break;
             }
         }
+        for price in self.load_prices()? {
+            visit(ExportRecord::Price(price))?;
+        }
+        Ok(())
     }
 
     fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
@@ -501,17 +518,18 @@ impl Store for PostgresStore {
                     self.run("import", |pool| async move {
                         sqlx::query(
                             "INSERT INTO counters (key_id, requests, prompt_tokens, \
-                             completion_tokens, images) VALUES ($1, $2, $3, $4, $5) \
+                             completion_tokens, images, cost) VALUES ($1, $2, $3, $4, $5, $6) \
                              ON CONFLICT (key_id) DO UPDATE SET requests = EXCLUDED.requests, \
                              prompt_tokens = EXCLUDED.prompt_tokens, \
                              completion_tokens = EXCLUDED.completion_tokens, \
-                             images = EXCLUDED.images",
+                             images = EXCLUDED.images, cost = EXCLUDED.cost",
                         )
                         .bind(key_id)
                         .bind(c.requests.cast_signed())
                         .bind(c.prompt_tokens.cast_signed())
                         .bind(c.completion_tokens.cast_signed())
                         .bind(c.images.cast_signed())
+                        .bind(c.cost.0.cast_signed())
                         .execute(&pool)
                         .await
                         .map_err(|e| io("import", e))?;
@@ -522,23 +540,25 @@ impl Store for PostgresStore {
                     let (key_id, b) = (key_id.clone(), bucket.clone());
                     self.run("import", |pool| async move {
                         sqlx::query(
-                            "INSERT INTO usage (key_id, hour, model, requests, errors, \
-                             prompt_tokens, completion_tokens, images) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                             ON CONFLICT (key_id, hour, model) DO UPDATE SET \
+                            "INSERT INTO usage (key_id, hour, model, version, requests, \
+                             errors, prompt_tokens, completion_tokens, images, cost) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                             ON CONFLICT (key_id, hour, model, version) DO UPDATE SET \
                              requests = EXCLUDED.requests, errors = EXCLUDED.errors, \
                              prompt_tokens = EXCLUDED.prompt_tokens, \
                              completion_tokens = EXCLUDED.completion_tokens, \
-                             images = EXCLUDED.images",
+                             images = EXCLUDED.images, cost = EXCLUDED.cost",
                         )
                         .bind(key_id)
                         .bind(b.hour)
                         .bind(b.model)
+                        .bind(b.version)
                         .bind(b.requests.cast_signed())
                         .bind(b.errors.cast_signed())
                         .bind(b.prompt_tokens.cast_signed())
                         .bind(b.completion_tokens.cast_signed())
                         .bind(b.images.cast_signed())
+                        .bind(b.cost.0.cast_signed())
                         .execute(&pool)
                         .await
                         .map_err(|e| io("import", e))?;
@@ -546,6 +566,7 @@ impl Store for PostgresStore {
                     })?;
                 }
                 ExportRecord::Call(call) => calls.push(call)?,
+                ExportRecord::Price(price) => self.put_price(price)?,
             }
         }
         if calls.at_micros.is_empty() {
@@ -585,6 +606,33 @@ impl Store for PostgresStore {
         rows.iter().map(|text| decode("users", text)).collect()
     }
 
+    fn load_prices(&self) -> Result<Vec<PriceRecord>, StoreError> {
+        let rows: Vec<String> = self.run("load prices", |pool| async move {
+            sqlx::query_scalar("SELECT record::text FROM prices ORDER BY model, effective_from")
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| io("load prices", e))
+        })?;
+        rows.iter().map(|text| decode("prices", text)).collect()
+    }
+
+    fn put_price(&self, price: &PriceRecord) -> Result<(), StoreError> {
+        let (model, from, record) = (price.model.clone(), price.effective_from, encode(price)?);
+        self.run("put price", |pool| async move {
+            sqlx::query(
+                "INSERT INTO prices (model, effective_from, record) VALUES ($1, $2, $3::jsonb) \
+                 ON CONFLICT (model, effective_from) DO UPDATE SET record = EXCLUDED.record",
+            )
+            .bind(model)
+            .bind(from)
+            .bind(record)
+            .execute(&pool)
+            .await
+            .map_err(|e| io("put price", e))?;
+            Ok(())
+        })
+    }
+
     fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
         let hash = hash.to_vec();
         self.run("find key", |pool| async move {
@@ -601,7 +649,7 @@ impl Store for PostgresStore {
         let row = self.run("load key", |pool| async move {
             let row = sqlx::query(
                 "SELECT k.record::text, c.requests, c.prompt_tokens, c.completion_tokens, \
-                 c.images FROM keys k LEFT JOIN counters c ON c.key_id = k.id WHERE k.id = $1",
+                 c.images, c.cost FROM keys k LEFT JOIN counters c ON c.key_id = k.id WHERE k.id = $1",
             )
             .bind(id)
             .fetch_optional(&pool)
@@ -627,7 +675,7 @@ impl Store for PostgresStore {
                 self.run("scan keys", |pool| async move {
                     let rows = sqlx::query(
                         "SELECT k.id, k.record::text, c.requests, c.prompt_tokens, \
-                         c.completion_tokens, c.images FROM keys k \
+                         c.completion_tokens, c.images, c.cost FROM keys k \
                          LEFT JOIN counters c ON c.key_id = k.id \
                          WHERE $1::text IS NULL OR k.id > $1 ORDER BY k.id LIMIT $2",
                     )
@@ -792,10 +840,10 @@ impl Store for PostgresStore {
     ) -> Result<Vec<UsageBucket>, StoreError> {
         let key_id = key_id.to_owned();
         self.run("read usage", |pool| async move {
-            let rows = sqlx::query(
-                "SELECT hour, model, requests, errors, prompt_tokens, completion_tokens, images \
-                 FROM usage WHERE key_id = $1 AND hour >= $2 AND hour < $3 ORDER BY hour, model",
-            )
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {BUCKET_COLUMNS} FROM usage WHERE key_id = $1 AND hour >= $2 \
+                 AND hour < $3 ORDER BY hour, model, version"
+            )))
             .bind(key_id)
             .bind(from)
             .bind(to)
@@ -803,17 +851,7 @@ impl Store for PostgresStore {
             .await
             .map_err(|e| io("read usage", e))?;
             rows.iter()
-                .map(|row| {
-                    Ok(UsageBucket {
-                        hour: row.try_get(0)?,
-                        model: row.try_get(1)?,
-                        requests: to_u64(row.try_get(2)?),
-                        errors: to_u64(row.try_get(3)?),
-                        prompt_tokens: to_u64(row.try_get(4)?),
-                        completion_tokens: to_u64(row.try_get(5)?),
-                        images: to_u64(row.try_get(6)?),
-                    })
-                })
+                .map(|row| bucket_from(row, 0))
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(|e| io("read usage", e))
         })
@@ -868,7 +906,8 @@ impl Store for PostgresStore {
     }
 }
 
-type BucketKey = (String, i64, String);
+/// Key, hour, model and version.
+type BucketKey = (String, i64, String, String);
 
 /// What one call adds to the books, taken from its record before the batch is sent.
 struct Charge {
@@ -876,6 +915,7 @@ struct Charge {
     request_id: String,
     key_id: String,
     model: String,
+    version: String,
     counters: KeyCounters,
     error: bool,
 }
@@ -887,6 +927,7 @@ impl Charge {
             request_id: call.request_id.clone(),
             key_id: call.key_id.clone(),
             model: call.model.clone(),
+            version: call.version.clone().unwrap_or_default(),
             counters: call.counters(),
             error: call.status >= 400,
         }
@@ -917,10 +958,16 @@ fn fold(
             .add(&charge.counters);
         let hour = hour_of(charge.at_micros);
         let bucket = buckets
-            .entry((charge.key_id, hour, charge.model.clone()))
+            .entry((
+                charge.key_id,
+                hour,
+                charge.model.clone(),
+                charge.version.clone(),
+            ))
             .or_insert_with(|| UsageBucket {
                 hour,
                 model: charge.model,
+                version: charge.version,
                 ..UsageBucket::default()
             });
         bucket.requests += charge.counters.requests;
@@ -928,6 +975,7 @@ fn fold(
         bucket.prompt_tokens += charge.counters.prompt_tokens;
         bucket.completion_tokens += charge.counters.completion_tokens;
         bucket.images += charge.counters.images;
+        bucket.cost = bucket.cost.saturating_add(charge.counters.cost);
     }
     (counters, buckets)
 }
@@ -941,7 +989,7 @@ async fn write_books(
         return Ok(());
     }
     let mut key_ids = Vec::with_capacity(counters.len());
-    let mut figures: [Vec<i64>; 4] = Default::default();
+    let mut figures: [Vec<i64>; 5] = Default::default();
     for (key_id, delta) in counters {
         key_ids.push(key_id);
         let row = [
@@ -949,66 +997,83 @@ async fn write_books(
             delta.prompt_tokens,
             delta.completion_tokens,
             delta.images,
+            delta.cost.0,
         ];
         for (column, n) in figures.iter_mut().zip(row) {
             column.push(to_i64(n));
         }
     }
-    let [requests, prompt_tokens, completion_tokens, images] = figures;
+    let [requests, prompt_tokens, completion_tokens, images, cost] = figures;
     sqlx::query(
-        "INSERT INTO counters (key_id, requests, prompt_tokens, completion_tokens, images) \
-         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+        "INSERT INTO counters (key_id, requests, prompt_tokens, completion_tokens, images, \
+         cost) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], \
+         $5::bigint[], $6::bigint[]) \
          ON CONFLICT (key_id) DO UPDATE SET \
          requests = counters.requests + EXCLUDED.requests, \
          prompt_tokens = counters.prompt_tokens + EXCLUDED.prompt_tokens, \
          completion_tokens = counters.completion_tokens + EXCLUDED.completion_tokens, \
-         images = counters.images + EXCLUDED.images",
+         images = counters.images + EXCLUDED.images, \
+         cost = counters.cost + EXCLUDED.cost",
     )
     .bind(key_ids)
     .bind(requests)
     .bind(prompt_tokens)
     .bind(completion_tokens)
     .bind(images)
+    .bind(cost)
     .execute(&mut **tx)
     .await?;
-    let (mut key_ids, mut hours, mut models) = (Vec::new(), Vec::new(), Vec::new());
-    let mut figures: [Vec<i64>; 5] = Default::default();
-    for ((key_id, hour, model), b) in buckets {
+    let (mut key_ids, mut hours, mut models, mut versions) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut figures: [Vec<i64>; 6] = Default::default();
+    for ((key_id, hour, model, version), b) in buckets {
         key_ids.push(key_id);
         hours.push(hour);
         models.push(model);
+        versions.push(version);
         let row = [
             b.requests,
             b.errors,
             b.prompt_tokens,
             b.completion_tokens,
             b.images,
+            b.cost.0,
         ];
         for (column, n) in figures.iter_mut().zip(row) {
             column.push(to_i64(n));
         }
     }
-    let [requests, errors, prompt_tokens, completion_tokens, images] = figures;
+    let [
+        requests,
+        errors,
+        prompt_tokens,
+        completion_tokens,
+        images,
+        cost,
+    ] = figures;
     sqlx::query(
-        "INSERT INTO usage (key_id, hour, model, requests, errors, prompt_tokens, \
-         completion_tokens, images) \
-         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], \
-         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[]) \
-         ON CONFLICT (key_id, hour, model) DO UPDATE SET \
+        "INSERT INTO usage (key_id, hour, model, version, requests, errors, prompt_tokens, \
+         completion_tokens, images, cost) \
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
+         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+         ON CONFLICT (key_id, hour, model, version) DO UPDATE SET \
          requests = usage.requests + EXCLUDED.requests, \
          errors = usage.errors + EXCLUDED.errors, \
          prompt_tokens = usage.prompt_tokens + EXCLUDED.prompt_tokens, \
          completion_tokens = usage.completion_tokens + EXCLUDED.completion_tokens, \
-         images = usage.images + EXCLUDED.images",
+         images = usage.images + EXCLUDED.images, \
+         cost = usage.cost + EXCLUDED.cost",
     )
     .bind(key_ids)
     .bind(hours)
     .bind(models)
+    .bind(versions)
     .bind(requests)
     .bind(errors)
     .bind(prompt_tokens)
     .bind(completion_tokens)
     .bind(images)
+    .bind(cost)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -5,9 +5,10 @@
 --       5 user rpm, 6 user tpm, 7 user in flight (zset)
 -- ARGV: 1-3 request, token, image quota (-1: none), 4 tokens, 5 images,
 --       6-8 key rpm, tpm, concurrency (0: none), 9-11 the user's, 12 call id,
---       13 how long a call may hold a slot (ms)
+--       13 how long a call may hold a slot (ms), 14 budget in nano-units (-1: none),
+--       15 the call's worst cost
 -- Returns {0, generation} admitted; {1} the key's quotas are not here yet (the caller loads them);
--- {2, what, limit} a quota; {3, scope, kind, limit, wait us (-1: never)} a limit.
+-- {2, what, limit} a quota (4: the budget); {3, scope, kind, limit, wait us (-1: never)} a limit.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = 60000000
@@ -15,10 +16,11 @@ local tokens, images = tonumber(ARGV[4]), tonumber(ARGV[5])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {1}
 end
-local used = redis.call('HMGET', KEYS[1], 'requests', 'tokens', 'images')
-local quotas = {{1, 1}, {2, tokens}, {3, images}}
+local cost = tonumber(ARGV[15])
+local used = redis.call('HMGET', KEYS[1], 'requests', 'tokens', 'images', 'cost')
+local quotas = {{1, 1, 1}, {2, tokens, 2}, {3, images, 3}, {4, cost, 14}}
 for _, q in ipairs(quotas) do
-  local limit = tonumber(ARGV[q[1]])
+  local limit = tonumber(ARGV[q[3]])
   if limit >= 0 and q[2] > 0 and (tonumber(used[q[1]]) or 0) + q[2] > limit then
     return {2, q[1], limit}
   end
@@ -63,4 +65,5 @@ if tonumber(ARGV[11]) > 0 then redis.call('ZADD', KEYS[7], expiry, ARGV[12]) end
 redis.call('HINCRBY', KEYS[1], 'requests', 1)
 redis.call('HINCRBY', KEYS[1], 'tokens', tokens)
 redis.call('HINCRBY', KEYS[1], 'images', images)
+redis.call('HINCRBY', KEYS[1], 'cost', cost)
 return {0, redis.call('HGET', KEYS[1], 'generation')}

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::keys;
 use crate::core::rate_limit::{LimitKind, LimitScope, Refusal};
+use crate::core::records::KeyCounters;
 use crate::core::shared_limits::{
     BoxFuture, Change, SharedAsk, SharedClaim, SharedLimits, SharedLimitsHealth, SharedRefusal,
     SharedSettlement,
@@ -112,10 +113,10 @@ impl RedisLimits {
     }
 
     /// The names of a call's key and user state, in the scripts' KEYS order.
-    fn names(&self, key_id: &str, user_id: &str) -> [String; 7] {
-        let p = &self.settings.prefix;
+    fn names(&self, ask: &SharedAsk) -> [String; 7] {
+        let (p, key_id, user_id) = (&self.settings.prefix, &ask.key_id, &ask.user_id);
         [
-            format!("{p}:key:{key_id}:quota"),
+            self.quota_name(key_id, ask.period),
             format!("{p}:key:{key_id}:rpm"),
             format!("{p}:key:{key_id}:tpm"),
             format!("{p}:key:{key_id}:busy"),
@@ -123,6 +124,15 @@ impl RedisLimits {
             format!("{p}:user:{user_id}:tpm"),
             format!("{p}:user:{user_id}:busy"),
         ]
+    }
+
+    /// A key's quota counters: one hash for its lifetime, or one per period.
+    fn quota_name(&self, key_id: &str, period: Option<(i64, i64)>) -> String {
+        let p = &self.settings.prefix;
+        match period {
+            None => format!("{p}:key:{key_id}:quota"),
+            Some((start, _)) => format!("{p}:key:{key_id}:quota:{start}"),
+        }
     }
 
     fn channel(&self) -> String {
@@ -134,7 +144,7 @@ impl RedisLimits {
         let limit = |l: Option<u64>| l.unwrap_or(0);
         let (k, u) = (&ask.key_limits, &ask.user_limits);
         let mut invocation = self.admit.prepare_invoke();
-        for name in self.names(&ask.key_id, &ask.user_id) {
+        for name in self.names(ask) {
             invocation.key(name);
         }
         invocation
@@ -150,7 +160,9 @@ impl RedisLimits {
             .arg(limit(u.tpm))
             .arg(limit(u.concurrent.map(u64::from)))
             .arg(&ask.call_id)
-            .arg(u64::try_from(self.settings.slot_hold.as_millis()).unwrap_or(u64::MAX));
+            .arg(u64::try_from(self.settings.slot_hold.as_millis()).unwrap_or(u64::MAX))
+            .arg(quota(ask.budget))
+            .arg(ask.cost);
         let mut connection = self.connection.clone();
         let answer: Vec<Value> = invocation.invoke_async(&mut connection).await?;
         Ok(match int(&answer, 0) {
@@ -163,7 +175,8 @@ impl RedisLimits {
                 let what = match int(&answer, 1) {
                     1 => "requests",
                     2 => "tokens",
-                    _ => "images",
+                    3 => "images",
+                    _ => "budget",
                 };
                 let limit = u64::try_from(int(&answer, 2)).unwrap_or(0);
                 Admitted::No(SharedRefusal::Quota { what, limit })
@@ -193,16 +206,35 @@ impl RedisLimits {
         })
     }
 
-    /// Puts a key's counters, as the books hold them, in Redis (unless a replica did).
-    async fn load_counters(&self, key_id: &str) -> Result<(), SharedRefusal> {
+    /// Puts a key's counters, as the books hold them, in Redis (unless a replica did):
+    /// its lifetime's, or the current period's (the hours since the period began).
+    async fn load_counters(
+        &self,
+        key_id: &str,
+        period: Option<(i64, i64)>,
+    ) -> Result<(), SharedRefusal> {
         let store = self.store.clone();
         let id = key_id.to_owned();
-        let loaded = tokio::task::spawn_blocking(move || store.load_key(&id))
-            .await
-            .map_err(|e| SharedRefusal::Unavailable(format!("{BOOKS}{e}")))?
-            .map_err(|e| SharedRefusal::Unavailable(format!("{BOOKS}{e}")))?;
-        let counters = loaded.map(|(_, counters)| counters).unwrap_or_default();
-        let [quota, ..] = self.names(key_id, "");
+        let loaded = tokio::task::spawn_blocking(move || match period {
+            None => store
+                .load_key(&id)
+                .map(|loaded| loaded.map(|(_, counters)| counters).unwrap_or_default()),
+            Some((start, _)) => {
+                let hour = start - start.rem_euclid(3600);
+                store.usage(&id, hour, i64::MAX).map(|buckets| {
+                    buckets.iter().fold(KeyCounters::default(), |mut total, b| {
+                        total.add(&b.counters());
+                        total
+                    })
+                })
+            }
+        })
+        .await
+        .map_err(|e| SharedRefusal::Unavailable(format!("{BOOKS}{e}")))?;
+        let counters = loaded.map_err(|e| SharedRefusal::Unavailable(format!("{BOOKS}{e}")))?;
+        let quota = self.quota_name(key_id, period);
+        // A period's counters outlive it by a day (settlements of calls in flight).
+        let expire_at = period.map_or(0, |(_, end)| end.saturating_add(86_400));
         let mut connection = self.connection.clone();
         self.init
             .key(quota)
@@ -210,6 +242,8 @@ impl RedisLimits {
             .arg(counters.tokens())
             .arg(counters.images)
             .arg(keys::generate_id("gen"))
+            .arg(counters.cost.0)
+            .arg(expire_at)
             .invoke_async::<i64>(&mut connection)
             .await
             .map_err(|e| SharedRefusal::Unavailable(format!("redis: {e}")))?;
@@ -220,7 +254,7 @@ impl RedisLimits {
         let unavailable = |e: redis::RedisError| SharedRefusal::Unavailable(format!("redis: {e}"));
         let mut admitted = self.run_admit(&ask).await.map_err(unavailable)?;
         if let Admitted::Unknown = admitted {
-            self.load_counters(&ask.key_id).await?;
+            self.load_counters(&ask.key_id, ask.period).await?;
             admitted = self.run_admit(&ask).await.map_err(unavailable)?;
         }
         match admitted {
@@ -300,6 +334,7 @@ impl RedisLimits {
             let change = match payload.split_once(':') {
                 Some(("key", id)) => Change::Key(id.to_owned()),
                 Some(("user", id)) => Change::User(id.to_owned()),
+                Some(("prices", _)) => Change::Prices,
                 _ => continue,
             };
             let apply = apply.clone();
@@ -340,6 +375,7 @@ impl SharedLimits for RedisLimits {
             charged_request,
             charged_tokens,
             charged_images,
+            charged_cost,
             withdrawn,
         } = settlement;
         let ask = &claim.ask;
@@ -348,7 +384,7 @@ impl SharedLimits for RedisLimits {
         };
         let limit = |l: Option<u64>| l.unwrap_or(0);
         let script = self.settle.clone();
-        let names = self.names(&ask.key_id, &ask.user_id);
+        let names = self.names(ask);
         // In the order of settle.lua's ARGV.
         let args = [
             i64::from(!charged_request).saturating_neg().to_string(),
@@ -361,6 +397,7 @@ impl SharedLimits for RedisLimits {
             limit(ask.user_limits.tpm).to_string(),
             claim.generation.clone(),
             u8::from(withdrawn).to_string(),
+            delta(charged_cost, ask.cost).to_string(),
         ];
         let mut connection = self.connection.clone();
         let timeout = self.settings.timeout;
@@ -395,6 +432,7 @@ impl SharedLimits for RedisLimits {
         let payload = match &change {
             Change::Key(id) => format!("key:{id}"),
             Change::User(id) => format!("user:{id}"),
+            Change::Prices => "prices:".to_owned(),
         };
         let mut connection = self.connection.clone();
         let channel = self.channel();

@@ -3,7 +3,8 @@
 -- KEYS: 1 key quotas, 2 key rpm, 3 key tpm, 4 key in flight, 5 user rpm, 6 user tpm,
 --       7 user in flight
 -- ARGV: 1 request delta (0 or -1), 2 token delta, 3 image delta, 4 call id,
---       5 key rpm, 6 key tpm, 7 user rpm, 8 user tpm, 9 generation, 10 withdrawn (1/0)
+--       5 key rpm, 6 key tpm, 7 user rpm, 8 user tpm, 9 generation, 10 withdrawn (1/0),
+--       11 cost delta (nano-units)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = 60000000
@@ -12,6 +13,7 @@ if redis.call('HGET', KEYS[1], 'generation') == ARGV[9] then
   redis.call('HINCRBY', KEYS[1], 'requests', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'images', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'cost', ARGV[11])
 end
 redis.call('ZREM', KEYS[4], ARGV[4])
 redis.call('ZREM', KEYS[7], ARGV[4])
