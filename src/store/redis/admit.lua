@@ -16,9 +16,9 @@ local tokens, images = tonumber(ARGV[4]), tonumber(ARGV[5])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {1}
 end
-local cost = tonumber(ARGV[15])
+local spend = tonumber(ARGV[15])
 local used = redis.call('HMGET', KEYS[1], 'requests', 'tokens', 'images', 'cost')
-local quotas = {{1, 1, 1}, {2, tokens, 2}, {3, images, 3}, {4, cost, 14}}
+local quotas = {{1, 1, 1}, {2, tokens, 2}, {3, images, 3}, {4, spend, 14}}
 for _, q in ipairs(quotas) do
   local limit = tonumber(ARGV[q[3]])
   if limit >= 0 and q[2] > 0 and (tonumber(used[q[1]]) or 0) + q[2] > limit then
@@ -65,5 +65,5 @@ if tonumber(ARGV[11]) > 0 then redis.call('ZADD', KEYS[7], expiry, ARGV[12]) end
 redis.call('HINCRBY', KEYS[1], 'requests', 1)
 redis.call('HINCRBY', KEYS[1], 'tokens', tokens)
 redis.call('HINCRBY', KEYS[1], 'images', images)
-redis.call('HINCRBY', KEYS[1], 'cost', cost)
+redis.call('HINCRBY', KEYS[1], 'cost', spend)
 return {0, redis.call('HGET', KEYS[1], 'generation')}
