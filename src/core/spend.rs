@@ -230,3 +230,150 @@ impl Gateway {
         Ok(summary)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::core::admission::tests::facts;
+    use crate::core::limits::KeyLimits;
+    use crate::core::money::Money;
+    use crate::core::period::Period;
+    use crate::core::pricing::PriceRecord;
+    use crate::core::records::{CallOutcome, Usage};
+    use crate::core::store::Store;
+    use crate::core::testing::{MemoryStore, gate, key, user};
+    use crate::core::time::Clock;
+    use crate::core::{GateSettings, GatewayError};
+
+    /// Output at 1.00 a token (a million a million), prompt free.
+    fn priced_store(limits: KeyLimits, user_budget: Option<Money>) -> MemoryStore {
+        let mut record = key("key_a", "sk-step3-a");
+        record.limits = limits;
+        let mut second = key("key_b", "sk-step3-b");
+        second.limits = KeyLimits::default();
+        let mut owner = user("usr_1");
+        owner.limits.budget = user_budget;
+        let store = MemoryStore::with(vec![owner], vec![record, second]);
+        store
+            .put_price(&PriceRecord {
+                model: "m".into(),
+                completion_per_million: Money(1_000_000 * 1_000_000_000),
+                ..PriceRecord::default()
+            })
+            .unwrap();
+        store
+    }
+
+    fn settle(admission: crate::core::Admission, completion: u64) {
+        let mut admission = admission;
+        admission.mark_forwarded();
+        admission.observe_usage(Usage {
+            prompt_tokens: 10,
+            completion_tokens: completion,
+        });
+        admission.settle(CallOutcome::Completed, 200);
+    }
+
+    #[tokio::test]
+    async fn a_budget_lowers_the_cap_to_what_it_pays_for_then_refuses() {
+        let store = priced_store(
+            KeyLimits {
+                budget: Some(Money::parse("5").unwrap()),
+                ..KeyLimits::default()
+            },
+            None,
+        );
+        let (gateway, _queue, _) = gate(store, GateSettings::default());
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
+        let admission = gateway.admit(&caller, facts(0, Some(100))).unwrap();
+        assert_eq!(admission.upstream_cap(), Some(5));
+        assert_eq!(caller.remaining().budget, Some(Money::ZERO));
+        // Everything is reserved: a second call in flight cannot pay for one token.
+        let e = gateway.admit(&caller, facts(0, Some(1))).unwrap_err();
+        assert!(
+            matches!(e, GatewayError::BudgetExceeded { whose: "key", .. }),
+            "{e:?}"
+        );
+        settle(admission, 3);
+        assert_eq!(caller.remaining().budget, Some(Money::parse("2").unwrap()));
+        assert_eq!(caller.key.counters().cost, Money::parse("3").unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_users_budget_is_shared_by_its_keys() {
+        let store = priced_store(KeyLimits::default(), Some(Money::parse("4").unwrap()));
+        let (gateway, _queue, _) = gate(store, GateSettings::default());
+        let a = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
+        let b = gateway.authenticate(Some("sk-step3-b"), None).unwrap();
+        settle(gateway.admit(&a, facts(0, Some(3))).unwrap(), 3);
+        let admission = gateway.admit(&b, facts(0, Some(3))).unwrap();
+        assert_eq!(admission.upstream_cap(), Some(1));
+        settle(admission, 1);
+        let e = gateway.admit(&a, facts(0, Some(1))).unwrap_err();
+        assert!(
+            matches!(e, GatewayError::BudgetExceeded { whose: "user", .. }),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_in_flight_at_a_periods_end_is_charged_to_the_next() {
+        let store = priced_store(
+            KeyLimits {
+                request_quota: Some(1),
+                budget: Some(Money::parse("10").unwrap()),
+                period: Some(Period::Day),
+                ..KeyLimits::default()
+            },
+            None,
+        );
+        let clock = Clock::default();
+        let settings = GateSettings {
+            clock: clock.clone(),
+            ..GateSettings::default()
+        };
+        let (gateway, _queue, _) = gate(store, settings);
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
+        let in_flight = gateway.admit(&caller, facts(0, Some(4))).unwrap();
+        assert!(gateway.admit(&caller, facts(0, Some(4))).is_err());
+        clock.advance(86_400);
+        // A new day: the quota and budget are whole again, less what is in flight.
+        let next = gateway.admit(&caller, facts(0, Some(4))).unwrap_err();
+        assert!(
+            matches!(
+                next,
+                GatewayError::QuotaExceeded {
+                    what: "requests",
+                    ..
+                }
+            ),
+            "the call in flight counts in the new day: {next:?}"
+        );
+        settle(in_flight, 2);
+        let summary = gateway.usage_summary(&caller).unwrap();
+        assert_eq!(summary.used.requests, 1);
+        assert_eq!(summary.used.cost, Money::parse("2").unwrap());
+        assert_eq!(summary.remaining.budget, Some(Money::parse("8").unwrap()));
+        clock.advance(86_400);
+        let summary = gateway.usage_summary(&caller).unwrap();
+        assert_eq!(summary.used, crate::core::records::KeyCounters::default());
+        assert!(gateway.admit(&caller, facts(0, Some(4))).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_model_without_a_price_costs_nothing_and_spends_no_budget() {
+        let store = priced_store(
+            KeyLimits {
+                budget: Some(Money::ZERO),
+                ..KeyLimits::default()
+            },
+            None,
+        );
+        let (gateway, _queue, _) = gate(store, GateSettings::default());
+        let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
+        assert!(gateway.admit(&caller, facts(0, Some(4))).is_err());
+        let mut free = facts(0, Some(4));
+        free.model = "unpriced".into();
+        settle(gateway.admit(&caller, free).unwrap(), 4);
+        assert_eq!(caller.key.counters().cost, Money::ZERO);
+    }
+}
