@@ -108,6 +108,78 @@ async fn a_request_quota_holds_exactly_under_concurrent_calls_across_replicas() 
     );
 }
 
+#[tokio::test]
+async fn a_budget_holds_across_replicas_and_a_new_price_reaches_them_all() {
+    use step3_gateway::core::money::Money;
+    let (url, redis) = (fresh_database(), fresh_prefix());
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let gw = TestGateway::builder()
+            .shared_store(&url)
+            .shared_limits(&redis)
+            .config(|c| {
+                c.billing.prices = vec![step3_gateway::config::PriceSeed {
+                    model: crate::common::MODEL.into(),
+                    completion_per_million: Money::parse("1000").unwrap(),
+                    ..Default::default()
+                }]
+            })
+            .start()
+            .await;
+        replicas.push(gw);
+    }
+    // 0.50 pays for 500 output tokens; each call may use 8.
+    let key = replicas[0].create_key(json!({"budget": "0.50"})).await;
+    let calls = (0..150).map(|i| {
+        let gw = &replicas[i % 3];
+        let secret = key.secret.clone();
+        async move {
+            let mut body = chat_body("spend");
+            body["max_tokens"] = json!(8);
+            gw.chat(&secret, &body).await.status()
+        }
+    });
+    let statuses = join_all(calls).await;
+    let ok = count(&statuses, StatusCode::OK);
+    assert!(
+        ok > 0 && count(&statuses, StatusCode::TOO_MANY_REQUESTS) > 0,
+        "{statuses:?}"
+    );
+    assert_eq!(served(&replicas), ok as u64);
+    let logged = replicas[1].wait_for_calls(&key.id, ok).await;
+    let spent = logged.iter().fold(Money::ZERO, |sum, c| {
+        sum.saturating_add(Money::parse(c["cost"].as_str().unwrap()).unwrap())
+    });
+    assert!(spent <= Money::parse("0.50").unwrap(), "spent {spent}");
+
+    // A price added on one replica is the price on the others.
+    let (status, _) = replicas[2]
+        .admin(
+            Method::POST,
+            "/prices",
+            Some(json!({"model": crate::common::MODEL, "per_call_minimum": "7"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let other = replicas[0].create_key(json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        replicas[0]
+            .chat(&other.secret, &chat_body("now"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let calls = replicas[0].calls(&other.id).await;
+        if calls.first().is_some_and(|c| c["cost"] == "7.00") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{calls:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    replicas.clear();
+}
+
 /// Calls `secret` on `gw` until it is refused with 401 (bounded, five seconds).
 async fn wait_until_refused(gw: &TestGateway, secret: &str) -> Duration {
     let started = Instant::now();
