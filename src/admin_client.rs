@@ -570,6 +570,57 @@ mod tests {
     }
 
     #[test]
+    fn money_is_checked_before_it_is_sent() {
+        let added = request(&[
+            "prices",
+            "add",
+            "--model",
+            "m",
+            "--prompt",
+            ".5",
+            "--image",
+            "small=0.001",
+        ]);
+        assert_eq!(
+            added,
+            AdminRequest::AddPrice(pb::AddPriceRequest {
+                model: "m".into(),
+                prompt_per_million: Some("0.50".into()),
+                images: [("small".to_owned(), "0.001".to_owned())].into(),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            request(&[
+                "keys", "update", "key_1", "--budget", "25", "--period", "month"
+            ]),
+            AdminRequest::UpdateKey(pb::UpdateKeyRequest {
+                id: "key_1".into(),
+                budget: Some("25.00".into()),
+                period: Some("month".into()),
+                ..Default::default()
+            })
+        );
+        for bad in [
+            &["keys", "update", "key_1", "--budget", "ten"][..],
+            &["keys", "update", "key_1", "--period", "fortnight"],
+            &["prices", "add", "--model", "m", "--image", "small"],
+        ] {
+            assert_eq!(usage_error(bad), clap::error::ErrorKind::ValueValidation);
+        }
+        assert_eq!(
+            request(&["invoice", "--user", "usr_1", "--csv"]),
+            AdminRequest::GetInvoice(
+                pb::GetInvoiceRequest {
+                    user_id: "usr_1".into(),
+                    ..Default::default()
+                },
+                true
+            )
+        );
+    }
+
+    #[test]
     fn keys_update_sends_clears_by_their_proto_names() {
         let request = request(&[
             "keys",
