@@ -236,6 +236,7 @@ impl From<UsageArgs> for pb::GetUsageReportRequest {
             to: args.to,
             group_by: group_by.into(),
             by_model: args.by_model,
+            by_key: args.by_key,
         }
     }
 }
@@ -686,6 +687,7 @@ mod tests {
                 to: None,
                 group_by: pb::UsageGrouping::Day.into(),
                 by_model: true,
+                by_key: false,
             })
         );
     }

@@ -521,6 +521,9 @@ pub struct UsageArgs {
     /// One bucket per model instead of one per period.
     #[arg(long)]
     pub by_model: bool,
+    /// One bucket per key too (with --user).
+    #[arg(long)]
+    pub by_key: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -227,12 +227,17 @@ pub struct UsageQuery {
     pub to: Option<UnixTime>,
     pub group_by: UsageGrouping,
     pub by_model: bool,
+    /// One row per key too (a user's report).
+    pub by_key: bool,
 }
 
 /// Usage in one period (and one model, when grouped by model).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct UsageRow {
     pub start: UnixTime,
+    /// Empty unless grouped by key.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub key_id: String,
     /// Empty unless grouped by model.
     pub model: String,
     /// Empty unless grouped by model and the catalogue knew the model.
@@ -607,9 +612,13 @@ impl Gateway {
             UsageGrouping::Day => calendar.start_of(Period::Day, hour),
             UsageGrouping::Month => calendar.start_of(Period::Month, hour),
         };
-        let mut rows: std::collections::BTreeMap<(UnixTime, String, String), UsageRow> =
+        let mut rows: std::collections::BTreeMap<(UnixTime, String, String, String), UsageRow> =
             Default::default();
         for key_id in &key_ids {
+            let row_key = match query.by_key {
+                true => key_id.clone(),
+                false => String::new(),
+            };
             for bucket in self.store.usage(key_id, first_hour, to)? {
                 let start = start_of(bucket.hour);
                 let (model, version) = match query.by_model {
@@ -617,9 +626,10 @@ impl Gateway {
                     false => Default::default(),
                 };
                 let row = rows
-                    .entry((start, model.clone(), version.clone()))
+                    .entry((start, row_key.clone(), model.clone(), version.clone()))
                     .or_insert_with(|| UsageRow {
                         start,
+                        key_id: row_key.clone(),
                         model,
                         version,
                         ..UsageRow::default()

@@ -445,6 +445,7 @@ impl pb::admin_server::Admin for AdminService {
             to: r.to,
             group_by,
             by_model: r.by_model,
+            by_key: r.by_key,
         })?;
         Ok(Response::new(report_proto(report)))
     }
@@ -568,6 +569,7 @@ fn report_proto(report: UsageReport) -> pb::UsageReport {
             .into_iter()
             .map(|b| pb::UsageBucket {
                 start: b.start,
+                key_id: b.key_id,
                 model: b.model,
                 version: b.version,
                 cost: b.cost.to_string(),

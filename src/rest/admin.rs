@@ -225,6 +225,8 @@ struct UsageParams {
     group_by: UsageGrouping,
     #[serde(default)]
     by_model: bool,
+    #[serde(default)]
+    by_key: bool,
 }
 
 impl UsageParams {
@@ -235,6 +237,7 @@ impl UsageParams {
             to: self.to,
             group_by: self.group_by,
             by_model: self.by_model,
+            by_key: self.by_key,
         }
     }
 }

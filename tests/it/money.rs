@@ -487,6 +487,23 @@ async fn the_invoice_of_a_period_matches_the_call_log_to_the_unit() {
     assert_eq!(lines.len(), 2, "one line per key and model: {invoice}");
     let requests: u64 = lines.iter().map(|l| l["requests"].as_u64().unwrap()).sum();
     assert_eq!(requests, 5);
+    // The user's report by key says the same per key.
+    let (_, report) = gw
+        .admin(
+            Method::GET,
+            &format!("/users/{user}/usage?group_by=month&by_key=true"),
+            None,
+        )
+        .await;
+    for line in lines {
+        let row = report["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["key_id"] == line["key_id"])
+            .unwrap_or_else(|| panic!("{report}"));
+        assert_eq!(row["cost"], line["cost"], "{report}");
+    }
 
     let response = gw
         .http()
