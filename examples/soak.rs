@@ -885,6 +885,7 @@ fn store_only(calls: u64) -> anyhow::Result<()> {
                 key_id: format!("key_{:024x}", mix64(i % 20) >> 32),
                 user_id: format!("usr_{:024x}", mix64(i % 4) >> 32),
                 model: MODEL.into(),
+                version: None,
                 status: 200,
                 outcome: CallOutcome::Completed,
                 stream: i % 2 == 0,

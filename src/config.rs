@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::BackupConfig;
 use crate::core::access::IpAllowlist;
+use crate::core::catalogue::{ModelRecord, validate_all};
 use crate::core::images::ImageUrlPolicy;
 use crate::core::limits::KeyLimits;
 use crate::notify::settings::AlertsConfig;
@@ -58,6 +59,11 @@ pub struct GatewayConfig {
     pub telemetry: TelemetryConfig,
     /// Tokens from an identity provider, accepted besides keys.
     pub jwt: JwtConfig,
+    /// The model catalogue's seed (`[[models]]`): written to the store at a start when the
+    /// store has no model of that name and never had one from the configuration; from
+    /// then on the admin API manages it, and changes made there survive restarts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelRecord>,
 }
 
 /// JWTs from the team's identity provider (off unless `jwks_url` or `hs256_secret` is set).
@@ -729,6 +735,7 @@ impl GatewayConfig {
         self.alerts.validate().map_err(ConfigError::Invalid)?;
         self.backup.validate().map_err(ConfigError::Invalid)?;
         self.telemetry.validate().map_err(ConfigError::Invalid)?;
+        validate_all(&self.models).map_err(|e| ConfigError::Invalid(format!("models: {e}")))?;
         self.store.validate()
     }
 

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use super::access::IpAllowlist;
+use super::catalogue::Catalogue;
 use super::error::GatewayError;
 use super::events::GateEvents;
 use super::journal::ReservationJournal;
@@ -62,6 +63,8 @@ pub struct Gateway {
     pub(super) notifier: OnceLock<Arc<dyn Notifier>>,
     /// Several replicas: the counters they share, asked after the gate's own.
     pub(super) shared: Option<Arc<dyn SharedLimits>>,
+    /// The models clients may name, and their versions.
+    pub(super) catalogue: Catalogue,
 }
 
 impl Gateway {
@@ -76,6 +79,7 @@ impl Gateway {
         Ok(Gateway {
             events,
             keys: KeyIndex::load(store.clone(), admin_token_hash)?,
+            catalogue: Catalogue::new(store.load_models()?),
             store,
             sink,
             quota_alert_percents: settings.quota_alert_percents.clone().into(),
@@ -112,6 +116,7 @@ impl Gateway {
                     state.refresh_from(&seen, record);
                 }
             }
+            Change::Model(_) => self.refresh_catalogue()?,
             Change::User(id) => {
                 let Some(state) = self.keys.users.get(id).map(|s| s.value().clone()) else {
                     return Ok(());
@@ -215,16 +220,5 @@ impl Gateway {
     /// Several replicas: whether the shared limits answer; `None` without them.
     pub fn shared_limits_health(&self) -> Option<&SharedLimitsHealth> {
         self.shared.as_deref().map(|shared| shared.health())
-    }
-
-    /// Whether the caller may use `model` (its allowlist).
-    pub fn authorize_model(&self, caller: &Caller, model: &str) -> Result<(), GatewayError> {
-        if caller.record.allows_model(model) {
-            Ok(())
-        } else {
-            Err(GatewayError::ModelNotAllowed {
-                model: model.to_owned(),
-            })
-        }
     }
 }

@@ -20,6 +20,9 @@ pub struct Reservation {
     pub key_id: String,
     pub user_id: String,
     pub model: String,
+    /// The catalogue version the call went to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     pub stream: bool,
     /// The tokens reserved: the prompt estimate, and the output cap as completion.
     pub estimate: Usage,
@@ -117,6 +120,7 @@ fn interrupted_call(id: u64, r: Reservation) -> CallRecord {
         key_id: r.key_id,
         user_id: r.user_id,
         model: r.model,
+        version: r.version,
         // No status reached the client from the gateway.
         status: 0,
         outcome: CallOutcome::Interrupted,
@@ -168,6 +172,7 @@ mod tests {
             key_id: "key_a".into(),
             user_id: "usr_1".into(),
             model: "m".into(),
+            version: None,
             stream: true,
             estimate: Usage {
                 prompt_tokens: 10,

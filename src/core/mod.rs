@@ -5,6 +5,7 @@
 pub mod access;
 pub mod admin;
 pub mod admission;
+pub mod catalogue;
 pub mod error;
 pub mod events;
 pub mod export;
@@ -15,6 +16,7 @@ pub mod journal;
 pub mod key_index;
 pub mod keys;
 pub mod limits;
+pub mod model_admin;
 pub mod notifier;
 pub mod quota;
 pub mod rate_limit;

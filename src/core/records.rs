@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::catalogue::ModelRecord;
 use super::images::ImageSize;
 use super::keys::{self, hex_matches};
 use super::limits::{KeyLimits, UserLimits};
@@ -205,7 +206,13 @@ pub struct CallRecord {
     pub request_id: String,
     pub key_id: String,
     pub user_id: String,
+    /// The model as the client named it, or the catalogue's name of it when the catalogue
+    /// knew the name (an alias or a pinned version is booked under its model).
     pub model: String,
+    /// The version of a catalogue model the call was sent to (the name the model server
+    /// served it under); `None` for a model the catalogue does not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// HTTP status given to the client (the upstream's when it answered).
     pub status: u16,
     pub outcome: CallOutcome,
@@ -287,10 +294,13 @@ pub enum ExportRecord {
     },
     /// One entry of the call log.
     Call(CallRecord),
+    /// One model of the catalogue.
+    Model(ModelRecord),
 }
 
 impl ExportRecord {
-    /// Its place in an export's order: settings, users, keys, counters, usage, calls.
+    /// Its place in an export's order: settings, users, keys, counters, usage, calls,
+    /// models (last, so that exports of older builds are the same up to their end).
     pub fn kind(&self) -> usize {
         match self {
             ExportRecord::Meta { .. } => 0,
@@ -299,6 +309,7 @@ impl ExportRecord {
             ExportRecord::Counters { .. } => 3,
             ExportRecord::Usage { .. } => 4,
             ExportRecord::Call(_) => 5,
+            ExportRecord::Model(_) => 6,
         }
     }
 }

@@ -200,6 +200,7 @@ impl Admission {
             key_id: self.caller.record.id.clone(),
             user_id: self.caller.record.user_id.clone(),
             model: std::mem::take(&mut self.facts.model),
+            version: self.facts.version.take(),
             status,
             outcome,
             stream: self.facts.stream,

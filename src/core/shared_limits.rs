@@ -67,6 +67,8 @@ pub struct SharedSettlement {
 pub enum Change {
     Key(String),
     User(String),
+    /// A model of the catalogue, by name (changed or deleted).
+    Model(String),
 }
 
 /// Whether the shared counters answer, as the last admission or health probe found:

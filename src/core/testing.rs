@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use super::catalogue::ModelRecord;
 use super::events::{Door, GateEvents, SettledCall};
 use super::export::ExportRecord;
 use super::gateway::{GateSettings, Gateway};
@@ -24,6 +25,7 @@ pub(crate) fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallR
         key_id: key.into(),
         user_id: "usr_1".into(),
         model: model.into(),
+        version: None,
         status: 200,
         outcome: CallOutcome::Completed,
         stream: false,
@@ -86,6 +88,7 @@ pub(crate) struct MemoryStore {
     keys: Mutex<BTreeMap<String, (KeyRecord, KeyCounters)>>,
     meta: Mutex<BTreeMap<String, Vec<u8>>>,
     calls: Mutex<Vec<CallRecord>>,
+    models: Mutex<BTreeMap<String, ModelRecord>>,
 }
 
 impl MemoryStore {
@@ -187,6 +190,20 @@ impl Store for MemoryStore {
     fn usage(&self, _: &str, _: UnixTime, _: UnixTime) -> Result<Vec<UsageBucket>, StoreError> {
         Ok(Vec::new())
     }
+    fn load_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        Ok(self.models.lock().unwrap().values().cloned().collect())
+    }
+    fn put_model(&self, model: &ModelRecord) -> Result<(), StoreError> {
+        self.models
+            .lock()
+            .unwrap()
+            .insert(model.name.clone(), model.clone());
+        Ok(())
+    }
+    fn delete_model(&self, name: &str) -> Result<(), StoreError> {
+        self.models.lock().unwrap().remove(name);
+        Ok(())
+    }
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.meta.lock().unwrap().get(name).cloned())
     }
@@ -213,6 +230,9 @@ impl Store for MemoryStore {
         for (key, _) in self.keys.lock().unwrap().values() {
             visit(ExportRecord::Key(key.clone()))?;
         }
+        for model in self.models.lock().unwrap().values() {
+            visit(ExportRecord::Model(model.clone()))?;
+        }
         Ok(())
     }
     fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
@@ -220,6 +240,7 @@ impl Store for MemoryStore {
             match record {
                 ExportRecord::User(user) => self.put_user(user)?,
                 ExportRecord::Key(key) => self.put_key(key)?,
+                ExportRecord::Model(model) => self.put_model(model)?,
                 _ => {}
             }
         }

@@ -656,6 +656,7 @@ mod tests {
             key_id: "key_a".into(),
             user_id: "usr_1".into(),
             model: "m".into(),
+            version: None,
             stream: false,
             estimate: Usage {
                 prompt_tokens: 10,

@@ -14,6 +14,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::SCHEMA_VERSION;
 use super::call_log::{CallLog, LogPosition, SegmentFilter};
+use crate::core::catalogue::ModelRecord;
 use crate::core::export::setting_bytes;
 use crate::core::keys::to_hex;
 use crate::core::records::ExportRecord;
@@ -78,6 +79,8 @@ struct Trees {
     counters: sled::Tree,
     usage: sled::Tree,
     meta: sled::Tree,
+    /// The model catalogue: name → model.
+    models: sled::Tree,
 }
 
 /// The trees of schema 3 that held the call log, moved to the [`CallLog`] at the first
@@ -379,6 +382,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
         counters: db.open_tree("counters")?,
         usage: db.open_tree("usage")?,
         meta: db.open_tree("meta")?,
+        models: db.open_tree("models")?,
         db,
     };
     trees.check_schema(path, existed)?;
@@ -708,7 +712,13 @@ impl Store for SledStore {
                     }
                 }
             })?;
-        failed.map_or(Ok(()), Err)
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for value in t.models.iter().values() {
+            visit(ExportRecord::Model(decode("models", &value?)?))?;
+        }
+        Ok(())
     }
 
     fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
@@ -739,6 +749,9 @@ impl Store for SledStore {
                     )?;
                 }
                 ExportRecord::Call(call) => calls.push(call.clone()),
+                ExportRecord::Model(model) => {
+                    t.models.insert(model.name.as_bytes(), encode(model)?)?;
+                }
             }
         }
         if !calls.is_empty() {
@@ -764,6 +777,25 @@ impl Store for SledStore {
     fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
         let t = self.trees()?;
         load_all(&t.users, "users")
+    }
+
+    fn load_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let t = self.trees()?;
+        load_all(&t.models, "models")
+    }
+
+    fn put_model(&self, model: &ModelRecord) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        t.models.insert(model.name.as_bytes(), encode(model)?)?;
+        // An admin change is durable when it is answered, like a key's (through the
+        // store's flush: sled is never synced ahead of the call log).
+        self.flush()
+    }
+
+    fn delete_model(&self, name: &str) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        t.models.remove(name.as_bytes())?;
+        self.flush()
     }
 
     fn key_id_by_hash(&self, hash: &[u8; 32]) -> Result<Option<String>, StoreError> {

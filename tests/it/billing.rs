@@ -243,6 +243,7 @@ async fn calls_older_than_the_retention_leave_the_log_and_the_books_stay() {
             key_id: key.id.clone(),
             user_id: key.user_id.clone(),
             model: "stepfun-ai/Step3-VL-10B".into(),
+            version: None,
             status: 200,
             outcome: CallOutcome::Completed,
             stream: false,

@@ -384,6 +384,7 @@ fn call(at_micros: i64, reservation: Option<u64>) -> CallRecord {
         key_id: "key_1".into(),
         user_id: "usr_1".into(),
         model: "m".into(),
+        version: None,
         status: 200,
         outcome: CallOutcome::Completed,
         stream: false,

@@ -15,6 +15,7 @@ use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Row, SqlSafeStr};
 
+use crate::core::catalogue::ModelRecord;
 use crate::core::export::setting_bytes;
 use crate::core::keys;
 use crate::core::records::{
@@ -24,8 +25,10 @@ use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
 
 /// The schema's versions, oldest first; applied in order, each once, at open.
-const MIGRATIONS: [(i64, &str, &str); 1] =
-    [(1, "books", include_str!("migrations/0001_books.sql"))];
+const MIGRATIONS: [(i64, &str, &str); 2] = [
+    (1, "books", include_str!("migrations/0001_books.sql")),
+    (2, "models", include_str!("migrations/0002_models.sql")),
+];
 
 /// Rows read from the call log per round trip while a page is looked for.
 const CALL_PAGE_ROWS: i64 = 500;
@@ -236,7 +239,7 @@ impl PostgresStore {
     /// the schema stays. For `store copy`: its `--force`, and its undo when stopped.
     pub fn clear(&self) -> Result<(), StoreError> {
         self.run("clear", |pool| async move {
-            sqlx::query("TRUNCATE users, keys, key_hashes, counters, usage, calls, meta")
+            sqlx::query("TRUNCATE users, keys, key_hashes, counters, usage, calls, meta, models")
                 .execute(&pool)
                 .await
                 .map_err(|e| io("clear", e))?;
@@ -482,9 +485,13 @@ impl Store for PostgresStore {
                 after = Some((at, id));
             }
             if !full {
-                return Ok(());
+                break;
             }
         }
+        for model in self.load_models()? {
+            visit(ExportRecord::Model(model))?;
+        }
+        Ok(())
     }
 
     fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
@@ -546,6 +553,7 @@ impl Store for PostgresStore {
                     })?;
                 }
                 ExportRecord::Call(call) => calls.push(call)?,
+                ExportRecord::Model(model) => self.put_model(model)?,
             }
         }
         if calls.at_micros.is_empty() {
@@ -816,6 +824,44 @@ impl Store for PostgresStore {
                 })
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(|e| io("read usage", e))
+        })
+    }
+
+    fn load_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let rows: Vec<String> = self.run("load models", |pool| async move {
+            sqlx::query_scalar("SELECT record::text FROM models ORDER BY name")
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| io("load models", e))
+        })?;
+        rows.iter().map(|text| decode("models", text)).collect()
+    }
+
+    fn put_model(&self, model: &ModelRecord) -> Result<(), StoreError> {
+        let (name, record) = (model.name.clone(), encode(model)?);
+        self.run("put model", |pool| async move {
+            sqlx::query(
+                "INSERT INTO models (name, record) VALUES ($1, $2::jsonb) \
+                 ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
+            )
+            .bind(name)
+            .bind(record)
+            .execute(&pool)
+            .await
+            .map_err(|e| io("put model", e))?;
+            Ok(())
+        })
+    }
+
+    fn delete_model(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.run("delete model", |pool| async move {
+            sqlx::query("DELETE FROM models WHERE name = $1")
+                .bind(name)
+                .execute(&pool)
+                .await
+                .map_err(|e| io("delete model", e))?;
+            Ok(())
         })
     }
 

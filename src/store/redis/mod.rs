@@ -300,6 +300,7 @@ impl RedisLimits {
             let change = match payload.split_once(':') {
                 Some(("key", id)) => Change::Key(id.to_owned()),
                 Some(("user", id)) => Change::User(id.to_owned()),
+                Some(("model", name)) => Change::Model(name.to_owned()),
                 _ => continue,
             };
             let apply = apply.clone();
@@ -395,6 +396,7 @@ impl SharedLimits for RedisLimits {
         let payload = match &change {
             Change::Key(id) => format!("key:{id}"),
             Change::User(id) => format!("user:{id}"),
+            Change::Model(name) => format!("model:{name}"),
         };
         let mut connection = self.connection.clone();
         let channel = self.channel();
