@@ -887,6 +887,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_readmes_model_catalogue_example_is_a_valid_configuration() {
+        let readme = include_str!("../README.md");
+        let example = readme
+            .split("```toml\n")
+            .map(|block| block.split("\n```").next().unwrap_or_default())
+            .find(|block| block.starts_with("[[models]]"))
+            .unwrap();
+        let config = GatewayConfig::load_from_toml_str(example).unwrap();
+        config.validate().unwrap();
+        let model = &config.models[0];
+        assert_eq!(model.versions.len(), 3);
+        assert_eq!(model.rollout.as_ref().map(|r| r.weight), Some(10));
+        assert_eq!(model.versions[2].sunset_at, Some(1_803_859_200));
+    }
+
+    #[test]
     fn file_then_environment_then_validation() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
