@@ -609,3 +609,46 @@ async fn the_cli_puts_lists_and_deletes_models() {
     .await;
     assert!(!bad.status.success());
 }
+
+/// Polls `gw` with a chat naming `model` until it answers `status` (at most five seconds).
+async fn wait_for_status(gw: &TestGateway, secret: &str, model: &str, status: StatusCode) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(5) {
+        if gw.chat(secret, &chat_with(model)).await.status() == status {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("`{model}` never answered {status} on the other replica");
+}
+
+#[tokio::test]
+async fn a_model_changed_on_one_replica_is_served_so_by_the_others() {
+    let (url, redis) = (
+        crate::common::postgres::fresh_database(),
+        crate::common::redis::fresh_prefix(),
+    );
+    let a = TestGateway::builder()
+        .shared_store(&url)
+        .shared_limits(&redis)
+        .start()
+        .await;
+    let b = TestGateway::builder()
+        .shared_store(&url)
+        .shared_limits(&redis)
+        .start()
+        .await;
+    let key = a.create_key(json!({})).await;
+    let model = json!({"name": "step3", "versions": [{"name": MODEL}], "default_version": MODEL});
+    expect_error(
+        b.chat(&key.secret, &chat_with("step3")).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let (status, _) = a.admin(Method::POST, "/models", Some(model)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    wait_for_status(&b, &key.secret, "step3", StatusCode::OK).await;
+    let (status, _) = a.admin(Method::DELETE, "/models/step3", None).await;
+    assert_eq!(status, StatusCode::OK);
+    wait_for_status(&b, &key.secret, "step3", StatusCode::NOT_FOUND).await;
+}
