@@ -539,5 +539,6 @@ fn call_proto(call: CallRecord) -> pb::Call {
             })
             .collect(),
         client_address: call.client_addr,
+        version: call.version,
     }
 }

@@ -283,6 +283,18 @@ async fn a_pinned_version_reaches_its_server_under_its_name_and_an_alias_gets_th
         .map(|c| c["version"].as_str().unwrap())
         .collect();
     assert_eq!(versions, [CANARY, MODEL, MODEL, MODEL]);
+    let mut admin = t.gw.grpc_admin().await;
+    let logged = admin
+        .list_calls(pb::ListCallsRequest {
+            key_id: Some(key.id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .calls;
+    assert_eq!(logged[0].model, "step3");
+    assert_eq!(logged[0].version.as_deref(), Some(CANARY));
 }
 
 #[tokio::test]
