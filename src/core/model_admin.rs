@@ -187,3 +187,71 @@ impl Gateway {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::GateSettings;
+    use crate::core::testing::{MemoryStore, gate};
+
+    fn model(name: &str, versions: &[&str]) -> ModelRecord {
+        ModelRecord {
+            name: name.into(),
+            aliases: Vec::new(),
+            versions: versions
+                .iter()
+                .map(|v| ModelVersion {
+                    name: (*v).into(),
+                    deprecated_at: None,
+                    sunset_at: None,
+                })
+                .collect(),
+            default_version: versions[0].into(),
+            rollout: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_configuration_seeds_a_model_once_and_never_over_a_change_or_a_deletion() {
+        let (gateway, _queue, _events) = gate(MemoryStore::default(), GateSettings::default());
+        let configured = [model("a", &["a-1", "a-2"]), model("b", &["b-1"])];
+        assert_eq!(gateway.seed_models(&configured).unwrap(), 2);
+        assert_eq!(gateway.seed_models(&configured).unwrap(), 0);
+        gateway
+            .update_model(
+                "a",
+                ModelPatch {
+                    default_version: Some("a-2".into()),
+                    ..ModelPatch::default()
+                },
+            )
+            .unwrap();
+        gateway.delete_model("b").unwrap();
+        assert_eq!(gateway.seed_models(&configured).unwrap(), 0);
+        assert_eq!(gateway.get_model("a").unwrap().default_version, "a-2");
+        assert!(gateway.get_model("b").is_err());
+        // A model new to the file is seeded.
+        let more = [configured[0].clone(), model("c", &["c-1"])];
+        assert_eq!(gateway.seed_models(&more).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_change_that_would_give_a_name_two_models_is_refused_and_changes_nothing() {
+        let (gateway, _queue, _events) = gate(MemoryStore::default(), GateSettings::default());
+        gateway.create_model(model("a", &["a-1"])).unwrap();
+        gateway.create_model(model("b", &["b-1"])).unwrap();
+        let clash = ModelPatch {
+            aliases: Some(vec!["a-1".into()]),
+            ..ModelPatch::default()
+        };
+        assert!(gateway.update_model("b", clash).is_err());
+        assert!(gateway.get_model("b").unwrap().aliases.is_empty());
+        assert_eq!(
+            gateway.resolve_model("a-1").unwrap().unwrap().model,
+            "a",
+            "the name still resolves to its model"
+        );
+    }
+}
