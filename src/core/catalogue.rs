@@ -8,6 +8,7 @@
 //! aliases, as before there was a catalogue.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -346,6 +347,8 @@ impl Index {
 pub struct Catalogue {
     /// Swapped whole on a change; a call holds the read lock for a clone of the `Arc`.
     index: RwLock<Arc<Index>>,
+    /// Whether the catalogue has models: without any, a call reads this one atomic only.
+    used: AtomicBool,
     writing: Mutex<()>,
 }
 
@@ -359,7 +362,9 @@ impl Catalogue {
     /// Serves `models` from now on (the store's, after a change).
     pub fn replace(&self, models: Vec<ModelRecord>) {
         let index = Index::build(models);
+        let used = !index.models.is_empty();
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+        self.used.store(used, Ordering::Release);
     }
 
     /// Held by an admin change from its check against the other models to its write.
@@ -383,6 +388,9 @@ impl Catalogue {
         requested: &str,
         now: UnixTime,
     ) -> Result<Option<Resolved>, GatewayError> {
+        if !self.used.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let index = self.index();
         let Some((model, pinned)) = index.names.get(requested) else {
             return Ok(None);
@@ -396,6 +404,9 @@ impl Catalogue {
 
     /// The model a name belongs to, if the catalogue knows it.
     pub fn model_of(&self, name: &str) -> Option<Arc<ModelRecord>> {
+        if !self.used.load(Ordering::Acquire) {
+            return None;
+        }
         self.index().names.get(name).map(|(m, _)| m.clone())
     }
 
@@ -408,7 +419,7 @@ impl Catalogue {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index().models.is_empty()
+        !self.used.load(Ordering::Acquire)
     }
 }
 
