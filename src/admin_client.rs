@@ -11,14 +11,16 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{
-    AdminArgs, AdminCommand, AlertsCommand, CallsArgs, KeyLimitArgs, KeysCommand, PricesCommand,
-    UsageArgs, UsageGroupingArg, UsersCommand,
+    AdminArgs, AdminCommand, AlertsCommand, CallsArgs, KeyLimitArgs, KeysCommand, ModelsCommand,
+    PricesCommand, UsageArgs, UsageGroupingArg, UsersCommand,
 };
 use crate::core::access::IpAllowlist;
 use crate::core::admin::{CreatedKey, KeyPage, KeyView};
+use crate::core::catalogue::ModelRecord;
 use crate::core::limits::KeyLimits;
 use crate::core::money::Money;
 use crate::core::records::KeyCounters;
+use crate::grpc::convert::{catalogue_model_from, catalogue_model_proto};
 use crate::grpc::pb::{self, admin_client::AdminClient, get_usage_report_request::Subject};
 
 /// One Admin RPC with its request, built from the command line before anything is sent.
@@ -42,6 +44,10 @@ pub enum AdminRequest {
     ListPrices(pb::ListPricesRequest),
     /// With `csv`: printed as CSV lines.
     GetInvoice(pb::GetInvoiceRequest, bool),
+    ListModels(pb::ListCatalogueRequest),
+    GetModel(pb::GetModelRequest),
+    PutModel(pb::CatalogueModel),
+    DeleteModel(pb::DeleteModelRequest),
 }
 
 impl From<AdminCommand> for AdminRequest {
@@ -51,6 +57,14 @@ impl From<AdminCommand> for AdminRequest {
             AdminCommand::Keys(keys) => keys.into(),
             AdminCommand::Usage(usage) => AdminRequest::GetUsage(usage.into()),
             AdminCommand::Calls(calls) => AdminRequest::ListCalls(calls.into()),
+            AdminCommand::Models(models) => match models {
+                ModelsCommand::List => AdminRequest::ListModels(pb::ListCatalogueRequest {}),
+                ModelsCommand::Get { name } => AdminRequest::GetModel(pb::GetModelRequest { name }),
+                ModelsCommand::Put { file } => AdminRequest::PutModel(catalogue_model_proto(file)),
+                ModelsCommand::Delete { name } => {
+                    AdminRequest::DeleteModel(pb::DeleteModelRequest { name })
+                }
+            },
             AdminCommand::Alerts(AlertsCommand::Test { channel }) => {
                 AdminRequest::TestAlert(pb::TestAlertRequest {
                     channel: channel.unwrap_or_default(),
@@ -331,6 +345,10 @@ async fn send(
             out.write_all(invoice_csv(invoice).as_bytes())?;
             Ok(())
         }
+        AdminRequest::ListModels(r) => print(out, client.list_models(r).await.map(models_view)),
+        AdminRequest::GetModel(r) => print(out, client.get_model(r).await.map(model_view)),
+        AdminRequest::PutModel(r) => print(out, client.put_model(r).await.map(model_view)),
+        AdminRequest::DeleteModel(r) => print(out, client.delete_model(r).await.map(model_view)),
         AdminRequest::TestAlert(r) => {
             let answer = client.test_alert(r).await;
             let failed = answer.as_ref().map_or(0, |a| {
@@ -355,6 +373,34 @@ async fn send(
 // A key is printed as REST answers with it (core's `KeyView`, whose field names are the
 // proto's): one shape for a key in `curl`, the CLI and grpcurl. Users, usage reports and
 // the call log are printed as their proto messages, whose names REST shares.
+
+/// A model is printed as REST answers with it (core's `ModelRecord`).
+fn model_view(response: tonic::Response<pb::CatalogueModel>) -> tonic::Response<ModelRecord> {
+    response.map(model_from_proto)
+}
+
+fn models_view(
+    response: tonic::Response<pb::ListCatalogueResponse>,
+) -> tonic::Response<serde_json::Value> {
+    response.map(|list| {
+        let models: Vec<ModelRecord> = list.models.into_iter().map(model_from_proto).collect();
+        serde_json::json!({ "models": models })
+    })
+}
+
+fn model_from_proto(model: pb::CatalogueModel) -> ModelRecord {
+    let name = model.name.clone();
+    // The gateway sent it: a weight it could not have stored is shown as no rollout.
+    catalogue_model_from(model).unwrap_or_else(|_| ModelRecord {
+        name,
+        aliases: Vec::new(),
+        versions: Vec::new(),
+        default_version: String::new(),
+        rollout: None,
+        created_at: 0,
+        updated_at: 0,
+    })
+}
 
 fn key_view(response: tonic::Response<pb::Key>) -> tonic::Response<KeyView> {
     response.map(key_from_proto)

@@ -242,6 +242,15 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     if let Some(shared) = &shared_limits {
         gateway = gateway.with_shared_limits(shared.clone());
     }
+    let seeded = gateway
+        .seed_models(&config.models)
+        .context("cannot seed the model catalogue from the configuration")?;
+    if seeded > 0 {
+        tracing::info!(
+            models = seeded,
+            "model catalogue seeded from the configuration"
+        );
+    }
     let gateway = Arc::new(gateway);
 
     let upstream = Arc::new(UpstreamPool::new(config.upstream.pool_settings())?);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{ArgGroup, Parser, Subcommand};
 
 use crate::config::LogFormat;
+use crate::core::catalogue::ModelRecord;
 use crate::core::limits::{KeyLimits, Limits, UserLimits};
 
 #[derive(Debug, Parser)]
@@ -220,6 +221,9 @@ pub enum AdminCommand {
     Prices(PricesCommand),
     /// A user's usage of a period as invoice lines (JSON, or CSV with `--csv`).
     Invoice(InvoiceArgs),
+    /// The model catalogue: models, aliases, versions, rollout, deprecations.
+    #[command(subcommand)]
+    Models(ModelsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -279,6 +283,22 @@ pub struct InvoiceArgs {
     /// CSV lines instead of JSON.
     #[arg(long)]
     pub csv: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Every model of the catalogue.
+    List,
+    /// One model, by its name.
+    Get { name: String },
+    /// Create a model, or replace the one of its name whole, from a JSON file (`-`:
+    /// standard input) in the shape `GET /admin/v1/models/{name}` answers with.
+    Put {
+        #[arg(long, value_parser = model_file)]
+        file: ModelRecord,
+    },
+    /// Remove a model: its names are passed to the model server as they are again.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -563,6 +583,19 @@ pub struct PageArgs {
 
 /// An `http://` or `https://` URL with a host, checked here so that a typo is a usage
 /// error rather than a connection failure.
+/// Reads and checks a model's JSON here, so a typo is a usage error before anything is sent.
+fn model_file(path: &str) -> Result<ModelRecord, String> {
+    let text = if path == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("cannot read stdin: {e}"))?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?
+    };
+    let model: ModelRecord =
+        serde_json::from_str(&text).map_err(|e| format!("{path} is not a model: {e}"))?;
+    model.validate().map_err(|e| e.to_string())?;
+    Ok(model)
+}
+
 fn gateway_url(text: &str) -> Result<String, String> {
     match url::Url::parse(text) {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::BackupConfig;
 use crate::core::access::IpAllowlist;
+use crate::core::catalogue::{ModelRecord, validate_all};
 use crate::core::images::ImageUrlPolicy;
 use crate::core::limits::KeyLimits;
 use crate::core::money::Money;
@@ -65,6 +66,11 @@ pub struct GatewayConfig {
     pub jwt: JwtConfig,
     /// The currency, prices, image tiers and the calendar of periods.
     pub billing: BillingConfig,
+    /// The model catalogue's seed (`[[models]]`): written to the store at a start when the
+    /// store has no model of that name and never had one from the configuration; from
+    /// then on the admin API manages it, and changes made there survive restarts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelRecord>,
 }
 
 /// Money: what calls cost and the calendar budgets and quotas follow.
@@ -841,6 +847,7 @@ impl GatewayConfig {
         self.alerts.validate().map_err(ConfigError::Invalid)?;
         self.backup.validate().map_err(ConfigError::Invalid)?;
         self.telemetry.validate().map_err(ConfigError::Invalid)?;
+        validate_all(&self.models).map_err(|e| ConfigError::Invalid(format!("models: {e}")))?;
         self.store.validate()
     }
 
@@ -990,6 +997,22 @@ fn is_cors_origin(origin: &str) -> bool {
 )]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readmes_model_catalogue_example_is_a_valid_configuration() {
+        let readme = include_str!("../README.md");
+        let example = readme
+            .split("```toml\n")
+            .map(|block| block.split("\n```").next().unwrap_or_default())
+            .find(|block| block.starts_with("[[models]]"))
+            .unwrap();
+        let config = GatewayConfig::load_from_toml_str(example).unwrap();
+        config.validate().unwrap();
+        let model = &config.models[0];
+        assert_eq!(model.versions.len(), 3);
+        assert_eq!(model.rollout.as_ref().map(|r| r.weight), Some(10));
+        assert_eq!(model.versions[2].sunset_at, Some(1_803_859_200));
+    }
 
     #[test]
     fn file_then_environment_then_validation() {

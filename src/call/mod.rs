@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use relay::{Relay, RelayEvent, UsageView};
 
+use crate::core::catalogue::{Deprecation, ModelRecord};
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
 use crate::core::records::CallOutcome;
@@ -54,6 +55,8 @@ pub struct Completion<T> {
     pub figures: RateFigures,
     /// What the key has left after this call.
     pub remaining: Remaining,
+    /// The version's deprecation, for the `Deprecation`/`Sunset` headers.
+    pub deprecation: Option<Deprecation>,
 }
 
 /// A stream in progress, with the limits as they stood when it started.
@@ -61,6 +64,26 @@ pub struct StreamStart {
     pub relay: Relay,
     pub figures: RateFigures,
     pub remaining: Remaining,
+    /// The version's deprecation, for the `Deprecation`/`Sunset` headers.
+    pub deprecation: Option<Deprecation>,
+}
+
+/// Where a call goes: the model it is booked under, the catalogue's version (if the
+/// catalogue knows the name), and the name the model server is sent.
+#[derive(Clone, Debug)]
+struct Route {
+    model: String,
+    version: Option<String>,
+    served: String,
+    deprecation: Option<Deprecation>,
+}
+
+/// A call admitted and forwarded, with its answer on the way.
+struct Started {
+    admission: Admission,
+    answer: UpstreamAnswer,
+    deadline: tokio::time::Instant,
+    deprecation: Option<Deprecation>,
 }
 
 /// Where a call came from: its request id, its door, the client's W3C `traceparent`, and
@@ -77,7 +100,10 @@ impl CallPath {
     /// `model` as a metrics label: a name the configuration or a backend knows, else `other`
     /// (a client could otherwise invent a new label value with every request).
     pub fn metric_model(&self, model: &str) -> String {
-        if self.upstream.knows_model(model) {
+        // The catalogue's names are as bounded as the configuration's: an admin makes them.
+        if let Some(known) = self.gateway.catalogue().model_of(model) {
+            known.name.clone()
+        } else if self.upstream.knows_model(model) {
             model.to_owned()
         } else {
             "other".to_owned()
@@ -152,10 +178,31 @@ impl CallPath {
         Ok(inlined)
     }
 
+    /// The catalogue's reading of the client's `model` (a sunset version is refused here,
+    /// before anything is reserved), else the upstream's aliases, as without a catalogue.
+    fn route(&self, requested: &str) -> Result<Route, GatewayError> {
+        Ok(match self.gateway.resolve_model(requested)? {
+            Some(resolved) => Route {
+                model: resolved.model,
+                // A version is a name the model servers serve: sent as it is.
+                served: resolved.version.clone(),
+                version: Some(resolved.version),
+                deprecation: resolved.deprecation,
+            },
+            None => Route {
+                model: requested.to_owned(),
+                version: None,
+                served: self.upstream.resolve_model(requested).into_owned(),
+                deprecation: None,
+            },
+        })
+    }
+
     fn admit(
         &self,
         caller: &Caller,
         call: &PreparedCall,
+        route: &Route,
         origin: &Origin,
     ) -> Result<Admission, GatewayError> {
         let request_body = self
@@ -168,14 +215,14 @@ impl CallPath {
             caller,
             CallFacts {
                 request_id: origin.request_id.clone(),
-                model: call.model.clone(),
-                version: None,
+                model: route.model.clone(),
+                version: route.version.clone(),
                 stream: call.stream,
                 prompt_estimate: call.prompt_estimate,
                 client_cap: call.max_tokens,
                 choices: call.choices,
                 door: origin.door,
-                metric_model: self.metric_model(&call.model),
+                metric_model: self.metric_model(&route.model),
                 images: call.images,
                 image_sizes: call.image_sizes.clone(),
                 request_body,
@@ -188,12 +235,12 @@ impl CallPath {
         &self,
         admission: &mut Admission,
         call: PreparedCall,
+        served: &str,
         origin: &Origin,
     ) -> Result<UpstreamAnswer, GatewayError> {
-        let served = self.upstream.resolve_model(&call.model).into_owned();
         let mut body = call.upstream_body;
         if served != call.model {
-            body = with_model(&body, &served)?;
+            body = with_model(&body, served)?;
         }
         // The quota may hold the answer to fewer tokens than the client asked for.
         if let Some(cap) = admission.upstream_cap() {
@@ -204,7 +251,7 @@ impl CallPath {
         let traceparent = trace::upstream_traceparent(&forward, origin.traceparent.as_deref());
         let sending = self.upstream.send(
             call.endpoint,
-            &served,
+            served,
             body,
             &origin.request_id,
             traceparent.as_deref(),
@@ -228,13 +275,11 @@ impl CallPath {
         caller: &Caller,
         call: PreparedCall,
         origin: &Origin,
-    ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
+    ) -> Result<Started, GatewayError> {
+        let route = self.route(&call.model)?;
         // A model no backend is configured for is as unknown as one nobody serves: refused
         // before anything is reserved, not left to look like an outage.
-        if !self
-            .upstream
-            .serves_model(&self.upstream.resolve_model(&call.model))
-        {
+        if !self.upstream.serves_model(&route.served) {
             return Err(self
                 .gateway
                 .refused(GatewayError::ModelNotAllowed { model: call.model }));
@@ -252,17 +297,22 @@ impl CallPath {
                 .await
                 .map_err(|e| self.gateway.refused(e))?,
         };
-        let mut admission = self.admit(caller, &call, origin)?;
+        let mut admission = self.admit(caller, &call, &route, origin)?;
         let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
         let sent = async {
             // Counted on every replica's books, then on this one's, before the model
             // server starts on it.
             admission.reserve_shared().await?;
             admission.make_durable().await?;
-            self.send(&mut admission, call, origin).await
+            self.send(&mut admission, call, &route.served, origin).await
         };
         match tokio::time::timeout_at(deadline, sent).await {
-            Ok(Ok(answer)) => Ok((admission, answer, deadline)),
+            Ok(Ok(answer)) => Ok(Started {
+                admission,
+                answer,
+                deadline,
+                deprecation: route.deprecation,
+            }),
             Ok(Err(e)) => Err(settle_failed(admission, e)),
             Err(_) => Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
         }
@@ -279,7 +329,12 @@ impl CallPath {
         read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
     ) -> Result<Completion<T>, GatewayError> {
         let settings = self.upstream.settings();
-        let (mut admission, answer, deadline) = self.start(caller, call, origin).await?;
+        let Started {
+            mut admission,
+            answer,
+            deadline,
+            deprecation,
+        } = self.start(caller, call, origin).await?;
         let figures = admission.figures();
         let reading =
             answer.read_json(deadline, settings.idle_timeout, settings.max_response_bytes);
@@ -318,6 +373,7 @@ impl CallPath {
             processing_ms,
             figures,
             remaining: caller.remaining(),
+            deprecation,
         })
     }
 
@@ -331,7 +387,12 @@ impl CallPath {
     ) -> Result<StreamStart, GatewayError> {
         let settings = self.upstream.settings();
         let endpoint = call.endpoint;
-        let (admission, answer, deadline) = self.start(caller, call, origin).await?;
+        let Started {
+            admission,
+            answer,
+            deadline,
+            deprecation,
+        } = self.start(caller, call, origin).await?;
         let events = match answer.into_events(settings.max_event_bytes) {
             Ok(events) => events,
             Err(e) => return Err(settle_failed(admission, e)),
@@ -350,6 +411,7 @@ impl CallPath {
             ),
             figures,
             remaining,
+            deprecation,
         })
     }
 
@@ -360,15 +422,73 @@ impl CallPath {
         request_id: &str,
     ) -> Result<serde_json::Value, GatewayError> {
         let mut list = self.upstream.models(request_id).await?;
+        let catalogue = self.gateway.catalogue();
+        // A served name the catalogue knows (a version) is listed to the keys its model
+        // is listed to; other names as the key's allowlist says.
+        let may_use = |id: &str| match catalogue.model_of(id) {
+            Some(model) => {
+                caller.record.allows_model(&model.name) || caller.record.allows_model(id)
+            }
+            None => caller.record.allows_model(id),
+        };
         if let Some(serde_json::Value::Array(models)) = list.get_mut("data") {
             models.retain(|m| {
                 m.get("id")
                     .and_then(serde_json::Value::as_str)
-                    .is_some_and(|id| caller.record.allows_model(id))
+                    .is_some_and(|id| {
+                        may_use(id) && catalogue.model_of(id).is_none_or(|m| m.name != id)
+                    })
             });
+            for model in self.gateway.list_models() {
+                let whole = caller.record.allows_model(&model.name);
+                if whole
+                    || model
+                        .versions
+                        .iter()
+                        .any(|v| caller.record.allows_model(&v.name))
+                {
+                    models.push(catalogue_entry(&model, |v| {
+                        whole || caller.record.allows_model(v)
+                    }));
+                }
+            }
         }
         Ok(list)
     }
+}
+
+/// A catalogue model in the OpenAI list's shape (`id`, `object`, `created`, `owned_by`),
+/// with its versions as an extra member SDKs ignore: each with `default`, the rollout's
+/// `rollout_weight`, and its deprecation.
+fn catalogue_entry(model: &ModelRecord, listed: impl Fn(&str) -> bool) -> serde_json::Value {
+    let versions: Vec<serde_json::Value> = model
+        .versions
+        .iter()
+        .filter(|v| listed(&v.name))
+        .map(|v| {
+            let weight = match &model.rollout {
+                Some(r) if r.version == v.name => Some(r.weight),
+                Some(r) if v.name == model.default_version => Some(100 - r.weight),
+                _ => None,
+            };
+            serde_json::json!({
+                "id": v.name,
+                "default": v.name == model.default_version,
+                "rollout_weight": weight,
+                "deprecated_at": v.deprecated_at,
+                "sunset_at": v.sunset_at,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "id": model.name,
+        "object": "model",
+        "created": model.created_at,
+        "owned_by": "step3-gateway",
+        "aliases": model.aliases,
+        "default_version": model.default_version,
+        "versions": versions,
+    })
 }
 
 fn prepare_with(

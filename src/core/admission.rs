@@ -25,8 +25,11 @@ use super::usage_sink::UsageSink;
 #[derive(Clone, Debug)]
 pub struct CallFacts {
     pub request_id: String,
+    /// The model as the client named it, or, when the catalogue knows the name, the
+    /// catalogue's name of its model.
     pub model: String,
-    /// The model version the call goes to, when the catalogue knows the model.
+    /// The catalogue version the call goes to (the served name); `None` when the
+    /// catalogue does not know the model.
     pub version: Option<String>,
     pub stream: bool,
     /// Prompt tokens estimated from the text and images.
@@ -143,13 +146,30 @@ impl Gateway {
         }
     }
 
+    /// Whether the caller may make a call of `facts`: a catalogue model is allowed by its
+    /// model's name, or by the version's name (a key allowed one version only).
+    fn authorize_call_model(&self, caller: &Caller, facts: &CallFacts) -> Result<(), GatewayError> {
+        let allowed = caller.record.allows_model(&facts.model)
+            || facts
+                .version
+                .as_deref()
+                .is_some_and(|v| caller.record.allows_model(v));
+        if allowed {
+            Ok(())
+        } else {
+            Err(GatewayError::ModelNotAllowed {
+                model: facts.model.clone(),
+            })
+        }
+    }
+
     fn reserve(&self, caller: &Caller, facts: CallFacts) -> Result<Admission, GatewayError> {
         // A call that could not be recorded is not made (its usage would be held in memory
         // only): refused while the store fails, at the cost of one atomic load.
         if !self.sink.health().is_available() {
             return Err(GatewayError::StoreUnavailable);
         }
-        self.authorize_model(caller, &facts.model)?;
+        self.authorize_call_model(caller, &facts)?;
         let limits: &KeyLimits = &caller.record.limits;
         let per_request = [
             limits.max_images_per_request,
@@ -423,6 +443,7 @@ impl Admission {
             key_id: self.caller.record.id.clone(),
             user_id: self.caller.record.user_id.clone(),
             model: self.facts.model.clone(),
+            version: self.facts.version.clone(),
             stream: self.facts.stream,
             estimate: Usage {
                 prompt_tokens: self.facts.prompt_estimate,
@@ -432,7 +453,6 @@ impl Admission {
                     .saturating_sub(self.facts.prompt_estimate),
             },
             images: self.facts.images,
-            version: self.facts.version.clone(),
             cost: self.reserved.cost,
         });
         // Known before the sync: if this call is dropped while waiting, its settlement

@@ -25,6 +25,14 @@ pub enum GatewayError {
     /// The key may not use this model.
     #[error("the model `{model}` does not exist or this key may not use it")]
     ModelNotAllowed { model: String },
+    /// The version the call resolved to is past its sunset (`core::catalogue`); `instead`
+    /// names what to call now.
+    #[error("{}", describe_retired(version, *.sunset, instead.as_deref()))]
+    ModelRetired {
+        version: String,
+        sunset: super::time::UnixTime,
+        instead: Option<String>,
+    },
     /// A per-minute limit or a concurrency cap refused the call.
     #[error("{}", describe_refusal(.0))]
     RateLimited(Refusal),
@@ -104,6 +112,18 @@ fn describe_refusal(r: &Refusal) -> String {
     }
 }
 
+fn describe_retired(version: &str, sunset: super::time::UnixTime, instead: Option<&str>) -> String {
+    let when = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(u64::try_from(sunset).unwrap_or_default());
+    let date = humantime::format_rfc3339_seconds(when);
+    match instead {
+        Some(instead) => format!(
+            "the model version `{version}` was retired at its sunset, {date}; use `{instead}` instead"
+        ),
+        None => format!("the model version `{version}` was retired at its sunset, {date}"),
+    }
+}
+
 /// `this key's request quota is used up (1 request)`, `… token quota … (1000 tokens)`.
 fn describe_quota(what: &str, limit: u64) -> String {
     let one = what.strip_suffix('s').unwrap_or(what);
@@ -141,7 +161,9 @@ impl GatewayError {
             GatewayError::QuotaExceeded { .. } | GatewayError::BudgetExceeded { .. } => {
                 Some("quota")
             }
-            GatewayError::ModelNotAllowed { .. } => Some("policy"),
+            GatewayError::ModelNotAllowed { .. } | GatewayError::ModelRetired { .. } => {
+                Some("policy")
+            }
             GatewayError::IpNotAllowed { .. } => Some("address"),
             GatewayError::StoreUnavailable => Some("store"),
             GatewayError::InvalidRequest { .. }
@@ -165,6 +187,8 @@ impl GatewayError {
             | GatewayError::InvalidToken(_)
             | GatewayError::InvalidAdminToken => 401,
             GatewayError::ModelNotAllowed { .. } | GatewayError::NotFound { .. } => 404,
+            // Gone for good, unlike a model that is merely unknown or not allowed.
+            GatewayError::ModelRetired { .. } => 410,
             GatewayError::IpNotAllowed { .. } => 403,
             GatewayError::RateLimited(_)
             | GatewayError::QuotaExceeded { .. }

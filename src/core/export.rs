@@ -11,6 +11,7 @@
 //! {"type":"counters","key_id":"key_…","requests":12,"prompt_tokens":…,…}
 //! {"type":"usage","key_id":"key_…","hour":1767225600,"model":"…","requests":3,…}
 //! {"type":"call","at_micros":…,"request_id":"…","key_id":"…",…}
+//! {"type":"model","name":"step3-vl","versions":[…],"default_version":"…",…}
 //! {"type":"end","records":5,"sha256":"…"}
 //! ```
 //!
@@ -66,6 +67,8 @@ pub struct ExportSummary {
     pub counters: u64,
     pub usage: u64,
     pub calls: u64,
+    /// Models of the catalogue.
+    pub models: u64,
     /// The file's size.
     pub bytes: u64,
     pub sha256: String,
@@ -80,7 +83,8 @@ impl ExportSummary {
             2 => &mut self.keys,
             3 => &mut self.counters,
             4 => &mut self.usage,
-            _ => &mut self.calls,
+            5 => &mut self.calls,
+            _ => &mut self.models,
         };
         *n += 1;
     }

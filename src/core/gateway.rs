@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use super::access::IpAllowlist;
+use super::catalogue::Catalogue;
 use super::error::GatewayError;
 use super::events::GateEvents;
 use super::journal::ReservationJournal;
@@ -80,6 +81,8 @@ pub struct Gateway {
     /// Every price, as the store keeps them.
     pub(super) prices: PriceBook,
     pub(super) image_tiers: Arc<ImageTiers>,
+    /// The models clients may name, and their versions.
+    pub(super) catalogue: Catalogue,
 }
 
 impl Gateway {
@@ -98,6 +101,7 @@ impl Gateway {
             image_tiers: Arc::new(settings.image_tiers.clone()),
             events,
             keys: KeyIndex::load(store.clone(), admin_token_hash)?,
+            catalogue: Catalogue::new(store.load_models()?),
             store,
             sink,
             quota_alert_percents: settings.quota_alert_percents.clone().into(),
@@ -134,6 +138,7 @@ impl Gateway {
                     state.refresh_from(&seen, record);
                 }
             }
+            Change::Model(_) => self.refresh_catalogue()?,
             Change::User(id) => {
                 let Some(state) = self.keys.users.get(id).map(|s| s.value().clone()) else {
                     return Ok(());
@@ -238,16 +243,5 @@ impl Gateway {
     /// Several replicas: whether the shared limits answer; `None` without them.
     pub fn shared_limits_health(&self) -> Option<&SharedLimitsHealth> {
         self.shared.as_deref().map(|shared| shared.health())
-    }
-
-    /// Whether the caller may use `model` (its allowlist).
-    pub fn authorize_model(&self, caller: &Caller, model: &str) -> Result<(), GatewayError> {
-        if caller.record.allows_model(model) {
-            Ok(())
-        } else {
-            Err(GatewayError::ModelNotAllowed {
-                model: model.to_owned(),
-            })
-        }
     }
 }

@@ -20,13 +20,13 @@ pub struct Reservation {
     pub key_id: String,
     pub user_id: String,
     pub model: String,
+    /// The catalogue version the call went to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     pub stream: bool,
     /// The tokens reserved: the prompt estimate, and the output cap as completion.
     pub estimate: Usage,
     pub images: u32,
-    /// The model version, when the catalogue knew the model.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
     /// The worst cost reserved: what the call is charged if the gateway dies during it.
     #[serde(default)]
     pub cost: super::money::Money,
@@ -176,13 +176,13 @@ mod tests {
             key_id: "key_a".into(),
             user_id: "usr_1".into(),
             model: "m".into(),
+            version: None,
             stream: true,
             estimate: Usage {
                 prompt_tokens: 10,
                 completion_tokens: 90,
             },
             images: 1,
-            version: None,
             cost: crate::core::money::Money(250),
         }
     }

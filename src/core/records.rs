@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::catalogue::ModelRecord;
 use super::images::ImageSize;
 use super::keys::{self, hex_matches};
 use super::limits::{KeyLimits, UserLimits};
@@ -225,8 +226,11 @@ pub struct CallRecord {
     pub request_id: String,
     pub key_id: String,
     pub user_id: String,
+    /// The model as the client named it, or the catalogue's name of it when the catalogue
+    /// knew the name (an alias or a pinned version is booked under its model).
     pub model: String,
-    /// The model version that served the call, when the catalogue knows the model.
+    /// The version of a catalogue model the call was sent to (the name the model server
+    /// served it under); `None` for a model the catalogue does not know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     /// HTTP status given to the client (the upstream's when it answered).
@@ -372,10 +376,14 @@ pub enum ExportRecord {
     Call(CallRecord),
     /// A price of a model version.
     Price(PriceRecord),
+    /// One model of the catalogue.
+    Model(ModelRecord),
 }
 
 impl ExportRecord {
-    /// Its place in an export's order: settings, users, keys, counters, usage, calls, prices.
+    /// Its place in an export's order: settings, users, keys, counters, usage, calls,
+    /// prices, models (the newer kinds last, so that exports of older builds are the same
+    /// up to their end).
     pub fn kind(&self) -> usize {
         match self {
             ExportRecord::Meta { .. } => 0,
@@ -385,6 +393,7 @@ impl ExportRecord {
             ExportRecord::Usage { .. } => 4,
             ExportRecord::Call(_) => 5,
             ExportRecord::Price(_) => 6,
+            ExportRecord::Model(_) => 7,
         }
     }
 }

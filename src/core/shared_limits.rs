@@ -75,6 +75,8 @@ pub enum Change {
     User(String),
     /// A price was added: every replica reads the prices again.
     Prices,
+    /// A model of the catalogue, by name (changed or deleted).
+    Model(String),
 }
 
 /// Whether the shared counters answer, as the last admission or health probe found:

@@ -215,7 +215,8 @@ pub fn copy_store(
             ExportRecord::Meta { .. }
             | ExportRecord::Counters { .. }
             | ExportRecord::Usage { .. }
-            | ExportRecord::Price(_) => {}
+            | ExportRecord::Price(_)
+            | ExportRecord::Model(_) => {}
         }
         batch.push(record);
         if batch.len() == IMPORT_BATCH {

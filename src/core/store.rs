@@ -1,6 +1,7 @@
 //! The store port: what the gate needs kept across restarts, whatever keeps it. `store/`
 //! implements it (sled today); core reads and writes only through this trait.
 
+use super::catalogue::ModelRecord;
 use super::error::GatewayError;
 use super::pricing::PriceRecord;
 use super::records::{CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
@@ -136,6 +137,12 @@ pub trait Store: Send + Sync + 'static {
         from: UnixTime,
         to: UnixTime,
     ) -> Result<Vec<UsageBucket>, StoreError>;
+    /// The model catalogue, in name order.
+    fn load_models(&self) -> Result<Vec<ModelRecord>, StoreError>;
+    /// Writes a model of the catalogue (replacing the one of its name).
+    fn put_model(&self, model: &ModelRecord) -> Result<(), StoreError>;
+    /// Removes a model of the catalogue; nothing if there is none of that name.
+    fn delete_model(&self, name: &str) -> Result<(), StoreError>;
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Calls older than `before_micros` leave the call log (counters and hourly usage are
@@ -145,7 +152,7 @@ pub trait Store: Send + Sync + 'static {
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
     /// Every record kept, in the order of the portable export (settings, users, keys,
-    /// counters, hourly usage, the call log), until `visit` fails. Not a snapshot by
+    /// counters, hourly usage, the call log, the model catalogue), until `visit` fails. Not a snapshot by
     /// itself: the caller keeps the books from being written meanwhile.
     fn export(
         &self,

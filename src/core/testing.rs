@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use super::catalogue::ModelRecord;
 use super::events::{Door, GateEvents, SettledCall};
 use super::export::ExportRecord;
 use super::gateway::{GateSettings, Gateway};
@@ -89,6 +90,7 @@ pub(crate) struct MemoryStore {
     meta: Mutex<BTreeMap<String, Vec<u8>>>,
     calls: Mutex<Vec<CallRecord>>,
     prices: Mutex<Vec<crate::core::pricing::PriceRecord>>,
+    models: Mutex<BTreeMap<String, ModelRecord>>,
 }
 
 impl MemoryStore {
@@ -214,6 +216,20 @@ impl Store for MemoryStore {
         self.prices.lock().unwrap().push(price.clone());
         Ok(())
     }
+    fn load_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        Ok(self.models.lock().unwrap().values().cloned().collect())
+    }
+    fn put_model(&self, model: &ModelRecord) -> Result<(), StoreError> {
+        self.models
+            .lock()
+            .unwrap()
+            .insert(model.name.clone(), model.clone());
+        Ok(())
+    }
+    fn delete_model(&self, name: &str) -> Result<(), StoreError> {
+        self.models.lock().unwrap().remove(name);
+        Ok(())
+    }
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.meta.lock().unwrap().get(name).cloned())
     }
@@ -240,6 +256,9 @@ impl Store for MemoryStore {
         for (key, _) in self.keys.lock().unwrap().values() {
             visit(ExportRecord::Key(key.clone()))?;
         }
+        for model in self.models.lock().unwrap().values() {
+            visit(ExportRecord::Model(model.clone()))?;
+        }
         Ok(())
     }
     fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
@@ -247,6 +266,7 @@ impl Store for MemoryStore {
             match record {
                 ExportRecord::User(user) => self.put_user(user)?,
                 ExportRecord::Key(key) => self.put_key(key)?,
+                ExportRecord::Model(model) => self.put_model(model)?,
                 _ => {}
             }
         }

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use rand::RngExt;
 
 use crate::core::Remaining;
+use crate::core::catalogue::Deprecation;
 use crate::core::keys;
 use crate::core::rate_limit::{Figure, RateFigures};
 
@@ -117,6 +118,51 @@ pub fn add_limit_headers(headers: &mut HeaderMap, figures: RateFigures, remainin
     }
 }
 
+/// A deprecated version's `Deprecation` (RFC 9745: `@` and seconds since the epoch) and,
+/// when it has one, `Sunset` (RFC 8594: an HTTP-date) headers (REST), or metadata (gRPC).
+pub fn add_deprecation_headers(headers: &mut HeaderMap, deprecation: Option<Deprecation>) {
+    let Some(deprecation) = deprecation else {
+        return;
+    };
+    if let Ok(value) = HeaderValue::try_from(format!("@{}", deprecation.since)) {
+        headers.insert(HeaderName::from_static("deprecation"), value);
+    }
+    if let Some(value) = deprecation
+        .sunset
+        .and_then(|t| HeaderValue::try_from(http_date(t)).ok())
+    {
+        headers.insert(HeaderName::from_static("sunset"), value);
+    }
+}
+
+/// `Fri, 01 Jan 2027 00:00:00 GMT` (IMF-fixdate, RFC 9110) for seconds since the epoch.
+pub fn http_date(unix: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Days to a civil date (Howard Hinnant's algorithm), the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = DAYS[usize::try_from(days.rem_euclid(7)).unwrap_or(0)];
+    let month = MONTHS[usize::try_from(month - 1).unwrap_or(0)];
+    format!(
+        "{weekday}, {day:02} {month} {year} {:02}:{:02}:{:02} GMT",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 /// A request body that did not arrive within the connection's body deadline; the server
 /// makes it, the doors answer it (408, DEADLINE_EXCEEDED).
 #[derive(Debug)]
@@ -151,5 +197,20 @@ impl std::fmt::Display for BodyReadTimeout {
 impl std::error::Error for BodyReadTimeout {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.status)
+    }
+}
+
+#[cfg(test)]
+mod date_tests {
+    use super::http_date;
+
+    #[test]
+    fn http_dates_are_imf_fixdates() {
+        assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(http_date(1_798_761_600), "Fri, 01 Jan 2027 00:00:00 GMT");
+        assert_eq!(
+            http_date(951_782_400 + 3_661),
+            "Tue, 29 Feb 2000 01:01:01 GMT"
+        );
     }
 }

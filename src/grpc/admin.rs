@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::convert::{catalogue_model_from, catalogue_model_proto};
 use super::{bearer, pb};
 use crate::core::access::IpAllowlist;
 use crate::core::admin::{
@@ -88,6 +89,52 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn list_models(
+        &self,
+        request: Request<pb::ListCatalogueRequest>,
+    ) -> Result<Response<pb::ListCatalogueResponse>, Status> {
+        self.authorize(request)?;
+        Ok(Response::new(pb::ListCatalogueResponse {
+            models: self
+                .gateway
+                .list_models()
+                .into_iter()
+                .map(catalogue_model_proto)
+                .collect(),
+        }))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::CatalogueModel>, Status> {
+        let r = self.authorize(request)?;
+        Ok(Response::new(catalogue_model_proto(
+            self.gateway.get_model(&r.name)?,
+        )))
+    }
+
+    async fn put_model(
+        &self,
+        request: Request<pb::CatalogueModel>,
+    ) -> Result<Response<pb::CatalogueModel>, Status> {
+        let r = self.authorize(request)?;
+        let model = catalogue_model_from(r)?;
+        Ok(Response::new(catalogue_model_proto(
+            self.gateway.put_model(model)?,
+        )))
+    }
+
+    async fn delete_model(
+        &self,
+        request: Request<pb::DeleteModelRequest>,
+    ) -> Result<Response<pb::CatalogueModel>, Status> {
+        let r = self.authorize(request)?;
+        Ok(Response::new(catalogue_model_proto(
+            self.gateway.delete_model(&r.name)?,
+        )))
+    }
+
     type BackupStream =
         std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
 

@@ -12,12 +12,13 @@ use super::{bearer, caller_deadline, request_id};
 use crate::call::key_tokens::TokenRequest;
 use crate::call::trace::{self, Stage};
 use crate::call::{CallPath, Origin, Relay, RelayEvent, UsageView};
+use crate::core::catalogue::Deprecation;
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
 use crate::core::request::Endpoint;
 use crate::core::{Caller, GatewayError, Remaining};
 use crate::edge::client_addr::{certificate_subject, client_addr};
-use crate::edge::{ModelLabel, add_limit_headers};
+use crate::edge::{ModelLabel, add_deprecation_headers, add_limit_headers};
 
 pub struct ChatService {
     chat: CallPath,
@@ -69,7 +70,11 @@ impl ChatService {
             };
             let mut response = Response::new(completion.answer);
             response.extensions_mut().insert(ModelLabel(label));
-            *response.metadata_mut() = limit_metadata(&completion.figures, &completion.remaining);
+            *response.metadata_mut() = limit_metadata(
+                &completion.figures,
+                &completion.remaining,
+                completion.deprecation,
+            );
             Ok(response)
         }
         .await;
@@ -166,7 +171,8 @@ impl pb::chat_server::Chat for ChatService {
             };
             let mut response = Response::new(chunks(start.relay, deadline));
             response.extensions_mut().insert(ModelLabel(label));
-            *response.metadata_mut() = limit_metadata(&start.figures, &start.remaining);
+            *response.metadata_mut() =
+                limit_metadata(&start.figures, &start.remaining, start.deprecation);
             Ok(response)
         }
         .await;
@@ -343,9 +349,15 @@ fn chunks(relay: Relay, deadline: Option<tokio::time::Instant>) -> ChunkStream {
 
 /// The rate-limit figures and remaining quota as response metadata: written as the REST
 /// door writes its headers, then taken whole as metadata (no `MetadataValue` parsed per
-/// figure); the values are digits and units (`6m0s`), valid metadata.
-fn limit_metadata(figures: &RateFigures, remaining: &Remaining) -> tonic::metadata::MetadataMap {
-    let mut headers = axum::http::HeaderMap::with_capacity(9);
+/// figure); the values are digits and units (`6m0s`), valid metadata. A deprecated
+/// version's `deprecation` and `sunset` go with them, as the REST door's headers.
+fn limit_metadata(
+    figures: &RateFigures,
+    remaining: &Remaining,
+    deprecation: Option<Deprecation>,
+) -> tonic::metadata::MetadataMap {
+    let mut headers = axum::http::HeaderMap::with_capacity(11);
     add_limit_headers(&mut headers, *figures, *remaining);
+    add_deprecation_headers(&mut headers, deprecation);
     tonic::metadata::MetadataMap::from_headers(headers)
 }

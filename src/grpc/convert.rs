@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::pb;
 use crate::core::GatewayError;
+use crate::core::catalogue::{ModelRecord, ModelVersion, Rollout};
 use crate::core::records::Usage;
 
 /// The JSON body for a proto request; `stream` also asks for the final usage chunk.
@@ -538,6 +539,86 @@ pub fn embed_proto(body: &[u8]) -> Result<pb::EmbedResponse, GatewayError> {
     })
 }
 
+/// A catalogue model as the Admin service answers with it.
+pub fn catalogue_model_proto(model: ModelRecord) -> pb::CatalogueModel {
+    pb::CatalogueModel {
+        versions: model
+            .versions
+            .into_iter()
+            .map(|v| pb::ModelVersion {
+                default: v.name == model.default_version,
+                rollout_weight: model
+                    .rollout
+                    .as_ref()
+                    .filter(|r| r.version == v.name)
+                    .map(|r| u32::from(r.weight)),
+                name: v.name,
+                deprecated_at: v.deprecated_at,
+                sunset_at: v.sunset_at,
+            })
+            .collect(),
+        name: model.name,
+        aliases: model.aliases,
+        default_version: model.default_version,
+        rollout: model.rollout.map(|r| pb::ModelRollout {
+            version: r.version,
+            weight: u32::from(r.weight),
+        }),
+        created_at: model.created_at,
+        updated_at: model.updated_at,
+    }
+}
+
+/// A model as `PutModel` gives it; checked by the same validation as REST's.
+pub fn catalogue_model_from(model: pb::CatalogueModel) -> Result<ModelRecord, GatewayError> {
+    let rollout = match model.rollout {
+        Some(r) => Some(Rollout {
+            version: r.version,
+            weight: u8::try_from(r.weight).map_err(|_| {
+                GatewayError::invalid_request(
+                    format!("the rollout's weight is {}: at most 100", r.weight),
+                    Some("rollout"),
+                )
+            })?,
+        }),
+        None => None,
+    };
+    Ok(ModelRecord {
+        name: model.name,
+        aliases: model.aliases,
+        versions: model
+            .versions
+            .into_iter()
+            .map(|v| ModelVersion {
+                name: v.name,
+                deprecated_at: v.deprecated_at,
+                sunset_at: v.sunset_at,
+            })
+            .collect(),
+        default_version: model.default_version,
+        rollout,
+        created_at: model.created_at,
+        updated_at: model.updated_at,
+    })
+}
+
+/// A version of a catalogue model as the REST list shows it (`call::CallPath::models`).
+fn version_proto(v: &Value) -> Option<pb::ModelVersion> {
+    Some(pb::ModelVersion {
+        name: v.get("id")?.as_str()?.to_owned(),
+        deprecated_at: v.get("deprecated_at").and_then(Value::as_i64),
+        sunset_at: v.get("sunset_at").and_then(Value::as_i64),
+        default: v
+            .get("default")
+            .and_then(Value::as_bool)
+            .unwrap_or_default(),
+        rollout_weight: v
+            .get("rollout_weight")
+            .and_then(Value::as_u64)
+            .and_then(|w| u32::try_from(w).ok()),
+    })
+}
+
 /// The proto form of the upstream's model list (OpenAI JSON).
 pub fn models_proto(list: &Value) -> pb::ListModelsResponse {
     let models = list
@@ -559,6 +640,25 @@ pub fn models_proto(list: &Value) -> pb::ListModelsResponse {
                             .get("max_model_len")
                             .and_then(Value::as_u64)
                             .and_then(|n| u32::try_from(n).ok()),
+                        versions: m
+                            .get("versions")
+                            .and_then(Value::as_array)
+                            .map(|vs| vs.iter().filter_map(version_proto).collect())
+                            .unwrap_or_default(),
+                        default_version: m
+                            .get("default_version")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                        aliases: m
+                            .get("aliases")
+                            .and_then(Value::as_array)
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|n| n.as_str().map(str::to_owned))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
                     })
                 })
                 .collect()

@@ -16,6 +16,7 @@ impl From<GatewayError> for Status {
             GatewayError::ModelNotAllowed { .. } | GatewayError::IpNotAllowed { .. } => {
                 Code::PermissionDenied
             }
+            GatewayError::ModelRetired { .. } => Code::FailedPrecondition,
             GatewayError::RateLimited(refusal) => {
                 for (name, value) in refusal.pairs() {
                     if let Ok(value) = value.parse() {

@@ -18,6 +18,8 @@ use crate::core::admin::{
     UsageQuery, UsageSubject, UserPatch,
 };
 use crate::core::billing::NewPrice;
+use crate::core::catalogue::ModelRecord;
+use crate::core::model_admin::ModelPatch;
 use crate::core::request::field_error;
 use crate::core::time::UnixTime;
 use crate::edge::bearer;
@@ -44,6 +46,15 @@ pub fn router() -> Router<AppState> {
         .route("/prices", get(list_prices).post(add_price))
         .route("/users/{id}/invoice", get(user_invoice))
         .route("/backup", get(backup))
+        .route("/models", get(list_models).post(create_model))
+        // Model names may hold slashes (`stepfun-ai/Step3-VL-10B`).
+        .route(
+            "/models/{*name}",
+            get(get_model)
+                .put(put_model)
+                .patch(update_model)
+                .delete(delete_model),
+        )
 }
 
 /// Proof that the request carries the admin token; every admin handler takes one.
@@ -97,6 +108,69 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for AdminQuery<T> 
 
 /// What serde said about the input at `path` (`.` is the whole input), as an invalid
 /// request whose `param` names the field: serde reports a missing field at its parent.
+async fn list_models(_: Admin, State(state): State<AppState>) -> Json<Value> {
+    Json(json!({"models": state.gateway().list_models()}))
+}
+
+async fn create_model(
+    _: Admin,
+    State(state): State<AppState>,
+    AdminJson(model): AdminJson<ModelRecord>,
+) -> Result<Response, GatewayError> {
+    let model = state.gateway().create_model(model)?;
+    Ok((StatusCode::CREATED, Json(model)).into_response())
+}
+
+async fn get_model(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, GatewayError> {
+    Ok(Json(state.gateway().get_model(&name)?).into_response())
+}
+
+/// Creates or replaces the model whole; the path names it (a `name` in the body must agree).
+async fn put_model(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    AdminJson(mut body): AdminJson<Value>,
+) -> Result<Response, GatewayError> {
+    if let Some(object) = body.as_object_mut() {
+        match object.get("name").and_then(Value::as_str) {
+            Some(given) if given != name => {
+                return Err(GatewayError::invalid_request(
+                    format!("the body names model `{given}`, the path `{name}`"),
+                    Some("name"),
+                ));
+            }
+            _ => {
+                object.insert("name".into(), Value::String(name));
+            }
+        }
+    }
+    let model: ModelRecord = serde_path_to_error::deserialize(body)
+        .map_err(|e| field_error(&e.path().to_string(), &e.into_inner().to_string()))?;
+    Ok(Json(state.gateway().put_model(model)?).into_response())
+}
+
+async fn update_model(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    AdminJson(patch): AdminJson<ModelPatch>,
+) -> Result<Response, GatewayError> {
+    Ok(Json(state.gateway().update_model(&name, patch)?).into_response())
+}
+
+async fn delete_model(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, GatewayError> {
+    Ok(Json(state.gateway().delete_model(&name)?).into_response())
+}
+
 async fn list_users(_: Admin, State(state): State<AppState>) -> Json<Value> {
     Json(json!({"users": state.gateway().list_users()}))
 }

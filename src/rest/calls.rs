@@ -18,7 +18,7 @@ use crate::core::events::Door;
 use crate::core::request::Endpoint;
 use crate::core::{GatewayError, Remaining};
 use crate::edge::client_addr::{certificate_subject, client_addr};
-use crate::edge::{ModelLabel, RequestId, add_limit_headers, bearer};
+use crate::edge::{ModelLabel, RequestId, add_deprecation_headers, add_limit_headers, bearer};
 
 pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Response {
     call(state, Endpoint::ChatCompletions, request).await
@@ -131,6 +131,7 @@ async fn complete(
         // Tells nginx-style proxies in front of us not to buffer the stream.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         add_limit_headers(headers, start.figures, start.remaining);
+        add_deprecation_headers(headers, start.deprecation);
         return Ok(response);
     }
 
@@ -162,6 +163,7 @@ async fn complete(
         HeaderValue::from(completion.processing_ms),
     );
     add_limit_headers(headers, completion.figures, completion.remaining);
+    add_deprecation_headers(headers, completion.deprecation);
     Ok(response)
 }
 

@@ -32,6 +32,11 @@ impl IntoResponse for GatewayError {
                 Some("model_not_found".into()),
                 Some("model".into()),
             ),
+            GatewayError::ModelRetired { .. } => (
+                "invalid_request_error".into(),
+                Some("model_version_retired".into()),
+                Some("model".into()),
+            ),
             GatewayError::RateLimited(refusal) => (
                 match refusal.kind {
                     LimitKind::Requests => "requests",

@@ -656,13 +656,13 @@ mod tests {
             key_id: "key_a".into(),
             user_id: "usr_1".into(),
             model: "m".into(),
+            version: None,
             stream: false,
             estimate: Usage {
                 prompt_tokens: 10,
                 completion_tokens: 100,
             },
             images: 0,
-            version: None,
             cost: Default::default(),
         }
     }

@@ -14,6 +14,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::SCHEMA_VERSION;
 use super::call_log::{CallLog, LogPosition, SegmentFilter};
+use crate::core::catalogue::ModelRecord;
 use crate::core::export::setting_bytes;
 use crate::core::keys::to_hex;
 use crate::core::pricing::PriceRecord;
@@ -81,6 +82,8 @@ struct Trees {
     meta: sled::Tree,
     /// Prices: `model NUL big-endian(effective_from)` → the price.
     prices: sled::Tree,
+    /// The model catalogue: name → model.
+    models: sled::Tree,
 }
 
 /// The trees of schema 3 that held the call log, moved to the [`CallLog`] at the first
@@ -374,6 +377,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
         usage: db.open_tree("usage")?,
         meta: db.open_tree("meta")?,
         prices: db.open_tree("prices")?,
+        models: db.open_tree("models")?,
         db,
     };
     trees.check_schema(path, existed)?;
@@ -714,6 +718,9 @@ impl Store for SledStore {
         for value in t.prices.iter().values() {
             visit(ExportRecord::Price(decode("prices", &value?)?))?;
         }
+        for value in t.models.iter().values() {
+            visit(ExportRecord::Model(decode("models", &value?)?))?;
+        }
         Ok(())
     }
 
@@ -747,6 +754,9 @@ impl Store for SledStore {
                 ExportRecord::Call(call) => calls.push(call.clone()),
                 ExportRecord::Price(price) => {
                     t.prices.insert(price_key(price), encode(price)?)?;
+                }
+                ExportRecord::Model(model) => {
+                    t.models.insert(model.name.as_bytes(), encode(model)?)?;
                 }
             }
         }
@@ -783,6 +793,25 @@ impl Store for SledStore {
     fn put_price(&self, price: &PriceRecord) -> Result<(), StoreError> {
         let t = self.trees()?;
         t.prices.insert(price_key(price), encode(price)?)?;
+        self.flush()
+    }
+
+    fn load_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let t = self.trees()?;
+        load_all(&t.models, "models")
+    }
+
+    fn put_model(&self, model: &ModelRecord) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        t.models.insert(model.name.as_bytes(), encode(model)?)?;
+        // An admin change is durable when it is answered, like a key's (through the
+        // store's flush: sled is never synced ahead of the call log).
+        self.flush()
+    }
+
+    fn delete_model(&self, name: &str) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        t.models.remove(name.as_bytes())?;
         self.flush()
     }
 

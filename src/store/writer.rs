@@ -380,6 +380,15 @@ mod tests {
         ) -> Result<Vec<UsageBucket>, StoreError> {
             self.inner.usage(key_id, from, to)
         }
+        fn load_models(&self) -> Result<Vec<crate::core::catalogue::ModelRecord>, StoreError> {
+            self.inner.load_models()
+        }
+        fn put_model(&self, model: &crate::core::catalogue::ModelRecord) -> Result<(), StoreError> {
+            self.inner.put_model(model)
+        }
+        fn delete_model(&self, name: &str) -> Result<(), StoreError> {
+            self.inner.delete_model(name)
+        }
         fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
             self.inner.meta(name)
         }

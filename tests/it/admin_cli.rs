@@ -211,6 +211,32 @@ impl Admin for FakeAdmin {
         self.answer("GetInvoice", r, Ok(pb::Invoice::default()))
     }
 
+    async fn list_models(
+        &self,
+        r: Request<pb::ListCatalogueRequest>,
+    ) -> Result<Response<pb::ListCatalogueResponse>, Status> {
+        self.answer("ListModels", r, Ok(pb::ListCatalogueResponse::default()))
+    }
+    async fn get_model(
+        &self,
+        r: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::CatalogueModel>, Status> {
+        self.answer("GetModel", r, Ok(pb::CatalogueModel::default()))
+    }
+    async fn put_model(
+        &self,
+        r: Request<pb::CatalogueModel>,
+    ) -> Result<Response<pb::CatalogueModel>, Status> {
+        let model = r.get_ref().clone();
+        self.answer("PutModel", r, Ok(model))
+    }
+    async fn delete_model(
+        &self,
+        r: Request<pb::DeleteModelRequest>,
+    ) -> Result<Response<pb::CatalogueModel>, Status> {
+        self.answer("DeleteModel", r, Ok(pb::CatalogueModel::default()))
+    }
+
     type BackupStream = futures_util::stream::Empty<Result<pb::BackupChunk, Status>>;
 
     async fn backup(

@@ -31,6 +31,7 @@ mod image_fetch;
 mod jwt;
 mod key_shape;
 mod key_tokens;
+mod models;
 mod money;
 mod openai_sdk;
 mod pool;

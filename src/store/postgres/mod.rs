@@ -15,6 +15,7 @@ use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Row, SqlSafeStr};
 
+use crate::core::catalogue::ModelRecord;
 use crate::core::export::setting_bytes;
 use crate::core::keys;
 use crate::core::money::Money;
@@ -26,9 +27,10 @@ use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
 
 /// The schema's versions, oldest first; applied in order, each once, at open.
-const MIGRATIONS: [(i64, &str, &str); 2] = [
+const MIGRATIONS: [(i64, &str, &str); 3] = [
     (1, "books", include_str!("migrations/0001_books.sql")),
     (2, "money", include_str!("migrations/0002_money.sql")),
+    (3, "models", include_str!("migrations/0003_models.sql")),
 ];
 
 /// Rows read from the call log per round trip while a page is looked for.
@@ -241,10 +243,12 @@ impl PostgresStore {
     /// the schema stays. For `store copy`: its `--force`, and its undo when stopped.
     pub fn clear(&self) -> Result<(), StoreError> {
         self.run("clear", |pool| async move {
-            sqlx::query("TRUNCATE users, keys, key_hashes, counters, usage, calls, meta, prices")
-                .execute(&pool)
-                .await
-                .map_err(|e| io("clear", e))?;
+            sqlx::query(
+                "TRUNCATE users, keys, key_hashes, counters, usage, calls, meta, prices, models",
+            )
+            .execute(&pool)
+            .await
+            .map_err(|e| io("clear", e))?;
             Ok(())
         })
     }
@@ -501,6 +505,9 @@ impl Store for PostgresStore {
         for price in self.load_prices()? {
             visit(ExportRecord::Price(price))?;
         }
+        for model in self.load_models()? {
+            visit(ExportRecord::Model(model))?;
+        }
         Ok(())
     }
 
@@ -567,6 +574,7 @@ impl Store for PostgresStore {
                 }
                 ExportRecord::Call(call) => calls.push(call)?,
                 ExportRecord::Price(price) => self.put_price(price)?,
+                ExportRecord::Model(model) => self.put_model(model)?,
             }
         }
         if calls.at_micros.is_empty() {
@@ -854,6 +862,44 @@ impl Store for PostgresStore {
                 .map(|row| bucket_from(row, 0))
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(|e| io("read usage", e))
+        })
+    }
+
+    fn load_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let rows: Vec<String> = self.run("load models", |pool| async move {
+            sqlx::query_scalar("SELECT record::text FROM models ORDER BY name")
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| io("load models", e))
+        })?;
+        rows.iter().map(|text| decode("models", text)).collect()
+    }
+
+    fn put_model(&self, model: &ModelRecord) -> Result<(), StoreError> {
+        let (name, record) = (model.name.clone(), encode(model)?);
+        self.run("put model", |pool| async move {
+            sqlx::query(
+                "INSERT INTO models (name, record) VALUES ($1, $2::jsonb) \
+                 ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
+            )
+            .bind(name)
+            .bind(record)
+            .execute(&pool)
+            .await
+            .map_err(|e| io("put model", e))?;
+            Ok(())
+        })
+    }
+
+    fn delete_model(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.run("delete model", |pool| async move {
+            sqlx::query("DELETE FROM models WHERE name = $1")
+                .bind(name)
+                .execute(&pool)
+                .await
+                .map_err(|e| io("delete model", e))?;
+            Ok(())
         })
     }
 

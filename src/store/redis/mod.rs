@@ -335,6 +335,7 @@ impl RedisLimits {
                 Some(("key", id)) => Change::Key(id.to_owned()),
                 Some(("user", id)) => Change::User(id.to_owned()),
                 Some(("prices", _)) => Change::Prices,
+                Some(("model", name)) => Change::Model(name.to_owned()),
                 _ => continue,
             };
             let apply = apply.clone();
@@ -433,6 +434,7 @@ impl SharedLimits for RedisLimits {
             Change::Key(id) => format!("key:{id}"),
             Change::User(id) => format!("user:{id}"),
             Change::Prices => "prices:".to_owned(),
+            Change::Model(name) => format!("model:{name}"),
         };
         let mut connection = self.connection.clone();
         let channel = self.channel();
