@@ -65,21 +65,49 @@ impl Money {
     }
 }
 
+impl Money {
+    /// The decimal text, written into `buf` (no allocation: a call's cost is written
+    /// into every record of it).
+    fn write<'b>(&self, buf: &'b mut [u8; 32]) -> &'b str {
+        let mut at = buf.len();
+        let mut fraction = self.0 % NANOS_PER_UNIT;
+        let mut kept = DECIMALS;
+        // Trailing zeros beyond two decimals are dropped.
+        while kept > 2 && fraction % 10 == 0 {
+            fraction /= 10;
+            kept -= 1;
+        }
+        for _ in 0..kept {
+            at -= 1;
+            buf[at] = b'0' + (fraction % 10) as u8;
+            fraction /= 10;
+        }
+        at -= 1;
+        buf[at] = b'.';
+        let mut whole = self.0 / NANOS_PER_UNIT;
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (whole % 10) as u8;
+            whole /= 10;
+            if whole == 0 {
+                break;
+            }
+        }
+        std::str::from_utf8(&buf[at..]).unwrap_or("0.00")
+    }
+}
+
 impl fmt::Display for Money {
     /// Decimal text with at least two decimals and no trailing zeros beyond them:
     /// `0.00`, `12.50`, `0.000000450`→`0.00000045`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let whole = self.0 / NANOS_PER_UNIT;
-        let fraction = format!("{:09}", self.0 % NANOS_PER_UNIT);
-        let kept = fraction.trim_end_matches('0');
-        let kept = if kept.len() < 2 { &fraction[..2] } else { kept };
-        write!(f, "{whole}.{kept}")
+        f.write_str(self.write(&mut [0; 32]))
     }
 }
 
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        serializer.serialize_str(self.write(&mut [0; 32]))
     }
 }
 
