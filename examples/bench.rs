@@ -423,6 +423,7 @@ fn fill_store(path: &Path, n: usize) -> anyhow::Result<()> {
                 image_quota: None,
                 max_images_per_request: None,
                 allowed_ips: None,
+                cache: None,
             },
             expires_at: None,
             models: None,

@@ -120,6 +120,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_at,
                     models,
                     allowed_ips,
+                    cache,
                 } = args.limits;
                 AdminRequest::CreateKey(pb::CreateKeyRequest {
                     user_id: args.user_id,
@@ -135,6 +136,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_in,
                     models,
                     allowed_ips,
+                    cache,
                 })
             }
             KeysCommand::Get { id } => AdminRequest::GetKey(pb::GetKeyRequest { id }),
@@ -151,6 +153,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_at,
                     models,
                     allowed_ips,
+                    cache,
                 } = args.limits;
                 AdminRequest::UpdateKey(pb::UpdateKeyRequest {
                     id: args.id,
@@ -166,6 +169,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_in,
                     models,
                     allowed_ips,
+                    cache,
                     active: args.active,
                     clear: args.clear,
                 })
@@ -343,6 +347,7 @@ fn key_from_proto(key: pb::Key) -> KeyView {
             allowed_ips: (!key.allowed_ips.is_empty())
                 .then(|| IpAllowlist::parse(&key.allowed_ips).ok())
                 .flatten(),
+            cache: key.cache,
         },
         expires_at: key.expires_at,
         // The proto cannot tell "no allowlist" from an empty one; the gateway sends an

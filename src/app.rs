@@ -67,6 +67,7 @@ pub const DEMO_KEY_LIMITS: KeyLimits = KeyLimits {
     image_quota: None,
     max_images_per_request: None,
     allowed_ips: None,
+    cache: None,
 };
 
 /// The demo's user and key, made on the first demo start.
@@ -253,6 +254,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             )),
             false => None,
         },
+        cache: config
+            .cache
+            .settings()
+            .map(|settings| Arc::new(crate::cache::ResponseCache::new(settings))),
     };
     let shutdown = CancellationToken::new();
     // Stops the tasks spawned from here on if the start fails after all.

@@ -388,6 +388,9 @@ pub struct KeyLimitArgs {
     /// anywhere.
     #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse_cidr)]
     pub allowed_ips: Vec<String>,
+    /// `false`: the response cache never answers this key's calls.
+    #[arg(long, value_name = "BOOL")]
+    pub cache: Option<bool>,
 }
 
 #[derive(Debug, clap::Args)]

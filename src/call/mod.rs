@@ -2,6 +2,7 @@
 //! the stream, and settle exactly once. The doors only translate their protocol to and
 //! from this; the model server's wire is `upstream`'s.
 
+mod cached;
 pub mod image_fetch;
 mod image_hosts;
 pub mod jwt;
@@ -14,7 +15,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-pub use relay::{Relay, RelayEvent, UsageView};
+pub use crate::cache::{CacheChoice, CacheStats, CacheStatus};
+pub use relay::{CachedRelay, Relay, RelayEvent, UpstreamRelay, UsageView};
 
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
@@ -41,6 +43,8 @@ pub struct CallPath {
     pub key_tokens: Arc<key_tokens::KeyTokens>,
     /// Fetches image URLs in fetch mode (`image_policy.fetch`); `None` otherwise.
     pub image_fetcher: Option<Arc<image_fetch::ImageFetcher>>,
+    /// The response cache and in-flight deduplication, when `[cache]` is on.
+    pub cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 /// A whole JSON answer, already settled, with what the door read of it.
@@ -54,6 +58,8 @@ pub struct Completion<T> {
     pub figures: RateFigures,
     /// What the key has left after this call.
     pub remaining: Remaining,
+    /// How the cache answered, for a call it could answer (`x-cache`).
+    pub cache: Option<CacheStatus>,
 }
 
 /// A stream in progress, with the limits as they stood when it started.
@@ -61,6 +67,8 @@ pub struct StreamStart {
     pub relay: Relay,
     pub figures: RateFigures,
     pub remaining: Remaining,
+    /// How the cache answered, for a call it could answer (`x-cache`).
+    pub cache: Option<CacheStatus>,
 }
 
 /// Where a call came from: its request id, its door, the client's W3C `traceparent`, and
@@ -71,6 +79,8 @@ pub struct Origin {
     pub door: Door,
     pub traceparent: Option<String>,
     pub span: tracing::Span,
+    /// The client's wish about the response cache for this call.
+    pub cache: CacheChoice,
 }
 
 impl CallPath {
@@ -228,6 +238,14 @@ impl CallPath {
         call: PreparedCall,
         origin: &Origin,
     ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
+        let call = self.checked(call).await?;
+        let admission = self.admit(caller, &call, origin)?;
+        self.forward(admission, call, origin).await
+    }
+
+    /// What is checked before anything is reserved: the model is served, image names
+    /// resolve to allowed addresses; in fetch mode the images are fetched.
+    async fn checked(&self, call: PreparedCall) -> Result<PreparedCall, GatewayError> {
         // A model no backend is configured for is as unknown as one nobody serves: refused
         // before anything is reserved, not left to look like an outage.
         if !self
@@ -244,14 +262,22 @@ impl CallPath {
                 .await
                 .map_err(|e| self.gateway.refused(e))?;
         }
-        let call = match call.images_to_fetch.is_empty() {
-            true => call,
+        match call.images_to_fetch.is_empty() {
+            true => Ok(call),
             false => self
                 .inline_images(call)
                 .await
-                .map_err(|e| self.gateway.refused(e))?,
-        };
-        let mut admission = self.admit(caller, &call, origin)?;
+                .map_err(|e| self.gateway.refused(e)),
+        }
+    }
+
+    /// Makes an admitted call's reservation shared and durable, then forwards it.
+    async fn forward(
+        &self,
+        mut admission: Admission,
+        call: PreparedCall,
+        origin: &Origin,
+    ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
         let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
         let sent = async {
             // Counted on every replica's books, then on this one's, before the model
@@ -277,8 +303,25 @@ impl CallPath {
         origin: &Origin,
         read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
     ) -> Result<Completion<T>, GatewayError> {
+        if let Some(plan) = self.cache_plan(caller, &call, origin) {
+            return self.complete_cached(caller, call, origin, plan, read).await;
+        }
+        let (admission, answer, deadline) = self.start(caller, call, origin).await?;
+        self.read_answer(caller, admission, answer, deadline, origin, read)
+            .await
+    }
+
+    /// Reads a forwarded call's JSON answer whole, meters and settles it.
+    async fn read_answer<T>(
+        &self,
+        caller: &Caller,
+        mut admission: Admission,
+        answer: UpstreamAnswer,
+        deadline: tokio::time::Instant,
+        origin: &Origin,
+        read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
+    ) -> Result<Completion<T>, GatewayError> {
         let settings = self.upstream.settings();
-        let (mut admission, answer, deadline) = self.start(caller, call, origin).await?;
         let figures = admission.figures();
         let reading =
             answer.read_json(deadline, settings.idle_timeout, settings.max_response_bytes);
@@ -317,6 +360,7 @@ impl CallPath {
             processing_ms,
             figures,
             remaining: caller.remaining(),
+            cache: None,
         })
     }
 
@@ -328,6 +372,14 @@ impl CallPath {
         origin: &Origin,
         view: UsageView,
     ) -> Result<StreamStart, GatewayError> {
+        let plan = self.cache_plan(caller, &call, origin);
+        let mut keep = None;
+        if let Some(plan) = plan {
+            match self.stream_hit(caller, &call, origin, &plan, view).await? {
+                Some(hit) => return Ok(hit),
+                None => keep = Some(plan.keep()),
+            }
+        }
         let settings = self.upstream.settings();
         let endpoint = call.endpoint;
         let (admission, answer, deadline) = self.start(caller, call, origin).await?;
@@ -337,19 +389,33 @@ impl CallPath {
         };
         let figures = admission.figures();
         let remaining = admission.remaining();
+        let cache = keep.as_ref().map(|_| CacheStatus::Miss);
+        if admission.upstream_cap().is_some() {
+            // An answer held short by this key's quota is not the answer to the request.
+            keep = None;
+        }
         Ok(StreamStart {
-            relay: Relay::new(
-                events,
-                admission,
-                endpoint,
-                view,
-                settings.idle_timeout,
-                deadline,
-                &self.hard_stop,
+            relay: Relay::Upstream(
+                UpstreamRelay::new(
+                    events,
+                    admission,
+                    endpoint,
+                    view,
+                    settings.idle_timeout,
+                    deadline,
+                    &self.hard_stop,
+                )
+                .keeping(keep),
             ),
             figures,
             remaining,
+            cache,
         })
+    }
+
+    /// The response cache's figures (zero when it is off).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.as_ref().map(|c| c.stats()).unwrap_or_default()
     }
 
     /// The upstream's model list (OpenAI JSON), keeping the models `caller` may use.

@@ -245,6 +245,8 @@ pub struct UsageRow {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub images: u64,
+    /// Of `requests`, those answered by the response cache.
+    pub cache_hits: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -256,6 +258,7 @@ pub struct UsageReport {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub images: u64,
+    pub cache_hits: u64,
 }
 
 /// Which calls to list; every set field must match.
@@ -622,6 +625,7 @@ impl Gateway {
                 row.prompt_tokens += bucket.prompt_tokens;
                 row.completion_tokens += bucket.completion_tokens;
                 row.images += bucket.images;
+                row.cache_hits += bucket.cache_hits;
             }
         }
         let buckets: Vec<UsageRow> = rows.into_values().collect();
@@ -632,6 +636,7 @@ impl Gateway {
             prompt_tokens: buckets.iter().map(|b| b.prompt_tokens).sum(),
             completion_tokens: buckets.iter().map(|b| b.completion_tokens).sum(),
             images: buckets.iter().map(|b| b.images).sum(),
+            cache_hits: buckets.iter().map(|b| b.cache_hits).sum(),
             buckets,
         })
     }

@@ -38,6 +38,10 @@ pub struct KeyLimits {
     /// Addresses the key may be used from (CIDRs); `None` is anywhere.
     #[serde(default)]
     pub allowed_ips: Option<IpAllowlist>,
+    /// `false`: the response cache never answers this key's calls nor keeps their answers
+    /// (for keys whose callers need a fresh generation every time); `None` allows it.
+    #[serde(default)]
+    pub cache: Option<bool>,
 }
 
 /// What a user's keys together may use; `None` is unlimited.

@@ -234,6 +234,10 @@ pub struct CallRecord {
     /// one call per reservation, so a call settled again at recovery is not counted twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation: Option<u64>,
+    /// Answered from the response cache or by another caller's identical call in flight,
+    /// not by a model call of its own; `usage` is then what the hit billing charged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_hit: bool,
 }
 
 impl CallRecord {
@@ -259,6 +263,9 @@ pub struct UsageBucket {
     pub completion_tokens: u64,
     #[serde(default)]
     pub images: u64,
+    /// Of `requests`, those answered by the response cache (or a shared call in flight).
+    #[serde(default)]
+    pub cache_hits: u64,
 }
 
 /// One record of the books, as the portable export (`export.rs`) carries it.

@@ -123,7 +123,9 @@ impl Admission {
         }
         let settle = tracing::info_span!(target: super::admission::TRACE_TARGET, parent: &self.facts.span, "settle");
         let _settling = settle.enter();
-        let charged_request = self.forwarded.is_some() && outcome.charges_request();
+        // A hit had no model call of its own, but was served as one.
+        let served = self.forwarded.is_some() || self.cache_hit;
+        let charged_request = served && outcome.charges_request() && self.charge.charges_request();
         let (usage, usage_estimated) = match self.usage {
             Some(usage) => (usage, false),
             // Served but never told how much: charge what the gate saw of it.
@@ -136,6 +138,9 @@ impl Admission {
             ),
             None => (Usage::default(), false),
         };
+        // The one place the hit billing policy (and any later discount) meets the books:
+        // the counters, the usage report and the call log all see this charge.
+        let usage = self.charge.apply(usage);
         let before = self.release(usage, charged_request);
         self.report_quota_shares(before);
         let images = if charged_request {
@@ -213,6 +218,7 @@ impl Admission {
             response_body: None,
             client_addr: self.caller.client.map(|a| a.to_canonical().to_string()),
             reservation: self.reservation,
+            cache_hit: self.cache_hit,
         };
         // The journal keeps the settlement (without the bodies) until the store has the
         // call: a hard stop in between then costs the real usage, not the reservation.

@@ -27,6 +27,7 @@ macro_rules! key_limits_of {
             image_quota: $r.image_quota,
             max_images_per_request: $r.max_images_per_request,
             allowed_ips,
+            cache: $r.cache,
         })
     };
 }
@@ -406,6 +407,7 @@ fn key_proto(key: KeyView) -> pb::Key {
         image_quota,
         max_images_per_request,
         allowed_ips,
+        cache,
     } = key.limits;
     pb::Key {
         id: key.id,
@@ -431,6 +433,7 @@ fn key_proto(key: KeyView) -> pb::Key {
         max_images_per_request,
         images_used: key.used.images,
         allowed_ips: allowed_ips.map(|l| l.entries()).unwrap_or_default(),
+        cache,
     }
 }
 
@@ -456,12 +459,14 @@ fn report_proto(report: UsageReport) -> pb::UsageReport {
                 prompt_tokens: b.prompt_tokens,
                 completion_tokens: b.completion_tokens,
                 images: b.images,
+                cache_hits: b.cache_hits,
             })
             .collect(),
         requests: report.requests,
         prompt_tokens: report.prompt_tokens,
         completion_tokens: report.completion_tokens,
         images: report.images,
+        cache_hits: report.cache_hits,
     }
 }
 
@@ -492,5 +497,6 @@ fn call_proto(call: CallRecord) -> pb::Call {
             })
             .collect(),
         client_address: call.client_addr,
+        cache_hit: call.cache_hit,
     }
 }

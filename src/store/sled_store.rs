@@ -283,6 +283,7 @@ fn apply(t: &Trees, calls: &[CallRecord], end: LogPosition) -> Result<(), StoreE
         bucket.prompt_tokens += call.usage.prompt_tokens;
         bucket.completion_tokens += call.usage.completion_tokens;
         bucket.images += u64::from(call.images);
+        bucket.cache_hits += u64::from(call.cache_hit);
     }
     let end = end.to_bytes();
     let result =
@@ -314,6 +315,7 @@ fn apply(t: &Trees, calls: &[CallRecord], end: LogPosition) -> Result<(), StoreE
                 bucket.prompt_tokens += delta.prompt_tokens;
                 bucket.completion_tokens += delta.completion_tokens;
                 bucket.images += delta.images;
+                bucket.cache_hits += delta.cache_hits;
                 let bytes = encode(&bucket).map_err(ConflictableTransactionError::Abort)?;
                 usage_tree.insert(key.as_slice(), bytes)?;
             }

@@ -24,8 +24,14 @@ use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
 
 /// The schema's versions, oldest first; applied in order, each once, at open.
-const MIGRATIONS: [(i64, &str, &str); 1] =
-    [(1, "books", include_str!("migrations/0001_books.sql"))];
+const MIGRATIONS: [(i64, &str, &str); 2] = [
+    (1, "books", include_str!("migrations/0001_books.sql")),
+    (
+        2,
+        "cache_hits",
+        include_str!("migrations/0002_cache_hits.sql"),
+    ),
+];
 
 /// Rows read from the call log per round trip while a page is looked for.
 const CALL_PAGE_ROWS: i64 = 500;
@@ -397,7 +403,7 @@ fn cursor_parts(cursor: &CallCursor) -> Result<(i64, String), StoreError> {
 
 /// A row of `usage`: key, hour, model, requests, errors, prompt and completion tokens,
 /// images.
-type BucketRow = (String, i64, String, i64, i64, i64, i64, i64);
+type BucketRow = (String, i64, String, i64, i64, i64, i64, i64, i64);
 
 /// Calls read at once by an export.
 const EXPORT_PAGE_ROWS: i64 = 5_000;
@@ -438,13 +444,13 @@ impl Store for PostgresStore {
         let buckets: Vec<BucketRow> = self.run("export", |pool| async move {
             sqlx::query_as(
                 "SELECT key_id, hour, model, requests, errors, prompt_tokens, \
-                     completion_tokens, images FROM usage ORDER BY key_id, hour, model",
+                     completion_tokens, images, cache_hits FROM usage ORDER BY key_id, hour, model",
             )
             .fetch_all(&pool)
             .await
             .map_err(|e| io("export", e))
         })?;
-        for (key_id, hour, model, requests, errors, prompt, completion, images) in buckets {
+        for (key_id, hour, model, requests, errors, prompt, completion, images, hits) in buckets {
             visit(ExportRecord::Usage {
                 key_id,
                 bucket: UsageBucket {
@@ -455,6 +461,7 @@ impl Store for PostgresStore {
                     prompt_tokens: prompt.cast_unsigned(),
                     completion_tokens: completion.cast_unsigned(),
                     images: images.cast_unsigned(),
+                    cache_hits: hits.cast_unsigned(),
                 },
             })?;
         }
@@ -523,13 +530,13 @@ impl Store for PostgresStore {
                     self.run("import", |pool| async move {
                         sqlx::query(
                             "INSERT INTO usage (key_id, hour, model, requests, errors, \
-                             prompt_tokens, completion_tokens, images) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                             prompt_tokens, completion_tokens, images, cache_hits) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                              ON CONFLICT (key_id, hour, model) DO UPDATE SET \
                              requests = EXCLUDED.requests, errors = EXCLUDED.errors, \
                              prompt_tokens = EXCLUDED.prompt_tokens, \
                              completion_tokens = EXCLUDED.completion_tokens, \
-                             images = EXCLUDED.images",
+                             images = EXCLUDED.images, cache_hits = EXCLUDED.cache_hits",
                         )
                         .bind(key_id)
                         .bind(b.hour)
@@ -539,6 +546,7 @@ impl Store for PostgresStore {
                         .bind(b.prompt_tokens.cast_signed())
                         .bind(b.completion_tokens.cast_signed())
                         .bind(b.images.cast_signed())
+                        .bind(b.cache_hits.cast_signed())
                         .execute(&pool)
                         .await
                         .map_err(|e| io("import", e))?;
@@ -793,8 +801,8 @@ impl Store for PostgresStore {
         let key_id = key_id.to_owned();
         self.run("read usage", |pool| async move {
             let rows = sqlx::query(
-                "SELECT hour, model, requests, errors, prompt_tokens, completion_tokens, images \
-                 FROM usage WHERE key_id = $1 AND hour >= $2 AND hour < $3 ORDER BY hour, model",
+                "SELECT hour, model, requests, errors, prompt_tokens, completion_tokens, images, \
+                 cache_hits FROM usage WHERE key_id = $1 AND hour >= $2 AND hour < $3 ORDER BY hour, model",
             )
             .bind(key_id)
             .bind(from)
@@ -812,6 +820,7 @@ impl Store for PostgresStore {
                         prompt_tokens: to_u64(row.try_get(4)?),
                         completion_tokens: to_u64(row.try_get(5)?),
                         images: to_u64(row.try_get(6)?),
+                        cache_hits: to_u64(row.try_get(7)?),
                     })
                 })
                 .collect::<Result<_, sqlx::Error>>()
@@ -878,6 +887,7 @@ struct Charge {
     model: String,
     counters: KeyCounters,
     error: bool,
+    cache_hit: bool,
 }
 
 impl Charge {
@@ -889,6 +899,7 @@ impl Charge {
             model: call.model.clone(),
             counters: call.counters(),
             error: call.status >= 400,
+            cache_hit: call.cache_hit,
         }
     }
 }
@@ -928,6 +939,7 @@ fn fold(
         bucket.prompt_tokens += charge.counters.prompt_tokens;
         bucket.completion_tokens += charge.counters.completion_tokens;
         bucket.images += charge.counters.images;
+        bucket.cache_hits += u64::from(charge.cache_hit);
     }
     (counters, buckets)
 }
@@ -972,7 +984,7 @@ async fn write_books(
     .execute(&mut **tx)
     .await?;
     let (mut key_ids, mut hours, mut models) = (Vec::new(), Vec::new(), Vec::new());
-    let mut figures: [Vec<i64>; 5] = Default::default();
+    let mut figures: [Vec<i64>; 6] = Default::default();
     for ((key_id, hour, model), b) in buckets {
         key_ids.push(key_id);
         hours.push(hour);
@@ -983,23 +995,32 @@ async fn write_books(
             b.prompt_tokens,
             b.completion_tokens,
             b.images,
+            b.cache_hits,
         ];
         for (column, n) in figures.iter_mut().zip(row) {
             column.push(to_i64(n));
         }
     }
-    let [requests, errors, prompt_tokens, completion_tokens, images] = figures;
+    let [
+        requests,
+        errors,
+        prompt_tokens,
+        completion_tokens,
+        images,
+        cache_hits,
+    ] = figures;
     sqlx::query(
         "INSERT INTO usage (key_id, hour, model, requests, errors, prompt_tokens, \
-         completion_tokens, images) \
+         completion_tokens, images, cache_hits) \
          SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], \
-         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[]) \
+         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[]) \
          ON CONFLICT (key_id, hour, model) DO UPDATE SET \
          requests = usage.requests + EXCLUDED.requests, \
          errors = usage.errors + EXCLUDED.errors, \
          prompt_tokens = usage.prompt_tokens + EXCLUDED.prompt_tokens, \
          completion_tokens = usage.completion_tokens + EXCLUDED.completion_tokens, \
-         images = usage.images + EXCLUDED.images",
+         images = usage.images + EXCLUDED.images, \
+         cache_hits = usage.cache_hits + EXCLUDED.cache_hits",
     )
     .bind(key_ids)
     .bind(hours)
@@ -1009,6 +1030,7 @@ async fn write_books(
     .bind(prompt_tokens)
     .bind(completion_tokens)
     .bind(images)
+    .bind(cache_hits)
     .execute(&mut **tx)
     .await?;
     Ok(())
