@@ -299,6 +299,7 @@ mod tests {
             KeyLimits::field_names(),
             [
                 "allowed_ips",
+                "cache",
                 "image_quota",
                 "max_concurrent",
                 "max_images_per_request",
