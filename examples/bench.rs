@@ -560,8 +560,7 @@ async fn cache_hits(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()
         }
     }
     println!(
-        "{seconds} s per point, {rounds} alternating rounds, medians; one answer (24 tokens),          REST JSON
-"
+        "{seconds} s per point, {rounds} alternating rounds, medians; one answer (24 tokens), REST JSON\n"
     );
     println!("| conns | target | req/s | p50 µs | p99 µs | target CPU µs/req |");
     println!("|---|---|---|---|---|---|");

@@ -322,6 +322,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cache_hit_is_charged_its_share_of_the_usage_and_marked_in_the_log() {
+        use crate::core::ChargeFactor;
+        for (percent, charged, requests_left) in
+            [(0, (0, 0), 10), (50, (6, 15), 9), (100, (12, 29), 9)]
+        {
+            let (gateway, mut queue, _) = quota_gate();
+            let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
+            let mut admission = gateway.admit(&caller, facts(0, Some(100))).unwrap();
+            admission.mark_cache_hit(ChargeFactor::percent(percent));
+            admission.observe_usage(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 29,
+            });
+            admission.settle(CallOutcome::Completed, 200);
+            let call = queue.try_recv().unwrap();
+            assert!(call.cache_hit);
+            // Rounded up: 29 tokens at 50% are 15.
+            let expected = Usage {
+                prompt_tokens: charged.0,
+                completion_tokens: charged.1,
+            };
+            assert_eq!(call.usage, expected, "{percent}%");
+            assert_eq!(call.charged_request, percent > 0);
+            assert_eq!(caller.remaining().requests, Some(requests_left));
+            assert_eq!(caller.remaining().tokens, Some(1000 - expected.total()));
+        }
+    }
+
+    #[tokio::test]
     async fn a_call_that_never_reached_the_model_costs_nothing() {
         let (gateway, mut queue, _) = quota_gate();
         let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
