@@ -37,6 +37,8 @@ enum Kind {
     Sse,
     GrpcUnary,
     GrpcStream,
+    /// REST JSON, always the same deterministic request (temperature 0): a cache hit.
+    CachedJson,
 }
 
 impl Kind {
@@ -46,6 +48,7 @@ impl Kind {
             Kind::Sse => "REST SSE (20 chunks)",
             Kind::GrpcUnary => "gRPC unary",
             Kind::GrpcStream => "gRPC stream (20 chunks)",
+            Kind::CachedJson => "REST JSON, one cached answer",
         }
     }
 }
@@ -531,6 +534,136 @@ async fn start_bare(cpu: &str, upstream_url: &str) -> anyhow::Result<(Proc, Stri
     Ok((Proc { child }, url))
 }
 
+/// `cache [seconds] [rounds]`: what a cache hit costs. One deterministic request, answered
+/// once by the simulator, then served again and again by the gateway's response cache and
+/// by nginx's `proxy_cache` (keyed on the key and the body) in the same run, in alternating
+/// rounds; the simulator generating every answer is the reference. Medians over the rounds.
+async fn cache_hits(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()> {
+    let s = setup(cpu, 0).await?;
+    let (nginx, nginx_url) = start_nginx_cache(cpu, s.dir.path(), &s.upstream_url).await?;
+    // Warm both caches, and check that the second call is a hit on each.
+    let http = reqwest::Client::new();
+    for (url, header, hit) in [
+        (&s.gateway_url, "x-cache", "hit"),
+        (&nginx_url, "x-cache-status", "HIT"),
+    ] {
+        post_chat(&http, url, &s.key, cached_body())
+            .await?
+            .bytes()
+            .await?;
+        let again = post_chat(&http, url, &s.key, cached_body()).await?;
+        let seen = again.headers().get(header).cloned();
+        again.bytes().await?;
+        if seen.as_ref().and_then(|v| v.to_str().ok()) != Some(hit) {
+            bail!("{url} did not answer from its cache: {header} = {seen:?}");
+        }
+    }
+    println!(
+        "{seconds} s per point, {rounds} alternating rounds, medians; one answer (24 tokens), REST JSON\n"
+    );
+    println!("| conns | target | req/s | p50 µs | p99 µs | target CPU µs/req |");
+    println!("|---|---|---|---|---|---|");
+    let targets: [(&'static str, &Proc, &str); 3] = [
+        ("gateway, cache hit", &s.gateway, &s.gateway_url),
+        ("nginx proxy_cache hit", &nginx, &nginx_url),
+        ("simulator, generating", &s.upstream, &s.upstream_url),
+    ];
+    for conns in [1, 16] {
+        let mut rows: Vec<Vec<Measured>> = targets.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds {
+            for i in 0..targets.len() {
+                // The order turns each round, so no target always runs first.
+                let i = (i + round) % targets.len();
+                let (name, proc, url) = targets[i];
+                let m = measure(
+                    name,
+                    Some(proc),
+                    Kind::CachedJson,
+                    url,
+                    &s.key,
+                    conns,
+                    seconds,
+                )
+                .await?;
+                rows[i].push(m);
+            }
+        }
+        for runs in rows {
+            let median = |f: &dyn Fn(&Measured) -> f64| {
+                let mut v: Vec<f64> = runs.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "| {conns} | {} | {:.0} | {:.0} | {:.0} | {:.1} |",
+                runs[0].target,
+                median(&|m| m.rps),
+                median(&|m| m.p50 as f64),
+                median(&|m| m.p99 as f64),
+                median(&|m| m.cpu_us.unwrap_or(0.0)),
+            );
+        }
+    }
+    let metrics = http
+        .get(format!("{}/metrics", s.gateway_url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let hits = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("step3gw_cache_hits_total "))
+        .unwrap_or("?");
+    println!(
+        "
+gateway: {hits} cache hits; RSS {:.1} MiB",
+        s.gateway.rss_mib()
+    );
+    Ok(())
+}
+
+/// nginx with `proxy_cache` in front of the simulator: POST answers kept by key and body.
+async fn start_nginx_cache(
+    cpu: &str,
+    dir: &Path,
+    upstream_url: &str,
+) -> anyhow::Result<(Proc, String)> {
+    let upstream = upstream_url.trim_start_matches("http://");
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .context("no nginx binary (apt-get install nginx)")?;
+    let port = free_port()?;
+    let conf = dir.join("nginx-cache.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {dir}/nginx-cache.pid;\nerror_log {dir}/nginx-cache.err warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
+             proxy_cache_path {dir}/nginx-cache levels=1:2 keys_zone=answers:10m inactive=60m use_temp_path=off;\n\
+             upstream sim {{ server {upstream}; keepalive 64; }}\n\
+             server {{\n listen 127.0.0.1:{port};\n client_body_buffer_size 64k;\n location / {{\n\
+             proxy_pass http://sim;\n  proxy_http_version 1.1;\n  proxy_set_header Connection \"\";\n\
+             proxy_cache answers;\n  proxy_cache_methods POST;\n\
+             proxy_cache_key \"$request_uri|$http_authorization|$request_body\";\n\
+             proxy_cache_valid 200 60m;\n  proxy_ignore_headers Cache-Control Expires Set-Cookie;\n\
+             add_header X-Cache-Status $upstream_cache_status;\n }}\n }}\n}}\n",
+            dir = dir.display()
+        ),
+    )?;
+    let child = pinned(Some(cpu), nginx)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for(&format!("{url}/health")).await?;
+    Ok((Proc { child }, url))
+}
+
 async fn start_nginx(cpu: &str, dir: &Path, upstream_url: &str) -> anyhow::Result<(Proc, String)> {
     let upstream = upstream_url.trim_start_matches("http://");
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
@@ -575,6 +708,13 @@ fn chat_body(stream: bool) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
+/// [`chat_body`] asking for the same answer every time: what the response cache keeps.
+fn cached_body() -> Vec<u8> {
+    let mut body: Value = serde_json::from_slice(&chat_body(false)).unwrap_or_default();
+    body["temperature"] = json!(0);
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
 /// The gRPC form of [`chat_body`].
 fn grpc_request() -> pb::ChatRequest {
     pb::ChatRequest {
@@ -611,12 +751,15 @@ async fn load(kind: Kind, url: &str, key: &str, conns: usize, seconds: f64) -> a
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::with_capacity(100_000);
             match kind {
-                Kind::Json | Kind::Sse => {
+                Kind::Json | Kind::Sse | Kind::CachedJson => {
                     let client = reqwest::Client::builder()
                         .pool_max_idle_per_host(1)
                         .tcp_nodelay(true)
                         .build()?;
-                    let body = chat_body(kind == Kind::Sse);
+                    let body = match kind {
+                        Kind::CachedJson => cached_body(),
+                        _ => chat_body(kind == Kind::Sse),
+                    };
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
                         let response = post_chat(&client, &url, &key, body.clone()).await?;
@@ -745,6 +888,11 @@ async fn main() -> anyhow::Result<()> {
         let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
         let rounds: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
         return shared(&server_cpu, seconds, rounds).await;
+    }
+    if args.get(1).map(String::as_str) == Some("cache") {
+        let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+        let rounds: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3);
+        return cache_hits(&server_cpu, seconds, rounds).await;
     }
     if args.get(1).map(String::as_str) == Some("keys") {
         let n: usize = args

@@ -903,6 +903,7 @@ fn store_only(calls: u64) -> anyhow::Result<()> {
                 response_body: None,
                 client_addr: None,
                 reservation: None,
+                cache_hit: false,
             })
             .collect();
         n += batch.len() as u64;

@@ -7,6 +7,8 @@
 # side (two gateways, one simulator), medians over the rounds.
 # `scripts/bench.sh full-load [seconds]`: REST JSON at 16 connections on the gateway alone
 # for 300 s, a row of RSS, data dir, rate, latency and CPU every 15 s.
+# `scripts/bench.sh cache [seconds] [rounds]`: CPU per call of a response cache hit, the
+# gateway's against nginx's `proxy_cache` serving the same answer in the same run.
 # `scripts/bench.sh shared [seconds] [rounds]`: sled against the shared store, with a private
 # Postgres and Redis started here (pinned to CPU 0 with the servers; as root, Postgres runs
 # as the `postgres` user), then Redis's commands and CPU per call.
@@ -15,6 +17,9 @@ cd "$(dirname "$0")/.."
 cargo build --release --bins --examples
 if [ "${1:-}" = full-load ]; then
     BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench full-load "${2:-300}"
+fi
+if [ "${1:-}" = cache ]; then
+    BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench cache "${2:-3}" "${3:-3}"
 fi
 if [ "${1:-}" = durability ]; then
     BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench durability "${2:-3}" "${3:-5}"

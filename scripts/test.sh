@@ -38,4 +38,4 @@ fi
 cargo test --all-targets "$@"
 # The store-agnostic suites again, with the books in Postgres and the limits in Redis.
 STEP3_TEST_STORE=shared cargo test --test it "$@" -- \
-    admin:: apis:: billing:: books:: chat:: errors:: grpc:: grpc_admin:: models:: money::
+    admin:: apis:: billing:: books:: cache:: chat:: errors:: grpc:: grpc_admin:: models:: money::

@@ -167,6 +167,7 @@ impl From<KeysCommand> for AdminRequest {
                     allowed_ips,
                     budget,
                     period,
+                    cache,
                 } = args.limits;
                 AdminRequest::CreateKey(pb::CreateKeyRequest {
                     budget,
@@ -184,6 +185,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_in,
                     models,
                     allowed_ips,
+                    cache,
                 })
             }
             KeysCommand::Get { id } => AdminRequest::GetKey(pb::GetKeyRequest { id }),
@@ -202,6 +204,7 @@ impl From<KeysCommand> for AdminRequest {
                     allowed_ips,
                     budget,
                     period,
+                    cache,
                 } = args.limits;
                 AdminRequest::UpdateKey(pb::UpdateKeyRequest {
                     budget,
@@ -219,6 +222,7 @@ impl From<KeysCommand> for AdminRequest {
                     expires_in,
                     models,
                     allowed_ips,
+                    cache,
                     active: args.active,
                     clear: args.clear,
                 })
@@ -469,6 +473,7 @@ fn key_from_proto(key: pb::Key) -> KeyView {
                 .flatten(),
             budget: key.budget.as_deref().and_then(|b| Money::parse(b).ok()),
             period: key.period.as_deref().and_then(|p| p.parse().ok()),
+            cache: key.cache,
         },
         expires_at: key.expires_at,
         // The proto cannot tell "no allowlist" from an empty one; the gateway sends an

@@ -69,6 +69,7 @@ pub const DEMO_KEY_LIMITS: KeyLimits = KeyLimits {
     allowed_ips: None,
     budget: None,
     period: None,
+    cache: None,
 };
 
 /// The demo's user and key, made on the first demo start.
@@ -275,6 +276,10 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
             )),
             false => None,
         },
+        cache: config
+            .cache
+            .settings()
+            .map(|settings| Arc::new(crate::cache::ResponseCache::new(settings))),
     };
     let shutdown = CancellationToken::new();
     // Stops the tasks spawned from here on if the start fails after all.

@@ -495,6 +495,9 @@ pub struct KeyLimitArgs {
     /// When the quotas and the budget start again (none: the key's lifetime).
     #[arg(long, value_name = "PERIOD", value_parser = parse_period)]
     pub period: Option<String>,
+    /// `false`: the response cache never answers this key's calls.
+    #[arg(long, value_name = "BOOL")]
+    pub cache: Option<bool>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -28,9 +28,10 @@ use crate::upstream::{BackendSettings, PoolSettings};
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "alerts",
     "billing",
+    "cache",
     "backup",
     "server",
     "upstream",
@@ -71,6 +72,8 @@ pub struct GatewayConfig {
     /// then on the admin API manages it, and changes made there survive restarts.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelRecord>,
+    /// The response cache and in-flight deduplication.
+    pub cache: CacheConfig,
 }
 
 /// Money: what calls cost and the calendar budgets and quotas follow.
@@ -110,6 +113,50 @@ impl Default for BillingConfig {
             ],
             prices: Vec::new(),
             clock: Clock::default(),
+        }
+    }
+}
+
+/// Which callers share cached answers (`[cache] scope`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScopeConfig {
+    /// Each key its own answers.
+    #[default]
+    Key,
+    /// The keys of one user share them.
+    User,
+    /// Every caller shares them.
+    Shared,
+}
+
+/// The response cache: answers to deterministic chat completions (temperature 0 or a fixed
+/// seed, or any asked with `x-cache: use`), kept in this process's memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// The most memory the kept answers take, in MiB.
+    pub max_mib: u64,
+    /// How long an answer is kept.
+    pub ttl_secs: u64,
+    /// Times to live of their own, by model name (as served).
+    pub model_ttl_secs: BTreeMap<String, u64>,
+    pub scope: CacheScopeConfig,
+    /// What a hit is charged, in percent of the answer's usage: 0 is free, 100 full price,
+    /// anything between a fraction (tokens rounded up).
+    pub hit_charge_percent: u8,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            max_mib: 256,
+            ttl_secs: 3600,
+            model_ttl_secs: BTreeMap::new(),
+            scope: CacheScopeConfig::Key,
+            hit_charge_percent: 0,
         }
     }
 }
@@ -174,6 +221,43 @@ impl BillingConfig {
                 .map_err(|e| ConfigError::Invalid(format!("billing.prices: {e}")))?;
         }
         Ok(())
+    }
+}
+
+impl CacheConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_mib == 0 || self.ttl_secs == 0 || self.model_ttl_secs.values().any(|&t| t == 0)
+        {
+            return Err(ConfigError::Invalid(
+                "cache.max_mib and cache times to live must be at least 1".into(),
+            ));
+        }
+        if self.hit_charge_percent > 100 {
+            return Err(ConfigError::Invalid(
+                "cache.hit_charge_percent is at most 100".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The cache the call path uses, `None` when off.
+    pub fn settings(&self) -> Option<crate::cache::CacheSettings> {
+        use crate::cache::{CacheScope, CacheSettings};
+        self.enabled.then(|| CacheSettings {
+            max_bytes: self.max_mib.saturating_mul(1024 * 1024),
+            ttl: Duration::from_secs(self.ttl_secs),
+            model_ttl: self
+                .model_ttl_secs
+                .iter()
+                .map(|(model, &secs)| (model.clone(), Duration::from_secs(secs)))
+                .collect(),
+            scope: match self.scope {
+                CacheScopeConfig::Key => CacheScope::Key,
+                CacheScopeConfig::User => CacheScope::User,
+                CacheScopeConfig::Shared => CacheScope::Shared,
+            },
+            hit_charge: crate::core::ChargeFactor::percent(self.hit_charge_percent),
+        })
     }
 }
 
@@ -846,6 +930,7 @@ impl GatewayConfig {
         }
         self.alerts.validate().map_err(ConfigError::Invalid)?;
         self.backup.validate().map_err(ConfigError::Invalid)?;
+        self.cache.validate()?;
         self.telemetry.validate().map_err(ConfigError::Invalid)?;
         validate_all(&self.models).map_err(|e| ConfigError::Invalid(format!("models: {e}")))?;
         self.store.validate()

@@ -4,6 +4,7 @@
 pub mod admin_client;
 pub mod app;
 pub mod backup;
+pub mod cache;
 pub mod call;
 pub mod cli;
 pub mod config;

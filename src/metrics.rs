@@ -171,6 +171,16 @@ pub struct BackendFigures {
     pub errors: u64,
 }
 
+/// The response cache's figures at scrape time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CacheFigures {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub bytes: u64,
+    pub entries: u64,
+}
+
 /// One gateway's metrics. The families below are handles on the series in `registry`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -399,7 +409,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything, plus the figures read at scrape time.
     pub fn render(&self, backends: &[BackendFigures], store: &StoreFigures) -> String {
-        self.render_with_deliveries(backends, store, &[])
+        self.render_with_deliveries(backends, store, &[], None)
     }
 
     /// [`Metrics::render`] with the alerts' delivery counts by channel.
@@ -408,12 +418,16 @@ impl Metrics {
         backends: &[BackendFigures],
         store: &StoreFigures,
         deliveries: &[DeliveryFigures],
+        cache: Option<CacheFigures>,
     ) -> String {
         let mut out = String::with_capacity(8192);
         // Writing into a `String` cannot fail, and no value here is one the encoder refuses.
         let _ = prometheus_text::encode(&mut out, &self.registry);
         let mut scraped = scrape_registry(backends, store);
         register_deliveries(&mut scraped, deliveries);
+        if let Some(cache) = cache {
+            register_cache(&mut scraped, cache);
+        }
         let _ = prometheus_text::encode(&mut out, &scraped);
         out
     }
@@ -482,6 +496,36 @@ fn scrape_registry(backends: &[BackendFigures], store: &StoreFigures) -> Registr
         ConstCounter::new(store.failures),
     );
     registry
+}
+
+/// The response cache: hits, misses, evictions (to stay within its byte bound), and what
+/// it holds.
+fn register_cache(registry: &mut Registry, cache: CacheFigures) {
+    registry.register(
+        "step3gw_cache_hits",
+        "Calls answered by the response cache or by an identical call in flight",
+        ConstCounter::new(cache.hits),
+    );
+    registry.register(
+        "step3gw_cache_misses",
+        "Cacheable calls the response cache could not answer",
+        ConstCounter::new(cache.misses),
+    );
+    registry.register(
+        "step3gw_cache_evictions",
+        "Answers dropped from the response cache to stay within its size",
+        ConstCounter::new(cache.evictions),
+    );
+    registry.register(
+        "step3gw_cache_bytes",
+        "Bytes the response cache holds (answers plus a fixed overhead each)",
+        ConstGauge::new(i64::try_from(cache.bytes).unwrap_or(i64::MAX)),
+    );
+    registry.register(
+        "step3gw_cache_entries",
+        "Answers the response cache holds",
+        ConstGauge::new(i64::try_from(cache.entries).unwrap_or(i64::MAX)),
+    );
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -2,6 +2,7 @@
 //! the stream, and settle exactly once. The doors only translate their protocol to and
 //! from this; the model server's wire is `upstream`'s.
 
+mod cached;
 pub mod image_fetch;
 mod image_hosts;
 pub mod jwt;
@@ -14,7 +15,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-pub use relay::{Relay, RelayEvent, UsageView};
+pub use crate::cache::{CacheChoice, CacheStats, CacheStatus};
+pub use relay::{CachedRelay, Relay, RelayEvent, UpstreamRelay, UsageView};
 
 use crate::core::catalogue::{Deprecation, ModelRecord};
 use crate::core::events::Door;
@@ -42,6 +44,8 @@ pub struct CallPath {
     pub key_tokens: Arc<key_tokens::KeyTokens>,
     /// Fetches image URLs in fetch mode (`image_policy.fetch`); `None` otherwise.
     pub image_fetcher: Option<Arc<image_fetch::ImageFetcher>>,
+    /// The response cache and in-flight deduplication, when `[cache]` is on.
+    pub cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 /// A whole JSON answer, already settled, with what the door read of it.
@@ -57,6 +61,8 @@ pub struct Completion<T> {
     pub remaining: Remaining,
     /// The version's deprecation, for the `Deprecation`/`Sunset` headers.
     pub deprecation: Option<Deprecation>,
+    /// How the cache answered, for a call it could answer (`x-cache`).
+    pub cache: Option<CacheStatus>,
 }
 
 /// A stream in progress, with the limits as they stood when it started.
@@ -66,6 +72,8 @@ pub struct StreamStart {
     pub remaining: Remaining,
     /// The version's deprecation, for the `Deprecation`/`Sunset` headers.
     pub deprecation: Option<Deprecation>,
+    /// How the cache answered, for a call it could answer (`x-cache`).
+    pub cache: Option<CacheStatus>,
 }
 
 /// Where a call goes: the model it is booked under, the catalogue's version (if the
@@ -78,14 +86,6 @@ struct Route {
     deprecation: Option<Deprecation>,
 }
 
-/// A call admitted and forwarded, with its answer on the way.
-struct Started {
-    admission: Admission,
-    answer: UpstreamAnswer,
-    deadline: tokio::time::Instant,
-    deprecation: Option<Deprecation>,
-}
-
 /// Where a call came from: its request id, its door, the client's W3C `traceparent`, and
 /// the call's span ([`trace::call_span`]; disabled unless traces are exported).
 #[derive(Clone, Debug)]
@@ -94,6 +94,8 @@ pub struct Origin {
     pub door: Door,
     pub traceparent: Option<String>,
     pub span: tracing::Span,
+    /// The client's wish about the response cache for this call.
+    pub cache: CacheChoice,
 }
 
 impl CallPath {
@@ -274,9 +276,21 @@ impl CallPath {
         &self,
         caller: &Caller,
         call: PreparedCall,
+        route: &Route,
         origin: &Origin,
-    ) -> Result<Started, GatewayError> {
-        let route = self.route(&call.model)?;
+    ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
+        let call = self.checked(call, route).await?;
+        let admission = self.admit(caller, &call, route, origin)?;
+        self.forward(admission, call, route, origin).await
+    }
+
+    /// What is checked before anything is reserved: the model is served, image names
+    /// resolve to allowed addresses; in fetch mode the images are fetched.
+    async fn checked(
+        &self,
+        call: PreparedCall,
+        route: &Route,
+    ) -> Result<PreparedCall, GatewayError> {
         // A model no backend is configured for is as unknown as one nobody serves: refused
         // before anything is reserved, not left to look like an outage.
         if !self.upstream.serves_model(&route.served) {
@@ -290,14 +304,23 @@ impl CallPath {
                 .await
                 .map_err(|e| self.gateway.refused(e))?;
         }
-        let call = match call.images_to_fetch.is_empty() {
-            true => call,
+        match call.images_to_fetch.is_empty() {
+            true => Ok(call),
             false => self
                 .inline_images(call)
                 .await
-                .map_err(|e| self.gateway.refused(e))?,
-        };
-        let mut admission = self.admit(caller, &call, &route, origin)?;
+                .map_err(|e| self.gateway.refused(e)),
+        }
+    }
+
+    /// Makes an admitted call's reservation shared and durable, then forwards it.
+    async fn forward(
+        &self,
+        mut admission: Admission,
+        call: PreparedCall,
+        route: &Route,
+        origin: &Origin,
+    ) -> Result<(Admission, UpstreamAnswer, tokio::time::Instant), GatewayError> {
         let deadline = tokio::time::Instant::now() + self.upstream.settings().total_timeout;
         let sent = async {
             // Counted on every replica's books, then on this one's, before the model
@@ -307,12 +330,7 @@ impl CallPath {
             self.send(&mut admission, call, &route.served, origin).await
         };
         match tokio::time::timeout_at(deadline, sent).await {
-            Ok(Ok(answer)) => Ok(Started {
-                admission,
-                answer,
-                deadline,
-                deprecation: route.deprecation,
-            }),
+            Ok(Ok(answer)) => Ok((admission, answer, deadline)),
             Ok(Err(e)) => Err(settle_failed(admission, e)),
             Err(_) => Err(settle_failed(admission, GatewayError::UpstreamTimeout)),
         }
@@ -328,13 +346,34 @@ impl CallPath {
         origin: &Origin,
         read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
     ) -> Result<Completion<T>, GatewayError> {
+        let route = self.route(&call.model)?;
+        let mut completion = match self.cache_plan(caller, &call, &route, origin) {
+            Some(plan) => {
+                self.complete_cached(caller, call, &route, origin, plan, read)
+                    .await?
+            }
+            None => {
+                let (admission, answer, deadline) =
+                    self.start(caller, call, &route, origin).await?;
+                self.read_answer(caller, admission, answer, deadline, origin, read)
+                    .await?
+            }
+        };
+        completion.deprecation = route.deprecation;
+        Ok(completion)
+    }
+
+    /// Reads a forwarded call's JSON answer whole, meters and settles it.
+    async fn read_answer<T>(
+        &self,
+        caller: &Caller,
+        mut admission: Admission,
+        answer: UpstreamAnswer,
+        deadline: tokio::time::Instant,
+        origin: &Origin,
+        read: impl FnOnce(&Bytes) -> Result<T, GatewayError>,
+    ) -> Result<Completion<T>, GatewayError> {
         let settings = self.upstream.settings();
-        let Started {
-            mut admission,
-            answer,
-            deadline,
-            deprecation,
-        } = self.start(caller, call, origin).await?;
         let figures = admission.figures();
         let reading =
             answer.read_json(deadline, settings.idle_timeout, settings.max_response_bytes);
@@ -373,7 +412,8 @@ impl CallPath {
             processing_ms,
             figures,
             remaining: caller.remaining(),
-            deprecation,
+            deprecation: None,
+            cache: None,
         })
     }
 
@@ -385,34 +425,58 @@ impl CallPath {
         origin: &Origin,
         view: UsageView,
     ) -> Result<StreamStart, GatewayError> {
+        let route = self.route(&call.model)?;
+        let plan = self.cache_plan(caller, &call, &route, origin);
+        let mut keep = None;
+        if let Some(plan) = plan {
+            match self
+                .stream_hit(caller, &call, &route, origin, &plan, view)
+                .await?
+            {
+                Some(mut hit) => {
+                    hit.deprecation = route.deprecation;
+                    return Ok(hit);
+                }
+                None => keep = Some(plan.keep()),
+            }
+        }
         let settings = self.upstream.settings();
         let endpoint = call.endpoint;
-        let Started {
-            admission,
-            answer,
-            deadline,
-            deprecation,
-        } = self.start(caller, call, origin).await?;
+        let (admission, answer, deadline) = self.start(caller, call, &route, origin).await?;
         let events = match answer.into_events(settings.max_event_bytes) {
             Ok(events) => events,
             Err(e) => return Err(settle_failed(admission, e)),
         };
         let figures = admission.figures();
         let remaining = admission.remaining();
+        let cache = keep.as_ref().map(|_| CacheStatus::Miss);
+        if admission.upstream_cap().is_some() {
+            // An answer held short by this key's quota is not the answer to the request.
+            keep = None;
+        }
         Ok(StreamStart {
-            relay: Relay::new(
-                events,
-                admission,
-                endpoint,
-                view,
-                settings.idle_timeout,
-                deadline,
-                &self.hard_stop,
+            relay: Relay::Upstream(
+                UpstreamRelay::new(
+                    events,
+                    admission,
+                    endpoint,
+                    view,
+                    settings.idle_timeout,
+                    deadline,
+                    &self.hard_stop,
+                )
+                .keeping(keep),
             ),
             figures,
             remaining,
-            deprecation,
+            deprecation: route.deprecation,
+            cache,
         })
+    }
+
+    /// The response cache's figures (zero when it is off).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.as_ref().map(|c| c.stats()).unwrap_or_default()
     }
 
     /// The upstream's model list (OpenAI JSON), keeping the models `caller` may use.

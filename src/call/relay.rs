@@ -3,6 +3,7 @@
 //! however it ends.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::cache::{CacheKey, CompletionAssembler, ResponseCache};
 use crate::core::Admission;
 use crate::core::records::CallOutcome;
 use crate::core::request::Endpoint;
@@ -57,7 +59,7 @@ enum Kind {
 /// This runs for every chunk of every stream, so the timers and the shutdown signal are
 /// made once per stream (the idle timer is moved, not remade, when an event arrives) and
 /// the events for the client are written into one reused buffer.
-pub struct Relay {
+pub struct UpstreamRelay {
     upstream: EventStream,
     /// The longest wait for the next whole event: bytes that never complete one (a
     /// trickle) do not keep the stream alive.
@@ -82,6 +84,101 @@ pub struct Relay {
     junk: u64,
     /// Resolves when the shutdown grace period is over.
     hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// A cacheable stream: its chunks are put together and the answer kept if it ends whole.
+    keep: Option<Box<KeepAnswer>>,
+}
+
+/// Where a whole streamed answer is kept, and its chunks so far.
+pub(super) struct KeepAnswer {
+    pub(super) cache: Arc<ResponseCache>,
+    pub(super) key: CacheKey,
+    pub(super) model: String,
+    pub(super) assembler: CompletionAssembler,
+}
+
+/// A stream for a door: relayed from the model server, or replayed from the cache.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the relayed stream is the common case: boxing it would allocate once per stream"
+)]
+pub enum Relay {
+    Upstream(UpstreamRelay),
+    Cached(CachedRelay),
+}
+
+impl Relay {
+    /// The next events, one by one, `None` at the end. A stream the upstream breaks off
+    /// ends with an error and `Done`.
+    pub async fn next_events(&mut self) -> Option<Vec<RelayEvent>> {
+        match self {
+            Relay::Upstream(relay) => relay.next_events().await,
+            Relay::Cached(replay) => replay.next_events(),
+        }
+    }
+
+    /// The next events as one buffer of SSE (what an SSE body writes), `None` at the end.
+    pub async fn next_bytes(&mut self) -> Option<Bytes> {
+        match self {
+            Relay::Upstream(relay) => relay.next_bytes().await,
+            Relay::Cached(replay) => replay.next_bytes(),
+        }
+    }
+
+    /// Ends the stream because a door cannot translate an event (see [`UpstreamRelay::fail`]).
+    pub fn fail(&mut self) {
+        match self {
+            Relay::Upstream(relay) => relay.fail(),
+            Relay::Cached(replay) => replay.fail(),
+        }
+    }
+}
+
+/// A cached answer replayed as a stream: its chunks and `[DONE]` at once. The call is
+/// settled when they are handed out (or, if the client leaves first, by the admission's
+/// drop).
+pub struct CachedRelay {
+    chunks: Vec<Bytes>,
+    admission: Option<Admission>,
+}
+
+impl CachedRelay {
+    pub(super) fn new(chunks: Vec<Bytes>, admission: Admission) -> Self {
+        CachedRelay {
+            chunks,
+            admission: Some(admission),
+        }
+    }
+
+    fn take(&mut self) -> Option<Vec<Bytes>> {
+        let admission = self.admission.take()?;
+        admission.settle(CallOutcome::Completed, 200);
+        Some(std::mem::take(&mut self.chunks))
+    }
+
+    fn next_events(&mut self) -> Option<Vec<RelayEvent>> {
+        let mut events: Vec<RelayEvent> = self.take()?.into_iter().map(RelayEvent::Chunk).collect();
+        events.push(RelayEvent::Done);
+        Some(events)
+    }
+
+    fn next_bytes(&mut self) -> Option<Bytes> {
+        let chunks = self.take()?;
+        let size = chunks.iter().map(|c| c.len() + 8).sum::<usize>() + DONE_EVENT.len();
+        let mut out = BytesMut::with_capacity(size);
+        for chunk in chunks {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&chunk);
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(DONE_EVENT);
+        Some(out.freeze())
+    }
+
+    fn fail(&mut self) {
+        if let Some(admission) = self.admission.take() {
+            admission.settle(CallOutcome::StreamIncomplete, 502);
+        }
+    }
 }
 
 /// What ended a wait for the upstream.
@@ -92,7 +189,7 @@ enum Wake {
     Stop,
 }
 
-impl Relay {
+impl UpstreamRelay {
     pub(super) fn new(
         upstream: EventStream,
         admission: Admission,
@@ -103,7 +200,7 @@ impl Relay {
         hard_stop: &CancellationToken,
     ) -> Self {
         let now = tokio::time::Instant::now();
-        Relay {
+        UpstreamRelay {
             upstream,
             idle_timeout,
             idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
@@ -125,7 +222,14 @@ impl Relay {
             draining: false,
             junk: 0,
             hard_stop: Box::pin(hard_stop.clone().cancelled_owned()),
+            keep: None,
         }
+    }
+
+    /// Keeps the answer in the cache if the stream ends whole.
+    pub(super) fn keeping(mut self, keep: Option<KeepAnswer>) -> Self {
+        self.keep = keep.map(Box::new);
+        self
     }
 
     /// The next events, one by one, `None` at the end. A stream the upstream breaks off
@@ -279,6 +383,12 @@ impl Relay {
                 self.junk += 1;
                 continue;
             }
+            if let Some(keep) = self.keep.as_mut()
+                && !info.done
+                && let Some(data) = sse::data_of(&event)
+            {
+                keep.assembler.push(&data);
+            }
             if info.done {
                 emit(&mut self.out, &mut self.ends, &event, Kind::Done);
                 done = true;
@@ -342,7 +452,26 @@ impl Relay {
                 admission.mark_upstream_done();
             }
             self.draining = true;
+            self.keep_answer();
             self.finish(CallOutcome::Completed, 200);
+        }
+    }
+
+    /// A stream that ended with `[DONE]`: its answer is kept if every choice finished and
+    /// the usage came (a cut or failed stream never is).
+    fn keep_answer(&mut self) {
+        let Some(keep) = self.keep.take() else {
+            return;
+        };
+        let KeepAnswer {
+            cache,
+            key,
+            model,
+            assembler,
+        } = *keep;
+        if let Some(body) = assembler.finish() {
+            let usage = crate::upstream::usage_of(&body).ok().flatten();
+            cache.insert(key, &model, body, Some("application/json".into()), usage);
         }
     }
 

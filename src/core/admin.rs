@@ -248,6 +248,8 @@ pub struct UsageRow {
     pub completion_tokens: u64,
     pub images: u64,
     pub cost: Money,
+    /// Of `requests`, those answered by the response cache.
+    pub cache_hits: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -261,6 +263,7 @@ pub struct UsageReport {
     pub images: u64,
     pub cost: Money,
     pub currency: String,
+    pub cache_hits: u64,
 }
 
 /// Which calls to list; every set field must match.
@@ -640,6 +643,7 @@ impl Gateway {
                 row.completion_tokens += bucket.completion_tokens;
                 row.images += bucket.images;
                 row.cost = row.cost.saturating_add(bucket.cost);
+                row.cache_hits += bucket.cache_hits;
             }
         }
         let buckets: Vec<UsageRow> = rows.into_values().collect();
@@ -654,6 +658,7 @@ impl Gateway {
             prompt_tokens: buckets.iter().map(|b| b.prompt_tokens).sum(),
             completion_tokens: buckets.iter().map(|b| b.completion_tokens).sum(),
             images: buckets.iter().map(|b| b.images).sum(),
+            cache_hits: buckets.iter().map(|b| b.cache_hits).sum(),
             buckets,
         })
     }

@@ -115,6 +115,51 @@ pub struct Admission {
     pub(super) key_mark: PeriodMark,
     pub(super) user_mark: Option<UserMark>,
     pub(super) clock: Clock,
+    /// Served from the response cache (or from another caller's identical call in flight)
+    /// rather than by a model call of its own: charged by `charge`, marked in the log.
+    pub(super) cache_hit: bool,
+    /// The share of the usage this call is charged (the cache's hit billing policy).
+    pub(super) charge: ChargeFactor,
+}
+
+/// What share of a call's usage is charged, in percent: the one place a discount (the
+/// response cache's hit billing) is applied, in settlement, to everything charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChargeFactor(u8);
+
+impl ChargeFactor {
+    pub const FULL: ChargeFactor = ChargeFactor(100);
+    pub const FREE: ChargeFactor = ChargeFactor(0);
+
+    /// `percent` of the price, at most 100.
+    pub fn percent(percent: u8) -> ChargeFactor {
+        ChargeFactor(percent.min(100))
+    }
+
+    pub fn as_percent(self) -> u8 {
+        self.0
+    }
+
+    /// The tokens charged: the share of each count, rounded up, so that a fraction of a
+    /// non-zero count is never free.
+    pub fn apply(self, usage: Usage) -> Usage {
+        let scale = |n: u64| (u128::from(n) * u128::from(self.0)).div_ceil(100);
+        Usage {
+            prompt_tokens: u64::try_from(scale(usage.prompt_tokens)).unwrap_or(u64::MAX),
+            completion_tokens: u64::try_from(scale(usage.completion_tokens)).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The cost charged: the share of the full cost, rounded up to a nano-unit.
+    pub fn apply_money(self, cost: Money) -> Money {
+        let scaled = (u128::from(cost.0) * u128::from(self.0)).div_ceil(100);
+        Money(u64::try_from(scaled).unwrap_or(u64::MAX))
+    }
+
+    /// A free call does not count against the request and image quotas either.
+    pub fn charges_request(self) -> bool {
+        self.0 > 0
+    }
 }
 
 impl Gateway {
@@ -221,6 +266,8 @@ impl Gateway {
             key_mark: PeriodMark::default(),
             user_mark: None,
             clock: self.settings.clock.clone(),
+            cache_hit: false,
+            charge: ChargeFactor::FULL,
         };
         let now = self.settings.clock.now_unix();
         // A period's quotas are counted from where it began in the key's counters.
@@ -545,6 +592,21 @@ impl Admission {
             self.events.refused(reason);
         }
         Err(refusal)
+    }
+
+    /// Gives back everything this call reserved, as if the gate had refused it: nothing is
+    /// charged or recorded. For a call that is then admitted again to be made another way
+    /// (a cache hit the quota's cap rules out is forwarded instead).
+    pub fn withdraw(mut self) {
+        self.admitted = false;
+        self.events.call_withdrawn(self.facts.door);
+    }
+
+    /// The call is answered without a model call of its own (a cached answer, or another
+    /// caller's identical call): it is charged `charge` of the usage it is given.
+    pub fn mark_cache_hit(&mut self, charge: ChargeFactor) {
+        self.cache_hit = true;
+        self.charge = charge;
     }
 
     /// The upstream has the request: from now on an abandoned call is charged.

@@ -6,7 +6,9 @@ use super::rate_limit::Refusal;
 ///
 /// `rest/` maps each variant to an HTTP status and an OpenAI error body; the gRPC door maps
 /// each to a `tonic::Status`. Messages never contain a secret.
-#[derive(Debug, thiserror::Error)]
+/// `Clone` so that callers sharing one model call (the cache's in-flight deduplication)
+/// can each be told its failure.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum GatewayError {
     /// Missing, unknown, inactive, revoked or expired key, or a key of an inactive user.
     #[error("{0}")]

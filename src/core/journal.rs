@@ -139,6 +139,7 @@ fn interrupted_call(id: u64, r: Reservation) -> CallRecord {
         request_body: None,
         response_body: None,
         reservation: Some(id),
+        cache_hit: false,
     }
 }
 

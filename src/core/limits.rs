@@ -46,6 +46,10 @@ pub struct KeyLimits {
     /// When the quotas and the budget start again; `None`: never (lifetime).
     #[serde(default)]
     pub period: Option<Period>,
+    /// `false`: the response cache never answers this key's calls nor keeps their answers
+    /// (for keys whose callers need a fresh generation every time); `None` allows it.
+    #[serde(default)]
+    pub cache: Option<bool>,
 }
 
 /// What a user's keys together may use; `None` is unlimited.
@@ -310,6 +314,7 @@ mod tests {
             [
                 "allowed_ips",
                 "budget",
+                "cache",
                 "image_quota",
                 "max_concurrent",
                 "max_images_per_request",

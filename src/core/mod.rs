@@ -36,7 +36,7 @@ pub(crate) mod testing;
 pub mod time;
 pub mod usage_sink;
 
-pub use admission::{Admission, CallFacts};
+pub use admission::{Admission, CallFacts, ChargeFactor};
 pub use error::GatewayError;
 pub use gateway::{GateSettings, Gateway};
 pub use key_index::{Caller, Remaining};

@@ -73,7 +73,7 @@ impl Money {
         let mut fraction = self.0 % NANOS_PER_UNIT;
         let mut kept = DECIMALS;
         // Trailing zeros beyond two decimals are dropped.
-        while kept > 2 && fraction % 10 == 0 {
+        while kept > 2 && fraction.is_multiple_of(10) {
             fraction /= 10;
             kept -= 1;
         }

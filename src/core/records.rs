@@ -264,6 +264,10 @@ pub struct CallRecord {
     /// one call per reservation, so a call settled again at recovery is not counted twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation: Option<u64>,
+    /// Answered from the response cache or by another caller's identical call in flight,
+    /// not by a model call of its own; `usage` is then what the hit billing charged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_hit: bool,
 }
 
 impl CallRecord {
@@ -295,6 +299,9 @@ pub struct UsageBucket {
     pub images: u64,
     #[serde(default)]
     pub cost: Money,
+    /// Of `requests`, those answered by the response cache (or a shared call in flight).
+    #[serde(default)]
+    pub cache_hits: u64,
 }
 
 impl UsageBucket {
@@ -316,6 +323,7 @@ impl UsageBucket {
         self.completion_tokens += other.completion_tokens;
         self.images += other.images;
         self.cost = self.cost.saturating_add(other.cost);
+        self.cache_hits += other.cache_hits;
     }
 
     /// What the bucket adds to its key's counters.
@@ -337,6 +345,7 @@ impl UsageBucket {
         self.completion_tokens += call.usage.completion_tokens;
         self.images += u64::from(call.images);
         self.cost = self.cost.saturating_add(call.cost);
+        self.cache_hits += u64::from(call.cache_hit);
     }
 
     /// `model NUL version`: what a bucket is kept by within its key and hour.

@@ -169,7 +169,9 @@ impl Admission {
         }
         let settle = tracing::info_span!(target: super::admission::TRACE_TARGET, parent: &self.facts.span, "settle");
         let _settling = settle.enter();
-        let charged_request = self.forwarded.is_some() && outcome.charges_request();
+        // A hit had no model call of its own, but was served as one.
+        let served = self.forwarded.is_some() || self.cache_hit;
+        let charged_request = served && outcome.charges_request() && self.charge.charges_request();
         let (usage, usage_estimated) = match self.usage {
             Some(usage) => (usage, false),
             // Served but never told how much: charge what the gate saw of it.
@@ -182,12 +184,19 @@ impl Admission {
             ),
             None => (Usage::default(), false),
         };
+        // The one place the hit billing policy (and any later discount) meets the books:
+        // the counters, the usage report and the call log all see this charge, and the
+        // cost is the full call's cost scaled alike.
+        let full_usage = usage;
+        let usage = self.charge.apply(usage);
         let images = if charged_request {
             self.facts.images
         } else {
             0
         };
-        let cost = self.cost(usage, charged_request);
+        let cost = self
+            .charge
+            .apply_money(self.cost(full_usage, charged_request));
         let before = self.release(usage, charged_request, cost);
         self.report_quota_shares(before);
         if self.traced() {
@@ -263,6 +272,7 @@ impl Admission {
             response_body: None,
             client_addr: self.caller.client.map(|a| a.to_canonical().to_string()),
             reservation: self.reservation,
+            cache_hit: self.cache_hit,
         };
         // The journal keeps the settlement (without the bodies) until the store has the
         // call: a hard stop in between then costs the real usage, not the reservation.
@@ -364,6 +374,35 @@ mod tests {
         assert_eq!(call.usage.total(), 10 + 2);
         assert_eq!(caller.remaining().requests, Some(9));
         assert!(queue.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cache_hit_is_charged_its_share_of_the_usage_and_marked_in_the_log() {
+        use crate::core::ChargeFactor;
+        for (percent, charged, requests_left) in
+            [(0, (0, 0), 10), (50, (6, 15), 9), (100, (12, 29), 9)]
+        {
+            let (gateway, mut queue, _) = quota_gate();
+            let caller = gateway.authenticate(Some("sk-step3-a"), None).unwrap();
+            let mut admission = gateway.admit(&caller, facts(0, Some(100))).unwrap();
+            admission.mark_cache_hit(ChargeFactor::percent(percent));
+            admission.observe_usage(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 29,
+            });
+            admission.settle(CallOutcome::Completed, 200);
+            let call = queue.try_recv().unwrap();
+            assert!(call.cache_hit);
+            // Rounded up: 29 tokens at 50% are 15.
+            let expected = Usage {
+                prompt_tokens: charged.0,
+                completion_tokens: charged.1,
+            };
+            assert_eq!(call.usage, expected, "{percent}%");
+            assert_eq!(call.charged_request, percent > 0);
+            assert_eq!(caller.remaining().requests, Some(requests_left));
+            assert_eq!(caller.remaining().tokens, Some(1000 - expected.total()));
+        }
     }
 
     #[tokio::test]

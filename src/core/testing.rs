@@ -43,6 +43,7 @@ pub(crate) fn call(key: &str, at_micros: i64, model: &str, tokens: u64) -> CallR
         response_body: None,
         client_addr: None,
         reservation: None,
+        cache_hit: false,
     }
 }
 

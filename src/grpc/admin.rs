@@ -35,6 +35,7 @@ macro_rules! key_limits_of {
                 allowed_ips,
                 budget: money(&$r.budget, "budget")?,
                 period: period(&$r.period)?,
+                cache: $r.cache,
             })
         })
     };
@@ -569,6 +570,7 @@ fn key_proto(key: KeyView) -> pb::Key {
         allowed_ips,
         budget,
         period,
+        cache,
     } = key.limits;
     pb::Key {
         id: key.id,
@@ -597,6 +599,7 @@ fn key_proto(key: KeyView) -> pb::Key {
         budget: budget.map(|b| b.to_string()),
         period: period.map(|p| p.as_str().to_owned()),
         cost_used: key.used.cost.to_string(),
+        cache,
     }
 }
 
@@ -625,6 +628,7 @@ fn report_proto(report: UsageReport) -> pb::UsageReport {
                 prompt_tokens: b.prompt_tokens,
                 completion_tokens: b.completion_tokens,
                 images: b.images,
+                cache_hits: b.cache_hits,
             })
             .collect(),
         requests: report.requests,
@@ -633,6 +637,7 @@ fn report_proto(report: UsageReport) -> pb::UsageReport {
         images: report.images,
         cost: report.cost.to_string(),
         currency: report.currency,
+        cache_hits: report.cache_hits,
     }
 }
 
@@ -682,5 +687,6 @@ fn call_proto(call: CallRecord) -> pb::Call {
         client_address: call.client_addr,
         version: call.version,
         cost: call.cost.to_string(),
+        cache_hit: call.cache_hit,
     }
 }

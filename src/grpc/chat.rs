@@ -11,7 +11,7 @@ use super::pb;
 use super::{bearer, caller_deadline, request_id};
 use crate::call::key_tokens::TokenRequest;
 use crate::call::trace::{self, Stage};
-use crate::call::{CallPath, Origin, Relay, RelayEvent, UsageView};
+use crate::call::{CacheChoice, CacheStatus, CallPath, Origin, Relay, RelayEvent, UsageView};
 use crate::core::catalogue::Deprecation;
 use crate::core::events::Door;
 use crate::core::rate_limit::RateFigures;
@@ -58,6 +58,7 @@ impl ChatService {
                 .instrument(trace::stage(&origin.span, Stage::Authenticate))
                 .await?;
             let deadline = caller_deadline(request.metadata());
+            cache_choice(request)?;
             let call = self.chat.prepare(endpoint, to_json(request.get_ref())?)?;
             let label = self.chat.metric_model(&call.model);
             let completion = self.chat.complete(&caller, call, &origin, read);
@@ -75,6 +76,7 @@ impl ChatService {
                 &completion.remaining,
                 completion.deprecation,
             );
+            add_cache_metadata(response.metadata_mut(), completion.cache);
             Ok(response)
         }
         .await;
@@ -118,6 +120,28 @@ fn origin<T>(request: &Request<T>, endpoint: Endpoint) -> Origin {
         request_id,
         door: Door::Grpc,
         traceparent,
+        // A value the door cannot read is refused before the call (`cache_choice`).
+        cache: cache_choice(request).unwrap_or_default(),
+    }
+}
+
+/// The `x-cache` request metadata: `use` or `skip`.
+fn cache_choice<T>(request: &Request<T>) -> Result<CacheChoice, GatewayError> {
+    CacheChoice::parse(
+        request
+            .metadata()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// `x-cache: hit|miss` on the answers of calls the response cache could answer.
+fn add_cache_metadata(metadata: &mut tonic::metadata::MetadataMap, cache: Option<CacheStatus>) {
+    if let Some(status) = cache {
+        metadata.insert(
+            "x-cache",
+            tonic::metadata::MetadataValue::from_static(status.as_str()),
+        );
     }
 }
 
@@ -152,6 +176,7 @@ impl pb::chat_server::Chat for ChatService {
                 .await?;
             let deadline =
                 caller_deadline(request.metadata()).map(|d| tokio::time::Instant::now() + d);
+            cache_choice(&request)?;
             let call = self.chat.prepare(
                 Endpoint::ChatCompletions,
                 convert::request_json(request.get_ref(), true)?,
@@ -173,6 +198,7 @@ impl pb::chat_server::Chat for ChatService {
             response.extensions_mut().insert(ModelLabel(label));
             *response.metadata_mut() =
                 limit_metadata(&start.figures, &start.remaining, start.deprecation);
+            add_cache_metadata(response.metadata_mut(), start.cache);
             Ok(response)
         }
         .await;

@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 
 use super::{AppState, read_body};
 use crate::call::trace::{self, Stage};
-use crate::call::{Origin, UsageView};
+use crate::call::{CacheChoice, CacheStatus, Origin, UsageView};
 use crate::core::events::Door;
 use crate::core::request::Endpoint;
 use crate::core::{GatewayError, Remaining};
@@ -51,12 +51,17 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let cache = match CacheChoice::parse(headers.get("x-cache").and_then(|v| v.to_str().ok())) {
+        Ok(cache) => cache,
+        Err(e) => return e.into_response(),
+    };
     let span = trace::call_span(Door::Rest, endpoint, &request_id, traceparent.as_deref());
     let origin = Origin {
         request_id,
         door: Door::Rest,
         traceparent,
         span,
+        cache,
     };
     let mut label = None;
     let credentials = (client, certificate);
@@ -130,6 +135,7 @@ async fn complete(
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         // Tells nginx-style proxies in front of us not to buffer the stream.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        add_cache_header(headers, start.cache);
         add_limit_headers(headers, start.figures, start.remaining);
         add_deprecation_headers(headers, start.deprecation);
         return Ok(response);
@@ -162,9 +168,17 @@ async fn complete(
         "x-processing-ms",
         HeaderValue::from(completion.processing_ms),
     );
+    add_cache_header(headers, completion.cache);
     add_limit_headers(headers, completion.figures, completion.remaining);
     add_deprecation_headers(headers, completion.deprecation);
     Ok(response)
+}
+
+/// `x-cache: hit|miss` on the answers of calls the response cache could answer.
+fn add_cache_header(headers: &mut HeaderMap, cache: Option<CacheStatus>) {
+    if let Some(status) = cache {
+        headers.insert("x-cache", HeaderValue::from_static(status.as_str()));
+    }
 }
 
 /// The tutorial's `metadata` object, spliced into the answer without re-serialising it.

@@ -98,6 +98,16 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         &backends,
         &state.gateway().store_figures(),
         &state.gateway().delivery_figures(),
+        state.call.cache.as_ref().map(|_| {
+            let c = state.call.cache_stats();
+            crate::metrics::CacheFigures {
+                hits: c.hits,
+                misses: c.misses,
+                evictions: c.evictions,
+                bytes: c.bytes,
+                entries: c.entries,
+            }
+        }),
     );
     (
         [(

@@ -52,6 +52,7 @@ fn books_from_calls(records: &[ExportRecord]) -> (BTreeMap<String, KeyCounters>,
         bucket.prompt_tokens += call.usage.prompt_tokens;
         bucket.completion_tokens += call.usage.completion_tokens;
         bucket.images += u64::from(call.images);
+        bucket.cache_hits += u64::from(call.cache_hit);
     }
     (counters, buckets)
 }

@@ -261,6 +261,7 @@ async fn calls_older_than_the_retention_leave_the_log_and_the_books_stay() {
             response_body: None,
             client_addr: None,
             reservation: None,
+            cache_hit: false,
         };
         store.record_calls(&[call(1), call(2)]).unwrap();
         store.flush().unwrap();

@@ -76,7 +76,7 @@ async fn a_key_reads_the_same_over_rest_the_cli_and_grpcurl() {
             "rpm_limit": 60, "tpm_limit": 100000, "max_concurrent": 4, "request_quota": 1000,
             "token_quota": 5000000000u64, "image_quota": 50, "max_images_per_request": 2,
             "expires_in": "30d", "models": [crate::common::MODEL],
-            "allowed_ips": ["127.0.0.0/8", "::1"],
+            "allowed_ips": ["127.0.0.0/8", "::1"], "cache": false,
         }))
         .await;
     let rotated = gw

@@ -14,6 +14,7 @@ mod backups;
 mod billing;
 mod binary;
 mod books;
+mod cache;
 mod chat;
 mod common;
 mod crash;

@@ -474,6 +474,7 @@ fn call(at_micros: i64, reservation: Option<u64>) -> CallRecord {
         response_body: None,
         client_addr: None,
         reservation,
+        cache_hit: false,
     }
 }
 

@@ -27,10 +27,15 @@ use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
 
 /// The schema's versions, oldest first; applied in order, each once, at open.
-const MIGRATIONS: [(i64, &str, &str); 3] = [
+const MIGRATIONS: [(i64, &str, &str); 4] = [
     (1, "books", include_str!("migrations/0001_books.sql")),
     (2, "money", include_str!("migrations/0002_money.sql")),
     (3, "models", include_str!("migrations/0003_models.sql")),
+    (
+        4,
+        "cache_hits",
+        include_str!("migrations/0004_cache_hits.sql"),
+    ),
 ];
 
 /// Rows read from the call log per round trip while a page is looked for.
@@ -405,8 +410,8 @@ fn cursor_parts(cursor: &CallCursor) -> Result<(i64, String), StoreError> {
 }
 
 /// The columns of `usage` after the key, as `bucket_from` reads them.
-const BUCKET_COLUMNS: &str =
-    "hour, model, version, requests, errors, prompt_tokens, completion_tokens, images, cost";
+const BUCKET_COLUMNS: &str = "hour, model, version, requests, errors, prompt_tokens, \
+     completion_tokens, images, cost, cache_hits";
 
 /// A bucket from the columns of [`BUCKET_COLUMNS`], starting at `offset`.
 fn bucket_from(row: &PgRow, offset: usize) -> Result<UsageBucket, sqlx::Error> {
@@ -421,6 +426,7 @@ fn bucket_from(row: &PgRow, offset: usize) -> Result<UsageBucket, sqlx::Error> {
         completion_tokens: count(6)?,
         images: count(7)?,
         cost: Money(count(8)?),
+        cache_hits: count(9)?,
     })
 }
 
@@ -548,13 +554,14 @@ impl Store for PostgresStore {
                     self.run("import", |pool| async move {
                         sqlx::query(
                             "INSERT INTO usage (key_id, hour, model, version, requests, \
-                             errors, prompt_tokens, completion_tokens, images, cost) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                             errors, prompt_tokens, completion_tokens, images, cost, cache_hits) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
                              ON CONFLICT (key_id, hour, model, version) DO UPDATE SET \
                              requests = EXCLUDED.requests, errors = EXCLUDED.errors, \
                              prompt_tokens = EXCLUDED.prompt_tokens, \
                              completion_tokens = EXCLUDED.completion_tokens, \
-                             images = EXCLUDED.images, cost = EXCLUDED.cost",
+                             images = EXCLUDED.images, cost = EXCLUDED.cost, \
+                             cache_hits = EXCLUDED.cache_hits",
                         )
                         .bind(key_id)
                         .bind(b.hour)
@@ -566,6 +573,7 @@ impl Store for PostgresStore {
                         .bind(b.completion_tokens.cast_signed())
                         .bind(b.images.cast_signed())
                         .bind(b.cost.0.cast_signed())
+                        .bind(b.cache_hits.cast_signed())
                         .execute(&pool)
                         .await
                         .map_err(|e| io("import", e))?;
@@ -964,6 +972,7 @@ struct Charge {
     version: String,
     counters: KeyCounters,
     error: bool,
+    cache_hit: bool,
 }
 
 impl Charge {
@@ -976,6 +985,7 @@ impl Charge {
             version: call.version.clone().unwrap_or_default(),
             counters: call.counters(),
             error: call.status >= 400,
+            cache_hit: call.cache_hit,
         }
     }
 }
@@ -1022,6 +1032,7 @@ fn fold(
         bucket.completion_tokens += charge.counters.completion_tokens;
         bucket.images += charge.counters.images;
         bucket.cost = bucket.cost.saturating_add(charge.counters.cost);
+        bucket.cache_hits += u64::from(charge.cache_hit);
     }
     (counters, buckets)
 }
@@ -1071,7 +1082,7 @@ async fn write_books(
     .await?;
     let (mut key_ids, mut hours, mut models, mut versions) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut figures: [Vec<i64>; 6] = Default::default();
+    let mut figures: [Vec<i64>; 7] = Default::default();
     for ((key_id, hour, model, version), b) in buckets {
         key_ids.push(key_id);
         hours.push(hour);
@@ -1084,6 +1095,7 @@ async fn write_books(
             b.completion_tokens,
             b.images,
             b.cost.0,
+            b.cache_hits,
         ];
         for (column, n) in figures.iter_mut().zip(row) {
             column.push(to_i64(n));
@@ -1096,19 +1108,22 @@ async fn write_books(
         completion_tokens,
         images,
         cost,
+        cache_hits,
     ] = figures;
     sqlx::query(
         "INSERT INTO usage (key_id, hour, model, version, requests, errors, prompt_tokens, \
-         completion_tokens, images, cost) \
+         completion_tokens, images, cost, cache_hits) \
          SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
-         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], \
+         $11::bigint[]) \
          ON CONFLICT (key_id, hour, model, version) DO UPDATE SET \
          requests = usage.requests + EXCLUDED.requests, \
          errors = usage.errors + EXCLUDED.errors, \
          prompt_tokens = usage.prompt_tokens + EXCLUDED.prompt_tokens, \
          completion_tokens = usage.completion_tokens + EXCLUDED.completion_tokens, \
          images = usage.images + EXCLUDED.images, \
-         cost = usage.cost + EXCLUDED.cost",
+         cost = usage.cost + EXCLUDED.cost, \
+         cache_hits = usage.cache_hits + EXCLUDED.cache_hits",
     )
     .bind(key_ids)
     .bind(hours)
@@ -1120,6 +1135,7 @@ async fn write_books(
     .bind(completion_tokens)
     .bind(images)
     .bind(cost)
+    .bind(cache_hits)
     .execute(&mut **tx)
     .await?;
     Ok(())
