@@ -154,8 +154,8 @@ pub struct KeyView {
     pub revoked_at: Option<UnixTime>,
     /// Until when the secret before the last rotation still works.
     pub previous_secret_valid_until: Option<UnixTime>,
-    /// Shown as `requests_used`, `prompt_tokens_used`, `completion_tokens_used` and
-    /// `images_used`, as the proto names them.
+    /// Shown as `requests_used`, `prompt_tokens_used`, `completion_tokens_used`,
+    /// `images_used` and `cost_used`, as the proto names them.
     #[serde(flatten, serialize_with = "used_fields")]
     pub used: KeyCounters,
 }
@@ -167,12 +167,14 @@ fn used_fields<S: serde::Serializer>(used: &KeyCounters, serializer: S) -> Resul
         prompt_tokens_used: u64,
         completion_tokens_used: u64,
         images_used: u64,
+        cost_used: Money,
     }
     Used {
         requests_used: used.requests,
         prompt_tokens_used: used.prompt_tokens,
         completion_tokens_used: used.completion_tokens,
         images_used: used.images,
+        cost_used: used.cost,
     }
     .serialize(serializer)
 }
