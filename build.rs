@@ -17,6 +17,8 @@ const SERIALIZED: &[&str] = &[
     "ListCallsResponse",
     "AlertDelivery",
     "TestAlertResponse",
+    "AuditEntry",
+    "ListAuditResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -37,6 +37,7 @@ pub enum AdminRequest {
     GetUsage(pb::GetUsageReportRequest),
     ListCalls(pb::ListCallsRequest),
     TestAlert(pb::TestAlertRequest),
+    ListAudit(pb::ListAuditRequest),
 }
 
 impl From<AdminCommand> for AdminRequest {
@@ -51,6 +52,10 @@ impl From<AdminCommand> for AdminRequest {
                     channel: channel.unwrap_or_default(),
                 })
             }
+            AdminCommand::Audit(page) => AdminRequest::ListAudit(pb::ListAuditRequest {
+                page_size: page.page_size,
+                page_token: page.page_token,
+            }),
         }
     }
 }
@@ -237,6 +242,11 @@ impl Interceptor for BearerAuth {
         request
             .metadata_mut()
             .insert("authorization", self.0.clone());
+        // The audit log tells the CLI's changes from other gRPC clients'.
+        request.metadata_mut().insert(
+            crate::grpc::ADMIN_CLIENT_HEADER,
+            MetadataValue::from_static("cli"),
+        );
         Ok(request)
     }
 }
@@ -282,6 +292,7 @@ async fn send(
         AdminRequest::RotateKey(r) => print(out, client.rotate_key(r).await.map(created_view)),
         AdminRequest::GetUsage(r) => print(out, client.get_usage(r).await),
         AdminRequest::ListCalls(r) => print(out, client.list_calls(r).await),
+        AdminRequest::ListAudit(r) => print(out, client.list_audit(r).await),
         AdminRequest::TestAlert(r) => {
             let answer = client.test_alert(r).await;
             let failed = answer.as_ref().map_or(0, |a| {

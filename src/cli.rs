@@ -215,6 +215,8 @@ pub enum AdminCommand {
     /// Alert channels.
     #[command(subcommand)]
     Alerts(AlertsCommand),
+    /// The audit log of admin changes, newest first.
+    Audit(PageArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -302,3 +302,37 @@ impl ExportRecord {
         }
     }
 }
+
+/// Who made a change: the door and, within it, the session or credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// `rest`, `grpc`, `cli` or `console`.
+    pub door: String,
+    /// What the door knows of the person: "admin token from 10.0.0.1", a console
+    /// session's public id. Never a secret.
+    pub who: String,
+}
+
+impl Actor {
+    pub fn new(door: &str, who: impl Into<String>) -> Self {
+        Actor {
+            door: door.to_owned(),
+            who: who.into(),
+        }
+    }
+}
+
+/// One admin change. Secrets never appear: keys are recorded as their admin view.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Time-ordered (`aud_…`), so the log reads newest first by id.
+    pub id: String,
+    pub at_micros: i64,
+    pub actor: Actor,
+    /// What was done, e.g. `key.create`, `key.revoke`, `user.update`.
+    pub action: String,
+    /// The id of the user or key changed.
+    pub target: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}

@@ -17,6 +17,7 @@ use crate::core::admin::{
     CallFilter, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, NewKey, NewUser, UsageGrouping,
     UsageQuery, UsageSubject, UserPatch,
 };
+use crate::core::audit::Actor;
 use crate::core::request::field_error;
 use crate::core::time::UnixTime;
 use crate::edge::bearer;
@@ -41,10 +42,12 @@ pub fn router() -> Router<AppState> {
         .route("/calls", get(list_calls))
         .route("/alerts/test", post(test_alert))
         .route("/backup", get(backup))
+        .route("/audit", get(list_audit))
 }
 
-/// Proof that the request carries the admin token; every admin handler takes one.
-struct Admin;
+/// Proof that the request carries the admin token; every admin handler takes one. It
+/// names the actor of the changes the request makes (for the audit log).
+struct Admin(Actor);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = GatewayError;
@@ -53,10 +56,15 @@ impl FromRequestParts<AppState> for Admin {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        let client = client_addr(&parts.extensions);
         state
             .gateway()
-            .authenticate_admin(bearer(&parts.headers), client_addr(&parts.extensions))?;
-        Ok(Admin)
+            .authenticate_admin(bearer(&parts.headers), client)?;
+        let who = client.map_or_else(
+            || "admin token".to_owned(),
+            |a| format!("admin token from {a}"),
+        );
+        Ok(Admin(Actor::new("rest", who)))
     }
 }
 
@@ -99,11 +107,11 @@ async fn list_users(_: Admin, State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn create_user(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     AdminJson(new): AdminJson<NewUser>,
 ) -> Result<Response, GatewayError> {
-    let user = state.gateway().create_user(new)?;
+    let user = state.gateway().acting(actor).create_user(new)?;
     Ok((StatusCode::CREATED, Json(user)).into_response())
 }
 
@@ -116,20 +124,20 @@ async fn get_user(
 }
 
 async fn update_user(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
     AdminJson(patch): AdminJson<UserPatch>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().update_user(&id, patch)?).into_response())
+    Ok(Json(state.gateway().acting(actor).update_user(&id, patch)?).into_response())
 }
 
 async fn deactivate_user(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().deactivate_user(&id)?).into_response())
+    Ok(Json(state.gateway().acting(actor).deactivate_user(&id)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -155,11 +163,11 @@ async fn list_keys(
 }
 
 async fn create_key(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     AdminJson(new): AdminJson<NewKey>,
 ) -> Result<Response, GatewayError> {
-    let created = state.gateway().create_key(new)?;
+    let created = state.gateway().acting(actor).create_key(new)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -172,20 +180,20 @@ async fn get_key(
 }
 
 async fn update_key(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
     AdminJson(patch): AdminJson<KeyPatch>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().update_key(&id, patch)?).into_response())
+    Ok(Json(state.gateway().acting(actor).update_key(&id, patch)?).into_response())
 }
 
 async fn revoke_key(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().revoke_key(&id)?).into_response())
+    Ok(Json(state.gateway().acting(actor).revoke_key(&id)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -196,7 +204,7 @@ struct RotateBody {
 }
 
 async fn rotate_key(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: axum::body::Body,
@@ -211,7 +219,7 @@ async fn rotate_key(
         parse_json(&body)?
     };
     let grace = body.grace_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_SECS);
-    Ok(Json(state.gateway().rotate_key(&id, grace)?).into_response())
+    Ok(Json(state.gateway().acting(actor).rotate_key(&id, grace)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -359,4 +367,22 @@ async fn backup(_: Admin, State(state): State<AppState>) -> Result<Response, Gat
         body,
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    limit: Option<usize>,
+    page_token: Option<String>,
+}
+
+/// The audit log, newest first.
+async fn list_audit(
+    _: Admin,
+    State(state): State<AppState>,
+    AdminQuery(params): AdminQuery<AuditParams>,
+) -> Result<Response, GatewayError> {
+    let page = state
+        .gateway()
+        .audit_log(params.page_token.as_deref(), params.limit)?;
+    Ok(Json(page).into_response())
 }

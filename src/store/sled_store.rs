@@ -16,6 +16,7 @@ use super::SCHEMA_VERSION;
 use super::call_log::{CallLog, LogPosition, SegmentFilter};
 use crate::core::export::setting_bytes;
 use crate::core::keys::to_hex;
+use crate::core::records::AuditRecord;
 use crate::core::records::ExportRecord;
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
 use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
@@ -78,6 +79,8 @@ struct Trees {
     counters: sled::Tree,
     usage: sled::Tree,
     meta: sled::Tree,
+    /// The audit log: record id (time-ordered) → record.
+    audit: sled::Tree,
 }
 
 /// The trees of schema 3 that held the call log, moved to the [`CallLog`] at the first
@@ -379,6 +382,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
         counters: db.open_tree("counters")?,
         usage: db.open_tree("usage")?,
         meta: db.open_tree("meta")?,
+        audit: db.open_tree("audit")?,
         db,
     };
     trees.check_schema(path, existed)?;
@@ -919,6 +923,26 @@ impl Store for SledStore {
         let t = self.trees()?;
         t.meta.insert(name, value)?;
         Ok(())
+    }
+
+    fn put_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        t.audit.insert(record.id.as_bytes(), encode(record)?)?;
+        // Durable with the change it records (which was flushed just before).
+        self.flush()
+    }
+
+    fn audit(&self, before: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let t = self.trees()?;
+        let range = match before {
+            Some(before) => t.audit.range(..before.as_bytes()),
+            None => t.audit.iter(),
+        };
+        range
+            .rev()
+            .take(limit)
+            .map(|entry| decode("audit", &entry?.1))
+            .collect()
     }
 
     fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError> {

@@ -193,6 +193,13 @@ impl Admin for FakeAdmin {
         self.answer("TestAlert", r, Ok(pb::TestAlertResponse::default()))
     }
 
+    async fn list_audit(
+        &self,
+        r: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.answer("ListAudit", r, Ok(pb::ListAuditResponse::default()))
+    }
+
     type BackupStream = futures_util::stream::Empty<Result<pb::BackupChunk, Status>>;
 
     async fn backup(

@@ -10,6 +10,7 @@ mod admin_cli;
 mod admin_input;
 mod alerts;
 mod apis;
+mod audit;
 mod backups;
 mod billing;
 mod binary;

@@ -17,6 +17,7 @@ use sqlx::{Row, SqlSafeStr};
 
 use crate::core::export::setting_bytes;
 use crate::core::keys;
+use crate::core::records::AuditRecord;
 use crate::core::records::{
     CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord,
 };
@@ -24,8 +25,10 @@ use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
 
 /// The schema's versions, oldest first; applied in order, each once, at open.
-const MIGRATIONS: [(i64, &str, &str); 1] =
-    [(1, "books", include_str!("migrations/0001_books.sql"))];
+const MIGRATIONS: [(i64, &str, &str); 2] = [
+    (1, "books", include_str!("migrations/0001_books.sql")),
+    (2, "audit", include_str!("migrations/0002_audit.sql")),
+];
 
 /// Rows read from the call log per round trip while a page is looked for.
 const CALL_PAGE_ROWS: i64 = 500;
@@ -817,6 +820,38 @@ impl Store for PostgresStore {
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(|e| io("read usage", e))
         })
+    }
+
+    fn put_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let (id, record) = (record.id.clone(), encode(record)?);
+        self.run("put audit", |pool| async move {
+            sqlx::query(
+                "INSERT INTO audit (id, record) VALUES ($1, $2::jsonb) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(record)
+            .execute(&pool)
+            .await
+            .map_err(|e| io("put audit", e))?;
+            Ok(())
+        })
+    }
+
+    fn audit(&self, before: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let before = before.map(str::to_owned);
+        let limit = to_i64(limit as u64);
+        let rows: Vec<String> = self.run("read audit", |pool| async move {
+            sqlx::query_scalar(
+                "SELECT record::text FROM audit WHERE $1::text IS NULL OR id < $1 \
+                 ORDER BY id DESC LIMIT $2",
+            )
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| io("read audit", e))
+        })?;
+        rows.iter().map(|text| decode("audit", text)).collect()
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
