@@ -23,8 +23,9 @@ use crate::upstream::{BackendSettings, PoolSettings};
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "alerts",
+    "console",
     "backup",
     "server",
     "upstream",
@@ -58,6 +59,29 @@ pub struct GatewayConfig {
     pub telemetry: TelemetryConfig,
     /// Tokens from an identity provider, accepted besides keys.
     pub jwt: JwtConfig,
+    /// The web console at `/console`.
+    pub console: ConsoleConfig,
+}
+
+/// The web console: the admin's and the key holders' pages at `/console` on the port.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub enabled: bool,
+    /// A session ends this long after sign-in.
+    pub session_ttl_secs: u64,
+    /// Failed sign-ins allowed per client address per minute.
+    pub sign_in_attempts_per_minute: u32,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            enabled: true,
+            session_ttl_secs: 8 * 3600,
+            sign_in_attempts_per_minute: 10,
+        }
+    }
 }
 
 /// JWTs from the team's identity provider (off unless `jwks_url` or `hs256_secret` is set).
@@ -629,6 +653,12 @@ impl GatewayConfig {
                     "upstream URLs must start with http:// or https://, got `{url}`"
                 )));
             }
+        }
+        if self.console.session_ttl_secs == 0 || self.console.sign_in_attempts_per_minute == 0 {
+            return Err(ConfigError::Invalid(
+                "console: session_ttl_secs and sign_in_attempts_per_minute must be at least 1"
+                    .into(),
+            ));
         }
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod call;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod core;
 pub mod edge;
 pub mod grpc;

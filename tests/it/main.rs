@@ -17,6 +17,7 @@ mod binary;
 mod books;
 mod chat;
 mod common;
+mod console;
 mod crash;
 mod data_dir;
 mod errors;
