@@ -236,6 +236,12 @@ async fn console_in_a_browser_admin_and_key_holder() {
         "quotas, limits and 3 calls"
     );
     browser.screenshot("key-holder").await;
+    // A short-lived token made from the key, shown once, works like the key.
+    browser.find("#make-token").await.click().await;
+    let token = browser.find("#new-token").await.text().await;
+    let response = gw.chat(&token, &chat_body("hello")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    browser.screenshot("key-holder-token").await;
     // The admin's pages are not the key holder's.
     browser
         .goto(&gw.url(&format!("/console/keys/{}", other.id)))
@@ -449,4 +455,28 @@ async fn the_console_can_be_turned_off() {
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unknown_url");
+}
+
+#[tokio::test]
+async fn a_key_holders_session_ends_with_the_key() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({"request_quota": 5})).await;
+    let (status, cookie) = sign_in(&gw, "key", &key.secret).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cookie = cookie.unwrap();
+    let (status, page) = get_page(&gw, &cookie, "/console/me").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(&key.id) && !page.contains(&key.secret));
+    // The admin's pages stay shut to a key holder.
+    let (status, _) = get_page(&gw, &cookie, "/console/keys").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (status, _) = gw
+        .admin(Method::DELETE, &format!("/keys/{}", key.id), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, page) = get_page(&gw, &cookie, "/console/me").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(page.contains("revoked"), "{page}");
+    let (status, _) = get_page(&gw, &cookie, "/console/me").await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "the session is gone");
 }
