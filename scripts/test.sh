@@ -42,4 +42,4 @@ fi
 cargo test --all-targets "$@"
 # The store-agnostic suites again, with the books in Postgres and the limits in Redis.
 STEP3_TEST_STORE=shared cargo test --test it "$@" -- \
-    admin:: apis:: audit:: billing:: books:: chat:: errors:: grpc:: grpc_admin::
+    admin:: apis:: audit:: billing:: books:: chat:: console:: errors:: grpc:: grpc_admin::
