@@ -287,10 +287,13 @@ pub enum ExportRecord {
     },
     /// One entry of the call log.
     Call(CallRecord),
+    /// One admin change (the audit log), after the call log.
+    Audit(AuditRecord),
 }
 
 impl ExportRecord {
-    /// Its place in an export's order: settings, users, keys, counters, usage, calls.
+    /// Its place in an export's order: settings, users, keys, counters, usage, calls, the
+    /// audit log.
     pub fn kind(&self) -> usize {
         match self {
             ExportRecord::Meta { .. } => 0,
@@ -299,6 +302,7 @@ impl ExportRecord {
             ExportRecord::Counters { .. } => 3,
             ExportRecord::Usage { .. } => 4,
             ExportRecord::Call(_) => 5,
+            ExportRecord::Audit(_) => 6,
         }
     }
 }
@@ -323,7 +327,7 @@ impl Actor {
 }
 
 /// One admin change. Secrets never appear: keys are recorded as their admin view.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Time-ordered (`aud_…`), so the log reads newest first by id.
     pub id: String,

@@ -214,7 +214,8 @@ pub fn copy_store(
             ExportRecord::Call(_) => calls += 1,
             ExportRecord::Meta { .. }
             | ExportRecord::Counters { .. }
-            | ExportRecord::Usage { .. } => {}
+            | ExportRecord::Usage { .. }
+            | ExportRecord::Audit(_) => {}
         }
         batch.push(record);
         if batch.len() == IMPORT_BATCH {

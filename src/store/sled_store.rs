@@ -712,7 +712,13 @@ impl Store for SledStore {
                     }
                 }
             })?;
-        failed.map_or(Ok(()), Err)
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for value in t.audit.iter().values() {
+            visit(ExportRecord::Audit(decode("audit", &value?)?))?;
+        }
+        Ok(())
     }
 
     fn import(&self, records: &[ExportRecord]) -> Result<(), StoreError> {
@@ -743,6 +749,9 @@ impl Store for SledStore {
                     )?;
                 }
                 ExportRecord::Call(call) => calls.push(call.clone()),
+                ExportRecord::Audit(record) => {
+                    t.audit.insert(record.id.as_bytes(), encode(record)?)?;
+                }
             }
         }
         if !calls.is_empty() {

@@ -136,3 +136,32 @@ async fn the_audit_log_needs_the_admin_token() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn the_audit_log_is_in_backups_and_restored_with_them() {
+    let gw = TestGateway::start().await;
+    let key = gw.create_key(json!({})).await;
+    let (status, _) = gw
+        .admin(Method::DELETE, &format!("/keys/{}", key.id), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.jsonl");
+    step3_gateway::admin_client::backup(
+        &gw.running().grpc_url(),
+        ADMIN_TOKEN,
+        &file,
+        &mut |_, _| {},
+    )
+    .await
+    .unwrap();
+    let target = dir.path().join("restored");
+    step3_gateway::app::restore(&file, &target, false, &mut |_| true).unwrap();
+    let store = step3_gateway::store::SledStore::open(&target).unwrap();
+    let actions: Vec<String> = step3_gateway::core::store::Store::audit(&store, None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(actions, ["key.revoke", "key.create", "user.create"]);
+}

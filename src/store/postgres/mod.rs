@@ -485,6 +485,30 @@ impl Store for PostgresStore {
                 after = Some((at, id));
             }
             if !full {
+                break;
+            }
+        }
+        // The audit log, oldest first (a page at a time, like the calls).
+        let mut after: Option<String> = None;
+        loop {
+            let last = after.clone();
+            let page: Vec<(String, String)> = self.run("export", |pool| async move {
+                sqlx::query_as(
+                    "SELECT id, record::text FROM audit WHERE $1::text IS NULL OR id > $1 \
+                     ORDER BY id LIMIT $2",
+                )
+                .bind(last)
+                .bind(EXPORT_PAGE_ROWS)
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| io("export", e))
+            })?;
+            let full = page.len() == EXPORT_PAGE_ROWS as usize;
+            for (id, text) in page {
+                visit(ExportRecord::Audit(decode("audit", &text)?))?;
+                after = Some(id);
+            }
+            if !full {
                 return Ok(());
             }
         }
@@ -549,6 +573,7 @@ impl Store for PostgresStore {
                     })?;
                 }
                 ExportRecord::Call(call) => calls.push(call)?,
+                ExportRecord::Audit(record) => self.put_audit(record)?,
             }
         }
         if calls.at_micros.is_empty() {
