@@ -602,7 +602,11 @@ async fn key(
         esc(&query_value(&k.id)),
         esc(&query_value(&k.id)),
     );
-    body.push_str(&usage_section("Requests per hour, last 30 days", &report));
+    body.push_str(&usage_section(
+        "Requests per hour, last 30 days",
+        &report,
+        period_secs(UsageGrouping::Hour),
+    ));
     if k.revoked_at.is_none() {
         let _ = write!(
             body,
@@ -688,24 +692,50 @@ async fn rotate_key(
 
 // ---- usage ----
 
-/// A usage report as a chart of requests and the table of its rows.
-pub(super) fn usage_section(caption: &str, report: &UsageReport) -> String {
-    let points: Vec<(String, u64)> = report
-        .buckets
+/// A usage report as a chart of requests per period (every period from `from` to `to`,
+/// `period` seconds each, empty ones too, so the chart reads as a time axis) and the table
+/// of its rows.
+pub(super) fn usage_section(caption: &str, report: &UsageReport, period: i64) -> String {
+    let first = report.from - report.from.rem_euclid(period);
+    let periods = usize::try_from((report.to - first) / period + 1)
+        .unwrap_or(1)
+        .clamp(1, 2000);
+    let mut requests = vec![0u64; periods];
+    for row in &report.buckets {
+        if let Some(n) = usize::try_from((row.start - first) / period)
+            .ok()
+            .and_then(|i| requests.get_mut(i))
+        {
+            *n += row.requests;
+        }
+    }
+    let points: Vec<(String, u64)> = requests
         .iter()
-        .map(|r| (format!("{} {}", time(r.start), r.model), r.requests))
+        .enumerate()
+        .map(|(i, n)| (time(first + i64::try_from(i).unwrap_or(0) * period), *n))
         .collect();
     let mut out = format!(
         "<p class=\"totals\">Requests <strong data-total=\"requests\">{}</strong> · prompt tokens <strong>{}</strong> · completion tokens <strong>{}</strong> · images <strong>{}</strong></p>",
         report.requests, report.prompt_tokens, report.completion_tokens, report.images
     );
-    out.push_str(&bar_chart(caption, &points));
+    out.push_str(&bar_chart(
+        &format!("{caption}: {} to {}", time(first), time(report.to)),
+        &points,
+    ));
     out.push_str(&table(
         caption,
         &USAGE_HEADERS,
         report.buckets.iter().map(|r| usage_cells(r).to_vec()),
     ));
     out
+}
+
+/// Seconds in a period of `grouping`.
+pub(super) fn period_secs(grouping: UsageGrouping) -> i64 {
+    match grouping {
+        UsageGrouping::Hour => 3600,
+        UsageGrouping::Day => 86_400,
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -806,7 +836,11 @@ async fn usage(
         },
         if by_model { "on" } else { "" },
     );
-    body.push_str(&usage_section("Requests per period", &report));
+    body.push_str(&usage_section(
+        "Requests per period",
+        &report,
+        period_secs(group_by),
+    ));
     Ok(ok("Usage", "usage", &session, &body))
 }
 

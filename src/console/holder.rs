@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use super::admin::{CALL_HEADERS, call_rows, usage_section};
+use super::admin::{CALL_HEADERS, call_rows, period_secs, usage_section};
 use super::html::{Nav, csrf_field, esc, limit, page, table, time};
 use super::{
     ClientIp, ConsoleState, Form, HolderSession, PageError, form_body, html_response, session,
@@ -146,7 +146,11 @@ async fn me(
         by_model: false,
     })?;
     body.push_str("<h2>Usage, last 30 days</h2>");
-    body.push_str(&usage_section("Requests per hour", &report));
+    body.push_str(&usage_section(
+        "Requests per hour",
+        &report,
+        period_secs(UsageGrouping::Hour),
+    ));
     let calls = gateway.list_calls(&CallFilter {
         key_id: Some(s.key_id.clone()),
         page_size: Some(20),

@@ -184,23 +184,22 @@ pub fn table(caption: &str, headers: &[&str], rows: impl Iterator<Item = Vec<Str
 /// A bar chart as SVG (presentation attributes only, so the CSP needs no inline style),
 /// each bar titled with its label and value; the numbers are in the table beside it.
 pub fn bar_chart(label: &str, points: &[(String, u64)]) -> String {
-    const WIDTH: u64 = 600;
-    const HEIGHT: u64 = 160;
-    let max = points.iter().map(|p| p.1).max().unwrap_or(0).max(1);
-    let n = u64::try_from(points.len()).unwrap_or(1).max(1);
-    let step = (WIDTH / n).max(1);
+    const WIDTH: f64 = 600.0;
+    const HEIGHT: f64 = 160.0;
+    let max = points.iter().map(|p| p.1).max().unwrap_or(0).max(1) as f64;
+    let step = WIDTH / points.len().max(1) as f64;
     let mut out = format!(
         "<figure class=\"chart\"><svg role=\"img\" aria-label=\"{}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" preserveAspectRatio=\"none\">",
         esc(label)
     );
     for (i, (name, value)) in points.iter().enumerate() {
-        let h = value * (HEIGHT - 10) / max;
-        let x = u64::try_from(i).unwrap_or(0) * step;
+        let h = (*value as f64 * (HEIGHT - 10.0) / max).round();
         let _ = write!(
             out,
-            "<rect class=\"bar\" x=\"{x}\" y=\"{}\" width=\"{}\" height=\"{h}\"><title>{}: {value}</title></rect>",
+            "<rect class=\"bar\" x=\"{:.2}\" y=\"{}\" width=\"{:.2}\" height=\"{h}\"><title>{}: {value}</title></rect>",
+            i as f64 * step,
             HEIGHT - h,
-            step.saturating_sub(1).max(1),
+            (step * 0.85).max(0.5),
             esc(name)
         );
     }
