@@ -2,6 +2,7 @@
 //! client): a chromedriver of its own on a free port, a fresh profile per browser.
 //! `scripts/test.sh` installs Debian's `chromium` and `chromium-driver` when missing.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +44,10 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium, `width` × `height` pixels.
     pub async fn start(width: u32, height: u32) -> Browser {
         let port = free_port();
+        // A process group of its own, so that a failed test takes the browser down with the
+        // driver (Chromium outlives a killed chromedriver otherwise).
         let driver = Command::new("chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -282,16 +286,21 @@ impl Browser {
         }
     }
 
-    pub async fn quit(mut self) {
+    /// Ends the session (Chromium exits); dropping then stops the driver.
+    pub async fn quit(self) {
         let _ = self.http.delete(&self.session).send().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The whole group: chromedriver and the Chromium it started.
+        let _ = Command::new("kill")
+            .arg("--")
+            .arg(format!("-{}", self.driver.id()))
+            .status();
         let _ = self.driver.kill();
+        let _ = self.driver.wait();
     }
 }
 
