@@ -21,6 +21,8 @@ const SERIALIZED: &[&str] = &[
     "ListPricesResponse",
     "InvoiceLine",
     "Invoice",
+    "AuditEntry",
+    "ListAuditResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

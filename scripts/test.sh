@@ -2,7 +2,8 @@
 # Runs the whole test suite. Installs what it needs on a fresh machine: a Python
 # virtualenv in .venv with the pinned packages of tests/python/requirements.txt (the
 # official `openai` package, grpcio with reflection, grpcurl), used by the real-client tests,
-# and Postgres and Redis from Debian's packages for the shared-store tests (the tests start
+# Postgres and Redis from Debian's packages for the shared-store tests, and Chromium and
+# its WebDriver for the console's browser tests (the tests start
 # private servers of their own; nothing is installed when it is there already).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     MISSING+=(postgresql)
 fi
 command -v redis-server >/dev/null || MISSING+=(redis-server)
+# The console's browser tests: headless Chromium driven over WebDriver.
+command -v chromium >/dev/null || MISSING+=(chromium)
+command -v chromedriver >/dev/null || MISSING+=(chromium-driver)
 if [ ${#MISSING[@]} -gt 0 ]; then
     echo "test.sh: installing ${MISSING[*]} (apt-get)" >&2
     if [ "$(id -u)" -ne 0 ]; then
@@ -38,4 +42,4 @@ fi
 cargo test --all-targets "$@"
 # The store-agnostic suites again, with the books in Postgres and the limits in Redis.
 STEP3_TEST_STORE=shared cargo test --test it "$@" -- \
-    admin:: apis:: billing:: books:: cache:: chat:: errors:: grpc:: grpc_admin:: models:: money::
+    admin:: apis:: audit:: billing:: books:: cache:: chat:: console:: errors:: grpc:: grpc_admin:: models:: money::

@@ -48,6 +48,7 @@ pub enum AdminRequest {
     GetModel(pb::GetModelRequest),
     PutModel(pb::CatalogueModel),
     DeleteModel(pb::DeleteModelRequest),
+    ListAudit(pb::ListAuditRequest),
 }
 
 impl From<AdminCommand> for AdminRequest {
@@ -92,6 +93,10 @@ impl From<AdminCommand> for AdminRequest {
                 },
                 i.csv,
             ),
+            AdminCommand::Audit(page) => AdminRequest::ListAudit(pb::ListAuditRequest {
+                page_size: page.page_size,
+                page_token: page.page_token,
+            }),
         }
     }
 }
@@ -296,6 +301,11 @@ impl Interceptor for BearerAuth {
         request
             .metadata_mut()
             .insert("authorization", self.0.clone());
+        // The audit log tells the CLI's changes from other gRPC clients'.
+        request.metadata_mut().insert(
+            crate::grpc::ADMIN_CLIENT_HEADER,
+            MetadataValue::from_static("cli"),
+        );
         Ok(request)
     }
 }
@@ -353,6 +363,7 @@ async fn send(
         AdminRequest::GetModel(r) => print(out, client.get_model(r).await.map(model_view)),
         AdminRequest::PutModel(r) => print(out, client.put_model(r).await.map(model_view)),
         AdminRequest::DeleteModel(r) => print(out, client.delete_model(r).await.map(model_view)),
+        AdminRequest::ListAudit(r) => print(out, client.list_audit(r).await),
         AdminRequest::TestAlert(r) => {
             let answer = client.test_alert(r).await;
             let failed = answer.as_ref().map_or(0, |a| {

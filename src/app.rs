@@ -17,6 +17,7 @@ use crate::call::key_tokens::KeyTokens;
 use crate::config::{
     BackendConfig, Durability, GatewayConfig, JwtConfig, StoreBackend, UnknownSubjects,
 };
+use crate::console::{self, ConsoleSettings};
 use crate::core::admin::{NewKey, NewUser};
 use crate::core::events::{GateEvents, Watchers};
 use crate::core::export::ExportSummary;
@@ -331,20 +332,32 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
         metrics: metrics.clone(),
         trusted_proxies: Some(config.server.trusted_proxies.clone()).filter(|l| !l.is_empty()),
     });
+    // The console is served beside REST, on the same port.
+    let console = config.console.enabled.then(|| {
+        console::routes(
+            call.clone(),
+            ConsoleSettings {
+                secure_cookie: config.server.tls.enabled(),
+                session_ttl: Duration::from_secs(config.console.session_ttl_secs),
+                sign_in_attempts_per_minute: config.console.sign_in_attempts_per_minute,
+            },
+        )
+    });
+    let rest_routes = match console {
+        Some(console) => rest::routes(state).merge(console),
+        None => rest::routes(state),
+    };
     let addr = listener.local_addr()?;
     let mut grpc_addr = None;
     let mut servers = Vec::new();
     match grpc_listener {
         None => {
-            let routes = rest::routes(state).merge(grpc);
+            let routes = rest_routes.merge(grpc);
             servers.push((listener, edge::router::serve(routes, edge)));
         }
         Some(grpc_listener) => {
             grpc_addr = Some(grpc_listener.local_addr()?);
-            servers.push((
-                listener,
-                edge::router::serve(rest::routes(state), edge.clone()),
-            ));
+            servers.push((listener, edge::router::serve(rest_routes, edge.clone())));
             servers.push((grpc_listener, edge::router::serve(grpc, edge)));
         }
     }

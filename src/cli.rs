@@ -224,6 +224,8 @@ pub enum AdminCommand {
     /// The model catalogue: models, aliases, versions, rollout, deprecations.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The audit log of admin changes, newest first.
+    Audit(PageArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -28,10 +28,11 @@ use crate::upstream::{BackendSettings, PoolSettings};
 /// `STEP3GW_UPSTREAM_URL` for `[upstream] url`.
 pub const ENV_PREFIX: &str = "STEP3GW_";
 
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 15] = [
     "alerts",
     "billing",
     "cache",
+    "console",
     "backup",
     "server",
     "upstream",
@@ -74,6 +75,8 @@ pub struct GatewayConfig {
     pub models: Vec<ModelRecord>,
     /// The response cache and in-flight deduplication.
     pub cache: CacheConfig,
+    /// The web console at `/console`.
+    pub console: ConsoleConfig,
 }
 
 /// Money: what calls cost and the calendar budgets and quotas follow.
@@ -258,6 +261,27 @@ impl CacheConfig {
             },
             hit_charge: crate::core::ChargeFactor::percent(self.hit_charge_percent),
         })
+    }
+}
+
+/// The web console: the admin's and the key holders' pages at `/console` on the port.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub enabled: bool,
+    /// A session ends this long after sign-in.
+    pub session_ttl_secs: u64,
+    /// Failed sign-ins allowed per client address per minute.
+    pub sign_in_attempts_per_minute: u32,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            enabled: true,
+            session_ttl_secs: 8 * 3600,
+            sign_in_attempts_per_minute: 10,
+        }
     }
 }
 
@@ -831,6 +855,12 @@ impl GatewayConfig {
                     "upstream URLs must start with http:// or https://, got `{url}`"
                 )));
             }
+        }
+        if self.console.session_ttl_secs == 0 || self.console.sign_in_attempts_per_minute == 0 {
+            return Err(ConfigError::Invalid(
+                "console: session_ttl_secs and sign_in_attempts_per_minute must be at least 1"
+                    .into(),
+            ));
         }
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod call;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod core;
 pub mod edge;
 pub mod grpc;

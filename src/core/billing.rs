@@ -226,6 +226,13 @@ impl Gateway {
             .bounds(super::period::Period::Month, at)
     }
 
+    /// The start of the calendar day (in the configured time zone) holding `at`.
+    pub fn day_start(&self, at: UnixTime) -> UnixTime {
+        self.settings
+            .calendar
+            .start_of(super::period::Period::Day, at)
+    }
+
     pub fn now_unix(&self) -> UnixTime {
         self.settings.clock.now_unix()
     }

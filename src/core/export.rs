@@ -67,8 +67,11 @@ pub struct ExportSummary {
     pub counters: u64,
     pub usage: u64,
     pub calls: u64,
+    pub prices: u64,
     /// Models of the catalogue.
     pub models: u64,
+    /// Entries of the audit log.
+    pub audit: u64,
     /// The file's size.
     pub bytes: u64,
     pub sha256: String,
@@ -84,7 +87,9 @@ impl ExportSummary {
             3 => &mut self.counters,
             4 => &mut self.usage,
             5 => &mut self.calls,
-            _ => &mut self.models,
+            6 => &mut self.prices,
+            7 => &mut self.models,
+            _ => &mut self.audit,
         };
         *n += 1;
     }

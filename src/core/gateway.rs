@@ -176,6 +176,18 @@ impl Gateway {
             .map_err(|e| self.auth_refused(e, client))
     }
 
+    /// The caller key `id` makes now, for a holder who proved the key's secret earlier (a
+    /// console session): refused as the secret would be (revoked, expired, a deactivated
+    /// user, an address outside the allowlists).
+    pub fn caller_by_key_id(
+        &self,
+        id: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Caller, GatewayError> {
+        let state = self.keys.key_state(id)?;
+        self.keys.caller_of(state, client)
+    }
+
     /// Checks the admin API's allowlist and the admin token (in constant time).
     pub fn authenticate_admin(
         &self,

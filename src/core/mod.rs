@@ -5,6 +5,7 @@
 pub mod access;
 pub mod admin;
 pub mod admission;
+pub mod audit;
 pub mod billing;
 pub mod catalogue;
 pub mod error;

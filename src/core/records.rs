@@ -387,12 +387,14 @@ pub enum ExportRecord {
     Price(PriceRecord),
     /// One model of the catalogue.
     Model(ModelRecord),
+    /// One admin change (the audit log).
+    Audit(AuditRecord),
 }
 
 impl ExportRecord {
     /// Its place in an export's order: settings, users, keys, counters, usage, calls,
-    /// prices, models (the newer kinds last, so that exports of older builds are the same
-    /// up to their end).
+    /// prices, models, the audit log (the newer kinds last, so that exports of older builds
+    /// are the same up to their end).
     pub fn kind(&self) -> usize {
         match self {
             ExportRecord::Meta { .. } => 0,
@@ -403,6 +405,7 @@ impl ExportRecord {
             ExportRecord::Call(_) => 5,
             ExportRecord::Price(_) => 6,
             ExportRecord::Model(_) => 7,
+            ExportRecord::Audit(_) => 8,
         }
     }
 }
@@ -429,4 +432,38 @@ pub struct PriceRecord {
     pub images: BTreeMap<String, Money>,
     #[serde(default)]
     pub created_at: UnixTime,
+}
+
+/// Who made a change: the door and, within it, the session or credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// `rest`, `grpc`, `cli` or `console`.
+    pub door: String,
+    /// What the door knows of the person: "admin token from 10.0.0.1", a console
+    /// session's public id. Never a secret.
+    pub who: String,
+}
+
+impl Actor {
+    pub fn new(door: &str, who: impl Into<String>) -> Self {
+        Actor {
+            door: door.to_owned(),
+            who: who.into(),
+        }
+    }
+}
+
+/// One admin change. Secrets never appear: keys are recorded as their admin view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Time-ordered (`aud_…`), so the log reads newest first by id.
+    pub id: String,
+    pub at_micros: i64,
+    pub actor: Actor,
+    /// What was done, e.g. `key.create`, `key.revoke`, `user.update`.
+    pub action: String,
+    /// The id of the user or key changed.
+    pub target: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
 }

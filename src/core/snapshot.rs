@@ -216,7 +216,8 @@ pub fn copy_store(
             | ExportRecord::Counters { .. }
             | ExportRecord::Usage { .. }
             | ExportRecord::Price(_)
-            | ExportRecord::Model(_) => {}
+            | ExportRecord::Model(_)
+            | ExportRecord::Audit(_) => {}
         }
         batch.push(record);
         if batch.len() == IMPORT_BATCH {

@@ -4,7 +4,9 @@
 use super::catalogue::ModelRecord;
 use super::error::GatewayError;
 use super::pricing::PriceRecord;
-use super::records::{CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
+use super::records::{
+    AuditRecord, CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord,
+};
 use super::time::UnixTime;
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -168,5 +170,13 @@ pub trait Store: Send + Sync + 'static {
     /// disk, so that it takes writes again once the cause (a full disk) is gone.
     fn reopen(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// Appends one record to the audit log (admin changes; ids are time-ordered).
+    fn put_audit(&self, _record: &AuditRecord) -> Result<(), StoreError> {
+        Err(StoreError::Io("this store keeps no audit log".into()))
+    }
+    /// Up to `limit` audit records with ids strictly before `before`, newest first.
+    fn audit(&self, _before: Option<&str>, _limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        Ok(Vec::new())
     }
 }

@@ -12,7 +12,7 @@ use super::journal::{PendingReservation, Reservation, ReservationJournal, Unsett
 use super::keys;
 use super::limits::{KeyLimits, UserLimits};
 use super::records::{
-    CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UsageBucket, UserRecord,
+    AuditRecord, CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UsageBucket, UserRecord,
 };
 use super::store::{CallCursor, CallQuery, Store, StoreError};
 use super::time::UnixTime;
@@ -92,6 +92,7 @@ pub(crate) struct MemoryStore {
     calls: Mutex<Vec<CallRecord>>,
     prices: Mutex<Vec<crate::core::pricing::PriceRecord>>,
     models: Mutex<BTreeMap<String, ModelRecord>>,
+    audit: Mutex<BTreeMap<String, AuditRecord>>,
 }
 
 impl MemoryStore {
@@ -113,6 +114,23 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn put_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        self.audit
+            .lock()
+            .unwrap()
+            .insert(record.id.clone(), record.clone());
+        Ok(())
+    }
+    fn audit(&self, before: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let audit = self.audit.lock().unwrap();
+        Ok(audit
+            .values()
+            .rev()
+            .filter(|r| before.is_none_or(|b| r.id.as_str() < b))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
     fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
         Ok(self.users.lock().unwrap().values().cloned().collect())
     }

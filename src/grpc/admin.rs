@@ -11,6 +11,7 @@ use crate::core::admin::{
     CallFilter, CreatedKey, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, KeyView, NewKey,
     NewUser, TimeInput, UsageGrouping, UsageQuery, UsageReport, UsageSubject, UserPatch,
 };
+use crate::core::audit::{Actor, AuditRecord};
 use crate::core::billing::NewPrice;
 use crate::core::limits::{KeyLimits, LimitChanges, UserLimits};
 use crate::core::money::Money;
@@ -86,7 +87,24 @@ impl AdminService {
         )?;
         Ok(request.into_inner())
     }
+
+    /// [`Self::authorize`], and who is acting: the CLI says so in `x-admin-client`.
+    fn authorize_actor<T>(&self, request: Request<T>) -> Result<(T, Actor), Status> {
+        let client = client_addr(request.extensions());
+        let door = match request.metadata().get(ADMIN_CLIENT_HEADER) {
+            Some(v) if v.as_bytes() == b"cli" => "cli",
+            _ => "grpc",
+        };
+        let who = client.map_or_else(
+            || "admin token".to_owned(),
+            |a| format!("admin token from {a}"),
+        );
+        Ok((self.authorize(request)?, Actor::new(door, who)))
+    }
 }
+
+/// The metadata by which the CLI names itself, so the audit log can tell it from grpcurl.
+pub const ADMIN_CLIENT_HEADER: &str = "x-admin-client";
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
@@ -119,10 +137,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CatalogueModel>,
     ) -> Result<Response<pb::CatalogueModel>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         let model = catalogue_model_from(r)?;
         Ok(Response::new(catalogue_model_proto(
-            self.gateway.put_model(model)?,
+            self.gateway.acting(actor).put_model(model)?,
         )))
     }
 
@@ -130,9 +148,9 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DeleteModelRequest>,
     ) -> Result<Response<pb::CatalogueModel>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         Ok(Response::new(catalogue_model_proto(
-            self.gateway.delete_model(&r.name)?,
+            self.gateway.acting(actor).delete_model(&r.name)?,
         )))
     }
 
@@ -172,7 +190,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::AddPriceRequest>,
     ) -> Result<Response<pb::Price>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         let images = r
             .images
             .iter()
@@ -182,7 +200,7 @@ impl pb::admin_server::Admin for AdminService {
                     .map_err(|e| GatewayError::invalid_request(e, Some("images")))
             })
             .collect::<Result<_, _>>()?;
-        let price = self.gateway.add_price(NewPrice {
+        let price = self.gateway.acting(actor).add_price(NewPrice {
             model: r.model,
             effective_from: r.effective_from.map(TimeInput::Unix),
             prompt_per_million: money(&r.prompt_per_million, "prompt_per_million")?
@@ -274,7 +292,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         let limits = UserLimits {
             rpm_limit: r.rpm_limit,
             tpm_limit: r.tpm_limit,
@@ -283,7 +301,7 @@ impl pb::admin_server::Admin for AdminService {
             budget: money(&r.budget, "budget")?,
             period: period(&r.period)?,
         };
-        let user = self.gateway.create_user(NewUser {
+        let user = self.gateway.acting(actor).create_user(NewUser {
             name: r.name,
             email: r.email,
             subject: r.subject,
@@ -318,7 +336,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         let set = UserLimits {
             rpm_limit: r.rpm_limit,
             tpm_limit: r.tpm_limit,
@@ -351,7 +369,7 @@ impl pb::admin_server::Admin for AdminService {
             limits: LimitChanges::from_parts(&set, &clear_limits)?,
         };
         Ok(Response::new(user_proto(
-            self.gateway.update_user(&r.id, patch)?,
+            self.gateway.acting(actor).update_user(&r.id, patch)?,
         )))
     }
 
@@ -359,9 +377,9 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DeactivateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         Ok(Response::new(user_proto(
-            self.gateway.deactivate_user(&r.id)?,
+            self.gateway.acting(actor).deactivate_user(&r.id)?,
         )))
     }
 
@@ -369,9 +387,9 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreatedKey>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         let limits = key_limits_of!(r)?;
-        let created = self.gateway.create_key(NewKey {
+        let created = self.gateway.acting(actor).create_key(NewKey {
             user_id: r.user_id,
             name: Some(r.name).filter(|n| !n.is_empty()),
             limits: limits.into(),
@@ -411,7 +429,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         let set = key_limits_of!(r)?;
         let (clear_expiry, clear) = take_clear(&r.clear, "expires_at");
         let (clear_models, clear_limits) = take_clear(&clear, "models");
@@ -438,7 +456,7 @@ impl pb::admin_server::Admin for AdminService {
             active: r.active,
         };
         Ok(Response::new(key_proto(
-            self.gateway.update_key(&r.id, patch)?,
+            self.gateway.acting(actor).update_key(&r.id, patch)?,
         )))
     }
 
@@ -446,18 +464,20 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let r = self.authorize(request)?;
-        Ok(Response::new(key_proto(self.gateway.revoke_key(&r.id)?)))
+        let (r, actor) = self.authorize_actor(request)?;
+        Ok(Response::new(key_proto(
+            self.gateway.acting(actor).revoke_key(&r.id)?,
+        )))
     }
 
     async fn rotate_key(
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::CreatedKey>, Status> {
-        let r = self.authorize(request)?;
+        let (r, actor) = self.authorize_actor(request)?;
         let grace = r.grace_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_SECS);
         Ok(Response::new(created_proto(
-            self.gateway.rotate_key(&r.id, grace)?,
+            self.gateway.acting(actor).rotate_key(&r.id, grace)?,
         )))
     }
 
@@ -522,6 +542,34 @@ impl pb::admin_server::Admin for AdminService {
             calls: page.calls.into_iter().map(call_proto).collect(),
             next_page_token: page.next_page_token,
         }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let r = self.authorize(request)?;
+        let page = self.gateway.audit_log(
+            Some(r.page_token.as_str()),
+            usize::try_from(r.page_size).ok().filter(|&n| n > 0),
+        )?;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: page.entries.into_iter().map(audit_proto).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}
+
+fn audit_proto(record: AuditRecord) -> pb::AuditEntry {
+    pb::AuditEntry {
+        id: record.id,
+        at_micros: record.at_micros,
+        door: record.actor.door,
+        who: record.actor.who,
+        action: record.action,
+        target: record.target,
+        before_json: record.before.map(|v| v.to_string()),
+        after_json: record.after.map(|v| v.to_string()),
     }
 }
 

@@ -2,6 +2,7 @@
 //! the REST port (routed by path) or a port of their own.
 
 mod admin;
+pub use admin::ADMIN_CLIENT_HEADER;
 mod chat;
 pub mod codec;
 pub mod convert;

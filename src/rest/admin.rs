@@ -17,6 +17,7 @@ use crate::core::admin::{
     CallFilter, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, NewKey, NewUser, UsageGrouping,
     UsageQuery, UsageSubject, UserPatch,
 };
+use crate::core::audit::Actor;
 use crate::core::billing::NewPrice;
 use crate::core::catalogue::ModelRecord;
 use crate::core::model_admin::ModelPatch;
@@ -55,10 +56,12 @@ pub fn router() -> Router<AppState> {
                 .patch(update_model)
                 .delete(delete_model),
         )
+        .route("/audit", get(list_audit))
 }
 
-/// Proof that the request carries the admin token; every admin handler takes one.
-struct Admin;
+/// Proof that the request carries the admin token; every admin handler takes one. It
+/// names the actor of the changes the request makes (for the audit log).
+struct Admin(Actor);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = GatewayError;
@@ -67,10 +70,15 @@ impl FromRequestParts<AppState> for Admin {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        let client = client_addr(&parts.extensions);
         state
             .gateway()
-            .authenticate_admin(bearer(&parts.headers), client_addr(&parts.extensions))?;
-        Ok(Admin)
+            .authenticate_admin(bearer(&parts.headers), client)?;
+        let who = client.map_or_else(
+            || "admin token".to_owned(),
+            |a| format!("admin token from {a}"),
+        );
+        Ok(Admin(Actor::new("rest", who)))
     }
 }
 
@@ -113,11 +121,11 @@ async fn list_models(_: Admin, State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn create_model(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     AdminJson(model): AdminJson<ModelRecord>,
 ) -> Result<Response, GatewayError> {
-    let model = state.gateway().create_model(model)?;
+    let model = state.gateway().acting(actor).create_model(model)?;
     Ok((StatusCode::CREATED, Json(model)).into_response())
 }
 
@@ -131,7 +139,7 @@ async fn get_model(
 
 /// Creates or replaces the model whole; the path names it (a `name` in the body must agree).
 async fn put_model(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(name): Path<String>,
     AdminJson(mut body): AdminJson<Value>,
@@ -151,24 +159,24 @@ async fn put_model(
     }
     let model: ModelRecord = serde_path_to_error::deserialize(body)
         .map_err(|e| field_error(&e.path().to_string(), &e.into_inner().to_string()))?;
-    Ok(Json(state.gateway().put_model(model)?).into_response())
+    Ok(Json(state.gateway().acting(actor).put_model(model)?).into_response())
 }
 
 async fn update_model(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(name): Path<String>,
     AdminJson(patch): AdminJson<ModelPatch>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().update_model(&name, patch)?).into_response())
+    Ok(Json(state.gateway().acting(actor).update_model(&name, patch)?).into_response())
 }
 
 async fn delete_model(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().delete_model(&name)?).into_response())
+    Ok(Json(state.gateway().acting(actor).delete_model(&name)?).into_response())
 }
 
 async fn list_users(_: Admin, State(state): State<AppState>) -> Json<Value> {
@@ -176,11 +184,11 @@ async fn list_users(_: Admin, State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn create_user(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     AdminJson(new): AdminJson<NewUser>,
 ) -> Result<Response, GatewayError> {
-    let user = state.gateway().create_user(new)?;
+    let user = state.gateway().acting(actor).create_user(new)?;
     Ok((StatusCode::CREATED, Json(user)).into_response())
 }
 
@@ -193,20 +201,20 @@ async fn get_user(
 }
 
 async fn update_user(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
     AdminJson(patch): AdminJson<UserPatch>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().update_user(&id, patch)?).into_response())
+    Ok(Json(state.gateway().acting(actor).update_user(&id, patch)?).into_response())
 }
 
 async fn deactivate_user(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().deactivate_user(&id)?).into_response())
+    Ok(Json(state.gateway().acting(actor).deactivate_user(&id)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -232,11 +240,11 @@ async fn list_keys(
 }
 
 async fn create_key(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     AdminJson(new): AdminJson<NewKey>,
 ) -> Result<Response, GatewayError> {
-    let created = state.gateway().create_key(new)?;
+    let created = state.gateway().acting(actor).create_key(new)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -249,20 +257,20 @@ async fn get_key(
 }
 
 async fn update_key(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
     AdminJson(patch): AdminJson<KeyPatch>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().update_key(&id, patch)?).into_response())
+    Ok(Json(state.gateway().acting(actor).update_key(&id, patch)?).into_response())
 }
 
 async fn revoke_key(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    Ok(Json(state.gateway().revoke_key(&id)?).into_response())
+    Ok(Json(state.gateway().acting(actor).revoke_key(&id)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -273,7 +281,7 @@ struct RotateBody {
 }
 
 async fn rotate_key(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: axum::body::Body,
@@ -288,7 +296,7 @@ async fn rotate_key(
         parse_json(&body)?
     };
     let grace = body.grace_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_SECS);
-    Ok(Json(state.gateway().rotate_key(&id, grace)?).into_response())
+    Ok(Json(state.gateway().acting(actor).rotate_key(&id, grace)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -360,11 +368,11 @@ async fn list_prices(
 }
 
 async fn add_price(
-    _: Admin,
+    Admin(actor): Admin,
     State(state): State<AppState>,
     AdminJson(new): AdminJson<NewPrice>,
 ) -> Result<Response, GatewayError> {
-    let price = state.gateway().add_price(new)?;
+    let price = state.gateway().acting(actor).add_price(new)?;
     Ok((StatusCode::CREATED, Json(price)).into_response())
 }
 
@@ -515,4 +523,22 @@ async fn backup(_: Admin, State(state): State<AppState>) -> Result<Response, Gat
         body,
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    limit: Option<usize>,
+    page_token: Option<String>,
+}
+
+/// The audit log, newest first.
+async fn list_audit(
+    _: Admin,
+    State(state): State<AppState>,
+    AdminQuery(params): AdminQuery<AuditParams>,
+) -> Result<Response, GatewayError> {
+    let page = state
+        .gateway()
+        .audit_log(params.page_token.as_deref(), params.limit)?;
+    Ok(Json(page).into_response())
 }

@@ -18,6 +18,7 @@ use crate::core::catalogue::ModelRecord;
 use crate::core::export::setting_bytes;
 use crate::core::keys::to_hex;
 use crate::core::pricing::PriceRecord;
+use crate::core::records::AuditRecord;
 use crate::core::records::ExportRecord;
 use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
 use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
@@ -84,6 +85,8 @@ struct Trees {
     prices: sled::Tree,
     /// The model catalogue: name → model.
     models: sled::Tree,
+    /// The audit log: record id (time-ordered) → record.
+    audit: sled::Tree,
 }
 
 /// The trees of schema 3 that held the call log, moved to the [`CallLog`] at the first
@@ -378,6 +381,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
         meta: db.open_tree("meta")?,
         prices: db.open_tree("prices")?,
         models: db.open_tree("models")?,
+        audit: db.open_tree("audit")?,
         db,
     };
     trees.check_schema(path, existed)?;
@@ -721,6 +725,9 @@ impl Store for SledStore {
         for value in t.models.iter().values() {
             visit(ExportRecord::Model(decode("models", &value?)?))?;
         }
+        for value in t.audit.iter().values() {
+            visit(ExportRecord::Audit(decode("audit", &value?)?))?;
+        }
         Ok(())
     }
 
@@ -757,6 +764,9 @@ impl Store for SledStore {
                 }
                 ExportRecord::Model(model) => {
                     t.models.insert(model.name.as_bytes(), encode(model)?)?;
+                }
+                ExportRecord::Audit(record) => {
+                    t.audit.insert(record.id.as_bytes(), encode(record)?)?;
                 }
             }
         }
@@ -968,6 +978,26 @@ impl Store for SledStore {
         let t = self.trees()?;
         t.meta.insert(name, value)?;
         Ok(())
+    }
+
+    fn put_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let t = self.trees()?;
+        t.audit.insert(record.id.as_bytes(), encode(record)?)?;
+        // Durable with the change it records (which was flushed just before).
+        self.flush()
+    }
+
+    fn audit(&self, before: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let t = self.trees()?;
+        let range = match before {
+            Some(before) => t.audit.range(..before.as_bytes()),
+            None => t.audit.iter(),
+        };
+        range
+            .rev()
+            .take(limit)
+            .map(|entry| decode("audit", &entry?.1))
+            .collect()
     }
 
     fn prune_calls(&self, before_micros: i64, limit: usize) -> Result<usize, StoreError> {

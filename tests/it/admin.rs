@@ -30,6 +30,7 @@ fn admin_routes(user_id: &str, key_id: &str) -> Vec<(Method, String, Option<Valu
         (Method::GET, format!("{key}/usage"), None),
         (Method::GET, format!("{key}/calls"), None),
         (Method::GET, "/calls".into(), None),
+        (Method::GET, "/audit".into(), None),
     ]
 }
 

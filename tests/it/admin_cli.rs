@@ -237,6 +237,13 @@ impl Admin for FakeAdmin {
         self.answer("DeleteModel", r, Ok(pb::CatalogueModel::default()))
     }
 
+    async fn list_audit(
+        &self,
+        r: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.answer("ListAudit", r, Ok(pb::ListAuditResponse::default()))
+    }
+
     type BackupStream = futures_util::stream::Empty<Result<pb::BackupChunk, Status>>;
 
     async fn backup(

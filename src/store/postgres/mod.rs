@@ -20,6 +20,7 @@ use crate::core::export::setting_bytes;
 use crate::core::keys;
 use crate::core::money::Money;
 use crate::core::pricing::PriceRecord;
+use crate::core::records::AuditRecord;
 use crate::core::records::{
     CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord,
 };
@@ -27,7 +28,7 @@ use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
 
 /// The schema's versions, oldest first; applied in order, each once, at open.
-const MIGRATIONS: [(i64, &str, &str); 4] = [
+const MIGRATIONS: [(i64, &str, &str); 5] = [
     (1, "books", include_str!("migrations/0001_books.sql")),
     (2, "money", include_str!("migrations/0002_money.sql")),
     (3, "models", include_str!("migrations/0003_models.sql")),
@@ -36,6 +37,7 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
         "cache_hits",
         include_str!("migrations/0004_cache_hits.sql"),
     ),
+    (5, "audit", include_str!("migrations/0005_audit.sql")),
 ];
 
 /// Rows read from the call log per round trip while a page is looked for.
@@ -249,7 +251,7 @@ impl PostgresStore {
     pub fn clear(&self) -> Result<(), StoreError> {
         self.run("clear", |pool| async move {
             sqlx::query(
-                "TRUNCATE users, keys, key_hashes, counters, usage, calls, meta, prices, models",
+                "TRUNCATE users, keys, key_hashes, counters, usage, calls, meta, prices, models, audit",
             )
             .execute(&pool)
             .await
@@ -514,6 +516,30 @@ impl Store for PostgresStore {
         for model in self.load_models()? {
             visit(ExportRecord::Model(model))?;
         }
+        // The audit log, oldest first (a page at a time, like the calls).
+        let mut after: Option<String> = None;
+        loop {
+            let last = after.clone();
+            let page: Vec<(String, String)> = self.run("export", |pool| async move {
+                sqlx::query_as(
+                    "SELECT id, record::text FROM audit WHERE $1::text IS NULL OR id > $1 \
+                     ORDER BY id LIMIT $2",
+                )
+                .bind(last)
+                .bind(EXPORT_PAGE_ROWS)
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| io("export", e))
+            })?;
+            let full = page.len() == EXPORT_PAGE_ROWS as usize;
+            for (id, text) in page {
+                visit(ExportRecord::Audit(decode("audit", &text)?))?;
+                after = Some(id);
+            }
+            if !full {
+                break;
+            }
+        }
         Ok(())
     }
 
@@ -583,6 +609,7 @@ impl Store for PostgresStore {
                 ExportRecord::Call(call) => calls.push(call)?,
                 ExportRecord::Price(price) => self.put_price(price)?,
                 ExportRecord::Model(model) => self.put_model(model)?,
+                ExportRecord::Audit(record) => self.put_audit(record)?,
             }
         }
         if calls.at_micros.is_empty() {
@@ -899,6 +926,21 @@ impl Store for PostgresStore {
         })
     }
 
+    fn put_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let (id, record) = (record.id.clone(), encode(record)?);
+        self.run("put audit", |pool| async move {
+            sqlx::query(
+                "INSERT INTO audit (id, record) VALUES ($1, $2::jsonb) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(record)
+            .execute(&pool)
+            .await
+            .map_err(|e| io("put audit", e))?;
+            Ok(())
+        })
+    }
+
     fn delete_model(&self, name: &str) -> Result<(), StoreError> {
         let name = name.to_owned();
         self.run("delete model", |pool| async move {
@@ -909,6 +951,23 @@ impl Store for PostgresStore {
                 .map_err(|e| io("delete model", e))?;
             Ok(())
         })
+    }
+
+    fn audit(&self, before: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let before = before.map(str::to_owned);
+        let limit = to_i64(limit as u64);
+        let rows: Vec<String> = self.run("read audit", |pool| async move {
+            sqlx::query_scalar(
+                "SELECT record::text FROM audit WHERE $1::text IS NULL OR id < $1 \
+                 ORDER BY id DESC LIMIT $2",
+            )
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| io("read audit", e))
+        })?;
+        rows.iter().map(|text| decode("audit", text)).collect()
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {

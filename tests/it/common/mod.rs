@@ -3,6 +3,7 @@
 //! [`binary`] starts the compiled binary instead; [`RestApi`] calls either over REST.
 
 pub mod binary;
+pub mod browser;
 pub mod postgres;
 pub mod redis;
 mod rest;
