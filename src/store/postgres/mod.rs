@@ -302,6 +302,40 @@ impl PostgresStore {
     }
 
     /// Runs `job` on the store's runtime and waits for it, at most the timeout.
+    /// Every record a `SELECT record::text …` query reads, decoded.
+    fn load_records<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &'static str,
+        sql: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows: Vec<String> = self.run("load records", |pool| async move {
+            sqlx::query_scalar(sql)
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| io(table, e))
+        })?;
+        rows.iter().map(|text| decode(table, text)).collect()
+    }
+
+    /// Writes one record (JSON) by its id with an `INSERT … ($1 id, $2 record)` statement.
+    fn put_record(
+        &self,
+        what: &'static str,
+        sql: &'static str,
+        id: String,
+        record: String,
+    ) -> Result<(), StoreError> {
+        self.run(what, |pool| async move {
+            sqlx::query(sql)
+                .bind(id)
+                .bind(record)
+                .execute(&pool)
+                .await
+                .map_err(|e| io(what, e))?;
+            Ok(())
+        })
+    }
+
     fn run<T, F>(&self, what: &'static str, job: impl FnOnce(PgPool) -> F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -640,23 +674,14 @@ impl Store for PostgresStore {
     }
 
     fn load_users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        let rows: Vec<String> = self.run("load users", |pool| async move {
-            sqlx::query_scalar("SELECT record::text FROM users ORDER BY id")
-                .fetch_all(&pool)
-                .await
-                .map_err(|e| io("load users", e))
-        })?;
-        rows.iter().map(|text| decode("users", text)).collect()
+        self.load_records("users", "SELECT record::text FROM users ORDER BY id")
     }
 
     fn load_prices(&self) -> Result<Vec<PriceRecord>, StoreError> {
-        let rows: Vec<String> = self.run("load prices", |pool| async move {
-            sqlx::query_scalar("SELECT record::text FROM prices ORDER BY model, effective_from")
-                .fetch_all(&pool)
-                .await
-                .map_err(|e| io("load prices", e))
-        })?;
-        rows.iter().map(|text| decode("prices", text)).collect()
+        self.load_records(
+            "prices",
+            "SELECT record::text FROM prices ORDER BY model, effective_from",
+        )
     }
 
     fn put_price(&self, price: &PriceRecord) -> Result<(), StoreError> {
@@ -746,19 +771,13 @@ impl Store for PostgresStore {
     }
 
     fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
-        let (id, record) = (user.id.clone(), encode(user)?);
-        self.run("put user", |pool| async move {
-            sqlx::query(
-                "INSERT INTO users (id, record) VALUES ($1, $2::jsonb) \
-                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
-            )
-            .bind(id)
-            .bind(record)
-            .execute(&pool)
-            .await
-            .map_err(|e| io("put user", e))?;
-            Ok(())
-        })
+        self.put_record(
+            "put user",
+            "INSERT INTO users (id, record) VALUES ($1, $2::jsonb) \
+             ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+            user.id.clone(),
+            encode(user)?,
+        )
     }
 
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
@@ -901,44 +920,26 @@ impl Store for PostgresStore {
     }
 
     fn load_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
-        let rows: Vec<String> = self.run("load models", |pool| async move {
-            sqlx::query_scalar("SELECT record::text FROM models ORDER BY name")
-                .fetch_all(&pool)
-                .await
-                .map_err(|e| io("load models", e))
-        })?;
-        rows.iter().map(|text| decode("models", text)).collect()
+        self.load_records("models", "SELECT record::text FROM models ORDER BY name")
     }
 
     fn put_model(&self, model: &ModelRecord) -> Result<(), StoreError> {
-        let (name, record) = (model.name.clone(), encode(model)?);
-        self.run("put model", |pool| async move {
-            sqlx::query(
-                "INSERT INTO models (name, record) VALUES ($1, $2::jsonb) \
-                 ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
-            )
-            .bind(name)
-            .bind(record)
-            .execute(&pool)
-            .await
-            .map_err(|e| io("put model", e))?;
-            Ok(())
-        })
+        self.put_record(
+            "put model",
+            "INSERT INTO models (name, record) VALUES ($1, $2::jsonb) \
+             ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
+            model.name.clone(),
+            encode(model)?,
+        )
     }
 
     fn put_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        let (id, record) = (record.id.clone(), encode(record)?);
-        self.run("put audit", |pool| async move {
-            sqlx::query(
-                "INSERT INTO audit (id, record) VALUES ($1, $2::jsonb) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(id)
-            .bind(record)
-            .execute(&pool)
-            .await
-            .map_err(|e| io("put audit", e))?;
-            Ok(())
-        })
+        self.put_record(
+            "put audit",
+            "INSERT INTO audit (id, record) VALUES ($1, $2::jsonb) ON CONFLICT (id) DO NOTHING",
+            record.id.clone(),
+            encode(record)?,
+        )
     }
 
     fn delete_model(&self, name: &str) -> Result<(), StoreError> {
