@@ -23,6 +23,7 @@ use crate::core::admin::{
     CallFilter, CreatedKey, DEFAULT_ROTATION_GRACE_SECS, KeyFilter, KeyPatch, KeyView, NewKey,
     NewUser, UsageGrouping, UsageQuery, UsageReport, UsageSubject, UserPatch,
 };
+use crate::core::billing::NewPrice;
 use crate::core::records::{CallRecord, UserRecord};
 use crate::core::time::now_unix;
 
@@ -39,6 +40,8 @@ pub fn routes() -> Router<ConsoleState> {
         .route("/console/usage", get(usage))
         .route("/console/calls", get(calls))
         .route("/console/audit", get(audit))
+        .route("/console/models", get(models).post(add_price))
+        .route("/console/alerts", get(alerts).post(test_alert))
 }
 
 fn ok(title: &str, nav: &'static str, session: &AdminSession, body: &str) -> Response {
@@ -999,6 +1002,156 @@ async fn calls(
 struct AuditParams {
     #[serde(default)]
     page_token: String,
+}
+
+// ---- models and prices ----
+
+/// The catalogue's models and versions, every price (oldest first), and a form that adds a
+/// price from now on.
+async fn models(session: AdminSession, State(state): State<ConsoleState>) -> Response {
+    let gateway = state.gateway();
+    let mut body = table(
+        "Models",
+        &["Model", "Aliases", "Versions", "Default", "Rollout"],
+        gateway.list_models().iter().map(|m| {
+            vec![
+                m.name.clone(),
+                m.aliases.join(", "),
+                m.versions
+                    .iter()
+                    .map(|v| match v.sunset_at {
+                        Some(at) => format!("{} (sunset {})", v.name, time(at)),
+                        None => v.name.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                m.default_version.clone(),
+                m.rollout
+                    .as_ref()
+                    .map(|r| format!("{}% to {}", r.weight, r.version))
+                    .unwrap_or_default(),
+            ]
+        }),
+    );
+    let currency = gateway.currency();
+    body.push_str(&table(
+        &format!("Prices ({currency})"),
+        &[
+            "Model or version",
+            "From",
+            "Prompt / 1M",
+            "Completion / 1M",
+            "Per second",
+            "Minimum",
+            "Images",
+        ],
+        gateway.list_prices(None).iter().map(|p| {
+            vec![
+                p.model.clone(),
+                time(p.effective_from),
+                p.prompt_per_million.to_string(),
+                p.completion_per_million.to_string(),
+                p.per_second.to_string(),
+                p.per_call_minimum.to_string(),
+                p.images
+                    .iter()
+                    .map(|(tier, price)| format!("{tier} {price}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]
+        }),
+    ));
+    let _ = write!(
+        body,
+        "<h2>Add a price</h2><p>It applies to calls from now on; past calls keep their cost.</p>\
+         <form method=\"post\" class=\"edit\">{}\
+         <label>Model or version <input name=\"model\" required></label>\
+         <label>Prompt per 1M tokens <input name=\"prompt_per_million\" inputmode=\"decimal\" value=\"0\"></label>\
+         <label>Completion per 1M tokens <input name=\"completion_per_million\" inputmode=\"decimal\" value=\"0\"></label>\
+         <label>Per second of model time <input name=\"per_second\" inputmode=\"decimal\" value=\"0\"></label>\
+         <label>Minimum per call <input name=\"per_call_minimum\" inputmode=\"decimal\" value=\"0\"></label>\
+         <button type=\"submit\">Add price</button></form>",
+        csrf_field(session.csrf())
+    );
+    ok("Models & prices", "models", &session, &body)
+}
+
+async fn add_price(
+    session: AdminSession,
+    State(state): State<ConsoleState>,
+    body: axum::body::Body,
+) -> Result<Response, PageError> {
+    let form = session.form(&form_body(body).await?)?;
+    let amount = |field: &str| -> Result<Money, GatewayError> {
+        match form.get(field) {
+            "" => Ok(Money::ZERO),
+            text => Money::parse(text).map_err(|e| GatewayError::invalid_request(e, Some(field))),
+        }
+    };
+    state
+        .gateway()
+        .acting(session.actor())
+        .add_price(NewPrice {
+            model: form.get("model").to_owned(),
+            prompt_per_million: amount("prompt_per_million")?,
+            completion_per_million: amount("completion_per_million")?,
+            per_second: amount("per_second")?,
+            per_call_minimum: amount("per_call_minimum")?,
+            ..NewPrice::default()
+        })?;
+    Ok(axum::response::Redirect::to("/console/models").into_response())
+}
+
+// ---- alerts ----
+
+/// Delivery counts by channel and a button that sends a test message to every channel.
+async fn alerts(session: AdminSession, State(state): State<ConsoleState>) -> Response {
+    let figures = state.gateway().delivery_figures();
+    let mut body = if figures.is_empty() {
+        "<p>No alert channels are configured (<code>[[alerts.channels]]</code>).</p>".to_owned()
+    } else {
+        table(
+            "Alert channels, since the gateway started",
+            &["Channel", "Sent", "Failed", "Dropped"],
+            figures.iter().map(|f| {
+                vec![
+                    f.channel.clone(),
+                    f.sent.to_string(),
+                    f.failed.to_string(),
+                    f.dropped.to_string(),
+                ]
+            }),
+        )
+    };
+    let _ = write!(
+        body,
+        "<form method=\"post\">{}<button type=\"submit\">Send a test message to every channel</button></form>",
+        csrf_field(session.csrf())
+    );
+    ok("Alerts", "alerts", &session, &body)
+}
+
+async fn test_alert(
+    session: AdminSession,
+    State(state): State<ConsoleState>,
+    body: axum::body::Body,
+) -> Result<Response, PageError> {
+    session.form(&form_body(body).await?)?;
+    let deliveries = state.gateway().test_alert(None).await?;
+    let mut body = table(
+        "Test message",
+        &["Channel", "Kind", "Delivered", "Error"],
+        deliveries.iter().map(|d| {
+            vec![
+                d.channel.clone(),
+                d.kind.clone(),
+                if d.delivered { "yes" } else { "NO" }.to_owned(),
+                d.error.clone().unwrap_or_default(),
+            ]
+        }),
+    );
+    body.push_str("<p><a href=\"/console/alerts\">Back to alerts</a></p>");
+    Ok(ok("Alerts", "alerts", &session, &body))
 }
 
 async fn audit(

@@ -46,12 +46,14 @@ pub enum Nav {
     Holder,
 }
 
-const ADMIN_LINKS: [(&str, &str); 6] = [
+const ADMIN_LINKS: [(&str, &str); 8] = [
     ("overview", "Overview"),
     ("users", "Users"),
     ("keys", "Keys"),
     ("usage", "Usage"),
     ("calls", "Call log"),
+    ("models", "Models & prices"),
+    ("alerts", "Alerts"),
     ("audit", "Audit log"),
 ];
 

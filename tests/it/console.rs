@@ -480,3 +480,73 @@ async fn a_key_holders_session_ends_with_the_key() {
     let (status, _) = get_page(&gw, &cookie, "/console/me").await;
     assert_eq!(status, StatusCode::SEE_OTHER, "the session is gone");
 }
+
+#[tokio::test]
+async fn models_prices_and_alerts_are_shown_and_a_price_is_added_with_its_csrf_token() {
+    let gw = TestGateway::start().await;
+    let (_, cookie) = sign_in(&gw, "admin", ADMIN_TOKEN).await;
+    let cookie = cookie.unwrap();
+    let (status, page) = get_page(&gw, &cookie, "/console/models").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("Add a price"), "{page}");
+    let add = |fields: Vec<(&'static str, String)>| {
+        let cookie = cookie.clone();
+        let url = gw.url("/console/models");
+        async move {
+            let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            client()
+                .post(url)
+                .header(header::COOKIE, &cookie)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(form(&pairs))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let model = "<script>window.pwned=3</script>m";
+    let no_token = add(vec![
+        ("model", model.into()),
+        ("prompt_per_million", "2".into()),
+    ])
+    .await;
+    assert_eq!(no_token, StatusCode::FORBIDDEN);
+    let (_, prices) = gw.admin(Method::GET, "/prices", None).await;
+    assert!(prices["data"].as_array().unwrap().is_empty(), "{prices}");
+    let added = add(vec![
+        ("model", model.into()),
+        ("prompt_per_million", "2.5".into()),
+        ("csrf", csrf_of(&page)),
+    ])
+    .await;
+    assert_eq!(added, StatusCode::SEE_OTHER);
+    let (_, prices) = gw.admin(Method::GET, "/prices", None).await;
+    assert_eq!(prices["data"][0]["prompt_per_million"], "2.50", "{prices}");
+    let (_, page) = get_page(&gw, &cookie, "/console/models").await;
+    assert!(
+        !page.contains("<script>window.pwned"),
+        "the name stays text"
+    );
+    assert!(page.contains("&lt;script&gt;window.pwned=3"), "{page}");
+    // The change is in the audit log as the console's.
+    let (_, audit) = gw.admin(Method::GET, "/audit", None).await;
+    let entry = &audit["entries"][0];
+    assert_eq!(entry["action"], "price.add", "{audit}");
+    assert_eq!(entry["actor"]["door"], "console");
+
+    // No channels: the alerts page says so, and a test is refused with the reason.
+    let (status, page) = get_page(&gw, &cookie, "/console/alerts").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("No alert channels are configured"), "{page}");
+    let response = client()
+        .post(gw.url("/console/alerts"))
+        .header(header::COOKIE, &cookie)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(form(&[("csrf", csrf_of(&page).as_str())]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(response.text().await.unwrap().contains("no alert channels"));
+}
