@@ -23,6 +23,21 @@ pub struct KeyedRequest {
 /// Members that change how an answer is framed, not what it says.
 const FRAMING: [&str; 2] = ["stream", "stream_options"];
 
+/// Whether `body` asks for the same answer every time (`temperature` 0 or a number as
+/// `seed`), read without building the request: most calls are not cacheable, and keying
+/// one (parsing it whole and hashing every member) costs more than the rest of its path.
+pub fn asks_same_answer(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Sampling {
+        #[serde(default)]
+        temperature: Option<f64>,
+        #[serde(default)]
+        seed: Option<Number>,
+    }
+    serde_json::from_slice::<Sampling>(body)
+        .is_ok_and(|s| s.temperature == Some(0.0) || s.seed.is_some())
+}
+
 /// Keys `body` (a JSON object) for `scope` (who may share the answer), `endpoint` and the
 /// `model` the call is served by; `None` when the body is not a JSON object.
 pub fn key_request(scope: &str, endpoint: &str, model: &str, body: &[u8]) -> Option<KeyedRequest> {
@@ -134,6 +149,25 @@ mod tests {
         );
         assert_eq!(a.key, b.key);
         assert!(a.deterministic && b.deterministic);
+    }
+
+    #[test]
+    fn the_quick_reading_agrees_with_the_key_on_what_is_deterministic() {
+        for body in [
+            r#"{"messages":[],"temperature":0}"#,
+            r#"{"messages":[],"temperature":0.0,"seed":null}"#,
+            r#"{"seed":7,"messages":[{"role":"user","content":"x"}]}"#,
+            r#"{"messages":[],"temperature":0.2}"#,
+            r#"{"messages":[]}"#,
+            r#"{"messages":[],"temperature":"0"}"#,
+            r#"{"messages":[],"seed":"7"}"#,
+        ] {
+            assert_eq!(
+                asks_same_answer(body.as_bytes()),
+                key(body).deterministic,
+                "{body}"
+            );
+        }
     }
 
     #[test]

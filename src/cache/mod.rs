@@ -21,7 +21,7 @@ use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Shared, WeakShared};
 use moka::notification::RemovalCause;
 
-pub use key::{CacheKey, KeyedRequest, key_request};
+pub use key::{CacheKey, KeyedRequest, asks_same_answer, key_request};
 pub use replay::{CompletionAssembler, chat_chunks};
 
 use crate::core::records::Usage;

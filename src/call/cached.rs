@@ -14,7 +14,7 @@ use super::{
 };
 use crate::cache::{
     CacheChoice, CacheKey, CacheStatus, CachedAnswer, CompletionAssembler, FreshAnswer,
-    ResponseCache, chat_chunks, key_request,
+    ResponseCache, asks_same_answer, chat_chunks, key_request,
 };
 use crate::core::records::CallOutcome;
 use crate::core::request::{Endpoint, PreparedCall, with_model};
@@ -55,6 +55,9 @@ impl CallPath {
             || call.endpoint != Endpoint::ChatCompletions
             || caller.record.limits.cache == Some(false)
         {
+            return None;
+        }
+        if origin.cache != CacheChoice::Use && !asks_same_answer(&call.client_body) {
             return None;
         }
         // The version the catalogue picked is part of the request: a rollout's two versions
