@@ -348,9 +348,10 @@ impl CallPath {
     ) -> Result<Completion<T>, GatewayError> {
         let route = self.route(&call.model)?;
         let mut completion = match self.cache_plan(caller, &call, &route, origin) {
+            // Boxed: the cache's state machine is large, and an unboxed one is carried
+            // (and copied) by every call's future, cached or not.
             Some(plan) => {
-                self.complete_cached(caller, call, &route, origin, plan, read)
-                    .await?
+                Box::pin(self.complete_cached(caller, call, &route, origin, plan, read)).await?
             }
             None => {
                 let (admission, answer, deadline) =
@@ -429,10 +430,7 @@ impl CallPath {
         let plan = self.cache_plan(caller, &call, &route, origin);
         let mut keep = None;
         if let Some(plan) = plan {
-            match self
-                .stream_hit(caller, &call, &route, origin, &plan, view)
-                .await?
-            {
+            match Box::pin(self.stream_hit(caller, &call, &route, origin, &plan, view)).await? {
                 Some(mut hit) => {
                     hit.deprecation = route.deprecation;
                     return Ok(hit);
