@@ -439,6 +439,24 @@ async fn start_demo_backends(
     let embed = spawn(Some(DEFAULT_EMBEDDING_MODEL.into()))
         .await
         .context("cannot start the demo's embedding simulator")?;
+    // A sample price, so that the demo's calls show what they cost (unless the
+    // configuration names its own).
+    if config.billing.prices.is_empty() {
+        config.billing.prices = vec![crate::config::PriceSeed {
+            model: DEFAULT_MODEL.into(),
+            prompt_per_million: crate::core::money::Money(500_000_000),
+            completion_per_million: crate::core::money::Money(1_500_000_000),
+            images: [
+                ("small", 1_000_000),
+                ("medium", 2_000_000),
+                ("large", 4_000_000),
+            ]
+            .into_iter()
+            .map(|(tier, nanos)| (tier.to_owned(), crate::core::money::Money(nanos)))
+            .collect(),
+            ..crate::config::PriceSeed::default()
+        }];
+    }
     config.upstream.url = chat.url();
     config.upstream.backends = vec![
         BackendConfig::serving("demo-chat", chat.url(), DEFAULT_MODEL),

@@ -225,6 +225,9 @@ async fn a_taken_port_stores_no_secret_and_the_next_start_shows_working_ones() {
         .unwrap();
     assert_eq!(usage["requests"]["limit"], 1000, "{usage}");
     assert_eq!(usage["tokens"]["limit"], 1_000_000, "{usage}");
+    // The demo's sample price: the call cost something, in USD.
+    assert_eq!(usage["cost"]["currency"], "USD", "{usage}");
+    assert_ne!(usage["cost"]["used"], "0.00", "{usage}");
 
     let logs = demo.stop().await;
     // With `--log-format json` stderr is all JSON, and the secrets are only on stdout.
