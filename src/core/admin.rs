@@ -497,6 +497,19 @@ impl Gateway {
         Ok(keys)
     }
 
+    /// The ids of a user's keys, as the store has them (a scan of every key): for a user's
+    /// usage report, and a user's first budgeted call in a process.
+    pub(super) fn user_key_ids(&self, user_id: &str) -> Result<Vec<String>, GatewayError> {
+        let mut ids = Vec::new();
+        self.store.scan_keys(None, &mut |key, _| {
+            if key.user_id == user_id {
+                ids.push(key.id);
+            }
+            true
+        })?;
+        Ok(ids)
+    }
+
     pub fn update_key(&self, id: &str, patch: KeyPatch) -> Result<KeyView, GatewayError> {
         let (state, mut record) = self.changeable_key(id, "changed")?;
         let now = now_unix();
@@ -589,16 +602,7 @@ impl Gateway {
             UsageSubject::Key(id) => vec![self.get_key(id)?.id],
             UsageSubject::User(id) => {
                 self.get_user(id)?;
-                self.scan_keys(
-                    &KeyFilter {
-                        user_id: Some(id.clone()),
-                    },
-                    None,
-                    usize::MAX,
-                )?
-                .into_iter()
-                .map(|k| k.id)
-                .collect()
+                self.user_key_ids(id)?
             }
         };
         let to = query.to.unwrap_or_else(|| now_unix() + 1);

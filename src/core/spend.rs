@@ -186,19 +186,6 @@ impl Gateway {
             .map(drop)
             .map_err(|_| budget_exceeded("user", budget, mark.and_then(|m| m.period)))
     }
-
-    /// The ids of a user's keys (a scan of every key: only for a user's first budgeted call
-    /// in a process).
-    fn user_key_ids(&self, user_id: &str) -> Result<Vec<String>, GatewayError> {
-        let mut ids = Vec::new();
-        self.store.scan_keys(None, &mut |key, _| {
-            if key.user_id == user_id {
-                ids.push(key.id);
-            }
-            true
-        })?;
-        Ok(ids)
-    }
 }
 
 /// A refusal naming whose budget is used up, how much it is and how often it starts again.
