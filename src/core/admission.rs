@@ -296,18 +296,20 @@ impl Gateway {
             });
         let unsized_images = admission.facts.unsized_images();
         // What the budgets leave pays for so many output tokens: a cap like a token quota's.
+        let user_limits = &caller.user_record.limits;
         let budget_left = [
-            Gateway::key_budget_left(caller, &mark).map(|m| (m, "key")),
+            Gateway::key_budget_left(caller, &mark)
+                .map(|m| (m, "key", limits.budget, limits.period)),
             user_mark
                 .as_ref()
                 .and_then(|m| Gateway::user_budget_left(caller, m))
-                .map(|m| (m, "user")),
+                .map(|m| (m, "user", user_limits.budget, user_limits.period)),
         ]
         .into_iter()
         .flatten()
-        .min();
+        .min_by_key(|(left, ..)| *left);
         let mut budget_tokens = None;
-        if let (Some(priced), Some((left, whose))) = (&priced, budget_left) {
+        if let (Some(priced), Some((left, whose, budget, period))) = (&priced, budget_left) {
             let affordable = priced.price.affordable_completion(
                 &priced.tiers,
                 left,
@@ -317,14 +319,7 @@ impl Gateway {
             );
             if let Some(tokens) = affordable {
                 if tokens < admission.facts.choices.max(1) {
-                    return Err(match whose {
-                        "user" => super::spend::budget_exceeded(
-                            "user",
-                            caller.user_record.limits.budget,
-                            caller.user_record.limits.period,
-                        ),
-                        _ => super::spend::budget_exceeded("key", limits.budget, limits.period),
-                    });
+                    return Err(super::spend::budget_exceeded(whose, budget, period));
                 }
                 budget_tokens = Some(admission.facts.prompt_estimate.saturating_add(tokens));
             }
