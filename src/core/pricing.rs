@@ -3,7 +3,7 @@
 //! in effect when it was admitted, once, at settlement, in whole nano-units rounded up.
 //! History is never rewritten: a price takes effect now or later, never earlier.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -235,23 +235,19 @@ pub struct PriceBook {
 impl PriceBook {
     /// Replaces every price (at start, and when another replica announces a change).
     pub fn load(&self, records: Vec<PriceRecord>) {
-        let mut prices: HashMap<String, Vec<Arc<PriceRecord>>> = HashMap::new();
+        // By model, then moment: a price replaced before it took effect (the same moment
+        // written again) is the later write.
+        let mut by_moment: HashMap<String, BTreeMap<UnixTime, Arc<PriceRecord>>> = HashMap::new();
         for record in records {
-            prices
+            by_moment
                 .entry(record.model.clone())
                 .or_default()
-                .push(Arc::new(record));
+                .insert(record.effective_from, Arc::new(record));
         }
-        for list in prices.values_mut() {
-            list.sort_by_key(|p| p.effective_from);
-            // A price replaced before it took effect: the later write wins.
-            list.dedup_by(|later, earlier| {
-                later.effective_from == earlier.effective_from && {
-                    std::mem::swap(later, earlier);
-                    true
-                }
-            });
-        }
+        let prices: HashMap<String, Vec<Arc<PriceRecord>>> = by_moment
+            .into_iter()
+            .map(|(model, list)| (model, list.into_values().collect()))
+            .collect();
         *self.prices.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(prices);
     }
 
@@ -285,7 +281,6 @@ impl PriceBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn money(text: &str) -> Money {
         Money::parse(text).unwrap()
