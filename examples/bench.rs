@@ -154,12 +154,14 @@ async fn bench_key(gateway_url: &str) -> anyhow::Result<String> {
 /// simulator, one per `store.durability` mode, in alternating rounds (the order swapped each
 /// round); per target the median over the rounds of each figure, and what each mode adds to
 /// calling the simulator directly, measured in the same round.
-async fn durability(cpu: &str, seconds: f64, rounds: usize) -> anyhow::Result<()> {
-    let fast = (
-        "flush_interval",
-        "durability = \"flush_interval\"\n".to_owned(),
-    );
-    compare(cpu, seconds, rounds, "reservations", fast, None).await
+async fn durability(cpu: &str, seconds: f64, rounds: usize, other: &str) -> anyhow::Result<()> {
+    let other: &'static str = match other {
+        "flush_interval" => "flush_interval",
+        "reservations_synced" => "reservations_synced",
+        _ => bail!("compare the default with flush_interval or reservations_synced"),
+    };
+    let lines = format!("durability = \"{other}\"\n");
+    compare(cpu, seconds, rounds, "reservations", (other, lines), None).await
 }
 
 /// sled against the shared store (Postgres at `BENCH_POSTGRES_URL`, Redis at
@@ -882,7 +884,8 @@ async fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("durability") {
         let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
         let rounds: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
-        return durability(&server_cpu, seconds, rounds).await;
+        let other = args.get(4).map_or("flush_interval", String::as_str);
+        return durability(&server_cpu, seconds, rounds, other).await;
     }
     if args.get(1).map(String::as_str) == Some("shared") {
         let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
@@ -1181,6 +1184,7 @@ async fn calls(args: &[String]) -> anyhow::Result<()> {
         bail!("usage: bench calls <json|sse|grpc-unary|grpc-stream> <url> <key> <n>");
     };
     let n: usize = n.parse()?;
+    let mut took = Vec::with_capacity(n);
     match kind.as_str() {
         "json" | "sse" => {
             let client = reqwest::Client::builder()
@@ -1189,26 +1193,40 @@ async fn calls(args: &[String]) -> anyhow::Result<()> {
                 .build()?;
             let body = chat_body(kind == "sse");
             for _ in 0..n {
+                let t = Instant::now();
                 post_chat(&client, url, key, body.clone())
                     .await?
                     .bytes()
                     .await?;
+                took.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
             }
         }
         "grpc-unary" | "grpc-stream" => {
             let mut client = grpc_client(url, key).await?;
             let request = grpc_request();
             for _ in 0..n {
+                let t = Instant::now();
                 if kind == "grpc-unary" {
                     client.complete(request.clone()).await?;
                 } else {
                     let mut stream = client.stream_complete(request.clone()).await?.into_inner();
                     while stream.message().await?.is_some() {}
                 }
+                took.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
             }
         }
         other => bail!("unknown kind {other}"),
     }
+    took.sort_unstable();
+    println!(
+        "{n} calls, whole answer: p50 {} µs, p90 {} µs, p95 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+        percentile(&took, 0.5),
+        percentile(&took, 0.9),
+        percentile(&took, 0.95),
+        percentile(&took, 0.99),
+        percentile(&took, 0.999),
+        took.last().copied().unwrap_or(0)
+    );
     Ok(())
 }
 

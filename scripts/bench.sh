@@ -3,8 +3,9 @@
 # (simulated upstream, gateway, nginx) to CPU 0 and the load generator to CPU 1, and prints
 # the table that BENCHMARKS.md records. Arguments: seconds per point, rounds (default 5, 3).
 # nginx is measured when installed (`apt-get install nginx`); nothing else is needed.
-# `scripts/bench.sh durability [seconds] [rounds]`: the two store.durability modes side by
-# side (two gateways, one simulator), medians over the rounds.
+# `scripts/bench.sh durability [seconds] [rounds] [flush_interval|reservations_synced]`: the
+# default store.durability beside another mode (two gateways, one simulator), medians over
+# the rounds.
 # `scripts/bench.sh full-load [seconds]`: REST JSON at 16 connections on the gateway alone
 # for 300 s, a row of RSS, data dir, rate, latency and CPU every 15 s.
 # `scripts/bench.sh cache [seconds] [rounds]`: CPU per call of a response cache hit, the
@@ -22,7 +23,7 @@ if [ "${1:-}" = cache ]; then
     BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench cache "${2:-3}" "${3:-3}"
 fi
 if [ "${1:-}" = durability ]; then
-    BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench durability "${2:-3}" "${3:-5}"
+    BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench durability "${2:-3}" "${3:-5}" "${4:-flush_interval}"
 fi
 if [ "${1:-}" = shared ]; then
     PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)

@@ -40,7 +40,7 @@ use crate::sim::{
     DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, RunningSimulator, Simulator, SimulatorConfig,
 };
 use crate::store::{
-    FileJournal, PostgresStore, RedisLimits, RedisSettings, SledStore, UsageWriter,
+    FileJournal, PostgresStore, RedisLimits, RedisSettings, SledStore, UsageWriter, WhenDurable,
 };
 use crate::tls::TlsAcceptor;
 use crate::upstream::UpstreamPool;
@@ -637,11 +637,15 @@ async fn open_journal(
     store: &dyn Store,
 ) -> anyhow::Result<Option<Arc<FileJournal>>> {
     let dir = config.store.path.join("journal");
-    let durable = config.store.durability == Durability::Reservations;
+    let (durable, when) = match config.store.durability {
+        Durability::Reservations => (true, WhenDurable::Written),
+        Durability::ReservationsSynced => (true, WhenDurable::Synced),
+        Durability::FlushInterval => (false, WhenDurable::Written),
+    };
     if !durable && !dir.exists() {
         return Ok(None);
     }
-    let opened = FileJournal::open(&dir)
+    let opened = FileJournal::open(&dir, when)
         .with_context(|| format!("cannot open the reservation journal in {}", dir.display()))?;
     let journal = Arc::new(opened);
     let recovery = journal::recover(store, &*journal)

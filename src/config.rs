@@ -629,11 +629,17 @@ impl std::fmt::Debug for SecretUrl {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// Each call's reservation is synced to a journal before the call is forwarded (one
-    /// sync shared by the calls that arrive together): no call the model server worked on
-    /// is lost; one cut short is charged its reservation at the next start.
+    /// Each call's reservation is written to a journal before the call is forwarded, and
+    /// the journal is synced behind the calls (within a few milliseconds): a kill -9 or a
+    /// crash of the gateway loses no call the model server worked on (one cut short is
+    /// charged its reservation at the next start); a power cut can lose the last few
+    /// milliseconds' reservations.
     #[default]
     Reservations,
+    /// As `reservations`, but each call also waits for its reservation's sync (one sync
+    /// shared by the calls that arrive together): a power cut loses nothing either, for
+    /// about 0.1–0.3 ms more per call.
+    ReservationsSynced,
     /// No journal: usage is written in batches and flushed every `flush_interval_ms`; a
     /// hard kill can lose the calls settled within that interval.
     FlushInterval,
@@ -1159,6 +1165,9 @@ mod tests {
             jail.create_file("gw.toml", "[store]\ndurability = \"flush_interval\"\n")?;
             let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
             assert_eq!(config.store.durability, Durability::FlushInterval);
+            jail.set_env("STEP3GW_STORE_DURABILITY", "reservations_synced");
+            let config = GatewayConfig::load(Some(Path::new("gw.toml"))).unwrap();
+            assert_eq!(config.store.durability, Durability::ReservationsSynced);
             jail.set_env("STEP3GW_STORE_DURABILITY", "sometimes");
             let err = GatewayConfig::load(Some(Path::new("gw.toml")))
                 .unwrap_err()

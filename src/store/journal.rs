@@ -1,6 +1,9 @@
-//! The reservation journal on disk: append-only segment files of CRC-checked records,
-//! written by one thread that makes each group of reservations durable with one
-//! `fdatasync` (group commit: the calls that arrive while a sync runs share the next one).
+//! The reservation journal on disk: append-only segment files of CRC-checked records.
+//! Two ways to wait ([`WhenDurable`]): a call writes its reservation itself and goes on once
+//! the kernel has it (a kill -9 of the gateway cannot lose it; a thread syncs behind the
+//! calls), or one thread makes each group of reservations durable with one `fdatasync`
+//! before their calls go on (group commit: the calls that arrive while a sync runs share
+//! the next one).
 //!
 //! Why our own and not sled's flush (or redb, fjall, okaywal): measured on the project's VM
 //! (BENCHMARKS.md, "Durable reservations"), one sync costs the same in all of them, and this
@@ -22,8 +25,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -56,6 +60,23 @@ const SPARES: usize = 2;
 /// well under [`MAX_RECORD`]).
 const CLOSE_CHUNK: usize = 2048;
 
+/// In [`WhenDurable::Written`], how long the syncing thread rests after a sync: calls
+/// written meanwhile share the next one, and a power cut can lose at most this plus a sync.
+const SYNC_PAUSE: Duration = Duration::from_millis(2);
+
+/// When a call may go on after its reservation is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenDurable {
+    /// Once the kernel has the record (its `write` returned): a kill -9, a crash or an OOM
+    /// kill of the gateway loses nothing, and the call waits for no disk. A thread syncs
+    /// the journal behind the calls, so a power cut can lose the reservations of the last
+    /// [`SYNC_PAUSE`] and one sync.
+    Written,
+    /// Once the record is synced to the disk (`fdatasync`, one shared by the calls that
+    /// arrive together): a power cut loses nothing either.
+    Synced,
+}
+
 /// One journal record.
 #[derive(Debug, Deserialize)]
 enum Entry {
@@ -86,13 +107,31 @@ enum Op {
     },
     Settled(Vec<u8>),
     Close(Vec<u64>),
+    /// Records were written by the calls themselves ([`WhenDurable::Written`]).
+    Sync,
     Stop(oneshot::Sender<()>),
+}
+
+/// What the calls and the journal's thread share.
+#[derive(Debug)]
+struct Shared {
+    writer: Mutex<Writer>,
+    /// Written since the thread last took the file to sync it.
+    dirty: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The journal: cheap to call from any task; the writing happens on its own thread.
 #[derive(Debug)]
 pub struct FileJournal {
     dir: PathBuf,
+    when: WhenDurable,
+    shared: Arc<Shared>,
     tx: mpsc::Sender<Op>,
     next_id: AtomicU64,
     unsettled: Vec<Unsettled>,
@@ -103,11 +142,15 @@ impl FileJournal {
     /// Reads the journal in `dir` (created if missing): the reservations the last run left
     /// open are kept for [`ReservationJournal::unsettled`]. Refuses a damaged journal,
     /// naming the file and the offset. Starts a new segment for this run.
-    pub fn open(dir: &Path) -> Result<FileJournal, StoreError> {
-        FileJournal::open_sized(dir, SEGMENT_BYTES)
+    pub fn open(dir: &Path, when: WhenDurable) -> Result<FileJournal, StoreError> {
+        FileJournal::open_sized(dir, SEGMENT_BYTES, when)
     }
 
-    fn open_sized(dir: &Path, segment_bytes: u64) -> Result<FileJournal, StoreError> {
+    fn open_sized(
+        dir: &Path,
+        segment_bytes: u64,
+        when: WhenDurable,
+    ) -> Result<FileJournal, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
         let read = read_dir(dir)?;
         let mut writer = Writer {
@@ -134,7 +177,7 @@ impl FileJournal {
                 .write(true)
                 .open(segment_path(dir, segment))
                 .map_err(|e| io_error(dir, &e))?;
-            writer.file = Some(file);
+            writer.file = Some(Arc::new(file));
             writer.pos = end;
             if !read.last_ended {
                 writer.push(segment, &EntryRef::E)?;
@@ -144,12 +187,22 @@ impl FileJournal {
         }
         writer.start_segment(writer.segment + 1)?;
         writer.forget_closed()?;
-        writer.prepare_spare()?;
+        if writer.spares.is_empty() {
+            let spare = writer.new_spare()?;
+            writer.spares.push(spare);
+        }
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(writer),
+            dirty: AtomicBool::new(false),
+        });
         let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("journal".into())
-            .spawn(move || writer.run(&rx))
-            .map_err(|e| io_error(dir, &e))?;
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("journal".into())
+                .spawn(move || run(&shared, &rx))
+                .map_err(|e| io_error(dir, &e))?
+        };
         let unsettled: Vec<Unsettled> = read.unsettled.into_values().collect();
         if !unsettled.is_empty() {
             tracing::warn!(
@@ -160,6 +213,8 @@ impl FileJournal {
         }
         Ok(FileJournal {
             dir: dir.to_owned(),
+            when,
+            shared,
             tx,
             // Unique across restarts: above every id read, and above the ids any earlier
             // run could have handed out without writing them (fewer than one a microsecond).
@@ -188,6 +243,26 @@ impl FileJournal {
             tracing::error!(journal = %self.dir.display(), "the reservation journal has stopped");
         }
     }
+
+    /// [`WhenDurable::Written`]: writes `record` on the caller's thread (a `pwrite` into
+    /// the page cache, a few µs) and asks the journal's thread for a sync behind it.
+    fn write_now(&self, reserved: Option<u64>, record: &[u8]) -> Result<(), StoreError> {
+        let mut writer = self.shared.lock();
+        let written = writer.append(record).and_then(|()| writer.write_out());
+        match &written {
+            Ok(()) => {
+                if let Some(id) = reserved {
+                    writer.note_open(id);
+                }
+            }
+            Err(_) => writer.buffer.clear(),
+        }
+        drop(writer);
+        if written.is_ok() && !self.shared.dirty.swap(true, Ordering::AcqRel) {
+            self.send(Op::Sync);
+        }
+        written
+    }
 }
 
 impl ReservationJournal for FileJournal {
@@ -195,6 +270,9 @@ impl ReservationJournal for FileJournal {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, durable) = oneshot::channel();
         match encode(&EntryRef::R(id, &reservation)) {
+            Ok(record) if self.when == WhenDurable::Written => {
+                let _ = done.send(self.write_now(Some(id), &record));
+            }
             Ok(record) => self.send(Op::Reserve { id, record, done }),
             Err(e) => {
                 let _ = done.send(Err(e));
@@ -208,6 +286,11 @@ impl ReservationJournal for FileJournal {
             return;
         };
         match encode(&EntryRef::S(id, call)) {
+            Ok(record) if self.when == WhenDurable::Written => {
+                if let Err(e) = self.write_now(None, &record) {
+                    tracing::warn!(error = %e, "a settlement was not journaled");
+                }
+            }
             Ok(record) => self.send(Op::Settled(record)),
             // The reservation stays open; recovery would charge its estimate.
             Err(e) => tracing::warn!(error = %e, "a settlement was not journaled"),
@@ -254,11 +337,32 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io_error(dir, &e))
 }
 
-/// The thread's side: the current segment and the reservations still open.
+/// Writes a segment file of `bytes` at `path`. Zeros are written, not a hole left: a sync
+/// after writing into allocated blocks flushes the data alone, one into a hole also records
+/// the allocation (measured here: about a fifth slower per sync).
+fn new_segment_file(path: &Path, bytes: u64) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| io_error(path, &e);
+    let temporary = path.with_extension("new");
+    let file = File::create(&temporary).map_err(io)?;
+    let zeros = vec![0u8; 1024 * 1024];
+    let mut at = 0;
+    while at < bytes {
+        let n = zeros.len().min(usize::try_from(bytes - at).unwrap_or(0));
+        file.write_all_at(&zeros[..n], at).map_err(io)?;
+        at += n as u64;
+    }
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temporary, path).map_err(io)?;
+    Ok(())
+}
+
+/// The current segment and the reservations still open.
+#[derive(Debug)]
 struct Writer {
     segment_bytes: u64,
     dir: PathBuf,
-    file: Option<File>,
+    /// Shared so that the thread can sync it without holding the lock.
+    file: Option<Arc<File>>,
     segment: u64,
     /// Where the next record goes in the current segment.
     pos: u64,
@@ -273,79 +377,128 @@ struct Writer {
     spares: Vec<PathBuf>,
 }
 
-impl Writer {
-    fn run(mut self, rx: &mpsc::Receiver<Op>) {
-        let mut waiters = Vec::new();
-        let mut closed = Vec::new();
-        while let Ok(first) = rx.recv() {
-            // Woken by the first reservation, let the threads that are ready to run (calls
-            // about to reserve) go first, so that more share this sync: 15% less CPU per
-            // call at 16 connections on the 2-core VM, nothing measurable at one.
-            std::thread::yield_now();
-            // Whatever arrived while the last sync ran goes into this one.
-            let mut stop = None;
-            let mut result = Ok(());
-            for op in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-                let appended = match op {
-                    Op::Reserve { id, record, done } => {
-                        waiters.push(done);
-                        let appended = self.append(&record);
-                        if appended.is_ok() {
-                            self.open.insert(id, self.segment);
-                            *self.per_segment.entry(self.segment).or_default() += 1;
-                        }
-                        appended
+/// The journal's thread: writes and syncs what the calls hand over
+/// ([`WhenDurable::Synced`]), syncs behind what they wrote themselves
+/// ([`WhenDurable::Written`]), closes settled reservations and recycles segments.
+fn run(shared: &Shared, rx: &mpsc::Receiver<Op>) {
+    let mut waiters = Vec::new();
+    let mut closed = Vec::new();
+    while let Ok(first) = rx.recv() {
+        // Woken by the first reservation, let the threads that are ready to run (calls
+        // about to reserve) go first, so that more share this sync: 15% less CPU per
+        // call at 16 connections on the 2-core VM, nothing measurable at one.
+        std::thread::yield_now();
+        let mut writer = shared.lock();
+        // Whatever arrived while the last sync ran goes into this one.
+        let mut stop = None;
+        let mut sync_behind = false;
+        let mut result = Ok(());
+        for op in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            let appended = match op {
+                Op::Reserve { id, record, done } => {
+                    waiters.push(done);
+                    let appended = writer.append(&record);
+                    if appended.is_ok() {
+                        writer.note_open(id);
                     }
-                    Op::Settled(record) => self.append(&record),
-                    Op::Close(ids) => {
-                        let mut appended = Ok(());
-                        for chunk in ids.chunks(CLOSE_CHUNK) {
-                            appended = encode(&EntryRef::C(chunk)).and_then(|r| self.append(&r));
-                            if appended.is_err() {
-                                break;
-                            }
-                        }
-                        closed.extend(ids);
-                        appended
-                    }
-                    Op::Stop(done) => {
-                        stop = Some(done);
-                        break;
-                    }
-                };
-                if let Err(e) = appended {
-                    result = Err(e);
+                    appended
                 }
-                if waiters.len() >= 4096 {
+                Op::Settled(record) => writer.append(&record),
+                Op::Close(ids) => {
+                    let mut appended = Ok(());
+                    for chunk in ids.chunks(CLOSE_CHUNK) {
+                        appended = encode(&EntryRef::C(chunk)).and_then(|r| writer.append(&r));
+                        if appended.is_err() {
+                            break;
+                        }
+                    }
+                    closed.extend(ids);
+                    appended
+                }
+                Op::Sync => {
+                    sync_behind = true;
+                    Ok(())
+                }
+                Op::Stop(done) => {
+                    stop = Some(done);
                     break;
                 }
+            };
+            if let Err(e) = appended {
+                result = Err(e);
             }
-            result = result.and_then(|()| self.write_out());
-            if result.is_ok() && (!waiters.is_empty() || stop.is_some()) {
-                result = self.sync();
+            if waiters.len() >= 4096 {
+                break;
             }
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "the reservation journal failed a write");
-                // What was not written is dropped: those calls are refused.
-                self.buffer.clear();
+        }
+        result = result.and_then(|()| writer.write_out());
+        let mut behind = None;
+        if result.is_ok() && (!waiters.is_empty() || stop.is_some()) {
+            result = writer.sync();
+        } else if result.is_ok() && sync_behind {
+            // Cleared before the file is taken: whatever is written after this asks again.
+            shared.dirty.store(false, Ordering::Release);
+            behind = writer.file.clone();
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "the reservation journal failed a write");
+            // What was not written is dropped: those calls are refused.
+            writer.buffer.clear();
+        }
+        for done in waiters.drain(..) {
+            let _ = done.send(result.clone());
+        }
+        for id in closed.drain(..) {
+            writer.note_closed(id);
+        }
+        if let Err(e) = writer.forget_closed() {
+            tracing::warn!(error = %e, "the journal could not recycle a segment");
+        }
+        if let Some(done) = stop {
+            // Later writes find no segment and are refused.
+            writer.file = None;
+            drop(writer);
+            let _ = done.send(());
+            return;
+        }
+        let spare = writer
+            .spares
+            .is_empty()
+            .then(|| (writer.next_spare(), writer.segment_bytes));
+        let dir = writer.dir.clone();
+        drop(writer);
+        // The calls keep writing while the disk syncs.
+        if let Some(file) = behind {
+            if let Err(e) = file.sync_data() {
+                tracing::error!(
+                    error = %io_error(&dir, &e),
+                    "the reservation journal could not sync: a power cut now could lose \
+                     the calls written since its last sync"
+                );
             }
-            for done in waiters.drain(..) {
-                let _ = done.send(result.clone());
+            std::thread::sleep(SYNC_PAUSE);
+        }
+        // Outside the lock: writing a segment full takes milliseconds.
+        if let Some((path, bytes)) = spare {
+            match new_segment_file(&path, bytes).and_then(|()| sync_dir(&dir)) {
+                Ok(()) => shared.lock().spares.push(path),
+                Err(e) => tracing::warn!(error = %e, "the journal could not prepare a segment"),
             }
-            for id in closed.drain(..) {
-                if let Some(segment) = self.open.remove(&id)
-                    && let Some(n) = self.per_segment.get_mut(&segment)
-                {
-                    *n -= 1;
-                }
-            }
-            if let Err(e) = self.forget_closed() {
-                tracing::warn!(error = %e, "the journal could not recycle a segment");
-            }
-            if let Some(done) = stop {
-                let _ = done.send(());
-                return;
-            }
+        }
+    }
+}
+
+impl Writer {
+    fn note_open(&mut self, id: u64) {
+        self.open.insert(id, self.segment);
+        *self.per_segment.entry(self.segment).or_default() += 1;
+    }
+
+    fn note_closed(&mut self, id: u64) {
+        if let Some(segment) = self.open.remove(&id)
+            && let Some(n) = self.per_segment.get_mut(&segment)
+        {
+            *n -= 1;
         }
     }
 
@@ -399,7 +552,7 @@ impl Writer {
 
     fn current(&self) -> Result<&File, StoreError> {
         self.file
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| StoreError::Io(format!("journal {}: no segment", self.dir.display())))
     }
 
@@ -409,55 +562,34 @@ impl Writer {
         let io = |e: std::io::Error| io_error(&path, &e);
         match self.spares.pop() {
             Some(spare) => std::fs::rename(&spare, &path).map_err(io)?,
-            None => self.new_segment_file(&path)?,
+            None => new_segment_file(&path, self.segment_bytes)?,
         }
         sync_dir(&self.dir)?;
-        self.file = Some(
+        self.file = Some(Arc::new(
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(io)?,
-        );
+        ));
         self.segment = segment;
         self.pos = 0;
         self.live.push(segment);
         Ok(())
     }
 
-    /// Writes a segment file of full size at `path`. Zeros are written, not a hole left: a
-    /// sync after writing into allocated blocks flushes the data alone, one into a hole
-    /// also records the allocation (measured here: about a fifth slower per sync).
-    fn new_segment_file(&self, path: &Path) -> Result<(), StoreError> {
-        let io = |e: std::io::Error| io_error(path, &e);
-        let temporary = path.with_extension("new");
-        let file = File::create(&temporary).map_err(io)?;
-        let zeros = vec![0u8; 1024 * 1024];
-        let mut at = 0;
-        while at < self.segment_bytes {
-            let n = zeros
-                .len()
-                .min(usize::try_from(self.segment_bytes - at).unwrap_or(0));
-            file.write_all_at(&zeros[..n], at).map_err(io)?;
-            at += n as u64;
-        }
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&temporary, path).map_err(io)?;
-        Ok(())
+    /// A spare segment, written full now.
+    fn new_spare(&self) -> Result<PathBuf, StoreError> {
+        let path = self.next_spare();
+        new_segment_file(&path, self.segment_bytes)?;
+        sync_dir(&self.dir)?;
+        Ok(path)
     }
 
-    /// Keeps one spare ready, so that the next segment is not written full while calls
-    /// wait for their sync.
-    fn prepare_spare(&mut self) -> Result<(), StoreError> {
-        if self.spares.is_empty() {
-            let spare = self
-                .dir
-                .join(format!("spare-next-{:016x}.log", self.segment));
-            self.new_segment_file(&spare)?;
-            sync_dir(&self.dir)?;
-            self.spares.push(spare);
-        }
-        Ok(())
+    /// Where the next spare goes.
+    fn next_spare(&self) -> PathBuf {
+        self.dir
+            .join(format!("spare-next-{:016x}.log", self.segment))
     }
 
     /// Oldest segments whose reservations are all closed become spares (or go).
@@ -649,6 +781,8 @@ mod tests {
     use crate::core::records::Usage;
     use crate::core::testing::call;
 
+    const BOTH: [WhenDurable; 2] = [WhenDurable::Written, WhenDurable::Synced];
+
     fn reservation(n: u64) -> Reservation {
         Reservation {
             at_micros: 1_000 + i64::try_from(n).unwrap(),
@@ -700,152 +834,185 @@ mod tests {
 
     #[test]
     fn open_reservations_and_their_settlements_are_found_at_the_next_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let ids = {
-            let journal = FileJournal::open(dir.path()).unwrap();
-            assert!(journal.unsettled().is_empty());
-            let ids = reserve(&journal, 3);
-            journal.settled(&settled(ids[1], 7));
-            journal.close(vec![ids[2]]);
-            journal.stop();
-            ids
-        };
-        let journal = FileJournal::open(dir.path()).unwrap();
-        let open = journal.unsettled();
-        assert_eq!(open.len(), 2);
-        assert_eq!((open[0].id, open[0].settled.as_ref()), (ids[0], None));
-        assert_eq!(open[0].reservation, reservation(0));
-        assert_eq!(open[1].id, ids[1]);
-        assert_eq!(open[1].settled.as_ref().unwrap().usage.prompt_tokens, 7);
-        // New ids never repeat an old one.
-        let next = reserve(&journal, 1)[0];
-        assert!(next > ids[2], "{next} after {ids:?}");
+        for when in BOTH {
+            let dir = tempfile::tempdir().unwrap();
+            let ids = {
+                let journal = FileJournal::open(dir.path(), when).unwrap();
+                assert!(journal.unsettled().is_empty());
+                let ids = reserve(&journal, 3);
+                journal.settled(&settled(ids[1], 7));
+                journal.close(vec![ids[2]]);
+                journal.stop();
+                ids
+            };
+            let journal = FileJournal::open(dir.path(), when).unwrap();
+            let open = journal.unsettled();
+            assert_eq!(open.len(), 2);
+            assert_eq!((open[0].id, open[0].settled.as_ref()), (ids[0], None));
+            assert_eq!(open[0].reservation, reservation(0));
+            assert_eq!(open[1].id, ids[1]);
+            assert_eq!(open[1].settled.as_ref().unwrap().usage.prompt_tokens, 7);
+            // New ids never repeat an old one.
+            let next = reserve(&journal, 1)[0];
+            assert!(next > ids[2], "{next} after {ids:?}");
+        }
     }
 
     #[test]
     fn thousands_closed_at_once_fit_the_records_and_reservations_still_sync() {
+        for when in BOTH {
+            let dir = tempfile::tempdir().unwrap();
+            let journal = FileJournal::open(dir.path(), when).unwrap();
+            let ids = reserve(&journal, 5000);
+            journal.close(ids[..4999].to_vec());
+            let last = reserve(&journal, 1);
+            journal.stop();
+            let journal = FileJournal::open(dir.path(), when).unwrap();
+            assert_eq!(open_ids(&journal), [ids[4999], last[0]]);
+        }
+    }
+
+    #[test]
+    fn a_written_reservation_is_in_the_file_when_reserve_returns() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = FileJournal::open(dir.path()).unwrap();
-        let ids = reserve(&journal, 5000);
-        journal.close(ids[..4999].to_vec());
-        let last = reserve(&journal, 1);
+        let journal = FileJournal::open(dir.path(), WhenDurable::Written).unwrap();
+        let mut pending = journal.reserve(reservation(7));
+        // Answered on the caller's thread, not by the journal's.
+        pending.durable.try_recv().unwrap().unwrap();
+        let data = std::fs::read(segment_path(dir.path(), 1)).unwrap();
+        let record = record_at(1, &data, find_record(&data, 0)).unwrap();
+        assert!(String::from_utf8_lossy(record).contains("req-7"));
+        journal.settled(&settled(pending.id, 9));
+        let data = std::fs::read(segment_path(dir.path(), 1)).unwrap();
+        assert!(record_at(1, &data, find_record(&data, 1)).is_some());
+        // After a stop, a reservation is refused rather than written nowhere.
         journal.stop();
-        let journal = FileJournal::open(dir.path()).unwrap();
-        assert_eq!(open_ids(&journal), [ids[4999], last[0]]);
+        let mut late = journal.reserve(reservation(8));
+        assert!(late.durable.try_recv().unwrap().is_err());
     }
 
     #[test]
     fn a_kill_without_stop_keeps_every_durable_reservation() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = FileJournal::open(dir.path()).unwrap();
-        let ids = reserve(&journal, 50);
-        // No stop, no drop: what a `kill -9` leaves is what the syncs wrote.
-        std::mem::forget(journal);
-        let journal = FileJournal::open(dir.path()).unwrap();
-        assert_eq!(open_ids(&journal), ids);
+        for when in BOTH {
+            let dir = tempfile::tempdir().unwrap();
+            let journal = FileJournal::open(dir.path(), when).unwrap();
+            let ids = reserve(&journal, 50);
+            // No stop, no drop: what a `kill -9` leaves is what the syncs wrote.
+            std::mem::forget(journal);
+            let journal = FileJournal::open(dir.path(), when).unwrap();
+            assert_eq!(open_ids(&journal), ids);
+        }
     }
 
     #[test]
     fn a_torn_tail_is_dropped_and_what_came_before_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let ids = {
-            let journal = FileJournal::open(dir.path()).unwrap();
-            let ids = reserve(&journal, 3);
+        for when in BOTH {
+            let dir = tempfile::tempdir().unwrap();
+            let ids = {
+                let journal = FileJournal::open(dir.path(), when).unwrap();
+                let ids = reserve(&journal, 3);
+                journal.stop();
+                ids
+            };
+            // The third record, half written (a crash in the middle of an unsynced write).
+            let path = segment_path(dir.path(), 1);
+            let mut data = std::fs::read(&path).unwrap();
+            let third = find_record(&data, 2);
+            let end = third + HEADER + record_len(&data, third);
+            data[third + (end - third) / 2..end].fill(0);
+            std::fs::write(&path, &data).unwrap();
+            let journal = FileJournal::open(dir.path(), when).unwrap();
+            assert_eq!(open_ids(&journal), ids[..2]);
             journal.stop();
-            ids
-        };
-        // The third record, half written (a crash in the middle of an unsynced write).
-        let path = segment_path(dir.path(), 1);
-        let mut data = std::fs::read(&path).unwrap();
-        let third = find_record(&data, 2);
-        let end = third + HEADER + record_len(&data, third);
-        data[third + (end - third) / 2..end].fill(0);
-        std::fs::write(&path, &data).unwrap();
-        let journal = FileJournal::open(dir.path()).unwrap();
-        assert_eq!(open_ids(&journal), ids[..2]);
-        journal.stop();
-        // The torn segment was given its end mark: it reads whole from now on.
-        let journal = FileJournal::open(dir.path()).unwrap();
-        assert_eq!(open_ids(&journal), ids[..2]);
+            // The torn segment was given its end mark: it reads whole from now on.
+            let journal = FileJournal::open(dir.path(), when).unwrap();
+            assert_eq!(open_ids(&journal), ids[..2]);
+        }
     }
 
     #[test]
     fn a_flipped_byte_before_intact_records_is_refused_not_read_short() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let journal = FileJournal::open(dir.path()).unwrap();
-            reserve(&journal, 3);
-            journal.stop();
+        for when in BOTH {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let journal = FileJournal::open(dir.path(), when).unwrap();
+                reserve(&journal, 3);
+                journal.stop();
+            }
+            let path = segment_path(dir.path(), 1);
+            let mut data = std::fs::read(&path).unwrap();
+            let second = find_record(&data, 1);
+            data[second + HEADER + 5] ^= 0x20;
+            std::fs::write(&path, &data).unwrap();
+            let message = FileJournal::open(dir.path(), when).unwrap_err().to_string();
+            assert!(
+                message.contains(&path.display().to_string())
+                    && message.contains(&format!("damaged at byte {second}"))
+                    && message.contains("intact records follow"),
+                "{message}"
+            );
         }
-        let path = segment_path(dir.path(), 1);
-        let mut data = std::fs::read(&path).unwrap();
-        let second = find_record(&data, 1);
-        data[second + HEADER + 5] ^= 0x20;
-        std::fs::write(&path, &data).unwrap();
-        let message = FileJournal::open(dir.path()).unwrap_err().to_string();
-        assert!(
-            message.contains(&path.display().to_string())
-                && message.contains(&format!("damaged at byte {second}"))
-                && message.contains("intact records follow"),
-            "{message}"
-        );
     }
 
     #[test]
     fn a_finished_segment_cut_short_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        for _ in 0..2 {
-            let journal = FileJournal::open(dir.path()).unwrap();
-            reserve(&journal, 2);
-            journal.stop();
+        for when in BOTH {
+            let dir = tempfile::tempdir().unwrap();
+            for _ in 0..2 {
+                let journal = FileJournal::open(dir.path(), when).unwrap();
+                reserve(&journal, 2);
+                journal.stop();
+            }
+            // Segment 1 was finished (its end mark written) when segment 2 began; lose its end.
+            let path = segment_path(dir.path(), 1);
+            let mut data = std::fs::read(&path).unwrap();
+            let end = find_record(&data, 2);
+            data[end..end + HEADER].fill(0);
+            std::fs::write(&path, &data).unwrap();
+            let message = FileJournal::open(dir.path(), when).unwrap_err().to_string();
+            assert!(
+                message.contains("must end with its end record"),
+                "{message}"
+            );
         }
-        // Segment 1 was finished (its end mark written) when segment 2 began; lose its end.
-        let path = segment_path(dir.path(), 1);
-        let mut data = std::fs::read(&path).unwrap();
-        let end = find_record(&data, 2);
-        data[end..end + HEADER].fill(0);
-        std::fs::write(&path, &data).unwrap();
-        let message = FileJournal::open(dir.path()).unwrap_err().to_string();
-        assert!(
-            message.contains("must end with its end record"),
-            "{message}"
-        );
     }
 
     #[test]
     fn closed_segments_are_reused_and_the_rest_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = FileJournal::open_sized(dir.path(), 4096).unwrap();
-        let mut open = Vec::new();
-        for round in 0..20 {
-            let ids = reserve(&journal, 10);
-            journal.settled(&settled(ids[0], round));
-            // All but one of each round are closed.
-            journal.close(ids[1..].to_vec());
-            open.push(ids[0]);
-            if round >= 2 {
-                journal.close(vec![open.remove(0)]);
+        for when in BOTH {
+            let dir = tempfile::tempdir().unwrap();
+            let journal = FileJournal::open_sized(dir.path(), 4096, when).unwrap();
+            let mut open = Vec::new();
+            for round in 0..20 {
+                let ids = reserve(&journal, 10);
+                journal.settled(&settled(ids[0], round));
+                // All but one of each round are closed.
+                journal.close(ids[1..].to_vec());
+                open.push(ids[0]);
+                if round >= 2 {
+                    journal.close(vec![open.remove(0)]);
+                }
             }
+            journal.stop();
+            let names = segments(dir.path());
+            // Twenty rounds filled a dozen segments; those closed were reused or deleted.
+            assert!(
+                names.iter().filter(|n| n.starts_with("spare-")).count() <= SPARES,
+                "{names:?}"
+            );
+            assert!(
+                names.len() <= 5,
+                "closed segments were not reused: {names:?}"
+            );
+            let journal = FileJournal::open_sized(dir.path(), 4096, when).unwrap();
+            assert_eq!(open_ids(&journal), open);
+            let settled: Vec<u64> = journal
+                .unsettled()
+                .iter()
+                .map(|u| u.settled.as_ref().unwrap().usage.prompt_tokens)
+                .collect();
+            assert_eq!(settled, [18, 19]);
         }
-        journal.stop();
-        let names = segments(dir.path());
-        // Twenty rounds filled a dozen segments; those closed were reused or deleted.
-        assert!(
-            names.iter().filter(|n| n.starts_with("spare-")).count() <= SPARES,
-            "{names:?}"
-        );
-        assert!(
-            names.len() <= 5,
-            "closed segments were not reused: {names:?}"
-        );
-        let journal = FileJournal::open_sized(dir.path(), 4096).unwrap();
-        assert_eq!(open_ids(&journal), open);
-        let settled: Vec<u64> = journal
-            .unsettled()
-            .iter()
-            .map(|u| u.settled.as_ref().unwrap().usage.prompt_tokens)
-            .collect();
-        assert_eq!(settled, [18, 19]);
     }
 
     fn record_len(data: &[u8], pos: usize) -> usize {

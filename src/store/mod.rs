@@ -6,11 +6,12 @@
 mod call_log;
 mod journal;
 mod postgres;
+mod priority;
 mod redis;
 mod sled_store;
 mod writer;
 
-pub use journal::FileJournal;
+pub use journal::{FileJournal, WhenDurable};
 pub use postgres::PostgresStore;
 pub use redis::{RedisLimits, RedisSettings};
 pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};

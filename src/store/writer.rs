@@ -5,7 +5,9 @@
 //!
 //! It runs on a thread of its own, not on the runtime's workers: a batch, a flush or a
 //! prune holds its thread for milliseconds, and on a worker that stalled every call the
-//! worker was serving (BENCHMARKS.md, "Where the tail came from").
+//! worker was serving (BENCHMARKS.md, "Where the tail came from"). The thread is in the
+//! background scheduling class, so a call's worker takes the CPU from it at once; when it
+//! falls behind (a full batch waiting) it takes its normal share until it catches up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +66,7 @@ impl UsageWriter {
             unflushed: Vec::new(),
             retention,
             journal,
+            background: super::priority::background_is_reversible(),
         };
         // Its own runtime, for the writer's timers; the store's calls block this thread only.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -74,6 +77,9 @@ impl UsageWriter {
         let thread = std::thread::Builder::new()
             .name("usage-writer".into())
             .spawn(move || {
+                if writer.background {
+                    super::priority::set_background(true);
+                }
                 let unrecorded = runtime.block_on(writer.run(stopped, flush_every));
                 let _ = report.send(unrecorded);
             })?;
@@ -107,6 +113,8 @@ struct Writer {
     unflushed: Vec<CallRecord>,
     retention: Option<Duration>,
     journal: Option<Arc<dyn ReservationJournal>>,
+    /// Whether its thread is in the background scheduling class (`store::priority`).
+    background: bool,
 }
 
 impl Writer {
@@ -151,6 +159,15 @@ impl Writer {
                                 None => break,
                             }
                         }
+                    }
+                    // A full batch means calls arrive faster than the background gets the
+                    // CPU: the writer takes its normal share until it has caught up.
+                    let background = self.batch.len() < MAX_BATCH;
+                    if background != self.background
+                        && super::priority::background_is_reversible()
+                        && super::priority::set_background(background)
+                    {
+                        self.background = background;
                     }
                     let _books = books.read().await;
                     self.write();

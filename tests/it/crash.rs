@@ -504,7 +504,7 @@ async fn start_on(
         seen: Arc::new(Mutex::new(Seen::default())),
         sim,
         flush_ms,
-        durable: durability == "reservations",
+        durable: durability != "flush_interval",
     };
     (gw, setup)
 }
@@ -527,14 +527,18 @@ fn print_round(what: &str, round: &Round) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_call_that_reached_the_model_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let (gw, setup) = start(dir.path(), FLUSH_MS, "reservations").await;
-    let (gw, round) = kill_round(gw, &setup, "r0", Duration::from_secs(2)).await;
-    print_round("kill -9 (durable reservations)", &round);
-    assert!(round.completed > 0);
-    assert_eq!((round.lost, round.reached_lost), (0, 0));
-    gw.signal("TERM");
-    assert!(gw.wait().await.0.success());
+    // The default writes each reservation before forwarding; `reservations_synced` also
+    // waits for its sync. Both must survive a kill -9 whole.
+    for mode in ["reservations", "reservations_synced"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (gw, setup) = start(dir.path(), FLUSH_MS, mode).await;
+        let (gw, round) = kill_round(gw, &setup, "r0", Duration::from_secs(2)).await;
+        print_round(&format!("kill -9 ({mode})"), &round);
+        assert!(round.completed > 0, "{mode}");
+        assert_eq!((round.lost, round.reached_lost), (0, 0), "{mode}");
+        gw.signal("TERM");
+        assert!(gw.wait().await.0.success());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,76 @@
+//! The usage writer gives the CPU to the threads serving calls: a batch of the books that
+//! starts while a call is in flight must not make the call wait (issue 21; BENCHMARKS.md,
+//! "The tail at one connection").
+//!
+//! Linux lets any thread enter the background class (`SCHED_IDLE`) but only a privileged
+//! one (root, `CAP_SYS_NICE`, or `RLIMIT_NICE` ≥ 20) leave it, and a writer that cannot
+//! leave it would fall behind without bound on a saturated CPU. So a probe thread tries
+//! both ways first; where it cannot come back, the writer keeps the normal class.
+
+use thread_priority::{
+    NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+    set_thread_priority_and_policy, thread_native_id,
+};
+
+/// Whether a thread may enter the background class and leave it again, found once by a
+/// thread that does both.
+pub fn background_is_reversible() -> bool {
+    static REVERSIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REVERSIBLE.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("priority-probe".into())
+            .spawn(|| set_background(true) && set_background(false))
+            .ok()
+            .and_then(|probe| probe.join().ok())
+            .unwrap_or(false)
+    })
+}
+
+/// Moves the calling thread into the background (`SCHED_IDLE`: it runs when no call needs
+/// the CPU, and a runtime worker woken by a call takes the CPU from it at once), or back
+/// to the normal class when it must catch up. Returns whether it did; a failure costs only
+/// the tail, so it is logged at debug level.
+pub fn set_background(background: bool) -> bool {
+    let policy = if background {
+        NormalThreadSchedulePolicy::Idle
+    } else {
+        NormalThreadSchedulePolicy::Other
+    };
+    let set = set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(policy),
+    );
+    if let Err(e) = &set {
+        tracing::debug!(error = ?e, background, "could not change a thread's scheduling class");
+    }
+    set.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy_of_this_thread() -> String {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Field 41 (policy), counted after the command's closing parenthesis.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(38).unwrap().to_owned()
+    }
+
+    #[test]
+    fn a_thread_goes_to_the_background_and_back_where_allowed() {
+        let reversible = background_is_reversible();
+        std::thread::spawn(move || {
+            assert!(set_background(true));
+            assert_eq!(policy_of_this_thread(), "5", "SCHED_IDLE");
+            // Back only where the probe found it allowed (root, CAP_SYS_NICE, RLIMIT_NICE).
+            assert_eq!(set_background(false), reversible);
+            if reversible {
+                assert_eq!(policy_of_this_thread(), "0", "SCHED_OTHER");
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
