@@ -65,7 +65,9 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
     };
     let mut label = None;
     let credentials = (client, certificate);
-    let answer = complete(
+    // Boxed: the call's state machine is kilobytes, and axum's layers move the handler's
+    // future several times on its way in (issue 21: the memcpy in the profile).
+    let answer = Box::pin(complete(
         state,
         endpoint,
         &origin,
@@ -73,7 +75,7 @@ async fn call(state: AppState, endpoint: Endpoint, request: Request) -> Response
         headers,
         body,
         &mut label,
-    )
+    ))
     .await;
     let mut response = match answer {
         Ok(response) => response,
