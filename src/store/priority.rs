@@ -8,7 +8,7 @@
 //! both ways first; where it cannot come back, the writer keeps the normal class.
 
 use thread_priority::{
-    NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+    NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityOsValue, ThreadSchedulePolicy,
     set_thread_priority_and_policy, thread_native_id,
 };
 
@@ -36,9 +36,11 @@ pub fn set_background(background: bool) -> bool {
     } else {
         NormalThreadSchedulePolicy::Other
     };
+    // Nice 0 in both (the crate's `Min` would be nice 19, which starved the writer it
+    // meant to bring back: seen at 20,000 calls/s as a backlog that only grew).
     let set = set_thread_priority_and_policy(
         thread_native_id(),
-        ThreadPriority::Min,
+        ThreadPriority::Os(ThreadPriorityOsValue::default()),
         ThreadSchedulePolicy::Normal(policy),
     );
     if let Err(e) = &set {
@@ -51,11 +53,12 @@ pub fn set_background(background: bool) -> bool {
 mod tests {
     use super::*;
 
-    fn policy_of_this_thread() -> String {
+    /// This thread's scheduling policy and nice value, from `/proc` (fields 41 and 19).
+    fn policy_of_this_thread() -> (String, String) {
         let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        // Field 41 (policy), counted after the command's closing parenthesis.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        after.split(' ').nth(38).unwrap().to_owned()
+        // Counted from the field after the command's closing parenthesis (field 3).
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        (fields[38].to_owned(), fields[16].to_owned())
     }
 
     #[test]
@@ -63,11 +66,12 @@ mod tests {
         let reversible = background_is_reversible();
         std::thread::spawn(move || {
             assert!(set_background(true));
-            assert_eq!(policy_of_this_thread(), "5", "SCHED_IDLE");
-            // Back only where the probe found it allowed (root, CAP_SYS_NICE, RLIMIT_NICE).
+            assert_eq!(policy_of_this_thread().0, "5", "SCHED_IDLE");
+            // Back only where the probe found it allowed (root, CAP_SYS_NICE, RLIMIT_NICE),
+            // and back at nice 0: a normal thread at nice 19 would still be starved.
             assert_eq!(set_background(false), reversible);
             if reversible {
-                assert_eq!(policy_of_this_thread(), "0", "SCHED_OTHER");
+                assert_eq!(policy_of_this_thread(), ("0".into(), "0".into()));
             }
         })
         .join()

@@ -7,9 +7,11 @@
 //! prune holds its thread for milliseconds, and on a worker that stalled every call the
 //! worker was serving (BENCHMARKS.md, "Where the tail came from"). The thread is in the
 //! background scheduling class, so a call's worker takes the CPU from it at once; when it
-//! falls behind (a full batch waiting) it takes its normal share until it catches up.
+//! falls behind (a full batch waiting, or calls settled a quarter of a second before their
+//! batch) it takes its normal share until it catches up.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -19,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::journal::ReservationJournal;
 use crate::core::records::CallRecord;
 use crate::core::store::Store;
+use crate::core::time::now_micros;
 use crate::core::usage_sink::{StoreHealth, UsageQueue};
 
 /// The most calls written in one store transaction.
@@ -26,6 +29,10 @@ const MAX_BATCH: usize = 1024;
 
 /// How long the writer gathers calls before writing them in one transaction.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// How long after a call settled its batch may be written before the writer leaves the
+/// background class to catch up (the batch window is 20 ms of it).
+const MAX_LAG_MICROS: i64 = 250_000;
 
 /// How often old calls are looked for in the call log (the first time soon after start),
 /// and the most removed at once.
@@ -42,6 +49,8 @@ const SHUTDOWN_RETRIES: u32 = 6;
 /// Owns the writer's thread; [`UsageWriter::stop`] drains the queue and flushes the store.
 pub struct UsageWriter {
     stop: CancellationToken,
+    /// Whether the writer's thread is in the background scheduling class now.
+    background: Arc<AtomicBool>,
     /// The number of calls whose usage could not be written, sent as the thread ends.
     done: oneshot::Receiver<usize>,
     thread: std::thread::JoinHandle<()>,
@@ -66,8 +75,9 @@ impl UsageWriter {
             unflushed: Vec::new(),
             retention,
             journal,
-            background: super::priority::background_is_reversible(),
+            background: Arc::new(AtomicBool::new(super::priority::background_is_reversible())),
         };
+        let background = writer.background.clone();
         // Its own runtime, for the writer's timers; the store's calls block this thread only.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -77,13 +87,23 @@ impl UsageWriter {
         let thread = std::thread::Builder::new()
             .name("usage-writer".into())
             .spawn(move || {
-                if writer.background {
+                if writer.background.load(Ordering::Relaxed) {
                     super::priority::set_background(true);
                 }
                 let unrecorded = runtime.block_on(writer.run(stopped, flush_every));
                 let _ = report.send(unrecorded);
             })?;
-        Ok(UsageWriter { stop, done, thread })
+        Ok(UsageWriter {
+            stop,
+            background,
+            done,
+            thread,
+        })
+    }
+
+    /// Whether the writer runs in the background scheduling class now (`store::priority`).
+    pub fn in_background(&self) -> bool {
+        self.background.load(Ordering::Relaxed)
     }
 
     /// Writes everything queued so far, flushes the store and ends the thread. Returns the
@@ -114,7 +134,7 @@ struct Writer {
     retention: Option<Duration>,
     journal: Option<Arc<dyn ReservationJournal>>,
     /// Whether its thread is in the background scheduling class (`store::priority`).
-    background: bool,
+    background: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -160,14 +180,20 @@ impl Writer {
                             }
                         }
                     }
-                    // A full batch means calls arrive faster than the background gets the
-                    // CPU: the writer takes its normal share until it has caught up.
-                    let background = self.batch.len() < MAX_BATCH;
-                    if background != self.background
+                    // A full batch, or calls that settled long ago, mean the background does
+                    // not get enough of the CPU (calls arrive faster, or other processes keep
+                    // it busy): the writer takes its normal share until it has caught up.
+                    let oldest = self
+                        .batch
+                        .first()
+                        .map_or(0, |c| c.at_micros + i64::try_from(c.latency_ms * 1000).unwrap_or(0));
+                    let lag = now_micros().saturating_sub(oldest);
+                    let background = self.batch.len() < MAX_BATCH && lag < MAX_LAG_MICROS;
+                    if background != self.background.load(Ordering::Relaxed)
                         && super::priority::background_is_reversible()
                         && super::priority::set_background(background)
                     {
-                        self.background = background;
+                        self.background.store(background, Ordering::Relaxed);
                     }
                     let _books = books.read().await;
                     self.write();
@@ -302,7 +328,6 @@ impl Writer {
 mod tests {
 
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     use crate::core::store::StoreError;
 
@@ -492,5 +517,26 @@ mod tests {
         sink.record(call("key_a", 1, "m", 10));
         sink.record(call("key_a", 2, "m", 10));
         assert_eq!(writer.stop().await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_falls_behind_leaves_the_background_until_it_catches_up() {
+        if !super::super::priority::background_is_reversible() {
+            // Unprivileged here: the writer never enters the background class.
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let (sink, queue) = usage_channel();
+        let writer =
+            UsageWriter::spawn(store, queue, Duration::from_millis(50), None, None).unwrap();
+        assert!(writer.in_background());
+        // A call that settled ten seconds before its batch: the writer is behind.
+        sink.record(call("key_a", now_micros() - 10_000_000, "m", 10));
+        until("the writer catches up", || !writer.in_background()).await;
+        // A fresh call: it goes back to the background.
+        sink.record(call("key_a", now_micros(), "m", 10));
+        until("the writer goes back", || writer.in_background()).await;
+        assert_eq!(writer.stop().await, 0);
     }
 }
