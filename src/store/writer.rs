@@ -89,6 +89,12 @@ impl UsageWriter {
             .spawn(move || {
                 if writer.background.load(Ordering::Relaxed) {
                     super::priority::set_background(true);
+                    tracing::info!("the usage writer runs in the background scheduling class");
+                } else {
+                    tracing::info!(
+                        "the usage writer keeps the normal scheduling class: leaving the \
+                         background class again needs root, CAP_SYS_NICE or RLIMIT_NICE 20"
+                    );
                 }
                 let unrecorded = runtime.block_on(writer.run(stopped, flush_every));
                 let _ = report.send(unrecorded);
