@@ -425,6 +425,9 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Op>) {
                     appended
                 }
                 Op::Sync => {
+                    // Cleared before the file is taken (and whatever this round's result):
+                    // whatever is written after this asks again.
+                    shared.dirty.store(false, Ordering::Release);
                     sync_behind = true;
                     Ok(())
                 }
@@ -445,8 +448,6 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Op>) {
         if result.is_ok() && (!waiters.is_empty() || stop.is_some()) {
             result = writer.sync();
         } else if result.is_ok() && sync_behind {
-            // Cleared before the file is taken: whatever is written after this asks again.
-            shared.dirty.store(false, Ordering::Release);
             behind = writer.file.clone();
         }
         if let Err(e) = &result {
