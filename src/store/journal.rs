@@ -188,8 +188,9 @@ impl FileJournal {
         writer.start_segment(writer.segment + 1)?;
         writer.forget_closed()?;
         if writer.spares.is_empty() {
-            let spare = writer.new_spare()?;
-            writer.spares.push(spare);
+            let (path, bytes) = writer.next_spare();
+            make_spare(dir, &path, bytes)?;
+            writer.spares.push(path);
         }
         let shared = Arc::new(Shared {
             writer: Mutex::new(writer),
@@ -346,6 +347,13 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io_error(dir, &e))
 }
 
+/// Keeps a spare segment ready at `path` in `dir`, so that the next segment is not written
+/// full while calls wait: written with the journal's lock released, except at open.
+fn make_spare(dir: &Path, path: &Path, bytes: u64) -> Result<(), StoreError> {
+    new_segment_file(path, bytes)?;
+    sync_dir(dir)
+}
+
 /// Writes a segment file of `bytes` at `path`. Zeros are written, not a hole left: a sync
 /// after writing into allocated blocks flushes the data alone, one into a hole also records
 /// the allocation (measured here: about a fifth slower per sync).
@@ -471,10 +479,7 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Op>) {
             let _ = done.send(());
             return;
         }
-        let spare = writer
-            .spares
-            .is_empty()
-            .then(|| (writer.next_spare(), writer.segment_bytes));
+        let spare = writer.spares.is_empty().then(|| writer.next_spare());
         let dir = writer.dir.clone();
         drop(writer);
         // The calls keep writing while the disk syncs.
@@ -490,7 +495,7 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Op>) {
         }
         // Outside the lock: writing a segment full takes milliseconds.
         if let Some((path, bytes)) = spare {
-            match new_segment_file(&path, bytes).and_then(|()| sync_dir(&dir)) {
+            match make_spare(&dir, &path, bytes) {
                 Ok(()) => shared.lock().spares.push(path),
                 Err(e) => tracing::warn!(error = %e, "the journal could not prepare a segment"),
             }
@@ -588,18 +593,12 @@ impl Writer {
         Ok(())
     }
 
-    /// A spare segment, written full now.
-    fn new_spare(&self) -> Result<PathBuf, StoreError> {
-        let path = self.next_spare();
-        new_segment_file(&path, self.segment_bytes)?;
-        sync_dir(&self.dir)?;
-        Ok(path)
-    }
-
-    /// Where the next spare goes.
-    fn next_spare(&self) -> PathBuf {
-        self.dir
-            .join(format!("spare-next-{:016x}.log", self.segment))
+    /// Where the next spare goes, and its size ([`make_spare`] writes it).
+    fn next_spare(&self) -> (PathBuf, u64) {
+        let path = self
+            .dir
+            .join(format!("spare-next-{:016x}.log", self.segment));
+        (path, self.segment_bytes)
     }
 
     /// Oldest segments whose reservations are all closed become spares (or go).
