@@ -1,6 +1,6 @@
 //! The usage writer gives the CPU to the threads serving calls: a batch of the books that
 //! starts while a call is in flight must not make the call wait (issue 21; BENCHMARKS.md,
-//! "The tail at one connection").
+//! "The tail and memory (issue 21): session 4").
 //!
 //! Linux lets any thread enter the background class (`SCHED_IDLE`) but only a privileged
 //! one (root, `CAP_SYS_NICE`, or `RLIMIT_NICE` ≥ 20) leave it, and a writer that cannot

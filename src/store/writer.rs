@@ -87,10 +87,13 @@ impl UsageWriter {
         let thread = std::thread::Builder::new()
             .name("usage-writer".into())
             .spawn(move || {
-                if writer.background.load(Ordering::Relaxed) {
-                    super::priority::set_background(true);
+                // The flag says what the thread is: a refusal here leaves it normal.
+                if writer.background.load(Ordering::Relaxed)
+                    && super::priority::set_background(true)
+                {
                     tracing::info!("the usage writer runs in the background scheduling class");
                 } else {
+                    writer.background.store(false, Ordering::Relaxed);
                     tracing::info!(
                         "the usage writer keeps the normal scheduling class: leaving the \
                          background class again needs root, CAP_SYS_NICE or RLIMIT_NICE 20"
