@@ -631,15 +631,7 @@ async fn start_nginx_cache(
     upstream_url: &str,
 ) -> anyhow::Result<(Proc, String)> {
     let upstream = upstream_url.trim_start_matches("http://");
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .context("no nginx binary (apt-get install nginx)")?;
-    let port = free_port()?;
-    let conf = dir.join("nginx-cache.conf");
-    std::fs::write(
-        &conf,
+    run_nginx(cpu, dir, "nginx-cache", |port, dir| {
         format!(
             "worker_processes 1;\ndaemon off;\npid {dir}/nginx-cache.pid;\nerror_log {dir}/nginx-cache.err warn;\n\
              events {{ worker_connections 4096; }}\n\
@@ -651,42 +643,43 @@ async fn start_nginx_cache(
              proxy_cache answers;\n  proxy_cache_methods POST;\n\
              proxy_cache_key \"$request_uri|$http_authorization|$request_body\";\n\
              proxy_cache_valid 200 60m;\n  proxy_ignore_headers Cache-Control Expires Set-Cookie;\n\
-             add_header X-Cache-Status $upstream_cache_status;\n }}\n }}\n}}\n",
-            dir = dir.display()
-        ),
-    )?;
-    let child = pinned(Some(cpu), nginx)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for(&format!("{url}/health")).await?;
-    Ok((Proc { child }, url))
+             add_header X-Cache-Status $upstream_cache_status;\n }}\n }}\n}}\n"
+        )
+    })
+    .await
 }
 
 async fn start_nginx(cpu: &str, dir: &Path, upstream_url: &str) -> anyhow::Result<(Proc, String)> {
     let upstream = upstream_url.trim_start_matches("http://");
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .context("no nginx binary (apt-get install nginx)")?;
-    let port = free_port()?;
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
+    run_nginx(cpu, dir, "nginx", |port, dir| {
         format!(
             "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.err warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
              upstream sim {{ server {upstream}; keepalive 64; }}\n\
              server {{\n listen 127.0.0.1:{port};\n location / {{\n  proxy_pass http://sim;\n\
-             proxy_http_version 1.1;\n  proxy_set_header Connection \"\";\n  proxy_buffering off;\n }}\n }}\n}}\n",
-            dir = dir.display()
-        ),
-    )?;
+             proxy_http_version 1.1;\n  proxy_set_header Connection \"\";\n  proxy_buffering off;\n }}\n }}\n}}\n"
+        )
+    })
+    .await
+}
+
+/// Starts nginx pinned to `cpu` with the configuration `config(port, dir)` written to
+/// `dir/<name>.conf`, and waits until it answers; its URL.
+async fn run_nginx(
+    cpu: &str,
+    dir: &Path,
+    name: &str,
+    config: impl FnOnce(u16, std::path::Display<'_>) -> String,
+) -> anyhow::Result<(Proc, String)> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .context("no nginx binary (apt-get install nginx)")?;
+    let port = free_port()?;
+    let conf = dir.join(format!("{name}.conf"));
+    std::fs::write(&conf, config(port, dir.display()))?;
     let child = pinned(Some(cpu), nginx)
         .arg("-c")
         .arg(&conf)
