@@ -86,6 +86,11 @@ pub struct UpstreamRelay {
     hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
     /// A cacheable stream: its chunks are put together and the answer kept if it ends whole.
     keep: Option<Box<KeepAnswer>>,
+    /// For a door that takes events one by one: events read together, metered and handed
+    /// out one per call, so that the door translates each before the next is metered. A
+    /// door that cannot translate one settles the call with what came before it, as the
+    /// model server had sent them one at a time.
+    backlog: Vec<Bytes>,
 }
 
 /// Where a whole streamed answer is kept, and its chunks so far.
@@ -223,6 +228,7 @@ impl UpstreamRelay {
             junk: 0,
             hard_stop: Box::pin(hard_stop.clone().cancelled_owned()),
             keep: None,
+            backlog: Vec::new(),
         }
     }
 
@@ -235,7 +241,7 @@ impl UpstreamRelay {
     /// The next events, one by one, `None` at the end. A stream the upstream breaks off
     /// ends with an error and `Done`.
     pub async fn next_events(&mut self) -> Option<Vec<RelayEvent>> {
-        if !self.fill().await {
+        if !self.fill(true).await {
             return None;
         }
         let mut events = Vec::with_capacity(self.ends.len());
@@ -258,7 +264,7 @@ impl UpstreamRelay {
 
     /// The next events as one buffer of SSE (what an SSE body writes), `None` at the end.
     pub async fn next_bytes(&mut self) -> Option<Bytes> {
-        if !self.fill().await {
+        if !self.fill(false).await {
             return None;
         }
         self.ends.clear();
@@ -268,14 +274,22 @@ impl UpstreamRelay {
     /// Reads the upstream until `out` holds at least one event for the client (`true`),
     /// or the stream is over (`false`).
     ///
-    /// Cancel-safe: it waits only while `out` is empty.
-    async fn fill(&mut self) -> bool {
+    /// Cancel-safe: it waits only while `out` is empty. `one_by_one`: see `backlog`.
+    async fn fill(&mut self, one_by_one: bool) -> bool {
         loop {
             if self.admission.is_none() {
                 if std::mem::take(&mut self.draining) {
                     self.upstream.drain(DRAIN_LIMIT).await;
                 }
                 return false;
+            }
+            if !self.backlog.is_empty() {
+                let mut events = std::mem::take(&mut self.backlog);
+                self.take_events(&mut events, true);
+                if !self.ends.is_empty() {
+                    return true;
+                }
+                continue;
             }
             let events = match self.wait().await {
                 Wake::Step(StreamStep::Events) => {
@@ -329,7 +343,7 @@ impl UpstreamRelay {
                 }
             };
             let mut events = events;
-            self.take_events(&mut events);
+            self.take_events(&mut events, one_by_one);
             events.clear();
             self.events = events;
             if !self.ends.is_empty() {
@@ -361,14 +375,20 @@ impl UpstreamRelay {
 
     /// Meters whole events and writes what the client gets of them to `out`; the call is
     /// settled when the stream ends with them.
-    fn take_events(&mut self, events: &mut Vec<Bytes>) {
+    fn take_events(&mut self, events: &mut Vec<Bytes>, one_by_one: bool) {
         let Some(admission) = self.admission.as_mut() else {
             return;
         };
         let mut done = false;
         let mut failed = false;
         let chunks = self.endpoint.streams_chunks();
-        for event in events.drain(..) {
+        let mut pending = events.drain(..);
+        while let Some(event) = pending.next() {
+            if one_by_one && !self.ends.is_empty() {
+                self.backlog.push(event);
+                self.backlog.extend(pending);
+                break;
+            }
             let read = if chunks {
                 sse::read_event(&event)
             } else {
