@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use serde::Deserialize;
 
 use super::backend::BackendLease;
-use super::client::UpstreamResponse;
+use super::client::{BoxError, UpstreamBody, UpstreamResponse};
 use super::sse::SseFramer;
 use super::{error_chain, invalid_response, read_body};
 use crate::core::GatewayError;
@@ -141,11 +141,11 @@ pub enum StreamStep {
 /// A model server's stream, as whole SSE events. Dropping it drops the request, which
 /// stops the generation.
 pub struct EventStream {
-    body: Incoming,
+    body: UpstreamBody,
     framer: SseFramer,
     /// The body's end or failure, read while taking the chunks that had already arrived:
     /// given on the next poll, after the events before it.
-    held: Option<Option<Result<Bytes, hyper::Error>>>,
+    held: Option<Option<Result<Bytes, BoxError>>>,
     /// Counts the call on its backend until the stream is dropped.
     lease: Option<BackendLease>,
 }
@@ -182,7 +182,7 @@ impl EventStream {
                     return Poll::Ready(StreamStep::Events);
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    return Poll::Ready(StreamStep::Broken(error_chain(&e)));
+                    return Poll::Ready(StreamStep::Broken(error_chain(&*e)));
                 }
                 Poll::Ready(None) => return Poll::Ready(StreamStep::Ended),
                 Poll::Pending if events.len() > before => return Poll::Ready(StreamStep::Events),
@@ -209,9 +209,9 @@ impl EventStream {
 /// The next chunk of a body's bytes; trailers, which carry nothing the gateway reads, are
 /// passed over.
 fn poll_chunk(
-    body: &mut Incoming,
+    body: &mut UpstreamBody,
     cx: &mut Context<'_>,
-) -> Poll<Option<Result<Bytes, hyper::Error>>> {
+) -> Poll<Option<Result<Bytes, BoxError>>> {
     loop {
         match Pin::new(&mut *body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

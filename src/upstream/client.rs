@@ -1,11 +1,11 @@
-//! The one HTTP client to every model server: hyper-util's pooled client over TCP
-//! (TCP_NODELAY) or rustls, following no redirects and no proxy, with HTTP/1.1 buffers
-//! sized for thousands of open streams.
+//! The one HTTP client to every model server. `http://` addresses, what a vLLM server
+//! speaks, go over our own HTTP/1.1 connections ([`super::h1`]): they hold the least an
+//! open stream can hold. `https://` ones go over hyper-util's pooled client with rustls
+//! (HTTP/2 when ALPN chooses it). Both follow no redirects and no proxy.
 //!
 //! It replaced reqwest (STACK.md's choice) because every open stream holds an HTTP/1.1
 //! connection of its own to a vLLM server, and reqwest gives no hold on what such a
-//! connection keeps: its 8 KiB read buffer alone was over a quarter of what the upstream
-//! side of a stream held (BENCHMARKS.md, point 12). What reqwest did for us is done here:
+//! connection keeps (BENCHMARKS.md, point 12). What reqwest did for us is done here:
 //! connect timeout (TLS included), TCP_NODELAY, idle pool with a 90 s timeout, the
 //! platform's trust store, HTTP/2 by ALPN on https, and the retry of requests an HTTP/2
 //! server refused unprocessed.
@@ -18,7 +18,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::Scheme;
 use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -27,13 +29,16 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-type BoxError = Box<dyn StdError + Send + Sync>;
+use super::h1::{H1Body, H1Client, H1Error};
 
-/// The read buffer of an HTTP/1.1 connection, reserved again before every read while the
-/// connection lives (hyper's default: 8 KiB, growing). Measured with 10,000 open streams:
-/// 8 KiB → 2 KiB saved 20 MiB, 1 KiB another 9 MiB. It also bounds an answer's head
-/// (status line and headers): vLLM sends a few hundred bytes, and 2 KiB leaves room for
-/// what a proxy in front of it adds. Bodies are read in as many reads as they need.
+pub(super) type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The read buffer of hyper's HTTP/1.1 connections (https), reserved again before every
+/// read while the connection lives (hyper's default: 8 KiB, growing). Measured with 10,000
+/// open streams: 8 KiB → 2 KiB saved 20 MiB, 1 KiB another 9 MiB. It also bounds an
+/// answer's head (status line and headers): vLLM sends a few hundred bytes, and 2 KiB
+/// leaves room for what a proxy in front of it adds. Bodies are read in as many reads as
+/// they need.
 pub(super) const READ_BUFFER_BYTES: usize = 2048;
 
 /// How long an unused connection is kept in the pool (reqwest's default, kept).
@@ -44,29 +49,105 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const REFUSED_RETRIES: u32 = 2;
 
 /// The request body: the bytes of a call, or nothing.
-pub(super) type RequestBody = Full<Bytes>;
+pub(super) type RequestBody = Bytes;
 
 /// An answer whose head has arrived; its body is read as it comes.
-pub(super) type UpstreamResponse = Response<Incoming>;
+pub(super) type UpstreamResponse = Response<UpstreamBody>;
 
 /// A failure to get an answer's head: connect, TLS, write or read failed.
-pub(super) type SendError = hyper_util::client::legacy::Error;
+#[derive(Debug)]
+pub(super) enum SendError {
+    Plain(H1Error),
+    Hyper(hyper_util::client::legacy::Error),
+}
 
-/// A pooled HTTP client to the model servers; cheap to clone (clones share the pool).
+impl SendError {
+    /// No connection could be made.
+    pub(super) fn is_connect(&self) -> bool {
+        match self {
+            SendError::Plain(e) => e.is_connect(),
+            SendError::Hyper(e) => e.is_connect(),
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Plain(e) => e.fmt(f),
+            SendError::Hyper(e) => e.fmt(f),
+        }
+    }
+}
+
+impl StdError for SendError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            SendError::Plain(e) => e.source(),
+            SendError::Hyper(e) => e.source(),
+        }
+    }
+}
+
+/// An answer's body from either connection.
+pub(super) enum UpstreamBody {
+    Plain(H1Body),
+    Hyper(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Plain(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BoxError::from))),
+            UpstreamBody::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BoxError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Plain(body) => body.is_end_stream(),
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Plain(body) => body.size_hint(),
+            UpstreamBody::Hyper(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A pooled HTTP client to the model servers; cheap to clone (clones share the pools).
 #[derive(Clone)]
 pub(super) struct HttpClient {
-    client: Client<UpstreamConnector, RequestBody>,
+    /// `http://`, unless the client is for documents.
+    plain: Option<H1Client>,
+    client: Client<UpstreamConnector, Full<Bytes>>,
 }
 
 impl HttpClient {
     /// A client whose connections (TCP and TLS handshake) must be made within
     /// `connect_timeout`. Fails when the platform's trust store cannot be loaded.
     pub(super) fn new(connect_timeout: Duration) -> Result<Self, String> {
-        Self::build(connect_timeout, Some(READ_BUFFER_BYTES))
+        let mut client = Self::build(connect_timeout, Some(READ_BUFFER_BYTES))?;
+        client.plain = Some(H1Client::new(connect_timeout, POOL_IDLE_TIMEOUT));
+        Ok(client)
     }
 
     /// A client for the odd document from elsewhere (an identity provider's keys), whose
-    /// answers' heads may be larger than a model server's: hyper's own buffer sizes.
+    /// answers' heads may be larger than a model server's: hyper's client, with its own
+    /// buffer sizes, for every address.
     pub(super) fn for_documents(connect_timeout: Duration) -> Result<Self, String> {
         Self::build(connect_timeout, None)
     }
@@ -95,7 +176,10 @@ impl HttpClient {
             inner: connector,
             timeout: connect_timeout,
         });
-        Ok(HttpClient { client })
+        Ok(HttpClient {
+            plain: None,
+            client,
+        })
     }
 
     /// Sends the request `build` makes and waits for the answer's head. A request that an
@@ -105,11 +189,25 @@ impl HttpClient {
         &self,
         build: impl Fn() -> Request<RequestBody>,
     ) -> Result<UpstreamResponse, SendError> {
+        let request = build();
+        if let Some(plain) = &self.plain
+            && request.uri().scheme() == Some(&Scheme::HTTP)
+        {
+            return match plain.send(request).await {
+                Ok(response) => Ok(response.map(UpstreamBody::Plain)),
+                Err(e) => Err(SendError::Plain(e)),
+            };
+        }
+        let mut request = request;
         let mut retries = 0;
         loop {
-            match self.client.request(build()).await {
-                Err(e) if retries < REFUSED_RETRIES && refused_unprocessed(&e) => retries += 1,
-                sent => return sent,
+            match self.client.request(request.map(Full::new)).await {
+                Err(e) if retries < REFUSED_RETRIES && refused_unprocessed(&e) => {
+                    retries += 1;
+                    request = build();
+                }
+                Ok(response) => return Ok(response.map(UpstreamBody::Hyper)),
+                Err(e) => return Err(SendError::Hyper(e)),
             }
         }
     }
@@ -131,7 +229,7 @@ pub(super) fn tls_config() -> Result<rustls::ClientConfig, String> {
 
 /// Whether an HTTP/2 server said it did not process the request, so sending it again is
 /// safe: a stream refused, or the connection closed gracefully before the stream began.
-fn refused_unprocessed(e: &SendError) -> bool {
+fn refused_unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
     let mut source = e.source();
     while let Some(inner) = source {
         if let Some(h2) = inner.downcast_ref::<h2::Error>() {

@@ -25,7 +25,7 @@ pub async fn get(url: &str, timeout: Duration, max_bytes: usize) -> Result<Bytes
     let fetch = async {
         let response = client
             .send(|| {
-                let mut request = Request::new(Full::new(Bytes::new()));
+                let mut request = Request::new(Bytes::new());
                 *request.method_mut() = Method::GET;
                 *request.uri_mut() = uri.clone();
                 request.headers_mut().insert(

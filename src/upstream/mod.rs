@@ -6,6 +6,7 @@ mod answer;
 mod backend;
 mod client;
 pub mod fetch;
+mod h1;
 mod pool;
 pub mod sse;
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 
 pub use answer::{EventStream, JsonAnswer, StreamStep, UpstreamAnswer, usage_of};
 pub use backend::{BackendLease, BackendSettings};
@@ -39,11 +40,10 @@ const SMALL_BODY_TIME: Duration = Duration::from_secs(10);
 pub fn transport_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
     if is_timeout(e) {
         GatewayError::UpstreamTimeout
-    } else if is_head_too_large(e) {
+    } else if let Some(limit) = head_limit_passed(e) {
         GatewayError::UpstreamUnavailable(format!(
             "the model server's answer began with a head (status line and headers) larger \
-             than the gateway reads ({} bytes)",
-            client::READ_BUFFER_BYTES
+             than the gateway reads ({limit} bytes)"
         ))
     } else if e
         .downcast_ref::<client::SendError>()
@@ -58,13 +58,27 @@ pub fn transport_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
     }
 }
 
-/// Whether hyper gave up on an answer's head that did not fit its read buffer.
-fn is_head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
-    any_cause(e, |cause| {
-        cause
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_parse_too_large)
-    })
+/// The limit an answer's head went over, if that is why the attempt failed.
+fn head_limit_passed(e: &(dyn std::error::Error + 'static)) -> Option<usize> {
+    let mut cause = Some(e);
+    while let Some(inner) = cause {
+        match inner.downcast_ref::<client::SendError>() {
+            Some(client::SendError::Plain(h1::H1Error::HeadTooLarge)) => {
+                return Some(h1::MAX_HEAD_BYTES);
+            }
+            Some(client::SendError::Hyper(e))
+                if any_cause(e, |c| {
+                    c.downcast_ref::<hyper::Error>()
+                        .is_some_and(hyper::Error::is_parse_too_large)
+                }) =>
+            {
+                return Some(client::READ_BUFFER_BYTES);
+            }
+            _ => {}
+        }
+        cause = inner.source();
+    }
+    None
 }
 
 /// Whether a time limit of the client (the connect timeout) or of the OS ended the attempt.
@@ -133,8 +147,8 @@ pub fn invalid_response(detail: &str) -> GatewayError {
 /// Reads a whole (JSON) answer with `idle` as the longest silence. Memory is bounded:
 /// an answer that says or turns out to be larger than `limit` is dropped unread (the
 /// connection with it), so the gateway never holds more than `limit` plus one chunk.
-pub(crate) async fn read_body(
-    mut body: Incoming,
+async fn read_body(
+    mut body: client::UpstreamBody,
     idle: Duration,
     limit: usize,
 ) -> Result<Bytes, GatewayError> {
@@ -149,7 +163,7 @@ pub(crate) async fn read_body(
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?
             .transpose()
-            .map_err(|e| transport_error(&e))?;
+            .map_err(|e| transport_error(&*e))?;
         let Some(frame) = frame else { break };
         // Trailers carry nothing the gateway reads.
         let Ok(chunk) = frame.into_data() else {

@@ -243,12 +243,8 @@ impl UpstreamPool {
             let id_header = HeaderValue::from_str(request_id).ok();
             let traceparent_header = traceparent.and_then(|t| HeaderValue::from_str(t).ok());
             let build = || {
-                let mut request = request_to(
-                    Method::POST,
-                    backend.url(endpoint),
-                    &backend,
-                    RequestBody::new(body.clone()),
-                );
+                let mut request =
+                    request_to(Method::POST, backend.url(endpoint), &backend, body.clone());
                 let headers = request.headers_mut();
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 // W3C trace context: the model server's spans join the call's trace.
