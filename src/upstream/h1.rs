@@ -245,8 +245,13 @@ fn request_head(parts: &http::request::Parts, to: &Authority, body_len: usize) -
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     if !parts.headers.contains_key(HOST) {
+        // Host and port only: an authority's user info never goes in `host`.
         head.extend_from_slice(b"host: ");
-        head.extend_from_slice(to.as_str().as_bytes());
+        head.extend_from_slice(to.host().as_bytes());
+        if let Some(port) = to.port() {
+            head.push(b':');
+            head.extend_from_slice(port.as_str().as_bytes());
+        }
         head.extend_from_slice(b"\r\n");
     }
     for (name, value) in &parts.headers {

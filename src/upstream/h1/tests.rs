@@ -319,6 +319,19 @@ async fn broken_answers_are_errors() {
 }
 
 #[tokio::test]
+async fn user_info_in_the_url_stays_out_of_the_host_header() {
+    let server =
+        Server::start(|_, _| reply(&[b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"])).await;
+    let url = server.url.replace("http://", "http://someone:secret@");
+    let response = client().send(post(&url, "{}")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let request = server.requests.lock().unwrap()[0].clone();
+    let host = server.url.trim_start_matches("http://");
+    assert!(request.contains(&format!("host: {host}\r\n")), "{request}");
+    assert!(!request.contains("secret"), "{request}");
+}
+
+#[tokio::test]
 async fn no_server_is_a_connect_error() {
     let port = TcpListener::bind("127.0.0.1:0")
         .await
