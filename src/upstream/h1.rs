@@ -30,6 +30,11 @@ pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Headers an answer may have.
 const MAX_HEADERS: usize = 100;
 
+/// Unused connections kept per model server; more are closed, oldest first. Ten thousand
+/// streams that end together do not leave ten thousand sockets open (a server closes its
+/// side of them after its own idle timeout, and a closed one is found only when taken).
+const MAX_IDLE_PER_HOST: usize = 256;
+
 /// The first read of an answer; reads that fill their room double it, up to [`MAX_READ`].
 const FIRST_READ: usize = 4096;
 const MAX_READ: usize = 64 * 1024;
@@ -107,34 +112,47 @@ struct Idle {
 }
 
 impl Pool {
-    /// The most recently pooled connection to `to` that is still open.
+    /// The most recently pooled connection to `to` that is still open. Closed ones are
+    /// dropped (their `close`) outside the lock.
     fn take(&self, to: &Authority) -> Option<TcpStream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(to)?;
-        while let Some(conn) = list.pop_back() {
-            if conn.since.elapsed() >= self.idle_timeout {
-                // The rest were pooled earlier still.
-                list.clear();
-                return None;
-            }
+        loop {
+            let conn = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let list = idle.get_mut(to)?;
+                let conn = list.pop_back()?;
+                if conn.since.elapsed() >= self.idle_timeout {
+                    // The rest were pooled earlier still.
+                    let expired = std::mem::take(list);
+                    drop(idle);
+                    drop(expired);
+                    return None;
+                }
+                conn
+            };
             if still_open(&conn.io) {
                 return Some(conn.io);
             }
         }
-        None
     }
 
+    /// Pools `io`, past the idle timeout's and [`MAX_IDLE_PER_HOST`]'s oldest.
     fn put(&self, to: Authority, io: TcpStream) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(to).or_default();
-        while list
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
+        let mut gone = Vec::new();
         {
-            list.pop_front();
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(to).or_default();
+            while let Some(oldest) = list.front() {
+                if list.len() < MAX_IDLE_PER_HOST
+                    && now.duration_since(oldest.since) < self.idle_timeout
+                {
+                    break;
+                }
+                gone.extend(list.pop_front());
+            }
+            list.push_back(Idle { io, since: now });
         }
-        list.push_back(Idle { io, since: now });
+        drop(gone);
     }
 }
 
@@ -288,9 +306,14 @@ async fn exchange(
     match read_head(&io, &mut buf).await {
         Ok(response) => {
             let framing = framing(&response, head_only)?;
+            // Both framings named is what request smuggling looks like (RFC 9112, 6.3):
+            // read by the chunks, and the connection not trusted again.
+            let both_framings = response.headers().contains_key(TRANSFER_ENCODING)
+                && response.headers().contains_key(CONTENT_LENGTH);
             let reusable = response.version() == Version::HTTP_11
                 && !has_token(response.headers(), &CONNECTION, "close")
-                && !matches!(framing, Framing::UntilClose);
+                && !matches!(framing, Framing::UntilClose)
+                && !both_framings;
             Ok(Answer {
                 io,
                 rest: buf,
@@ -332,6 +355,10 @@ async fn read_some(io: &TcpStream, buf: &mut BytesMut, room: usize) -> io::Resul
         io.readable().await?;
         buf.reserve(room);
         match io.try_read_buf(buf) {
+            // Nothing held while the model works on its answer.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && buf.is_empty() => {
+                *buf = BytesMut::new();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             read => return read,
         }
@@ -448,9 +475,10 @@ fn framing(response: &Response<()>, head_only: bool) -> Result<Framing, H1Error>
     }
     let mut length = None;
     for value in headers.get_all(CONTENT_LENGTH) {
-        let n: u64 = std::str::from_utf8(value.as_bytes())
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
+        let digits = value.as_bytes().trim_ascii();
+        let n: u64 = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+            .then(|| std::str::from_utf8(digits).ok()?.parse().ok())
+            .flatten()
             .ok_or_else(|| malformed("bad content-length"))?;
         if length.is_some_and(|l| l != n) {
             return Err(malformed("two different content-lengths"));
@@ -522,14 +550,22 @@ impl H1Body {
             self.buf.reserve(room);
             match io.try_read_buf(&mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A stream that waits holds only what it has not handed out (a part of
+                    // a line, say), not the room made for the read.
                     if self.buf.is_empty() {
                         self.buf = BytesMut::new();
+                    } else if self.buf.capacity() > 2 * self.buf.len() + FIRST_READ {
+                        self.buf = BytesMut::from(&self.buf[..]);
                     }
                 }
                 Ok(n) => {
-                    if n >= room {
-                        self.next_read = (room * 2).min(MAX_READ);
-                    }
+                    // Larger reads while they fill their room, back to the first size
+                    // when one does not.
+                    self.next_read = if n >= room {
+                        (room * 2).min(MAX_READ)
+                    } else {
+                        FIRST_READ
+                    };
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) => return Poll::Ready(Err(e)),
@@ -558,10 +594,21 @@ impl H1Body {
 /// A chunk-size line: hex digits, then maybe `;extensions`.
 fn chunk_size(line: &[u8]) -> Option<u64> {
     let digits = line.split(|&b| b == b';').next()?.trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
-    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    let first = digits
+        .iter()
+        .position(|&b| b != b'0')
+        .unwrap_or(digits.len());
+    let significant = &digits[first..];
+    if significant.len() > 15 {
+        return None;
+    }
+    if significant.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(std::str::from_utf8(significant).ok()?, 16).ok()
 }
 
 impl Body for H1Body {

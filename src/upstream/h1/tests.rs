@@ -319,6 +319,25 @@ async fn broken_answers_are_errors() {
 }
 
 #[tokio::test]
+async fn lengths_are_digits_only_and_both_framings_are_not_trusted_again() {
+    let server = Server::start(|conn, _| {
+        reply(&[match conn {
+            0 => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n000000000000000002\r\nok\r\n0\r\n\r\n",
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+        }])
+    })
+    .await;
+    let client = client();
+    // Chunked wins over the length; a size with leading zeros is a size.
+    let response = client.send(post(&server.url, "{}")).await.unwrap();
+    assert_eq!(body_text(response).await.unwrap(), "ok");
+    // Not reused: the next call opens a new connection, which gets a signed length.
+    let error = client.send(post(&server.url, "{}")).await.unwrap_err();
+    assert!(error.to_string().contains("content-length"), "{error}");
+    assert_eq!(server.connections(), 2);
+}
+
+#[tokio::test]
 async fn user_info_in_the_url_stays_out_of_the_host_header() {
     let server =
         Server::start(|_, _| reply(&[b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"])).await;
