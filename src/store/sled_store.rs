@@ -922,16 +922,25 @@ impl Store for SledStore {
             .from_micros
             .unwrap_or(i64::MIN)
             .max(self.hidden_before.load(Ordering::Relaxed));
+        // Only the calls the books count: the writer appends a batch to the log before it
+        // counts it, and a call listed here must already be in the counters and the usage
+        // reports (a reader polling the log, then reading a report, saw it missing there
+        // while the writer was preempted between the two).
+        let applied = self.writes().applied;
         let before = match &query.before {
-            Some(cursor) => Some(from_cursor(cursor).ok_or(StoreError::UnknownCursor)?),
-            None => None,
+            // Past what the books count: no page gave it out.
+            Some(cursor) => match from_cursor(cursor) {
+                Some(at) if at <= applied => at,
+                _ => return Err(StoreError::UnknownCursor),
+            },
+            None => applied,
         };
         let mut found = Vec::new();
         let mut last = None;
         let mut scanned = 0;
         let mut more = false;
         self.log.read_backward(
-            before,
+            Some(before),
             &SegmentFilter {
                 key_id: query.key_id,
                 from_micros: from,
