@@ -189,7 +189,7 @@ impl HttpClient {
         &self,
         build: impl Fn() -> Request<RequestBody>,
     ) -> Result<UpstreamResponse, SendError> {
-        let request = build();
+        let mut request = build();
         if let Some(plain) = &self.plain
             && request.uri().scheme() == Some(&Scheme::HTTP)
         {
@@ -198,7 +198,6 @@ impl HttpClient {
                 Err(e) => Err(SendError::Plain(e)),
             };
         }
-        let mut request = request;
         let mut retries = 0;
         loop {
             match self.client.request(request.map(Full::new)).await {

@@ -163,25 +163,6 @@ fn still_open(io: &TcpStream) -> bool {
     matches!(io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-/// An answer's head and what follows it on the connection.
-struct Answer {
-    io: TcpStream,
-    /// Bytes read after the head: the start of the body.
-    rest: BytesMut,
-    response: Response<()>,
-    framing: Framing,
-    reusable: bool,
-}
-
-/// A failed exchange, and whether the request could not be written: the server had
-/// reset the connection before any of it arrived, so it is safe to send on a new one. A
-/// request written and then left unanswered is not sent again: the model may be working
-/// on it.
-struct Failed {
-    error: H1Error,
-    unwritten: bool,
-}
-
 impl H1Client {
     pub(super) fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         H1Client {
@@ -195,7 +176,8 @@ impl H1Client {
 
     /// Sends `request` to its URL's host and port and waits for the answer's head. A
     /// pooled connection that the server had reset before the request could be written is
-    /// replaced by a new one, once.
+    /// replaced by a new one, once: the server read none of it. A request written and then
+    /// left unanswered is not sent again: the model may be working on it.
     pub(super) async fn send(&self, request: Request<Bytes>) -> Result<Response<H1Body>, H1Error> {
         let (parts, body) = request.into_parts();
         let to = parts
@@ -205,20 +187,16 @@ impl H1Client {
             .ok_or_else(|| malformed("the request's URL has no host"))?;
         let head = request_head(&parts, &to, body.len());
         let head_only = parts.method == Method::HEAD;
-        if let Some(io) = self.pool.take(&to) {
-            match exchange(io, &head, &body, head_only).await {
-                Ok(answer) => return Ok(self.response(answer, to)),
-                Err(Failed {
-                    unwritten: true, ..
-                }) => {}
-                Err(failed) => return Err(failed.error),
-            }
+        if let Some(mut io) = self.pool.take(&to)
+            && write_all(&mut io, &head, &body).await.is_ok()
+        {
+            return self.answer(io, head_only, to).await;
         }
-        let io = self.connect(&to).await?;
-        match exchange(io, &head, &body, head_only).await {
-            Ok(answer) => Ok(self.response(answer, to)),
-            Err(failed) => Err(failed.error),
-        }
+        let mut io = self.connect(&to).await?;
+        write_all(&mut io, &head, &body)
+            .await
+            .map_err(H1Error::Io)?;
+        self.answer(io, head_only, to).await
     }
 
     async fn connect(&self, to: &Authority) -> Result<TcpStream, H1Error> {
@@ -241,16 +219,50 @@ impl H1Client {
         Ok(io)
     }
 
-    fn response(&self, answer: Answer, to: Authority) -> Response<H1Body> {
+    /// Reads the answer's head (passing over `1xx` heads) on `io`, where the request was
+    /// written; its body is read from the same buffer.
+    async fn answer(
+        &self,
+        io: TcpStream,
+        head_only: bool,
+        to: Authority,
+    ) -> Result<Response<H1Body>, H1Error> {
         let mut body = H1Body {
-            io: Some(answer.io),
-            buf: answer.rest,
-            framing: answer.framing,
+            io: Some(io),
+            buf: BytesMut::new(),
+            framing: Framing::Done,
             next_read: FIRST_READ,
-            pool: answer.reusable.then(|| (Arc::clone(&self.pool), to)),
+            pool: None,
         };
+        let response = loop {
+            if !body.buf.is_empty() {
+                match parse_head(&mut body.buf)? {
+                    Some(response) if response.status().is_informational() => continue,
+                    Some(response) => break response,
+                    None if body.buf.len() >= MAX_HEAD_BYTES => {
+                        return Err(H1Error::HeadTooLarge);
+                    }
+                    None => {}
+                }
+            }
+            match std::future::poll_fn(|cx| body.poll_read(cx)).await {
+                Ok(0) => return Err(H1Error::ClosedBeforeAnswer),
+                Ok(_) => {}
+                Err(e) => return Err(H1Error::Io(e)),
+            }
+        };
+        body.framing = framing(&response, head_only)?;
+        // Both framings named is what request smuggling looks like (RFC 9112, 6.3): read
+        // by the chunks, and the connection not trusted again.
+        let both_framings = response.headers().contains_key(TRANSFER_ENCODING)
+            && response.headers().contains_key(CONTENT_LENGTH);
+        let reusable = response.version() == Version::HTTP_11
+            && !has_token(response.headers(), &CONNECTION, "close")
+            && !matches!(body.framing, Framing::UntilClose)
+            && !both_framings;
+        body.pool = reusable.then(|| (Arc::clone(&self.pool), to));
         body.release_if_empty();
-        answer.response.map(|()| body)
+        Ok(response.map(|()| body))
     }
 }
 
@@ -289,52 +301,6 @@ fn request_head(parts: &http::request::Parts, to: &Authority, body_len: usize) -
     head
 }
 
-/// Writes the request on `io` and reads the answer's head.
-async fn exchange(
-    mut io: TcpStream,
-    head: &[u8],
-    body: &[u8],
-    head_only: bool,
-) -> Result<Answer, Failed> {
-    if let Err(e) = write_all(&mut io, head, body).await {
-        return Err(Failed {
-            error: H1Error::Io(e),
-            unwritten: true,
-        });
-    }
-    let mut buf = BytesMut::new();
-    match read_head(&io, &mut buf).await {
-        Ok(response) => {
-            let framing = framing(&response, head_only)?;
-            // Both framings named is what request smuggling looks like (RFC 9112, 6.3):
-            // read by the chunks, and the connection not trusted again.
-            let both_framings = response.headers().contains_key(TRANSFER_ENCODING)
-                && response.headers().contains_key(CONTENT_LENGTH);
-            let reusable = response.version() == Version::HTTP_11
-                && !has_token(response.headers(), &CONNECTION, "close")
-                && !matches!(framing, Framing::UntilClose)
-                && !both_framings;
-            Ok(Answer {
-                io,
-                rest: buf,
-                response,
-                framing,
-                reusable,
-            })
-        }
-        Err(error) => Err(error.into()),
-    }
-}
-
-impl From<H1Error> for Failed {
-    fn from(error: H1Error) -> Self {
-        Failed {
-            error,
-            unwritten: false,
-        }
-    }
-}
-
 async fn write_all(io: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
     let mut slices = [IoSlice::new(head), IoSlice::new(body)];
     let mut left: &mut [IoSlice<'_>] = &mut slices;
@@ -347,40 +313,6 @@ async fn write_all(io: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<(
         IoSlice::advance_slices(&mut left, n);
     }
     Ok(())
-}
-
-/// Reads into `buf` when `io` has bytes, making room first; `Ok(0)` at the end.
-async fn read_some(io: &TcpStream, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
-    loop {
-        io.readable().await?;
-        buf.reserve(room);
-        match io.try_read_buf(buf) {
-            // Nothing held while the model works on its answer.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && buf.is_empty() => {
-                *buf = BytesMut::new();
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            read => return read,
-        }
-    }
-}
-
-/// Reads an answer's head (passing over `1xx` heads) and takes it out of `buf`.
-async fn read_head(io: &TcpStream, buf: &mut BytesMut) -> Result<Response<()>, H1Error> {
-    loop {
-        if !buf.is_empty() {
-            match parse_head(buf)? {
-                Some(response) if response.status().is_informational() => continue,
-                Some(response) => return Ok(response),
-                None if buf.len() >= MAX_HEAD_BYTES => return Err(H1Error::HeadTooLarge),
-                None => {}
-            }
-        }
-        let room = FIRST_READ.max(buf.len());
-        if read_some(io, buf, room).await.map_err(H1Error::Io)? == 0 {
-            return Err(H1Error::ClosedBeforeAnswer);
-        }
-    }
 }
 
 /// The head at the start of `buf`, taken out of it, or `None` if it is not whole yet.

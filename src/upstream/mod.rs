@@ -60,25 +60,22 @@ pub fn transport_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
 
 /// The limit an answer's head went over, if that is why the attempt failed.
 fn head_limit_passed(e: &(dyn std::error::Error + 'static)) -> Option<usize> {
-    let mut cause = Some(e);
-    while let Some(inner) = cause {
-        match inner.downcast_ref::<client::SendError>() {
-            Some(client::SendError::Plain(h1::H1Error::HeadTooLarge)) => {
-                return Some(h1::MAX_HEAD_BYTES);
-            }
-            Some(client::SendError::Hyper(e))
-                if any_cause(e, |c| {
-                    c.downcast_ref::<hyper::Error>()
-                        .is_some_and(hyper::Error::is_parse_too_large)
-                }) =>
-            {
-                return Some(client::READ_BUFFER_BYTES);
-            }
-            _ => {}
-        }
-        cause = inner.source();
+    if any_cause(e, |cause| {
+        matches!(
+            cause.downcast_ref::<client::SendError>(),
+            Some(client::SendError::Plain(h1::H1Error::HeadTooLarge))
+        )
+    }) {
+        Some(h1::MAX_HEAD_BYTES)
+    } else if any_cause(e, |cause| {
+        cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+    }) {
+        Some(client::READ_BUFFER_BYTES)
+    } else {
+        None
     }
-    None
 }
 
 /// Whether a time limit of the client (the connect timeout) or of the OS ended the attempt.
