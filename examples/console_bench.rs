@@ -22,7 +22,7 @@ use step3_gateway::config::GatewayConfig;
 use step3_gateway::core::keys;
 use step3_gateway::core::limits::{KeyLimits, UserLimits};
 use step3_gateway::core::records::{
-    CallOutcome, CallRecord, ExportRecord, KeyRecord, Usage, UserRecord,
+    CallOutcome, CallRecord, EncodedCall, ExportRecord, KeyRecord, Usage, UserRecord,
 };
 use step3_gateway::core::store::Store;
 use step3_gateway::core::time::now_micros;
@@ -90,7 +90,7 @@ fn fill(path: &std::path::Path, calls: usize, keys: usize) -> anyhow::Result<()>
     for i in 0..calls {
         let k = usize::try_from(rng.next())? % keys;
         let failed = rng.next().is_multiple_of(100);
-        batch.push(CallRecord {
+        batch.push(EncodedCall::new(CallRecord {
             at_micros: start + i64::try_from(i)? * step,
             request_id: format!("req-{i}"),
             key_id: key_id(k),
@@ -119,7 +119,7 @@ fn fill(path: &std::path::Path, calls: usize, keys: usize) -> anyhow::Result<()>
             response_body: None,
             client_addr: None,
             reservation: None,
-        });
+        }));
         if batch.len() == 10_000 {
             store.record_new_calls(&batch)?;
             batch.clear();

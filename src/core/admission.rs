@@ -796,7 +796,7 @@ pub(super) mod tests {
         );
         admission.mark_forwarded();
         admission.settle(crate::core::records::CallOutcome::Completed, 200);
-        let call = queue.try_recv().unwrap();
+        let call = queue.try_recv().unwrap().call;
         assert_eq!(call.reservation, Some(id));
         assert_eq!(journal.settled.lock().unwrap()[0].reservation, Some(id));
     }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::records::{CallOutcome, CallRecord, Usage};
+use super::records::{CallOutcome, CallRecord, EncodedCall, Usage};
 use super::store::{Store, StoreError};
 
 /// What a call reserved, as written before it is forwarded: enough to settle it at the next
@@ -54,9 +54,9 @@ pub struct Unsettled {
 pub trait ReservationJournal: Send + Sync + std::fmt::Debug + 'static {
     /// Writes `reservation` under a new id; durable once `durable` answers `Ok`.
     fn reserve(&self, reservation: Reservation) -> PendingReservation;
-    /// The call of reservation `call.reservation` settled: kept (without a sync of its own)
-    /// so that a hard stop before the store has it can still charge its real usage.
-    fn settled(&self, call: &CallRecord);
+    /// The call of reservation `call.call.reservation` settled: kept (without a sync of
+    /// its own) so that a hard stop before the store has it can still charge its real usage.
+    fn settled(&self, call: &EncodedCall);
     /// These reservations' settled calls are durable in the store: the journal may forget them.
     fn close(&self, reservations: Vec<u64>);
     /// The reservations the last run left open, as read when the journal was opened.
@@ -161,7 +161,7 @@ mod tests {
         fn reserve(&self, _: Reservation) -> PendingReservation {
             unreachable!("recovery makes no reservation")
         }
-        fn settled(&self, _: &CallRecord) {}
+        fn settled(&self, _: &EncodedCall) {}
         fn close(&self, reservations: Vec<u64>) {
             self.closed.lock().unwrap().extend(reservations);
         }

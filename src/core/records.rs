@@ -270,6 +270,27 @@ pub struct CallRecord {
     pub cache_hit: bool,
 }
 
+/// A finished call with its record as the call log and the journal keep it (JSON).
+///
+/// Encoded once, by the task that settled the call: the journal's settlement and the call
+/// log then share one encoding, and the usage writer, whose batches run between calls on
+/// the same CPU, only copies bytes (issue 21: the writer's JSON made multi-millisecond
+/// runs that held up every call in flight).
+#[derive(Clone, Debug)]
+pub struct EncodedCall {
+    pub call: CallRecord,
+    /// `serde_json` of `call`; empty if it could not be encoded (the store then reports
+    /// the error when it writes the call).
+    pub json: Vec<u8>,
+}
+
+impl EncodedCall {
+    pub fn new(call: CallRecord) -> EncodedCall {
+        let json = serde_json::to_vec(&call).unwrap_or_default();
+        EncodedCall { call, json }
+    }
+}
+
 impl CallRecord {
     pub fn counters(&self) -> KeyCounters {
         KeyCounters {

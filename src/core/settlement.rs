@@ -9,7 +9,7 @@ use super::events::{QuotaCrossing, SettledCall};
 use super::money::Money;
 use super::pricing::Charge;
 use super::records::KeyCounters;
-use super::records::{CallOutcome, CallRecord, Usage};
+use super::records::{CallOutcome, CallRecord, EncodedCall, Usage};
 use super::shared_limits::SharedSettlement;
 
 impl Admission {
@@ -251,7 +251,7 @@ impl Admission {
             latency_ms,
             "call"
         );
-        let mut call = CallRecord {
+        let call = CallRecord {
             at_micros: self.clock.now_micros(),
             request_id: std::mem::take(&mut self.facts.request_id),
             key_id: self.caller.record.id.clone(),
@@ -276,12 +276,20 @@ impl Admission {
         };
         // The journal keeps the settlement (without the bodies) until the store has the
         // call: a hard stop in between then costs the real usage, not the reservation.
+        // Without bodies (the default) the call log keeps the same encoding.
+        let mut encoded = EncodedCall::new(call);
         if let (Some(journal), Some(_)) = (&self.journal, self.reservation) {
-            journal.settled(&call);
+            journal.settled(&encoded);
         }
-        call.request_body = self.facts.request_body.take();
-        call.response_body = self.response_body.take();
-        self.sink.record(call);
+        let (request_body, response_body) =
+            (self.facts.request_body.take(), self.response_body.take());
+        if request_body.is_some() || response_body.is_some() {
+            let mut call = encoded.call;
+            call.request_body = request_body;
+            call.response_body = response_body;
+            encoded = EncodedCall::new(call);
+        }
+        self.sink.record(encoded);
     }
 }
 
@@ -347,7 +355,7 @@ mod tests {
                 budget: None,
             }
         );
-        let call = queue.try_recv().unwrap();
+        let call = queue.try_recv().unwrap().call;
         assert_eq!((call.usage.total(), call.images, call.status), (42, 1, 200));
         assert!(!call.usage_estimated);
         assert!(queue.try_recv().is_none(), "recorded once");
@@ -366,7 +374,7 @@ mod tests {
         admission.observe_chunk();
         admission.observe_chunk();
         drop(admission);
-        let call = queue.try_recv().unwrap();
+        let call = queue.try_recv().unwrap().call;
         assert_eq!(call.outcome, CallOutcome::ClientDisconnected);
         assert_eq!(call.status, 499);
         // No usage came: the estimate (prompt) and the chunks seen are charged.
@@ -391,7 +399,7 @@ mod tests {
                 completion_tokens: 29,
             });
             admission.settle(CallOutcome::Completed, 200);
-            let call = queue.try_recv().unwrap();
+            let call = queue.try_recv().unwrap().call;
             assert!(call.cache_hit);
             // Rounded up: 29 tokens at 50% are 15.
             let expected = Usage {
@@ -420,7 +428,7 @@ mod tests {
                 budget: None,
             }
         );
-        let call = queue.try_recv().unwrap();
+        let call = queue.try_recv().unwrap().call;
         assert!(!call.charged_request);
         assert_eq!((call.usage.total(), call.images), (0, 0));
     }

@@ -5,7 +5,8 @@ use super::catalogue::ModelRecord;
 use super::error::GatewayError;
 use super::pricing::PriceRecord;
 use super::records::{
-    AuditRecord, CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord,
+    AuditRecord, CallRecord, EncodedCall, ExportRecord, KeyCounters, KeyRecord, UsageBucket,
+    UserRecord,
 };
 use super::time::UnixTime;
 
@@ -113,9 +114,11 @@ pub trait Store: Send + Sync + 'static {
     /// again.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError>;
     /// [`Store::record_calls`] for calls never given to the store before, which need no
-    /// look-up in the log (one read per call saved on the usage writer's normal path).
-    fn record_new_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
-        self.record_calls(calls)
+    /// look-up in the log (one read per call saved on the usage writer's normal path), each
+    /// with its encoding for the log.
+    fn record_new_calls(&self, calls: &[EncodedCall]) -> Result<(), StoreError> {
+        let calls: Vec<CallRecord> = calls.iter().map(|c| c.call.clone()).collect();
+        self.record_calls(&calls)
     }
     /// Which of `reservations` already have their call in the log (a call recorded with
     /// [`CallRecord::reservation`] set is kept once per reservation).

@@ -12,7 +12,8 @@ use super::journal::{PendingReservation, Reservation, ReservationJournal, Unsett
 use super::keys;
 use super::limits::{KeyLimits, UserLimits};
 use super::records::{
-    AuditRecord, CallOutcome, CallRecord, KeyCounters, KeyRecord, Usage, UsageBucket, UserRecord,
+    AuditRecord, CallOutcome, CallRecord, EncodedCall, KeyCounters, KeyRecord, Usage, UsageBucket,
+    UserRecord,
 };
 use super::store::{CallCursor, CallQuery, Store, StoreError};
 use super::time::UnixTime;
@@ -371,8 +372,8 @@ impl ReservationJournal for TestJournal {
         done.send(answer).unwrap();
         PendingReservation { id, durable }
     }
-    fn settled(&self, call: &CallRecord) {
-        self.settled.lock().unwrap().push(call.clone());
+    fn settled(&self, call: &EncodedCall) {
+        self.settled.lock().unwrap().push(call.call.clone());
     }
     fn close(&self, reservations: Vec<u64>) {
         self.closed.lock().unwrap().extend(reservations);

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::records::CallRecord;
+use super::records::EncodedCall;
 
 /// Whether the store takes writes: set by the writer, read by the gate on every call.
 #[derive(Debug, Default)]
@@ -95,7 +95,7 @@ pub struct StoreFigures {
 /// Where finished calls go. Cloning is cheap; sending never blocks.
 #[derive(Clone, Debug)]
 pub struct UsageSink {
-    tx: mpsc::UnboundedSender<CallRecord>,
+    tx: mpsc::UnboundedSender<EncodedCall>,
     backlog: Arc<AtomicU64>,
     health: Arc<StoreHealth>,
     books: BooksLock,
@@ -109,7 +109,7 @@ pub type BooksLock = Arc<tokio::sync::RwLock<()>>;
 /// The other end of a [`UsageSink`]: what the usage writer drains.
 #[derive(Debug)]
 pub struct UsageQueue {
-    rx: mpsc::UnboundedReceiver<CallRecord>,
+    rx: mpsc::UnboundedReceiver<EncodedCall>,
     backlog: Arc<AtomicU64>,
     health: Arc<StoreHealth>,
     books: BooksLock,
@@ -138,7 +138,7 @@ pub fn usage_channel() -> (UsageSink, UsageQueue) {
 }
 
 impl UsageSink {
-    pub fn record(&self, call: CallRecord) {
+    pub fn record(&self, call: EncodedCall) {
         self.backlog.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(call).is_err() {
             // Only after shutdown has drained the writer; the counters in memory still hold it.
@@ -175,12 +175,12 @@ impl UsageSink {
 
 impl UsageQueue {
     /// Waits for calls and takes up to `limit` into `into`; 0 once every sink is gone.
-    pub async fn recv_many(&mut self, into: &mut Vec<CallRecord>, limit: usize) -> usize {
+    pub async fn recv_many(&mut self, into: &mut Vec<EncodedCall>, limit: usize) -> usize {
         self.rx.recv_many(into, limit).await
     }
 
     /// A call already queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<CallRecord> {
+    pub fn try_recv(&mut self) -> Option<EncodedCall> {
         self.rx.try_recv().ok()
     }
 

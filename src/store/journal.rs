@@ -34,7 +34,7 @@ use tokio::sync::oneshot;
 
 use super::segment_crc;
 use crate::core::journal::{PendingReservation, Reservation, ReservationJournal, Unsettled};
-use crate::core::records::CallRecord;
+use crate::core::records::{CallRecord, EncodedCall};
 use crate::core::store::StoreError;
 use crate::core::time::now_micros;
 
@@ -291,11 +291,16 @@ impl ReservationJournal for FileJournal {
         PendingReservation { id, durable }
     }
 
-    fn settled(&self, call: &CallRecord) {
-        let Some(id) = call.reservation else {
+    fn settled(&self, call: &EncodedCall) {
+        let Some(id) = call.call.reservation else {
             return;
         };
-        match encode(&EntryRef::S(id, call)) {
+        let record = if call.json.is_empty() {
+            encode(&EntryRef::S(id, &call.call))
+        } else {
+            settlement_record(id, &call.json)
+        };
+        match record {
             Ok(record) if self.when == WhenDurable::Written => {
                 if let Err(e) = self.write_now(None, &record) {
                     tracing::warn!(error = %e, "a settlement was not journaled");
@@ -320,6 +325,23 @@ impl ReservationJournal for FileJournal {
 
 fn encode(entry: &EntryRef<'_>) -> Result<Vec<u8>, StoreError> {
     let record = serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))?;
+    within_limit(record)
+}
+
+/// [`EntryRef::S`]'s JSON around a call already encoded: the bytes `serde_json` writes
+/// for it (`{"S":[id,call]}`), without encoding the call a second time.
+fn settlement_record(id: u64, call_json: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let id = id.to_string();
+    let mut record = Vec::with_capacity(call_json.len() + id.len() + 9);
+    record.extend_from_slice(b"{\"S\":[");
+    record.extend_from_slice(id.as_bytes());
+    record.push(b',');
+    record.extend_from_slice(call_json);
+    record.extend_from_slice(b"]}");
+    within_limit(record)
+}
+
+fn within_limit(record: Vec<u8>) -> Result<Vec<u8>, StoreError> {
     if record.len() > MAX_RECORD {
         return Err(StoreError::Io(format!(
             "a journal record of {} bytes is over the {MAX_RECORD} bytes allowed",
@@ -827,10 +849,22 @@ mod tests {
             .collect()
     }
 
-    fn settled(id: u64, tokens: u64) -> CallRecord {
+    fn settled(id: u64, tokens: u64) -> EncodedCall {
         let mut call = call("key_a", 5_000, "m", tokens);
         call.reservation = Some(id);
-        call
+        EncodedCall::new(call)
+    }
+
+    #[test]
+    fn a_settlement_around_its_encoded_call_is_what_serde_writes() {
+        let mut call = settled(41, 7).call;
+        call.version = Some("v\"2\"".into());
+        let id = u64::MAX - 3;
+        let encoded = EncodedCall::new(call);
+        assert_eq!(
+            settlement_record(id, &encoded.json).unwrap(),
+            encode(&EntryRef::S(id, &encoded.call)).unwrap()
+        );
     }
 
     fn open_ids(journal: &FileJournal) -> Vec<u64> {

@@ -20,7 +20,9 @@ use crate::core::keys::to_hex;
 use crate::core::pricing::PriceRecord;
 use crate::core::records::AuditRecord;
 use crate::core::records::ExportRecord;
-use crate::core::records::{CallRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord};
+use crate::core::records::{
+    CallRecord, EncodedCall, KeyCounters, KeyRecord, UsageBucket, UserRecord,
+};
 use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
 
@@ -223,7 +225,7 @@ impl SledStore {
     }
 
     /// Writes a batch; `dedupe` skips calls already recorded (a retried batch, a recovery).
-    fn record(&self, calls: &[CallRecord], dedupe: bool) -> Result<(), StoreError> {
+    fn record(&self, calls: &[EncodedCall], dedupe: bool) -> Result<(), StoreError> {
         let t = self.trees()?;
         let mut writes = self.writes();
         let kept;
@@ -237,7 +239,7 @@ impl SledStore {
             return Ok(());
         }
         let end = self.log.append(calls)?;
-        apply(&t, calls, end)?;
+        apply(&t, calls.iter().map(|c| &c.call), end)?;
         writes.applied = end;
         Ok(())
     }
@@ -246,10 +248,10 @@ impl SledStore {
     /// written since `flushed`) their time and request id; each once.
     fn not_recorded(
         &self,
-        calls: &[CallRecord],
+        calls: &[EncodedCall],
         flushed: LogPosition,
-    ) -> Result<Vec<CallRecord>, StoreError> {
-        let reservations: HashSet<u64> = calls.iter().filter_map(|c| c.reservation).collect();
+    ) -> Result<Vec<EncodedCall>, StoreError> {
+        let reservations: HashSet<u64> = calls.iter().filter_map(|c| c.call.reservation).collect();
         let mut seen_reservations = self.log.reservations_in(&reservations)?;
         let mut seen: HashSet<(i64, String)> = HashSet::new();
         self.log.read_forward(flushed, &mut |_, call| {
@@ -258,9 +260,10 @@ impl SledStore {
         })?;
         Ok(calls
             .iter()
-            .filter(|call| seen.insert((call.at_micros, call.request_id.clone())))
-            .filter(|call| {
-                call.reservation
+            .filter(|c| seen.insert((c.call.at_micros, c.call.request_id.clone())))
+            .filter(|c| {
+                c.call
+                    .reservation
                     .is_none_or(|id| seen_reservations.insert(id))
             })
             .cloned()
@@ -270,7 +273,11 @@ impl SledStore {
 
 /// Counts `calls` in the counters and hourly usage, and moves the books' position in the
 /// call log to `end`, in one sled transaction.
-fn apply(t: &Trees, calls: &[CallRecord], end: LogPosition) -> Result<(), StoreError> {
+fn apply<'a>(
+    t: &Trees,
+    calls: impl IntoIterator<Item = &'a CallRecord>,
+    end: LogPosition,
+) -> Result<(), StoreError> {
     // Fold the batch first, so each counter and bucket is read and written once.
     let mut counters: HashMap<&str, KeyCounters> = HashMap::new();
     let mut buckets: HashMap<Vec<u8>, UsageBucket> = HashMap::new();
@@ -521,7 +528,7 @@ impl Trees {
         let log = CallLog::open(&dir)?;
         let mut batch = Vec::with_capacity(1024);
         for value in calls.iter().values() {
-            batch.push(decode::<CallRecord>("calls", &value?)?);
+            batch.push(EncodedCall::new(decode::<CallRecord>("calls", &value?)?));
             if batch.len() == 1024 {
                 log.append(&batch)?;
                 batch.clear();
@@ -758,7 +765,7 @@ impl Store for SledStore {
                         encode(bucket)?,
                     )?;
                 }
-                ExportRecord::Call(call) => calls.push(call.clone()),
+                ExportRecord::Call(call) => calls.push(EncodedCall::new(call.clone())),
                 ExportRecord::Price(price) => {
                     t.prices.insert(price_key(price), encode(price)?)?;
                 }
@@ -898,10 +905,12 @@ impl Store for SledStore {
     }
 
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
-        self.record(calls, true)
+        // Rare (a retry, a recovery): the calls are encoded here.
+        let calls: Vec<EncodedCall> = calls.iter().cloned().map(EncodedCall::new).collect();
+        self.record(&calls, true)
     }
 
-    fn record_new_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+    fn record_new_calls(&self, calls: &[EncodedCall]) -> Result<(), StoreError> {
         self.record(calls, false)
     }
 
@@ -1258,7 +1267,10 @@ mod tests {
             store.record_calls(&[call("key_a", 1, "m", 10)]).unwrap();
             store.flush().unwrap();
             // A hard stop after a batch reached the log and before sled had it.
-            store.log.append(&[call("key_a", 2, "m", 10)]).unwrap();
+            store
+                .log
+                .append(&[EncodedCall::new(call("key_a", 2, "m", 10))])
+                .unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(counters_of(&store, "key_a").requests, 2);
@@ -1358,7 +1370,9 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         let mut settled = call("key_a", 1_000_000, "m", 10);
         settled.reservation = Some(7);
-        store.record_new_calls(&[settled]).unwrap();
+        store
+            .record_new_calls(&[EncodedCall::new(settled)])
+            .unwrap();
         // Settled again at recovery, at another time: the reservation is already there.
         let mut again = call("key_a", 2_000_000, "m", 10);
         again.reservation = Some(7);

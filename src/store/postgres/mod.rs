@@ -22,7 +22,7 @@ use crate::core::money::Money;
 use crate::core::pricing::PriceRecord;
 use crate::core::records::AuditRecord;
 use crate::core::records::{
-    CallRecord, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord,
+    CallRecord, EncodedCall, ExportRecord, KeyCounters, KeyRecord, UsageBucket, UserRecord,
 };
 use crate::core::store::{CallCursor, CallQuery, Store, StoreError};
 use crate::core::time::UnixTime;
@@ -169,13 +169,17 @@ struct CallColumns {
 }
 
 impl CallColumns {
-    fn push(&mut self, call: &CallRecord) -> Result<(), StoreError> {
+    /// `json` is the call's encoding when the caller has it already.
+    fn push(&mut self, call: &CallRecord, json: Option<&[u8]>) -> Result<(), StoreError> {
         self.at_micros.push(call.at_micros);
         self.request_ids.push(call.request_id.clone());
         self.key_ids.push(call.key_id.clone());
         self.reservations
             .push(call.reservation.map(u64::cast_signed));
-        self.records.push(encode(call)?);
+        self.records.push(match json {
+            Some(json) if !json.is_empty() => String::from_utf8_lossy(json).into_owned(),
+            _ => encode(call)?,
+        });
         Ok(())
     }
 
@@ -208,6 +212,39 @@ impl CallColumns {
 }
 
 impl PostgresStore {
+    /// One transaction: the calls not yet in the log go in (a call already there, by time
+    /// and request id or by this replica's reservation, is skipped by the database's
+    /// unique indexes, even when another replica is writing it at the same moment), and
+    /// only the calls that went in are added to the counters and hourly usage.
+    /// Each call comes with its encoding when the caller has it.
+    fn record<'a>(
+        &self,
+        calls: impl ExactSizeIterator<Item = (&'a CallRecord, Option<&'a [u8]>)>,
+    ) -> Result<(), StoreError> {
+        if calls.len() == 0 {
+            return Ok(());
+        }
+        let mut columns = CallColumns::default();
+        let mut charges: Vec<Charge> = Vec::with_capacity(calls.len());
+        for (call, json) in calls {
+            charges.push(Charge::of(call));
+            columns.push(call, json)?;
+        }
+        let origin = self.origin.clone();
+        self.run("record calls", |pool| async move {
+            let fail = |e| io("record calls", e);
+            let mut tx = pool.begin().await.map_err(fail)?;
+            let inserted = columns.insert(&mut *tx, origin).await.map_err(fail)?;
+            // The books are added to in the same transaction, so they and the log agree
+            // whatever happens to the commit (an unknown fate is retried, and skipped).
+            let (counters, buckets) = fold(charges, &inserted);
+            write_books(&mut tx, counters, buckets)
+                .await
+                .map_err(fail)?;
+            tx.commit().await.map_err(fail)
+        })
+    }
+
     /// Connects to `url`, brings its schema up to this build's, and locks `data_dir` (where
     /// this replica's journal and origin live) for this process.
     pub fn open(
@@ -640,7 +677,7 @@ impl Store for PostgresStore {
                         Ok(())
                     })?;
                 }
-                ExportRecord::Call(call) => calls.push(call)?,
+                ExportRecord::Call(call) => calls.push(call, None)?,
                 ExportRecord::Price(price) => self.put_price(price)?,
                 ExportRecord::Model(model) => self.put_model(model)?,
                 ExportRecord::Audit(record) => self.put_audit(record)?,
@@ -814,32 +851,12 @@ impl Store for PostgresStore {
         })
     }
 
-    /// One transaction: the calls not yet in the log go in (a call already there, by time
-    /// and request id or by this replica's reservation, is skipped by the database's
-    /// unique indexes, even when another replica is writing it at the same moment), and
-    /// only the calls that went in are added to the counters and hourly usage.
     fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
-        if calls.is_empty() {
-            return Ok(());
-        }
-        let mut columns = CallColumns::default();
-        let charges: Vec<Charge> = calls.iter().map(Charge::of).collect();
-        for call in calls {
-            columns.push(call)?;
-        }
-        let origin = self.origin.clone();
-        self.run("record calls", |pool| async move {
-            let fail = |e| io("record calls", e);
-            let mut tx = pool.begin().await.map_err(fail)?;
-            let inserted = columns.insert(&mut *tx, origin).await.map_err(fail)?;
-            // The books are added to in the same transaction, so they and the log agree
-            // whatever happens to the commit (an unknown fate is retried, and skipped).
-            let (counters, buckets) = fold(charges, &inserted);
-            write_books(&mut tx, counters, buckets)
-                .await
-                .map_err(fail)?;
-            tx.commit().await.map_err(fail)
-        })
+        self.record(calls.iter().map(|call| (call, None)))
+    }
+
+    fn record_new_calls(&self, calls: &[EncodedCall]) -> Result<(), StoreError> {
+        self.record(calls.iter().map(|c| (&c.call, Some(c.json.as_slice()))))
     }
 
     fn recorded_reservations(&self, reservations: &[u64]) -> Result<HashSet<u64>, StoreError> {
