@@ -870,6 +870,10 @@ async fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("calls") {
         return calls(&args[2..]).await;
     }
+    if args.get(1).map(String::as_str) == Some("tail") {
+        let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10.0);
+        return tail(&server_cpu, seconds).await;
+    }
     if args.get(1).map(String::as_str) == Some("full-load") {
         let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(300.0);
         return full_load(&server_cpu, seconds).await;
@@ -1054,6 +1058,72 @@ async fn full_load(cpu: &str, seconds: f64) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("RSS 3 s after the load: {:.1} MiB", s.gateway.rss_mib());
+    Ok(())
+}
+
+/// Where the 16-connection tail is: REST JSON on the gateway alone, each call's start and
+/// length kept, then whether the calls at or over the p99 came one by one or together
+/// (all connections held up at once: something took the CPU from the calls in flight).
+async fn tail(cpu: &str, seconds: f64) -> anyhow::Result<()> {
+    const CONNS: usize = 16;
+    /// The window slow calls are counted in.
+    const WINDOW_US: u64 = 10_000;
+    let s = setup(cpu, 0).await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONNS {
+        let (url, key) = (s.gateway_url.clone(), s.key.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .tcp_nodelay(true)
+                .build()?;
+            let body = chat_body(false);
+            let mut mine: Vec<(u64, u64)> = Vec::with_capacity(200_000);
+            while started.elapsed().as_secs_f64() < seconds {
+                let t = Instant::now();
+                post_chat(&client, &url, &key, body.clone())
+                    .await?
+                    .bytes()
+                    .await?;
+                let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+                mine.push((micros(t - started), micros(t.elapsed())));
+            }
+            anyhow::Ok(mine)
+        }));
+    }
+    let mut calls = Vec::new();
+    for task in tasks {
+        calls.extend(task.await??);
+    }
+    // The first second warms the pools and the writer; it is left out.
+    calls.retain(|(start, _)| *start >= 1_000_000);
+    let mut took: Vec<u64> = calls.iter().map(|(_, took)| *took).collect();
+    took.sort_unstable();
+    let p99 = percentile(&took, 0.99);
+    println!(
+        "{} calls at {CONNS} connections, {:.0}/s: p50 {} µs, p90 {} µs, p99 {p99} µs, \
+         p99.9 {} µs, max {} µs",
+        took.len(),
+        took.len() as f64 / (seconds - 1.0),
+        percentile(&took, 0.5),
+        percentile(&took, 0.9),
+        percentile(&took, 0.999),
+        took.last().copied().unwrap_or(0),
+    );
+    let mut windows: std::collections::BTreeMap<u64, usize> = Default::default();
+    for (start, _) in calls.iter().filter(|(_, took)| *took >= p99) {
+        *windows.entry(start / WINDOW_US).or_default() += 1;
+    }
+    let slow: usize = windows.values().sum();
+    let together: usize = windows.values().filter(|n| **n >= CONNS).sum();
+    println!(
+        "calls at or over the p99: {slow}, started in {} windows of {} ms; {together} of \
+         them ({:.0}%) in windows with {CONNS} or more (all connections held up at once)",
+        windows.len(),
+        WINDOW_US / 1000,
+        100.0 * together as f64 / slow.max(1) as f64,
+    );
     Ok(())
 }
 

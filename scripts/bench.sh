@@ -8,6 +8,8 @@
 # the rounds.
 # `scripts/bench.sh full-load [seconds]`: REST JSON at 16 connections on the gateway alone
 # for 300 s, a row of RSS, data dir, rate, latency and CPU every 15 s.
+# `scripts/bench.sh tail [seconds]`: REST JSON at 16 connections on the gateway alone, and
+# whether the calls at or over the p99 came one by one or all together.
 # `scripts/bench.sh cache [seconds] [rounds]`: CPU per call of a response cache hit, the
 # gateway's against nginx's `proxy_cache` serving the same answer in the same run.
 # `scripts/bench.sh shared [seconds] [rounds]`: sled against the shared store, with a private
@@ -18,6 +20,9 @@ cd "$(dirname "$0")/.."
 cargo build --release --bins --examples
 if [ "${1:-}" = full-load ]; then
     BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench full-load "${2:-300}"
+fi
+if [ "${1:-}" = tail ]; then
+    BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench tail "${2:-10}"
 fi
 if [ "${1:-}" = cache ]; then
     BENCH_SERVER_CPU=0 exec taskset -c 1 ./target/release/examples/bench cache "${2:-3}" "${3:-3}"
