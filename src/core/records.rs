@@ -279,8 +279,8 @@ pub struct CallRecord {
 #[derive(Clone, Debug)]
 pub struct EncodedCall {
     pub call: CallRecord,
-    /// `serde_json` of `call`; empty if it could not be encoded (the store then reports
-    /// the error when it writes the call).
+    /// `serde_json` of `call`; empty if it could not be encoded. Read through
+    /// [`EncodedCall::json`].
     pub json: Vec<u8>,
 }
 
@@ -288,6 +288,16 @@ impl EncodedCall {
     pub fn new(call: CallRecord) -> EncodedCall {
         let json = serde_json::to_vec(&call).unwrap_or_default();
         EncodedCall { call, json }
+    }
+
+    /// The call's encoding: the one made at settlement, or, where that failed, the error
+    /// of encoding it again.
+    pub fn json(&self) -> Result<std::borrow::Cow<'_, [u8]>, serde_json::Error> {
+        if self.json.is_empty() {
+            serde_json::to_vec(&self.call).map(std::borrow::Cow::Owned)
+        } else {
+            Ok(std::borrow::Cow::Borrowed(&self.json))
+        }
     }
 }
 

@@ -14,7 +14,6 @@
 //! backwards, newest first. A segment is sealed when full: synced, and its summary written
 //! beside it (`.sum`), so that opening the log reads the summaries and the last segment only.
 
-use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
@@ -242,13 +241,7 @@ impl CallLog {
         let mut pending: Vec<(usize, u64)> = Vec::with_capacity(calls.len());
         let mut written_to = state.end();
         for (i, call) in calls.iter().enumerate() {
-            let record = if call.json.is_empty() {
-                Cow::Owned(
-                    serde_json::to_vec(&call.call).map_err(|e| StoreError::Io(e.to_string()))?,
-                )
-            } else {
-                Cow::Borrowed(call.json.as_slice())
-            };
+            let record = call.json().map_err(|e| StoreError::Io(e.to_string()))?;
             let framed = HEADER + record.len() as u64 + TRAILER;
             if framed > MAX_RECORD {
                 return Err(StoreError::Io(format!(

@@ -368,15 +368,13 @@ impl Unflushed {
     fn extend(&mut self, calls: impl ExactSizeIterator<Item = EncodedCall>) {
         let mut held = self.spare.pop().unwrap_or_default();
         held.ends.reserve(calls.len());
-        for EncodedCall { call, json } in calls {
-            if json.is_empty() {
-                // The log encoded it itself: it could, so this cannot fail.
-                let _ = serde_json::to_writer(&mut held.json, &call);
-            } else {
+        for call in calls {
+            // The log took this encoding a moment ago, so it is there.
+            if let Ok(json) = call.json() {
                 held.json.extend_from_slice(&json);
             }
             held.ends.push(held.json.len());
-            self.reservations.extend(call.reservation);
+            self.reservations.extend(call.call.reservation);
         }
         self.batches.push(held);
     }

@@ -5,6 +5,7 @@
 //! hangs on a dead database, and the caller's runtime, whatever its flavour, is never
 //! asked to drive the database's futures.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::Path;
@@ -170,15 +171,15 @@ struct CallColumns {
 
 impl CallColumns {
     /// `json` is the call's encoding when the caller has it already.
-    fn push(&mut self, call: &CallRecord, json: Option<&[u8]>) -> Result<(), StoreError> {
+    fn push(&mut self, call: &CallRecord, json: Option<Cow<'_, [u8]>>) -> Result<(), StoreError> {
         self.at_micros.push(call.at_micros);
         self.request_ids.push(call.request_id.clone());
         self.key_ids.push(call.key_id.clone());
         self.reservations
             .push(call.reservation.map(u64::cast_signed));
         self.records.push(match json {
-            Some(json) if !json.is_empty() => String::from_utf8_lossy(json).into_owned(),
-            _ => encode(call)?,
+            Some(json) => String::from_utf8_lossy(&json).into_owned(),
+            None => encode(call)?,
         });
         Ok(())
     }
@@ -219,7 +220,7 @@ impl PostgresStore {
     /// Each call comes with its encoding when the caller has it.
     fn record<'a>(
         &self,
-        calls: impl ExactSizeIterator<Item = (&'a CallRecord, Option<&'a [u8]>)>,
+        calls: impl ExactSizeIterator<Item = (&'a CallRecord, Option<Cow<'a, [u8]>>)>,
     ) -> Result<(), StoreError> {
         if calls.len() == 0 {
             return Ok(());
@@ -856,7 +857,7 @@ impl Store for PostgresStore {
     }
 
     fn record_new_calls(&self, calls: &[EncodedCall]) -> Result<(), StoreError> {
-        self.record(calls.iter().map(|c| (&c.call, Some(c.json.as_slice()))))
+        self.record(calls.iter().map(|c| (&c.call, c.json().ok())))
     }
 
     fn recorded_reservations(&self, reservations: &[u64]) -> Result<HashSet<u64>, StoreError> {
