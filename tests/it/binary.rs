@@ -107,7 +107,12 @@ async fn sighup_reloads_the_upstream_list() {
     assert!(moved, "calls never moved to the new upstream");
     gw.signal("TERM");
     let (status, logs) = gw.wait().await;
-    assert!(status.success());
+    // Its logs with the failure: CI once saw this stop fail, and nothing said why.
+    assert!(
+        status.success(),
+        "{status:?}; the gateway logged:\n{}",
+        logs.join("\n")
+    );
     assert!(logs.iter().any(|l| l.contains("upstream list reloaded")));
 }
 
