@@ -134,11 +134,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run_gateway(args: &ServeArgs, config: &GatewayConfig) -> anyhow::Result<()> {
+    // Before the gateway says it listens: a SIGHUP that came after that line and before
+    // this would end the process (the signal's default).
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let running = step3_gateway::app::start(config.clone()).await?;
     announce(&running, config);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
