@@ -34,6 +34,9 @@ const MAX_HEADERS: usize = 100;
 /// streams that end together do not leave ten thousand sockets open (a server closes its
 /// side of them after its own idle timeout, and a closed one is found only when taken).
 const MAX_IDLE_PER_HOST: usize = 256;
+/// A pooled connection idle this long is checked with the kernel before reuse (see
+/// `still_open`).
+const ASK_KERNEL_AFTER: Duration = Duration::from_secs(1);
 
 /// The first read of an answer; reads that fill their room double it, up to [`MAX_READ`].
 const FIRST_READ: usize = 4096;
@@ -101,7 +104,10 @@ pub(super) struct H1Client {
 
 #[derive(Debug)]
 struct Pool {
-    idle: Mutex<HashMap<Authority, VecDeque<Idle>>>,
+    /// Keyed by the authority's text as its backend's URL spells it (a backend always
+    /// spells it the same way): `Authority`'s own hash lowercases and hashes it byte by
+    /// byte, about a thousand instructions a call.
+    idle: Mutex<HashMap<Box<str>, VecDeque<Idle>>>,
     idle_timeout: Duration,
 }
 
@@ -116,20 +122,21 @@ impl Pool {
     /// dropped (their `close`) outside the lock.
     fn take(&self, to: &Authority) -> Option<TcpStream> {
         loop {
-            let conn = {
+            let (conn, idle_for) = {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                let list = idle.get_mut(to)?;
+                let list = idle.get_mut(to.as_str())?;
                 let conn = list.pop_back()?;
-                if conn.since.elapsed() >= self.idle_timeout {
+                let idle_for = conn.since.elapsed();
+                if idle_for >= self.idle_timeout {
                     // The rest were pooled earlier still.
                     let expired = std::mem::take(list);
                     drop(idle);
                     drop(expired);
                     return None;
                 }
-                conn
+                (conn, idle_for)
             };
-            if still_open(&conn.io) {
+            if still_open(&conn.io, idle_for) {
                 return Some(conn.io);
             }
         }
@@ -141,7 +148,12 @@ impl Pool {
         let mut gone = Vec::new();
         {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let list = idle.entry(to).or_default();
+            if !idle.contains_key(to.as_str()) {
+                idle.insert(to.as_str().into(), VecDeque::new());
+            }
+            let Some(list) = idle.get_mut(to.as_str()) else {
+                return;
+            };
             while let Some(oldest) = list.front() {
                 if list.len() < MAX_IDLE_PER_HOST
                     && now.duration_since(oldest.since) < self.idle_timeout
@@ -157,10 +169,20 @@ impl Pool {
 }
 
 /// Whether a pooled connection is still open: the server has neither closed it (an idle
-/// keep-alive timeout: uvicorn's is 5 s) nor sent anything unasked. Costs no system call
-/// unless the socket was seen readable.
-fn still_open(io: &TcpStream) -> bool {
-    matches!(io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+/// keep-alive timeout: vLLM's is 5 s) nor sent anything unasked.
+///
+/// One pooled within [`ASK_KERNEL_AFTER`] is judged by what the runtime has seen of it: no
+/// system call, since the read that ended its last body marked it drained, and a close
+/// since then has made it readable. One idle for longer is asked of the kernel, which knows
+/// of a close the runtime may not have polled yet (a busy runtime polls its sockets between
+/// tasks).
+fn still_open(io: &TcpStream, idle: Duration) -> bool {
+    let unread = if idle < ASK_KERNEL_AFTER {
+        io.try_read(&mut [0u8; 1])
+    } else {
+        socket2::SockRef::from(io).peek(&mut [std::mem::MaybeUninit::uninit(); 1])
+    };
+    matches!(unread, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 impl H1Client {
@@ -473,35 +495,37 @@ impl H1Body {
     /// Reads more bytes into the buffer; `Ok(0)` when the server closed. Room is made
     /// only once the socket has bytes.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let Some(io) = &self.io else {
+        let Some(io) = &mut self.io else {
             return Poll::Ready(Ok(0));
         };
-        loop {
-            ready!(io.poll_read_ready(cx))?;
-            let room = self.next_read;
-            self.buf.reserve(room);
-            match io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // A stream that waits holds only what it has not handed out (a part of
-                    // a line, say), not the room made for the read.
-                    if self.buf.is_empty() {
-                        self.buf = BytesMut::new();
-                    } else if self.buf.capacity() > 2 * self.buf.len() + FIRST_READ {
-                        self.buf = BytesMut::from(&self.buf[..]);
-                    }
+        ready!(io.poll_read_ready(cx))?;
+        let room = self.next_read;
+        self.buf.reserve(room);
+        // Read as `AsyncRead`, which marks the socket drained when a read leaves room in
+        // the buffer (`try_read` would not): the check of a pooled connection before its
+        // next call then makes no system call (one fewer `recv` a call).
+        match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.buf) {
+            Poll::Pending => {
+                // A stream that waits holds only what it has not handed out (a part of a
+                // line, say), not the room made for the read.
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                } else if self.buf.capacity() > 2 * self.buf.len() + FIRST_READ {
+                    self.buf = BytesMut::from(&self.buf[..]);
                 }
-                Ok(n) => {
-                    // Larger reads while they fill their room, back to the first size
-                    // when one does not.
-                    self.next_read = if n >= room {
-                        (room * 2).min(MAX_READ)
-                    } else {
-                        FIRST_READ
-                    };
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) => return Poll::Ready(Err(e)),
+                Poll::Pending
             }
+            Poll::Ready(Ok(n)) => {
+                // Larger reads while they fill their room, back to the first size when
+                // one does not.
+                self.next_read = if n >= room {
+                    (room * 2).min(MAX_READ)
+                } else {
+                    FIRST_READ
+                };
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
     }
 

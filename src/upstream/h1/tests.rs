@@ -253,6 +253,56 @@ async fn a_pooled_connection_the_server_closed_is_replaced() {
     );
 }
 
+/// A close the runtime has not polled yet: the connection was idle past
+/// `ASK_KERNEL_AFTER`, so the kernel is asked before the connection is used again.
+#[tokio::test]
+async fn a_long_idle_connection_closed_unseen_by_the_runtime_is_replaced() {
+    use std::io::{Read, Write};
+    // A server on a thread of its own: the test blocks the runtime's only thread below, so
+    // that the runtime cannot see the server's close.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        let mut requests = 0;
+        for round in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).unwrap();
+            requests += 1;
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .unwrap();
+            if round == 0 {
+                // As an idle keep-alive timeout would, without saying so.
+                drop(conn);
+                closed_tx.send(()).unwrap();
+            } else {
+                // A second request on this connection would be read here.
+                conn.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                if conn.read(&mut request).is_ok_and(|n| n > 0) {
+                    requests += 1;
+                }
+            }
+        }
+        requests
+    });
+    let client = client();
+    let response = client.send(post(&url, "{}")).await.unwrap();
+    assert_eq!(body_text(response).await.unwrap(), "ok");
+    // Blocking, so the runtime does not poll its sockets in between.
+    closed_rx.recv().unwrap();
+    std::thread::sleep(ASK_KERNEL_AFTER + Duration::from_millis(100));
+    let response = client.send(post(&url, "{}")).await.unwrap();
+    assert_eq!(body_text(response).await.unwrap(), "ok");
+    drop(client);
+    assert_eq!(
+        server.join().unwrap(),
+        2,
+        "each request sent once, on a new connection"
+    );
+}
+
 #[tokio::test]
 async fn interim_answers_are_passed_over_and_empty_answers_have_no_body() {
     let server = Server::start(|_, n| {
