@@ -250,16 +250,22 @@ pub struct Remaining {
 }
 
 impl Remaining {
+    /// Every name `pairs` may give, in its order.
+    pub const HEADER_NAMES: [&'static str; 4] = [
+        "x-quota-remaining-requests",
+        "x-quota-remaining-tokens",
+        "x-quota-remaining-images",
+        "x-budget-remaining",
+    ];
+
     /// The `x-quota-remaining-*` pairs, both doors.
     pub fn pairs(&self) -> impl Iterator<Item = (&'static str, Figure)> + use<> {
+        let [requests, tokens, images, budget] = Self::HEADER_NAMES;
         [
-            (
-                "x-quota-remaining-requests",
-                self.requests.map(Figure::Count),
-            ),
-            ("x-quota-remaining-tokens", self.tokens.map(Figure::Count)),
-            ("x-quota-remaining-images", self.images.map(Figure::Count)),
-            ("x-budget-remaining", self.budget.map(Figure::Amount)),
+            (requests, self.requests.map(Figure::Count)),
+            (tokens, self.tokens.map(Figure::Count)),
+            (images, self.images.map(Figure::Count)),
+            (budget, self.budget.map(Figure::Amount)),
         ]
         .into_iter()
         .filter_map(|(name, value)| Some((name, value?)))

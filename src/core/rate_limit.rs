@@ -400,6 +400,16 @@ impl Refusal {
 }
 
 impl RateFigures {
+    /// Every name `pairs` may give.
+    pub const HEADER_NAMES: [&'static str; 6] = [
+        REQUEST_HEADERS[0],
+        REQUEST_HEADERS[1],
+        REQUEST_HEADERS[2],
+        TOKEN_HEADERS[0],
+        TOKEN_HEADERS[1],
+        TOKEN_HEADERS[2],
+    ];
+
     /// The `x-ratelimit-*` pairs for a response, both doors.
     pub fn pairs(&self) -> impl Iterator<Item = (&'static str, Figure)> + use<> {
         let requests = self.requests.map(|s| s.pairs(REQUEST_HEADERS));

@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use bytes::BufMut as _;
 use rand::RngExt;
 
 use crate::core::Remaining;
 use crate::core::catalogue::Deprecation;
 use crate::core::keys;
-use crate::core::rate_limit::{Figure, RateFigures};
+use crate::core::rate_limit::RateFigures;
 
 /// The header that carries the request id from the client and back to it.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -97,25 +98,42 @@ pub fn error_body(
 /// The rate-limit figures of a call and the quota its key has left: the `x-ratelimit-*`
 /// and `x-quota-remaining-*` headers (REST), or metadata (gRPC).
 pub fn add_limit_headers(headers: &mut HeaderMap, figures: RateFigures, remaining: Remaining) {
+    // Up to ten values: written into one buffer and cut from it, one allocation for all
+    // (`HeaderValue::from(u64)` would make one each).
+    let mut text = bytes::BytesMut::with_capacity(256);
+    let mut values = Vec::with_capacity(10);
     for (name, figure) in figures.pairs().chain(remaining.pairs()) {
-        let value = match figure {
-            Figure::Count(n) => HeaderValue::from(n),
-            Figure::Reset(_) | Figure::Amount(_) => {
-                // "59m59s" (or an amount) at most: written on the stack, copied once into the header.
-                let mut text = [0u8; 32];
-                let mut cursor = std::io::Cursor::new(&mut text[..]);
-                if write!(cursor, "{figure}").is_err() {
-                    continue;
-                }
-                let len = usize::try_from(cursor.position()).unwrap_or(0);
-                match HeaderValue::from_bytes(&text[..len]) {
-                    Ok(value) => value,
-                    Err(_) => continue,
-                }
-            }
-        };
-        headers.insert(HeaderName::from_static(name), value);
+        let start = text.len();
+        if write!((&mut text).writer(), "{figure}").is_ok() {
+            values.push((name, start, text.len()));
+        } else {
+            text.truncate(start);
+        }
     }
+    let text = text.freeze();
+    headers.reserve(values.len());
+    for (name, start, end) in values {
+        if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
+            headers.insert(limit_header_name(name), value);
+        }
+    }
+}
+
+/// The limit figures' header names, made once: `HeaderName::from_static` checks its text
+/// on every call.
+fn limit_header_name(name: &'static str) -> HeaderName {
+    static NAMES: std::sync::LazyLock<Vec<(&'static str, HeaderName)>> =
+        std::sync::LazyLock::new(|| {
+            RateFigures::HEADER_NAMES
+                .iter()
+                .chain(&Remaining::HEADER_NAMES)
+                .map(|&name| (name, HeaderName::from_static(name)))
+                .collect()
+        });
+    NAMES.iter().find(|(known, _)| *known == name).map_or_else(
+        || HeaderName::from_static(name),
+        |(_, header)| header.clone(),
+    )
 }
 
 /// A deprecated version's `Deprecation` (RFC 9745: `@` and seconds since the epoch) and,
