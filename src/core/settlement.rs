@@ -21,8 +21,9 @@ impl Admission {
     /// Gives back every reservation, charging `charged` and `cost` (and the request, if
     /// `charge_request`). Returns the key's counters before this call's charge.
     fn release(&mut self, charged: Usage, charge_request: bool, cost: Money) -> KeyCounters {
-        let key = &self.caller.key;
-        let reserved = std::mem::take(&mut self.reserved);
+        let this = &mut *self.0;
+        let key = &this.caller.key;
+        let reserved = std::mem::take(&mut this.reserved);
         let mut before = KeyCounters::default();
         if reserved.request {
             if charge_request {
@@ -43,11 +44,11 @@ impl Admission {
         before.images = key.images_used.fetch_add(images, Ordering::AcqRel);
         settle_counter(&key.cost_committed, reserved.cost.0, cost.0);
         before.cost = Money(key.cost_used.fetch_add(cost.0, Ordering::AcqRel));
-        let user = &self.caller.user;
+        let user = &this.caller.user;
         settle_counter(&user.cost_committed, reserved.user_cost.0, cost.0);
         user.cost_used.fetch_add(cost.0, Ordering::AcqRel);
-        let refused = !self.admitted;
-        if let (Some(shared), Some(claim)) = (&self.shared, self.shared_claim.take()) {
+        let refused = !this.admitted;
+        if let (Some(shared), Some(claim)) = (&this.shared, this.shared_claim.take()) {
             shared.settle(SharedSettlement {
                 claim,
                 charged_request: charge_request,
@@ -59,13 +60,13 @@ impl Admission {
         }
         if let Some(grant) = reserved.key_grant {
             key.limiter
-                .release(&grant, &self.key_limits, charged.total(), refused);
+                .release(&grant, &this.key_limits, charged.total(), refused);
         }
         if let Some(grant) = reserved.user_grant {
-            self.caller
+            this.caller
                 .user
                 .limiter
-                .release(&grant, &self.user_limits, charged.total(), refused);
+                .release(&grant, &this.user_limits, charged.total(), refused);
         }
         before
     }
