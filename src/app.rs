@@ -319,7 +319,7 @@ pub async fn start(mut config: GatewayConfig) -> anyhow::Result<RunningGateway> 
     let grpc = grpc::routes(call.clone(), shutdown.clone(), config.server.max_body_bytes)
         .context("cannot build the gRPC services")?;
     let state = AppState {
-        call: call.clone(),
+        call: Arc::new(call.clone()),
         metrics: metrics.clone(),
         settings: Arc::new(RestSettings {
             max_body_bytes: config.server.max_body_bytes,

@@ -36,10 +36,11 @@ pub struct RestSettings {
     pub cors_allowed_origins: Vec<String>,
 }
 
-/// What every handler shares.
+/// What every handler shares; axum clones it for each request, so it is a few `Arc`s
+/// (`CallPath` alone is ten, and a cancellation token whose clone takes a lock).
 #[derive(Clone)]
 pub struct AppState {
-    pub call: CallPath,
+    pub call: Arc<CallPath>,
     pub settings: Arc<RestSettings>,
     /// Rendered at `/metrics`.
     pub metrics: Arc<Metrics>,
