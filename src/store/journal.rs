@@ -163,7 +163,7 @@ impl FileJournal {
             segment: read.last_segment.unwrap_or(0),
             pos: 0,
             buffer: Vec::new(),
-            open: HashMap::new(),
+            open: HashMap::default(),
             per_segment: BTreeMap::new(),
             live: read.segments.clone(),
             spares: read.spares,
@@ -326,7 +326,9 @@ impl ReservationJournal for FileJournal {
 }
 
 fn encode(entry: &EntryRef<'_>) -> Result<Vec<u8>, StoreError> {
-    let record = serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))?;
+    // A reservation is about 300 bytes: room for it at once (`to_vec` starts at 128).
+    let mut record = Vec::with_capacity(512);
+    serde_json::to_writer(&mut record, entry).map_err(|e| StoreError::Io(e.to_string()))?;
     within_limit(record)
 }
 
@@ -450,8 +452,9 @@ struct Writer {
     pos: u64,
     /// Framed records not yet written.
     buffer: Vec<u8>,
-    /// Open reservation → the segment that holds it.
-    open: HashMap<u64, u64>,
+    /// Open reservation → the segment that holds it. FNV, not the keyed default: the ids
+    /// are the journal's own, and each call adds one and each flush removes thousands.
+    open: HashMap<u64, u64, fnv::FnvBuildHasher>,
     /// Open reservations per segment.
     per_segment: BTreeMap<u64, usize>,
     /// Segments on disk, oldest first.

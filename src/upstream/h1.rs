@@ -105,9 +105,10 @@ pub(super) struct H1Client {
 #[derive(Debug)]
 struct Pool {
     /// Keyed by the authority's text as its backend's URL spells it (a backend always
-    /// spells it the same way): `Authority`'s own hash lowercases and hashes it byte by
-    /// byte, about a thousand instructions a call.
-    idle: Mutex<HashMap<Box<str>, VecDeque<Idle>>>,
+    /// spells it the same way), hashed with FNV (the text is the configuration's):
+    /// `Authority`'s own hash lowercases and hashes it byte by byte, about a thousand
+    /// instructions a call.
+    idle: Mutex<HashMap<Box<str>, VecDeque<Idle>, fnv::FnvBuildHasher>>,
     idle_timeout: Duration,
 }
 
@@ -189,7 +190,7 @@ impl H1Client {
     pub(super) fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         H1Client {
             pool: Arc::new(Pool {
-                idle: Mutex::new(HashMap::new()),
+                idle: Mutex::new(HashMap::default()),
                 idle_timeout,
             }),
             connect_timeout,
