@@ -149,10 +149,10 @@ impl Pool {
         let mut gone = Vec::new();
         {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if !idle.contains_key(to.as_str()) {
-                idle.insert(to.as_str().into(), VecDeque::new());
-            }
+            let conn = Idle { io, since: now };
+            // Looked up by the text, so that only a host's first connection makes its key.
             let Some(list) = idle.get_mut(to.as_str()) else {
+                idle.insert(to.as_str().into(), VecDeque::from([conn]));
                 return;
             };
             while let Some(oldest) = list.front() {
@@ -163,7 +163,7 @@ impl Pool {
                 }
                 gone.extend(list.pop_front());
             }
-            list.push_back(Idle { io, since: now });
+            list.push_back(conn);
         }
         drop(gone);
     }
